@@ -1,0 +1,2569 @@
+"""A bounded, idempotent, crash-safe task queue for I/O-bound work.
+
+task_queue_optimized runs many I/O-bound tasks concurrently on a thread pool fed by a bounded queue,
+so memory stays flat and producers feel backpressure. Every task carries an idempotency key that a
+SQLite store (UNIQUE key, cached outputs, leases and fencing tokens) deduplicates, so a task
+submitted twice, by one process or by two, runs once, and a rerun after a crash resumes where the
+last run stopped. Transient failures are retried with exponential backoff and full jitter;
+permanent ones fail at once. Everything is measured and exported as JSON.
+
+Example::
+
+    from task_queue_optimized import Task, WorkerPool
+
+    def fetch(task):
+        return {"status": 200, "url": task.payload["url"]}
+
+    with WorkerPool(fetch, workers=8, db_path="progress.db") as pool:
+        records = pool.run([Task("t1", {"url": "https://example.org"})])
+    print(records[0].status, pool.metrics.snapshot()["throughput_per_second"])
+
+Command line::
+
+    python task_queue_optimized.py --benchmark --workers 8
+    python task_queue_optimized.py --task-file sample_tasks_100.json --db progress.db
+
+Sections: defaults, exceptions, records, task files, retry policy, idempotency, metrics,
+processor, queue, pool, configuration, command line.
+"""
+
+from __future__ import annotations
+
+__version__ = "1.0.0"
+
+import argparse
+import atexit
+import concurrent.futures
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+import queue
+import random
+import re
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+__all__ = [
+    "DEFAULT_BASE_DELAY",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_DB_FILE",
+    "DEFAULT_DURABILITY",
+    "DEFAULT_JITTER_MS",
+    "DEFAULT_LATENCY_MS",
+    "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_DELAY",
+    "DEFAULT_MAX_TASK_FILE_BYTES",
+    "DEFAULT_METRICS_FILE",
+    "DEFAULT_MULTIPLIER",
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_TASKS",
+    "DEFAULT_WORKERS",
+    "MAX_JSON_DEPTH",
+    "Claim",
+    "ConfigError",
+    "IdempotencyConflictError",
+    "IdempotencyManager",
+    "MetricsCollector",
+    "PermanentError",
+    "PoolClosedError",
+    "QueueFullError",
+    "RetryPolicy",
+    "Task",
+    "TaskFileError",
+    "TaskProcessor",
+    "TaskQueue",
+    "TaskQueueError",
+    "TaskRecord",
+    "TaskStatus",
+    "TransientError",
+    "WorkerPool",
+    "console_main",
+    "fingerprint",
+    "load_tasks",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --- Defaults ------------------------------------------------------------------------------------
+
+DEFAULT_WORKERS = 8
+DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_BASE_DELAY = 0.01
+DEFAULT_MAX_DELAY = 1.0
+DEFAULT_MULTIPLIER = 2.0
+DEFAULT_LEASE_SECONDS = 30.0
+DEFAULT_LATENCY_MS = 30.0
+DEFAULT_JITTER_MS = 5.0
+DEFAULT_CHUNK_SIZE = 65536
+DEFAULT_DURABILITY = "normal"
+DEFAULT_MAX_TASK_FILE_BYTES = 64 * 1024 * 1024
+DEFAULT_DB_FILE = "task_queue.db"
+DEFAULT_METRICS_FILE = "metrics.json"
+DEFAULT_TASKS = 100
+DEFAULT_LOG_LEVEL = "WARNING"
+DEFAULT_CLAIM_POLL_INTERVAL = 0.05
+MAX_JSON_DEPTH = 64
+
+DURABILITY_MODES = ("normal", "full")
+BUSY_TIMEOUT_SECONDS = 30.0
+HISTOGRAM_RELATIVE_ERROR = 0.01
+IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+SQLITE_HEADER = b"SQLite format 3\x00"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+# --- Exceptions ----------------------------------------------------------------------------------
+
+
+class TaskQueueError(Exception):
+    """Base class of every error this module raises."""
+
+
+class TransientError(TaskQueueError):
+    """A failure worth retrying: the same call may succeed later."""
+
+
+class PermanentError(TaskQueueError):
+    """A failure that no retry can fix."""
+
+
+class QueueFullError(TaskQueueError):
+    """The bounded queue stayed full: the submission was not accepted."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        super().__init__(f"queue is full ({maxsize} tasks waiting)")
+
+
+class PoolClosedError(TaskQueueError):
+    """The pool or queue is shut down and accepts no more work."""
+
+    def __init__(self) -> None:
+        super().__init__("the pool is shut down and accepts no more tasks")
+
+
+class IdempotencyConflictError(TaskQueueError):
+    """An idempotency key was reused with a different payload."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"idempotency key {key!r} was first used with a different payload")
+
+
+class TaskFileError(TaskQueueError):
+    """A task file or task object is invalid; the message names where."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        index: int | None = None,
+        field: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+    ) -> None:
+        self.reason = message
+        self.path = path
+        self.index = index
+        self.field = field
+        self.line = line
+        self.column = column
+        parts = [str(path)] if path is not None else []
+        if line is not None:
+            parts.append(f"line {line} column {column}")
+        if index is not None:
+            parts.append(f"task {index}")
+        parts.append(message)
+        super().__init__(": ".join(parts))
+
+    def located(self, path: str, index: int | None = None) -> TaskFileError:
+        """Return a copy of this error that names the file and the task index."""
+        return TaskFileError(
+            self.reason,
+            path=path,
+            index=self.index if index is None else index,
+            field=self.field,
+            line=self.line,
+            column=self.column,
+        )
+
+
+class ConfigError(TaskQueueError):
+    """A configuration value is invalid; the message names the flag or variable."""
+
+
+# --- Records -------------------------------------------------------------------------------------
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def fingerprint(payload: Mapping[str, Any]) -> str:
+    """Return the hex SHA-256 of the canonical JSON of `payload`.
+
+    Raises:
+        TypeError: `payload` holds a value JSON cannot represent.
+        ValueError: `payload` holds a non-finite float.
+    """
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Task:
+    """One unit of work: an id, a JSON payload and an optional idempotency key."""
+
+    id: str
+    payload: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
+    idempotency_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The key deduplication uses: the idempotency key, else the id."""
+        return self.idempotency_key or self.id
+
+    @classmethod
+    def from_dict(cls, mapping: Any) -> Task:
+        """Build a task from a parsed JSON object.
+
+        Raises:
+            TaskFileError: a field is missing, unknown or of the wrong type; the error names it.
+        """
+        if not isinstance(mapping, Mapping):
+            raise TaskFileError(f"must be an object, not {_json_type(mapping)}")
+        for name in mapping:
+            if name not in _TASK_FIELDS:
+                raise TaskFileError(f"unknown field {name!r}", field=str(name))
+        if "id" not in mapping:
+            raise TaskFileError("missing field 'id'", field="id")
+        task_id = mapping["id"]
+        if not isinstance(task_id, str) or not task_id:
+            raise TaskFileError("field 'id' must be a non-empty string", field="id")
+        payload = mapping.get("payload", {})
+        if not isinstance(payload, dict):
+            raise TaskFileError(
+                f"field 'payload' must be an object, not {_json_type(payload)}", field="payload"
+            )
+        key = mapping.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise TaskFileError(
+                "field 'idempotency_key' must be a non-empty string", field="idempotency_key"
+            )
+        return cls(task_id, payload, key)
+
+
+class TaskStatus(str, enum.Enum):
+    """The outcome of one submission."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a task failed."""
+
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    CONFLICT = "conflict"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """The outcome of one submission, with its timestamps (`time.perf_counter()` values)."""
+
+    task_id: str
+    key: str
+    status: TaskStatus
+    output: Any = None
+    error: str | None = None
+    error_kind: str | None = None
+    attempts: int = 0
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from enqueue to first start, or None if it never started."""
+        if self.enqueued_at is None or self.started_at is None:
+            return None
+        return self.started_at - self.enqueued_at
+
+    @property
+    def duration(self) -> float | None:
+        """Service time: seconds from first start to finish, retries included."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from enqueue to finish."""
+        if self.enqueued_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.enqueued_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the record as a JSON-compatible dict."""
+        return {
+            "task_id": self.task_id,
+            "key": self.key,
+            "status": self.status.value,
+            "output": self.output,
+            "error": self.error,
+            "error_kind": self.error_kind,
+            "attempts": self.attempts,
+            "queue_wait": self.queue_wait,
+            "duration": self.duration,
+            "latency": self.latency,
+        }
+
+
+# --- Task files ----------------------------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _line_column(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+
+def _check_depth(text: str, limit: int) -> None:
+    """Reject nesting deeper than `limit` before the parser recurses into it."""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > limit:
+                line, column = _line_column(text, match.start())
+                raise TaskFileError(f"nesting deeper than {limit} levels", line=line, column=column)
+        elif token in "]}":
+            depth -= 1
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise ValueError(f"duplicate object key {name!r}")
+        result[name] = value
+    return result
+
+
+def _parse_json(text: str) -> Any:
+    """Parse strict JSON: finite numbers only, no duplicate keys.
+
+    Raises:
+        TaskFileError: with the line and column of the problem.
+    """
+    decoder = json.JSONDecoder(
+        object_pairs_hook=_unique_object,
+        parse_constant=_reject_constant,
+        parse_float=_finite_float,
+    )
+    try:
+        return decoder.decode(text)
+    except json.JSONDecodeError as exc:
+        raise TaskFileError(f"invalid JSON: {exc.msg}", line=exc.lineno, column=exc.colno) from None
+    except ValueError as exc:
+        # Raised by a hook: the decoder does not say where, so the message stands alone.
+        raise TaskFileError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise TaskFileError("invalid JSON: nesting too deep") from None
+
+
+def _max_task_file_bytes() -> int:
+    raw = os.environ.get("TQ_MAX_TASK_FILE_BYTES")
+    if raw is None:
+        return DEFAULT_MAX_TASK_FILE_BYTES
+    return _parse_positive_int(raw, "TQ_MAX_TASK_FILE_BYTES")
+
+
+def load_tasks(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> list[Task]:
+    """Read and validate a task file (section 3.10 of the contract).
+
+    Args:
+        path: a UTF-8 JSON file: a list of task objects, or ``{"tasks": [...]}``.
+        max_bytes: the size cap, checked before parsing; default ``TQ_MAX_TASK_FILE_BYTES`` or
+            64 MiB.
+
+    Returns:
+        The tasks, in file order.
+
+    Raises:
+        TaskFileError: the file is missing, unreadable, too large or invalid; the message names the
+            file and, where they apply, the line and column or the task's index and field.
+        ConfigError: ``TQ_MAX_TASK_FILE_BYTES`` is invalid.
+    """
+    name = os.fspath(path)
+    limit = _max_task_file_bytes() if max_bytes is None else max_bytes
+    data = _read_task_file(name, limit)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        prefix = data[: exc.start].decode("utf-8", "replace")
+        line, column = _line_column(prefix, len(prefix))
+        raise TaskFileError(
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x})", path=name, line=line, column=column
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        _check_depth(text, MAX_JSON_DEPTH)
+        document = _parse_json(text)
+    except TaskFileError as exc:
+        raise exc.located(name) from None
+    return _tasks_from_document(document, name)
+
+
+def _read_task_file(name: str, limit: int) -> bytes:
+    try:
+        with open(name, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit:
+                raise TaskFileError(
+                    f"file is {size} bytes, more than the limit of {limit}", path=name
+                )
+            data = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise TaskFileError("no such file", path=name) from None
+    except IsADirectoryError:
+        raise TaskFileError("is a directory, not a task file", path=name) from None
+    except PermissionError:
+        raise TaskFileError("permission denied", path=name) from None
+    except OSError as exc:
+        raise TaskFileError(f"cannot read: {exc.strerror or exc}", path=name) from None
+    if len(data) > limit:
+        raise TaskFileError(f"file is more than the limit of {limit} bytes", path=name)
+    return data
+
+
+def _tasks_from_document(document: Any, name: str) -> list[Task]:
+    if isinstance(document, dict):
+        extra = sorted(set(document) - {"tasks"})
+        if extra or "tasks" not in document:
+            raise TaskFileError(
+                "the top-level object must have exactly one key, 'tasks'", path=name
+            )
+        document = document["tasks"]
+        if not isinstance(document, list):
+            raise TaskFileError(f"'tasks' must be an array, not {_json_type(document)}", path=name)
+    elif not isinstance(document, list):
+        raise TaskFileError(
+            f"the top level must be an array of tasks or an object with 'tasks', not "
+            f"{_json_type(document)}",
+            path=name,
+        )
+    tasks: list[Task] = []
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(document):
+        try:
+            task = Task.from_dict(item)
+        except TaskFileError as exc:
+            raise exc.located(name, index) from None
+        if task.id in first_index:
+            raise TaskFileError(
+                f"id {task.id!r} repeats task {first_index[task.id]}",
+                path=name,
+                index=index,
+                field="id",
+            )
+        first_index[task.id] = index
+        tasks.append(task)
+    return tasks
+
+
+# --- Retry policy --------------------------------------------------------------------------------
+
+_JITTER_MODES = ("full", "none")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, retrying only transient errors.
+
+    The wait before attempt ``n + 1`` is uniform in ``[0, min(max_delay, base_delay * multiplier **
+    (n - 1))]`` (``jitter="full"``), or that upper bound itself (``jitter="none"``). Anything not in
+    `retry_on` is permanent, and so is `PermanentError` whatever `retry_on` says.
+    """
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    base_delay: float = DEFAULT_BASE_DELAY
+    max_delay: float = DEFAULT_MAX_DELAY
+    multiplier: float = DEFAULT_MULTIPLIER
+    jitter: str = "full"
+    retry_on: tuple[type[BaseException], ...] = (TransientError, TimeoutError, ConnectionError)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise ValueError(f"max_attempts must be an integer, not {self.max_attempts!r}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        for name in ("base_delay", "max_delay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
+            raise ValueError(f"multiplier must be a finite number >= 1, not {self.multiplier!r}")
+        if self.jitter not in _JITTER_MODES:
+            raise ValueError(f"jitter must be one of {_JITTER_MODES}, not {self.jitter!r}")
+        object.__setattr__(self, "retry_on", tuple(self.retry_on))
+
+    def cap(self, attempt: int) -> float:
+        """Return the longest wait after attempt `attempt` (1-based)."""
+        exponent = max(attempt - 1, 0)
+        try:
+            bound = self.base_delay * self.multiplier**exponent
+        except OverflowError:
+            return self.max_delay
+        return min(self.max_delay, bound)
+
+    def delay(self, attempt: int) -> float:
+        """Return the wait in seconds before attempt ``attempt + 1``."""
+        bound = self.cap(attempt)
+        if self.jitter == "none":
+            return bound
+        return random.uniform(0.0, bound)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Return whether `exc` is classified transient."""
+        return not isinstance(exc, PermanentError) and isinstance(exc, self.retry_on)
+
+    def should_retry(self, exc: BaseException, attempt: int) -> bool:
+        """Return whether to retry after `attempt` attempts ended with `exc`."""
+        return attempt < self.max_attempts and self.is_transient(exc)
+
+
+# --- Idempotency ---------------------------------------------------------------------------------
+
+
+class ClaimState(str, enum.Enum):
+    """What `IdempotencyManager.claim` found."""
+
+    CLAIMED = "claimed"
+    COMPLETED = "completed"
+    IN_PROGRESS = "in_progress"
+    CONFLICT = "conflict"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to a claim: `token` fences a claimed key, `output` is a completed key's output."""
+
+    state: ClaimState
+    token: int | None = None
+    output: Any = None
+    lease_expires: float | None = None
+
+
+class _Row(str, enum.Enum):
+    """The states a stored key can be in."""
+
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+def _new_token() -> int:
+    # Tokens only need to differ between claims of one key; 63 random bits never repeat in practice,
+    # and unlike a per-row counter they stay unique across a purge that deletes the row.
+    return random.getrandbits(63) or 1
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class IdempotencyManager:
+    """A SQLite store of one row per idempotency key, shared by threads and processes.
+
+    A row is ``in_progress`` (claimed, with a lease and a fencing token), ``completed`` (with the
+    cached JSON output) or ``failed`` (released; claimable again). A claim is one atomic upsert:
+    it inserts the key, or takes over a failed or lease-expired row, or changes nothing. Every
+    later call of the owner carries the token, so an owner whose lease ran out and was taken over
+    writes nothing. SQLite runs in WAL mode; files are created with mode 0600.
+
+    Args:
+        path: the database file; None for a private in-memory database.
+        lease_seconds: how long a claim stays owned without renewal.
+        ttl_seconds: completed and failed rows older than this are forgotten (None: kept forever).
+        durability: "normal" survives a process crash; "full" syncs every commit (power loss).
+        table: the table name, validated as an SQL identifier.
+
+    Raises:
+        ConfigError: the path is a directory, is not a SQLite database, or cannot be written.
+        ValueError: an argument is out of range.
+    """
+
+    _SCHEMA = """
+        CREATE TABLE IF NOT EXISTS {table} (
+            key           TEXT PRIMARY KEY NOT NULL,
+            state         TEXT NOT NULL,
+            fingerprint   TEXT,
+            token         INTEGER NOT NULL,
+            output        TEXT,
+            error         TEXT,
+            lease_expires REAL,
+            created_at    REAL NOT NULL,
+            updated_at    REAL NOT NULL
+        ) WITHOUT ROWID
+    """
+    # One statement that either inserts the key, takes over a claimable row, or does nothing:
+    # RETURNING yields a row exactly when the caller now owns the key.
+    _CLAIM = """
+        INSERT INTO {table} (key, state, fingerprint, token, lease_expires, created_at, updated_at)
+        VALUES (:key, 'in_progress', :fp, :token, :lease, :now, :now)
+        ON CONFLICT (key) DO UPDATE SET
+            state = 'in_progress', token = excluded.token, lease_expires = excluded.lease_expires,
+            updated_at = excluded.updated_at, output = NULL, error = NULL,
+            fingerprint = coalesce(excluded.fingerprint, fingerprint)
+        WHERE (state = 'failed'
+               OR (state = 'in_progress' AND lease_expires <= :now)
+               OR (state = 'completed' AND updated_at <= :expired))
+          AND (excluded.fingerprint IS NULL OR fingerprint IS NULL
+               OR fingerprint = excluded.fingerprint)
+        RETURNING token
+    """
+    _LOOKUP = (
+        "SELECT state, fingerprint, output, lease_expires, updated_at FROM {table} WHERE key = ?"
+    )
+    _COMPLETE = """
+        UPDATE {table} SET state = 'completed', output = ?, error = NULL, lease_expires = NULL,
+            updated_at = ?
+        WHERE key = ? AND token = ? AND state = 'in_progress'
+    """
+    _RENEW = """
+        UPDATE {table} SET lease_expires = ?, updated_at = ?
+        WHERE key = ? AND token = ? AND state = 'in_progress'
+    """
+    _RELEASE = """
+        UPDATE {table} SET state = 'failed', error = ?, lease_expires = NULL, updated_at = ?
+        WHERE key = ? AND token = ? AND state = 'in_progress'
+    """
+    _MARK = """
+        INSERT INTO {table} (key, state, token, output, created_at, updated_at)
+        VALUES (?, 'completed', ?, ?, ?, ?)
+        ON CONFLICT (key) DO UPDATE SET state = 'completed', output = excluded.output,
+            error = NULL, lease_expires = NULL, updated_at = excluded.updated_at
+    """
+    _PURGE = "DELETE FROM {table} WHERE state IN ('completed', 'failed') AND updated_at <= ?"
+    _STATS = "SELECT state, count(*) FROM {table} GROUP BY state"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        ttl_seconds: float | None = None,
+        durability: str = DEFAULT_DURABILITY,
+        table: str = "idempotency",
+    ) -> None:
+        if not (isinstance(lease_seconds, (int, float)) and lease_seconds > 0):
+            raise ValueError(f"lease_seconds must be > 0, not {lease_seconds!r}")
+        if ttl_seconds is not None and not ttl_seconds > 0:
+            raise ValueError(f"ttl_seconds must be > 0 or None, not {ttl_seconds!r}")
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+        if not IDENTIFIER_PATTERN.match(table):
+            raise ValueError(f"table name {table!r} is not a valid SQL identifier")
+        self.path = None if path is None else os.fspath(path)
+        self.lease_seconds = float(lease_seconds)
+        self.ttl_seconds = ttl_seconds
+        self.durability = durability
+        self.table = table
+        self._sql = {
+            name: getattr(self, name).format(table=table)
+            for name in (
+                "_SCHEMA", "_CLAIM", "_LOOKUP", "_COMPLETE", "_RENEW", "_RELEASE", "_MARK",
+                "_PURGE", "_STATS",
+            )
+        }  # fmt: skip
+        self._lock = threading.Lock()  # guards self._conn: one statement or transaction at a time
+        self._conn: sqlite3.Connection | None = self._open()
+
+    # Opening ------------------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path is None:
+            target = ":memory:"
+        else:
+            target = self.path
+            _prepare_database_file(target)
+        try:
+            conn = sqlite3.connect(
+                target,
+                timeout=BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise ConfigError(f"database {target}: cannot open: {exc}") from None
+        try:
+            self._retry_busy(lambda: self._initialise(conn))
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise ConfigError(f"database {target}: {_describe_db_error(exc)}") from None
+        return conn
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        if self.path is not None:
+            # Switching to WAL needs a moment of exclusive access; _retry_busy covers a race with
+            # another process opening the same new file.
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
+        conn.execute(self._sql["_SCHEMA"])
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({self.table})")}
+        missing = {"key", "state", "fingerprint", "token", "output", "lease_expires"} - columns
+        if missing:
+            raise sqlite3.DatabaseError(
+                f"table {self.table!r} exists with another layout (no {', '.join(sorted(missing))})"
+            )
+
+    @staticmethod
+    def _retry_busy(operation: Callable[[], Any]) -> Any:
+        # busy_timeout covers most waits, but a few steps (switching the journal mode, upgrading a
+        # read to a write) report SQLITE_BUSY at once. Retry them with backoff up to the timeout.
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                return operation()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 0.1)
+
+    def _execute(self, name: str, params: Any = ()) -> sqlite3.Cursor:
+        conn = self._connection()
+        sql = self._sql[name]
+        with self._lock:
+            return self._retry_busy(lambda: conn.execute(sql, params))
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is None:
+            raise TaskQueueError("the idempotency store is closed")
+        return conn
+
+    # Safe protocol ------------------------------------------------------------------------------
+
+    def claim(self, key: str, fingerprint: str | None = None) -> Claim:
+        """Try to take ownership of `key`.
+
+        Returns:
+            A `Claim` whose state is "claimed" (with a fencing token), "completed" (with the cached
+            output), "in_progress" (another owner's lease is live) or "conflict" (the key was
+            first used with another fingerprint).
+        """
+        conn = self._connection()
+        while True:
+            now = time.time()
+            params = {
+                "key": key,
+                "fp": fingerprint,
+                "token": _new_token(),
+                "lease": now + self.lease_seconds,
+                "now": now,
+                "expired": now - self.ttl_seconds if self.ttl_seconds else -math.inf,
+            }
+            with self._lock:
+                rows = self._retry_busy(
+                    lambda p=params: conn.execute(self._sql["_CLAIM"], p).fetchall()
+                )
+                if rows:
+                    return Claim(
+                        ClaimState.CLAIMED, token=rows[0][0], lease_expires=params["lease"]
+                    )
+                row = conn.execute(self._sql["_LOOKUP"], (key,)).fetchone()
+            claim = self._explain(row, fingerprint, now)
+            if claim is not None:
+                return claim
+            # The row changed between the two statements (released or expired): claim again.
+
+    def _explain(self, row: Any, fp: str | None, now: float) -> Claim | None:
+        if row is None:
+            return None
+        state, stored_fp, output, lease_expires, updated_at = row
+        if fp is not None and stored_fp is not None and stored_fp != fp:
+            return Claim(ClaimState.CONFLICT)
+        if state == _Row.COMPLETED and not self._ttl_expired(updated_at, now):
+            return Claim(ClaimState.COMPLETED, output=json.loads(output))
+        if state == _Row.IN_PROGRESS and lease_expires is not None and lease_expires > now:
+            return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+        return None
+
+    def _ttl_expired(self, updated_at: float, now: float) -> bool:
+        return self.ttl_seconds is not None and updated_at <= now - self.ttl_seconds
+
+    def complete(self, key: str, token: int, output: Any) -> bool:
+        """Store `output` for a key you own and mark it completed; committed before returning.
+
+        Returns:
+            False, writing nothing, when `token` is stale (the key was claimed by someone else).
+
+        Raises:
+            TypeError, ValueError: `output` is not JSON-serialisable.
+        """
+        text = json.dumps(output, allow_nan=False)
+        return self._execute("_COMPLETE", (text, time.time(), key, token)).rowcount == 1
+
+    def renew(self, key: str, token: int) -> bool:
+        """Extend the lease of a key you own; False when the token is stale."""
+        now = time.time()
+        return self._execute("_RENEW", (now + self.lease_seconds, now, key, token)).rowcount == 1
+
+    def renew_many(self, claims: Iterable[tuple[str, int]]) -> int:
+        """Extend the leases of many owned keys in one transaction; return how many were renewed."""
+        now = time.time()
+        params = [(now + self.lease_seconds, now, key, token) for key, token in claims]
+        if not params:
+            return 0
+        conn = self._connection()
+        sql = self._sql["_RENEW"]
+
+        def renew_all() -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                count = sum(conn.execute(sql, p).rowcount for p in params)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return count
+
+        with self._lock:
+            return self._retry_busy(renew_all)
+
+    def release(self, key: str, token: int, error: str | None = None) -> bool:
+        """Give up a key you own: it becomes claimable again and counts as failed until then."""
+        return self._execute("_RELEASE", (error, time.time(), key, token)).rowcount == 1
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """Return the stored row of `key` as a dict, or None."""
+        row = self._execute("_LOOKUP", (key,)).fetchone()
+        if row is None:
+            return None
+        state, fp, output, lease_expires, updated_at = row
+        return {
+            "state": state,
+            "fingerprint": fp,
+            "output": None if output is None else json.loads(output),
+            "lease_expires": lease_expires,
+            "updated_at": updated_at,
+        }
+
+    # Simple surface -----------------------------------------------------------------------------
+
+    def is_processed(self, key: str) -> bool:
+        """Return whether `key` is completed."""
+        row = self.lookup(key)
+        return (
+            row is not None
+            and row["state"] == _Row.COMPLETED
+            and not self._ttl_expired(row["updated_at"], time.time())
+        )
+
+    def mark_processed(self, key: str, output: Any = None) -> None:
+        """Record `key` as completed with `output`, whoever holds it."""
+        now = time.time()
+        text = json.dumps(output, allow_nan=False)
+        self._execute("_MARK", (key, _new_token(), text, now, now))
+
+    def get_cached_output(self, key: str) -> Any:
+        """Return the output stored for a completed `key`, or None."""
+        return self.lookup(key)["output"] if self.is_processed(key) else None
+
+    # Housekeeping -------------------------------------------------------------------------------
+
+    def purge_expired(self) -> int:
+        """Delete completed and failed rows older than the TTL; return how many went."""
+        if self.ttl_seconds is None:
+            return 0
+        return self._execute("_PURGE", (time.time() - self.ttl_seconds,)).rowcount
+
+    def stats(self) -> dict[str, int]:
+        """Return the row counts: in_progress, completed, failed and total."""
+        counts = dict.fromkeys(("in_progress", "completed", "failed"), 0)
+        for state, count in self._execute("_STATS").fetchall():
+            counts[state] = count
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def close(self) -> None:
+        """Close the database connection; later calls raise `TaskQueueError`."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> IdempotencyManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"IdempotencyManager({self.path or ':memory:'!r}, durability={self.durability!r})"
+
+
+def _describe_db_error(exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    if "not a database" in text:
+        return "is not a SQLite database"
+    if "readonly" in text or "read-only" in text:
+        return "cannot be written (read-only)"
+    return text
+
+
+def _prepare_database_file(path: str) -> None:
+    """Check that `path` can hold a SQLite database, creating it with mode 0600 if missing.
+
+    Raises:
+        ConfigError: the path is a directory, is not a SQLite database, or cannot be written.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"database {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"database {path}: folder {parent} does not exist")
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        header = None
+    except OSError as exc:
+        raise ConfigError(f"database {path}: cannot be read: {exc.strerror or exc}") from None
+    if header is None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return  # another process created it a moment ago
+        except OSError as exc:
+            raise ConfigError(
+                f"database {path}: cannot be created: {exc.strerror or exc}"
+            ) from None
+        os.close(fd)
+        os.chmod(path, 0o600)  # whatever the umask
+        return
+    if header and header != SQLITE_HEADER:
+        raise ConfigError(f"database {path}: is not a SQLite database")
+    if not os.access(path, os.W_OK) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"database {path}: cannot be written")
+
+
+# --- Metrics -------------------------------------------------------------------------------------
+
+
+class _Histogram:
+    """Fixed-memory log-bucketed histogram; quantiles within `relative_error` of exact ones.
+
+    Bucket ``i`` holds values in ``(gamma ** (i - 1), gamma ** i]`` with ``gamma = (1 + a) / (1 -
+    a)``; answering a bucket by ``2 * gamma ** i / (gamma + 1)`` is within ``a`` of every value in
+    it (the DDSketch construction). Values are clamped to ``[MIN, MAX]`` seconds, which bounds the
+    number of buckets (about 2,000 at 1%) whatever the number of samples. Not thread-safe: the
+    collector's lock guards it.
+    """
+
+    MIN = 1e-9
+    MAX = 1e6
+
+    __slots__ = ("_buckets", "_gamma", "_log_gamma", "count", "max", "min", "total", "zeros")
+
+    def __init__(self, relative_error: float = HISTOGRAM_RELATIVE_ERROR) -> None:
+        self._gamma = (1 + relative_error) / (1 - relative_error)
+        self._log_gamma = math.log(self._gamma)
+        self._buckets: dict[int, int] = {}
+        self.count = 0
+        self.zeros = 0
+        self.total = 0.0
+        self.min = math.inf
+        self.max = 0.0
+
+    def add(self, value: float) -> None:
+        value = max(value, 0.0)
+        self.count += 1
+        self.total += value
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        if value < self.MIN:
+            self.zeros += 1
+            return
+        index = math.ceil(math.log(min(value, self.MAX)) / self._log_gamma)
+        self._buckets[index] = self._buckets.get(index, 0) + 1
+
+    def quantile(self, q: float) -> float:
+        """Return the nearest-rank `q` quantile (0 <= q <= 1), 0.0 when empty."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(q * self.count))
+        if rank <= self.zeros:
+            return 0.0
+        seen = self.zeros
+        for index in sorted(self._buckets):
+            seen += self._buckets[index]
+            if seen >= rank:
+                estimate = 2 * self._gamma**index / (self._gamma + 1)
+                return min(max(estimate, self.min), self.max)
+        return self.max
+
+    def summary_ms(self) -> dict[str, float | int]:
+        mean = self.total / self.count if self.count else 0.0
+        return {
+            "count": self.count,
+            "mean": round(mean * 1000, 4),
+            "p50": round(self.quantile(0.50) * 1000, 4),
+            "p95": round(self.quantile(0.95) * 1000, 4),
+            "p99": round(self.quantile(0.99) * 1000, 4),
+            "max": round(self.max * 1000, 4),
+        }
+
+
+_SERIES = ("latency", "queue_wait", "service")
+
+
+class MetricsCollector:
+    """Thread-safe counters and histograms for one pool (or any producer of task events).
+
+    Args:
+        workers: the worker count, reported in the snapshot and used for utilization.
+        queue_size: the queue bound, reported in the snapshot.
+    """
+
+    def __init__(self, workers: int | None = None, queue_size: int | None = None) -> None:
+        self.workers = workers
+        self.queue_size = queue_size
+        self._lock = threading.Lock()  # guards every attribute below
+        self._counts = dict.fromkeys(
+            (
+                "submitted", "succeeded", "failed", "duplicates", "retries", "rejected",
+                "cancelled", "in_flight", "queue_depth", "max_queue_depth", "handler_calls",
+            ),
+            0,
+        )  # fmt: skip
+        self._failures_by_kind: dict[str, int] = {}
+        self._busy = 0.0
+        self._first_enqueue: float | None = None
+        self._last_finish: float | None = None
+        self._series = {name: _Histogram() for name in _SERIES}
+
+    # Recording ----------------------------------------------------------------------------------
+
+    def record_enqueue(self, queued: bool = True) -> None:
+        """Count an accepted submission; `queued` when it took a queue slot."""
+        now = time.perf_counter()
+        with self._lock:
+            counts = self._counts
+            counts["submitted"] += 1
+            if self._first_enqueue is None:
+                self._first_enqueue = now
+            if queued:
+                depth = counts["queue_depth"] + 1
+                counts["queue_depth"] = depth
+                if depth > counts["max_queue_depth"]:
+                    counts["max_queue_depth"] = depth
+
+    def record_start(self, queue_wait: float) -> None:
+        """Count a task leaving the queue for a worker after `queue_wait` seconds."""
+        with self._lock:
+            counts = self._counts
+            counts["queue_depth"] = max(counts["queue_depth"] - 1, 0)
+            counts["in_flight"] += 1
+            self._series["queue_wait"].add(queue_wait)
+
+    def record_attempt(self, seconds: float) -> None:
+        """Count one handler call that took `seconds` (feeds utilization)."""
+        with self._lock:
+            self._counts["handler_calls"] += 1
+            self._busy += seconds
+
+    def _finish(self, started: bool, latency: float | None, service_time: float | None) -> None:
+        # Called with self._lock held.
+        self._last_finish = time.perf_counter()
+        if started:
+            self._counts["in_flight"] = max(self._counts["in_flight"] - 1, 0)
+        if latency is not None:
+            self._series["latency"].add(latency)
+        if service_time is not None:
+            self._series["service"].add(service_time)
+
+    def record_success(
+        self, latency: float, service_time: float | None = None, started: bool = True
+    ) -> None:
+        """Count a success after `latency` seconds; `service_time` runs from first start to end."""
+        with self._lock:
+            self._counts["succeeded"] += 1
+            self._finish(started, latency, service_time)
+
+    def record_failure(
+        self,
+        kind: str | None = None,
+        latency: float | None = None,
+        service_time: float | None = None,
+        started: bool = True,
+    ) -> None:
+        """Count a task that failed; `kind` is "transient", "permanent" or "conflict"."""
+        with self._lock:
+            self._counts["failed"] += 1
+            label = str(kind) if kind is not None else "unknown"
+            self._failures_by_kind[label] = self._failures_by_kind.get(label, 0) + 1
+            self._finish(started, latency, service_time)
+
+    def record_duplicate(self, latency: float | None = None, started: bool = False) -> None:
+        """Count a submission answered from an earlier or concurrent run of its key."""
+        with self._lock:
+            self._counts["duplicates"] += 1
+            self._finish(started, latency, None)
+
+    def record_cancel(self, queued: bool = True) -> None:
+        """Count a task cancelled before it ran; `queued` when it was still in the queue."""
+        with self._lock:
+            counts = self._counts
+            counts["cancelled"] += 1
+            if queued:
+                counts["queue_depth"] = max(counts["queue_depth"] - 1, 0)
+            self._last_finish = time.perf_counter()
+
+    def record_retry(self) -> None:
+        """Count a retry scheduled after a transient failure."""
+        with self._lock:
+            self._counts["retries"] += 1
+
+    def record_rejection(self, enqueued: bool = False) -> None:
+        """Count a submission refused by a full queue; `enqueued` undoes its `record_enqueue`."""
+        with self._lock:
+            counts = self._counts
+            counts["rejected"] += 1
+            if enqueued:
+                counts["submitted"] = max(counts["submitted"] - 1, 0)
+                counts["queue_depth"] = max(counts["queue_depth"] - 1, 0)
+
+    # Reading ------------------------------------------------------------------------------------
+
+    def percentile(self, p: float, series: str = "latency") -> float:
+        """Return the `p`-th percentile (0-100) of a series, in seconds; 0.0 when empty.
+
+        Raises:
+            ValueError: unknown series or `p` outside [0, 100].
+        """
+        if series not in self._series:
+            raise ValueError(f"series must be one of {_SERIES}, not {series!r}")
+        if not 0 <= p <= 100:
+            raise ValueError(f"percentile must be within [0, 100], not {p!r}")
+        with self._lock:
+            return self._series[series].quantile(p / 100)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return every counter, rate and latency summary as a JSON-compatible dict."""
+        now = time.perf_counter()
+        with self._lock:
+            counts = dict(self._counts)
+            failures_by_kind = dict(self._failures_by_kind)
+            busy = self._busy
+            first, last = self._first_enqueue, self._last_finish
+            summaries = {f"{name}_ms": h.summary_ms() for name, h in self._series.items()}
+        running = counts["in_flight"] or counts["queue_depth"]
+        if first is None:
+            elapsed = 0.0
+        elif running or last is None:
+            elapsed = now - first
+        else:
+            elapsed = max(last - first, 0.0)
+        finished = counts["succeeded"] + counts["failed"] + counts["duplicates"]
+        good = counts["succeeded"] + counts["duplicates"]
+        utilization = None
+        if self.workers and elapsed > 0:
+            utilization = round(busy / (self.workers * elapsed), 4)
+        return {
+            **counts,
+            "workers": self.workers,
+            "queue_size": self.queue_size,
+            "elapsed_seconds": round(elapsed, 6),
+            "throughput_per_second": round(finished / elapsed, 3) if elapsed > 0 else 0.0,
+            "success_rate": round(good / finished, 6) if finished else 1.0,
+            "utilization": utilization,
+            "busy_seconds": round(busy, 6),
+            "failures_by_kind": failures_by_kind,
+            **summaries,
+        }
+
+    def to_json(self) -> str:
+        """Return the snapshot as indented JSON."""
+        return json.dumps(self.snapshot(), indent=2, sort_keys=True)
+
+    def export(self, path: str | os.PathLike[str]) -> None:
+        """Write the snapshot to `path` as JSON (atomically: a temporary file, then a rename)."""
+        target = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(target))
+        fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".json", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self.to_json() + "\n")
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+# --- Processor -----------------------------------------------------------------------------------
+
+
+def _payload_number(payload: Mapping[str, Any], name: str, default: float) -> float:
+    value = payload.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PermanentError(f"payload field {name!r} must be a finite number, not {value!r}")
+    if value < 0:
+        raise PermanentError(f"payload field {name!r} must be >= 0, not {value!r}")
+    return value
+
+
+class TaskProcessor:
+    """A stand-in I/O handler: streams real bytes through SHA-256 while sleeping out a latency.
+
+    One call is one attempt. It streams ``payload["size_bytes"]`` bytes (default 0) in chunks of
+    `chunk_size` through SHA-256, spreading the task's latency (``payload["latency_ms"]`` or
+    `latency_ms`, plus uniform jitter of +-`jitter_ms`) across the chunks with real sleeps, and
+    returns ``{"task_id", "bytes", "chunks", "sha256"}``, the same for the same task.
+
+    Faults: each attempt fails at random with `TransientError` (probability
+    `transient_error_rate`) or `PermanentError` (`permanent_error_rate`), drawn from a generator
+    seeded by `seed`. ``payload["fail"] = "transient"`` fails the first ``payload["fail_times"]``
+    (default 1) attempts of that task id; ``"permanent"`` fails every attempt.
+    """
+
+    def __init__(
+        self,
+        latency_ms: float = DEFAULT_LATENCY_MS,
+        jitter_ms: float = DEFAULT_JITTER_MS,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        transient_error_rate: float = 0.0,
+        permanent_error_rate: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        if latency_ms < 0 or jitter_ms < 0:
+            raise ValueError("latency_ms and jitter_ms must be >= 0")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, not {chunk_size!r}")
+        for name, rate in (
+            ("transient_error_rate", transient_error_rate),
+            ("permanent_error_rate", permanent_error_rate),
+        ):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], not {rate!r}")
+        if transient_error_rate + permanent_error_rate > 1.0:
+            raise ValueError("transient_error_rate + permanent_error_rate must be at most 1")
+        self.latency_ms = latency_ms
+        self.jitter_ms = jitter_ms
+        self.chunk_size = chunk_size
+        self.transient_error_rate = transient_error_rate
+        self.permanent_error_rate = permanent_error_rate
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()  # guards self._rng and self._attempts
+        self._attempts: dict[str, int] = {}  # task id -> attempts seen, for payload["fail"]
+
+    def __call__(self, task: Task) -> dict[str, Any]:
+        """Run one attempt of `task`.
+
+        Raises:
+            TransientError: an injected transient fault.
+            PermanentError: an injected permanent fault, or an invalid payload.
+        """
+        payload = task.payload
+        size = _payload_number(payload, "size_bytes", 0)
+        if size != int(size):
+            raise PermanentError(f"payload field 'size_bytes' must be an integer, not {size!r}")
+        size = int(size)
+        latency = _payload_number(payload, "latency_ms", self.latency_ms) / 1000.0
+        fail = payload.get("fail")
+        if fail not in (None, "transient", "permanent"):
+            raise PermanentError("payload field 'fail' must be 'transient' or 'permanent'")
+        draw, jitter = self._draw(task.id, fail is not None)
+        if self.jitter_ms:
+            latency = max(0.0, latency + jitter * self.jitter_ms / 1000.0)
+        result = self._stream(task.id, size, latency)
+        self._inject(task, fail, draw)
+        return result
+
+    def _draw(self, task_id: str, counts_attempts: bool) -> tuple[float, float]:
+        with self._lock:
+            draw = self._rng.random()
+            jitter = self._rng.uniform(-1.0, 1.0) if self.jitter_ms else 0.0
+            if counts_attempts:
+                self._attempts[task_id] = self._attempts.get(task_id, 0) + 1
+        return draw, jitter
+
+    def _inject(self, task: Task, fail: str | None, draw: float) -> None:
+        if fail == "permanent":
+            raise PermanentError(f"task {task.id}: injected permanent failure")
+        if fail == "transient":
+            times = task.payload.get("fail_times", 1)
+            with self._lock:
+                attempt = self._attempts[task.id]
+            if attempt <= times:
+                raise TransientError(
+                    f"task {task.id}: injected transient failure {attempt}/{times}"
+                )
+        if draw < self.permanent_error_rate:
+            raise PermanentError(f"task {task.id}: random permanent failure")
+        if draw < self.permanent_error_rate + self.transient_error_rate:
+            raise TransientError(f"task {task.id}: random transient failure")
+
+    def _stream(self, task_id: str, size: int, latency: float) -> dict[str, Any]:
+        # The bytes are a function of the task id, so the digest is the same on every attempt.
+        seed = hashlib.sha256(task_id.encode()).digest()
+        chunk = (seed * (self.chunk_size // len(seed) + 1))[: self.chunk_size]
+        view = memoryview(chunk)
+        digest = hashlib.sha256()
+        chunks = -(-size // self.chunk_size)
+        start = time.perf_counter()
+        sent = 0
+        for index in range(chunks):
+            n = min(self.chunk_size, size - sent)
+            digest.update(view[:n])
+            sent += n
+            # Sleep to each chunk's share of the deadline, so the overshoot of one sleep does not
+            # add up across chunks.
+            _sleep_until(start + latency * (index + 1) / chunks)
+        if not chunks and latency > 0:
+            _sleep_until(start + latency)
+        return {"task_id": task_id, "bytes": size, "chunks": chunks, "sha256": digest.hexdigest()}
+
+
+def _sleep_until(deadline: float) -> None:
+    remaining = deadline - time.perf_counter()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+# --- Queue ---------------------------------------------------------------------------------------
+
+_STOP = object()  # the sentinel that ends one worker loop
+
+
+class _WorkQueue(queue.Queue):
+    """A `queue.Queue` that can also take items past its bound (retries, stop sentinels)."""
+
+    def put_unbounded(self, item: Any, *, front: bool = False) -> None:
+        """Add `item` without waiting for room: at the front, or at the back."""
+        with self.not_empty:  # shares self.mutex
+            if front:
+                self.queue.appendleft(item)
+            else:
+                self.queue.append(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def drain(self) -> list[Any]:
+        """Remove and return every waiting item."""
+        with self.mutex:
+            items = list(self.queue)
+            self.queue.clear()
+            self.not_full.notify_all()
+        return items
+
+
+class TaskQueue:
+    """A bounded queue of waiting items served by `workers` loops on a `ThreadPoolExecutor`.
+
+    Each loop takes an item and calls ``process(item)``; an exception from `process` is logged and
+    the loop goes on. At most `maxsize` items wait; `submit` blocks or raises `QueueFullError`
+    when the queue stays full.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[Any], Any],
+        *,
+        maxsize: int = DEFAULT_QUEUE_SIZE,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        for name, value in (("maxsize", maxsize), ("workers", workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        self._process = process
+        self.maxsize = maxsize
+        self.workers = workers
+        self._queue = _WorkQueue(maxsize)
+        self._lock = threading.Lock()  # guards self._closed
+        self._closed = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="task-queue-worker"
+        )
+        for _ in range(workers):
+            self._executor.submit(self._run_loop)
+
+    def submit(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put `item` in the queue.
+
+        Args:
+            block: wait for room (up to `timeout` seconds, None: forever); False raises at once.
+
+        Raises:
+            QueueFullError: the queue stayed full.
+            PoolClosedError: the queue is closed.
+        """
+        if self._closed:
+            raise PoolClosedError()
+        try:
+            self._queue.put(item, block, timeout)
+        except queue.Full:
+            raise QueueFullError(self.maxsize) from None
+
+    def put_ready(self, item: Any) -> None:
+        """Put `item` at the front of the queue without waiting for room (a due retry)."""
+        self._queue.put_unbounded(item, front=True)
+
+    def drain(self) -> list[Any]:
+        """Remove and return every item waiting in the queue."""
+        return self._queue.drain()
+
+    def qsize(self) -> int:
+        """Return the number of waiting items (approximate while others run)."""
+        return self._queue.qsize()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _run_loop(self) -> None:
+        get = self._queue.get
+        process = self._process
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            try:
+                process(item)
+            except BaseException:
+                logger.exception("processing %r raised; the worker goes on", item)
+
+    def close(self, wait: bool = True, cancel_pending: bool = False) -> list[Any]:
+        """Stop accepting items and stop the workers once the queue is empty.
+
+        Args:
+            wait: block until the workers have stopped.
+            cancel_pending: remove the waiting items instead of processing them.
+
+        Returns:
+            The items removed without processing (empty unless `cancel_pending`).
+        """
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+        removed = self._queue.drain() if cancel_pending else []
+        if first:
+            for _ in range(self.workers):
+                self._queue.put_unbounded(_STOP)
+        self._executor.shutdown(wait=wait)
+        if wait:
+            # A submit that raced with close may have landed behind the sentinels.
+            late = [item for item in self._queue.drain() if item is not _STOP]
+            if cancel_pending:
+                removed.extend(late)
+            else:
+                for item in late:
+                    self._process(item)
+        return removed
+
+    def __enter__(self) -> TaskQueue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --- Pool ----------------------------------------------------------------------------------------
+
+
+class _Scheduler:
+    """One thread that hands items back to a callback after a delay.
+
+    The pool parks tasks here while they wait out a retry backoff or poll another owner's claim,
+    so no worker thread sits idle in a sleep.
+    """
+
+    def __init__(self, callback: Callable[[Any], None], name: str) -> None:
+        self._callback = callback
+        self._cond = threading.Condition()  # guards self._heap and self._stopped
+        self._heap: list[tuple[float, int, Any]] = []
+        self._seq = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def schedule(self, delay: float, item: Any) -> None:
+        """Hand `item` to the callback after `delay` seconds."""
+        entry = (time.monotonic() + delay, next(self._seq), item)
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+
+    def remove(self, predicate: Callable[[Any], bool]) -> list[Any]:
+        """Remove and return the waiting items for which `predicate` is true."""
+        with self._cond:
+            keep = [entry for entry in self._heap if not predicate(entry[2])]
+            removed = [entry[2] for entry in self._heap if predicate(entry[2])]
+            heapq.heapify(keep)
+            self._heap = keep
+        return removed
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop the thread; items still waiting are dropped."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    if self._heap:
+                        timeout = self._heap[0][0] - time.monotonic()
+                        if timeout <= 0:
+                            break
+                    else:
+                        timeout = None
+                    self._cond.wait(timeout)
+                if self._stopped:
+                    return
+                item = heapq.heappop(self._heap)[2]
+            try:
+                self._callback(item)
+            except BaseException:
+                logger.exception("scheduled callback for %r raised", item)
+
+
+class _LeaseKeeper:
+    """One thread that renews the pool's claims every third of the lease, until stopped."""
+
+    def __init__(self, pool: WorkerPool, interval: float) -> None:
+        self._pool = pool
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            held = self._pool._held_claims()
+            if not held:
+                continue
+            try:
+                renewed = self._pool.idempotency.renew_many(held)
+            except Exception:
+                logger.exception("renewing %d leases failed", len(held))
+                continue
+            if renewed < len(held):
+                logger.warning(
+                    "%d of %d claims were lost to lease expiry", len(held) - renewed, len(held)
+                )
+
+
+class _Job:
+    """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
+
+    __slots__ = (
+        "attempts", "done", "enqueued_at", "fingerprint", "followers", "future", "key", "polls",
+        "started_at", "task", "token",
+    )  # fmt: skip
+
+    def __init__(self, task: Task, fp: str, future: concurrent.futures.Future, now: float) -> None:
+        self.task = task
+        self.key = task.key
+        self.fingerprint = fp
+        self.future = future
+        self.enqueued_at = now
+        self.started_at: float | None = None
+        self.attempts = 0
+        self.polls = 0
+        self.token: int | None = None  # the fencing token while this pool owns the key
+        self.done = False
+        self.followers: list[tuple[Task, concurrent.futures.Future, float]] = []
+
+    def __repr__(self) -> str:
+        return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _resolved(record: TaskRecord) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    future.set_result(record)
+    return future
+
+
+_ON_FULL = ("block", "reject")
+_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+class WorkerPool:
+    """Run tasks on a bounded queue and a thread pool, once per idempotency key.
+
+    A submission goes into the bounded queue; a worker claims its key in the idempotency store,
+    calls the handler (retrying transient errors after a backoff spent off the worker), stores the
+    output, completes the claim and resolves the future with a `TaskRecord`. A key already
+    completed resolves as a duplicate with the cached output; a key in flight in this pool shares
+    the running submission's outcome; a key another process holds is polled until that claim
+    completes or its lease runs out.
+
+    Args:
+        handler: ``handler(task) -> JSON-compatible output``; None means `TaskProcessor()`.
+        workers: worker threads.
+        queue_size: how many tasks may wait in the queue.
+        db_path: the SQLite file of the idempotency store; None keeps it in memory.
+        retry: the `RetryPolicy`; None means the default.
+        on_full: "block" makes `submit` wait for room (up to `submit_timeout`), "reject" raises
+            `QueueFullError` at once.
+        submit_timeout: seconds a blocked `submit` waits before `QueueFullError`; None: forever.
+        lease_seconds: the claim lease, renewed while the handler runs.
+        durability: "normal" or "full" (see `IdempotencyManager`).
+        metrics: a `MetricsCollector` to record into; None makes one.
+        claim_poll_interval: first wait before polling a key that another process holds.
+        idempotency: an open `IdempotencyManager` to use (and not close) instead of `db_path`.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[Task], Any] | None = None,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        db_path: str | os.PathLike[str] | None = None,
+        retry: RetryPolicy | None = None,
+        on_full: str = "block",
+        submit_timeout: float | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        durability: str = DEFAULT_DURABILITY,
+        metrics: MetricsCollector | None = None,
+        claim_poll_interval: float = DEFAULT_CLAIM_POLL_INTERVAL,
+        idempotency: IdempotencyManager | None = None,
+    ) -> None:
+        if on_full not in _ON_FULL:
+            raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
+        if submit_timeout is not None and not submit_timeout >= 0:
+            raise ValueError(f"submit_timeout must be >= 0 or None, not {submit_timeout!r}")
+        if not claim_poll_interval > 0:
+            raise ValueError(f"claim_poll_interval must be > 0, not {claim_poll_interval!r}")
+        self._handler = handler if handler is not None else TaskProcessor()
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._block = on_full == "block"
+        self._submit_timeout = submit_timeout
+        self._poll_interval = claim_poll_interval
+        self._metrics = metrics if metrics is not None else MetricsCollector(workers, queue_size)
+        self._owns_store = idempotency is None
+        self._store = idempotency or IdempotencyManager(
+            db_path, lease_seconds=lease_seconds, durability=durability
+        )
+        self._lock = threading.Lock()  # guards the attributes below and every job's token
+        self._idle = threading.Condition(self._lock)  # notified when _pending drops to 0
+        self._inflight: dict[str, _Job] = {}  # key -> the job that runs it
+        self._pending = 0  # jobs accepted and not finished
+        self._closed = False
+        self._cancelling = False
+        self._stopping = False
+        try:
+            self._queue = TaskQueue(self._process, maxsize=queue_size, workers=workers)
+        except ValueError:
+            if self._owns_store:
+                self._store.close()
+            raise
+        self._scheduler = _Scheduler(self._queue.put_ready, "task-queue-scheduler")
+        self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
+        _live_pools.add(self)
+
+    # Public surface -----------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> MetricsCollector:
+        return self._metrics
+
+    @property
+    def idempotency(self) -> IdempotencyManager:
+        return self._store
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, task: Task) -> concurrent.futures.Future:
+        """Accept `task` and return a future that resolves to its `TaskRecord`.
+
+        Blocks while the queue is full when ``on_full="block"``.
+
+        Raises:
+            QueueFullError: the queue stayed full (at once with ``on_full="reject"``).
+            PoolClosedError: the pool is shut down.
+        """
+        if not isinstance(task, Task):
+            raise TypeError(f"submit() takes a Task, not {type(task).__name__}")
+        now = time.perf_counter()
+        try:
+            fp = fingerprint(task.payload)
+        except (TypeError, ValueError) as exc:
+            return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # outcomes come from the pool, not from cancel()
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError()
+            leader = self._inflight.get(task.key)
+            if leader is None:
+                job = _Job(task, fp, future, now)
+                self._inflight[job.key] = job
+                self._pending += 1
+            elif leader.fingerprint == fp:
+                leader.followers.append((task, future, now))
+        if leader is not None:
+            if leader.fingerprint != fp:
+                error = str(IdempotencyConflictError(task.key))
+                return self._refuse(task, now, error, ErrorKind.CONFLICT.value)
+            self._metrics.record_enqueue(queued=False)
+            return future
+        self._metrics.record_enqueue()
+        try:
+            self._queue.submit(job, block=self._block, timeout=self._submit_timeout)
+        except QueueFullError as exc:
+            self._metrics.record_rejection(enqueued=True)
+            self._abandon(job, exc)
+            raise
+        return future
+
+    def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
+        """Submit every task and return their records in input order."""
+        futures = [self.submit(task) for task in tasks]
+        return [future.result() for future in futures]
+
+    def iter_results(self, tasks: Iterable[Task]) -> Iterator[TaskRecord]:
+        """Submit tasks lazily and yield their records in completion order.
+
+        At most ``queue_size + workers`` submissions are outstanding at once, so memory stays flat
+        for any number of tasks. If the pool is shut down meanwhile, the records of the accepted
+        tasks are yielded and then `PoolClosedError` is raised.
+        """
+        done: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
+        window = self._queue.maxsize + self._queue.workers
+        outstanding = 0
+        try:
+            for task in tasks:
+                while outstanding >= window or (outstanding and not done.empty()):
+                    yield done.get().result()
+                    outstanding -= 1
+                self.submit(task).add_done_callback(done.put)
+                outstanding += 1
+        finally:
+            while outstanding:
+                record = done.get().result()
+                outstanding -= 1
+                yield record
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Stop accepting tasks, finish the accepted ones and stop the threads.
+
+        Args:
+            wait: block until every accepted task has finished and the threads have stopped.
+            cancel_pending: resolve queued tasks, and tasks polling another process's claim, as
+                cancelled (their keys stay unclaimed); running tasks, including those waiting out
+                a retry backoff, always finish.
+        """
+        with self._lock:
+            self._closed = True
+            if cancel_pending:
+                self._cancelling = True
+        _live_pools.discard(self)
+        if cancel_pending:
+            self._cancel_waiting()
+        with self._idle:
+            idle = self._pending == 0
+            if wait:
+                while self._pending:
+                    self._idle.wait()
+                idle = True
+        if idle:
+            self._stop_threads(wait)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<WorkerPool {state} workers={self._queue.workers} pending={self._pending}>"
+
+    # Worker path --------------------------------------------------------------------------------
+
+    def _process(self, job: _Job) -> None:
+        """Advance `job` by one step: claim its key, then one handler attempt."""
+        try:
+            if job.started_at is None:
+                if self._cancelling:
+                    self._finish(job, TaskStatus.CANCELLED)
+                    return
+                job.started_at = time.perf_counter()
+                self._metrics.record_start(job.started_at - job.enqueued_at)
+            if job.token is None and not self._acquire(job):
+                return
+            self._attempt(job)
+        except BaseException as exc:
+            # The store failed under us (disk full, closed database): the task fails, the
+            # worker lives on, and the key's lease lets a rerun take it.
+            logger.exception("internal error while running %r", job)
+            self._finish(job, TaskStatus.FAILED, error=f"internal error: {_describe(exc)}",
+                         kind=ErrorKind.TRANSIENT.value)  # fmt: skip
+
+    def _acquire(self, job: _Job) -> bool:
+        """Claim the job's key; return True when this pool now owns it."""
+        if self._cancelling:
+            self._finish(job, TaskStatus.CANCELLED)
+            return False
+        claim = self._store.claim(job.key, job.fingerprint)
+        if claim.state is ClaimState.CLAIMED:
+            with self._lock:
+                job.token = claim.token
+            return True
+        if claim.state is ClaimState.COMPLETED:
+            self._finish(job, TaskStatus.DUPLICATE, output=claim.output)
+        elif claim.state is ClaimState.CONFLICT:
+            self._finish(job, TaskStatus.FAILED, error=str(IdempotencyConflictError(job.key)),
+                         kind=ErrorKind.CONFLICT.value)  # fmt: skip
+        else:
+            self._scheduler.schedule(self._poll_delay(job, claim.lease_expires), job)
+        return False
+
+    def _poll_delay(self, job: _Job, lease_expires: float | None) -> float:
+        delay = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
+        job.polls += 1
+        if lease_expires is not None:
+            # Look again just after the owner's lease ends, to take over a dead owner's key.
+            delay = min(delay, max(lease_expires - time.time(), 0.0) + 0.001)
+        return delay
+
+    def _attempt(self, job: _Job) -> None:
+        job.attempts += 1
+        began = time.perf_counter()
+        try:
+            output = self._handler(job.task)
+        except BaseException as exc:
+            self._metrics.record_attempt(time.perf_counter() - began)
+            self._on_error(job, exc)
+            return
+        self._metrics.record_attempt(time.perf_counter() - began)
+        self._on_output(job, output)
+
+    def _on_error(self, job: _Job, exc: BaseException) -> None:
+        if self._retry.should_retry(exc, job.attempts):
+            self._metrics.record_retry()
+            self._scheduler.schedule(self._retry.delay(job.attempts), job)
+            return
+        kind = ErrorKind.TRANSIENT if self._retry.is_transient(exc) else ErrorKind.PERMANENT
+        self._fail(job, _describe(exc), kind)
+
+    def _fail(self, job: _Job, error: str, kind: ErrorKind) -> None:
+        token = job.token
+        if token is not None:
+            self._store.release(job.key, token, error)
+            with self._lock:
+                job.token = None
+        self._finish(job, TaskStatus.FAILED, error=error, kind=kind.value)
+
+    def _on_output(self, job: _Job, output: Any) -> None:
+        assert job.token is not None
+        try:
+            completed = self._store.complete(job.key, job.token, output)
+        except (TypeError, ValueError) as exc:
+            self._fail(job, f"handler output is not JSON-serialisable: {exc}", ErrorKind.PERMANENT)
+            return
+        with self._lock:
+            job.token = None
+        if completed:
+            self._finish(job, TaskStatus.SUCCEEDED, output=output)
+        else:
+            # The lease ran out and another owner took the key: report that owner's result.
+            logger.warning("lost the claim on %r; waiting for the new owner's result", job.key)
+            self._scheduler.schedule(self._poll_delay(job, None), job)
+
+    # Bookkeeping --------------------------------------------------------------------------------
+
+    def _held_claims(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return [
+                (job.key, job.token) for job in self._inflight.values() if job.token is not None
+            ]
+
+    def _retire(
+        self, job: _Job
+    ) -> tuple[list[tuple[Task, concurrent.futures.Future, float]], bool]:
+        """Forget a finished job; return its followers and whether the pool just became idle."""
+        with self._lock:
+            if job.done:
+                return [], False
+            job.done = True
+            if self._inflight.get(job.key) is job:
+                del self._inflight[job.key]
+            followers, job.followers = job.followers, []
+            self._pending -= 1
+            idle = self._pending == 0
+            if idle:
+                self._idle.notify_all()
+            return followers, idle and self._closed
+
+    def _finish(
+        self,
+        job: _Job,
+        status: TaskStatus,
+        *,
+        output: Any = None,
+        error: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """Resolve a job and its followers, record their metrics, and stop the pool if idle."""
+        if job.done:
+            return
+        now = time.perf_counter()
+        started = job.started_at is not None
+        record = TaskRecord(
+            job.task.id, job.key, status, output, error, kind, job.attempts,
+            job.enqueued_at, job.started_at, now,
+        )  # fmt: skip
+        followers, stop = self._retire(job)
+        if not followers and job.future.done():
+            return
+        metrics = self._metrics
+        latency = now - job.enqueued_at
+        service = now - job.started_at if started else None
+        if status is TaskStatus.SUCCEEDED:
+            metrics.record_success(latency, service)
+        elif status is TaskStatus.FAILED:
+            metrics.record_failure(kind, latency, service, started=started)
+        elif status is TaskStatus.DUPLICATE:
+            metrics.record_duplicate(latency, started=started)
+        else:
+            metrics.record_cancel(queued=not started, started=started)
+        job.future.set_result(record)
+        for task, future, enqueued_at in followers:
+            future.set_result(self._follower_record(record, task, enqueued_at, now))
+        if stop:
+            self._stop_threads(wait=False)
+
+    def _follower_record(
+        self, leader: TaskRecord, task: Task, enqueued_at: float, now: float
+    ) -> TaskRecord:
+        status = leader.status
+        latency = now - enqueued_at
+        if status in (TaskStatus.SUCCEEDED, TaskStatus.DUPLICATE):
+            status = TaskStatus.DUPLICATE
+            self._metrics.record_duplicate(latency)
+        elif status is TaskStatus.FAILED:
+            self._metrics.record_failure(leader.error_kind, latency, started=False)
+        else:
+            self._metrics.record_cancel(queued=False)
+        return TaskRecord(
+            task.id, task.key, status, leader.output, leader.error, leader.error_kind, 0,
+            enqueued_at, None, now,
+        )  # fmt: skip
+
+    def _refuse(self, task: Task, now: float, error: str, kind: str) -> concurrent.futures.Future:
+        """Resolve a submission that fails before it is queued (conflict, bad payload)."""
+        if self._closed:
+            raise PoolClosedError()
+        self._metrics.record_enqueue(queued=False)
+        self._metrics.record_failure(kind, 0.0, started=False)
+        return _resolved(
+            TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0, now, None, now)
+        )
+
+    def _abandon(self, job: _Job, exc: QueueFullError) -> None:
+        """Undo a submission the queue refused; submissions that joined it fail with it."""
+        followers, stop = self._retire(job)
+        now = time.perf_counter()
+        error = f"the submission this one joined was refused: {exc}"
+        for task, future, enqueued_at in followers:
+            self._metrics.record_failure(
+                ErrorKind.TRANSIENT.value, now - enqueued_at, started=False
+            )
+            future.set_result(
+                TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error,
+                           ErrorKind.TRANSIENT.value, 0, enqueued_at, None, now)
+            )  # fmt: skip
+        if stop:
+            self._stop_threads(wait=False)
+
+    def _cancel_waiting(self) -> None:
+        """Cancel the jobs that have not claimed their key: queued ones and those polling."""
+        for job in self._queue.drain():
+            if job.token is None:
+                self._finish(job, TaskStatus.CANCELLED)
+            else:
+                self._queue.put_ready(job)  # a retry whose backoff ended: it runs to the end
+        for job in self._scheduler.remove(lambda job: job.token is None):
+            self._finish(job, TaskStatus.CANCELLED)
+
+    def _stop_threads(self, wait: bool) -> None:
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+        if first:
+            self._keeper.stop(wait=False)
+            self._scheduler.stop(wait=False)
+        self._queue.close(wait=wait)
+        if wait:
+            self._keeper.stop()
+            self._scheduler.stop()
+            if self._owns_store:
+                self._store.close()
+
+
+def _shutdown_live_pools() -> None:
+    # Runs before the interpreter joins non-daemon threads, so the worker loops get their
+    # sentinels instead of hanging the exit; accepted tasks are drained, as ThreadPoolExecutor does.
+    for pool in list(_live_pools):
+        try:
+            pool.shutdown(wait=True)
+        except Exception:
+            logger.exception("shutting down %r at exit failed", pool)
+
+
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_shutdown_live_pools)
+else:  # pragma: no cover - Python builds without the hook
+    atexit.register(_shutdown_live_pools)
+
+
+# --- Configuration -------------------------------------------------------------------------------
+
+
+def _parse_int(raw: str, source: str, minimum: int) -> int:
+    try:
+        value = int(raw.strip())
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"{source}: expected an integer >= {minimum}, got {raw!r}")
+    return value
+
+
+def _parse_positive_int(raw: str, source: str) -> int:
+    return _parse_int(raw, source, 1)
+
+
+def _parse_seed(raw: str, source: str) -> int:
+    return _parse_int(raw, source, 0)
+
+
+def _parse_float(raw: str, source: str, *, low: float, high: float, open_low: bool) -> float:
+    try:
+        value = float(raw.strip())
+    except (TypeError, ValueError):
+        value = math.nan
+    ok = math.isfinite(value) and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        span = f"a number {bound}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+        raise ConfigError(f"{source}: expected {span}, got {raw!r}")
+    return value
+
+
+def _parse_positive_float(raw: str, source: str) -> float:
+    return _parse_float(raw, source, low=0.0, high=math.inf, open_low=True)
+
+
+def _parse_nonnegative_float(raw: str, source: str) -> float:
+    return _parse_float(raw, source, low=0.0, high=math.inf, open_low=False)
+
+
+def _parse_rate(raw: str, source: str) -> float:
+    return _parse_float(raw, source, low=0.0, high=1.0, open_low=False)
+
+
+def _parse_path(raw: str, source: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{source}: expected a path, got an empty value")
+    return raw
+
+
+def _choice(*choices: str, fold: Callable[[str], str] = str.lower) -> Callable[[str, str], str]:
+    def parse(raw: str, source: str) -> str:
+        value = fold(raw.strip())
+        if value not in choices:
+            raise ConfigError(f"{source}: expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Setting:
+    """One configurable value: its flag, its environment variable, its parser and its default."""
+
+    name: str
+    env: str
+    flag: str | None
+    parse: Callable[[str, str], Any]
+    default: Any
+    help: str
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+SETTINGS = (
+    _Setting("workers", "TQ_WORKERS", "--workers", _parse_positive_int, DEFAULT_WORKERS,
+             "worker threads"),
+    _Setting("queue_size", "TQ_QUEUE_SIZE", "--queue-size", _parse_positive_int,
+             DEFAULT_QUEUE_SIZE, "tasks that may wait in the bounded queue"),
+    _Setting("db_path", "TQ_DB_PATH", "--db", _parse_path, None,
+             f"SQLite progress database (default {DEFAULT_DB_FILE}; a benchmark uses a fresh "
+             "temporary one unless --db is given)"),
+    _Setting("max_attempts", "TQ_MAX_ATTEMPTS", "--max-attempts", _parse_positive_int,
+             DEFAULT_MAX_ATTEMPTS, "attempts per task, the first included"),
+    _Setting("base_delay", "TQ_BASE_DELAY", "--base-delay", _parse_nonnegative_float,
+             DEFAULT_BASE_DELAY, "first retry backoff cap, seconds"),
+    _Setting("max_delay", "TQ_MAX_DELAY", "--max-delay", _parse_nonnegative_float,
+             DEFAULT_MAX_DELAY, "largest retry backoff, seconds"),
+    _Setting("lease_seconds", "TQ_LEASE_SECONDS", "--lease-seconds", _parse_positive_float,
+             DEFAULT_LEASE_SECONDS, "claim lease (s): a crashed run's claims free up after it"),
+    _Setting("latency_ms", "TQ_LATENCY_MS", "--latency-ms", _parse_nonnegative_float,
+             DEFAULT_LATENCY_MS, "simulated I/O latency per task, ms (payload latency_ms wins)"),
+    _Setting("jitter_ms", "TQ_JITTER_MS", "--jitter-ms", _parse_nonnegative_float,
+             DEFAULT_JITTER_MS, "uniform +- jitter on the latency, ms"),
+    _Setting("transient_rate", "TQ_TRANSIENT_RATE", "--transient-rate", _parse_rate, 0.0,
+             "probability of an injected transient fault per attempt"),
+    _Setting("permanent_rate", "TQ_PERMANENT_RATE", "--permanent-rate", _parse_rate, 0.0,
+             "probability of an injected permanent fault per attempt"),
+    _Setting("durability", "TQ_DURABILITY", "--durability", _choice(*DURABILITY_MODES),
+             DEFAULT_DURABILITY, "normal: survives a crash; full: survives power loss"),
+    _Setting("log_level", "TQ_LOG_LEVEL", "--log-level", _choice(*_LOG_LEVELS, fold=str.upper),
+             DEFAULT_LOG_LEVEL, "logging level on stderr"),
+    _Setting("max_task_file_bytes", "TQ_MAX_TASK_FILE_BYTES", None, _parse_positive_int,
+             DEFAULT_MAX_TASK_FILE_BYTES, "largest task file accepted, bytes"),
+)  # fmt: skip
+
+
+def _read_dotenv(path: str) -> dict[str, str]:
+    """Read `path` (the working directory's .env) if it exists; never searches parent folders."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        from dotenv import dotenv_values
+    except ImportError:
+        raise ConfigError(
+            f"{path} exists but python-dotenv is not installed (pip install python-dotenv)"
+        ) from None
+    return {name: value for name, value in dotenv_values(path).items() if value is not None}
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | None = ".env",
+) -> dict[str, Any]:
+    """Resolve every setting: flag, then environment variable, then .env, then default.
+
+    Args:
+        flags: values given on the command line, by setting name (None: not given).
+        environ: the environment; None means `os.environ`.
+        dotenv_path: the .env file to read (in the working directory); None reads none.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the flag or variable.
+    """
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    from_file = _read_dotenv(dotenv_path) if dotenv_path else {}
+    config: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = flags.get(setting.name) if setting.flag else None
+        source = setting.flag
+        if raw is None and setting.env in environ:
+            raw, source = environ[setting.env], setting.env
+        elif raw is None and setting.env in from_file:
+            raw, source = from_file[setting.env], f"{setting.env} (in {dotenv_path})"
+        config[setting.name] = setting.default if raw is None else setting.parse(raw, source)
+    if config["transient_rate"] + config["permanent_rate"] > 1.0:
+        raise ConfigError("--transient-rate + --permanent-rate must be at most 1")
+    return config
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors become `ConfigError`, reported in one line by main."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise ConfigError(f"{message} (see --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="task-queue",
+        description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
+        epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
+        "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
+        "below that names a TQ_ variable can also be set in the environment or in ./.env.",
+    )
+    mode = parser.add_argument_group("what to run")
+    mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
+    mode.add_argument(
+        "--benchmark", action="store_true", help="run a synthetic workload on a fresh database"
+    )
+    mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
+    mode.add_argument("--seed", metavar="N", help="seed of the fault injection and jitter")
+    tuning = parser.add_argument_group("configuration")
+    for setting in SETTINGS:
+        if setting.flag:
+            tuning.add_argument(
+                setting.flag,
+                dest=setting.name,
+                metavar=setting.name.upper(),
+                help=f"{setting.help} [{setting.env}, default {setting.default}]",
+            )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--metrics-out",
+        metavar="FILE",
+        default=DEFAULT_METRICS_FILE,
+        help=f"where to write the metrics snapshot (default {DEFAULT_METRICS_FILE})",
+    )
+    output.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    output.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)",
+    )
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class _Progress:
+    """A tqdm bar on stderr when wanted and available; otherwise nothing."""
+
+    def __init__(self, total: int, wanted: bool | None) -> None:
+        self._bar = None
+        if wanted is False or (wanted is None and not sys.stderr.isatty()):
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            if wanted:
+                raise ConfigError("--progress needs tqdm: pip install tqdm") from None
+            return
+        self._bar = tqdm(total=total, unit="task", file=sys.stderr, mininterval=0.2, leave=False)
+
+    def update(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Interrupts:
+    """The CLI's signal handling: the first SIGINT/SIGTERM drains, the second exits at once."""
+
+    def __init__(self, pool: WorkerPool, lease_seconds: float) -> None:
+        self.signum: int | None = None
+        self._pool = pool
+        self._lease = lease_seconds
+        self._fired = threading.Event()
+        self._previous: dict[int, Any] = {}
+        # Shutting down takes the pool's lock, which the interrupted main thread may hold; a
+        # watcher thread does it instead of the handler.
+        self._watcher = threading.Thread(target=self._watch, name="task-queue-signals", daemon=True)
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in EXIT_SIGNAL:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._fired.set()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            running = len(self._pool._inflight)  # no lock in a signal handler: an estimate
+            name = signal.Signals(signum).name
+            message = (
+                f"{name} again: exiting now with up to {running} tasks unfinished; their claims "
+                f"expire after {self._lease:g} s, and a rerun then takes them over\n"
+            )
+            os.write(2, message.encode())
+            os._exit(EXIT_SIGNAL[self.signum])
+        self.signum = signum
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: finishing running tasks, cancelling queued ones\n".encode())
+        self._fired.set()
+
+    def _watch(self) -> None:
+        self._fired.wait()
+        if self.signum is not None:
+            self._pool.shutdown(wait=False, cancel_pending=True)
+
+
+def _synthetic_tasks(count: int) -> list[Task]:
+    return [Task(f"bench-{index:06d}") for index in range(1, count + 1)]
+
+
+def _check_output_path(path: str, flag: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory")
+
+
+def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
+    def row(label: str, series: Mapping[str, Any]) -> str:
+        cells = "  ".join(f"{name} {series[name]:9.2f}" for name in ("mean", "p50", "p95", "p99"))
+        return f"  {label:<14}{cells}  max {series['max']:9.2f}"
+
+    utilization = snapshot["utilization"]
+    lines = [
+        f"tasks {total}  workers {snapshot['workers']}  queue size {snapshot['queue_size']}  "
+        f"elapsed {snapshot['elapsed_seconds']:.3f} s",
+        f"  succeeded {snapshot['succeeded']}  failed {snapshot['failed']}  duplicates "
+        f"{snapshot['duplicates']}  cancelled {snapshot['cancelled']}  retries "
+        f"{snapshot['retries']}  rejected {snapshot['rejected']}",
+        f"  throughput {snapshot['throughput_per_second']:.1f} tasks/s  utilization "
+        + (f"{utilization * 100:.1f}%" if utilization is not None else "n/a")
+        + f"  success rate {snapshot['success_rate'] * 100:.1f}%  max queue depth "
+        f"{snapshot['max_queue_depth']}",
+        row("latency ms", snapshot["latency_ms"]),
+        row("queue wait ms", snapshot["queue_wait_ms"]),
+        row("service ms", snapshot["service_ms"]),
+    ]
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(slots=True)
+class _RunOutcome:
+    """What one command-line run did, for the summary and the exit code."""
+
+    total: int
+    counts: dict[TaskStatus, int]
+    errors: list[str]
+    signum: int | None = None
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values()) - self.counts[TaskStatus.CANCELLED]
+
+    @property
+    def unstarted(self) -> int:
+        return self.total - sum(self.counts.values())
+
+
+def _run_pool(pool: WorkerPool, tasks: list[Task], config: dict[str, Any], progress: _Progress):
+    counts = dict.fromkeys(TaskStatus, 0)
+    errors: list[str] = []
+    outcome = _RunOutcome(len(tasks), counts, errors)
+    with _Interrupts(pool, config["lease_seconds"]) as interrupts:
+        try:
+            for record in pool.iter_results(tasks):
+                counts[record.status] += 1
+                if record.status is TaskStatus.FAILED and len(errors) < 5:
+                    errors.append(f"{record.task_id}: {record.error}")
+                progress.update()
+        except PoolClosedError:
+            pass  # interrupted: every accepted task has been reported
+        finally:
+            progress.close()
+        pool.shutdown(wait=True)
+        outcome.signum = interrupts.signum
+    return outcome
+
+
+def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
+    name = signal.Signals(outcome.signum).name
+    cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
+    failed = outcome.counts[TaskStatus.FAILED]
+    done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
+    text = (
+        f"interrupted by {name}: {outcome.finished} of {outcome.total} tasks finished "
+        f"({done} completed, {failed} failed), {cancelled} cancelled or not started."
+    )
+    if db_label is None:
+        return text + " The benchmark database was temporary: a rerun starts over."
+    return (
+        text + f" A rerun with --db {db_label} skips the {done} completed tasks and runs the "
+        f"{cancelled + failed} others."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    User errors (bad flags, configuration, task files, database paths) print one line that starts
+    with "error:" on stderr and return 2; nothing is written.
+    """
+    try:
+        return _main(argv)
+    except (ConfigError, TaskFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _build_parser().parse_args(argv)
+    flags = vars(args)
+    config = load_config(flags, os.environ, ".env")
+    _configure_logging(config["log_level"])
+    if not args.benchmark and args.task_file is None:
+        raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
+    count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
+    seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
+    if args.task_file is not None:
+        tasks = load_tasks(args.task_file, max_bytes=config["max_task_file_bytes"])
+    else:
+        tasks = _synthetic_tasks(count)
+    _check_output_path(args.metrics_out, "--metrics-out")
+    processor = TaskProcessor(
+        latency_ms=config["latency_ms"],
+        jitter_ms=config["jitter_ms"],
+        transient_error_rate=config["transient_rate"],
+        permanent_error_rate=config["permanent_rate"],
+        seed=seed,
+    )
+    retry = RetryPolicy(
+        max_attempts=config["max_attempts"],
+        base_delay=config["base_delay"],
+        max_delay=config["max_delay"],
+    )
+    progress = _Progress(len(tasks), args.progress)
+    with contextlib.ExitStack() as stack:
+        if args.benchmark:
+            # A benchmark measures real work: a fresh database each run unless --db is explicit.
+            db_label = flags["db_path"]
+            db_path = db_label or os.path.join(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")), "bench.db"
+            )
+        else:
+            db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
+        store = IdempotencyManager(
+            db_path, lease_seconds=config["lease_seconds"], durability=config["durability"]
+        )
+        stack.callback(store.close)
+        pool = WorkerPool(
+            processor,
+            workers=config["workers"],
+            queue_size=config["queue_size"],
+            retry=retry,
+            idempotency=store,
+        )
+        outcome = _run_pool(pool, tasks, config, progress)
+    snapshot = pool.metrics.snapshot()
+    pool.metrics.export(args.metrics_out)
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(_format_summary(snapshot, len(tasks)))
+        print(f"  metrics written to {args.metrics_out}")
+    for line in outcome.errors:
+        print(f"failed: {line}", file=sys.stderr)
+    if outcome.signum is not None:
+        print(_rerun_advice(outcome, db_label), file=sys.stderr)
+        return EXIT_SIGNAL[outcome.signum]
+    return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
+
+
+def console_main() -> None:
+    """Entry point of the ``task-queue`` console script."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
