@@ -1183,13 +1183,20 @@ class MetricsCollector:
             self._counts["duplicates"] += 1
             self._finish(started, latency, None)
 
-    def record_cancel(self, queued: bool = True) -> None:
-        """Count a task cancelled before it ran; `queued` when it was still in the queue."""
+    def record_cancel(self, queued: bool = True, started: bool = False) -> None:
+        """Count a task cancelled before its handler ran.
+
+        Args:
+            queued: it was still in the queue (it leaves it).
+            started: a worker had taken it (it leaves `in_flight`).
+        """
         with self._lock:
             counts = self._counts
             counts["cancelled"] += 1
             if queued:
                 counts["queue_depth"] = max(counts["queue_depth"] - 1, 0)
+            if started:
+                counts["in_flight"] = max(counts["in_flight"] - 1, 0)
             self._last_finish = time.perf_counter()
 
     def record_retry(self) -> None:
@@ -2390,8 +2397,13 @@ class _Interrupts:
 
     def _watch(self) -> None:
         self._fired.wait()
-        if self.signum is not None:
+        if self.signum is None:
+            return
+        try:
             self._pool.shutdown(wait=False, cancel_pending=True)
+        except Exception:
+            logger.exception("graceful shutdown failed; exiting")
+            os._exit(EXIT_SIGNAL[self.signum])
 
 
 def _synthetic_tasks(count: int) -> list[Task]:
