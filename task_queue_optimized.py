@@ -1643,6 +1643,10 @@ class _LeaseKeeper:
                 )
 
 
+# A submission that joined an in-flight one: its task, its future and when it was submitted.
+_Follower = tuple[Task, concurrent.futures.Future, float]
+
+
 class _Job:
     """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
 
@@ -1662,10 +1666,14 @@ class _Job:
         self.polls = 0
         self.token: int | None = None  # the fencing token while this pool owns the key
         self.done = False
-        self.followers: list[tuple[Task, concurrent.futures.Future, float]] = []
+        self.followers: list[_Follower] = []
 
     def __repr__(self) -> str:
         return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
+
+
+class _AlreadyFinished(Exception):
+    """Internal: another thread finished the job first."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -1831,18 +1839,22 @@ class WorkerPool:
         done: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
         window = self._queue.maxsize + self._queue.workers
         outstanding = 0
-        try:
-            for task in tasks:
-                while outstanding >= window or (outstanding and not done.empty()):
-                    yield done.get().result()
-                    outstanding -= 1
-                self.submit(task).add_done_callback(done.put)
-                outstanding += 1
-        finally:
-            while outstanding:
-                record = done.get().result()
+        closed: PoolClosedError | None = None
+        for task in tasks:
+            while outstanding >= window or (outstanding and not done.empty()):
+                yield done.get().result()
                 outstanding -= 1
-                yield record
+            try:
+                future = self.submit(task)
+            except PoolClosedError as exc:
+                closed = exc
+                break
+            future.add_done_callback(done.put)
+            outstanding += 1
+        for _ in range(outstanding):
+            yield done.get().result()
+        if closed is not None:
+            raise closed
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Stop accepting tasks, finish the accepted ones and stop the threads.
@@ -1979,13 +1991,15 @@ class WorkerPool:
                 (job.key, job.token) for job in self._inflight.values() if job.token is not None
             ]
 
-    def _retire(
-        self, job: _Job
-    ) -> tuple[list[tuple[Task, concurrent.futures.Future, float]], bool]:
-        """Forget a finished job; return its followers and whether the pool just became idle."""
+    def _retire(self, job: _Job) -> tuple[list[_Follower], bool]:
+        """Forget a finished job; return its followers and whether the pool just became idle.
+
+        Raises:
+            _AlreadyFinished: another thread finished the job first.
+        """
         with self._lock:
             if job.done:
-                return [], False
+                raise _AlreadyFinished
             job.done = True
             if self._inflight.get(job.key) is job:
                 del self._inflight[job.key]
@@ -2014,8 +2028,9 @@ class WorkerPool:
             job.task.id, job.key, status, output, error, kind, job.attempts,
             job.enqueued_at, job.started_at, now,
         )  # fmt: skip
-        followers, stop = self._retire(job)
-        if not followers and job.future.done():
+        try:
+            followers, stop = self._retire(job)
+        except _AlreadyFinished:
             return
         metrics = self._metrics
         latency = now - job.enqueued_at
