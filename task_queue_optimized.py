@@ -34,6 +34,7 @@ __version__ = "1.0.0"
 import argparse
 import atexit
 import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook now, so ours runs before it
 import contextlib
 import dataclasses
 import enum
@@ -1135,7 +1136,9 @@ class MetricsCollector:
         """Count a task leaving the queue for a worker after `queue_wait` seconds."""
         with self._lock:
             counts = self._counts
-            counts["queue_depth"] = max(counts["queue_depth"] - 1, 0)
+            # A worker may take a task before its producer records the enqueue: the depth can dip
+            # below zero for that moment, and the snapshot shows it as zero.
+            counts["queue_depth"] -= 1
             counts["in_flight"] += 1
             self._series["queue_wait"].add(queue_wait)
 
@@ -1194,7 +1197,7 @@ class MetricsCollector:
             counts = self._counts
             counts["cancelled"] += 1
             if queued:
-                counts["queue_depth"] = max(counts["queue_depth"] - 1, 0)
+                counts["queue_depth"] -= 1
             if started:
                 counts["in_flight"] = max(counts["in_flight"] - 1, 0)
             self._last_finish = time.perf_counter()
@@ -1204,14 +1207,10 @@ class MetricsCollector:
         with self._lock:
             self._counts["retries"] += 1
 
-    def record_rejection(self, enqueued: bool = False) -> None:
-        """Count a submission refused by a full queue; `enqueued` undoes its `record_enqueue`."""
+    def record_rejection(self) -> None:
+        """Count a submission refused by a full queue."""
         with self._lock:
-            counts = self._counts
-            counts["rejected"] += 1
-            if enqueued:
-                counts["submitted"] = max(counts["submitted"] - 1, 0)
-                counts["queue_depth"] = max(counts["queue_depth"] - 1, 0)
+            self._counts["rejected"] += 1
 
     # Reading ------------------------------------------------------------------------------------
 
@@ -1237,6 +1236,7 @@ class MetricsCollector:
             busy = self._busy
             first, last = self._first_enqueue, self._last_finish
             summaries = {f"{name}_ms": h.summary_ms() for name, h in self._series.items()}
+        counts["queue_depth"] = max(counts["queue_depth"], 0)
         running = counts["in_flight"] or counts["queue_depth"]
         if first is None:
             elapsed = 0.0
@@ -1495,7 +1495,10 @@ class TaskQueue:
 
     def qsize(self) -> int:
         """Return the number of waiting items (approximate while others run)."""
-        return self._queue.qsize()
+        if not self._closed:
+            return self._queue.qsize()
+        with self._queue.mutex:
+            return sum(1 for item in self._queue.queue if item is not _STOP)
 
     @property
     def closed(self) -> bool:
@@ -1815,13 +1818,13 @@ class WorkerPool:
                 return self._refuse(task, now, error, ErrorKind.CONFLICT.value)
             self._metrics.record_enqueue(queued=False)
             return future
-        self._metrics.record_enqueue()
         try:
             self._queue.submit(job, block=self._block, timeout=self._submit_timeout)
         except QueueFullError as exc:
-            self._metrics.record_rejection(enqueued=True)
+            self._metrics.record_rejection()
             self._abandon(job, exc)
             raise
+        self._metrics.record_enqueue()
         return future
 
     def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
