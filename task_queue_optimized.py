@@ -56,7 +56,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_BASE_DELAY",
@@ -121,6 +121,8 @@ DEFAULT_METRICS_FILE = "metrics.json"
 DEFAULT_TASKS = 100
 DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
+BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
+MAX_BATCH = 64  # most jobs one worker takes from the queue at once
 MAX_JSON_DEPTH = 64
 
 DURABILITY_MODES = ("normal", "full")
@@ -267,12 +269,14 @@ class Task:
         payload = mapping.get("payload", {})
         if not isinstance(payload, dict):
             raise TaskFileError(
-                f"field 'payload' must be an object, not {_json_type(payload)}", field="payload"
+                f"field 'payload' must be an object, not {_json_type(payload)}",
+                field="payload",
             )
         key = mapping.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not key):
             raise TaskFileError(
-                "field 'idempotency_key' must be a non-empty string", field="idempotency_key"
+                "field 'idempotency_key' must be a non-empty string",
+                field="idempotency_key",
             )
         return cls(task_id, payload, key)
 
@@ -467,7 +471,10 @@ def load_tasks(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
         prefix = data[: exc.start].decode("utf-8", "replace")
         line, column = _line_column(prefix, len(prefix))
         raise TaskFileError(
-            f"not valid UTF-8 (byte 0x{data[exc.start]:02x})", path=name, line=line, column=column
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x})",
+            path=name,
+            line=line,
+            column=column,
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -555,7 +562,11 @@ class RetryPolicy:
     max_delay: float = DEFAULT_MAX_DELAY
     multiplier: float = DEFAULT_MULTIPLIER
     jitter: str = "full"
-    retry_on: tuple[type[BaseException], ...] = (TransientError, TimeoutError, ConnectionError)
+    retry_on: tuple[type[BaseException], ...] = (
+        TransientError,
+        TimeoutError,
+        ConnectionError,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
@@ -782,7 +793,14 @@ class IdempotencyManager:
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
         conn.execute(self._sql["_SCHEMA"])
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({self.table})")}
-        missing = {"key", "state", "fingerprint", "token", "output", "lease_expires"} - columns
+        missing = {
+            "key",
+            "state",
+            "fingerprint",
+            "token",
+            "output",
+            "lease_expires",
+        } - columns
         if missing:
             raise sqlite3.DatabaseError(
                 f"table {self.table!r} exists with another layout (no {', '.join(sorted(missing))})"
@@ -817,6 +835,24 @@ class IdempotencyManager:
 
     # Safe protocol ------------------------------------------------------------------------------
 
+    def _transaction(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `body(conn)` in one write transaction (BEGIN IMMEDIATE ... COMMIT): one commit,
+        one sync, however many rows it writes. Retried as a whole while the database is busy."""
+        conn = self._connection()
+
+        def run() -> Any:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        with self._lock:
+            return self._retry_busy(run)
+
     def claim(self, key: str, fingerprint: str | None = None) -> Claim:
         """Try to take ownership of `key`.
 
@@ -825,42 +861,44 @@ class IdempotencyManager:
             output), "in_progress" (another owner's lease is live) or "conflict" (the key was
             first used with another fingerprint).
         """
-        conn = self._connection()
-        while True:
+        return self.claim_many([(key, fingerprint)])[0]
+
+    def claim_many(self, items: Iterable[tuple[str, str | None]]) -> list[Claim]:
+        """Claim many keys in one transaction; the answers come in the order of `items`."""
+        items = list(items)
+        claim_sql, lookup_sql = self._sql["_CLAIM"], self._sql["_LOOKUP"]
+        lease, ttl = self.lease_seconds, self.ttl_seconds
+
+        def claim_all(conn: sqlite3.Connection) -> list[Claim]:
             now = time.time()
             params = {
-                "key": key,
-                "fp": fingerprint,
-                "token": _new_token(),
-                "lease": now + self.lease_seconds,
                 "now": now,
-                "expired": now - self.ttl_seconds if self.ttl_seconds else -math.inf,
+                "lease": now + lease,
+                "expired": now - ttl if ttl else -math.inf,
             }
-            with self._lock:
-                rows = self._retry_busy(
-                    lambda p=params: conn.execute(self._sql["_CLAIM"], p).fetchall()
-                )
-                if rows:
-                    return Claim(
-                        ClaimState.CLAIMED, token=rows[0][0], lease_expires=params["lease"]
+            claims = []
+            for key, fp in items:
+                params["key"], params["fp"], params["token"] = key, fp, _new_token()
+                row = conn.execute(claim_sql, params).fetchone()
+                if row is not None:
+                    claims.append(
+                        Claim(ClaimState.CLAIMED, token=row[0], lease_expires=now + lease)
                     )
-                row = conn.execute(self._sql["_LOOKUP"], (key,)).fetchone()
-            claim = self._explain(row, fingerprint, now)
-            if claim is not None:
-                return claim
-            # The row changed between the two statements (released or expired): claim again.
+                else:
+                    found = conn.execute(lookup_sql, (key,)).fetchone()
+                    claims.append(self._explain(found, fp, now))
+            return claims
 
-    def _explain(self, row: Any, fp: str | None, now: float) -> Claim | None:
-        if row is None:
-            return None
-        state, stored_fp, output, lease_expires, updated_at = row
+        return self._transaction(claim_all)
+
+    def _explain(self, row: Any, fp: str | None, now: float) -> Claim:
+        # Why a claim found the row it could not take (inside the claim's transaction).
+        state, stored_fp, output, lease_expires, _ = row
         if fp is not None and stored_fp is not None and stored_fp != fp:
             return Claim(ClaimState.CONFLICT)
-        if state == _Row.COMPLETED and not self._ttl_expired(updated_at, now):
+        if state == _Row.COMPLETED:
             return Claim(ClaimState.COMPLETED, output=json.loads(output))
-        if state == _Row.IN_PROGRESS and lease_expires is not None and lease_expires > now:
-            return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
-        return None
+        return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
 
     def _ttl_expired(self, updated_at: float, now: float) -> bool:
         return self.ttl_seconds is not None and updated_at <= now - self.ttl_seconds
@@ -874,8 +912,26 @@ class IdempotencyManager:
         Raises:
             TypeError, ValueError: `output` is not JSON-serialisable.
         """
-        text = json.dumps(output, allow_nan=False)
-        return self._execute("_COMPLETE", (text, time.time(), key, token)).rowcount == 1
+        return self.complete_many([(key, token, json.dumps(output, allow_nan=False))])[0]
+
+    def complete_many(self, items: Iterable[tuple[str, int, str]]) -> list[bool]:
+        """Complete many owned keys in one transaction (group commit).
+
+        Args:
+            items: ``(key, token, output_json)`` triples; the output is already JSON text.
+
+        Returns:
+            For each item, whether it was written (False: a stale token, nothing written).
+        """
+        items = list(items)
+        sql = self._sql["_COMPLETE"]
+
+        def complete_all(conn: sqlite3.Connection) -> list[bool]:
+            now = time.time()
+            return [conn.execute(sql, (text, now, key, token)).rowcount == 1
+                    for key, token, text in items]  # fmt: skip
+
+        return self._transaction(complete_all)
 
     def renew(self, key: str, token: int) -> bool:
         """Extend the lease of a key you own; False when the token is stale."""
@@ -888,21 +944,8 @@ class IdempotencyManager:
         params = [(now + self.lease_seconds, now, key, token) for key, token in claims]
         if not params:
             return 0
-        conn = self._connection()
         sql = self._sql["_RENEW"]
-
-        def renew_all() -> int:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                count = sum(conn.execute(sql, p).rowcount for p in params)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return count
-
-        with self._lock:
-            return self._retry_busy(renew_all)
+        return self._transaction(lambda conn: sum(conn.execute(sql, p).rowcount for p in params))
 
     def release(self, key: str, token: int, error: str | None = None) -> bool:
         """Give up a key you own: it becomes claimable again and counts as failed until then."""
@@ -1037,7 +1080,16 @@ class _Histogram:
     MIN = 1e-9
     MAX = 1e6
 
-    __slots__ = ("_buckets", "_gamma", "_log_gamma", "count", "max", "min", "total", "zeros")
+    __slots__ = (
+        "_buckets",
+        "_gamma",
+        "_log_gamma",
+        "count",
+        "max",
+        "min",
+        "total",
+        "zeros",
+    )
 
     def __init__(self, relative_error: float = HISTOGRAM_RELATIVE_ERROR) -> None:
         self._gamma = (1 + relative_error) / (1 - relative_error)
@@ -1091,6 +1143,17 @@ class _Histogram:
 _SERIES = ("latency", "queue_wait", "service")
 
 
+class Outcome(NamedTuple):
+    """One finished submission, as `MetricsCollector.record_outcomes` counts it."""
+
+    status: TaskStatus
+    kind: str | None  # the error kind of a failure
+    latency: float | None  # seconds, enqueue to finish
+    service_time: float | None  # seconds, first start to finish
+    started: bool  # a worker had taken it (it leaves in_flight)
+    queued: bool  # it was still in the queue (it leaves queue_depth)
+
+
 class MetricsCollector:
     """Thread-safe counters and histograms for one pool (or any producer of task events).
 
@@ -1134,37 +1197,70 @@ class MetricsCollector:
 
     def record_start(self, queue_wait: float) -> None:
         """Count a task leaving the queue for a worker after `queue_wait` seconds."""
+        self.record_starts((queue_wait,))
+
+    def record_starts(self, queue_waits: Iterable[float]) -> None:
+        """Count many tasks leaving the queue at once, one queue wait (seconds) each."""
         with self._lock:
             counts = self._counts
-            # A worker may take a task before its producer records the enqueue: the depth can dip
-            # below zero for that moment, and the snapshot shows it as zero.
-            counts["queue_depth"] -= 1
-            counts["in_flight"] += 1
-            self._series["queue_wait"].add(queue_wait)
+            add = self._series["queue_wait"].add
+            for wait in queue_waits:
+                # A worker may take a task before its producer records the enqueue: the depth
+                # can dip below zero for that moment, and the snapshot shows it as zero.
+                counts["queue_depth"] -= 1
+                counts["in_flight"] += 1
+                add(wait)
 
-    def record_attempt(self, seconds: float) -> None:
-        """Count one handler call that took `seconds` (feeds utilization)."""
+    def record_attempt(self, seconds: float, calls: int = 1) -> None:
+        """Count `calls` handler calls that took `seconds` in all (feeds utilization)."""
         with self._lock:
-            self._counts["handler_calls"] += 1
+            self._counts["handler_calls"] += calls
             self._busy += seconds
 
-    def _finish(self, started: bool, latency: float | None, service_time: float | None) -> None:
+    def record_outcomes(self, outcomes: Iterable[Outcome]) -> None:
+        """Count many finished submissions under one lock acquisition."""
+        with self._lock:
+            for outcome in outcomes:
+                self._count_outcome(*outcome)
+
+    def _count_outcome(
+        self,
+        status: TaskStatus,
+        kind: str | None,
+        latency: float | None,
+        service_time: float | None,
+        started: bool,
+        queued: bool,
+    ) -> None:
         # Called with self._lock held.
-        self._last_finish = time.perf_counter()
+        counts = self._counts
+        if status is TaskStatus.SUCCEEDED:
+            counts["succeeded"] += 1
+        elif status is TaskStatus.DUPLICATE:
+            counts["duplicates"] += 1
+        elif status is TaskStatus.FAILED:
+            counts["failed"] += 1
+            label = str(kind) if kind is not None else "unknown"
+            self._failures_by_kind[label] = self._failures_by_kind.get(label, 0) + 1
+        else:
+            counts["cancelled"] += 1
+        if queued:
+            counts["queue_depth"] -= 1
         if started:
-            self._counts["in_flight"] = max(self._counts["in_flight"] - 1, 0)
+            counts["in_flight"] = max(counts["in_flight"] - 1, 0)
         if latency is not None:
             self._series["latency"].add(latency)
         if service_time is not None:
             self._series["service"].add(service_time)
+        self._last_finish = time.perf_counter()
 
     def record_success(
         self, latency: float, service_time: float | None = None, started: bool = True
     ) -> None:
         """Count a success after `latency` seconds; `service_time` runs from first start to end."""
-        with self._lock:
-            self._counts["succeeded"] += 1
-            self._finish(started, latency, service_time)
+        self.record_outcomes(
+            [Outcome(TaskStatus.SUCCEEDED, None, latency, service_time, started, False)]
+        )
 
     def record_failure(
         self,
@@ -1174,17 +1270,13 @@ class MetricsCollector:
         started: bool = True,
     ) -> None:
         """Count a task that failed; `kind` is "transient", "permanent" or "conflict"."""
-        with self._lock:
-            self._counts["failed"] += 1
-            label = str(kind) if kind is not None else "unknown"
-            self._failures_by_kind[label] = self._failures_by_kind.get(label, 0) + 1
-            self._finish(started, latency, service_time)
+        self.record_outcomes(
+            [Outcome(TaskStatus.FAILED, kind, latency, service_time, started, False)]
+        )
 
     def record_duplicate(self, latency: float | None = None, started: bool = False) -> None:
         """Count a submission answered from an earlier or concurrent run of its key."""
-        with self._lock:
-            self._counts["duplicates"] += 1
-            self._finish(started, latency, None)
+        self.record_outcomes([Outcome(TaskStatus.DUPLICATE, None, latency, None, started, False)])
 
     def record_cancel(self, queued: bool = True, started: bool = False) -> None:
         """Count a task cancelled before its handler ran.
@@ -1193,14 +1285,7 @@ class MetricsCollector:
             queued: it was still in the queue (it leaves it).
             started: a worker had taken it (it leaves `in_flight`).
         """
-        with self._lock:
-            counts = self._counts
-            counts["cancelled"] += 1
-            if queued:
-                counts["queue_depth"] -= 1
-            if started:
-                counts["in_flight"] = max(counts["in_flight"] - 1, 0)
-            self._last_finish = time.perf_counter()
+        self.record_outcomes([Outcome(TaskStatus.CANCELLED, None, None, None, started, queued)])
 
     def record_retry(self) -> None:
         """Count a retry scheduled after a transient failure."""
@@ -1402,7 +1487,12 @@ class TaskProcessor:
             _sleep_until(start + latency * (index + 1) / chunks)
         if not chunks and latency > 0:
             _sleep_until(start + latency)
-        return {"task_id": task_id, "bytes": size, "chunks": chunks, "sha256": digest.hexdigest()}
+        return {
+            "task_id": task_id,
+            "bytes": size,
+            "chunks": chunks,
+            "sha256": digest.hexdigest(),
+        }
 
 
 def _sleep_until(deadline: float) -> None:
@@ -1429,6 +1519,19 @@ class _WorkQueue(queue.Queue):
             self.unfinished_tasks += 1
             self.not_empty.notify()
 
+    def get_many(self, limit: int) -> list[Any]:
+        """Wait for an item, then take up to `limit` items at once (a stop sentinel alone)."""
+        with self.not_empty:
+            while not self.queue:
+                self.not_empty.wait()
+            waiting = self.queue
+            items = [waiting.popleft()]
+            if items[0] is not _STOP:
+                while len(items) < limit and waiting and waiting[0] is not _STOP:
+                    items.append(waiting.popleft())
+            self.not_full.notify(len(items))
+            return items
+
     def drain(self) -> list[Any]:
         """Remove and return every waiting item."""
         with self.mutex:
@@ -1444,6 +1547,9 @@ class TaskQueue:
     Each loop takes an item and calls ``process(item)``; an exception from `process` is logged and
     the loop goes on. At most `maxsize` items wait; `submit` blocks or raises `QueueFullError`
     when the queue stays full.
+
+    With `process_many`, a loop instead takes up to ``batch_limit()`` waiting items at once and
+    calls ``process_many(items)``: one wake-up and one hand-off for many small items.
     """
 
     def __init__(
@@ -1452,11 +1558,15 @@ class TaskQueue:
         *,
         maxsize: int = DEFAULT_QUEUE_SIZE,
         workers: int = DEFAULT_WORKERS,
+        process_many: Callable[[list[Any]], Any] | None = None,
+        batch_limit: Callable[[], int] | None = None,
     ) -> None:
         for name, value in (("maxsize", maxsize), ("workers", workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
         self._process = process
+        self._process_many = process_many
+        self._batch_limit = batch_limit or (lambda: 1)
         self.maxsize = maxsize
         self.workers = workers
         self._queue = _WorkQueue(maxsize)
@@ -1505,6 +1615,9 @@ class TaskQueue:
         return self._closed
 
     def _run_loop(self) -> None:
+        if self._process_many is not None:
+            self._run_batch_loop(self._process_many)
+            return
         get = self._queue.get
         process = self._process
         while True:
@@ -1515,6 +1628,18 @@ class TaskQueue:
                 process(item)
             except BaseException:
                 logger.exception("processing %r raised; the worker goes on", item)
+
+    def _run_batch_loop(self, process_many: Callable[[list[Any]], Any]) -> None:
+        get_many = self._queue.get_many
+        batch_limit = self._batch_limit
+        while True:
+            items = get_many(batch_limit())
+            if items[0] is _STOP:
+                return
+            try:
+                process_many(items)
+            except BaseException:
+                logger.exception("processing %d items raised; the worker goes on", len(items))
 
     def close(self, wait: bool = True, cancel_pending: bool = False) -> list[Any]:
         """Stop accepting items and stop the workers once the queue is empty.
@@ -1642,7 +1767,9 @@ class _LeaseKeeper:
                 continue
             if renewed < len(held):
                 logger.warning(
-                    "%d of %d claims were lost to lease expiry", len(held) - renewed, len(held)
+                    "%d of %d claims were lost to lease expiry",
+                    len(held) - renewed,
+                    len(held),
                 )
 
 
@@ -1654,8 +1781,8 @@ class _Job:
     """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
 
     __slots__ = (
-        "attempts", "done", "enqueued_at", "fingerprint", "followers", "future", "key", "polls",
-        "started_at", "task", "token",
+        "attempts", "batch", "done", "enqueued_at", "fingerprint", "followers", "future", "key",
+        "polls", "started_at", "task", "token",
     )  # fmt: skip
 
     def __init__(self, task: Task, fp: str, future: concurrent.futures.Future, now: float) -> None:
@@ -1670,13 +1797,21 @@ class _Job:
         self.token: int | None = None  # the fencing token while this pool owns the key
         self.done = False
         self.followers: list[_Follower] = []
+        self.batch: list[_Job] | None = None  # the batch that holds the job now, if any
 
     def __repr__(self) -> str:
         return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
 
 
-class _AlreadyFinished(Exception):
-    """Internal: another thread finished the job first."""
+@dataclasses.dataclass(slots=True)
+class _JobOutcome:
+    """How a job ended, before its record is built."""
+
+    job: _Job
+    status: TaskStatus
+    output: Any = None
+    error: str | None = None
+    kind: ErrorKind | None = None
 
 
 def _describe(exc: BaseException) -> str:
@@ -1760,8 +1895,16 @@ class WorkerPool:
         self._closed = False
         self._cancelling = False
         self._stopping = False
+        # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
+        self._per_call = BATCH_BUDGET_SECONDS
         try:
-            self._queue = TaskQueue(self._process, maxsize=queue_size, workers=workers)
+            self._queue = TaskQueue(
+                lambda job: self._process_batch([job]),
+                maxsize=queue_size,
+                workers=workers,
+                process_many=self._process_batch,
+                batch_limit=self._batch_limit,
+            )
         except ValueError:
             if self._owns_store:
                 self._store.close()
@@ -1895,44 +2038,153 @@ class WorkerPool:
         return f"<WorkerPool {state} workers={self._queue.workers} pending={self._pending}>"
 
     # Worker path --------------------------------------------------------------------------------
+    #
+    # A worker takes a batch of jobs from the queue, claims the unclaimed ones in one transaction,
+    # calls the handler for each job it owns, and completes the successes in one transaction
+    # before resolving their futures. Batches are sized so that their handler time stays near
+    # BATCH_BUDGET_SECONDS: one job at a time for slow I/O, dozens for tiny tasks, where the
+    # per-transaction cost would otherwise dominate.
 
-    def _process(self, job: _Job) -> None:
-        """Advance `job` by one step: claim its key, then one handler attempt."""
+    def _batch_limit(self) -> int:
+        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_SECONDS / self._per_call)))
+
+    def _process_batch(self, jobs: list[_Job]) -> None:
+        outcomes: list[_JobOutcome] = []
         try:
-            if job.started_at is None:
-                if self._cancelling:
-                    self._finish(job, TaskStatus.CANCELLED)
-                    return
-                job.started_at = time.perf_counter()
-                self._metrics.record_start(job.started_at - job.enqueued_at)
-            if job.token is None and not self._acquire(job):
-                return
-            self._attempt(job)
+            self._run_batch(jobs, outcomes)
         except BaseException as exc:
-            # The store failed under us (disk full, closed database): the task fails, the
-            # worker lives on, and the key's lease lets a rerun take it.
-            logger.exception("internal error while running %r", job)
-            self._finish(job, TaskStatus.FAILED, error=f"internal error: {_describe(exc)}",
-                         kind=ErrorKind.TRANSIENT.value)  # fmt: skip
+            # The store failed under us (disk full, closed database): the jobs this batch still
+            # holds fail, the worker lives on, and their leases let a rerun take the keys.
+            logger.exception("internal error while running %d jobs", len(jobs))
+            error = f"internal error: {_describe(exc)}"
+            finished = {id(outcome.job) for outcome in outcomes}
+            outcomes.extend(
+                _JobOutcome(job, TaskStatus.FAILED, error=error, kind=ErrorKind.TRANSIENT)
+                for job in jobs
+                if job.batch is jobs and id(job) not in finished
+            )
+        if outcomes:
+            self._finish_many(outcomes)
 
-    def _acquire(self, job: _Job) -> bool:
-        """Claim the job's key; return True when this pool now owns it."""
-        if self._cancelling:
-            self._finish(job, TaskStatus.CANCELLED)
-            return False
-        claim = self._store.claim(job.key, job.fingerprint)
-        if claim.state is ClaimState.CLAIMED:
-            with self._lock:
+    def _run_batch(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> None:
+        now = time.perf_counter()
+        cancelling = self._cancelling
+        owned: list[_Job] = []
+        unclaimed: list[_Job] = []
+        waits: list[float] = []
+        for job in jobs:
+            job.batch = jobs
+            if job.token is not None:
+                owned.append(job)  # a retry, or a job handed over by another worker
+            elif cancelling:
+                outcomes.append(_JobOutcome(job, TaskStatus.CANCELLED))
+            else:
+                if job.started_at is None:
+                    job.started_at = now
+                    waits.append(now - job.enqueued_at)
+                unclaimed.append(job)
+        if waits:
+            self._metrics.record_starts(waits)
+        if unclaimed:
+            owned.extend(self._claim(unclaimed, outcomes))
+        if owned:
+            self._complete(self._call_handler(owned, outcomes), outcomes)
+
+    def _claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
+        """Claim the jobs' keys in one transaction; return the jobs this worker now owns."""
+        claims = self._store.claim_many([(job.key, job.fingerprint) for job in jobs])
+        owned = []
+        for job, claim in zip(jobs, claims, strict=True):
+            state = claim.state
+            if state is ClaimState.CLAIMED:
                 job.token = claim.token
-            return True
-        if claim.state is ClaimState.COMPLETED:
-            self._finish(job, TaskStatus.DUPLICATE, output=claim.output)
-        elif claim.state is ClaimState.CONFLICT:
-            self._finish(job, TaskStatus.FAILED, error=str(IdempotencyConflictError(job.key)),
-                         kind=ErrorKind.CONFLICT.value)  # fmt: skip
+                owned.append(job)
+            elif state is ClaimState.COMPLETED:
+                outcomes.append(_JobOutcome(job, TaskStatus.DUPLICATE, output=claim.output))
+            elif state is ClaimState.CONFLICT:
+                error = str(IdempotencyConflictError(job.key))
+                outcomes.append(
+                    _JobOutcome(job, TaskStatus.FAILED, error=error, kind=ErrorKind.CONFLICT)
+                )
+            else:
+                self._hand_off(job, self._poll_delay(job, claim.lease_expires))
+        return owned
+
+    def _call_handler(
+        self, jobs: list[_Job], outcomes: list[_JobOutcome]
+    ) -> list[tuple[_Job, Any, str]]:
+        """Run one attempt of each job; return the successes with their outputs as JSON text."""
+        handler = self._handler
+        clock = time.perf_counter
+        done: list[tuple[_Job, Any, str]] = []
+        busy = 0.0
+        calls = 0
+        for index, job in enumerate(jobs):
+            if busy > BATCH_BUDGET_SECONDS and index:
+                # The handlers turned out slow: other workers take the rest now.
+                for rest in reversed(jobs[index:]):
+                    self._hand_off(rest, None)
+                break
+            job.attempts += 1
+            began = clock()
+            try:
+                output = handler(job.task)
+            except BaseException as exc:
+                busy += clock() - began
+                calls += 1
+                self._on_error(job, exc, outcomes)
+                continue
+            busy += clock() - began
+            calls += 1
+            try:
+                text = json.dumps(output, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                error = f"handler output is not JSON-serialisable: {exc}"
+                outcomes.append(self._fail(job, error, ErrorKind.PERMANENT))
+                continue
+            done.append((job, output, text))
+        if calls:
+            self._metrics.record_attempt(busy, calls)
+            # A racy read-modify-write of one float: a lost update only nudges a batch size.
+            self._per_call = 0.5 * self._per_call + 0.5 * max(busy / calls, 1e-7)
+        return done
+
+    def _complete(self, done: list[tuple[_Job, Any, str]], outcomes: list[_JobOutcome]) -> None:
+        """Commit the successes in one transaction, before any of their futures resolves."""
+        if not done:
+            return
+        written = self._store.complete_many([(job.key, job.token, text) for job, _, text in done])
+        for (job, output, _), ok in zip(done, written, strict=True):
+            job.token = None
+            if ok:
+                outcomes.append(_JobOutcome(job, TaskStatus.SUCCEEDED, output=output))
+            else:
+                # The lease ran out and another owner took the key: report that owner's result.
+                logger.warning("lost the claim on %r; waiting for the new owner's result", job.key)
+                self._hand_off(job, self._poll_delay(job, None))
+
+    def _on_error(self, job: _Job, exc: BaseException, outcomes: list[_JobOutcome]) -> None:
+        if self._retry.should_retry(exc, job.attempts):
+            self._metrics.record_retry()
+            self._hand_off(job, self._retry.delay(job.attempts))
+            return
+        kind = ErrorKind.TRANSIENT if self._retry.is_transient(exc) else ErrorKind.PERMANENT
+        outcomes.append(self._fail(job, _describe(exc), kind))
+
+    def _fail(self, job: _Job, error: str, kind: ErrorKind) -> _JobOutcome:
+        """Release the job's claim (the key becomes claimable again) and return its failure."""
+        token, job.token = job.token, None
+        if token is not None:
+            self._store.release(job.key, token, error)
+        return _JobOutcome(job, TaskStatus.FAILED, error=error, kind=kind)
+
+    def _hand_off(self, job: _Job, delay: float | None) -> None:
+        """Pass a job on: back to the front of the queue now, or to the scheduler after `delay`."""
+        job.batch = None
+        if delay is None:
+            self._queue.put_ready(job)
         else:
-            self._scheduler.schedule(self._poll_delay(job, claim.lease_expires), job)
-        return False
+            self._scheduler.schedule(delay, job)
 
     def _poll_delay(self, job: _Job, lease_expires: float | None) -> float:
         delay = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
@@ -1942,128 +2194,68 @@ class WorkerPool:
             delay = min(delay, max(lease_expires - time.time(), 0.0) + 0.001)
         return delay
 
-    def _attempt(self, job: _Job) -> None:
-        job.attempts += 1
-        began = time.perf_counter()
-        try:
-            output = self._handler(job.task)
-        except BaseException as exc:
-            self._metrics.record_attempt(time.perf_counter() - began)
-            self._on_error(job, exc)
-            return
-        self._metrics.record_attempt(time.perf_counter() - began)
-        self._on_output(job, output)
-
-    def _on_error(self, job: _Job, exc: BaseException) -> None:
-        if self._retry.should_retry(exc, job.attempts):
-            self._metrics.record_retry()
-            self._scheduler.schedule(self._retry.delay(job.attempts), job)
-            return
-        kind = ErrorKind.TRANSIENT if self._retry.is_transient(exc) else ErrorKind.PERMANENT
-        self._fail(job, _describe(exc), kind)
-
-    def _fail(self, job: _Job, error: str, kind: ErrorKind) -> None:
-        token = job.token
-        if token is not None:
-            self._store.release(job.key, token, error)
-            with self._lock:
-                job.token = None
-        self._finish(job, TaskStatus.FAILED, error=error, kind=kind.value)
-
-    def _on_output(self, job: _Job, output: Any) -> None:
-        assert job.token is not None
-        try:
-            completed = self._store.complete(job.key, job.token, output)
-        except (TypeError, ValueError) as exc:
-            self._fail(job, f"handler output is not JSON-serialisable: {exc}", ErrorKind.PERMANENT)
-            return
-        with self._lock:
-            job.token = None
-        if completed:
-            self._finish(job, TaskStatus.SUCCEEDED, output=output)
-        else:
-            # The lease ran out and another owner took the key: report that owner's result.
-            logger.warning("lost the claim on %r; waiting for the new owner's result", job.key)
-            self._scheduler.schedule(self._poll_delay(job, None), job)
-
     # Bookkeeping --------------------------------------------------------------------------------
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
-            return [
-                (job.key, job.token) for job in self._inflight.values() if job.token is not None
-            ]
+            jobs = list(self._inflight.values())
+        return [(job.key, token) for job in jobs if (token := job.token) is not None]
 
-    def _retire(self, job: _Job) -> tuple[list[_Follower], bool]:
-        """Forget a finished job; return its followers and whether the pool just became idle.
-
-        Raises:
-            _AlreadyFinished: another thread finished the job first.
-        """
+    def _finish_many(self, outcomes: list[_JobOutcome]) -> None:
+        """Resolve jobs and their followers, record their metrics, and stop the pool if idle."""
+        now = time.perf_counter()
+        retired = []
         with self._lock:
-            if job.done:
-                raise _AlreadyFinished
-            job.done = True
-            if self._inflight.get(job.key) is job:
-                del self._inflight[job.key]
-            followers, job.followers = job.followers, []
-            self._pending -= 1
+            for outcome in outcomes:
+                job = outcome.job
+                if job.done:
+                    continue
+                job.done = True
+                if self._inflight.get(job.key) is job:
+                    del self._inflight[job.key]
+                retired.append((outcome, job.followers))
+                job.followers = []
+            self._pending -= len(retired)
             idle = self._pending == 0
             if idle:
                 self._idle.notify_all()
-            return followers, idle and self._closed
-
-    def _finish(
-        self,
-        job: _Job,
-        status: TaskStatus,
-        *,
-        output: Any = None,
-        error: str | None = None,
-        kind: str | None = None,
-    ) -> None:
-        """Resolve a job and its followers, record their metrics, and stop the pool if idle."""
-        if job.done:
-            return
-        now = time.perf_counter()
-        started = job.started_at is not None
-        record = TaskRecord(
-            job.task.id, job.key, status, output, error, kind, job.attempts,
-            job.enqueued_at, job.started_at, now,
-        )  # fmt: skip
-        try:
-            followers, stop = self._retire(job)
-        except _AlreadyFinished:
-            return
-        metrics = self._metrics
-        latency = now - job.enqueued_at
-        service = now - job.started_at if started else None
-        if status is TaskStatus.SUCCEEDED:
-            metrics.record_success(latency, service)
-        elif status is TaskStatus.FAILED:
-            metrics.record_failure(kind, latency, service, started=started)
-        elif status is TaskStatus.DUPLICATE:
-            metrics.record_duplicate(latency, started=started)
-        else:
-            metrics.record_cancel(queued=not started, started=started)
-        job.future.set_result(record)
-        for task, future, enqueued_at in followers:
-            future.set_result(self._follower_record(record, task, enqueued_at, now))
+            stop = idle and self._closed
+        counted: list[Outcome] = []
+        resolved: list[tuple[concurrent.futures.Future, TaskRecord]] = []
+        for outcome, followers in retired:
+            job = outcome.job
+            status = outcome.status
+            kind = None if outcome.kind is None else outcome.kind.value
+            started = job.started_at is not None
+            record = TaskRecord(
+                job.task.id, job.key, status, outcome.output, outcome.error, kind, job.attempts,
+                job.enqueued_at, job.started_at, now,
+            )  # fmt: skip
+            service = now - job.started_at if started else None
+            latency = now - job.enqueued_at
+            counted.append(Outcome(status, kind, latency, service, started, not started))
+            resolved.append((job.future, record))
+            for task, future, enqueued_at in followers:
+                follower = self._follower_record(record, task, enqueued_at, now)
+                latency = now - enqueued_at
+                counted.append(Outcome(follower.status, kind, latency, None, False, False))
+                resolved.append((future, follower))
+        self._metrics.record_outcomes(counted)
+        for future, record in resolved:
+            future.set_result(record)
         if stop:
             self._stop_threads(wait=False)
 
+    def _finish(self, job: _Job, status: TaskStatus, **details: Any) -> None:
+        self._finish_many([_JobOutcome(job, status, **details)])
+
+    @staticmethod
     def _follower_record(
-        self, leader: TaskRecord, task: Task, enqueued_at: float, now: float
+        leader: TaskRecord, task: Task, enqueued_at: float, now: float
     ) -> TaskRecord:
         status = leader.status
-        latency = now - enqueued_at
-        if status in (TaskStatus.SUCCEEDED, TaskStatus.DUPLICATE):
+        if status is TaskStatus.SUCCEEDED:
             status = TaskStatus.DUPLICATE
-            self._metrics.record_duplicate(latency)
-        elif status is TaskStatus.FAILED:
-            self._metrics.record_failure(leader.error_kind, latency, started=False)
-        else:
-            self._metrics.record_cancel(queued=False)
         return TaskRecord(
             task.id, task.key, status, leader.output, leader.error, leader.error_kind, 0,
             enqueued_at, None, now,
@@ -2081,29 +2273,45 @@ class WorkerPool:
 
     def _abandon(self, job: _Job, exc: QueueFullError) -> None:
         """Undo a submission the queue refused; submissions that joined it fail with it."""
-        followers, stop = self._retire(job)
+        with self._lock:
+            job.done = True
+            if self._inflight.get(job.key) is job:
+                del self._inflight[job.key]
+            followers, job.followers = job.followers, []
+            self._pending -= 1
+            idle = self._pending == 0
+            if idle:
+                self._idle.notify_all()
+            stop = idle and self._closed
         now = time.perf_counter()
         error = f"the submission this one joined was refused: {exc}"
+        kind = ErrorKind.TRANSIENT.value
+        self._metrics.record_outcomes(
+            Outcome(TaskStatus.FAILED, kind, now - enqueued_at, None, False, False)
+            for _, _, enqueued_at in followers
+        )
         for task, future, enqueued_at in followers:
-            self._metrics.record_failure(
-                ErrorKind.TRANSIENT.value, now - enqueued_at, started=False
-            )
             future.set_result(
-                TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error,
-                           ErrorKind.TRANSIENT.value, 0, enqueued_at, None, now)
+                TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0,
+                           enqueued_at, None, now)
             )  # fmt: skip
         if stop:
             self._stop_threads(wait=False)
 
     def _cancel_waiting(self) -> None:
         """Cancel the jobs that have not claimed their key: queued ones and those polling."""
+        cancelled = []
         for job in self._queue.drain():
             if job.token is None:
-                self._finish(job, TaskStatus.CANCELLED)
+                cancelled.append(_JobOutcome(job, TaskStatus.CANCELLED))
             else:
-                self._queue.put_ready(job)  # a retry whose backoff ended: it runs to the end
-        for job in self._scheduler.remove(lambda job: job.token is None):
-            self._finish(job, TaskStatus.CANCELLED)
+                self._queue.put_ready(job)  # owned: a retry whose backoff ended runs to the end
+        cancelled.extend(
+            _JobOutcome(job, TaskStatus.CANCELLED)
+            for job in self._scheduler.remove(lambda job: job.token is None)
+        )
+        if cancelled:
+            self._finish_many(cancelled)
 
     def _stop_threads(self, wait: bool) -> None:
         with self._lock:
@@ -2311,7 +2519,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mode = parser.add_argument_group("what to run")
     mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
     mode.add_argument(
-        "--benchmark", action="store_true", help="run a synthetic workload on a fresh database"
+        "--benchmark",
+        action="store_true",
+        help="run a synthetic workload on a fresh database",
     )
     mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
     mode.add_argument("--seed", metavar="N", help="seed of the fault injection and jitter")
@@ -2559,12 +2769,15 @@ def _main(argv: list[str] | None) -> int:
             # A benchmark measures real work: a fresh database each run unless --db is explicit.
             db_label = flags["db_path"]
             db_path = db_label or os.path.join(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")), "bench.db"
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
+                "bench.db",
             )
         else:
             db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
         store = IdempotencyManager(
-            db_path, lease_seconds=config["lease_seconds"], durability=config["durability"]
+            db_path,
+            lease_seconds=config["lease_seconds"],
+            durability=config["durability"],
         )
         stack.callback(store.close)
         pool = WorkerPool(

@@ -1,0 +1,445 @@
+"""The command line (SPEC 3.8, 3.9, 3.5) through real subprocesses, real files and signals."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import (
+    SCRIPT,
+    clean_env,
+    make_tasks,
+    run_cli,
+    run_json,
+    state_counts,
+    tree_bytes,
+    wait_for_completed,
+    write_tasks,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+SNAPSHOT_KEYS = {
+    "submitted",
+    "succeeded",
+    "failed",
+    "duplicates",
+    "retries",
+    "rejected",
+    "cancelled",
+    "in_flight",
+    "queue_depth",
+    "max_queue_depth",
+    "workers",
+    "queue_size",
+    "elapsed_seconds",
+    "throughput_per_second",
+    "success_rate",
+    "utilization",
+    "latency_ms",
+    "queue_wait_ms",
+    "service_ms",
+}
+SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
+FAST = ["--latency-ms", "0", "--jitter-ms", "0"]
+
+
+def _assert_user_error(proc: subprocess.CompletedProcess[str], names: Sequence[str]) -> None:
+    """Check exit 2 and one 'error:' line on stderr that names one of ``names``."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    assert any(name in lines[0] for name in names), (names, lines[0])
+
+
+@pytest.fixture(scope="module")
+def progress_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real progress database left by a successful task-file run."""
+    root = tmp_path_factory.mktemp("progress")
+    write_tasks(root / "tasks.json", make_tasks(3))
+    proc = run_cli(["--task-file", "tasks.json", "--db", "progress.db", *FAST], root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "progress.db"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, progress_db: Path) -> Path:
+    """A working directory with an existing database, a good task file and bad ones."""
+    shutil.copyfile(progress_db, tmp_path / "progress.db")
+    write_tasks(tmp_path / "good.json", make_tasks(3))
+    (tmp_path / "bad.json").write_text('[{"id": "a"},]', encoding="utf-8")
+    write_tasks(tmp_path / "dup.json", [{"id": "a"}, {"id": "a"}])
+    write_tasks(tmp_path / "field.json", [{"id": "a", "colour": "red"}])
+    return tmp_path
+
+
+# --- Exit code 2: usage, configuration and input errors ------------------------------
+
+ON_FILE = ["--task-file", "good.json", "--db", "progress.db"]
+USER_ERRORS = [
+    pytest.param(["--db", "progress.db"], {}, None, ["--benchmark", "--task-file"], id="no-mode"),
+    pytest.param([*ON_FILE, "--workers", "0"], {}, None, ["--workers"], id="workers-0"),
+    pytest.param([*ON_FILE, "--workers", "abc"], {}, None, ["--workers"], id="workers-abc"),
+    pytest.param([*ON_FILE, "--queue-size", "0"], {}, None, ["--queue-size"], id="queue-size-0"),
+    pytest.param(
+        [*ON_FILE, "--max-attempts", "0"], {}, None, ["--max-attempts"], id="max-attempts-0"
+    ),
+    pytest.param(
+        [*ON_FILE, "--durability", "bogus"], {}, None, ["--durability"], id="durability-bogus"
+    ),
+    pytest.param(
+        [*ON_FILE, "--transient-rate", "2"], {}, None, ["--transient-rate"], id="transient-rate-2"
+    ),
+    pytest.param(
+        [*ON_FILE, "--permanent-rate", "-0.5"],
+        {},
+        None,
+        ["--permanent-rate"],
+        id="permanent-rate-negative",
+    ),
+    pytest.param([*ON_FILE, "--frobnicate"], {}, None, ["--frobnicate"], id="unknown-flag"),
+    pytest.param(
+        ["--benchmark", "--tasks", "abc", "--db", "progress.db"],
+        {},
+        None,
+        ["--tasks"],
+        id="benchmark-tasks-abc",
+    ),
+    pytest.param(ON_FILE, {"TQ_WORKERS": "abc"}, None, ["TQ_WORKERS"], id="env-workers-abc"),
+    pytest.param(
+        ON_FILE, {"TQ_DURABILITY": "bogus"}, None, ["TQ_DURABILITY"], id="env-durability-bogus"
+    ),
+    pytest.param(
+        ON_FILE,
+        {"TQ_TRANSIENT_RATE": "1.5"},
+        None,
+        ["TQ_TRANSIENT_RATE"],
+        id="env-transient-rate",
+    ),
+    pytest.param(
+        ON_FILE,
+        {"TQ_MAX_TASK_FILE_BYTES": "abc"},
+        None,
+        ["TQ_MAX_TASK_FILE_BYTES"],
+        id="env-max-bytes-abc",
+    ),
+    pytest.param(ON_FILE, {}, "TQ_WORKERS=abc\n", ["TQ_WORKERS"], id="dotenv-workers-abc"),
+    pytest.param(ON_FILE, {}, "TQ_LATENCY_MS=slow\n", ["TQ_LATENCY_MS"], id="dotenv-latency"),
+    pytest.param(
+        ON_FILE, {"TQ_MAX_TASK_FILE_BYTES": "10"}, None, ["good.json"], id="task-file-too-large"
+    ),
+    pytest.param(
+        ["--task-file", "bad.json", "--db", "progress.db"],
+        {},
+        None,
+        ["bad.json"],
+        id="task-file-invalid-json",
+    ),
+    pytest.param(
+        ["--task-file", "dup.json", "--db", "progress.db"],
+        {},
+        None,
+        ["dup.json"],
+        id="task-file-repeated-id",
+    ),
+    pytest.param(
+        ["--benchmark", "--task-file", "field.json", "--db", "progress.db"],
+        {},
+        None,
+        ["field.json"],
+        id="benchmark-task-file-unknown-field",
+    ),
+    pytest.param(
+        ["--task-file", "missing.json", "--db", "progress.db"],
+        {},
+        None,
+        ["missing.json"],
+        id="task-file-missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "dotenv", "names"), USER_ERRORS)
+def test_user_error_exits_2_and_touches_nothing(
+    workdir: Path, args: list[str], env: dict[str, str], dotenv: str | None, names: list[str]
+) -> None:
+    """Prove a user error exits 2 with one 'error:' line and leaves every file as it was."""
+    if dotenv is not None:
+        (workdir / ".env").write_text(dotenv, encoding="utf-8")
+    before = tree_bytes(workdir)
+    proc = run_cli(args, workdir, env)
+    _assert_user_error(proc, names)
+    assert tree_bytes(workdir) == before
+
+
+DB_MODES = {
+    "task-file": ["--task-file", "good.json"],
+    "benchmark": ["--benchmark", "--tasks", "2", *FAST],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(DB_MODES))
+def test_db_path_that_is_a_directory_exits_2(workdir: Path, mode: str) -> None:
+    """Prove --db naming a directory exits 2 and creates nothing."""
+    (workdir / "dbdir").mkdir()
+    before = tree_bytes(workdir)
+    proc = run_cli([*DB_MODES[mode], "--db", "dbdir"], workdir)
+    _assert_user_error(proc, ["dbdir", "--db"])
+    assert tree_bytes(workdir) == before
+
+
+@pytest.mark.parametrize("mode", sorted(DB_MODES))
+def test_db_file_that_is_not_sqlite_exits_2_unchanged(workdir: Path, mode: str) -> None:
+    """Prove --db naming a non-SQLite file exits 2 and leaves its bytes unchanged."""
+    (workdir / "notdb.sqlite").write_bytes(b"this is not a SQLite database\n" * 40)
+    before = tree_bytes(workdir)
+    proc = run_cli([*DB_MODES[mode], "--db", "notdb.sqlite"], workdir)
+    _assert_user_error(proc, ["notdb.sqlite", "--db"])
+    assert tree_bytes(workdir) == before
+
+
+def test_tq_db_path_that_is_not_sqlite_exits_2_unchanged(workdir: Path) -> None:
+    """Prove TQ_DB_PATH naming a non-SQLite file exits 2 and leaves its bytes unchanged."""
+    (workdir / "notdb.sqlite").write_bytes(b"\x00\x01garbage" * 200)
+    before = tree_bytes(workdir)
+    proc = run_cli(["--task-file", "good.json"], workdir, {"TQ_DB_PATH": "notdb.sqlite"})
+    _assert_user_error(proc, ["notdb.sqlite", "TQ_DB_PATH"])
+    assert tree_bytes(workdir) == before
+
+
+# --- Benchmark mode and output -------------------------------------------------------
+
+
+def test_benchmark_writes_metrics_out(tmp_path: Path) -> None:
+    """Prove --benchmark exits 0, prints a summary and writes the SPEC 3.7 snapshot."""
+    proc = run_cli(
+        [
+            "--benchmark",
+            "--tasks",
+            "20",
+            "--workers",
+            "4",
+            "--latency-ms",
+            "2",
+            "--jitter-ms",
+            "0",
+            "--metrics-out",
+            "bench.json",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    snapshot = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert snapshot.keys() >= SNAPSHOT_KEYS
+    assert (snapshot["submitted"], snapshot["succeeded"], snapshot["failed"]) == (20, 20, 0)
+    assert (snapshot["duplicates"], snapshot["cancelled"], snapshot["in_flight"]) == (0, 0, 0)
+    assert (snapshot["workers"], snapshot["queue_depth"]) == (4, 0)
+    assert snapshot["success_rate"] == 1.0
+    assert snapshot["throughput_per_second"] > 0
+    assert 0 < snapshot["utilization"] <= 1.0
+    for series in ("latency_ms", "queue_wait_ms", "service_ms"):
+        stats = snapshot[series]
+        assert stats.keys() >= SERIES_KEYS, series
+        assert stats["count"] == 20, series
+        assert stats["p50"] <= stats["p95"] <= stats["p99"] <= stats["max"] * 1.01, series
+    summary = proc.stdout.lower()
+    for word in ("throughput", "utilization", "success", "retries", "duplicates"):
+        assert word in summary, word
+    assert not (tmp_path / "task_queue.db").exists()
+
+
+def test_json_prints_exactly_one_document(tmp_path: Path) -> None:
+    """Prove --json puts only the snapshot on stdout and still writes metrics.json."""
+    proc = run_cli(["--benchmark", "--tasks", "5", *FAST, "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    snapshot = json.loads(proc.stdout)  # fails on any text before or after the document
+    assert snapshot.keys() >= SNAPSHOT_KEYS
+    assert snapshot["succeeded"] == 5
+    written = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert written["succeeded"] == snapshot["succeeded"]
+    assert written["submitted"] == snapshot["submitted"]
+
+
+def test_benchmark_twice_measures_real_work_both_times(tmp_path: Path) -> None:
+    """Prove each --benchmark run uses a fresh database, ignoring TQ_DB_PATH."""
+    env = {"TQ_DB_PATH": "shared.db"}
+    for _ in range(2):
+        proc, snapshot = run_json(["--benchmark", "--tasks", "10", *FAST], tmp_path, env)
+        assert proc.returncode == 0, proc.stderr
+        assert snapshot["handler_calls"] > 0
+        assert snapshot["succeeded"] == 10
+        assert snapshot["duplicates"] == 0
+    assert not (tmp_path / "shared.db").exists()
+    assert not (tmp_path / "task_queue.db").exists()
+
+
+# --- Exit code 1: some task failed ---------------------------------------------------
+
+
+def test_exit_1_when_benchmark_tasks_fail(tmp_path: Path) -> None:
+    """Prove --permanent-rate 1.0 fails every task and exits 1."""
+    proc, snapshot = run_json(
+        ["--benchmark", "--tasks", "4", *FAST, "--permanent-rate", "1.0"], tmp_path
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert (snapshot["failed"], snapshot["succeeded"]) == (4, 0)
+    assert snapshot["success_rate"] == 0.0
+
+
+def test_exit_1_when_a_file_task_fails_permanently(tmp_path: Path) -> None:
+    """Prove one permanently failing task in a file makes the run exit 1."""
+    tasks = [*make_tasks(3), {"id": "boom", "payload": {"fail": "permanent", "latency_ms": 0}}]
+    write_tasks(tmp_path / "tasks.json", tasks)
+    proc, snapshot = run_json(["--task-file", "tasks.json", "--db", "progress.db", *FAST], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert (snapshot["failed"], snapshot["succeeded"]) == (1, 3)
+
+
+# --- Configuration precedence: flag > environment > ./.env > default -----------------
+
+
+@pytest.mark.parametrize(
+    ("dotenv", "env", "flags", "workers"),
+    [
+        pytest.param(None, {}, [], 8, id="default"),
+        pytest.param("TQ_WORKERS=3\n", {}, [], 3, id="dotenv"),
+        pytest.param("TQ_WORKERS=3\n", {"TQ_WORKERS": "5"}, [], 5, id="env-over-dotenv"),
+        pytest.param("TQ_WORKERS=3\n", {}, ["--workers", "7"], 7, id="flag-over-dotenv"),
+        pytest.param(
+            "TQ_WORKERS=3\n", {"TQ_WORKERS": "5"}, ["--workers", "7"], 7, id="flag-over-all"
+        ),
+    ],
+)
+def test_configuration_precedence(
+    tmp_path: Path, dotenv: str | None, env: dict[str, str], flags: list[str], workers: int
+) -> None:
+    """Prove the workers setting follows flag > environment > .env > default."""
+    if dotenv is not None:
+        (tmp_path / ".env").write_text(dotenv, encoding="utf-8")
+    proc, snapshot = run_json(["--benchmark", "--tasks", "2", *FAST, *flags], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot["workers"] == workers
+
+
+def test_dotenv_sets_several_variables(tmp_path: Path) -> None:
+    """Prove every variable in ./.env applies, not only the first."""
+    (tmp_path / ".env").write_text("# settings\nTQ_QUEUE_SIZE=77\nTQ_WORKERS=2\n", encoding="utf-8")
+    proc, snapshot = run_json(["--benchmark", "--tasks", "2", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (snapshot["queue_size"], snapshot["workers"]) == (77, 2)
+
+
+def test_dotenv_in_a_parent_folder_is_ignored(tmp_path: Path) -> None:
+    """Prove only the .env of the working directory is read, not one in a parent folder."""
+    (tmp_path / ".env").write_text("TQ_WORKERS=3\nTQ_QUEUE_SIZE=77\n", encoding="utf-8")
+    child = tmp_path / "child"
+    child.mkdir()
+    proc, snapshot = run_json(["--benchmark", "--tasks", "2", *FAST], child)
+    assert proc.returncode == 0, proc.stderr
+    assert (snapshot["workers"], snapshot["queue_size"]) == (8, 1000)
+
+
+# --- Task files, databases and resuming ----------------------------------------------
+
+
+def test_rerun_with_same_db_is_all_duplicates(tmp_path: Path) -> None:
+    """Prove a second run of a file on the same --db executes nothing."""
+    write_tasks(tmp_path / "tasks.json", make_tasks(10))
+    args = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]
+    first_proc, first = run_json(args, tmp_path)
+    assert first_proc.returncode == 0, first_proc.stderr
+    assert (first["succeeded"], first["duplicates"]) == (10, 0)
+    second_proc, second = run_json(args, tmp_path)
+    assert second_proc.returncode == 0, second_proc.stderr
+    assert (second["succeeded"], second["duplicates"], second["handler_calls"]) == (0, 10, 0)
+    assert state_counts(tmp_path / "progress.db") == {"completed": 10}
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "expected", "absent"),
+    [
+        pytest.param({}, [], "task_queue.db", ["custom.db"], id="default"),
+        pytest.param(
+            {"TQ_DB_PATH": "custom.db"}, [], "custom.db", ["task_queue.db"], id="tq-db-path"
+        ),
+        pytest.param(
+            {"TQ_DB_PATH": "custom.db"},
+            ["--db", "flag.db"],
+            "flag.db",
+            ["custom.db", "task_queue.db"],
+            id="flag-over-env",
+        ),
+    ],
+)
+def test_task_file_database_location(
+    tmp_path: Path, env: dict[str, str], flags: list[str], expected: str, absent: list[str]
+) -> None:
+    """Prove the database is --db, else TQ_DB_PATH, else ./task_queue.db, created 0600."""
+    write_tasks(tmp_path / "tasks.json", make_tasks(2))
+    proc = run_cli(["--task-file", "tasks.json", *FAST, *flags], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    db = tmp_path / expected
+    assert state_counts(db) == {"completed": 2}
+    assert db.stat().st_mode & 0o777 == 0o600
+    for name in absent:
+        assert not (tmp_path / name).exists(), name
+
+
+# --- Signals -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(45)
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_signal_stops_gracefully_and_rerun_completes(
+    tmp_path: Path, signum: signal.Signals, code: int
+) -> None:
+    """Prove a signal cancels the rest, leaves no claim in progress, and a rerun finishes."""
+    write_tasks(tmp_path / "tasks.json", make_tasks(200, latency_ms=50))
+    db = tmp_path / "progress.db"
+    args = ["--task-file", "tasks.json", "--db", "progress.db", "--jitter-ms", "0"]
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w", encoding="utf-8") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args, "--workers", "2"],
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            wait_for_completed(db, at_least=1)
+            proc.send_signal(signum)
+            returncode = proc.wait(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = err_path.read_text(encoding="utf-8")
+    assert returncode == code, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "cancel" in stderr.lower(), stderr
+    assert re.search(r"re-?run", stderr, re.IGNORECASE), stderr
+
+    states = state_counts(db)
+    assert states.get("in_progress", 0) == 0, states
+    done = states.get("completed", 0)
+    assert 1 <= done < 200, states
+
+    rerun, snapshot = run_json([*args, "--workers", "20"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert snapshot["succeeded"] == 200 - done
+    assert snapshot["duplicates"] == done
+    assert (snapshot["failed"], snapshot["cancelled"]) == (0, 0)
+    assert state_counts(db) == {"completed": 200}
