@@ -1,0 +1,496 @@
+"""Idempotency (SPEC 3.2): the store contract and what the pool makes of it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import task_queue_optimized as tq
+from tests.conftest import WAIT, GatedFactory
+
+PAYLOAD = {"v": 1}
+FP = hashlib.sha256(b'{"v":1}').hexdigest()
+
+# A child that claims a key, reports the claim, then completes it when told to on stdin.
+CHILD_HOLDS_CLAIM = """
+import sys
+import task_queue_optimized as tq
+store = tq.IdempotencyManager(sys.argv[1], lease_seconds=float(sys.argv[3]))
+claim = store.claim(sys.argv[2], fingerprint=tq.fingerprint({"v": 1}))
+print(claim.state, flush=True)
+sys.stdin.readline()
+print(store.complete(sys.argv[2], claim.token, {"by": "child"}), flush=True)
+store.close()
+"""
+
+# A child that runs one pool over the same database and prints what it did, as JSON.
+CHILD_RUNS_POOL = """
+import json, sys, time
+import task_queue_optimized as tq
+keys = sys.argv[2].split(",")
+if len(sys.argv) > 4:  # wait for the parent's "go" so that all children start together
+    sys.stdin.readline()
+def handler(task):
+    time.sleep(0.005)
+    return {"by": sys.argv[3], "key": task.key}
+with tq.WorkerPool(handler, workers=4, db_path=sys.argv[1], claim_poll_interval=0.01) as pool:
+    records = pool.run([tq.Task(sys.argv[3] + "-" + k, {"v": 1}, idempotency_key=k) for k in keys])
+print(json.dumps([[r.key, r.status.value, r.attempts, r.output] for r in records]))
+"""
+
+
+def _poll(condition: Callable[[], bool], timeout: float = WAIT, interval: float = 0.01) -> bool:
+    """Poll condition until it holds or the deadline passes (only where no event exists)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+@pytest.fixture(params=["memory", "file"])
+def store(request: pytest.FixtureRequest, tmp_db: str) -> Iterator[tq.IdempotencyManager]:
+    """Yield an IdempotencyManager for each backend: in memory and a SQLite file."""
+    manager = tq.IdempotencyManager(None if request.param == "memory" else tmp_db)
+    yield manager
+    manager.close()
+
+
+class TestStoreContract:
+    """The claim protocol, the same on every backend."""
+
+    def test_claim_complete_then_completed(self, store: tq.IdempotencyManager) -> None:
+        """A claimed key, once completed, answers completed with its output and no token."""
+        claim = store.claim("k", fingerprint=FP)
+        assert claim.state == "claimed"
+        assert claim.token is not None
+        assert store.claim("k", fingerprint=FP).state == "in_progress"
+        assert store.complete("k", claim.token, {"out": 1}) is True
+        again = store.claim("k", fingerprint=FP)
+        assert (again.state, again.token, again.output) == ("completed", None, {"out": 1})
+        assert store.is_processed("k")
+
+    def test_fingerprint_conflict(self, store: tq.IdempotencyManager) -> None:
+        """A key first used with another fingerprint is a conflict; None skips the check."""
+        claim = store.claim("k", fingerprint=FP)
+        store.complete("k", claim.token, {"out": 1})
+        assert store.claim("k", fingerprint="0" * 64).state == "conflict"
+        assert store.claim("k").state == "completed"
+        assert store.get_cached_output("k") == {"out": 1}
+
+    def test_fingerprint_helper(self) -> None:
+        """fingerprint() is the SHA-256 of the canonical JSON, independent of key order."""
+        assert tq.fingerprint({"v": 1}) == FP
+        assert tq.fingerprint({"b": [1, 2], "a": "x"}) == tq.fingerprint({"a": "x", "b": [1, 2]})
+        expected = hashlib.sha256(b'{"a":"x","b":[1,2]}').hexdigest()
+        assert tq.fingerprint({"b": [1, 2], "a": "x"}) == expected
+
+    def test_release_then_claim_again(self, store: tq.IdempotencyManager) -> None:
+        """A released key counts as failed until it is claimed again."""
+        claim = store.claim("k")
+        assert store.release("k", claim.token, error="boom") is True
+        assert store.stats()["failed"] == 1
+        assert store.is_processed("k") is False
+        again = store.claim("k")
+        assert again.state == "claimed"
+        assert again.token != claim.token
+        assert store.stats()["in_progress"] == 1
+        assert store.stats()["failed"] == 0
+
+    def test_wrong_token_is_refused(self, store: tq.IdempotencyManager) -> None:
+        """complete, renew and release with a token that is not the owner's do nothing."""
+        claim = store.claim("k")
+        wrong = claim.token + 1 if isinstance(claim.token, int) else f"{claim.token}x"
+        assert store.renew("k", wrong) is False
+        assert store.release("k", wrong) is False
+        assert store.complete("k", wrong, {"x": 1}) is False
+        assert store.stats()["in_progress"] == 1
+        assert store.get_cached_output("k") is None
+
+    def test_stats_counts(self, store: tq.IdempotencyManager) -> None:
+        """stats() counts in-progress, completed and failed keys as integers."""
+        store.claim("running")
+        for key in ("done-1", "done-2"):
+            store.complete(key, store.claim(key).token, {"k": key})
+        store.release("dropped", store.claim("dropped").token, error="x")
+        stats = store.stats()
+        assert stats == {"in_progress": 1, "completed": 2, "failed": 1, "total": 4}
+        assert all(type(stats[k]) is int for k in ("in_progress", "completed", "failed", "total"))
+
+    def test_renew_many(self, store: tq.IdempotencyManager) -> None:
+        """renew_many renews the claims whose token is current and counts them."""
+        a, b = store.claim("a"), store.claim("b")
+        store.complete("b", b.token, None)
+        assert store.renew_many([("a", a.token), ("b", b.token)]) == 1
+
+
+class TestLeases:
+    """Leases expire, stale tokens write nothing, renewals keep claims."""
+
+    @pytest.mark.timeout(15)
+    def test_lease_expiry_and_stale_token(self, tmp_db: str) -> None:
+        """After a 0.2 s lease lapses the key is claimable; a stale complete() writes nothing."""
+        with tq.IdempotencyManager(tmp_db, lease_seconds=0.2) as store:
+            first = store.claim("k")
+            assert first.state == "claimed"
+            assert store.claim("k").state == "in_progress"
+            claims: list[tq.Claim] = []
+            # A lease lapses by the wall clock: no event to wait on, so poll with a deadline.
+            assert _poll(lambda: claims.append(store.claim("k")) or claims[-1].state == "claimed")
+            second = claims[-1]
+            assert second.token != first.token
+            assert store.complete("k", first.token, {"by": "stale"}) is False
+            assert store.renew("k", first.token) is False
+            assert store.get_cached_output("k") is None
+            assert store.stats()["in_progress"] == 1
+            assert store.complete("k", second.token, {"by": "fresh"}) is True
+            assert store.complete("k", first.token, {"by": "stale"}) is False
+            assert store.get_cached_output("k") == {"by": "fresh"}
+
+    @pytest.mark.timeout(15)
+    def test_renew_keeps_claim(self, tmp_db: str) -> None:
+        """Renewing a 0.3 s lease keeps the claim for three lease lengths."""
+        with (
+            tq.IdempotencyManager(tmp_db, lease_seconds=0.3) as owner,
+            tq.IdempotencyManager(tmp_db, lease_seconds=0.3) as rival,
+        ):
+            claim = owner.claim("k")
+            end = time.monotonic() + 0.9
+            while time.monotonic() < end:
+                assert owner.renew("k", claim.token) is True
+                assert rival.claim("k").state == "in_progress"
+                time.sleep(0.03)
+            assert owner.complete("k", claim.token, {"ok": 1}) is True
+
+    @pytest.mark.timeout(20)
+    def test_pool_renews_lease_of_long_task(
+        self, tmp_db: str, gated: GatedFactory, make_pool: Callable
+    ) -> None:
+        """A handler running past three 0.2 s leases keeps its claim and succeeds."""
+        handler = gated()
+        pool = make_pool(handler, workers=1, db_path=tmp_db, lease_seconds=0.2)
+        future = pool.submit(tq.Task("long", PAYLOAD))
+        assert handler.wait_started("long")
+        with tq.IdempotencyManager(tmp_db, lease_seconds=0.2) as rival:
+            end = time.monotonic() + 0.6
+            while time.monotonic() < end:
+                assert rival.claim("long", fingerprint=FP).state == "in_progress"
+                time.sleep(0.03)
+            handler.gate.set()
+            record = future.result(WAIT)
+            assert (record.status, record.attempts) == ("succeeded", 1)
+            assert rival.claim("long", fingerprint=FP).state == "completed"
+
+
+class TestStoreFile:
+    """What the store does to its file: permissions, WAL, TTL, bad paths."""
+
+    def test_file_mode_0600(self, tmp_path: Path) -> None:
+        """The database files are created with mode 0600 even under a permissive umask."""
+        old = os.umask(0o022)
+        try:
+            path = tmp_path / "perm.db"
+            with tq.IdempotencyManager(str(path)) as store:
+                store.mark_processed("k", {"x": 1})
+                files = [p for p in tmp_path.iterdir() if p.name.startswith("perm.db")]
+                assert path in files
+                for file in files:
+                    assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+        finally:
+            os.umask(old)
+
+    def test_pool_db_file_mode_0600(self, tmp_db: str) -> None:
+        """A pool's db_path file is created with mode 0600."""
+        old = os.umask(0o022)
+        try:
+            with tq.WorkerPool(lambda task: 1, workers=1, db_path=tmp_db) as pool:
+                pool.run([tq.Task("t")])
+            assert stat.S_IMODE(os.stat(tmp_db).st_mode) == 0o600
+        finally:
+            os.umask(old)
+
+    def test_wal_mode(self, tmp_db: str) -> None:
+        """The database file is in WAL journal mode."""
+        with tq.IdempotencyManager(tmp_db) as store:
+            store.mark_processed("k", 1)
+        conn = sqlite3.connect(tmp_db)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        finally:
+            conn.close()
+
+    @pytest.mark.timeout(15)
+    def test_purge_expired_with_ttl(self, tmp_db: str) -> None:
+        """Completed keys older than ttl_seconds are purged and can run again."""
+        with tq.IdempotencyManager(tmp_db, ttl_seconds=0.3) as store:
+            store.mark_processed("old", {"x": 1})
+            purged: list[int] = []
+            # The TTL runs on the wall clock: no event exists, so poll with a deadline.
+            assert _poll(lambda: purged.append(store.purge_expired()) or sum(purged) >= 1)
+            assert sum(purged) == 1
+            assert store.is_processed("old") is False
+            assert store.claim("old").state == "claimed"
+
+    def test_purge_keeps_fresh_rows(self, tmp_db: str) -> None:
+        """Without a TTL, or within it, purge_expired keeps completed keys."""
+        with tq.IdempotencyManager(tmp_db, ttl_seconds=60) as store:
+            store.mark_processed("fresh", 1)
+            assert store.purge_expired() == 0
+            assert store.is_processed("fresh")
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.purge_expired() == 0
+            assert store.is_processed("fresh")
+
+    def test_bad_paths_raise_config_error(self, tmp_path: Path) -> None:
+        """A directory or a file that is not SQLite is a ConfigError."""
+        with pytest.raises(tq.ConfigError):
+            tq.IdempotencyManager(str(tmp_path))
+        junk = tmp_path / "junk.db"
+        junk.write_text("this is not a database, just text " * 100)
+        with pytest.raises(tq.ConfigError):
+            tq.IdempotencyManager(str(junk))
+
+    def test_durability_modes(self, tmp_db: str) -> None:
+        """durability="full" stores like "normal"; an unknown mode is refused."""
+        with tq.IdempotencyManager(tmp_db, durability="full") as store:
+            store.mark_processed("k", {"x": 1})
+        with tq.IdempotencyManager(tmp_db, durability="normal") as store:
+            assert store.get_cached_output("k") == {"x": 1}
+        with pytest.raises((ValueError, tq.ConfigError)):
+            tq.IdempotencyManager(tmp_db, durability="sometimes")
+
+    def test_bad_table_name(self) -> None:
+        """A table name that is not a plain identifier is refused."""
+        with pytest.raises(ValueError):
+            tq.IdempotencyManager(table="x; DROP TABLE y")
+
+
+class TestPoolIdempotency:
+    """SPEC 3.2 through the WorkerPool, within one process and across processes."""
+
+    @pytest.mark.timeout(20)
+    def test_completed_by_earlier_pool(self, tmp_db: str, gated: GatedFactory) -> None:
+        """A key completed by an earlier pool on the same file is a duplicate; no handler call."""
+        first = gated(gated=False)
+        with tq.WorkerPool(first, workers=2, db_path=tmp_db) as pool:
+            (original,) = pool.run([tq.Task("t", PAYLOAD)])
+        second = gated(gated=False)
+        with tq.WorkerPool(second, workers=2, db_path=tmp_db) as pool:
+            (again,) = pool.run([tq.Task("t", PAYLOAD)])
+        assert original.status == "succeeded"
+        assert (again.status, again.attempts, again.output) == ("duplicate", 0, original.output)
+        assert second.total_calls == 0
+
+    @pytest.mark.timeout(30)
+    def test_completed_by_earlier_process(
+        self, tmp_db: str, gated: GatedFactory, run_python: Callable
+    ) -> None:
+        """A key completed by another process on the same file is a duplicate with its output."""
+        child = run_python(CHILD_RUNS_POOL, tmp_db, "k1,k2", "child")
+        assert child.returncode == 0, child.stderr
+        assert [row[1] for row in json.loads(child.stdout)] == ["succeeded", "succeeded"]
+        handler = gated(gated=False)
+        with tq.WorkerPool(handler, workers=2, db_path=tmp_db) as pool:
+            records = pool.run([tq.Task("k1", PAYLOAD), tq.Task("k3", PAYLOAD)])
+        assert records[0].status == "duplicate"
+        assert records[0].output == {"by": "child", "key": "k1"}
+        assert records[1].status == "succeeded"
+        assert handler.calls == {"k3": 1}
+
+    @pytest.mark.timeout(20)
+    def test_in_flight_followers_share_success(
+        self, gated: GatedFactory, make_pool: Callable
+    ) -> None:
+        """Followers of an in-flight key take no queue slot and become duplicates of its output."""
+        handler = gated()
+        pool = make_pool(handler, workers=1, queue_size=1, on_full="reject")
+        leader = pool.submit(tq.Task("lead", PAYLOAD, idempotency_key="k"))
+        assert handler.wait_started("lead")
+        followers = [pool.submit(tq.Task(f"f{i}", PAYLOAD, idempotency_key="k")) for i in range(5)]
+        assert pool.metrics.snapshot()["queue_depth"] == 0
+        assert not any(f.done() for f in followers)
+        handler.gate.set()
+        lead = leader.result(WAIT)
+        assert (lead.status, lead.attempts) == ("succeeded", 1)
+        for future in followers:
+            record = future.result(WAIT)
+            assert (record.status, record.attempts) == ("duplicate", 0)
+            assert record.output == lead.output
+            assert record.key == "k"
+        assert handler.calls == {"k": 1}
+
+    @pytest.mark.timeout(20)
+    def test_in_flight_followers_share_failure(
+        self, gated: GatedFactory, make_pool: Callable
+    ) -> None:
+        """Followers of an in-flight key that fails get the same failure with attempts 0."""
+        handler = gated(error=tq.PermanentError("disk on fire"))
+        pool = make_pool(handler, workers=2)
+        leader = pool.submit(tq.Task("lead", PAYLOAD, idempotency_key="k"))
+        assert handler.wait_started("lead")
+        followers = [pool.submit(tq.Task(f"f{i}", PAYLOAD, idempotency_key="k")) for i in range(3)]
+        handler.gate.set()
+        lead = leader.result(WAIT)
+        assert (lead.status, lead.attempts, lead.error_kind) == ("failed", 1, "permanent")
+        assert "disk on fire" in lead.error
+        for future in followers:
+            record = future.result(WAIT)
+            assert (record.status, record.attempts) == ("failed", 0)
+            assert (record.error, record.error_kind) == (lead.error, lead.error_kind)
+        assert handler.calls == {"k": 1}
+
+    @pytest.mark.timeout(20)
+    def test_fingerprint_conflict_in_pool(self, gated: GatedFactory, make_pool: Callable) -> None:
+        """Reusing a key with another payload fails as a conflict, stored or in flight."""
+        handler = gated()
+        pool = make_pool(handler, workers=2)
+        leader = pool.submit(tq.Task("a", {"x": 1}, idempotency_key="k"))
+        assert handler.wait_started("a")
+        in_flight = pool.submit(tq.Task("b", {"x": 2}, idempotency_key="k")).result(WAIT)
+        assert (in_flight.status, in_flight.error_kind, in_flight.attempts) == (
+            "failed",
+            "conflict",
+            0,
+        )
+        handler.gate.set()
+        assert leader.result(WAIT).status == "succeeded"
+        stored = pool.submit(tq.Task("c", {"x": 3}, idempotency_key="k")).result(WAIT)
+        assert (stored.status, stored.error_kind, stored.attempts) == ("failed", "conflict", 0)
+        assert stored.error
+        same = pool.submit(tq.Task("d", {"x": 1}, idempotency_key="k")).result(WAIT)
+        assert same.status == "duplicate"
+        assert handler.calls == {"k": 1}
+
+    @pytest.mark.timeout(20)
+    def test_released_after_failure_runs_again(self, tmp_db: str, make_pool: Callable) -> None:
+        """A final failure releases the key, so a later submission runs the handler again."""
+        calls: list[str] = []
+
+        def flaky(task: tq.Task) -> dict:
+            calls.append(task.id)
+            if len(calls) == 1:
+                raise tq.PermanentError("first time fails")
+            return {"ok": True}
+
+        pool = make_pool(flaky, workers=1, db_path=tmp_db)
+        first = pool.submit(tq.Task("t", PAYLOAD)).result(WAIT)
+        assert (first.status, first.error_kind) == ("failed", "permanent")
+        assert pool.idempotency.stats()["failed"] == 1
+        second = pool.submit(tq.Task("t", PAYLOAD)).result(WAIT)
+        assert (second.status, second.attempts, second.output) == ("succeeded", 1, {"ok": True})
+        assert calls == ["t", "t"]
+        assert pool.idempotency.stats()["completed"] == 1
+
+    @pytest.mark.timeout(20)
+    def test_waits_for_other_owner_then_duplicate(
+        self, tmp_db: str, gated: GatedFactory, make_pool: Callable
+    ) -> None:
+        """A key claimed elsewhere waits without a worker, then is a duplicate of that owner."""
+        handler = gated(gated=False)
+        with tq.IdempotencyManager(tmp_db) as other:
+            claim = other.claim("k", fingerprint=FP)
+            assert claim.state == "claimed"
+            pool = make_pool(handler, workers=1, db_path=tmp_db, claim_poll_interval=0.01)
+            waiting = pool.submit(tq.Task("k", PAYLOAD))
+            # The single worker is free for the next task while the first one waits.
+            assert pool.submit(tq.Task("next", PAYLOAD)).result(WAIT).status == "succeeded"
+            assert not waiting.done()
+            assert other.complete("k", claim.token, {"by": "other"}) is True
+            record = waiting.result(WAIT)
+        assert (record.status, record.attempts, record.output) == ("duplicate", 0, {"by": "other"})
+        assert "k" not in handler.calls
+
+    @pytest.mark.timeout(20)
+    def test_other_owner_lease_expires_then_runs(
+        self, tmp_db: str, gated: GatedFactory, make_pool: Callable
+    ) -> None:
+        """A key whose other owner stops renewing is claimed by the pool after the lease."""
+        handler = gated(gated=False)
+        with tq.IdempotencyManager(tmp_db, lease_seconds=0.2) as other:
+            claim = other.claim("k", fingerprint=FP)
+            pool = make_pool(handler, workers=1, db_path=tmp_db, claim_poll_interval=0.01)
+            record = pool.submit(tq.Task("k", PAYLOAD)).result(WAIT)
+            assert (record.status, record.attempts) == ("succeeded", 1)
+            assert handler.calls == {"k": 1}
+            assert other.complete("k", claim.token, {"by": "other"}) is False
+            assert other.get_cached_output("k") == record.output
+
+    @pytest.mark.timeout(20)
+    def test_cancel_while_waiting_on_other_owner(
+        self, tmp_db: str, gated: GatedFactory, make_pool: Callable
+    ) -> None:
+        """shutdown(cancel_pending=True) cancels a task waiting on another owner's claim."""
+        handler = gated(gated=False)
+        with tq.IdempotencyManager(tmp_db) as other:
+            other.claim("k", fingerprint=FP)
+            pool = make_pool(handler, workers=1, db_path=tmp_db, claim_poll_interval=0.01)
+            waiting = pool.submit(tq.Task("k", PAYLOAD))
+            assert pool.submit(tq.Task("next", PAYLOAD)).result(WAIT).status == "succeeded"
+            pool.shutdown(wait=True, cancel_pending=True)
+            record = waiting.result(WAIT)
+            assert (record.status, record.attempts) == ("cancelled", 0)
+            assert other.stats()["in_progress"] == 1
+        assert "k" not in handler.calls
+
+    @pytest.mark.timeout(30)
+    def test_waits_for_other_process(
+        self, tmp_db: str, gated: GatedFactory, make_pool: Callable, spawn_python: Callable
+    ) -> None:
+        """A key claimed by a live child process resolves as duplicate once the child completes."""
+        child = spawn_python(CHILD_HOLDS_CLAIM, tmp_db, "k", "30")
+        assert child.stdout.readline().strip() == "claimed"
+        handler = gated(gated=False)
+        pool = make_pool(handler, workers=1, db_path=tmp_db, claim_poll_interval=0.01)
+        waiting = pool.submit(tq.Task("k", PAYLOAD))
+        assert pool.submit(tq.Task("next", PAYLOAD)).result(WAIT).status == "succeeded"
+        assert not waiting.done()
+        out, err = child.communicate("go\n", timeout=WAIT)
+        assert child.returncode == 0, err
+        assert out.strip() == "True"
+        record = waiting.result(WAIT)
+        assert (record.status, record.attempts, record.output) == ("duplicate", 0, {"by": "child"})
+        assert "k" not in handler.calls
+
+    @pytest.mark.timeout(30)
+    def test_claim_of_killed_process_expires(
+        self, tmp_db: str, gated: GatedFactory, make_pool: Callable, spawn_python: Callable
+    ) -> None:
+        """The claim of a killed process expires after its lease and the pool runs the task."""
+        child = spawn_python(CHILD_HOLDS_CLAIM, tmp_db, "k", "0.3")
+        assert child.stdout.readline().strip() == "claimed"
+        child.kill()
+        child.communicate(timeout=WAIT)
+        handler = gated(gated=False)
+        pool = make_pool(handler, workers=1, db_path=tmp_db, claim_poll_interval=0.01)
+        record = pool.submit(tq.Task("k", PAYLOAD)).result(WAIT)
+        assert (record.status, record.attempts) == ("succeeded", 1)
+        assert handler.calls == {"k": 1}
+
+    @pytest.mark.timeout(40)
+    def test_processes_share_one_file(self, tmp_path: Path, spawn_python: Callable) -> None:
+        """Four processes racing on one new file run every key exactly once, without errors."""
+        db = str(tmp_path / "shared.db")
+        keys = ",".join(f"k{i}" for i in range(20))
+        procs = [spawn_python(CHILD_RUNS_POOL, db, keys, f"c{n}", "wait") for n in range(4)]
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [proc.communicate(timeout=30) for proc in procs]
+        for proc, (_, err) in zip(procs, results, strict=True):
+            assert proc.returncode == 0, err
+            assert "locked" not in err
+        rows = [row for out, _ in results for row in json.loads(out)]
+        executed = [key for key, status, attempts, _ in rows if status == "succeeded"]
+        assert sorted(executed) == sorted(keys.split(","))
+        assert all(status in ("succeeded", "duplicate") for _, status, _, _ in rows)
+        with tq.IdempotencyManager(db) as store:
+            assert store.stats()["completed"] == 20

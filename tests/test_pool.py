@@ -1,0 +1,457 @@
+"""WorkerPool behaviour: retries, backpressure, shutdown, result order, metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import task_queue_optimized as tq
+from tests.conftest import WAIT, GatedFactory
+
+FAST_RETRY = tq.RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.002)
+
+SNAPSHOT_KEYS = {
+    "submitted",
+    "succeeded",
+    "failed",
+    "duplicates",
+    "retries",
+    "rejected",
+    "cancelled",
+    "in_flight",
+    "queue_depth",
+    "max_queue_depth",
+    "workers",
+    "queue_size",
+    "elapsed_seconds",
+    "throughput_per_second",
+    "success_rate",
+    "utilization",
+    "latency_ms",
+    "queue_wait_ms",
+    "service_ms",
+}
+SUMMARY_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
+
+
+def _nearest_rank(ordered: list[float], p: float) -> float:
+    """Return the nearest-rank p-th percentile of an ascending list."""
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class TestRetryPolicy:
+    """RetryPolicy: delays, classification and validation."""
+
+    def test_delay_without_jitter(self) -> None:
+        """jitter="none" gives the exponential bound itself, capped at max_delay."""
+        policy = tq.RetryPolicy(base_delay=0.01, max_delay=0.05, multiplier=2.0, jitter="none")
+        assert [policy.delay(a) for a in range(1, 6)] == pytest.approx(
+            [0.01, 0.02, 0.04, 0.05, 0.05]
+        )
+
+    def test_delay_full_jitter_bounds(self) -> None:
+        """Full jitter draws delays uniformly within [0, bound] and uses the whole range."""
+        policy = tq.RetryPolicy(base_delay=0.01, max_delay=0.03, multiplier=2.0, jitter="full")
+        for attempt, bound in ((1, 0.01), (2, 0.02), (3, 0.03), (6, 0.03)):
+            samples = [policy.delay(attempt) for _ in range(500)]
+            assert all(0.0 <= s <= bound for s in samples)
+            assert min(samples) < 0.2 * bound
+            assert max(samples) > 0.8 * bound
+            assert sum(samples) / len(samples) == pytest.approx(bound / 2, rel=0.2)
+
+    def test_should_retry(self) -> None:
+        """Only retry_on errors are retried, and only below max_attempts."""
+        policy = tq.RetryPolicy(max_attempts=3)
+        assert policy.should_retry(tq.TransientError("x"), 1)
+        assert policy.should_retry(TimeoutError(), 2)
+        assert policy.should_retry(ConnectionError(), 1)
+        assert not policy.should_retry(tq.TransientError("x"), 3)
+        assert not policy.should_retry(tq.PermanentError("x"), 1)
+        assert not policy.should_retry(ValueError("x"), 1)
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [{"max_attempts": 0}, {"base_delay": -1.0}, {"jitter": "bogus"}, {"multiplier": 0.5}],
+    )
+    def test_invalid_arguments(self, kwargs: dict) -> None:
+        """Nonsensical policy arguments raise ValueError."""
+        with pytest.raises(ValueError):
+            tq.RetryPolicy(**kwargs)
+
+
+class TestRetries:
+    """Retries through the pool and their counts."""
+
+    @pytest.mark.timeout(20)
+    def test_retry_counts(self, make_processor: Callable[..., tq.TaskProcessor]) -> None:
+        """Five tasks failing twice each take three attempts and ten retries in all."""
+        tasks = [tq.Task(f"t{i}", {"fail": "transient", "fail_times": 2}) for i in range(5)]
+        with tq.WorkerPool(make_processor(), workers=2, retry=FAST_RETRY) as pool:
+            records = pool.run(tasks)
+        assert [(r.status, r.attempts) for r in records] == [("succeeded", 3)] * 5
+        snap = pool.metrics.snapshot()
+        assert snap["retries"] == 10
+        assert snap["succeeded"] == 5
+        assert snap["handler_calls"] == 15
+
+    @pytest.mark.timeout(20)
+    def test_permanent_fails_at_once(self, make_pool: Callable) -> None:
+        """PermanentError and errors outside retry_on fail after one attempt, unretried."""
+        calls: Counter[str] = Counter()
+        lock = threading.Lock()
+
+        def handler(task: tq.Task) -> dict:
+            with lock:
+                calls[task.id] += 1
+            if task.id == "perm":
+                raise tq.PermanentError("no")
+            raise ValueError("bad value")
+
+        pool = make_pool(handler, workers=2, retry=FAST_RETRY)
+        records = pool.run([tq.Task("perm"), tq.Task("value")])
+        for record in records:
+            assert (record.status, record.error_kind, record.attempts) == ("failed", "permanent", 1)
+        assert "bad value" in records[1].error
+        assert calls == {"perm": 1, "value": 1}
+        pool.shutdown()
+        assert pool.metrics.snapshot()["retries"] == 0
+
+    @pytest.mark.timeout(20)
+    def test_unserialisable_output_fails_alone(self, make_pool: Callable) -> None:
+        """A handler output that is not JSON fails that task as permanent and no other."""
+
+        def handler(task: tq.Task) -> object:
+            return {"bad": object()} if task.id == "bad" else {"ok": task.id}
+
+        pool = make_pool(handler, workers=2)
+        good1, bad, good2 = pool.run([tq.Task("a"), tq.Task("bad"), tq.Task("b")])
+        assert (bad.status, bad.error_kind, bad.attempts) == ("failed", "permanent", 1)
+        assert bad.error
+        assert bad.output is None
+        assert (good1.output, good2.output) == ({"ok": "a"}, {"ok": "b"})
+        assert pool.idempotency.is_processed("bad") is False
+
+    @pytest.mark.timeout(20)
+    def test_backoff_never_deadlocks_full_queue(
+        self, make_processor: Callable[..., tq.TaskProcessor], make_pool: Callable
+    ) -> None:
+        """With queue_size=1 and one worker, tasks retrying once all finish."""
+        pool = make_pool(make_processor(), workers=1, queue_size=1, retry=FAST_RETRY)
+        futures = [pool.submit(tq.Task(f"t{i}", {"fail": "transient"})) for i in range(6)]
+        records = [f.result(WAIT) for f in futures]
+        assert [(r.status, r.attempts) for r in records] == [("succeeded", 2)] * 6
+        pool.shutdown()
+        assert pool.metrics.snapshot()["retries"] == 6
+
+
+class TestBackpressure:
+    """on_full policies."""
+
+    @pytest.mark.timeout(20)
+    def test_reject_raises_at_once(self, gated: GatedFactory, make_pool: Callable) -> None:
+        """on_full="reject" raises QueueFullError at once and counts the rejection."""
+        handler = gated()
+        pool = make_pool(handler, workers=1, queue_size=1, on_full="reject")
+        pool.submit(tq.Task("busy"))
+        assert handler.wait_started("busy")
+        pool.submit(tq.Task("queued"))
+        for i in range(3):
+            with pytest.raises(tq.QueueFullError):
+                pool.submit(tq.Task(f"over{i}"))
+        snap = pool.metrics.snapshot()
+        assert snap["rejected"] == 3
+        assert snap["max_queue_depth"] == 1
+
+    @pytest.mark.timeout(20)
+    def test_block_times_out(self, gated: GatedFactory, make_pool: Callable) -> None:
+        """on_full="block" waits submit_timeout, then raises QueueFullError."""
+        handler = gated()
+        pool = make_pool(handler, workers=1, queue_size=1, on_full="block", submit_timeout=0.1)
+        pool.submit(tq.Task("busy"))
+        assert handler.wait_started("busy")
+        pool.submit(tq.Task("queued"))
+        start = time.monotonic()
+        with pytest.raises(tq.QueueFullError):
+            pool.submit(tq.Task("over"))
+        assert time.monotonic() - start >= 0.09
+        assert pool.metrics.snapshot()["rejected"] == 1
+
+    @pytest.mark.timeout(20)
+    def test_block_waits_for_room(self, gated: GatedFactory, make_pool: Callable) -> None:
+        """on_full="block" without timeout blocks until a slot frees, then accepts."""
+        handler = gated()
+        pool = make_pool(handler, workers=1, queue_size=1, on_full="block")
+        pool.submit(tq.Task("busy"))
+        assert handler.wait_started("busy")
+        pool.submit(tq.Task("queued"))
+        accepted: list = []
+        submitter = threading.Thread(target=lambda: accepted.append(pool.submit(tq.Task("late"))))
+        submitter.start()
+        submitter.join(0.1)
+        assert submitter.is_alive(), "submit returned while the queue was full"
+        handler.gate.set()
+        submitter.join(WAIT)
+        assert accepted[0].result(WAIT).status == "succeeded"
+
+
+class TestShutdown:
+    """Shutdown: drain, cancel, refuse."""
+
+    @pytest.mark.timeout(20)
+    def test_shutdown_drains(self, tmp_db: str, gated: GatedFactory) -> None:
+        """shutdown() refuses new work, finishes queued tasks and leaves no claim in progress."""
+        handler = gated()
+        pool = tq.WorkerPool(handler, workers=1, db_path=tmp_db)
+        futures = [pool.submit(tq.Task(f"t{i}")) for i in range(5)]
+        assert handler.wait_started("t0")
+        closer = threading.Thread(target=pool.shutdown)
+        closer.start()
+        # No event marks shutdown's start; poll the public flag with a deadline.
+        deadline = time.monotonic() + WAIT
+        while not pool.closed and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert pool.closed
+        with pytest.raises(tq.PoolClosedError):
+            pool.submit(tq.Task("late"))
+        handler.gate.set()
+        closer.join(WAIT)
+        assert not closer.is_alive()
+        assert all(f.done() for f in futures)
+        assert [f.result().status for f in futures] == ["succeeded"] * 5
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.stats() == {"in_progress": 0, "completed": 5, "failed": 0, "total": 5}
+
+    @pytest.mark.timeout(20)
+    def test_cancel_pending(self, tmp_db: str, gated: GatedFactory) -> None:
+        """cancel_pending resolves queued tasks as cancelled and a new pool runs them."""
+        handler = gated()
+        pool = tq.WorkerPool(handler, workers=1, db_path=tmp_db)
+        running = pool.submit(tq.Task("t0"))
+        assert handler.wait_started("t0")
+        queued = [pool.submit(tq.Task(f"t{i}")) for i in range(1, 4)]
+        closer = threading.Thread(target=pool.shutdown, kwargs={"cancel_pending": True})
+        closer.start()
+        for future in queued:
+            record = future.result(WAIT)
+            assert (record.status, record.attempts) == ("cancelled", 0)
+            assert record.finished_at is not None
+        assert not running.done()
+        handler.gate.set()
+        closer.join(WAIT)
+        assert running.result(WAIT).status == "succeeded"
+        snap = pool.metrics.snapshot()
+        assert snap["cancelled"] == 3
+        assert snap["queue_depth"] == 0
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.stats() == {"in_progress": 0, "completed": 1, "failed": 0, "total": 1}
+        rerun = gated(gated=False)
+        with tq.WorkerPool(rerun, workers=2, db_path=tmp_db) as again:
+            records = again.run([tq.Task(f"t{i}") for i in range(4)])
+        assert [r.status for r in records] == ["duplicate"] + ["succeeded"] * 3
+        assert rerun.calls == {"t1": 1, "t2": 1, "t3": 1}
+
+    @pytest.mark.timeout(10)
+    def test_submit_after_shutdown(self, gated: GatedFactory) -> None:
+        """submit after shutdown raises PoolClosedError; the context manager shuts down."""
+        with tq.WorkerPool(gated(gated=False), workers=1) as pool:
+            assert not pool.closed
+        assert pool.closed
+        with pytest.raises(tq.PoolClosedError):
+            pool.submit(tq.Task("t"))
+        pool.shutdown()
+
+    @pytest.mark.timeout(30)
+    def test_open_pool_drained_at_exit(self, tmp_db: str, run_python: Callable) -> None:
+        """A pool left open is drained at interpreter exit, which does not hang."""
+        code = (
+            "import sys, task_queue_optimized as tq\n"
+            "pool = tq.WorkerPool(lambda t: {'id': t.id}, workers=2, db_path=sys.argv[1])\n"
+            "futures = [pool.submit(tq.Task(f't{i}')) for i in range(10)]\n"
+        )
+        child = run_python(code, tmp_db, timeout=20)
+        assert child.returncode == 0, child.stderr
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.stats()["completed"] == 10
+
+    @pytest.mark.timeout(10)
+    def test_shared_store_not_closed(self, gated: GatedFactory) -> None:
+        """A pool given an IdempotencyManager uses it and leaves it open."""
+        with tq.IdempotencyManager() as store:
+            with tq.WorkerPool(gated(gated=False), workers=1, idempotency=store) as pool:
+                assert pool.idempotency is store
+                pool.run([tq.Task("t")])
+            assert store.is_processed("t")
+
+
+class TestResultOrder:
+    """iter_results and run."""
+
+    @pytest.mark.timeout(20)
+    def test_iter_results_completion_order(self, gated: GatedFactory, make_pool: Callable) -> None:
+        """iter_results yields each task as it completes, in completion order."""
+        handlers = {name: gated() for name in "abc"}
+
+        def handler(task: tq.Task) -> object:
+            return handlers[task.id](task)
+
+        pool = make_pool(handler, workers=3)
+        seen: list[str] = []
+        arrived = {name: threading.Event() for name in "abc"}
+
+        def consume() -> None:
+            for record in pool.iter_results([tq.Task(name) for name in "abc"]):
+                seen.append(record.task_id)
+                arrived[record.task_id].set()
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        for name in "abc":
+            assert handlers[name].wait_started(name)
+        for name in "cab":
+            handlers[name].gate.set()
+            assert arrived[name].wait(WAIT)
+        consumer.join(WAIT)
+        assert seen == ["c", "a", "b"]
+
+    @pytest.mark.timeout(20)
+    def test_iter_results_many(self, make_pool: Callable) -> None:
+        """iter_results over a generator larger than the queue yields every task once."""
+        pool = make_pool(lambda task: task.payload["n"], workers=4, queue_size=8)
+        tasks = (tq.Task(f"t{n}", {"n": n}) for n in range(300))
+        outputs = [r.output for r in pool.iter_results(tasks)]
+        assert sorted(outputs) == list(range(300))
+
+    @pytest.mark.timeout(20)
+    def test_run_returns_input_order(self, make_pool: Callable) -> None:
+        """run returns records in input order though the tasks finish in reverse."""
+        done = [threading.Event() for _ in range(5)]
+
+        def handler(task: tq.Task) -> int:
+            n = task.payload["n"]
+            if n < 4 and not done[n + 1].wait(WAIT):
+                raise RuntimeError("successor never finished")
+            done[n].set()
+            return n
+
+        pool = make_pool(handler, workers=5)
+        records = pool.run([tq.Task(f"t{n}", {"n": n}) for n in range(5)])
+        assert [r.task_id for r in records] == [f"t{n}" for n in range(5)]
+        assert [r.output for r in records] == list(range(5))
+
+
+class TestSameKeyStorm:
+    """Many threads submitting the same keys at once."""
+
+    @pytest.mark.timeout(30)
+    def test_each_key_runs_once(self, tmp_db: str) -> None:
+        """Sixteen threads submitting the same 50 keys at once run each handler once per key."""
+        calls: Counter[str] = Counter()
+        lock = threading.Lock()
+
+        def handler(task: tq.Task) -> dict:
+            with lock:
+                calls[task.key] += 1
+            time.sleep(0.001)  # simulated work, not coordination
+            return {"key": task.key}
+
+        barrier = threading.Barrier(16)
+        futures: list = []
+        with tq.WorkerPool(handler, workers=4, db_path=tmp_db) as pool:
+
+            def producer(n: int) -> None:
+                barrier.wait(WAIT)
+                mine = [
+                    pool.submit(tq.Task(f"p{n}-{i}", {"i": i}, idempotency_key=f"k{i}"))
+                    for i in range(50)
+                ]
+                with lock:
+                    futures.extend(mine)
+
+            threads = [threading.Thread(target=producer, args=(n,)) for n in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT * 2)
+            records = [f.result(WAIT) for f in futures]
+        assert calls == {f"k{i}": 1 for i in range(50)}
+        by_status = Counter(r.status.value for r in records)
+        assert by_status == {"succeeded": 50, "duplicate": 750}
+        assert all(r.output == {"key": r.key} for r in records)
+        snap = pool.metrics.snapshot()
+        assert (snap["succeeded"], snap["duplicates"], snap["submitted"]) == (50, 750, 800)
+
+
+class TestMetricsSnapshot:
+    """The metrics snapshot after a mixed run."""
+
+    @pytest.mark.timeout(20)
+    def test_snapshot_keys_and_counts(
+        self, tmp_path: Path, make_processor: Callable[..., tq.TaskProcessor]
+    ) -> None:
+        """The snapshot has every SPEC 3.7 key and counts that agree with the records."""
+        tasks = [tq.Task(f"ok{i}") for i in range(8)]
+        tasks += [tq.Task("flaky", {"fail": "transient"})]
+        tasks += [tq.Task(f"bad{i}", {"fail": "permanent"}) for i in range(2)]
+        tasks += [tq.Task(f"dup{i}", {}, idempotency_key=f"ok{i}") for i in range(3)]
+        with tq.WorkerPool(make_processor(), workers=3, queue_size=50, retry=FAST_RETRY) as pool:
+            records = pool.run(tasks)
+        snap = pool.metrics.snapshot()
+        assert set(snap) >= SNAPSHOT_KEYS
+        for series in ("latency_ms", "queue_wait_ms", "service_ms"):
+            assert set(snap[series]) >= SUMMARY_KEYS
+        statuses = Counter(r.status.value for r in records)
+        assert snap["succeeded"] == statuses["succeeded"] == 9
+        assert snap["failed"] == statuses["failed"] == 2
+        assert snap["duplicates"] == statuses["duplicate"] == 3
+        assert snap["retries"] == 1
+        assert snap["submitted"] == 14
+        assert (snap["rejected"], snap["cancelled"]) == (0, 0)
+        assert (snap["in_flight"], snap["queue_depth"]) == (0, 0)
+        assert (snap["workers"], snap["queue_size"]) == (3, 50)
+        assert 1 <= snap["max_queue_depth"] <= 14
+        assert snap["success_rate"] == pytest.approx(12 / 14)
+        assert snap["elapsed_seconds"] > 0
+        assert snap["throughput_per_second"] == pytest.approx(
+            14 / snap["elapsed_seconds"], rel=0.01
+        )
+        assert 0 < snap["utilization"] <= 1.0 + 1e-6
+        latency = snap["latency_ms"]
+        assert latency["count"] >= 9
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"] * 1.01
+        assert json.loads(pool.metrics.to_json())["succeeded"] == 9
+        out = tmp_path / "metrics.json"
+        pool.metrics.export(out)
+        assert json.loads(out.read_text())["submitted"] == 14
+
+    @pytest.mark.timeout(30)
+    def test_histogram_accuracy(self) -> None:
+        """Percentiles of 10,000 random values are within 1% of exact nearest-rank ones."""
+        rng = random.Random(20240531)
+        values = [rng.lognormvariate(-4.0, 1.5) for _ in range(10_000)]
+        waits = [rng.uniform(0.0001, 2.0) for _ in range(2_000)]
+        metrics = tq.MetricsCollector()
+        for value in values:
+            metrics.record_success(value, service_time=value / 2)
+        for wait in waits:
+            metrics.record_start(wait)
+        ordered, ordered_waits = sorted(values), sorted(waits)
+        for p in (1, 10, 25, 50, 75, 90, 95, 99, 99.9, 100):
+            exact = _nearest_rank(ordered, p)
+            assert metrics.percentile(p) == pytest.approx(exact, rel=0.01), p
+            assert metrics.percentile(p, series="service") == pytest.approx(exact / 2, rel=0.01)
+            exact_wait = _nearest_rank(ordered_waits, p)
+            assert metrics.percentile(p, series="queue_wait") == pytest.approx(exact_wait, rel=0.01)
+        snap = metrics.snapshot()["latency_ms"]
+        assert snap["count"] == 10_000
+        assert snap["p99"] == pytest.approx(_nearest_rank(ordered, 99) * 1000, rel=0.01)
+        assert snap["max"] == pytest.approx(ordered[-1] * 1000, rel=0.01)
+        assert snap["mean"] == pytest.approx(sum(values) / len(values) * 1000, rel=0.01)

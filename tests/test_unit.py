@@ -1,0 +1,510 @@
+"""Unit tests of the components of task_queue_optimized, one class per component."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import task_queue_optimized as tq
+from tests.conftest import WAIT, GatedFactory
+
+# A sleep of s seconds never returns earlier than s; allow for the clock's resolution only.
+CLOCK_SLACK = 0.0005
+
+
+def _timed(processor: tq.TaskProcessor, task: tq.Task) -> float:
+    """Return the seconds one processor call took."""
+    start = time.perf_counter()
+    processor(task)
+    return time.perf_counter() - start
+
+
+class TestTask:
+    """Task records: keys, immutability and validation."""
+
+    def test_key_defaults_to_id(self) -> None:
+        """Task.key is the idempotency key when given, else the id."""
+        assert tq.Task("a").key == "a"
+        assert tq.Task("a", {"x": 1}, idempotency_key="k").key == "k"
+
+    def test_frozen_with_fresh_payload(self) -> None:
+        """Task is frozen and each task gets its own default payload dict."""
+        first, second = tq.Task("a"), tq.Task("b")
+        assert first.payload == {}
+        assert first.payload is not second.payload
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            first.id = "other"  # type: ignore[misc]
+
+    def test_from_dict_valid(self) -> None:
+        """Task.from_dict builds a task from its three fields."""
+        task = tq.Task.from_dict({"id": "t", "payload": {"n": 1}, "idempotency_key": "k"})
+        assert (task.id, task.payload, task.idempotency_key) == ("t", {"n": 1}, "k")
+
+    @pytest.mark.parametrize(
+        ("mapping", "field"),
+        [
+            ({"id": ""}, "id"),
+            ({"id": 3}, "id"),
+            ({"id": "t", "payload": [1]}, "payload"),
+            ({"id": "t", "idempotency_key": ""}, "idempotency_key"),
+            ({"id": "t", "colour": "red"}, "colour"),
+        ],
+    )
+    def test_from_dict_rejects_bad_field(self, mapping: dict[str, Any], field: str) -> None:
+        """Task.from_dict raises TaskFileError naming the bad field."""
+        with pytest.raises(tq.TaskFileError) as info:
+            tq.Task.from_dict(mapping)
+        assert info.value.field == field
+        assert field in str(info.value)
+
+
+class TestTaskProcessor:
+    """TaskProcessor: streaming, hashing, latency and fault injection."""
+
+    def test_process_success(self, make_processor: Callable[..., tq.TaskProcessor]) -> None:
+        """A call streams size_bytes in chunks and returns the same digest for the same task."""
+        processor = make_processor(latency_ms=1.0)
+        task = tq.Task("t1", {"size_bytes": 200_000})
+        out = processor(task)
+        assert set(out) >= {"task_id", "bytes", "chunks", "sha256"}
+        assert out["task_id"] == "t1"
+        assert out["bytes"] == 200_000
+        assert out["chunks"] == math.ceil(200_000 / 65536)
+        assert len(out["sha256"]) == 64
+        int(out["sha256"], 16)
+        assert processor(task) == out
+        assert make_processor(latency_ms=0.0)(task)["sha256"] == out["sha256"]
+        other = processor(tq.Task("t1", {"size_bytes": 1000}))
+        assert other["sha256"] != out["sha256"]
+        assert other["chunks"] == 1
+        small = make_processor(latency_ms=0.0, chunk_size=100)(tq.Task("t2", {"size_bytes": 1000}))
+        assert small["chunks"] == 10
+
+    def test_latency_with_jitter(self, make_processor: Callable[..., tq.TaskProcessor]) -> None:
+        """Each call really sleeps at least latency minus jitter; payload latency_ms overrides."""
+        processor = tq.TaskProcessor(latency_ms=10.0, jitter_ms=4.0, seed=7)
+        for i in range(5):
+            assert _timed(processor, tq.Task(f"t{i}")) >= 0.006 - CLOCK_SLACK
+        fast = make_processor(latency_ms=0.0)
+        slow_seconds = _timed(fast, tq.Task("slow", {"latency_ms": 30}))
+        assert slow_seconds >= 0.030 - CLOCK_SLACK
+        assert _timed(fast, tq.Task("quick")) < slow_seconds
+
+    def test_transient_error_injection(
+        self, make_processor: Callable[..., tq.TaskProcessor]
+    ) -> None:
+        """fail=transient fails the first fail_times attempts; a rate of 1.0 always fails."""
+        processor = make_processor(latency_ms=0.0)
+        task = tq.Task("t", {"fail": "transient", "fail_times": 2})
+        for _ in range(2):
+            with pytest.raises(tq.TransientError):
+                processor(task)
+        assert processor(task)["task_id"] == "t"
+        once = tq.Task("once", {"fail": "transient"})
+        with pytest.raises(tq.TransientError):
+            processor(once)
+        assert processor(once)["task_id"] == "once"
+        always = make_processor(latency_ms=0.0, transient_error_rate=1.0)
+        for i in range(3):
+            with pytest.raises(tq.TransientError):
+                always(tq.Task(f"r{i}"))
+        assert issubclass(tq.TransientError, tq.TaskQueueError)
+
+    def test_transient_rate_is_seeded(
+        self, make_processor: Callable[..., tq.TaskProcessor]
+    ) -> None:
+        """A 50% rate fails about half the attempts, the same ones for the same seed."""
+
+        def outcomes(seed: int) -> list[bool]:
+            processor = make_processor(latency_ms=0.0, transient_error_rate=0.5, seed=seed)
+            result = []
+            for i in range(200):
+                try:
+                    processor(tq.Task(f"t{i}"))
+                    result.append(True)
+                except tq.TransientError:
+                    result.append(False)
+            return result
+
+        first = outcomes(42)
+        assert 50 <= first.count(False) <= 150
+        assert outcomes(42) == first
+
+    def test_permanent_error_injection(
+        self, make_processor: Callable[..., tq.TaskProcessor]
+    ) -> None:
+        """fail=permanent, a permanent rate of 1.0 and bad payload values raise PermanentError."""
+        processor = make_processor(latency_ms=0.0)
+        task = tq.Task("p", {"fail": "permanent"})
+        for _ in range(3):
+            with pytest.raises(tq.PermanentError):
+                processor(task)
+        always = make_processor(latency_ms=0.0, permanent_error_rate=1.0)
+        with pytest.raises(tq.PermanentError):
+            always(tq.Task("r"))
+        with pytest.raises(tq.PermanentError):
+            processor(tq.Task("neg", {"size_bytes": -1}))
+        with pytest.raises(tq.PermanentError):
+            processor(tq.Task("nan", {"latency_ms": "slow"}))
+        assert issubclass(tq.PermanentError, tq.TaskQueueError)
+
+
+class TestIdempotencyManager:
+    """IdempotencyManager: the simple surface and atomic claims."""
+
+    def test_not_processed_initially(self, tmp_db: str) -> None:
+        """A fresh store, in memory or on disk, knows no key."""
+        for path in (None, tmp_db):
+            with tq.IdempotencyManager(path) as store:
+                assert store.is_processed("k") is False
+                assert store.get_cached_output("k") is None
+                assert store.stats() == {"in_progress": 0, "completed": 0, "failed": 0, "total": 0}
+
+    def test_mark_and_check_processed(self, tmp_db: str) -> None:
+        """mark_processed makes is_processed true for that key only, and it persists."""
+        with tq.IdempotencyManager(tmp_db) as store:
+            store.mark_processed("k", {"ok": True})
+            assert store.is_processed("k") is True
+            assert store.is_processed("other") is False
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.is_processed("k") is True
+
+    def test_get_cached_output(self, tmp_db: str) -> None:
+        """The cached output round-trips JSON values exactly, across reopening the file."""
+        output = {"s": "é", "n": 3, "f": 1.5, "l": [1, None, True], "d": {"x": []}}
+        with tq.IdempotencyManager(tmp_db) as store:
+            store.mark_processed("k", output)
+            assert store.get_cached_output("k") == output
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.get_cached_output("k") == output
+            claim = store.claim("k")
+            assert claim.state == "completed"
+            assert claim.output == output
+            assert claim.token is None
+
+    def test_multiple_keys(self) -> None:
+        """Keys are independent: each keeps its own output."""
+        with tq.IdempotencyManager() as store:
+            for i in range(20):
+                store.mark_processed(f"k{i}", {"i": i})
+            assert [store.get_cached_output(f"k{i}") for i in range(20)] == [
+                {"i": i} for i in range(20)
+            ]
+            assert store.stats()["completed"] == 20
+            assert store.stats()["total"] == 20
+            assert store.is_processed("k20") is False
+
+    @pytest.mark.timeout(20)
+    def test_concurrent_duplicate_handling(self, tmp_db: str) -> None:
+        """Of 16 threads claiming one key at the same moment exactly one wins."""
+        states: list[str] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(16)
+        with tq.IdempotencyManager(tmp_db) as store:
+
+            def claim() -> None:
+                barrier.wait(WAIT)
+                result = store.claim("same")
+                with lock:
+                    states.append(result.state)
+
+            threads = [threading.Thread(target=claim) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT)
+            assert sorted(states) == ["claimed"] + ["in_progress"] * 15
+            assert store.stats()["in_progress"] == 1
+
+
+class TestMetricsCollector:
+    """MetricsCollector: counters, gauges, percentiles and thread safety."""
+
+    def test_initial_metrics(self) -> None:
+        """A new collector reports zero counts, its sizes and a success rate of 1.0."""
+        metrics = tq.MetricsCollector(workers=4, queue_size=10)
+        snap = metrics.snapshot()
+        for key in (
+            "submitted",
+            "succeeded",
+            "failed",
+            "duplicates",
+            "retries",
+            "rejected",
+            "cancelled",
+            "in_flight",
+            "queue_depth",
+            "max_queue_depth",
+        ):
+            assert snap[key] == 0, key
+        assert snap["workers"] == 4
+        assert snap["queue_size"] == 10
+        assert snap["success_rate"] == 1.0
+        assert snap["latency_ms"]["count"] == 0
+        assert metrics.percentile(50) == 0.0
+
+    def test_record_enqueue(self) -> None:
+        """Enqueues raise submitted and the queue depth; starts move tasks to in_flight."""
+        metrics = tq.MetricsCollector()
+        for _ in range(3):
+            metrics.record_enqueue()
+        metrics.record_start(0.01)
+        metrics.record_enqueue(queued=False)
+        snap = metrics.snapshot()
+        assert snap["submitted"] == 4
+        assert snap["queue_depth"] == 2
+        assert snap["max_queue_depth"] == 3
+        assert snap["in_flight"] == 1
+        assert snap["queue_wait_ms"]["count"] == 1
+
+    def test_record_success(self) -> None:
+        """A success counts, leaves flight and records latency and service time."""
+        metrics = tq.MetricsCollector()
+        metrics.record_enqueue()
+        metrics.record_start(0.002)
+        metrics.record_success(0.050, service_time=0.040)
+        snap = metrics.snapshot()
+        assert snap["succeeded"] == 1
+        assert snap["in_flight"] == 0
+        assert snap["queue_depth"] == 0
+        assert snap["latency_ms"]["count"] == 1
+        assert snap["latency_ms"]["p50"] == pytest.approx(50.0, rel=0.01)
+        assert snap["service_ms"]["p50"] == pytest.approx(40.0, rel=0.01)
+        assert snap["success_rate"] == 1.0
+
+    def test_record_failure(self) -> None:
+        """Failures count by kind and lower the success rate."""
+        metrics = tq.MetricsCollector()
+        for _ in range(4):
+            metrics.record_enqueue()
+            metrics.record_start(0.0)
+        metrics.record_success(0.01)
+        metrics.record_failure("permanent")
+        metrics.record_failure("transient")
+        metrics.record_failure("permanent")
+        snap = metrics.snapshot()
+        assert snap["failed"] == 3
+        assert snap["failures_by_kind"] == {"permanent": 2, "transient": 1}
+        assert snap["success_rate"] == pytest.approx(0.25)
+        assert snap["in_flight"] == 0
+
+    def test_record_retry(self) -> None:
+        """Every retry is counted and nothing else moves."""
+        metrics = tq.MetricsCollector()
+        for _ in range(3):
+            metrics.record_retry()
+        snap = metrics.snapshot()
+        assert snap["retries"] == 3
+        assert snap["succeeded"] == snap["failed"] == snap["submitted"] == 0
+
+    def test_record_duplicate_rejection_cancel(self) -> None:
+        """Duplicates, rejections and cancellations have their own counters."""
+        metrics = tq.MetricsCollector()
+        metrics.record_enqueue()
+        metrics.record_duplicate()
+        metrics.record_rejection()
+        metrics.record_cancel()
+        snap = metrics.snapshot()
+        assert (snap["duplicates"], snap["rejected"], snap["cancelled"]) == (1, 1, 1)
+        assert snap["queue_depth"] == 0
+        assert snap["success_rate"] == 1.0
+
+    def test_counters_never_negative(self) -> None:
+        """Unbalanced calls never drive a gauge below zero."""
+        metrics = tq.MetricsCollector()
+        metrics.record_success(0.01)
+        metrics.record_cancel()
+        snap = metrics.snapshot()
+        assert snap["in_flight"] == 0
+        assert snap["queue_depth"] == 0
+
+    def test_percentile_calculation(self) -> None:
+        """Percentiles of 1..100 ms match nearest rank within 1%, in seconds and in the snapshot."""
+        metrics = tq.MetricsCollector()
+        for ms in range(100, 0, -1):
+            metrics.record_enqueue()
+            metrics.record_start(0.0)
+            metrics.record_success(ms / 1000)
+        assert metrics.percentile(50) == pytest.approx(0.050, rel=0.01)
+        assert metrics.percentile(95) == pytest.approx(0.095, rel=0.01)
+        assert metrics.percentile(99) == pytest.approx(0.099, rel=0.01)
+        assert metrics.percentile(100) == pytest.approx(0.100, rel=0.01)
+        latency = metrics.snapshot()["latency_ms"]
+        assert latency["count"] == 100
+        assert latency["mean"] == pytest.approx(50.5, rel=0.01)
+        assert latency["p50"] == pytest.approx(50.0, rel=0.01)
+        assert latency["p95"] == pytest.approx(95.0, rel=0.01)
+        assert latency["p99"] == pytest.approx(99.0, rel=0.01)
+        assert latency["max"] == pytest.approx(100.0, rel=0.01)
+        assert metrics.percentile(50, series="queue_wait") == 0.0
+
+    @pytest.mark.timeout(30)
+    def test_thread_safety(self) -> None:
+        """Eight threads recording at once lose no update."""
+        metrics = tq.MetricsCollector()
+        barrier = threading.Barrier(8)
+
+        def work() -> None:
+            barrier.wait(WAIT)
+            for _ in range(500):
+                metrics.record_enqueue()
+                metrics.record_start(0.001)
+                metrics.record_retry()
+                metrics.record_success(0.002, service_time=0.001)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 2)
+        snap = metrics.snapshot()
+        assert snap["submitted"] == 4000
+        assert snap["succeeded"] == 4000
+        assert snap["retries"] == 4000
+        assert snap["in_flight"] == 0
+        assert snap["queue_depth"] == 0
+        assert snap["latency_ms"]["count"] == 4000
+
+
+class TestTaskRecord:
+    """TaskRecord: fields, defaults and derived durations."""
+
+    def test_task_record_creation(self) -> None:
+        """A record keeps its fields and defaults the optional ones to None or 0."""
+        record = tq.TaskRecord("t1", "k1", tq.TaskStatus("succeeded"), output={"x": 1})
+        assert (record.task_id, record.key, record.output) == ("t1", "k1", {"x": 1})
+        assert record.status == "succeeded"
+        assert record.status is tq.TaskStatus("succeeded")
+        assert record.error is None
+        assert record.error_kind is None
+        assert record.attempts == 0
+        assert record.enqueued_at is None
+        assert record.started_at is None
+        assert record.finished_at is None
+        assert {s.value for s in tq.TaskStatus} == {"succeeded", "failed", "duplicate", "cancelled"}
+
+    def test_duration_calculation(self) -> None:
+        """queue_wait, duration and latency come from the timestamps; None where one is missing."""
+        record = tq.TaskRecord(
+            "t",
+            "t",
+            tq.TaskStatus("succeeded"),
+            attempts=1,
+            enqueued_at=10.0,
+            started_at=10.5,
+            finished_at=12.0,
+        )
+        assert record.queue_wait == pytest.approx(0.5)
+        assert record.duration == pytest.approx(1.5)
+        assert record.latency == pytest.approx(2.0)
+        unstarted = tq.TaskRecord(
+            "t", "t", tq.TaskStatus("cancelled"), enqueued_at=10.0, finished_at=11.0
+        )
+        assert unstarted.queue_wait is None
+        assert unstarted.duration is None
+        assert unstarted.latency == pytest.approx(1.0)
+        assert tq.TaskRecord("t", "t", tq.TaskStatus("failed")).latency is None
+
+
+class TestTaskQueue:
+    """TaskQueue: bounded queue served by worker loops."""
+
+    def test_queue_creation(self) -> None:
+        """A queue reports its bounds and starts empty."""
+        queue = tq.TaskQueue(lambda item: None, maxsize=5, workers=2)
+        try:
+            assert queue.maxsize == 5
+            assert queue.workers == 2
+            assert queue.qsize() == 0
+        finally:
+            queue.close()
+
+    @pytest.mark.timeout(20)
+    def test_submit_task(self) -> None:
+        """Every submitted item is processed once, even after an item raised."""
+        seen: list[int] = []
+        lock = threading.Lock()
+        all_done = threading.Event()
+
+        def process(item: int) -> None:
+            with lock:
+                seen.append(item)
+                if len(seen) == 10:
+                    all_done.set()
+            if item == 3:
+                raise ValueError("boom")
+
+        queue = tq.TaskQueue(process, maxsize=20, workers=1)
+        for i in range(10):
+            queue.submit(i)
+        assert all_done.wait(WAIT)
+        assert queue.close(wait=True) == []
+        assert sorted(seen) == list(range(10))
+        with pytest.raises(tq.PoolClosedError):
+            queue.submit(99)
+
+    @pytest.mark.timeout(20)
+    def test_queue_overflow_rejection(self, gated: GatedFactory) -> None:
+        """A full queue raises QueueFullError at once or after the timeout; close drains it."""
+        handler = gated()
+        processed: list[str] = []
+
+        def process(item: str) -> None:
+            handler(tq.Task(item))
+            processed.append(item)
+
+        queue = tq.TaskQueue(process, maxsize=2, workers=1)
+        try:
+            queue.submit("busy")
+            assert handler.wait_started("busy")
+            queue.submit("a")
+            queue.submit("b")
+            assert queue.qsize() == 2
+            with pytest.raises(tq.QueueFullError) as info:
+                queue.submit("c", block=False)
+            assert info.value.maxsize == 2
+            with pytest.raises(tq.QueueFullError):
+                queue.submit("c", timeout=0.05)
+        finally:
+            handler.gate.set()
+            queue.close(wait=True)
+        assert processed == ["busy", "a", "b"]
+
+    @pytest.mark.timeout(20)
+    def test_close_cancel_pending_returns_items(self, gated: GatedFactory) -> None:
+        """close(cancel_pending=True) returns the queued items it removed, unprocessed."""
+        handler = gated()
+        queue = tq.TaskQueue(lambda item: handler(tq.Task(item)), maxsize=5, workers=1)
+        queue.submit("busy")
+        assert handler.wait_started("busy")
+        queue.submit("a")
+        queue.submit("b")
+        removed = queue.close(wait=False, cancel_pending=True)
+        assert sorted(removed) == ["a", "b"]
+        with pytest.raises(tq.PoolClosedError):
+            queue.submit("late")
+        handler.gate.set()
+        assert queue.close(wait=True) == []
+        assert handler.calls == {"busy": 1}
+
+    @pytest.mark.timeout(20)
+    def test_qsize_counts_only_items(self, gated: GatedFactory) -> None:
+        """qsize() counts waiting items only, not the machinery that stops the workers."""
+        handler = gated()
+        queue = tq.TaskQueue(lambda item: handler(tq.Task(item)), maxsize=5, workers=2)
+        queue.submit("busy-1")
+        queue.submit("busy-2")
+        assert handler.wait_started("busy-1")
+        assert handler.wait_started("busy-2")
+        queue.submit("a")
+        assert queue.qsize() == 1
+        assert queue.close(wait=False, cancel_pending=True) == ["a"]
+        assert queue.qsize() == 0
+        handler.gate.set()
+        queue.close(wait=True)
