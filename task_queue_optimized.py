@@ -236,6 +236,17 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
 _TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
 
 
+def _is_text(value: Any) -> bool:
+    """Return whether `value` is a non-empty string that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Task:
     """One unit of work: an id, a JSON payload and an optional idempotency key."""
@@ -264,7 +275,7 @@ class Task:
         if "id" not in mapping:
             raise TaskFileError("missing field 'id'", field="id")
         task_id = mapping["id"]
-        if not isinstance(task_id, str) or not task_id:
+        if not _is_text(task_id):
             raise TaskFileError("field 'id' must be a non-empty string", field="id")
         payload = mapping.get("payload", {})
         if not isinstance(payload, dict):
@@ -273,7 +284,7 @@ class Task:
                 field="payload",
             )
         key = mapping.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not key):
+        if key is not None and not _is_text(key):
             raise TaskFileError(
                 "field 'idempotency_key' must be a non-empty string",
                 field="idempotency_key",
