@@ -54,9 +54,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "DEFAULT_BASE_DELAY",
@@ -619,11 +620,18 @@ class RetryPolicy:
         return attempt < self.max_attempts and self.is_transient(exc)
 
 
-# --- Idempotency ---------------------------------------------------------------------------------
+# --- Stores --------------------------------------------------------------------------------------
+#
+# A store keeps two things that must outlive a process: one row per idempotency key (the claim
+# protocol below) and, for durable runs, one row per accepted task (the durable queue). The
+# contract is the `Store` protocol; three backends implement it, from simplest to most complex:
+# MemoryStore (one process), SqliteStore (one machine, several processes, WAL) and PostgresStore
+# (many machines). `open_store` picks one from a URL. `IdempotencyManager` and `WorkerPool` speak
+# only the protocol.
 
 
 class ClaimState(str, enum.Enum):
-    """What `IdempotencyManager.claim` found."""
+    """What a claim found."""
 
     CLAIMED = "claimed"
     COMPLETED = "completed"
@@ -644,18 +652,668 @@ class Claim:
     lease_expires: float | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueuedTask:
+    """A task taken from the durable queue, with the token that fences its settlement."""
+
+    task: Task
+    token: int
+
+
 class _Row(str, enum.Enum):
-    """The states a stored key can be in."""
+    """The states of a stored key."""
 
     IN_PROGRESS = "in_progress"
     COMPLETED = "completed"
     FAILED = "failed"
 
 
+class EntryState(str, enum.Enum):
+    """The states of a task in the durable queue."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def _new_token() -> int:
-    # Tokens only need to differ between claims of one key; 63 random bits never repeat in practice,
-    # and unlike a per-row counter they stay unique across a purge that deletes the row.
+    # Tokens only need to differ between claims of one key; 63 random bits never repeat in
+    # practice, and unlike a per-row counter they stay unique across a purge that deletes the row.
     return random.getrandbits(63) or 1
+
+
+class Store(Protocol):
+    """The storage contract behind `IdempotencyManager` and the durable queue.
+
+    Idempotency: one row per key, ``in_progress`` (claimed: a lease and a fencing token),
+    ``completed`` (the output, as JSON text) or ``failed`` (released: claimable again).
+
+    - ``claim_many([(key, fingerprint)])``: for each key, atomically insert it, or take over a
+      failed, lease-expired or TTL-expired row whose fingerprint agrees; answer `Claim`s in order.
+    - ``complete_many([(key, token, output_json)])``, ``renew_many([(key, token)])``,
+      ``release_many([(key, token, error)])``: each acts only where the token still owns the key
+      (fencing); the batch is one transaction, committed before the call returns.
+    - ``lookup``, ``mark_processed``, ``purge_expired``, ``stats``.
+
+    Durable queue: one row per task id, ``queued``, ``running`` (a lease, a token and the worker's
+    name), ``done`` or ``failed``.
+
+    - ``enqueue_many(tasks)``: insert new ids as queued (existing ids are left alone); returns how
+      many were new. ``take_many(worker, limit)``: lease up to `limit` queued or lease-expired
+      tasks, oldest first, skipping rows other workers hold. ``take_task(task, worker)``: persist
+      one task as running for this worker (None when it is done, or running elsewhere).
+      ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
+      the queue, where the token still owns it. ``renew_tasks(worker)``: extend the leases of the
+      worker's running tasks and record a heartbeat. ``queue_status()``, ``wait_for_work``.
+    """
+
+    url: str
+    lease_seconds: float
+    ttl_seconds: float | None
+
+    def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]: ...
+    def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]: ...
+    def renew_many(self, claims: Sequence[tuple[str, int]]) -> int: ...
+    def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int: ...
+    def lookup(self, key: str) -> dict[str, Any] | None: ...
+    def mark_processed(self, key: str, output_json: str) -> None: ...
+    def purge_expired(self, older_than: float | None = None) -> int: ...
+    def stats(self) -> dict[str, int]: ...
+    def enqueue_many(self, tasks: Sequence[Task]) -> int: ...
+    def take_many(self, worker: str, limit: int) -> list[QueuedTask]: ...
+    def take_task(self, task: Task, worker: str) -> int | None: ...
+    def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int: ...
+    def renew_tasks(self, worker: str, info: Mapping[str, Any] | None = None) -> int: ...
+    def queue_status(self) -> dict[str, Any]: ...
+    def wait_for_work(self, timeout: float, stop: threading.Event) -> None: ...
+    def close(self) -> None: ...
+
+
+def _queue_payload(task: Task) -> str:
+    return json.dumps(task.payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _empty_status() -> dict[str, Any]:
+    return {
+        "tasks": dict.fromkeys((state.value for state in EntryState), 0),
+        "oldest_queued_seconds": None,
+        "stalled": 0,
+        "workers": [],
+    }
+
+
+class MemoryStore:
+    """The contract in process memory: one process, nothing survives it (``memory://``)."""
+
+    def __init__(
+        self,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        ttl_seconds: float | None = None,
+    ) -> None:
+        if not (isinstance(lease_seconds, (int, float)) and lease_seconds > 0):
+            raise ValueError(f"lease_seconds must be > 0, not {lease_seconds!r}")
+        self.url = "memory://"
+        self.lease_seconds = float(lease_seconds)
+        self.ttl_seconds = ttl_seconds
+        self._lock = threading.Lock()  # guards the three dicts below
+        self._keys: dict[str, dict[str, Any]] = {}
+        self._tasks: dict[str, dict[str, Any]] = {}
+        self._workers: dict[str, dict[str, Any]] = {}
+        self._work = threading.Condition(self._lock)  # notified on enqueue
+
+    # Idempotency --------------------------------------------------------------------------------
+
+    def _claimable(self, row: dict[str, Any], now: float) -> bool:
+        state = row["state"]
+        return (
+            state == _Row.FAILED
+            or (state == _Row.IN_PROGRESS and row["lease_expires"] <= now)
+            or (
+                state == _Row.COMPLETED
+                and self.ttl_seconds is not None
+                and row["updated_at"] <= now - self.ttl_seconds
+            )
+        )
+
+    def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]:
+        claims = []
+        with self._lock:
+            now = time.time()
+            lease = now + self.lease_seconds
+            for key, fp in items:
+                row = self._keys.get(key)
+                agrees = fp is None or row is None or row["fingerprint"] in (None, fp)
+                if row is None or (agrees and self._claimable(row, now)):
+                    token = _new_token()
+                    self._keys[key] = {
+                        "state": _Row.IN_PROGRESS,
+                        "fingerprint": fp if row is None else (fp or row["fingerprint"]),
+                        "token": token,
+                        "output": None,
+                        "error": None,
+                        "lease_expires": lease,
+                        "updated_at": now,
+                    }
+                    claims.append(Claim(ClaimState.CLAIMED, token=token, lease_expires=lease))
+                elif not agrees:
+                    claims.append(Claim(ClaimState.CONFLICT))
+                elif row["state"] == _Row.COMPLETED:
+                    output = json.loads(row["output"])
+                    claims.append(Claim(ClaimState.COMPLETED, output=output))
+                else:
+                    claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=row["lease_expires"]))
+        return claims
+
+    def _owned(self, key: str, token: int) -> dict[str, Any] | None:
+        row = self._keys.get(key)
+        if row is None or row["token"] != token or row["state"] != _Row.IN_PROGRESS:
+            return None
+        return row
+
+    def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
+        results = []
+        with self._lock:
+            now = time.time()
+            for key, token, text in items:
+                row = self._owned(key, token)
+                if row is not None:
+                    row.update(state=_Row.COMPLETED, output=text, error=None, lease_expires=None,
+                               updated_at=now)  # fmt: skip
+                results.append(row is not None)
+        return results
+
+    def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
+        count = 0
+        with self._lock:
+            now = time.time()
+            for key, token in claims:
+                row = self._owned(key, token)
+                if row is not None:
+                    row.update(lease_expires=now + self.lease_seconds, updated_at=now)
+                    count += 1
+        return count
+
+    def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
+        count = 0
+        with self._lock:
+            now = time.time()
+            for key, token, error in items:
+                row = self._owned(key, token)
+                if row is not None:
+                    row.update(state=_Row.FAILED, error=error, lease_expires=None, updated_at=now)
+                    count += 1
+        return count
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._keys.get(key)
+            return None if row is None else _public_row(row)
+
+    def mark_processed(self, key: str, output_json: str) -> None:
+        with self._lock:
+            row = self._keys.setdefault(key, {"fingerprint": None, "token": _new_token()})
+            row.update(state=_Row.COMPLETED, output=output_json, error=None, lease_expires=None,
+                       updated_at=time.time())  # fmt: skip
+
+    def purge_expired(self, older_than: float | None = None) -> int:
+        age = self.ttl_seconds if older_than is None else older_than
+        if age is None:
+            return 0
+        cutoff = time.time() - age
+        with self._lock:
+            old_keys = [key for key, row in self._keys.items()
+                        if row["state"] != _Row.IN_PROGRESS
+                        and row["updated_at"] <= cutoff]  # fmt: skip
+            old_tasks = [i for i, row in self._tasks.items()
+                         if row["state"] in (EntryState.DONE, EntryState.FAILED)
+                         and row["updated_at"] <= cutoff]  # fmt: skip
+            for key in old_keys:
+                del self._keys[key]
+            for task_id in old_tasks:
+                del self._tasks[task_id]
+        return len(old_keys) + len(old_tasks)
+
+    def stats(self) -> dict[str, int]:
+        counts = dict.fromkeys((state.value for state in _Row), 0)
+        with self._lock:
+            for row in self._keys.values():
+                counts[row["state"].value] += 1
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # Durable queue ------------------------------------------------------------------------------
+
+    def enqueue_many(self, tasks: Sequence[Task]) -> int:
+        added = 0
+        with self._lock:
+            now = time.time()
+            for task in tasks:
+                if task.id in self._tasks:
+                    continue
+                self._tasks[task.id] = {
+                    "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
+                    "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
+                    "updated_at": now,
+                }  # fmt: skip
+                added += 1
+            if added:
+                self._work.notify_all()
+        return added
+
+    def _takeable(self, row: dict[str, Any], now: float) -> bool:
+        return row["state"] in (EntryState.QUEUED, EntryState.FAILED) or (
+            row["state"] == EntryState.RUNNING and row["lease_expires"] <= now
+        )
+
+    def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
+        token = _new_token()
+        row.update(state=EntryState.RUNNING, token=token, worker=worker,
+                   lease_expires=now + self.lease_seconds, updated_at=now,
+                   attempts=row["attempts"] + 1)  # fmt: skip
+        return token
+
+    def take_many(self, worker: str, limit: int) -> list[QueuedTask]:
+        taken = []
+        with self._lock:
+            now = time.time()
+            ready = sorted(
+                (row for row in self._tasks.values()
+                 if row["state"] != EntryState.FAILED and self._takeable(row, now)),
+                key=lambda row: row["enqueued_at"],
+            )  # fmt: skip
+            for row in ready[:limit]:
+                taken.append(QueuedTask(row["task"], self._lease(row, worker, now)))
+        return taken
+
+    def take_task(self, task: Task, worker: str) -> int | None:
+        with self._lock:
+            now = time.time()
+            row = self._tasks.get(task.id)
+            if row is None:
+                self._tasks[task.id] = row = {
+                    "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
+                    "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
+                    "updated_at": now,
+                }  # fmt: skip
+            if not self._takeable(row, now):
+                return None
+            return self._lease(row, worker, now)
+
+    def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
+        count = 0
+        with self._lock:
+            now = time.time()
+            for task_id, token, state, error in items:
+                row = self._tasks.get(task_id)
+                if row is None or row["token"] != token or row["state"] != EntryState.RUNNING:
+                    continue
+                row.update(state=state, error=error, lease_expires=None, updated_at=now)
+                if state == EntryState.QUEUED:
+                    row.update(token=None, worker=None)
+                count += 1
+            if count:
+                self._work.notify_all()
+        return count
+
+    def renew_tasks(self, worker: str, info: Mapping[str, Any] | None = None) -> int:
+        count = 0
+        with self._lock:
+            now = time.time()
+            for row in self._tasks.values():
+                if row["worker"] == worker and row["state"] == EntryState.RUNNING:
+                    row.update(lease_expires=now + self.lease_seconds, updated_at=now)
+                    count += 1
+            seen = self._workers.setdefault(worker, {"started_at": now})
+            seen.update(seen_at=now, info=dict(info or {}))
+        return count
+
+    def queue_status(self) -> dict[str, Any]:
+        status = _empty_status()
+        with self._lock:
+            now = time.time()
+            queued = []
+            for row in self._tasks.values():
+                status["tasks"][row["state"].value] += 1
+                if row["state"] == EntryState.QUEUED:
+                    queued.append(row["enqueued_at"])
+                elif row["state"] == EntryState.RUNNING and row["lease_expires"] <= now:
+                    status["stalled"] += 1
+            if queued:
+                status["oldest_queued_seconds"] = round(now - min(queued), 3)
+            status["workers"] = [
+                {"name": name, "seen_seconds_ago": round(now - w["seen_at"], 3), **w["info"]}
+                for name, w in sorted(self._workers.items())
+            ]
+        return status
+
+    def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
+        with self._work:
+            if not stop.is_set():
+                self._work.wait(timeout)
+
+    def close(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+
+def _public_row(row: dict[str, Any]) -> dict[str, Any]:
+    output = row.get("output")
+    return {
+        "state": str(row["state"].value if isinstance(row["state"], enum.Enum) else row["state"]),
+        "fingerprint": row.get("fingerprint"),
+        "output": None if output is None else json.loads(output),
+        "error": row.get("error"),
+        "lease_expires": row.get("lease_expires"),
+        "updated_at": row.get("updated_at"),
+    }
+
+
+class _SqlStore:
+    """The contract in SQL, shared by SQLite and PostgreSQL; subclasses open and run transactions.
+
+    Statements use ``:name`` parameters (SQLite's style; PostgresStore rewrites them). The claim
+    is one upsert: it inserts the key, or takes over a claimable row whose fingerprint agrees, and
+    returns the new token exactly when the caller now owns the key.
+    """
+
+    _DDL: tuple[str, ...] = ()
+    _TAKE_LOCK = ""  # appended to the take query's row selection (FOR UPDATE SKIP LOCKED)
+    _SQL = {
+        "claim": """
+            INSERT INTO {keys} AS t
+                (key, state, fingerprint, token, lease_expires, created_at, updated_at)
+            VALUES (:key, 'in_progress', :fp, :token, :lease, :now, :now)
+            ON CONFLICT (key) DO UPDATE SET
+                state = 'in_progress', token = excluded.token,
+                lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
+                output = NULL, error = NULL,
+                fingerprint = coalesce(excluded.fingerprint, t.fingerprint)
+            WHERE (t.state = 'failed'
+                   OR (t.state = 'in_progress' AND t.lease_expires <= :now)
+                   OR (t.state = 'completed' AND t.updated_at <= :expired))
+              AND (excluded.fingerprint IS NULL OR t.fingerprint IS NULL
+                   OR t.fingerprint = excluded.fingerprint)
+            RETURNING token
+        """,
+        "lookup": """
+            SELECT state, fingerprint, output, error, lease_expires, updated_at
+            FROM {keys} WHERE key = :key
+        """,
+        "complete": """
+            UPDATE {keys} SET state = 'completed', output = :output, error = NULL,
+                lease_expires = NULL, updated_at = :now
+            WHERE key = :key AND token = :token AND state = 'in_progress'
+        """,
+        "renew": """
+            UPDATE {keys} SET lease_expires = :lease, updated_at = :now
+            WHERE key = :key AND token = :token AND state = 'in_progress'
+        """,
+        "release": """
+            UPDATE {keys} SET state = 'failed', error = :error, lease_expires = NULL,
+                updated_at = :now
+            WHERE key = :key AND token = :token AND state = 'in_progress'
+        """,
+        "mark": """
+            INSERT INTO {keys} AS t (key, state, token, output, created_at, updated_at)
+            VALUES (:key, 'completed', :token, :output, :now, :now)
+            ON CONFLICT (key) DO UPDATE SET state = 'completed', output = excluded.output,
+                error = NULL, lease_expires = NULL, updated_at = excluded.updated_at
+        """,
+        "purge_keys": """
+            DELETE FROM {keys} WHERE state IN ('completed', 'failed') AND updated_at <= :cutoff
+        """,
+        "purge_tasks": """
+            DELETE FROM {tasks} WHERE state IN ('done', 'failed') AND updated_at <= :cutoff
+        """,
+        "stats": "SELECT state, count(*) FROM {keys} GROUP BY state",
+        "enqueue": """
+            INSERT INTO {tasks} (id, key, payload, state, attempts, enqueued_at, updated_at)
+            VALUES (:id, :key, :payload, 'queued', 0, :now, :now)
+            ON CONFLICT (id) DO NOTHING
+        """,
+        "take": """
+            UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
+                lease_expires = :lease, attempts = attempts + 1, updated_at = :now
+            WHERE id IN (
+                SELECT id FROM {tasks}
+                WHERE state = 'queued' OR (state = 'running' AND lease_expires <= :now)
+                ORDER BY enqueued_at LIMIT :limit {take_lock})
+            RETURNING id, key, payload
+        """,
+        "take_task": """
+            INSERT INTO {tasks} AS t (id, key, payload, state, token, worker, lease_expires,
+                attempts, enqueued_at, updated_at)
+            VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 1, :now, :now)
+            ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
+                worker = excluded.worker, lease_expires = excluded.lease_expires,
+                attempts = t.attempts + 1, updated_at = excluded.updated_at
+            WHERE t.state IN ('queued', 'failed')
+               OR (t.state = 'running' AND t.lease_expires <= :now)
+            RETURNING token
+        """,
+        "settle": """
+            UPDATE {tasks} SET state = :state, error = :error, lease_expires = NULL,
+                updated_at = :now,
+                token = CASE WHEN :state = 'queued' THEN NULL ELSE token END,
+                worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END
+            WHERE id = :id AND token = :token AND state = 'running'
+        """,
+        "renew_tasks": """
+            UPDATE {tasks} SET lease_expires = :lease, updated_at = :now
+            WHERE worker = :worker AND state = 'running'
+        """,
+        "heartbeat": """
+            INSERT INTO {workers} AS w (name, info, started_at, seen_at)
+            VALUES (:worker, :info, :now, :now)
+            ON CONFLICT (name) DO UPDATE SET info = excluded.info, seen_at = excluded.seen_at
+        """,
+        "task_counts": "SELECT state, count(*) FROM {tasks} GROUP BY state",
+        "oldest": "SELECT min(enqueued_at) FROM {tasks} WHERE state = 'queued'",
+        "stalled": """
+            SELECT count(*) FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
+        """,
+        "workers": "SELECT name, info, seen_at FROM {workers} ORDER BY name",
+        "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
+    }
+
+    url: str
+    lease_seconds: float
+    ttl_seconds: float | None
+
+    def _init_common(
+        self, lease_seconds: float, ttl_seconds: float | None, names: Mapping[str, str]
+    ) -> None:
+        if not (isinstance(lease_seconds, (int, float)) and lease_seconds > 0):
+            raise ValueError(f"lease_seconds must be > 0, not {lease_seconds!r}")
+        if ttl_seconds is not None and not ttl_seconds > 0:
+            raise ValueError(f"ttl_seconds must be > 0 or None, not {ttl_seconds!r}")
+        self.lease_seconds = float(lease_seconds)
+        self.ttl_seconds = ttl_seconds
+        self._names = dict(names)
+        self._sql = {
+            name: self._dialect(sql.format(take_lock=self._TAKE_LOCK, **names))
+            for name, sql in self._SQL.items()
+        }
+        self._lock = threading.Lock()  # guards the connection: one transaction at a time
+
+    @staticmethod
+    def _dialect(sql: str) -> str:
+        return sql
+
+    def _transaction(self, body: Callable[[Callable[..., Any]], Any]) -> Any:
+        """Run ``body(execute)`` in one write transaction; ``execute(name, params)`` runs one
+        named statement and returns its cursor."""
+        raise NotImplementedError
+
+    # Idempotency --------------------------------------------------------------------------------
+
+    def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]:
+        lease, ttl = self.lease_seconds, self.ttl_seconds
+
+        def claim_all(execute: Callable[..., Any]) -> list[Claim]:
+            now = time.time()
+            params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300}
+            claims = []
+            for key, fp in items:
+                params.update(key=key, fp=fp, token=_new_token())
+                row = execute("claim", params).fetchone()
+                if row is not None:
+                    claims.append(
+                        Claim(ClaimState.CLAIMED, token=row[0], lease_expires=now + lease)
+                    )
+                    continue
+                state, stored_fp, output, _, lease_expires, _ = execute(
+                    "lookup", {"key": key}
+                ).fetchone()
+                if fp is not None and stored_fp is not None and stored_fp != fp:
+                    claims.append(Claim(ClaimState.CONFLICT))
+                elif state == _Row.COMPLETED:
+                    claims.append(Claim(ClaimState.COMPLETED, output=json.loads(output)))
+                else:
+                    claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires))
+            return claims
+
+        return self._transaction(claim_all)
+
+    def _each(self, name: str, rows: list[dict[str, Any]]) -> list[bool]:
+        if not rows:
+            return []
+        return self._transaction(lambda execute: [execute(name, row).rowcount == 1 for row in rows])
+
+    def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
+        now = time.time()
+        return self._each(
+            "complete",
+            [{"key": k, "token": t, "output": o, "now": now} for k, t, o in items],
+        )
+
+    def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
+        now = time.time()
+        lease = now + self.lease_seconds
+        rows = [{"key": k, "token": t, "lease": lease, "now": now} for k, t in claims]
+        return sum(self._each("renew", rows))
+
+    def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
+        now = time.time()
+        rows = [{"key": k, "token": t, "error": e, "now": now} for k, t, e in items]
+        return sum(self._each("release", rows))
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        row = self._transaction(lambda execute: execute("lookup", {"key": key}).fetchone())
+        if row is None:
+            return None
+        state, fp, output, error, lease_expires, updated_at = row
+        return _public_row(
+            {"state": state, "fingerprint": fp, "output": output, "error": error,
+             "lease_expires": lease_expires, "updated_at": updated_at}
+        )  # fmt: skip
+
+    def mark_processed(self, key: str, output_json: str) -> None:
+        params = {"key": key, "token": _new_token(), "output": output_json, "now": time.time()}
+        self._transaction(lambda execute: execute("mark", params))
+
+    def purge_expired(self, older_than: float | None = None) -> int:
+        age = self.ttl_seconds if older_than is None else older_than
+        if age is None:
+            return 0
+        params = {"cutoff": time.time() - age}
+        return self._transaction(
+            lambda execute: (
+                execute("purge_keys", params).rowcount + execute("purge_tasks", params).rowcount
+            )
+        )
+
+    def stats(self) -> dict[str, int]:
+        counts = dict.fromkeys((state.value for state in _Row), 0)
+        for state, count in self._transaction(lambda execute: execute("stats", {}).fetchall()):
+            counts[state] = count
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # Durable queue ------------------------------------------------------------------------------
+
+    def enqueue_many(self, tasks: Sequence[Task]) -> int:
+        now = time.time()
+        rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now} for t in tasks]
+        if not rows:
+            return 0
+        return self._transaction(
+            lambda execute: (
+                sum(execute("enqueue", row).rowcount for row in rows) + self._notify(execute)
+            )
+        )
+
+    def _notify(self, execute: Callable[..., Any]) -> int:
+        return 0  # PostgresStore wakes idle workers here
+
+    def take_many(self, worker: str, limit: int) -> list[QueuedTask]:
+        now = time.time()
+        token = _new_token()  # one token for the batch: it fences each row all the same
+        params = {"token": token, "worker": worker, "lease": now + self.lease_seconds,
+                  "now": now, "limit": limit}  # fmt: skip
+        rows = self._transaction(lambda execute: execute("take", params).fetchall())
+        return [
+            QueuedTask(Task(task_id, json.loads(payload), None if key == task_id else key), token)
+            for task_id, key, payload in rows
+        ]
+
+    def take_task(self, task: Task, worker: str) -> int | None:
+        now = time.time()
+        params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
+                  "token": _new_token(), "worker": worker, "lease": now + self.lease_seconds,
+                  "now": now}  # fmt: skip
+        row = self._transaction(lambda execute: execute("take_task", params).fetchone())
+        return None if row is None else row[0]
+
+    def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
+        now = time.time()
+        rows = [{"id": i, "token": t, "state": s.value, "error": e, "now": now}
+                for i, t, s, e in items]  # fmt: skip
+        if not rows:
+            return 0
+        return self._transaction(
+            lambda execute: (
+                sum(execute("settle", row).rowcount for row in rows) + self._notify(execute)
+            )
+        )
+
+    def renew_tasks(self, worker: str, info: Mapping[str, Any] | None = None) -> int:
+        now = time.time()
+        params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
+                  "info": json.dumps(dict(info or {}))}  # fmt: skip
+
+        def renew(execute: Callable[..., Any]) -> int:
+            execute("heartbeat", params)
+            return execute("renew_tasks", params).rowcount
+
+        return self._transaction(renew)
+
+    def queue_status(self) -> dict[str, Any]:
+        status = _empty_status()
+        now = time.time()
+
+        def read(execute: Callable[..., Any]) -> None:
+            for state, count in execute("task_counts", {}).fetchall():
+                status["tasks"][state] = count
+            oldest = execute("oldest", {}).fetchone()[0]
+            if oldest is not None:
+                status["oldest_queued_seconds"] = round(now - oldest, 3)
+            status["stalled"] = execute("stalled", {"now": now}).fetchone()[0]
+            status["workers"] = [
+                {"name": name, "seen_seconds_ago": round(now - seen_at, 3), **json.loads(info)}
+                for name, info, seen_at in execute("workers", {}).fetchall()
+            ]
+
+        self._transaction(read)
+        return status
+
+    def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
+        stop.wait(timeout)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -663,80 +1321,17 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-class IdempotencyManager:
-    """A SQLite store of one row per idempotency key, shared by threads and processes.
+class SqliteStore(_SqlStore):
+    """The contract in one SQLite file: one machine, any number of threads and processes.
 
-    A row is ``in_progress`` (claimed, with a lease and a fencing token), ``completed`` (with the
-    cached JSON output) or ``failed`` (released; claimable again). A claim is one atomic upsert:
-    it inserts the key, or takes over a failed or lease-expired row, or changes nothing. Every
-    later call of the owner carries the token, so an owner whose lease ran out and was taken over
-    writes nothing. SQLite runs in WAL mode; files are created with mode 0600.
-
-    Args:
-        path: the database file; None for a private in-memory database.
-        lease_seconds: how long a claim stays owned without renewal.
-        ttl_seconds: completed and failed rows older than this are forgotten (None: kept forever).
-        durability: "normal" survives a process crash; "full" syncs every commit (power loss).
-        table: the table name, validated as an SQL identifier.
+    WAL journal (readers never block the writer), ``synchronous=NORMAL`` (survives a process
+    crash) or ``FULL`` (``durability="full"``: survives power loss), write transactions begun with
+    ``BEGIN IMMEDIATE`` so none has to upgrade from read to write, and a 30 s busy timeout. New
+    files are created with mode 0600. ``path=None`` is a private in-memory database.
 
     Raises:
         ConfigError: the path is a directory, is not a SQLite database, or cannot be written.
-        ValueError: an argument is out of range.
     """
-
-    _SCHEMA = """
-        CREATE TABLE IF NOT EXISTS {table} (
-            key           TEXT PRIMARY KEY NOT NULL,
-            state         TEXT NOT NULL,
-            fingerprint   TEXT,
-            token         INTEGER NOT NULL,
-            output        TEXT,
-            error         TEXT,
-            lease_expires REAL,
-            created_at    REAL NOT NULL,
-            updated_at    REAL NOT NULL
-        ) WITHOUT ROWID
-    """
-    # One statement that either inserts the key, takes over a claimable row, or does nothing:
-    # RETURNING yields a row exactly when the caller now owns the key.
-    _CLAIM = """
-        INSERT INTO {table} (key, state, fingerprint, token, lease_expires, created_at, updated_at)
-        VALUES (:key, 'in_progress', :fp, :token, :lease, :now, :now)
-        ON CONFLICT (key) DO UPDATE SET
-            state = 'in_progress', token = excluded.token, lease_expires = excluded.lease_expires,
-            updated_at = excluded.updated_at, output = NULL, error = NULL,
-            fingerprint = coalesce(excluded.fingerprint, fingerprint)
-        WHERE (state = 'failed'
-               OR (state = 'in_progress' AND lease_expires <= :now)
-               OR (state = 'completed' AND updated_at <= :expired))
-          AND (excluded.fingerprint IS NULL OR fingerprint IS NULL
-               OR fingerprint = excluded.fingerprint)
-        RETURNING token
-    """
-    _LOOKUP = (
-        "SELECT state, fingerprint, output, lease_expires, updated_at FROM {table} WHERE key = ?"
-    )
-    _COMPLETE = """
-        UPDATE {table} SET state = 'completed', output = ?, error = NULL, lease_expires = NULL,
-            updated_at = ?
-        WHERE key = ? AND token = ? AND state = 'in_progress'
-    """
-    _RENEW = """
-        UPDATE {table} SET lease_expires = ?, updated_at = ?
-        WHERE key = ? AND token = ? AND state = 'in_progress'
-    """
-    _RELEASE = """
-        UPDATE {table} SET state = 'failed', error = ?, lease_expires = NULL, updated_at = ?
-        WHERE key = ? AND token = ? AND state = 'in_progress'
-    """
-    _MARK = """
-        INSERT INTO {table} (key, state, token, output, created_at, updated_at)
-        VALUES (?, 'completed', ?, ?, ?, ?)
-        ON CONFLICT (key) DO UPDATE SET state = 'completed', output = excluded.output,
-            error = NULL, lease_expires = NULL, updated_at = excluded.updated_at
-    """
-    _PURGE = "DELETE FROM {table} WHERE state IN ('completed', 'failed') AND updated_at <= ?"
-    _STATS = "SELECT state, count(*) FROM {table} GROUP BY state"
 
     def __init__(
         self,
@@ -747,48 +1342,48 @@ class IdempotencyManager:
         durability: str = DEFAULT_DURABILITY,
         table: str = "idempotency",
     ) -> None:
-        if not (isinstance(lease_seconds, (int, float)) and lease_seconds > 0):
-            raise ValueError(f"lease_seconds must be > 0, not {lease_seconds!r}")
-        if ttl_seconds is not None and not ttl_seconds > 0:
-            raise ValueError(f"ttl_seconds must be > 0 or None, not {ttl_seconds!r}")
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
-        if not IDENTIFIER_PATTERN.match(table):
+        if not IDENTIFIER_PATTERN.fullmatch(table):
             raise ValueError(f"table name {table!r} is not a valid SQL identifier")
         self.path = None if path is None else os.fspath(path)
-        self.lease_seconds = float(lease_seconds)
-        self.ttl_seconds = ttl_seconds
+        self.url = "sqlite:///:memory:" if self.path is None else f"sqlite:///{self.path}"
         self.durability = durability
-        self.table = table
-        self._sql = {
-            name: getattr(self, name).format(table=table)
-            for name in (
-                "_SCHEMA", "_CLAIM", "_LOOKUP", "_COMPLETE", "_RENEW", "_RELEASE", "_MARK",
-                "_PURGE", "_STATS",
-            )
-        }  # fmt: skip
-        self._lock = threading.Lock()  # guards self._conn: one statement or transaction at a time
+        self._init_common(
+            lease_seconds,
+            ttl_seconds,
+            {"keys": table, "tasks": f"{table}_tasks", "workers": f"{table}_workers"},
+        )
         self._conn: sqlite3.Connection | None = self._open()
 
-    # Opening ------------------------------------------------------------------------------------
+    _DDL = (
+        """CREATE TABLE IF NOT EXISTS {keys} (
+            key TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, fingerprint TEXT,
+            token INTEGER NOT NULL, output TEXT, error TEXT, lease_expires REAL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE IF NOT EXISTS {tasks} (
+            id TEXT PRIMARY KEY NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
+            state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
+            updated_at REAL NOT NULL) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS {tasks}_ready ON {tasks} (state, enqueued_at)",
+        """CREATE TABLE IF NOT EXISTS {workers} (
+            name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
+            seen_at REAL NOT NULL) WITHOUT ROWID""",
+    )
 
     def _open(self) -> sqlite3.Connection:
-        if self.path is None:
-            target = ":memory:"
-        else:
-            target = self.path
-            _prepare_database_file(target)
+        target = ":memory:" if self.path is None else self.path
+        if self.path is not None:
+            _prepare_database_file(self.path)
         try:
             conn = sqlite3.connect(
-                target,
-                timeout=BUSY_TIMEOUT_SECONDS,
-                isolation_level=None,
-                check_same_thread=False,
+                target, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise ConfigError(f"database {target}: cannot open: {exc}") from None
         try:
-            self._retry_busy(lambda: self._initialise(conn))
+            _retry_busy(lambda: self._initialise(conn))
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ConfigError(f"database {target}: {_describe_db_error(exc)}") from None
@@ -802,59 +1397,40 @@ class IdempotencyManager:
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        conn.execute(self._sql["_SCHEMA"])
-        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({self.table})")}
-        missing = {
-            "key",
-            "state",
-            "fingerprint",
-            "token",
-            "output",
-            "lease_expires",
-        } - columns
+        names = self._names
+        existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if not {names["keys"], names["tasks"], names["workers"]} <= existing:
+            # Several processes may create the schema at once: one transaction, retried while
+            # busy. An existing schema needs no write lock, so opening never waits for a writer.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for ddl in self._DDL:
+                    conn.execute(ddl.format(**names))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        keys = names["keys"]
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({keys})")}
+        missing = {"key", "state", "fingerprint", "token", "output", "lease_expires"} - columns
         if missing:
             raise sqlite3.DatabaseError(
-                f"table {self.table!r} exists with another layout (no {', '.join(sorted(missing))})"
+                f"table {keys!r} exists with another layout (no {', '.join(sorted(missing))})"
             )
 
-    @staticmethod
-    def _retry_busy(operation: Callable[[], Any]) -> Any:
-        # busy_timeout covers most waits, but a few steps (switching the journal mode, upgrading a
-        # read to a write) report SQLITE_BUSY at once. Retry them with backoff up to the timeout.
-        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
-        delay = 0.001
-        while True:
-            try:
-                return operation()
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(random.uniform(0, delay))
-            delay = min(delay * 2, 0.1)
-
-    def _execute(self, name: str, params: Any = ()) -> sqlite3.Cursor:
-        conn = self._connection()
-        sql = self._sql[name]
-        with self._lock:
-            return self._retry_busy(lambda: conn.execute(sql, params))
-
-    def _connection(self) -> sqlite3.Connection:
+    def _transaction(self, body: Callable[[Callable[..., Any]], Any]) -> Any:
         conn = self._conn
         if conn is None:
-            raise TaskQueueError("the idempotency store is closed")
-        return conn
+            raise TaskQueueError("the store is closed")
+        sql = self._sql
 
-    # Safe protocol ------------------------------------------------------------------------------
-
-    def _transaction(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run `body(conn)` in one write transaction (BEGIN IMMEDIATE ... COMMIT): one commit,
-        one sync, however many rows it writes. Retried as a whole while the database is busy."""
-        conn = self._connection()
+        def execute(name: str, params: Mapping[str, Any]) -> sqlite3.Cursor:
+            return conn.execute(sql[name], params)
 
         def run() -> Any:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = body(conn)
+                result = body(execute)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -862,172 +1438,28 @@ class IdempotencyManager:
             return result
 
         with self._lock:
-            return self._retry_busy(run)
-
-    def claim(self, key: str, fingerprint: str | None = None) -> Claim:
-        """Try to take ownership of `key`.
-
-        Returns:
-            A `Claim` whose state is "claimed" (with a fencing token), "completed" (with the cached
-            output), "in_progress" (another owner's lease is live) or "conflict" (the key was
-            first used with another fingerprint).
-        """
-        return self.claim_many([(key, fingerprint)])[0]
-
-    def claim_many(self, items: Iterable[tuple[str, str | None]]) -> list[Claim]:
-        """Claim many keys in one transaction; the answers come in the order of `items`."""
-        items = list(items)
-        claim_sql, lookup_sql = self._sql["_CLAIM"], self._sql["_LOOKUP"]
-        lease, ttl = self.lease_seconds, self.ttl_seconds
-
-        def claim_all(conn: sqlite3.Connection) -> list[Claim]:
-            now = time.time()
-            params = {
-                "now": now,
-                "lease": now + lease,
-                "expired": now - ttl if ttl else -math.inf,
-            }
-            claims = []
-            for key, fp in items:
-                params["key"], params["fp"], params["token"] = key, fp, _new_token()
-                row = conn.execute(claim_sql, params).fetchone()
-                if row is not None:
-                    claims.append(
-                        Claim(ClaimState.CLAIMED, token=row[0], lease_expires=now + lease)
-                    )
-                else:
-                    found = conn.execute(lookup_sql, (key,)).fetchone()
-                    claims.append(self._explain(found, fp, now))
-            return claims
-
-        return self._transaction(claim_all)
-
-    def _explain(self, row: Any, fp: str | None, now: float) -> Claim:
-        # Why a claim found the row it could not take (inside the claim's transaction).
-        state, stored_fp, output, lease_expires, _ = row
-        if fp is not None and stored_fp is not None and stored_fp != fp:
-            return Claim(ClaimState.CONFLICT)
-        if state == _Row.COMPLETED:
-            return Claim(ClaimState.COMPLETED, output=json.loads(output))
-        return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
-
-    def _ttl_expired(self, updated_at: float, now: float) -> bool:
-        return self.ttl_seconds is not None and updated_at <= now - self.ttl_seconds
-
-    def complete(self, key: str, token: int, output: Any) -> bool:
-        """Store `output` for a key you own and mark it completed; committed before returning.
-
-        Returns:
-            False, writing nothing, when `token` is stale (the key was claimed by someone else).
-
-        Raises:
-            TypeError, ValueError: `output` is not JSON-serialisable.
-        """
-        return self.complete_many([(key, token, json.dumps(output, allow_nan=False))])[0]
-
-    def complete_many(self, items: Iterable[tuple[str, int, str]]) -> list[bool]:
-        """Complete many owned keys in one transaction (group commit).
-
-        Args:
-            items: ``(key, token, output_json)`` triples; the output is already JSON text.
-
-        Returns:
-            For each item, whether it was written (False: a stale token, nothing written).
-        """
-        items = list(items)
-        sql = self._sql["_COMPLETE"]
-
-        def complete_all(conn: sqlite3.Connection) -> list[bool]:
-            now = time.time()
-            return [conn.execute(sql, (text, now, key, token)).rowcount == 1
-                    for key, token, text in items]  # fmt: skip
-
-        return self._transaction(complete_all)
-
-    def renew(self, key: str, token: int) -> bool:
-        """Extend the lease of a key you own; False when the token is stale."""
-        now = time.time()
-        return self._execute("_RENEW", (now + self.lease_seconds, now, key, token)).rowcount == 1
-
-    def renew_many(self, claims: Iterable[tuple[str, int]]) -> int:
-        """Extend the leases of many owned keys in one transaction; return how many were renewed."""
-        now = time.time()
-        params = [(now + self.lease_seconds, now, key, token) for key, token in claims]
-        if not params:
-            return 0
-        sql = self._sql["_RENEW"]
-        return self._transaction(lambda conn: sum(conn.execute(sql, p).rowcount for p in params))
-
-    def release(self, key: str, token: int, error: str | None = None) -> bool:
-        """Give up a key you own: it becomes claimable again and counts as failed until then."""
-        return self._execute("_RELEASE", (error, time.time(), key, token)).rowcount == 1
-
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        """Return the stored row of `key` as a dict, or None."""
-        row = self._execute("_LOOKUP", (key,)).fetchone()
-        if row is None:
-            return None
-        state, fp, output, lease_expires, updated_at = row
-        return {
-            "state": state,
-            "fingerprint": fp,
-            "output": None if output is None else json.loads(output),
-            "lease_expires": lease_expires,
-            "updated_at": updated_at,
-        }
-
-    # Simple surface -----------------------------------------------------------------------------
-
-    def is_processed(self, key: str) -> bool:
-        """Return whether `key` is completed."""
-        row = self.lookup(key)
-        return (
-            row is not None
-            and row["state"] == _Row.COMPLETED
-            and not self._ttl_expired(row["updated_at"], time.time())
-        )
-
-    def mark_processed(self, key: str, output: Any = None) -> None:
-        """Record `key` as completed with `output`, whoever holds it."""
-        now = time.time()
-        text = json.dumps(output, allow_nan=False)
-        self._execute("_MARK", (key, _new_token(), text, now, now))
-
-    def get_cached_output(self, key: str) -> Any:
-        """Return the output stored for a completed `key`, or None."""
-        return self.lookup(key)["output"] if self.is_processed(key) else None
-
-    # Housekeeping -------------------------------------------------------------------------------
-
-    def purge_expired(self) -> int:
-        """Delete completed and failed rows older than the TTL; return how many went."""
-        if self.ttl_seconds is None:
-            return 0
-        return self._execute("_PURGE", (time.time() - self.ttl_seconds,)).rowcount
-
-    def stats(self) -> dict[str, int]:
-        """Return the row counts: in_progress, completed, failed and total."""
-        counts = dict.fromkeys(("in_progress", "completed", "failed"), 0)
-        for state, count in self._execute("_STATS").fetchall():
-            counts[state] = count
-        counts["total"] = sum(counts.values())
-        return counts
+            return _retry_busy(run)
 
     def close(self) -> None:
-        """Close the database connection; later calls raise `TaskQueueError`."""
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
 
-    def __enter__(self) -> IdempotencyManager:
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"IdempotencyManager({self.path or ':memory:'!r}, durability={self.durability!r})"
+def _retry_busy(operation: Callable[[], Any]) -> Any:
+    # busy_timeout covers most waits, but a few steps (switching the journal mode, a transaction
+    # that met a checkpoint) report SQLITE_BUSY at once. Retry them with backoff up to the timeout.
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    delay = 0.001
+    while True:
+        try:
+            return operation()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(random.uniform(0, delay))
+        delay = min(delay * 2, 0.1)
 
 
 def _describe_db_error(exc: sqlite3.DatabaseError) -> str:
@@ -1075,11 +1507,416 @@ def _prepare_database_file(path: str) -> None:
         raise ConfigError(f"database {path}: cannot be written")
 
 
+class PostgresStore(_SqlStore):
+    """The contract in PostgreSQL: workers on many machines share one database.
+
+    Tasks are taken with ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other's rows;
+    an enqueue sends ``NOTIFY``, so idle workers (``LISTEN`` on their own connection) wake within
+    milliseconds instead of polling. A lost connection (a server restart) is reopened with
+    backoff for up to `reconnect_seconds`, and the interrupted transaction is run again: a
+    transaction is all or nothing, and every write is fenced by a token, so a retry can delay a
+    task but never complete one twice. Needs psycopg 3 (``pip install "psycopg[binary]"``).
+
+    Args:
+        url: ``postgresql://user@host:port/dbname``; ``?schema=NAME`` (default ``task_queue``)
+            selects the schema that holds the tables.
+
+    Raises:
+        ConfigError: psycopg is missing, the URL or schema is invalid, or no server answers.
+    """
+
+    _TAKE_LOCK = "FOR UPDATE SKIP LOCKED"
+    _DDL = (
+        "CREATE SCHEMA IF NOT EXISTS {schema}",
+        """CREATE TABLE IF NOT EXISTS {keys} (
+            key TEXT PRIMARY KEY, state TEXT NOT NULL, fingerprint TEXT, token BIGINT NOT NULL,
+            output TEXT, error TEXT, lease_expires DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {tasks} (
+            id TEXT PRIMARY KEY, key TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL,
+            token BIGINT, worker TEXT, lease_expires DOUBLE PRECISION,
+            attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+            enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS {tasks_index} ON {tasks} (state, enqueued_at)",
+        """CREATE TABLE IF NOT EXISTS {workers} (
+            name TEXT PRIMARY KEY, info TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
+            seen_at DOUBLE PRECISION NOT NULL)""",
+    )
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        ttl_seconds: float | None = None,
+        reconnect_seconds: float = 60.0,
+    ) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError(
+                "a postgresql:// database needs psycopg 3: pip install 'psycopg[binary]'"
+            ) from None
+        self._psycopg = psycopg
+        self._dsn, schema = _split_schema(url)
+        self.url = url
+        self.schema = schema
+        self._channel = f"task_queue_{schema}"
+        self._reconnect_seconds = reconnect_seconds
+        self._init_common(
+            lease_seconds,
+            ttl_seconds,
+            {"schema": schema, "keys": f"{schema}.idempotency", "tasks": f"{schema}.tasks",
+             "tasks_index": "tasks_ready", "workers": f"{schema}.workers"},
+        )  # fmt: skip
+        self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
+        self._listener: Any = None
+        self._conn: Any = None
+        try:
+            self._conn = self._connect()
+            self._create_schema()
+        except psycopg.Error as exc:
+            self.close()
+            raise ConfigError(f"database {_redact(url)}: {_first_line(exc)}") from None
+
+    @staticmethod
+    def _dialect(sql: str) -> str:
+        return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
+
+    def _create_schema(self) -> None:
+        # Several workers may start at once: an advisory lock makes the DDL one at a time.
+        with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
+            for ddl in self._DDL:
+                self._conn.execute(ddl.format(**self._names))
+
+    def _transaction(self, body: Callable[[Callable[..., Any]], Any]) -> Any:
+        psycopg = self._psycopg
+        sql = self._sql
+        deadline = time.monotonic() + self._reconnect_seconds
+        delay = 0.05
+        with self._lock:
+            while True:
+                if self._conn is None or self._conn.closed:
+                    try:
+                        self._conn = self._connect()
+                    except psycopg.OperationalError:
+                        if time.monotonic() >= deadline:
+                            raise
+                        time.sleep(random.uniform(delay / 2, delay))
+                        delay = min(delay * 2, 2.0)
+                        continue
+                conn = self._conn
+                try:
+                    with conn.transaction(), conn.cursor() as cursor:
+
+                        def execute(name: str, params: Mapping[str, Any]) -> Any:
+                            cursor.execute(sql[name], params)
+                            return _BufferedCursor(cursor)
+
+                        return body(execute)
+                except psycopg.OperationalError as exc:
+                    # The connection broke (server restart, network): reconnect and run again.
+                    logger.warning("database connection lost (%s); reconnecting", _first_line(exc))
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    self._conn = None
+                    if time.monotonic() >= deadline:
+                        raise
+
+    def _notify(self, execute: Callable[..., Any]) -> int:
+        execute("notify", {"channel": self._channel})
+        return 0
+
+    def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
+        """Wait for a NOTIFY from an enqueue (or `timeout` seconds) on a listening connection."""
+        psycopg = self._psycopg
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+                self._listener.execute(f"LISTEN {self._channel}")
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                break
+        except psycopg.Error:
+            with contextlib.suppress(Exception):
+                self._listener.close()
+            self._listener = None
+            stop.wait(min(timeout, 1.0))
+
+    def drop_schema(self) -> None:
+        """Drop the schema and everything in it (tests use one schema per run)."""
+        self._sql["drop"] = f"DROP SCHEMA IF EXISTS {self.schema} CASCADE"
+        self._transaction(lambda execute: execute("drop", {}))
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in (self._conn, self._listener):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+            self._conn = self._listener = None
+
+
+class _BufferedCursor:
+    """A psycopg cursor's result read at once, so the next statement can reuse the cursor."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, cursor: Any) -> None:
+        self.rowcount = cursor.rowcount
+        self._rows = cursor.fetchall() if cursor.description is not None else []
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _split_schema(url: str) -> tuple[str, str]:
+    """Split ``?schema=NAME`` off a PostgreSQL URL; validate the name.
+
+    Raises:
+        ConfigError: the schema name is not a valid SQL identifier.
+    """
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = "task_queue"
+    rest = []
+    for name, value in query:
+        if name == "schema":
+            schema = value
+        else:
+            rest.append((name, value))
+    if not IDENTIFIER_PATTERN.fullmatch(schema):
+        raise ConfigError(f"database {_redact(url)}: schema {schema!r} is not a valid identifier")
+    dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    return dsn, schema.lower()
+
+
+def open_store(
+    url: str | os.PathLike[str] | None,
+    *,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    ttl_seconds: float | None = None,
+    durability: str = DEFAULT_DURABILITY,
+) -> Store:
+    """Open the store a URL names.
+
+    ``None`` or ``sqlite:///:memory:``: a private in-memory SQLite database; ``memory://``:
+    `MemoryStore`; ``postgresql://...`` or ``postgres://...``: `PostgresStore`; ``sqlite:///PATH``
+    or a plain path: `SqliteStore` on that file.
+
+    Raises:
+        ConfigError: the database cannot be used (see each store).
+        ValueError: an argument is out of range.
+    """
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    if url is None:
+        return SqliteStore(None, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
+                           durability=durability)  # fmt: skip
+    text = os.fspath(url)
+    if text == "memory://":
+        return MemoryStore(lease_seconds=lease_seconds, ttl_seconds=ttl_seconds)
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(text, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds)
+    if text.startswith("sqlite://"):
+        text = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
+        if not text:
+            raise ConfigError(f"database {url}: write sqlite:///PATH")
+    elif "://" in text:
+        raise ConfigError(
+            f"database {text}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
+            "postgresql://...)"
+        )
+    path = None if text == ":memory:" else text
+    return SqliteStore(path, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
+                       durability=durability)  # fmt: skip
+
+
+# --- Idempotency ---------------------------------------------------------------------------------
+
+
+class IdempotencyManager:
+    """Deduplicate by idempotency key: the claim protocol over a `Store`.
+
+    A key is ``in_progress`` (claimed, with a lease and a fencing token), ``completed`` (with the
+    cached JSON output) or ``failed`` (released; claimable again). A claim is one atomic upsert:
+    it inserts the key, or takes over a failed or lease-expired row, or changes nothing. Every
+    later call of the owner carries the token, so an owner whose lease ran out and was taken over
+    writes nothing. Thread-safe; a context manager that closes the store.
+
+    Args:
+        path: a SQLite file, or a store URL (`open_store`); None for a private in-memory SQLite
+            database.
+        lease_seconds: how long a claim stays owned without renewal.
+        ttl_seconds: completed and failed rows older than this are forgotten (None: kept forever).
+        durability: "normal" survives a process crash; "full" syncs every commit (power loss).
+        table: the SQLite table name, validated as an SQL identifier.
+        store: an open store to use instead of `path` (not closed by `close`).
+
+    Raises:
+        ConfigError: the database cannot be used.
+        ValueError: an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        ttl_seconds: float | None = None,
+        durability: str = DEFAULT_DURABILITY,
+        table: str = "idempotency",
+        store: Store | None = None,
+    ) -> None:
+        if store is None:
+            text = None if path is None else os.fspath(path)
+            if text is not None and "://" in text:
+                store = open_store(text, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
+                                   durability=durability)  # fmt: skip
+            else:
+                store = SqliteStore(text, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
+                                    durability=durability, table=table)  # fmt: skip
+            self._owns_store = True
+        else:
+            self._owns_store = False
+        self.store = store
+        self.path = None if path is None else os.fspath(path)
+        self.durability = durability
+        self._closed = False
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.store.lease_seconds
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        return self.store.ttl_seconds
+
+    def _check_open(self) -> Store:
+        if self._closed:
+            raise TaskQueueError("the idempotency store is closed")
+        return self.store
+
+    # Safe protocol ------------------------------------------------------------------------------
+
+    def claim(self, key: str, fingerprint: str | None = None) -> Claim:
+        """Try to take ownership of `key`.
+
+        Returns:
+            A `Claim` whose state is "claimed" (with a fencing token), "completed" (with the cached
+            output), "in_progress" (another owner's lease is live) or "conflict" (the key was
+            first used with another fingerprint).
+        """
+        return self._check_open().claim_many([(key, fingerprint)])[0]
+
+    def claim_many(self, items: Iterable[tuple[str, str | None]]) -> list[Claim]:
+        """Claim many keys in one transaction; the answers come in the order of `items`."""
+        return self._check_open().claim_many(list(items))
+
+    def complete(self, key: str, token: int, output: Any) -> bool:
+        """Store `output` for a key you own and mark it completed; committed before returning.
+
+        Returns:
+            False, writing nothing, when `token` is stale (the key was claimed by someone else).
+
+        Raises:
+            TypeError, ValueError: `output` is not JSON-serialisable.
+        """
+        text = json.dumps(output, allow_nan=False)
+        return self._check_open().complete_many([(key, token, text)])[0]
+
+    def complete_many(self, items: Iterable[tuple[str, int, str]]) -> list[bool]:
+        """Complete many owned keys in one transaction (group commit).
+
+        Args:
+            items: ``(key, token, output_json)`` triples; the output is already JSON text.
+
+        Returns:
+            For each item, whether it was written (False: a stale token, nothing written).
+        """
+        return self._check_open().complete_many(list(items))
+
+    def renew(self, key: str, token: int) -> bool:
+        """Extend the lease of a key you own; False when the token is stale."""
+        return self._check_open().renew_many([(key, token)]) == 1
+
+    def renew_many(self, claims: Iterable[tuple[str, int]]) -> int:
+        """Extend the leases of many owned keys in one transaction; return how many were renewed."""
+        return self._check_open().renew_many(list(claims))
+
+    def release(self, key: str, token: int, error: str | None = None) -> bool:
+        """Give up a key you own: it becomes claimable again and counts as failed until then."""
+        return self._check_open().release_many([(key, token, error)]) == 1
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """Return the stored row of `key` as a dict, or None."""
+        return self._check_open().lookup(key)
+
+    # Simple surface -----------------------------------------------------------------------------
+
+    def is_processed(self, key: str) -> bool:
+        """Return whether `key` is completed."""
+        row = self.lookup(key)
+        if row is None or row["state"] != _Row.COMPLETED:
+            return False
+        ttl = self.store.ttl_seconds
+        return ttl is None or row["updated_at"] > time.time() - ttl
+
+    def mark_processed(self, key: str, output: Any = None) -> None:
+        """Record `key` as completed with `output`, whoever holds it."""
+        self._check_open().mark_processed(key, json.dumps(output, allow_nan=False))
+
+    def get_cached_output(self, key: str) -> Any:
+        """Return the output stored for a completed `key`, or None."""
+        return self.lookup(key)["output"] if self.is_processed(key) else None
+
+    # Housekeeping -------------------------------------------------------------------------------
+
+    def purge_expired(self) -> int:
+        """Delete completed and failed rows older than the TTL; return how many went."""
+        return self._check_open().purge_expired()
+
+    def stats(self) -> dict[str, int]:
+        """Return the row counts: in_progress, completed, failed and total."""
+        return self._check_open().stats()
+
+    def close(self) -> None:
+        """Close the store (if this manager opened it); later calls raise `TaskQueueError`."""
+        if not self._closed:
+            self._closed = True
+            if self._owns_store:
+                self.store.close()
+
+    def __enter__(self) -> IdempotencyManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"IdempotencyManager({self.store.url!r})"
+
+
 # --- Metrics -------------------------------------------------------------------------------------
 
 
 class _Histogram:
-    """Fixed-memory log-bucketed histogram; quantiles within `relative_error` of exact ones.
+    """Fixed-memory log-bucketed histogram; percentiles within `relative_error` of exact ones.
 
     Bucket ``i`` holds values in ``(gamma ** (i - 1), gamma ** i]`` with ``gamma = (1 + a) / (1 -
     a)``; answering a bucket by ``2 * gamma ** i / (gamma + 1)`` is within ``a`` of every value in
@@ -1124,11 +1961,12 @@ class _Histogram:
         index = math.ceil(math.log(min(value, self.MAX)) / self._log_gamma)
         self._buckets[index] = self._buckets.get(index, 0) + 1
 
-    def quantile(self, q: float) -> float:
-        """Return the nearest-rank `q` quantile (0 <= q <= 1), 0.0 when empty."""
+    def percentile(self, p: float) -> float:
+        """Return the nearest-rank `p`-th percentile (0 <= p <= 100), 0.0 when empty."""
         if not self.count:
             return 0.0
-        rank = max(1, math.ceil(q * self.count))
+        # Rounding first keeps float noise (0.07 * 100 = 7.000000000000001) off the rank.
+        rank = max(1, math.ceil(round(p * self.count / 100, 9)))
         if rank <= self.zeros:
             return 0.0
         seen = self.zeros
@@ -1144,9 +1982,9 @@ class _Histogram:
         return {
             "count": self.count,
             "mean": round(mean * 1000, 4),
-            "p50": round(self.quantile(0.50) * 1000, 4),
-            "p95": round(self.quantile(0.95) * 1000, 4),
-            "p99": round(self.quantile(0.99) * 1000, 4),
+            "p50": round(self.percentile(50) * 1000, 4),
+            "p95": round(self.percentile(95) * 1000, 4),
+            "p99": round(self.percentile(99) * 1000, 4),
             "max": round(self.max * 1000, 4),
         }
 
@@ -1210,17 +2048,27 @@ class MetricsCollector:
         """Count a task leaving the queue for a worker after `queue_wait` seconds."""
         self.record_starts((queue_wait,))
 
-    def record_starts(self, queue_waits: Iterable[float]) -> None:
-        """Count many tasks leaving the queue at once, one queue wait (seconds) each."""
+    def record_starts(self, queue_waits: Iterable[float], dequeued: bool = True) -> None:
+        """Count many tasks starting at once, one queue wait (seconds) each.
+
+        Args:
+            dequeued: they leave the queue now; False when `record_dequeue` counted that already.
+        """
         with self._lock:
             counts = self._counts
             add = self._series["queue_wait"].add
             for wait in queue_waits:
-                # A worker may take a task before its producer records the enqueue: the depth
-                # can dip below zero for that moment, and the snapshot shows it as zero.
-                counts["queue_depth"] -= 1
+                if dequeued:
+                    counts["queue_depth"] -= 1
                 counts["in_flight"] += 1
                 add(wait)
+
+    def record_dequeue(self, count: int) -> None:
+        """Count tasks that a worker took from the queue before starting them."""
+        with self._lock:
+            # A worker may take a task before its producer records the enqueue: the depth can dip
+            # below zero for that moment, and the snapshot shows it as zero.
+            self._counts["queue_depth"] -= count
 
     def record_attempt(self, seconds: float, calls: int = 1) -> None:
         """Count `calls` handler calls that took `seconds` in all (feeds utilization)."""
@@ -1321,7 +2169,7 @@ class MetricsCollector:
         if not 0 <= p <= 100:
             raise ValueError(f"percentile must be within [0, 100], not {p!r}")
         with self._lock:
-            return self._series[series].quantile(p / 100)
+            return self._series[series].percentile(p)
 
     def snapshot(self) -> dict[str, Any]:
         """Return every counter, rate and latency summary as a JSON-compatible dict."""
@@ -1777,11 +2625,10 @@ class _LeaseKeeper:
                 logger.exception("renewing %d leases failed", len(held))
                 continue
             if renewed < len(held):
-                logger.warning(
-                    "%d of %d claims were lost to lease expiry",
-                    len(held) - renewed,
-                    len(held),
-                )
+                # Claims that finished since the snapshot are not lost: count only those still held.
+                lost = len(set(held) & set(self._pool._held_claims())) - renewed
+                if lost > 0:
+                    logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
 
 
 # A submission that joined an in-flight one: its task, its future and when it was submitted.
@@ -1792,8 +2639,8 @@ class _Job:
     """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
 
     __slots__ = (
-        "attempts", "batch", "done", "enqueued_at", "fingerprint", "followers", "future", "key",
-        "polls", "started_at", "task", "token",
+        "attempts", "batch", "dequeued", "done", "enqueued_at", "fingerprint", "followers",
+        "future", "key", "polls", "started_at", "task", "token",
     )  # fmt: skip
 
     def __init__(self, task: Task, fp: str, future: concurrent.futures.Future, now: float) -> None:
@@ -1807,6 +2654,7 @@ class _Job:
         self.polls = 0
         self.token: int | None = None  # the fencing token while this pool owns the key
         self.done = False
+        self.dequeued = False  # a worker has taken it from the queue once
         self.followers: list[_Follower] = []
         self.batch: list[_Job] | None = None  # the batch that holds the job now, if any
 
@@ -2078,24 +2926,23 @@ class WorkerPool:
             self._finish_many(outcomes)
 
     def _run_batch(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> None:
-        now = time.perf_counter()
         cancelling = self._cancelling
         owned: list[_Job] = []
         unclaimed: list[_Job] = []
-        waits: list[float] = []
+        fresh = 0
         for job in jobs:
             job.batch = jobs
+            if not job.dequeued:
+                job.dequeued = True
+                fresh += 1
             if job.token is not None:
                 owned.append(job)  # a retry, or a job handed over by another worker
             elif cancelling:
                 outcomes.append(_JobOutcome(job, TaskStatus.CANCELLED))
             else:
-                if job.started_at is None:
-                    job.started_at = now
-                    waits.append(now - job.enqueued_at)
                 unclaimed.append(job)
-        if waits:
-            self._metrics.record_starts(waits)
+        if fresh:
+            self._metrics.record_dequeue(fresh)
         if unclaimed:
             owned.extend(self._claim(unclaimed, outcomes))
         if owned:
@@ -2104,21 +2951,30 @@ class WorkerPool:
     def _claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in one transaction; return the jobs this worker now owns."""
         claims = self._store.claim_many([(job.key, job.fingerprint) for job in jobs])
+        now = time.perf_counter()
         owned = []
+        waits = []  # jobs answered without a handler call start (and finish) now
         for job, claim in zip(jobs, claims, strict=True):
             state = claim.state
             if state is ClaimState.CLAIMED:
                 job.token = claim.token
                 owned.append(job)
-            elif state is ClaimState.COMPLETED:
+                continue
+            if state is ClaimState.IN_PROGRESS:
+                self._hand_off(job, self._poll_delay(job, claim.lease_expires))
+                continue
+            if job.started_at is None:
+                job.started_at = now
+                waits.append(now - job.enqueued_at)
+            if state is ClaimState.COMPLETED:
                 outcomes.append(_JobOutcome(job, TaskStatus.DUPLICATE, output=claim.output))
-            elif state is ClaimState.CONFLICT:
+            else:
                 error = str(IdempotencyConflictError(job.key))
                 outcomes.append(
                     _JobOutcome(job, TaskStatus.FAILED, error=error, kind=ErrorKind.CONFLICT)
                 )
-            else:
-                self._hand_off(job, self._poll_delay(job, claim.lease_expires))
+        if waits:
+            self._metrics.record_starts(waits, dequeued=False)
         return owned
 
     def _call_handler(
@@ -2128,6 +2984,7 @@ class WorkerPool:
         handler = self._handler
         clock = time.perf_counter
         done: list[tuple[_Job, Any, str]] = []
+        waits: list[float] = []  # a job starts at its first handler call
         busy = 0.0
         calls = 0
         for index, job in enumerate(jobs):
@@ -2138,6 +2995,12 @@ class WorkerPool:
                 break
             job.attempts += 1
             began = clock()
+            if job.started_at is None:
+                job.started_at = began
+                waits.append(began - job.enqueued_at)
+                if len(jobs) == 1:  # a slow task: show it in flight while it runs
+                    self._metrics.record_starts(waits, dequeued=False)
+                    waits = []
             try:
                 output = handler(job.task)
             except BaseException as exc:
@@ -2154,6 +3017,8 @@ class WorkerPool:
                 outcomes.append(self._fail(job, error, ErrorKind.PERMANENT))
                 continue
             done.append((job, output, text))
+        if waits:
+            self._metrics.record_starts(waits, dequeued=False)
         if calls:
             self._metrics.record_attempt(busy, calls)
             # A racy read-modify-write of one float: a lost update only nudges a batch size.
@@ -2244,7 +3109,7 @@ class WorkerPool:
             )  # fmt: skip
             service = now - job.started_at if started else None
             latency = now - job.enqueued_at
-            counted.append(Outcome(status, kind, latency, service, started, not started))
+            counted.append(Outcome(status, kind, latency, service, started, not job.dequeued))
             resolved.append((job.future, record))
             for task, future, enqueued_at in followers:
                 follower = self._follower_record(record, task, enqueued_at, now)

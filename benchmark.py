@@ -1,0 +1,1837 @@
+"""Measure task_queue_optimized against its baseline, a raw executor and (optionally) Huey.
+
+Every target is a ratio measured inside one run, because an absolute time on a shared machine means
+little: efficiency against the ceiling ``workers / mean task latency``, throughput against a raw
+``ThreadPoolExecutor`` in the same process, peak RSS growth between two points of one run, queue
+wait measured from each task's intended arrival in an open-loop run. Each pool run gets a fresh
+temporary SQLite file, so a rerun measures real work; all runs land in ``benchmark_report.json``.
+
+Example::
+
+    python benchmark.py --task-file sample_tasks_100.json --workers 8
+    python benchmark.py --tasks 1000 --latency-ms 30 --workers 1,2,4,8,16 --repeat 3 --plot b.png
+    python benchmark.py --rate 66.7 --tasks 1000 --latency-ms 30 --workers 8
+    python benchmark.py --suite --quick
+    python benchmark.py --smoke --report /tmp/report.json
+
+Systems: ``naive`` (the design this project replaces: one thread, a SELECT then an INSERT and a
+commit per task in a SQLite file with the default rollback journal, retries slept out inline),
+``raw-executor`` (``ThreadPoolExecutor(workers)`` calling the handler: no idempotency, no
+retries), ``pool`` (``WorkerPool`` with a file database) and, with ``--peers``, ``huey-memory``
+and ``huey-sqlite`` (Huey with an in-process thread consumer).
+
+Sections: defaults, workloads, measurement helpers, systems, open loop, memory, suite, output,
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import functools
+import importlib.util
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import task_queue_optimized as tq
+
+__all__ = [
+    "Run",
+    "Workload",
+    "main",
+    "run_huey",
+    "run_naive",
+    "run_open_loop",
+    "run_pool",
+    "run_raw_executor",
+    "run_suite",
+]
+
+
+# --- Defaults ------------------------------------------------------------------------------------
+
+DEFAULT_REPORT = "benchmark_report.json"
+DEFAULT_WORKERS = "8"
+DEFAULT_TASKS = 500
+DEFAULT_LATENCY_MS = 30.0
+DEFAULT_SEED = 1
+PROGRESS_DELAY = 0.5  # seconds a run must last before its progress bar appears
+PROGRESS_INTERVAL = 0.1  # seconds between two redraws of the bar
+OPEN_LOOP_LEAD = 0.05  # seconds between building the pool and the first intended arrival
+SUITE_WORKERS = 8  # the worker count every target of the issue is stated for
+EXIT_OK, EXIT_TARGET_MISSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Huey's consumer polls a non-blocking queue, sleeping initial_delay, growing by backoff up to
+# max_delay while the queue stays empty (its -d / -b / -m options). Its defaults (0.1 s, 1.15,
+# 10 s) are tuned for a long-lived service; these keep an idle worker at most 10 ms from a task.
+HUEY_CONSUMER_OPTIONS = {
+    "initial_delay": 0.001,
+    "backoff": 1.15,
+    "max_delay": 0.01,
+    "periodic": False,
+    "check_worker_health": False,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SuiteSizes:
+    """The sizes of the suite's workloads: the issue's, or scaled down for --quick and --smoke."""
+
+    label: str
+    ceiling_tasks: int = 1000
+    latency_ms: float = 30.0
+    overhead_tasks: int = 50_000
+    memory_mark: int = 100_000
+    memory_total: int = 1_000_000
+    open_loop_tasks: int = 1000
+    load: float = 0.25
+    retry_tasks: int = 1000
+    transient_rate: float = 0.2
+    retry_base_delay: float = 0.02
+    thresholds: bool = True
+
+
+FULL_SIZES = SuiteSizes("full")
+QUICK_SIZES = SuiteSizes(
+    "quick: targets 2 and 3 scaled down", overhead_tasks=10_000, memory_mark=20_000,
+    memory_total=200_000,
+)  # fmt: skip
+SMOKE_SIZES = SuiteSizes(
+    "smoke: tiny sizes, no thresholds", ceiling_tasks=40, latency_ms=2.0, overhead_tasks=2000,
+    memory_mark=2000, memory_total=4000, open_loop_tasks=50, retry_tasks=100, thresholds=False,
+)  # fmt: skip
+SMOKE_COMPARISON: dict[str, Any] = {"tasks": 40, "latency_ms": 2.0, "workers": [1, 4]}
+
+
+class UsageError(Exception):
+    """A bad flag or input: reported in one line on stderr with exit code 2."""
+
+
+# --- Workloads -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A list of tasks and the handler settings that run them.
+
+    Attributes:
+        name: a short description for tables and the report.
+        tasks: the tasks, in submission order.
+        latency_ms: the handler's default latency (a task's payload ``latency_ms`` wins).
+        jitter_ms: uniform +- jitter on each attempt's latency.
+        transient_rate: probability of an injected transient fault per attempt.
+        seed: the seed of the handler's fault and jitter draws.
+    """
+
+    name: str
+    tasks: Sequence[tq.Task]
+    latency_ms: float = DEFAULT_LATENCY_MS
+    jitter_ms: float = 0.0
+    transient_rate: float = 0.0
+    seed: int | None = DEFAULT_SEED
+
+    def processor(self) -> tq.TaskProcessor:
+        """Return a fresh handler: `payload["fail"]` counts attempts per processor."""
+        return tq.TaskProcessor(
+            latency_ms=self.latency_ms,
+            jitter_ms=self.jitter_ms,
+            transient_error_rate=self.transient_rate,
+            seed=self.seed,
+        )
+
+    @functools.cached_property
+    def unique(self) -> list[tq.Task]:
+        """The first task of each idempotency key: the ones that run when deduplicated."""
+        seen: set[str] = set()
+        first = []
+        for task in self.tasks:
+            if task.key not in seen:
+                seen.add(task.key)
+                first.append(task)
+        return first
+
+    @functools.cached_property
+    def mean_latency(self) -> float:
+        """Mean configured latency, in seconds, of the tasks that run (jitter averages out)."""
+        if not self.unique:
+            return 0.0
+        total = sum(self._latency_ms(task) for task in self.unique)
+        return total / len(self.unique) / 1000.0
+
+    def _latency_ms(self, task: tq.Task) -> float:
+        value = task.payload.get("latency_ms", self.latency_ms)
+        # The handler rejects a bad value (the task fails at once): it takes no time.
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        return float(value) if ok and math.isfinite(value) else 0.0
+
+    def ceiling(self, workers: int) -> float | None:
+        """Return the ceiling ``workers / mean latency`` in tasks per second (None for no-ops)."""
+        return workers / self.mean_latency if self.mean_latency > 0 else None
+
+    def describe(self) -> dict[str, Any]:
+        """Return the workload's settings for the report."""
+        return {
+            "name": self.name,
+            "tasks": len(self.tasks),
+            "unique_keys": len(self.unique),
+            "mean_latency_ms": round(self.mean_latency * 1000, 4),
+            "latency_ms": self.latency_ms,
+            "jitter_ms": self.jitter_ms,
+            "transient_rate": self.transient_rate,
+            "seed": self.seed,
+        }
+
+
+def synthetic_workload(
+    count: int,
+    latency_ms: float,
+    *,
+    jitter_ms: float = 0.0,
+    transient_rate: float = 0.0,
+    seed: int | None = DEFAULT_SEED,
+    prefix: str = "bench",
+) -> Workload:
+    """Return `count` tasks with empty payloads, each taking `latency_ms` (+- jitter)."""
+    tasks = [tq.Task(f"{prefix}-{index:07d}") for index in range(count)]
+    name = f"{count:,} tasks of {latency_ms:g} ms"
+    if jitter_ms:
+        name += f" +- {jitter_ms:g}"
+    if transient_rate:
+        name += f", {transient_rate:.0%} transient faults"
+    return Workload(name, tasks, latency_ms, jitter_ms, transient_rate, seed)
+
+
+def file_workload(
+    path: str,
+    *,
+    latency_ms: float = DEFAULT_LATENCY_MS,
+    jitter_ms: float = 0.0,
+    transient_rate: float = 0.0,
+    seed: int | None = DEFAULT_SEED,
+) -> Workload:
+    """Return the tasks of a task file (a task's payload ``latency_ms`` wins over `latency_ms`).
+
+    Raises:
+        TaskFileError: the file is missing or invalid.
+    """
+    tasks = tq.load_tasks(path)
+    return Workload(os.path.basename(path), tasks, latency_ms, jitter_ms, transient_rate, seed)
+
+
+# --- Measurement helpers -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Run:
+    """One measured run of one system on one workload.
+
+    Attributes:
+        system: "naive", "raw-executor", "pool", "huey-memory", ...
+        workers: worker threads.
+        workload: the workload's name.
+        repeat: 0-based index of the repetition.
+        metrics: a `MetricsCollector.snapshot()` (or, for the bare raw executor, its subset).
+        executed: tasks whose handler ran (duplicates excluded), for the efficiency.
+        ceiling: ``workers / mean latency`` in tasks per second; None for no-op tasks.
+        extra: anything else the report should carry (open-loop percentiles, memory samples).
+    """
+
+    system: str
+    workers: int
+    workload: str
+    repeat: int
+    metrics: dict[str, Any]
+    executed: int
+    ceiling: float | None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    speedup: float | None = None
+
+    @property
+    def throughput(self) -> float:
+        """Finished submissions (duplicates included) per second."""
+        return float(self.metrics["throughput_per_second"])
+
+    @property
+    def efficiency(self) -> float | None:
+        """Tasks whose handler ran, per second, over the ceiling."""
+        elapsed = self.metrics["elapsed_seconds"]
+        if not self.ceiling or elapsed <= 0:
+            return None
+        return self.executed / elapsed / self.ceiling
+
+    @property
+    def attempt_efficiency(self) -> float | None:
+        """Handler calls (retries included) per second, over the ceiling."""
+        elapsed = self.metrics["elapsed_seconds"]
+        calls = self.metrics.get("handler_calls")
+        if not self.ceiling or elapsed <= 0 or calls is None:
+            return None
+        return calls / elapsed / self.ceiling
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the run as a JSON-compatible dict for the report."""
+        return {
+            "system": self.system,
+            "workers": self.workers,
+            "workload": self.workload,
+            "repeat": self.repeat,
+            "executed": self.executed,
+            "ceiling_per_second": _rounded(self.ceiling),
+            "efficiency": _rounded(self.efficiency),
+            "attempt_efficiency": _rounded(self.attempt_efficiency),
+            "speedup": _rounded(self.speedup),
+            "metrics": self.metrics,
+            **self.extra,
+        }
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+def _sleep_until(deadline: float) -> None:
+    remaining = deadline - time.perf_counter()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+def _summary_ms(values: Sequence[float]) -> dict[str, float | int]:
+    """Return count, mean and nearest-rank percentiles of `values` (seconds) in milliseconds."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+
+    def rank(q: float) -> float:
+        return ordered[max(1, math.ceil(q * len(ordered))) - 1] * 1000
+
+    return {
+        "count": len(ordered),
+        "mean": round(statistics.fmean(ordered) * 1000, 4),
+        "p50": round(rank(0.50), 4),
+        "p95": round(rank(0.95), 4),
+        "p99": round(rank(0.99), 4),
+        "max": round(ordered[-1] * 1000, 4),
+    }
+
+
+def _spread(values: Iterable[float | None]) -> dict[str, float] | None:
+    """Return the median, min and max of the values that are not None."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {
+        "median": round(statistics.median(present), 6),
+        "min": round(min(present), 6),
+        "max": round(max(present), 6),
+    }
+
+
+class _Progress:
+    """A one-line progress bar on stderr, drawn only once a run has lasted `PROGRESS_DELAY`.
+
+    Not thread-safe: one thread (the one consuming results) updates it.
+    """
+
+    WIDTH = 28
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self._label = label
+        self._total = max(total, 1)
+        self._enabled = enabled
+        self._count = 0
+        self._start = time.perf_counter()
+        self._next_draw = self._start + PROGRESS_DELAY
+        self._drawn = 0  # width of the last line drawn, for clearing it
+
+    def update(self, count: int = 1) -> None:
+        """Advance by `count` items (redraws at most every `PROGRESS_INTERVAL`)."""
+        self.set(self._count + count)
+
+    def set(self, count: int) -> None:
+        """Set the number of items done."""
+        self._count = count
+        if not self._enabled:
+            return
+        now = time.perf_counter()
+        if now < self._next_draw:
+            return
+        self._next_draw = now + PROGRESS_INTERVAL
+        filled = int(self.WIDTH * min(count / self._total, 1.0))
+        line = (
+            f"{self._label:<26.26} [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
+            f"{count:,}/{self._total:,} {now - self._start:6.1f} s"
+        )
+        sys.stderr.write("\r" + line)
+        sys.stderr.flush()
+        self._drawn = len(line)
+
+    def close(self) -> None:
+        """Erase the bar if it was drawn."""
+        if self._drawn:
+            sys.stderr.write("\r" + " " * self._drawn + "\r")
+            sys.stderr.flush()
+            self._drawn = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """What every run shares: pool tuning, retries and whether to draw progress bars."""
+
+    queue_size: int = tq.DEFAULT_QUEUE_SIZE
+    max_attempts: int = tq.DEFAULT_MAX_ATTEMPTS
+    base_delay: float = tq.DEFAULT_BASE_DELAY
+    durability: str = tq.DEFAULT_DURABILITY
+    progress: bool = False
+
+    def retry(self, base_delay: float | None = None) -> tq.RetryPolicy:
+        """Return the retry policy (with another base delay if given)."""
+        delay = self.base_delay if base_delay is None else base_delay
+        return tq.RetryPolicy(max_attempts=self.max_attempts, base_delay=delay)
+
+
+def _is_transient(retry: tq.RetryPolicy, exc: BaseException) -> bool:
+    return isinstance(exc, retry.retry_on) and not isinstance(exc, tq.PermanentError)
+
+
+# --- Systems -------------------------------------------------------------------------------------
+
+
+def run_naive(workload: Workload, settings: Settings, repeat: int = 0) -> Run:
+    """Run the baseline: one thread and a commit per task in a rollback-journal SQLite file.
+
+    For each task it SELECTs the key, skips it when done, calls the same handler with inline
+    retries (sleeping out the backoff), INSERTs the output and commits. Every task counts as
+    submitted when the batch starts, as `WorkerPool.run` would take them.
+    """
+    metrics = tq.MetricsCollector(workers=1)
+    handler = workload.processor()
+    retry = settings.retry()
+    executed = 0
+    progress = _Progress("naive x1", len(workload.tasks), settings.progress)
+    with tempfile.TemporaryDirectory(prefix="bench-naive-") as folder:
+        conn = sqlite3.connect(os.path.join(folder, "naive.db"), isolation_level=None)
+        try:
+            conn.execute("CREATE TABLE processed (key TEXT PRIMARY KEY, output TEXT NOT NULL)")
+            submitted = time.perf_counter()
+            for _ in workload.tasks:
+                metrics.record_enqueue()
+            for task in workload.tasks:
+                started = time.perf_counter()
+                metrics.record_start(started - submitted)
+                found = conn.execute("SELECT 1 FROM processed WHERE key = ?", (task.key,))
+                if found.fetchone() is not None:
+                    metrics.record_duplicate(time.perf_counter() - submitted, started=True)
+                else:
+                    executed += 1
+                    output, error_kind = _call_with_retries(handler, task, retry, metrics)
+                    if error_kind is None:
+                        # Autocommit: this INSERT is its own transaction, a commit per task.
+                        conn.execute(
+                            "INSERT INTO processed (key, output) VALUES (?, ?)",
+                            (task.key, json.dumps(output)),
+                        )
+                    now = time.perf_counter()
+                    if error_kind is None:
+                        metrics.record_success(now - submitted, now - started)
+                    else:
+                        metrics.record_failure(error_kind, now - submitted, now - started)
+                progress.update()
+        finally:
+            progress.close()
+            conn.close()
+    return Run("naive", 1, workload.name, repeat, metrics.snapshot(), executed, workload.ceiling(1))
+
+
+def _call_with_retries(
+    handler: Callable[[tq.Task], Any],
+    task: tq.Task,
+    retry: tq.RetryPolicy,
+    metrics: tq.MetricsCollector,
+) -> tuple[Any, str | None]:
+    """Call `handler` until it succeeds or the policy gives up; return (output, error kind)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        began = time.perf_counter()
+        try:
+            output = handler(task)
+        except Exception as exc:
+            metrics.record_attempt(time.perf_counter() - began)
+            if retry.should_retry(exc, attempt):
+                metrics.record_retry()
+                time.sleep(retry.delay(attempt))
+                continue
+            return None, "transient" if _is_transient(retry, exc) else "permanent"
+        metrics.record_attempt(time.perf_counter() - began)
+        return output, None
+
+
+def _instrumented(
+    handler: Callable[[tq.Task], Any], metrics: tq.MetricsCollector
+) -> Callable[[tq.Task, float], tuple[float, float]]:
+    """Wrap `handler` for a bare executor: one attempt, the pool's metrics calls around it.
+
+    The wrapper takes the task and its submission time and returns (started, finished).
+    """
+
+    def call(task: tq.Task, enqueued: float) -> tuple[float, float]:
+        started = time.perf_counter()
+        metrics.record_start(started - enqueued)
+        try:
+            handler(task)
+        except Exception as exc:
+            finished = time.perf_counter()
+            metrics.record_attempt(finished - started)
+            kind = "transient" if isinstance(exc, tq.TransientError) else "permanent"
+            metrics.record_failure(kind, finished - enqueued, finished - started)
+            return started, finished
+        finished = time.perf_counter()
+        metrics.record_attempt(finished - started)
+        metrics.record_success(finished - enqueued, finished - started)
+        return started, finished
+
+    return call
+
+
+def run_raw_executor(workload: Workload, workers: int, settings: Settings, repeat: int = 0) -> Run:
+    """Run the handler on a bare `ThreadPoolExecutor(workers)`: no idempotency, no retries.
+
+    The same `MetricsCollector` calls as the pool's are made around each call, so the numbers
+    compare; duplicates run again and a failed attempt fails its task.
+    """
+    metrics = tq.MetricsCollector(workers=workers)
+    call = _instrumented(workload.processor(), metrics)
+    executed = 0
+    progress = _Progress(f"raw-executor x{workers}", len(workload.tasks), settings.progress)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bench-raw") as pool:
+        futures = []
+        try:
+            for task in workload.tasks:
+                metrics.record_enqueue()
+                futures.append(pool.submit(call, task, time.perf_counter()))
+            for _ in concurrent.futures.as_completed(futures):
+                executed += 1
+                progress.update()
+        finally:
+            progress.close()
+            for future in futures:
+                future.cancel()
+    ceiling = workload.ceiling(workers)
+    return Run(
+        "raw-executor", workers, workload.name, repeat, metrics.snapshot(), executed, ceiling
+    )
+
+
+def raw_executor_noop(workload: Workload, workers: int, repeat: int = 0) -> Run:
+    """Time a bare `ThreadPoolExecutor(workers)` calling the handler, with no instrumentation.
+
+    The reference of the overhead target: from the first submit to the last completion.
+    """
+    handler = workload.processor()
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bench-raw") as pool:
+        began = time.perf_counter()
+        futures = [pool.submit(handler, task) for task in workload.tasks]
+        concurrent.futures.wait(futures)
+        elapsed = time.perf_counter() - began
+    failed = sum(1 for future in futures if future.exception() is not None)
+    count = len(futures)
+    metrics = {
+        "submitted": count,
+        "succeeded": count - failed,
+        "failed": failed,
+        "duplicates": 0,
+        "workers": workers,
+        "elapsed_seconds": round(elapsed, 6),
+        "throughput_per_second": round(count / elapsed, 3) if elapsed > 0 else 0.0,
+        "instrumented": False,
+    }
+    ceiling = workload.ceiling(workers)
+    return Run("raw-executor-bare", workers, workload.name, repeat, metrics, count, ceiling)
+
+
+def run_pool(
+    workload: Workload,
+    workers: int,
+    settings: Settings,
+    repeat: int = 0,
+    *,
+    durability: str | None = None,
+    base_delay: float | None = None,
+) -> Run:
+    """Run the workload through `WorkerPool.iter_results` with a fresh temporary file database.
+
+    Args:
+        durability: overrides `settings.durability`.
+        base_delay: overrides the retry policy's base delay.
+    """
+    durability = durability or settings.durability
+    system = "pool" if durability == tq.DEFAULT_DURABILITY else f"pool-{durability}"
+    executed = 0
+    progress = _Progress(f"{system} x{workers}", len(workload.tasks), settings.progress)
+    with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
+        pool = tq.WorkerPool(
+            workload.processor(),
+            workers=workers,
+            queue_size=settings.queue_size,
+            db_path=os.path.join(folder, "bench.db"),
+            retry=settings.retry(base_delay),
+            durability=durability,
+        )
+        interrupted = True
+        try:
+            for record in pool.iter_results(workload.tasks):
+                if record.attempts and record.status in (
+                    tq.TaskStatus.SUCCEEDED,
+                    tq.TaskStatus.FAILED,
+                ):
+                    executed += 1
+                progress.update()
+            interrupted = False
+        finally:
+            progress.close()
+            pool.shutdown(wait=True, cancel_pending=interrupted)
+    snapshot = pool.metrics.snapshot()
+    run = Run(system, workers, workload.name, repeat, snapshot, executed, workload.ceiling(workers))
+    run.extra["durability"] = durability
+    return run
+
+
+def huey_available() -> bool:
+    """Return whether Huey can be imported (it is an optional extra, requirements-bench.txt)."""
+    try:
+        return importlib.util.find_spec("huey") is not None
+    except (ImportError, ValueError):  # a broken install, or huey blocked in sys.modules
+        return False
+
+
+def run_huey(
+    storage: str, workload: Workload, workers: int, settings: Settings, repeat: int = 0
+) -> Run:
+    """Run the workload on Huey (MemoryHuey or SqliteHuey) with an in-process thread consumer.
+
+    Completions are observed through Huey's signals (``complete`` is emitted after the result is
+    stored), so no result is polled. Huey retries any exception, with ``retries =
+    max_attempts - 1`` and ``retry_delay=0``: a non-zero delay goes through Huey's scheduler, which
+    wakes at most once a second. SqliteHuey gets ``fsync=True`` for ``durability="full"``, else
+    ``fsync=False`` (``synchronous=OFF``; the pool's default is ``NORMAL``).
+
+    Args:
+        storage: "memory" or "sqlite".
+    """
+    import huey
+    from huey import signals as huey_signals
+
+    metrics = tq.MetricsCollector(workers=workers)
+    handler = workload.processor()
+    system = f"huey-{storage}"
+    with tempfile.TemporaryDirectory(prefix="bench-huey-") as folder:
+        if storage == "memory":
+            queue = huey.MemoryHuey("bench", utc=True)
+        else:
+            queue = huey.SqliteHuey(
+                "bench",
+                filename=os.path.join(folder, "huey.db"),
+                fsync=settings.durability == "full",
+                utc=True,
+            )
+
+        def bench_task(task_id: str, payload: dict[str, Any], key: str | None) -> Any:
+            began = time.perf_counter()
+            try:
+                return handler(tq.Task(task_id, payload, key))
+            finally:
+                metrics.record_attempt(time.perf_counter() - began)
+
+        task_wrapper = queue.task(retries=settings.max_attempts - 1, retry_delay=0)(bench_task)
+        tracker = _HueyTracker(metrics, len(workload.tasks))
+        queue.signal(huey_signals.SIGNAL_EXECUTING)(tracker.on_executing)
+        queue.signal(huey_signals.SIGNAL_COMPLETE)(tracker.on_complete)
+        queue.signal(huey_signals.SIGNAL_ERROR)(tracker.on_error)
+        queue.signal(huey_signals.SIGNAL_RETRYING)(tracker.on_retrying)
+        progress = _Progress(f"{system} x{workers}", len(workload.tasks), settings.progress)
+        consumer = queue.create_consumer(
+            workers=workers, worker_type="thread", **HUEY_CONSUMER_OPTIONS
+        )
+        with _quiet_huey():
+            with _kept_signal_handlers():
+                consumer.start()
+            try:
+                for task in workload.tasks:
+                    message = task_wrapper.s(task.id, task.payload, task.idempotency_key)
+                    tracker.enqueued(message.id)
+                    queue.enqueue(message)
+                while not tracker.done.wait(PROGRESS_INTERVAL):
+                    progress.set(tracker.finished)
+            finally:
+                progress.close()
+                consumer.stop(graceful=True)
+                if storage == "sqlite":
+                    queue.storage.close()
+    run = Run(system, workers, workload.name, repeat, metrics.snapshot(), tracker.finished,
+              workload.ceiling(workers))  # fmt: skip
+    run.extra["peer_settings"] = {
+        "consumer": {"workers": workers, "worker_type": "thread", **HUEY_CONSUMER_OPTIONS},
+        "retries": settings.max_attempts - 1,
+        "retry_delay": 0,
+        "fsync": settings.durability == "full" if storage == "sqlite" else None,
+        "deduplication": "none (Huey has no idempotency keys)",
+    }
+    return run
+
+
+class _HueyTracker:
+    """Turns Huey's signals (sent from its worker threads) into `MetricsCollector` calls."""
+
+    def __init__(self, metrics: tq.MetricsCollector, total: int) -> None:
+        self._metrics = metrics
+        self._total = total
+        self._lock = threading.Lock()  # guards _times and finished
+        self._times: dict[str, list[float | None]] = {}  # huey id -> [enqueued, started]
+        self.finished = 0
+        self.done = threading.Event()
+        if total == 0:
+            self.done.set()
+
+    def enqueued(self, task_id: str) -> None:
+        with self._lock:
+            self._times[task_id] = [time.perf_counter(), None]
+        self._metrics.record_enqueue()
+
+    def on_executing(self, signal_name: str, task: Any) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            times = self._times[task.id]
+            first = times[1] is None
+            if first:
+                times[1] = now
+        if first:
+            self._metrics.record_start(now - times[0])
+
+    def on_retrying(self, signal_name: str, task: Any) -> None:
+        self._metrics.record_retry()
+
+    def on_complete(self, signal_name: str, task: Any) -> None:
+        enqueued, started = self._finish(task.id)
+        now = time.perf_counter()
+        self._metrics.record_success(now - enqueued, now - (started or enqueued))
+
+    def on_error(self, signal_name: str, task: Any, exc: BaseException | None = None) -> None:
+        if task.retries:
+            return  # Huey retries it: "retrying" follows
+        enqueued, started = self._finish(task.id)
+        now = time.perf_counter()
+        kind = "transient" if isinstance(exc, tq.TransientError) else "permanent"
+        self._metrics.record_failure(kind, now - enqueued, now - (started or enqueued))
+
+    def _finish(self, task_id: str) -> tuple[float, float | None]:
+        with self._lock:
+            enqueued, started = self._times.pop(task_id)
+            self.finished += 1
+            if self.finished >= self._total:
+                self.done.set()
+        assert enqueued is not None
+        return enqueued, started
+
+
+@contextlib.contextmanager
+def _quiet_huey() -> Iterator[None]:
+    """Silence Huey's logger: it logs a traceback for every injected fault."""
+    logger = logging.getLogger("huey")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _kept_signal_handlers() -> Iterator[None]:
+    """Restore the signal handlers that Huey's `Consumer.start` replaces.
+
+    Its handlers only set a flag for `Consumer.run`, which an in-process consumer does not use:
+    left in place, they would swallow Ctrl-C.
+    """
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    signums = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    in_main = threading.current_thread() is threading.main_thread()
+    saved = {signum: signal.getsignal(signum) for signum in signums} if in_main else {}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+# --- Open loop -----------------------------------------------------------------------------------
+
+
+class _Arrivals:
+    """The samples of an open-loop run, each measured from its task's intended arrival.
+
+    Thread-safe: completions are recorded from the threads that resolve the futures.
+    """
+
+    def __init__(self, total: int) -> None:
+        self._lock = threading.Lock()  # guards the lists and _remaining
+        self._remaining = total
+        self.latency: list[float] = []  # intended arrival to finish
+        self.wait: list[float] = []  # intended arrival to start
+        self.wait_from_submit: list[float] = []  # actual submission to start: the system's view
+        self.lag: list[float] = []  # intended arrival to actual submission: the producer's own
+        self.done = threading.Event()
+        if total == 0:
+            self.done.set()
+
+    def record(
+        self, intended: float, submitted: float, started: float | None, finished: float | None
+    ) -> None:
+        with self._lock:
+            if finished is not None:
+                self.latency.append(finished - intended)
+            if started is not None:
+                self.wait.append(started - intended)
+                self.wait_from_submit.append(started - submitted)
+            self._remaining -= 1
+            if self._remaining == 0:
+                self.done.set()
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "latency_from_arrival_ms": _summary_ms(self.latency),
+                "queue_wait_from_arrival_ms": _summary_ms(self.wait),
+                "queue_wait_from_submit_ms": _summary_ms(self.wait_from_submit),
+                "submit_lag_ms": _summary_ms(self.lag),
+            }
+
+
+def run_open_loop(
+    workload: Workload,
+    workers: int,
+    rate: float,
+    settings: Settings,
+    repeat: int = 0,
+    *,
+    seed: int | None = DEFAULT_SEED,
+    system: str = "pool",
+) -> Run:
+    """Submit the workload at Poisson arrivals of `rate` tasks per second (open loop).
+
+    The producer sleeps until each intended arrival time and submits; every latency and queue
+    wait is measured from the intended arrival, so a stall that delays submissions (coordinated
+    omission) shows up in the percentiles instead of hiding. The producer's own lateness is
+    reported as ``submit_lag_ms``, and the queue wait from the actual submission (what the system
+    itself sees) as ``queue_wait_from_submit_ms``.
+
+    Args:
+        system: "pool" (a `WorkerPool` with a fresh file database), or "raw-executor" (a bare
+            `ThreadPoolExecutor` calling the handler): the reference of what this machine allows.
+    """
+    rng = random.Random(seed)
+    offsets = list(itertools.accumulate(rng.expovariate(rate) for _ in workload.tasks))
+    arrivals = _Arrivals(len(workload.tasks))
+    progress = _Progress(f"open loop {system} x{workers}", len(offsets), settings.progress)
+    with contextlib.ExitStack() as stack:
+        stack.callback(progress.close)
+        submit, metrics = _open_loop_target(stack, system, workload, workers, settings, arrivals)
+        start = time.perf_counter() + OPEN_LOOP_LEAD
+        for offset, task in zip(offsets, workload.tasks, strict=True):
+            intended = start + offset
+            _sleep_until(intended)
+            submitted = time.perf_counter()
+            arrivals.lag.append(submitted - intended)
+            submit(task, intended, submitted)
+            progress.update()
+        arrivals.done.wait()
+    capacity = workload.ceiling(workers)
+    run = Run(system, workers, workload.name, repeat, metrics.snapshot(),
+              len(arrivals.latency), capacity)  # fmt: skip
+    run.extra["open_loop"] = {
+        "rate_per_second": round(rate, 4),
+        "capacity_per_second": _rounded(capacity),
+        "load": _rounded(rate / capacity if capacity else None),
+        "arrivals": len(workload.tasks),
+        "seed": seed,
+        **arrivals.summary(),
+    }
+    return run
+
+
+_Submit = Callable[[tq.Task, float, float], None]
+
+
+def _open_loop_target(
+    stack: contextlib.ExitStack,
+    system: str,
+    workload: Workload,
+    workers: int,
+    settings: Settings,
+    arrivals: _Arrivals,
+) -> tuple[_Submit, tq.MetricsCollector]:
+    """Start the system an open loop feeds; return its submit function and its metrics.
+
+    The system is stopped when `stack` closes: drained normally, its queue cancelled when the
+    producer was interrupted.
+    """
+    if system == "raw-executor":
+        metrics = tq.MetricsCollector(workers=workers)
+        call = _instrumented(workload.processor(), metrics)
+        executor = stack.enter_context(
+            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bench-raw")
+        )
+
+        def on_raw_done(intended: float, submitted: float, future: Any) -> None:
+            started, finished = future.result()
+            arrivals.record(intended, submitted, started, finished)
+
+        def submit_raw(task: tq.Task, intended: float, submitted: float) -> None:
+            metrics.record_enqueue()
+            future = executor.submit(call, task, submitted)
+            future.add_done_callback(functools.partial(on_raw_done, intended, submitted))
+
+        return submit_raw, metrics
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-open-"))
+    pool = tq.WorkerPool(
+        workload.processor(),
+        workers=workers,
+        queue_size=settings.queue_size,
+        db_path=os.path.join(folder, "bench.db"),
+        retry=settings.retry(),
+        durability=settings.durability,
+    )
+    stack.push(lambda *exc: pool.shutdown(wait=True, cancel_pending=exc[0] is not None))
+
+    def on_done(intended: float, submitted: float, future: Any) -> None:
+        record: tq.TaskRecord = future.result()
+        arrivals.record(intended, submitted, record.started_at, record.finished_at)
+
+    def submit_pool(task: tq.Task, intended: float, submitted: float) -> None:
+        future = pool.submit(task)
+        future.add_done_callback(functools.partial(on_done, intended, submitted))
+
+    return submit_pool, pool.metrics
+
+
+# --- Memory --------------------------------------------------------------------------------------
+
+
+def _proc_status_kb(field: str) -> float | None:
+    """Return a kB field of /proc/self/status (Linux), or None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(f"{field}:"):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _peak_rss_kb() -> tuple[float | None, str]:
+    """Return this process's peak RSS in kilobytes and where it was read.
+
+    On Linux, ``ru_maxrss`` is not reset by exec: a child started by a large parent reports the
+    parent's peak, which would hide any growth. VmHWM, the peak of this process's own memory map,
+    is read instead where /proc has it; ``resource.getrusage`` is the fallback elsewhere.
+    """
+    peak = _proc_status_kb("VmHWM")
+    if peak is not None:
+        return peak, "VmHWM"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak / 1024 if sys.platform == "darwin" else float(peak)), "ru_maxrss"  # macOS: bytes
+
+
+def memory_child(total: int, mark: int, workers: int, settings: Settings) -> dict[str, Any]:
+    """Stream `total` no-op tasks through `iter_results`; sample peak RSS at `mark` and at the end.
+
+    Runs in a child process (see `run_memory`) so that earlier runs do not set the peak. The
+    current RSS is sampled beside the peak, for information.
+    """
+    workload = Workload(f"{total:,} no-op tasks (generator)", [], latency_ms=0.0)
+    samples: dict[str, Any] = {}
+
+    def tasks() -> Iterator[tq.Task]:
+        for index in range(total):
+            yield tq.Task(f"mem-{index:08d}")
+
+    def sample(name: str) -> None:
+        samples[f"peak_rss_kb_at_{name}"], samples["peak_source"] = _peak_rss_kb()
+        samples[f"rss_kb_at_{name}"] = _proc_status_kb("VmRSS")
+
+    count = 0
+    progress = _Progress(f"memory x{workers}", total, settings.progress)
+    with tempfile.TemporaryDirectory(prefix="bench-mem-") as folder:
+        pool = tq.WorkerPool(
+            workload.processor(),
+            workers=workers,
+            queue_size=settings.queue_size,
+            db_path=os.path.join(folder, "bench.db"),
+            durability=settings.durability,
+        )
+        try:
+            for _record in pool.iter_results(tasks()):
+                count += 1
+                if count == mark:
+                    sample("mark")
+                progress.update()
+            sample("end")
+        finally:
+            progress.close()
+            pool.shutdown(wait=True, cancel_pending=True)
+    return {"tasks": count, "mark": mark, **samples, "metrics": pool.metrics.snapshot()}
+
+
+def run_memory(total: int, mark: int, workers: int, settings: Settings, repeat: int = 0) -> Run:
+    """Run `memory_child` in a fresh interpreter and return its samples as a run.
+
+    Raises:
+        RuntimeError: the child failed or printed no result.
+    """
+    command = [
+        sys.executable, os.path.abspath(__file__), "--memory-child", str(total),
+        "--memory-mark", str(mark), "--workers", str(workers),
+        "--queue-size", str(settings.queue_size), "--durability", settings.durability,
+        "--progress" if settings.progress else "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the memory child exited with code {proc.returncode}")
+    result = json.loads(lines[-1])
+    at_mark, at_end = result.get("peak_rss_kb_at_mark"), result.get("peak_rss_kb_at_end")
+    growth = None if at_mark is None or at_end is None else (at_end - at_mark) / 1024
+    run = Run("pool", workers, f"{total:,} no-op tasks (generator)", repeat, result.pop("metrics"),
+              result["tasks"], None)  # fmt: skip
+    run.extra["memory"] = {"total": total, **result, "growth_mb": _rounded(growth)}
+    return run
+
+
+# --- Suite ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Target:
+    """One of the issue's targets: a ratio, its threshold and the runs that measured it."""
+
+    number: int
+    name: str
+    metric: str
+    threshold: float | None
+    comparison: str  # ">=", "<=", "<" or "" (reported, no threshold)
+    unit: str = ""
+    values: list[float | None] = dataclasses.field(default_factory=list)
+    details: list[str] = dataclasses.field(default_factory=list)
+    # The same ratio for other systems, for reference only: Huey, a bare executor.
+    references: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def value(self) -> float | None:
+        spread = _spread(self.values)
+        return None if spread is None else spread["median"]
+
+    def met(self, thresholds: bool) -> bool | None:
+        """Return whether the median meets the threshold; None when not judged."""
+        value = self.value
+        if not thresholds or self.threshold is None or value is None:
+            return None
+        if self.comparison == ">=":
+            return value >= self.threshold
+        if self.comparison == "<=":
+            return value <= self.threshold
+        return value < self.threshold
+
+    def to_dict(self, thresholds: bool) -> dict[str, Any]:
+        spread = _spread(self.values)
+        return {
+            "target": self.number,
+            "name": self.name,
+            "metric": self.metric,
+            "value": None if spread is None else spread["median"],
+            "min": None if spread is None else spread["min"],
+            "max": None if spread is None else spread["max"],
+            "values": [_rounded(v, 6) for v in self.values],
+            "threshold": self.threshold,
+            "comparison": self.comparison or None,
+            "unit": self.unit or None,
+            "met": self.met(thresholds),
+            "details": self.details,
+            "references": {name: _spread(values) for name, values in self.references.items()},
+        }
+
+
+def run_suite(
+    sizes: SuiteSizes, settings: Settings, repeat: int, peers: bool
+) -> tuple[list[Run], list[Target]]:
+    """Run targets 1 to 6 of the issue `repeat` times each; return the runs and the targets."""
+    workers = SUITE_WORKERS
+    runs: list[Run] = []
+    ceiling = Target(1, "ceiling efficiency", "efficiency", 0.98, ">=")
+    overhead = Target(2, "overhead vs raw executor", "vs_raw_executor", 0.50, ">=")
+    memory = Target(3, "memory growth", "rss_growth_mb", 20.0, "<", " MB")
+    latency = Target(4, "open-loop p99 queue wait", "p99_queue_wait_ms", 1.0, "<=", " ms")
+    retries = Target(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=")
+    durability = Target(6, "durability full / normal", "full_vs_normal", None, "")
+    targets = [ceiling, overhead, memory, latency, retries, durability]
+    # The suite's retry policy is the issue's: 3 attempts (target 5 sets its own base delay).
+    settings = dataclasses.replace(settings, max_attempts=3, durability=tq.DEFAULT_DURABILITY)
+    lat = sizes.latency_ms
+
+    work = synthetic_workload(sizes.ceiling_tasks, lat)
+    ceiling.details.append(f"{work.name}, {workers} workers, file database")
+    noop = synthetic_workload(sizes.overhead_tasks, 0.0)
+    overhead.details.append(f"{noop.name} (no-ops), {workers} workers, file database")
+    durability.details.append(f"the overhead run ({noop.name}) with durability='full'")
+    memory.details.append(
+        f"iter_results over a generator, peak RSS at {sizes.memory_mark:,} and "
+        f"{sizes.memory_total:,} tasks, queue_size {settings.queue_size}, file database"
+    )
+    opened = synthetic_workload(sizes.open_loop_tasks, lat, prefix="open")
+    capacity = opened.ceiling(workers) or 0.0
+    rate = sizes.load * capacity
+    latency.details.append(
+        f"{sizes.open_loop_tasks:,} Poisson arrivals of {lat:g} ms tasks at {rate:.1f}/s "
+        f"({sizes.load:.0%} of capacity {capacity:.1f}/s), {workers} workers"
+    )
+    faulty = synthetic_workload(sizes.retry_tasks, lat, transient_rate=sizes.transient_rate)
+    retries.details.append(
+        f"{faulty.name}, 3 attempts, {sizes.retry_base_delay * 1000:g} ms base delay"
+    )
+
+    for index in range(repeat):
+        run = run_pool(work, workers, settings, index)
+        runs.append(run)
+        ceiling.values.append(run.efficiency)
+
+        raw = raw_executor_noop(noop, workers, index)
+        normal = run_pool(noop, workers, settings, index)
+        full = run_pool(noop, workers, settings, index, durability="full")
+        runs += [raw, normal, full]
+        overhead.values.append(normal.throughput / raw.throughput if raw.throughput else None)
+        durability.values.append(full.throughput / normal.throughput if normal.throughput else None)
+        overhead.details.append(
+            f"repeat {index + 1}: pool {normal.throughput:,.0f}/s, raw executor "
+            f"{raw.throughput:,.0f}/s, pool full durability {full.throughput:,.0f}/s"
+        )
+
+        mem = run_memory(sizes.memory_total, sizes.memory_mark, workers, settings, index)
+        runs.append(mem)
+        memory.values.append(mem.extra["memory"]["growth_mb"])
+        sampled = mem.extra["memory"]
+        memory.details.append(
+            f"repeat {index + 1}: peak RSS {_kb_text(sampled.get('peak_rss_kb_at_mark'))} -> "
+            f"{_kb_text(sampled.get('peak_rss_kb_at_end'))}; current RSS "
+            f"{_kb_text(sampled.get('rss_kb_at_mark'))} -> {_kb_text(sampled.get('rss_kb_at_end'))}"
+        )
+
+        loop = run_open_loop(opened, workers, rate, settings, index)
+        runs.append(loop)
+        open_loop = loop.extra["open_loop"]
+        latency.values.append(open_loop["queue_wait_from_arrival_ms"]["p99"])
+        arrival, wait = (
+            open_loop["latency_from_arrival_ms"],
+            open_loop["queue_wait_from_arrival_ms"],
+        )
+        latency.details.append(
+            f"repeat {index + 1}: from intended arrival: latency p50 {arrival['p50']:.2f} p99 "
+            f"{arrival['p99']:.2f} ms; queue wait p50 {wait['p50']:.3f} max {wait['max']:.3f} ms"
+        )
+        latency.details.append(
+            f"repeat {index + 1}: producer lag (its own lateness, included above) p99 "
+            f"{open_loop['submit_lag_ms']['p99']:.3f} ms; queue wait from the actual submit p99 "
+            f"{open_loop['queue_wait_from_submit_ms']['p99']:.3f} ms"
+        )
+        # The same arrivals on a bare executor: the floor this machine allows right now.
+        reference = run_open_loop(opened, workers, rate, settings, index, system="raw-executor")
+        runs.append(reference)
+        waits = reference.extra["open_loop"]["queue_wait_from_arrival_ms"]
+        latency.references.setdefault(reference.system, []).append(waits["p99"])
+
+        run = run_pool(faulty, workers, settings, index, base_delay=sizes.retry_base_delay)
+        runs.append(run)
+        retries.values.append(run.attempt_efficiency)
+        retries.details.append(
+            f"repeat {index + 1}: {run.metrics['handler_calls']:,} attempts, "
+            f"{run.metrics['retries']:,} retries, efficiency over tasks {_num(run.efficiency)}"
+        )
+
+    if peers:
+        runs += _suite_peers(work, noop, workers, settings, ceiling, overhead, runs)
+    return runs, targets
+
+
+def _suite_peers(
+    work: Workload,
+    noop: Workload,
+    workers: int,
+    settings: Settings,
+    ceiling: Target,
+    overhead: Target,
+    runs: list[Run],
+) -> list[Run]:
+    """Run Huey on the workloads of targets 1 and 2, for reference beside the pool's ratios."""
+    raw = [r.throughput for r in runs if r.system == "raw-executor-bare"]
+    raw_throughput = statistics.median(raw) if raw else 0.0
+    peer_runs = []
+    for storage in ("memory", "sqlite"):
+        run = run_huey(storage, work, workers, settings)
+        ceiling.references.setdefault(run.system, []).append(run.efficiency)
+        peer_runs.append(run)
+        run = run_huey(storage, noop, workers, settings)
+        ratio = run.throughput / raw_throughput if raw_throughput else None
+        overhead.references.setdefault(run.system, []).append(ratio)
+        peer_runs.append(run)
+    return peer_runs
+
+
+def _kb_text(kb: float | None) -> str:
+    return "n/a" if kb is None else f"{kb / 1024:.1f} MB"
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+# --- Output --------------------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Format rows as a fixed-width table; the first `left` columns are left-aligned."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.ljust(width) if index < left else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def _grouped(runs: Sequence[Run]) -> list[list[Run]]:
+    """Group runs by (system, workers), in first-seen order."""
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.system, run.workers), []).append(run)
+    return list(groups.values())
+
+
+def _cell(values: Sequence[float | None], spec: str, ranged: bool) -> str:
+    spread = _spread(values)
+    if spread is None:
+        return "n/a"
+    text = format(spread["median"], spec)
+    if ranged and len([v for v in values if v is not None]) > 1:
+        text += f" ({format(spread['min'], spec)}-{format(spread['max'], spec)})"
+    return text
+
+
+def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Return one summary per (system, workers): median, min and max of the main numbers."""
+    summary = []
+    for group in _grouped(runs):
+        first = group[0]
+        entry: dict[str, Any] = {"system": first.system, "workers": first.workers,
+                                 "runs": len(group)}  # fmt: skip
+        entry["throughput_per_second"] = _spread(r.throughput for r in group)
+        entry["efficiency"] = _spread(r.efficiency for r in group)
+        entry["speedup"] = _spread(r.speedup for r in group)
+        for name in ("mean", "p50", "p95", "p99"):
+            entry[f"latency_{name}_ms"] = _spread(r.metrics["latency_ms"][name] for r in group)
+        entry["success_rate"] = _spread(r.metrics["success_rate"] for r in group)
+        entry["retries"] = _spread(r.metrics["retries"] for r in group)
+        entry["duplicates"] = _spread(r.metrics["duplicates"] for r in group)
+        summary.append(entry)
+    return summary
+
+
+def comparison_table(runs: Sequence[Run], ranged: bool) -> str:
+    """Return the table of the comparison runs (medians; with repeats, min-max in brackets)."""
+    headers = ["system", "workers", "throughput/s", "efficiency", "speedup", "lat mean ms",
+               "p50", "p95", "p99", "success", "retries", "dups"]  # fmt: skip
+    rows = []
+    for group in _grouped(runs):
+        latency = [r.metrics["latency_ms"] for r in group]
+        rows.append([
+            group[0].system,
+            str(group[0].workers),
+            _cell([r.throughput for r in group], ",.1f", ranged),
+            _cell([r.efficiency for r in group], ".3f", ranged),
+            _cell([r.speedup for r in group], ".2f", False) + ("x" if group[0].speedup else ""),
+            _cell([s["mean"] for s in latency], ",.1f", False),
+            _cell([s["p50"] for s in latency], ",.1f", False),
+            _cell([s["p95"] for s in latency], ",.1f", False),
+            _cell([s["p99"] for s in latency], ",.1f", False),
+            _cell([r.metrics["success_rate"] * 100 for r in group], ".1f", False) + "%",
+            _cell([r.metrics["retries"] for r in group], ".0f", False),
+            _cell([r.metrics["duplicates"] for r in group], ".0f", False),
+        ])  # fmt: skip
+    return _table(headers, rows)
+
+
+def open_loop_table(runs: Sequence[Run]) -> str:
+    """Return the table of open-loop runs: percentiles from intended arrivals, in ms.
+
+    The last two columns split the queue wait: the producer's own lateness, and the wait measured
+    from the actual submission (the pool's view).
+    """
+    headers = ["system", "workers", "rate/s", "load", "latency p50 ms", "p95", "p99", "max",
+               "queue wait p50 ms", "p99", "max", "producer lag p99",
+               "wait from submit p99"]  # fmt: skip
+    rows = []
+    for run in runs:
+        loop = run.extra["open_loop"]
+        lat, wait = loop["latency_from_arrival_ms"], loop["queue_wait_from_arrival_ms"]
+        rows.append([
+            run.system, str(run.workers), f"{loop['rate_per_second']:,.1f}",
+            "n/a" if loop["load"] is None else f"{loop['load']:.0%}",
+            f"{lat['p50']:.2f}", f"{lat['p95']:.2f}", f"{lat['p99']:.2f}", f"{lat['max']:.2f}",
+            f"{wait['p50']:.3f}", f"{wait['p99']:.3f}", f"{wait['max']:.3f}",
+            f"{loop['submit_lag_ms']['p99']:.3f}",
+            f"{loop['queue_wait_from_submit_ms']['p99']:.3f}",
+        ])  # fmt: skip
+    return _table(headers, rows)
+
+
+def targets_table(targets: Sequence[Target], thresholds: bool) -> str:
+    """Return the table of the suite's targets, then the details of each."""
+    headers = ["target", "metric", "measured", "threshold", "result"]
+    rows = []
+    for target in targets:
+        value = target.value
+        measured = "n/a" if value is None else f"{value:.3f}{target.unit}"
+        if len([v for v in target.values if v is not None]) > 1:
+            spread = _spread(target.values)
+            assert spread is not None
+            measured += f" ({spread['min']:.3f}-{spread['max']:.3f})"
+        if target.threshold is None:
+            threshold, result = "reported", "-"
+        else:
+            threshold = f"{target.comparison} {target.threshold:g}{target.unit}"
+            met = target.met(thresholds)
+            result = "n/a (smoke)" if met is None else ("met" if met else "NOT MET")
+        rows.append([f"{target.number}. {target.name}", target.metric, measured, threshold, result])
+    lines = [_table(headers, rows, left=2), ""]
+    for target in targets:
+        lines.append(f"{target.number}. {target.details[0]}")
+        lines += [f"     {detail}" for detail in target.details[1:]]
+        for system, values in target.references.items():
+            spread = _spread(values)
+            value = None if spread is None else spread["median"]
+            lines.append(f"     reference {system}: {target.metric} {_num(value)}{target.unit}")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """Return the cores, platform and Python that the report records."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """Write the report as JSON, atomically (a temporary file, then a rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".benchmark-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def plot(path: str, runs: Sequence[Run], title: str) -> None:
+    """Draw throughput and efficiency against workers, and the latency percentiles, to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    fig, (ax_tp, ax_eff, ax_lat) = plt.subplots(1, 3, figsize=(16, 4.8))
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for entry in summarize(runs):
+        systems.setdefault(entry["system"], []).append(entry)
+    for index, (system, entries) in enumerate(systems.items()):
+        entries.sort(key=lambda e: e["workers"])
+        color = f"C{index}"
+        xs = [e["workers"] for e in entries]
+        ax_tp.plot(xs, [e["throughput_per_second"]["median"] for e in entries], "o-",
+                   color=color, label=system)  # fmt: skip
+        eff = [e for e in entries if e["efficiency"]]
+        if eff:
+            ax_eff.plot([e["workers"] for e in eff], [e["efficiency"]["median"] for e in eff],
+                        "o-", color=color, label=system)  # fmt: skip
+        for name, style in (("p50", ":"), ("p95", "--"), ("p99", "-")):
+            ys = [e[f"latency_{name}_ms"]["median"] for e in entries]
+            label = system if name == "p99" else None
+            ax_lat.plot(xs, ys, style, marker="o", color=color, label=label)
+    ax_tp.set(title="throughput", xlabel="workers", ylabel="tasks / s")
+    ax_eff.set(title="efficiency (vs workers / mean latency)", xlabel="workers", ylim=(0, 1.05))
+    ax_lat.set(title="latency: p50 dotted, p95 dashed, p99 solid", xlabel="workers",
+               ylabel="ms (submission to finish)", yscale="log")  # fmt: skip
+    ticks = sorted({run.workers for run in runs})
+    for axis in (ax_tp, ax_eff, ax_lat):
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_locator(FixedLocator(ticks))
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become `UsageError`, reported in one line by `main`."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="benchmark.py",
+        description="Benchmark task_queue_optimized: baseline, raw executor, pool and peers.",
+        epilog="Exit codes: 0 done (with --suite: every target met); 1 a --suite target not "
+        "met; 2 usage or input error; 130 interrupted.",
+    )
+    what = parser.add_argument_group("what to run (default: the comparison runs)")
+    what.add_argument("--task-file", metavar="FILE", help="benchmark the tasks of a task file")
+    what.add_argument(
+        "--tasks", type=int, metavar="N", help=f"synthetic tasks (default {DEFAULT_TASKS})"
+    )
+    what.add_argument(
+        "--latency-ms",
+        type=float,
+        metavar="X",
+        default=DEFAULT_LATENCY_MS,
+        help=f"synthetic task latency (default {DEFAULT_LATENCY_MS:g})",
+    )
+    what.add_argument(
+        "--jitter-ms",
+        type=float,
+        metavar="X",
+        default=0.0,
+        help="uniform +- jitter on each latency (default 0)",
+    )
+    what.add_argument(
+        "--transient-rate",
+        type=float,
+        metavar="P",
+        default=0.0,
+        help="injected transient faults per attempt (default 0)",
+    )
+    what.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"seed of faults, jitter and arrivals (default {DEFAULT_SEED})",
+    )
+    what.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="open loop: Poisson arrivals at R tasks/s, latency from arrival",
+    )
+    what.add_argument(
+        "--suite", action="store_true", help="run targets 1 to 6 (their own workloads, 8 workers)"
+    )
+    what.add_argument(
+        "--quick", action="store_true", help="with --suite: scale targets 2 and 3 down"
+    )
+    what.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny version of everything cheap, no thresholds (CI)",
+    )
+    what.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run Huey (MemoryHuey, SqliteHuey) where it is installed",
+    )
+    tuning = parser.add_argument_group("tuning")
+    tuning.add_argument(
+        "--workers",
+        default=DEFAULT_WORKERS,
+        metavar="LIST",
+        help=f"worker counts, e.g. 1,2,4,8,16 (default {DEFAULT_WORKERS})",
+    )
+    tuning.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="K",
+        help="repeat each run K times: median, min and max",
+    )
+    tuning.add_argument(
+        "--queue-size",
+        type=int,
+        default=tq.DEFAULT_QUEUE_SIZE,
+        metavar="N",
+        help=f"the pool's bounded queue (default {tq.DEFAULT_QUEUE_SIZE})",
+    )
+    tuning.add_argument(
+        "--max-attempts",
+        type=int,
+        default=tq.DEFAULT_MAX_ATTEMPTS,
+        metavar="N",
+        help=f"attempts per task, retries included (default {tq.DEFAULT_MAX_ATTEMPTS})",
+    )
+    tuning.add_argument(
+        "--base-delay",
+        type=float,
+        default=tq.DEFAULT_BASE_DELAY,
+        metavar="S",
+        help=f"first retry backoff cap, seconds (default {tq.DEFAULT_BASE_DELAY:g})",
+    )
+    tuning.add_argument(
+        "--durability",
+        choices=("normal", "full"),
+        default=tq.DEFAULT_DURABILITY,
+        help="the pool's store (and SqliteHuey's fsync): normal or full (default normal)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--report",
+        default=DEFAULT_REPORT,
+        metavar="FILE",
+        help=f"JSON report (default {DEFAULT_REPORT})",
+    )
+    output.add_argument("--plot", metavar="FILE.png", help="draw the comparison (matplotlib)")
+    output.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr (default: when stderr is a terminal)",
+    )
+    internal = parser.add_argument_group()
+    internal.add_argument("--memory-child", type=int, metavar="N", help=argparse.SUPPRESS)
+    internal.add_argument("--memory-mark", type=int, metavar="M", help=argparse.SUPPRESS)
+    return parser
+
+
+def _parse_workers(text: str) -> list[int]:
+    values: list[int] = []
+    for part in text.split(","):
+        try:
+            value = int(part.strip())
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UsageError(f"--workers: expected positive integers like 1,2,4,8, got {text!r}")
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject bad combinations and values before anything runs."""
+    modes = [name for name in ("suite", "smoke") if getattr(args, name)]
+    if args.rate is not None:
+        modes.append("rate")
+    if len(modes) > 1:
+        raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
+    if args.peers and args.rate is not None:
+        raise UsageError("--peers runs beside the comparison runs and --suite, not --rate")
+    if args.quick and not args.suite:
+        raise UsageError("--quick only applies to --suite")
+    if (args.suite or args.smoke) and (args.task_file is not None or args.tasks is not None):
+        raise UsageError("--suite and --smoke run their own workloads: no --task-file or --tasks")
+    if args.task_file is not None and args.tasks is not None:
+        raise UsageError("give --task-file or --tasks, not both")
+    checks = [
+        (args.tasks is None or args.tasks >= 1, "--tasks must be >= 1"),
+        (args.repeat >= 1, "--repeat must be >= 1"),
+        (args.queue_size >= 1, "--queue-size must be >= 1"),
+        (args.max_attempts >= 1, "--max-attempts must be >= 1"),
+        (math.isfinite(args.latency_ms) and args.latency_ms >= 0, "--latency-ms must be >= 0"),
+        (math.isfinite(args.jitter_ms) and args.jitter_ms >= 0, "--jitter-ms must be >= 0"),
+        (math.isfinite(args.base_delay) and args.base_delay >= 0, "--base-delay must be >= 0"),
+        (0 <= args.transient_rate <= 1, "--transient-rate must be within [0, 1]"),
+        (args.rate is None or (math.isfinite(args.rate) and args.rate > 0), "--rate must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if args.plot is not None:
+        if args.suite or args.rate is not None or args.smoke:
+            raise UsageError("--plot draws the comparison runs: not with --suite, --rate, --smoke")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(
+                "--plot needs matplotlib, which is not installed: pip install matplotlib"
+            )
+        _check_output(args.plot, "--plot")
+    _check_output(args.report, "--report")
+
+
+def _check_output(path: str, flag: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    return Settings(args.queue_size, args.max_attempts, args.base_delay, args.durability, progress)
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    if args.task_file is not None:
+        return file_workload(
+            args.task_file,
+            latency_ms=args.latency_ms,
+            jitter_ms=args.jitter_ms,
+            transient_rate=args.transient_rate,
+            seed=args.seed,
+        )
+    return synthetic_workload(
+        args.tasks or DEFAULT_TASKS,
+        args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        transient_rate=args.transient_rate,
+        seed=args.seed,
+    )
+
+
+def _peers_wanted(requested: bool) -> bool:
+    if not requested:
+        return False
+    if huey_available():
+        return True
+    print("peers: huey is not installed (pip install -r requirements-bench.txt); "
+          "skipping the Huey runs", file=sys.stderr)  # fmt: skip
+    return False
+
+
+def run_comparison(
+    workload: Workload, workers: Sequence[int], settings: Settings, repeat: int, peers: bool
+) -> list[Run]:
+    """Run the baseline once and, at each worker count, the raw executor, the pool and peers."""
+    runs: list[Run] = []
+    for index in range(repeat):
+        naive = run_naive(workload, settings, index)
+        runs.append(naive)
+        batch = []
+        for count in workers:
+            batch.append(run_raw_executor(workload, count, settings, index))
+            batch.append(run_pool(workload, count, settings, index))
+            if peers:
+                batch.append(run_huey("memory", workload, count, settings, index))
+                batch.append(run_huey("sqlite", workload, count, settings, index))
+        for run in [naive, *batch]:
+            if naive.throughput:
+                run.speedup = run.throughput / naive.throughput
+        runs += batch
+    return runs
+
+
+def _header(workload: Workload, repeat: int) -> str:
+    text = f"workload: {workload.name}"
+    if len(workload.unique) != len(workload.tasks):
+        text += f" ({len(workload.unique)} distinct keys)"
+    text += f"; mean task latency {workload.mean_latency * 1000:.2f} ms"
+    if repeat > 1:
+        text += f"; {repeat} repeats: median (min-max)"
+    return text
+
+
+def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[str, Any]:
+    return {
+        "tool": "benchmark.py",
+        "library_version": tq.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": {
+            "version": platform.python_version(),
+            "implementation": platform.python_implementation(),
+        },
+        "machine": machine_info(),
+        "configuration": {
+            "mode": mode,
+            "argv": list(argv),
+            "task_file": args.task_file,
+            "tasks": args.tasks,
+            "latency_ms": args.latency_ms,
+            "jitter_ms": args.jitter_ms,
+            "transient_rate": args.transient_rate,
+            "seed": args.seed,
+            "workers": _parse_workers(args.workers),
+            "repeat": args.repeat,
+            "queue_size": args.queue_size,
+            "max_attempts": args.max_attempts,
+            "base_delay": args.base_delay,
+            "durability": args.durability,
+            "rate": args.rate,
+            "quick": args.quick,
+            "peers": args.peers,
+        },
+        "definitions": {
+            "throughput": "finished submissions (duplicates included) per second, first "
+            "enqueue to last finish",
+            "ceiling": "workers / mean configured latency of the tasks that run",
+            "efficiency": "tasks whose handler ran, per second, over the ceiling",
+            "attempt_efficiency": "handler calls (retries included) per second, over the ceiling",
+            "speedup": "throughput over the naive baseline's in the same repeat",
+            "latency": "submission to finish (in a batch every task is submitted at the start)",
+        },
+    }
+
+
+def _mode(args: argparse.Namespace) -> str:
+    if args.smoke:
+        return "smoke"
+    if args.suite:
+        return "suite"
+    return "open-loop" if args.rate is not None else "compare"
+
+
+def _compare_mode(
+    args: argparse.Namespace, workload: Workload, settings: Settings, peers: bool, report: dict
+) -> list[Run]:
+    """Run and print the comparison; return its runs."""
+    workers = _parse_workers(args.workers)
+    if args.smoke:
+        workers = SMOKE_COMPARISON["workers"]
+    report["workload"] = workload.describe()
+    runs = run_comparison(workload, workers, settings, args.repeat, peers)
+    print(_header(workload, args.repeat))
+    print(comparison_table(runs, ranged=args.repeat > 1))
+    report["summary"] = summarize(runs)
+    return runs
+
+
+def _open_loop_mode(
+    args: argparse.Namespace, workload: Workload, settings: Settings, report: dict
+) -> list[Run]:
+    """Run and print the open-loop runs; return them."""
+    report["workload"] = workload.describe()
+    runs = [
+        run_open_loop(workload, count, args.rate, settings, index, seed=args.seed, system=system)
+        for index in range(args.repeat)
+        for count in _parse_workers(args.workers)
+        for system in ("raw-executor", "pool")
+    ]
+    print(f"open loop: {_header(workload, 1)}; latency and queue wait from intended arrival")
+    print(open_loop_table(runs))
+    return runs
+
+
+def _suite_mode(
+    args: argparse.Namespace, settings: Settings, peers: bool, report: dict
+) -> tuple[list[Run], bool]:
+    """Run and print the targets; return their runs and whether every judged target was met."""
+    sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else FULL_SIZES
+    repeat = 1 if args.smoke else args.repeat
+    runs, targets = run_suite(sizes, settings, repeat, peers and not args.smoke)
+    if args.smoke:
+        print()
+    print(f"suite ({sizes.label}), {SUITE_WORKERS} workers, {repeat} repeat(s): median")
+    print(targets_table(targets, sizes.thresholds))
+    report["suite"] = {"sizes": dataclasses.asdict(sizes)}
+    report["targets"] = [target.to_dict(sizes.thresholds) for target in targets]
+    return runs, all(target.met(sizes.thresholds) is not False for target in targets)
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = _build_parser().parse_args(argv)
+    settings = _settings(args)
+    if args.memory_child is not None:
+        mark = args.memory_mark or max(args.memory_child // 10, 1)
+        workers = _parse_workers(args.workers)[0]
+        print(json.dumps(memory_child(args.memory_child, mark, workers, settings)))
+        return EXIT_OK
+    _check_args(args)
+    mode = _mode(args)
+    workload = None
+    if mode == "smoke":
+        count, latency = SMOKE_COMPARISON["tasks"], SMOKE_COMPARISON["latency_ms"]
+        workload = synthetic_workload(count, latency, seed=args.seed)
+    elif mode != "suite":
+        workload = _workload(args)  # before anything prints: a bad task file is a usage error
+    report = _report(args, argv, mode)
+    # --smoke runs the peers where Huey happens to be installed, without a word where it is not.
+    peers = _peers_wanted(args.peers) or (args.smoke and huey_available())
+    report["peers"] = {"requested": args.peers, "huey_installed": huey_available(), "ran": peers}
+    met = True
+    runs: list[Run] = []
+    if workload is not None and mode in ("compare", "smoke"):
+        runs += _compare_mode(args, workload, settings, peers, report)
+    if workload is not None and mode == "open-loop":
+        runs += _open_loop_mode(args, workload, settings, report)
+    if mode in ("suite", "smoke"):
+        suite_runs, met = _suite_mode(args, settings, peers, report)
+        runs += suite_runs
+    report["runs"] = [run.to_dict() for run in runs]
+    write_report(args.report, report)
+    print(f"report written to {args.report}")
+    if args.plot is not None and workload is not None:
+        plot(args.plot, runs, _header(workload, args.repeat))
+        print(f"plot written to {args.plot}")
+    return EXIT_OK if met else EXIT_TARGET_MISSED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; return the exit code.
+
+    User errors (bad flags, a bad task file, an output folder that does not exist) print one line
+    that starts with "error:" on stderr and return 2 before anything runs.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except (UsageError, tq.TaskFileError, tq.ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: no report written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

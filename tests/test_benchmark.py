@@ -1,0 +1,311 @@
+"""benchmark.py: its smoke run, its report, its modes and its user errors.
+
+No thresholds and no wall-time assertions here: performance is what benchmark.py reports, not what
+the test suite judges. Every run goes through a real subprocess in a temporary working directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import benchmark
+from tests.cli_helpers import REPO, SAMPLE_FILE, clean_env
+
+BENCHMARK = REPO / "benchmark.py"
+SMOKE_TIMEOUT = 120.0
+SHORT_TIMEOUT = 60.0
+SNAPSHOT_SERIES = ("latency_ms", "queue_wait_ms", "service_ms")
+SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
+
+pytestmark = pytest.mark.timeout(SMOKE_TIMEOUT + 30)
+
+
+def run_benchmark(
+    args: Sequence[str], cwd: Path, timeout: float = SHORT_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python benchmark.py ARGS`` in ``cwd`` and return the finished process."""
+    return subprocess.run(
+        [sys.executable, str(BENCHMARK), *args],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def is_finite_number(value: Any) -> bool:
+    """Return whether ``value`` is a finite int or float (and not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Check exit 2 and exactly one "error:" line on stderr that contains ``words``."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines
+    for word in words:
+        assert word in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def smoke(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run the smoke benchmark once for the module; return the process and its report path."""
+    folder = tmp_path_factory.mktemp("smoke")
+    report = folder / "report.json"
+    proc = run_benchmark(
+        ["--smoke", "--no-progress", "--report", str(report)], folder, timeout=SMOKE_TIMEOUT
+    )
+    return proc, report
+
+
+@pytest.fixture(scope="module")
+def smoke_report(smoke: tuple[subprocess.CompletedProcess[str], Path]) -> dict[str, Any]:
+    """The smoke run's JSON report."""
+    proc, report = smoke
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(report.read_text(encoding="utf-8"))
+
+
+# --- The smoke run -------------------------------------------------------------------------------
+
+
+def test_smoke_exits_zero_and_prints_both_tables(
+    smoke: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """Prove --smoke succeeds and prints the comparison table and the targets table."""
+    proc, report = smoke
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for heading in ("system", "throughput/s", "efficiency", "target", "threshold"):
+        assert heading in proc.stdout
+    for system in ("naive", "raw-executor", "pool"):
+        assert f"\n{system} " in proc.stdout
+    assert report.exists()
+    assert sorted(path.name for path in report.parent.iterdir()) == ["report.json"]
+
+
+def test_report_describes_the_machine_and_configuration(smoke_report: dict[str, Any]) -> None:
+    """Prove the report carries the configuration, Python version, machine and date."""
+    assert smoke_report["configuration"]["mode"] == "smoke"
+    assert smoke_report["python"]["version"].startswith(f"{sys.version_info[0]}.")
+    machine = smoke_report["machine"]
+    assert isinstance(machine["cores"], int) and machine["cores"] >= 1
+    assert machine["platform"]
+    assert smoke_report["date"][:2] == "20"
+    assert smoke_report["workload"]["tasks"] > 0
+
+
+def test_every_run_carries_a_metrics_snapshot(smoke_report: dict[str, Any]) -> None:
+    """Prove each run has its system, workers and a snapshot with finite numbers."""
+    runs = smoke_report["runs"]
+    assert runs
+    systems = {run["system"] for run in runs}
+    assert {"naive", "raw-executor", "pool", "pool-full", "raw-executor-bare"} <= systems
+    for run in runs:
+        assert isinstance(run["workers"], int) and run["workers"] >= 1
+        metrics = run["metrics"]
+        assert is_finite_number(metrics["throughput_per_second"]), run
+        assert is_finite_number(metrics["elapsed_seconds"]), run
+        if run["system"] != "raw-executor-bare":
+            for series in SNAPSHOT_SERIES:
+                assert set(metrics[series]) >= SERIES_KEYS, (run["system"], series)
+
+
+def test_comparison_runs_report_efficiency_and_speedup(smoke_report: dict[str, Any]) -> None:
+    """Prove the comparison runs have a finite efficiency and a speedup over the baseline."""
+    compared = [run for run in smoke_report["runs"] if run["speedup"] is not None]
+    assert {run["system"] for run in compared} >= {"naive", "raw-executor", "pool"}
+    for run in compared:
+        assert is_finite_number(run["efficiency"]), run
+        assert is_finite_number(run["speedup"]), run
+    naive = [run for run in compared if run["system"] == "naive"]
+    assert [run["speedup"] for run in naive] == [1.0]
+    summary_keys = {"system", "workers", "throughput_per_second", "efficiency", "speedup"}
+    for entry in smoke_report["summary"]:
+        assert set(entry) >= summary_keys
+        assert set(entry["throughput_per_second"]) == {"median", "min", "max"}
+
+
+def test_targets_are_present_with_finite_ratios(smoke_report: dict[str, Any]) -> None:
+    """Prove the six targets are reported, each with a finite value and no verdict in smoke."""
+    targets = smoke_report["targets"]
+    assert [target["target"] for target in targets] == [1, 2, 3, 4, 5, 6]
+    metrics = [target["metric"] for target in targets]
+    assert metrics == [
+        "efficiency",
+        "vs_raw_executor",
+        "rss_growth_mb",
+        "p99_queue_wait_ms",
+        "attempt_efficiency",
+        "full_vs_normal",
+    ]
+    for target in targets:
+        assert is_finite_number(target["value"]), target
+        assert target["met"] is None, target  # smoke: no thresholds
+
+
+def test_open_loop_and_memory_samples_are_reported(smoke_report: dict[str, Any]) -> None:
+    """Prove the open-loop run has percentiles from arrival and the memory run its RSS samples."""
+    loops = {run["system"]: run["open_loop"] for run in smoke_report["runs"] if "open_loop" in run}
+    assert set(loops) == {"pool", "raw-executor"}  # the pool, and the bare executor as reference
+    for name in (
+        "latency_from_arrival_ms",
+        "queue_wait_from_arrival_ms",
+        "queue_wait_from_submit_ms",
+        "submit_lag_ms",
+    ):
+        assert set(loops["pool"][name]) == SERIES_KEYS
+        assert loops["pool"][name]["count"] > 0
+    memory = [run["memory"] for run in smoke_report["runs"] if "memory" in run]
+    assert len(memory) == 1
+    assert memory[0]["tasks"] == memory[0]["total"] > memory[0]["mark"]
+    assert is_finite_number(memory[0]["growth_mb"])
+
+
+# --- Other modes ---------------------------------------------------------------------------------
+
+
+def test_repeat_and_sweep_report_median_min_and_max(tmp_path: Path) -> None:
+    """Prove --repeat runs each system K times per worker count and summarises the spread."""
+    report = tmp_path / "r.json"
+    proc = run_benchmark(
+        ["--tasks", "8", "--latency-ms", "1", "--workers", "1,2", "--repeat", "2",
+         "--report", str(report)],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text(encoding="utf-8"))
+    counted = {(e["system"], e["workers"]): e["runs"] for e in data["summary"]}
+    assert counted == {
+        ("naive", 1): 2,
+        ("raw-executor", 1): 2,
+        ("pool", 1): 2,
+        ("raw-executor", 2): 2,
+        ("pool", 2): 2,
+    }
+    assert "(" in proc.stdout  # medians with (min-max)
+
+
+def test_task_file_counts_duplicates_and_retries(tmp_path: Path) -> None:
+    """Prove a task-file run reports the sample file's duplicates and at least its retries."""
+    report = tmp_path / "r.json"
+    proc = run_benchmark(
+        ["--task-file", str(SAMPLE_FILE), "--workers", "16", "--report", str(report)], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text(encoding="utf-8"))
+    pool = next(run for run in data["runs"] if run["system"] == "pool")
+    assert pool["metrics"]["duplicates"] == 5
+    assert pool["metrics"]["retries"] >= 5
+    assert pool["executed"] == 95
+    assert data["workload"]["unique_keys"] == 95
+
+
+def test_open_loop_mode(tmp_path: Path) -> None:
+    """Prove --rate runs an open loop (pool and bare executor) with latency from arrivals."""
+    report = tmp_path / "r.json"
+    proc = run_benchmark(
+        ["--rate", "400", "--tasks", "30", "--latency-ms", "1", "--workers", "2",
+         "--report", str(report)],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text(encoding="utf-8"))
+    assert data["configuration"]["mode"] == "open-loop"
+    assert sorted(run["system"] for run in data["runs"]) == ["pool", "raw-executor"]
+    for run in data["runs"]:
+        loop = run["open_loop"]
+        assert loop["arrivals"] == 30
+        assert loop["rate_per_second"] == 400
+        assert is_finite_number(loop["load"])
+        assert loop["latency_from_arrival_ms"]["count"] == 30
+
+
+def test_peers_without_huey_print_one_line_and_go_on(tmp_path: Path) -> None:
+    """Prove --peers without Huey says so in one line and runs the rest."""
+    if importlib.util.find_spec("huey") is not None:
+        pytest.skip("huey is installed")
+    report = tmp_path / "r.json"
+    proc = run_benchmark(
+        ["--peers", "--tasks", "4", "--latency-ms", "0", "--workers", "1", "--report", str(report)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "huey" in lines[0], proc.stderr
+    assert report.exists()
+
+
+# --- User errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--no-such-flag"], ["--no-such-flag"]),
+        (["--workers", "1,x"], ["--workers"]),
+        (["--workers", "0"], ["--workers"]),
+        (["--repeat", "0"], ["--repeat"]),
+        (["--rate", "-3"], ["--rate"]),
+        (["--quick"], ["--quick"]),
+        (["--suite", "--smoke"], ["--suite", "--smoke"]),
+        (["--task-file", "missing.json"], ["missing.json"]),
+        (["--report", "no/such/folder/r.json"], ["--report"]),
+    ],
+)
+def test_user_error_exits_2_with_one_line(
+    tmp_path: Path, args: list[str], words: list[str]
+) -> None:
+    """Prove a bad flag or input exits 2 with one line on stderr, before running anything."""
+    proc = run_benchmark(args, tmp_path)
+    assert_user_error(proc, *words)
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_is_a_clear_user_error(tmp_path: Path) -> None:
+    """Prove --plot without matplotlib names the missing package and runs nothing."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed")
+    proc = run_benchmark(["--plot", str(tmp_path / "b.png")], tmp_path)
+    assert_user_error(proc, "matplotlib")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- Arithmetic ----------------------------------------------------------------------------------
+
+
+def test_ceiling_uses_the_mean_latency_of_the_tasks_that_run() -> None:
+    """Prove the ceiling counts each idempotency key once, with its payload latency."""
+    workload = benchmark.file_workload(str(SAMPLE_FILE), latency_ms=30.0, jitter_ms=0.0, seed=1)
+    unique: dict[str, float] = {}
+    for task in workload.tasks:
+        unique.setdefault(task.key, float(task.payload.get("latency_ms", 30.0)))
+    mean = sum(unique.values()) / len(unique) / 1000
+    assert workload.mean_latency == pytest.approx(mean)
+    assert workload.ceiling(8) == pytest.approx(8 / mean)
+    assert benchmark.synthetic_workload(10, 0.0).ceiling(8) is None
+
+
+def test_efficiency_is_executed_tasks_per_second_over_the_ceiling() -> None:
+    """Prove efficiency and attempt efficiency from a snapshot's counts and elapsed time."""
+    metrics = {"elapsed_seconds": 2.0, "throughput_per_second": 55.0, "handler_calls": 120}
+    run = benchmark.Run("pool", 4, "w", 0, metrics, executed=100, ceiling=100.0)
+    assert run.efficiency == pytest.approx(0.5)
+    assert run.attempt_efficiency == pytest.approx(0.6)
+    assert benchmark.Run("pool", 4, "w", 0, metrics, executed=100, ceiling=None).efficiency is None
