@@ -40,6 +40,8 @@ import dataclasses
 import enum
 import hashlib
 import heapq
+import http.server
+import importlib
 import itertools
 import json
 import logging
@@ -49,6 +51,7 @@ import queue
 import random
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -2206,6 +2209,51 @@ class MetricsCollector:
             **summaries,
         }
 
+    _PROMETHEUS_COUNTERS = {
+        "submitted": "Submissions accepted.",
+        "succeeded": "Tasks whose handler succeeded.",
+        "failed": "Tasks that failed for good.",
+        "duplicates": "Submissions answered from an earlier or concurrent run of their key.",
+        "retries": "Retries scheduled after transient failures.",
+        "rejected": "Submissions refused by a full queue.",
+        "cancelled": "Tasks cancelled before they ran.",
+        "handler_calls": "Handler calls, retries included.",
+    }
+    _PROMETHEUS_GAUGES = {
+        "in_flight": "Tasks started and not finished.",
+        "queue_depth": "Tasks waiting in the queue.",
+        "max_queue_depth": "Deepest queue seen.",
+        "workers": "Worker threads.",
+        "queue_size": "Queue bound.",
+        "utilization": "Handler time over workers x elapsed time.",
+        "throughput_per_second": "Finished tasks per second since the first enqueue.",
+    }
+
+    def to_prometheus(self, prefix: str = "task_queue") -> str:
+        """Return the metrics in the Prometheus text exposition format (version 0.0.4)."""
+        snap = self.snapshot()
+        lines = []
+        for name, help_text in self._PROMETHEUS_COUNTERS.items():
+            lines += [f"# HELP {prefix}_{name}_total {help_text}",
+                      f"# TYPE {prefix}_{name}_total counter",
+                      f"{prefix}_{name}_total {snap[name]}"]  # fmt: skip
+        for name, help_text in self._PROMETHEUS_GAUGES.items():
+            value = snap[name]
+            lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} gauge",
+                      f"{prefix}_{name} {'NaN' if value is None else value}"]  # fmt: skip
+        with self._lock:
+            series = {
+                name: (h.count, h.total, [(q, h.percentile(q * 100)) for q in (0.5, 0.95, 0.99)])
+                for name, h in self._series.items()
+            }
+        for name, (count, total, quantiles) in series.items():
+            metric = f"{prefix}_{name}_seconds"
+            lines += [f"# HELP {metric} Task {name.replace('_', ' ')} in seconds.",
+                      f"# TYPE {metric} summary"]  # fmt: skip
+            lines += [f'{metric}{{quantile="{q}"}} {value:.9g}' for q, value in quantiles]
+            lines += [f"{metric}_sum {total:.9g}", f"{metric}_count {count}"]
+        return "\n".join(lines) + "\n"
+
     def to_json(self) -> str:
         """Return the snapshot as indented JSON."""
         return json.dumps(self.snapshot(), indent=2, sort_keys=True)
@@ -2392,10 +2440,12 @@ class _WorkQueue(queue.Queue):
             return items
 
     def drain(self) -> list[Any]:
-        """Remove and return every waiting item."""
+        """Remove and return every waiting item; stop sentinels stay where they are."""
         with self.mutex:
-            items = list(self.queue)
+            items = [item for item in self.queue if item is not _STOP]
+            stops = len(self.queue) - len(items)
             self.queue.clear()
+            self.queue.extend([_STOP] * stops)
             self.not_full.notify_all()
         return items
 
@@ -2520,7 +2570,7 @@ class TaskQueue:
         self._executor.shutdown(wait=wait)
         if wait:
             # A submit that raced with close may have landed behind the sentinels.
-            late = [item for item in self._queue.drain() if item is not _STOP]
+            late = self._queue.drain()
             if cancel_pending:
                 removed.extend(late)
             else:
@@ -2616,6 +2666,7 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            self._pool._heartbeat()
             held = self._pool._held_claims()
             if not held:
                 continue
@@ -2631,20 +2682,29 @@ class _LeaseKeeper:
                     logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
 
 
-# A submission that joined an in-flight one: its task, its future and when it was submitted.
-_Follower = tuple[Task, concurrent.futures.Future, float]
+# A submission that joined an in-flight one: its task, its future, when it was submitted and,
+# in a durable pool, the token of its row in the durable queue.
+_Follower = tuple[Task, concurrent.futures.Future, float, "int | None"]
 
 
 class _Job:
     """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
 
     __slots__ = (
-        "attempts", "batch", "dequeued", "done", "enqueued_at", "fingerprint", "followers",
-        "future", "key", "polls", "started_at", "task", "token",
+        "attempts", "batch", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
+        "followers", "future", "key", "polls", "started_at", "task", "token",
     )  # fmt: skip
 
-    def __init__(self, task: Task, fp: str, future: concurrent.futures.Future, now: float) -> None:
+    def __init__(
+        self,
+        task: Task,
+        fp: str,
+        future: concurrent.futures.Future,
+        now: float,
+        entry: int | None = None,
+    ) -> None:
         self.task = task
+        self.entry = entry  # the token of its durable-queue row, in a durable pool
         self.key = task.key
         self.fingerprint = fp
         self.future = future
@@ -2686,6 +2746,13 @@ def _resolved(record: TaskRecord) -> concurrent.futures.Future:
 
 
 _ON_FULL = ("block", "reject")
+# What a submission's outcome makes of its durable-queue row: cancelled work goes back to the queue.
+_ENTRY_STATE = {
+    TaskStatus.SUCCEEDED: EntryState.DONE,
+    TaskStatus.DUPLICATE: EntryState.DONE,
+    TaskStatus.FAILED: EntryState.FAILED,
+    TaskStatus.CANCELLED: EntryState.QUEUED,
+}
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
@@ -2730,6 +2797,8 @@ class WorkerPool:
         metrics: MetricsCollector | None = None,
         claim_poll_interval: float = DEFAULT_CLAIM_POLL_INTERVAL,
         idempotency: IdempotencyManager | None = None,
+        durable: bool = False,
+        worker_name: str | None = None,
     ) -> None:
         if on_full not in _ON_FULL:
             raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
@@ -2747,8 +2816,10 @@ class WorkerPool:
         self._store = idempotency or IdempotencyManager(
             db_path, lease_seconds=lease_seconds, durability=durability
         )
-        self._lock = threading.Lock()  # guards the attributes below and every job's token
-        self._idle = threading.Condition(self._lock)  # notified when _pending drops to 0
+        self._durable = durable
+        self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._lock = threading.Lock()  # guards the attributes below
+        self._changed = threading.Condition(self._lock)  # notified whenever _pending drops
         self._inflight: dict[str, _Job] = {}  # key -> the job that runs it
         self._pending = 0  # jobs accepted and not finished
         self._closed = False
@@ -2802,21 +2873,38 @@ class WorkerPool:
             fp = fingerprint(task.payload)
         except (TypeError, ValueError) as exc:
             return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
+        entry = None
+        if self._durable:
+            if self._closed:
+                raise PoolClosedError()
+            # Persisted before submit returns; None when the task is done or another worker has it
+            # (the key's claim then decides what this submission reports).
+            entry = self._store.store.take_task(task, self.worker_name)
+        return self._accept(task, fp, now, entry)
+
+    def _accept(
+        self, task: Task, fp: str, now: float, entry: int | None
+    ) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # outcomes come from the pool, not from cancel()
         with self._lock:
-            if self._closed:
-                raise PoolClosedError()
-            leader = self._inflight.get(task.key)
-            if leader is None:
-                job = _Job(task, fp, future, now)
+            closed = self._closed
+            leader = None if closed else self._inflight.get(task.key)
+            if closed:
+                pass
+            elif leader is None:
+                job = _Job(task, fp, future, now, entry)
                 self._inflight[job.key] = job
                 self._pending += 1
             elif leader.fingerprint == fp:
-                leader.followers.append((task, future, now))
+                leader.followers.append((task, future, now, entry))
+        if closed:
+            self._return_entries([(task.id, entry)])
+            raise PoolClosedError()
         if leader is not None:
             if leader.fingerprint != fp:
                 error = str(IdempotencyConflictError(task.key))
+                self._settle([(task.id, entry, TaskStatus.FAILED, error)])
                 return self._refuse(task, now, error, ErrorKind.CONFLICT.value)
             self._metrics.record_enqueue(queued=False)
             return future
@@ -2861,6 +2949,63 @@ class WorkerPool:
         if closed is not None:
             raise closed
 
+    def serve(self, stop: threading.Event, *, prefetch: int | None = None,
+              poll_interval: float = 1.0) -> None:  # fmt: skip
+        """Take tasks from the durable queue and run them until `stop` is set.
+
+        Keeps at most `prefetch` tasks (default: twice the workers) leased from the store, so
+        workers on other machines share the work. Idle, it waits for an enqueue (PostgreSQL
+        LISTEN/NOTIFY) or `poll_interval` seconds. Returns when `stop` is set; `shutdown` then
+        drains or cancels what this pool holds.
+
+        Raises:
+            TaskQueueError: the pool is not durable.
+        """
+        if not self._durable:
+            raise TaskQueueError("serve() needs a durable pool: WorkerPool(..., durable=True)")
+        store = self._store.store
+        limit = prefetch or 2 * self._queue.workers
+        self._heartbeat()
+        while not stop.is_set():
+            with self._changed:
+                while self._pending >= limit and not stop.is_set():
+                    self._changed.wait(0.5)
+                room = limit - self._pending
+            if stop.is_set() or self._closed:
+                break
+            leased = store.take_many(self.worker_name, room)
+            if not leased:
+                store.wait_for_work(poll_interval, stop)
+                continue
+            for position, item in enumerate(leased):
+                try:
+                    fp = fingerprint(item.task.payload)
+                    self._accept(item.task, fp, time.perf_counter(), item.token)
+                except PoolClosedError:
+                    rest = leased[position + 1 :]
+                    self._return_entries([(q.task.id, q.token) for q in rest])
+                    return
+
+    def _return_entries(self, entries: Iterable[tuple[str, int | None]]) -> None:
+        """Give durable-queue rows this pool took but will not run back to the queue."""
+        self._settle([(task_id, entry, TaskStatus.CANCELLED, None) for task_id, entry in entries])
+
+    def _settle(self, items: Iterable[tuple[str, int | None, TaskStatus, str | None]]) -> None:
+        """Record final states in the durable queue (cancelled ones go back to the queue)."""
+        rows = [
+            (task_id, entry, _ENTRY_STATE[status], error)
+            for task_id, entry, status, error in items
+            if entry is not None
+        ]
+        if not rows:
+            return
+        try:
+            self._store.store.settle_many(rows)
+        except Exception:
+            # The results are in the idempotency rows already; the queue rows' leases expire and
+            # whoever takes them finds the keys completed.
+            logger.exception("recording %d results in the durable queue failed", len(rows))
+
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Stop accepting tasks, finish the accepted ones and stop the threads.
 
@@ -2877,11 +3022,11 @@ class WorkerPool:
         _live_pools.discard(self)
         if cancel_pending:
             self._cancel_waiting()
-        with self._idle:
+        with self._changed:
             idle = self._pending == 0
             if wait:
                 while self._pending:
-                    self._idle.wait()
+                    self._changed.wait()
                 idle = True
         if idle:
             self._stop_threads(wait)
@@ -3072,6 +3217,19 @@ class WorkerPool:
 
     # Bookkeeping --------------------------------------------------------------------------------
 
+    def _heartbeat(self) -> None:
+        """Extend the leases of this pool's durable-queue rows and say it is alive."""
+        if not self._durable:
+            return
+        snap = self._metrics.snapshot()
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._queue.workers,
+                "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
+                "failed": snap["failed"], "duplicates": snap["duplicates"]}  # fmt: skip
+        try:
+            self._store.store.renew_tasks(self.worker_name, info)
+        except Exception:
+            logger.exception("renewing the durable queue's leases failed")
+
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
             jobs = list(self._inflight.values())
@@ -3094,10 +3252,11 @@ class WorkerPool:
             self._pending -= len(retired)
             idle = self._pending == 0
             if idle:
-                self._idle.notify_all()
+                self._changed.notify_all()
             stop = idle and self._closed
         counted: list[Outcome] = []
         resolved: list[tuple[concurrent.futures.Future, TaskRecord]] = []
+        settle: list[tuple[str, int | None, TaskStatus, str | None]] = []
         for outcome, followers in retired:
             job = outcome.job
             status = outcome.status
@@ -3111,11 +3270,17 @@ class WorkerPool:
             latency = now - job.enqueued_at
             counted.append(Outcome(status, kind, latency, service, started, not job.dequeued))
             resolved.append((job.future, record))
-            for task, future, enqueued_at in followers:
+            if job.entry is not None:
+                settle.append((job.task.id, job.entry, status, outcome.error))
+            for task, future, enqueued_at, entry in followers:
                 follower = self._follower_record(record, task, enqueued_at, now)
                 latency = now - enqueued_at
                 counted.append(Outcome(follower.status, kind, latency, None, False, False))
                 resolved.append((future, follower))
+                if entry is not None:
+                    settle.append((task.id, entry, follower.status, follower.error))
+        if settle:
+            self._settle(settle)
         self._metrics.record_outcomes(counted)
         for future, record in resolved:
             future.set_result(record)
@@ -3157,16 +3322,20 @@ class WorkerPool:
             self._pending -= 1
             idle = self._pending == 0
             if idle:
-                self._idle.notify_all()
+                self._changed.notify_all()
             stop = idle and self._closed
         now = time.perf_counter()
         error = f"the submission this one joined was refused: {exc}"
         kind = ErrorKind.TRANSIENT.value
         self._metrics.record_outcomes(
             Outcome(TaskStatus.FAILED, kind, now - enqueued_at, None, False, False)
-            for _, _, enqueued_at in followers
+            for _, _, enqueued_at, _ in followers
         )
-        for task, future, enqueued_at in followers:
+        # Durable rows stay in the store, back in the queue, for any worker to take.
+        self._return_entries(
+            [(job.task.id, job.entry)] + [(task.id, entry) for task, _, _, entry in followers]
+        )
+        for task, future, enqueued_at, _ in followers:
             future.set_result(
                 TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0,
                            enqueued_at, None, now)
@@ -3384,6 +3553,18 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+def _add_settings(group: Any, names: Iterable[str] | None = None) -> None:
+    wanted = None if names is None else set(names)
+    for setting in SETTINGS:
+        if setting.flag and (wanted is None or setting.name in wanted):
+            group.add_argument(
+                setting.flag,
+                dest=setting.name,
+                metavar=setting.name.upper(),
+                help=f"{setting.help} [{setting.env}, default {setting.default}]",
+            )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="task-queue",
@@ -3401,15 +3582,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
     mode.add_argument("--seed", metavar="N", help="seed of the fault injection and jitter")
-    tuning = parser.add_argument_group("configuration")
-    for setting in SETTINGS:
-        if setting.flag:
-            tuning.add_argument(
-                setting.flag,
-                dest=setting.name,
-                metavar=setting.name.upper(),
-                help=f"{setting.help} [{setting.env}, default {setting.default}]",
-            )
+    _add_settings(parser.add_argument_group("configuration"))
     output = parser.add_argument_group("output")
     output.add_argument(
         "--metrics-out",
@@ -3462,8 +3635,11 @@ class _Progress:
 class _Interrupts:
     """The CLI's signal handling: the first SIGINT/SIGTERM drains, the second exits at once."""
 
-    def __init__(self, pool: WorkerPool, lease_seconds: float) -> None:
+    def __init__(
+        self, pool: WorkerPool, lease_seconds: float, stop: threading.Event | None = None
+    ) -> None:
         self.signum: int | None = None
+        self._stop = stop if stop is not None else threading.Event()
         self._pool = pool
         self._lease = lease_seconds
         self._fired = threading.Event()
@@ -3497,6 +3673,7 @@ class _Interrupts:
         self.signum = signum
         name = signal.Signals(signum).name
         os.write(2, f"{name}: finishing running tasks, cancelling queued ones\n".encode())
+        self._stop.set()
         self._fired.set()
 
     def _watch(self) -> None:
@@ -3508,6 +3685,24 @@ class _Interrupts:
         except Exception:
             logger.exception("graceful shutdown failed; exiting")
             os._exit(EXIT_SIGNAL[self.signum])
+
+
+def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
+    return TaskProcessor(
+        latency_ms=config["latency_ms"],
+        jitter_ms=config["jitter_ms"],
+        transient_error_rate=config["transient_rate"],
+        permanent_error_rate=config["permanent_rate"],
+        seed=seed,
+    )
+
+
+def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=config["max_attempts"],
+        base_delay=config["base_delay"],
+        max_delay=config["max_delay"],
+    )
 
 
 def _synthetic_tasks(count: int) -> list[Task]:
@@ -3606,7 +3801,10 @@ def main(argv: list[str] | None = None) -> int:
     User errors (bad flags, configuration, task files, database paths) print one line that starts
     with "error:" on stderr and return 2; nothing is written.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in _SUBCOMMANDS:
+            return _SUBCOMMANDS[argv[0]](argv[1:])
         return _main(argv)
     except (ConfigError, TaskFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -3627,18 +3825,8 @@ def _main(argv: list[str] | None) -> int:
     else:
         tasks = _synthetic_tasks(count)
     _check_output_path(args.metrics_out, "--metrics-out")
-    processor = TaskProcessor(
-        latency_ms=config["latency_ms"],
-        jitter_ms=config["jitter_ms"],
-        transient_error_rate=config["transient_rate"],
-        permanent_error_rate=config["permanent_rate"],
-        seed=seed,
-    )
-    retry = RetryPolicy(
-        max_attempts=config["max_attempts"],
-        base_delay=config["base_delay"],
-        max_delay=config["max_delay"],
-    )
+    processor = _cli_processor(config, seed)
+    retry = _cli_retry(config)
     progress = _Progress(len(tasks), args.progress)
     with contextlib.ExitStack() as stack:
         if args.benchmark:
@@ -3677,6 +3865,202 @@ def _main(argv: list[str] | None) -> int:
         print(_rerun_advice(outcome, db_label), file=sys.stderr)
         return EXIT_SIGNAL[outcome.signum]
     return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
+
+
+# Subcommands: the durable queue ------------------------------------------------------------------
+
+_STORE_SETTINGS = ("db_path", "lease_seconds", "durability", "log_level")
+_WORKER_SETTINGS = tuple(s.name for s in SETTINGS if s.flag)
+
+
+def _subcommand_parser(name: str, description: str, settings: Iterable[str]) -> _Parser:
+    parser = _Parser(prog=f"task-queue {name}", description=description)
+    _add_settings(parser, settings)
+    return parser
+
+
+def _open_cli_store(config: Mapping[str, Any]) -> Store:
+    url = config["db_path"] or DEFAULT_DB_FILE
+    return open_store(url, lease_seconds=config["lease_seconds"], durability=config["durability"])
+
+
+def _cmd_enqueue(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "enqueue", "Persist the tasks of a file in the durable queue and return.", _STORE_SETTINGS
+    )
+    parser.add_argument("--task-file", metavar="FILE", required=True, help="JSON task file")
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    tasks = load_tasks(args.task_file, max_bytes=config["max_task_file_bytes"])
+    store = _open_cli_store(config)
+    try:
+        added = sum(
+            store.enqueue_many(tasks[start : start + 1000]) for start in range(0, len(tasks), 1000)
+        )
+    finally:
+        store.close()
+    print(f"enqueued {added} new tasks ({len(tasks) - added} were already there) in {store.url}")
+    return EXIT_OK
+
+
+def _load_handler(spec: str) -> Callable[[Task], Any]:
+    """Import ``module:function`` from the working directory or the installed packages."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"--handler {spec}: expected MODULE:FUNCTION")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+        handler = getattr(module, attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--handler {spec}: cannot import it: {exc}") from None
+    if not callable(handler):
+        raise ConfigError(f"--handler {spec}: not callable")
+    return handler
+
+
+def _serve_metrics(metrics: MetricsCollector, port: int) -> http.server.ThreadingHTTPServer:
+    """Serve ``GET /metrics`` in the Prometheus text format on 127.0.0.1:`port`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            body = metrics.to_prometheus().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("metrics: " + format, *args)
+
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-port {port}: {exc.strerror or exc}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
+    return server
+
+
+def _cmd_worker(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "worker",
+        "Run tasks from the durable queue until SIGINT or SIGTERM, then drain gracefully: "
+        "running tasks finish, the ones this worker holds go back to the queue.",
+        _WORKER_SETTINGS,
+    )
+    parser.add_argument("--name", help="worker name in status (default host:pid)")
+    parser.add_argument(
+        "--handler",
+        metavar="MODULE:FUNCTION",
+        help="handler to import (default: the built-in TaskProcessor)",
+    )
+    parser.add_argument(
+        "--prefetch", metavar="N", help="tasks leased at once (default 2 x workers)"
+    )
+    parser.add_argument(
+        "--metrics-port", metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics"
+    )
+    parser.add_argument("--json", action="store_true", help="print the final snapshot as JSON")
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
+    port = _parse_int(args.metrics_port, "--metrics-port", 0) if args.metrics_port else None
+    handler = _load_handler(args.handler) if args.handler else _cli_processor(config, None)
+    manager = IdempotencyManager(store=_open_cli_store(config))
+    try:
+        pool = WorkerPool(
+            handler,
+            workers=config["workers"],
+            queue_size=config["queue_size"],
+            retry=_cli_retry(config),
+            idempotency=manager,
+            durable=True,
+            worker_name=args.name,
+        )
+        server = _serve_metrics(pool.metrics, port) if port is not None else None
+        stop = threading.Event()
+        with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
+            print(f"worker {pool.worker_name} serving {manager.store.url}", file=sys.stderr)
+            pool.serve(stop, prefetch=prefetch)
+            pool.shutdown(wait=True, cancel_pending=True)
+        if server is not None:
+            server.shutdown()
+    finally:
+        manager.store.close()
+    snapshot = pool.metrics.snapshot()
+    print(json.dumps(snapshot, indent=2, sort_keys=True) if args.json
+          else _format_summary(snapshot, snapshot["submitted"]))  # fmt: skip
+    return EXIT_SIGNAL[interrupts.signum] if interrupts.signum is not None else EXIT_OK
+
+
+def _cmd_status(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "status",
+        "Show the durable queue: tasks by state, the oldest waiting task, stalled claims, "
+        "workers and their heartbeats.",
+        _STORE_SETTINGS,
+    )
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    store = _open_cli_store(config)
+    try:
+        status = {**store.queue_status(), "keys": store.stats(), "database": _redact(store.url)}
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    tasks = status["tasks"]
+    oldest = status["oldest_queued_seconds"]
+    print(f"database {status['database']}")
+    print("  tasks   " + "  ".join(f"{state} {count}" for state, count in tasks.items()))
+    print("  keys    " + "  ".join(f"{state} {count}" for state, count in status["keys"].items()))
+    print(f"  oldest queued task waiting {'-' if oldest is None else f'{oldest:.1f} s'}  "
+          f"stalled claims {status['stalled']}")  # fmt: skip
+    for worker in status["workers"]:
+        print(f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago  "
+              f"in flight {worker.get('in_flight', '?')}  succeeded "
+              f"{worker.get('succeeded', '?')}")  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_purge(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "purge", "Delete finished keys and tasks older than --older-than seconds.", _STORE_SETTINGS
+    )
+    parser.add_argument(
+        "--older-than",
+        metavar="SECONDS",
+        default="604800",
+        help="age of the records to delete (default 604800, a week)",
+    )
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    age = _parse_nonnegative_float(args.older_than, "--older-than")
+    store = _open_cli_store(config)
+    try:
+        purged = store.purge_expired(age)
+    finally:
+        store.close()
+    print(f"purged {purged} records older than {age:g} s from {_redact(store.url)}")
+    return EXIT_OK
+
+
+_SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "enqueue": _cmd_enqueue,
+    "worker": _cmd_worker,
+    "status": _cmd_status,
+    "purge": _cmd_purge,
+}
 
 
 def console_main() -> None:
