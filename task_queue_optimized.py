@@ -3571,7 +3571,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
         epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
         "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
-        "below that names a TQ_ variable can also be set in the environment or in ./.env.",
+        "below that names a TQ_ variable can also be set in the environment or in ./.env. "
+        "The durable queue has subcommands: enqueue, worker, status and purge "
+        "(task-queue SUBCOMMAND --help).",
     )
     mode = parser.add_argument_group("what to run")
     mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
