@@ -6,6 +6,12 @@ little: efficiency against the ceiling ``workers / mean task latency``, throughp
 wait measured from each task's intended arrival in an open-loop run. Each pool run gets a fresh
 temporary SQLite file, so a rerun measures real work; all runs land in ``benchmark_report.json``.
 
+``--db URL --processes LIST`` measures scale-out: for each process count P, `P` worker processes
+(``task_queue_optimized.py worker``) drain a durable queue of 10 ms tasks in a fresh database (a
+new PostgreSQL schema, or a new SQLite file in a temporary folder beside the path given), with
+throughput and efficiency against the ceiling ``P x workers / 10 ms``; then the no-op overhead of
+the PostgreSQL store against the SQLite one, as a ratio of in-process pool throughputs.
+
 Example::
 
     python benchmark.py --task-file sample_tasks_100.json --workers 8
@@ -13,15 +19,19 @@ Example::
     python benchmark.py --rate 66.7 --tasks 1000 --latency-ms 30 --workers 8
     python benchmark.py --suite --quick
     python benchmark.py --smoke --report /tmp/report.json
+    python benchmark.py --db postgresql://postgres@127.0.0.1:5432/test --processes 1,2,4
+    python benchmark.py --db /tmp/scale.db --processes 1,2,4
 
 Systems: ``naive`` (the design this project replaces: one thread, a SELECT then an INSERT and a
 commit per task in a SQLite file with the default rollback journal, retries slept out inline),
 ``raw-executor`` (``ThreadPoolExecutor(workers)`` calling the handler: no idempotency, no
 retries), ``pool`` (``WorkerPool`` with a file database) and, with ``--peers``, ``huey-memory``
-and ``huey-sqlite`` (Huey with an in-process thread consumer).
+and ``huey-sqlite`` (Huey with an in-process thread consumer). With ``--processes``:
+``processes-sqlite`` or ``processes-postgresql`` (worker processes on a durable queue) and
+``pool-sqlite`` / ``pool-postgresql`` (the no-op store runs).
 
-Sections: defaults, workloads, measurement helpers, systems, open loop, memory, suite, output,
-command line.
+Sections: defaults, workloads, measurement helpers, systems, open loop, memory, scale-out, suite,
+output, command line.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import math
 import os
 import platform
 import random
+import secrets
 import signal
 import sqlite3
 import statistics
@@ -48,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -62,6 +74,8 @@ __all__ = [
     "run_open_loop",
     "run_pool",
     "run_raw_executor",
+    "run_scale_out",
+    "run_store_noop",
     "run_suite",
 ]
 
@@ -78,6 +92,17 @@ PROGRESS_INTERVAL = 0.1  # seconds between two redraws of the bar
 OPEN_LOOP_LEAD = 0.05  # seconds between building the pool and the first intended arrival
 SUITE_WORKERS = 8  # the worker count every target of the issue is stated for
 EXIT_OK, EXIT_TARGET_MISSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Scale-out (--db URL --processes LIST): worker processes drain a durable queue.
+SCALE_LATENCY_MS = 10.0  # the task of the scale-out runs (--latency-ms overrides it)
+SCALE_MIN_TASKS = 2000  # tasks per process count: max(this, SCALE_TASKS_PER_THREAD x P x W)
+SCALE_TASKS_PER_THREAD = 100
+NOOP_TASKS = 20_000  # the no-op store comparison; --tasks N makes it N x NOOP_TASKS_PER_TASK
+NOOP_TASKS_PER_TASK = 10
+STATUS_POLL_INTERVAL = 0.05  # seconds between two queue_status() reads while workers run
+WORKER_LEASE_SECONDS = 30.0  # the workers' --lease-seconds: no lease expires during a run
+WORKER_STOP_TIMEOUT = 30.0  # seconds a worker gets to drain after SIGTERM before SIGKILL
+WORKER_EXIT_ON_SIGTERM = 143  # a worker's exit code after a graceful SIGTERM
 
 # Huey's consumer polls a non-blocking queue, sleeping initial_delay, growing by backoff up to
 # max_delay while the queue stays empty (its -d / -b / -m options). Its defaults (0.1 s, 1.15,
@@ -1029,6 +1054,381 @@ def run_memory(total: int, mark: int, workers: int, settings: Settings, repeat: 
     return run
 
 
+# --- Scale-out -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Database:
+    """Where scale-out runs keep their queue: a PostgreSQL server, or a folder for SQLite files.
+
+    Attributes:
+        backend: "postgresql" or "sqlite".
+        location: the PostgreSQL URL as given, or the folder that gets each run's SQLite file.
+        label: the URL or path for tables and the report, without a password.
+    """
+
+    backend: str
+    location: str
+    label: str
+
+
+def _redact_url(url: str) -> str:
+    """Return `url` with its password, if any, replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def parse_database(text: str) -> Database:
+    """Parse --db: ``postgresql://...`` (or ``postgres://``), ``sqlite:///PATH`` or a plain path.
+
+    A SQLite path only names the folder (and so the disk) the runs use: each run gets a new file
+    in a temporary folder there, and the file at the path itself is never opened.
+
+    Raises:
+        UsageError: an unknown scheme, an in-memory database (workers in other processes cannot
+            share it), or a folder that does not exist.
+    """
+    if text.startswith(("postgresql://", "postgres://")):
+        return Database("postgresql", text, _redact_url(text))
+    if text in ("memory://", ":memory:", "sqlite:///:memory:"):
+        raise UsageError(f"--db {text}: an in-memory database lives in one process; "
+                         "--processes needs a SQLite path or a postgresql:// URL")  # fmt: skip
+    if text.startswith("sqlite://"):
+        path = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
+        if not path:
+            raise UsageError(f"--db {text}: write sqlite:///PATH")
+    elif "://" in text:
+        raise UsageError(f"--db {_redact_url(text)}: unknown scheme (use a SQLite path, "
+                         "sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME)")  # fmt: skip
+    else:
+        path = text
+    if os.path.isdir(path):
+        raise UsageError(f"--db {text}: is a directory (give a file path; its folder is used)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--db {text}: folder {folder} does not exist")
+    return Database("sqlite", folder, path)
+
+
+def _with_schema(url: str, schema: str) -> str:
+    """Return a PostgreSQL URL whose ``?schema=`` is `schema` (other query parameters kept)."""
+    parts = urllib.parse.urlsplit(url)
+    query = [(name, value)
+             for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+             if name != "schema"]  # fmt: skip
+    query.append(("schema", schema))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+@contextlib.contextmanager
+def fresh_database(database: Database, durability: str) -> Iterator[tuple[str, tq.Store]]:
+    """Yield the URL of an empty database of `database`'s kind and a store open on it.
+
+    PostgreSQL: a new schema ``bench_<hex>`` on the server, dropped afterwards. SQLite: a new file
+    in a temporary folder inside `database.location`, deleted afterwards.
+
+    Raises:
+        ConfigError: the database cannot be used (no server answers, psycopg is missing, ...).
+    """
+    if database.backend == "postgresql":
+        url = _with_schema(database.location, f"bench_{secrets.token_hex(6)}")
+        store = tq.PostgresStore(url, lease_seconds=WORKER_LEASE_SECONDS)  # creates the schema
+        try:
+            yield url, store
+        finally:
+            try:
+                store.drop_schema()
+            except Exception as exc:  # the server went away: say so, keep the measurement
+                print(f"warning: could not drop schema {store.schema}: {exc}", file=sys.stderr)
+            finally:
+                store.close()
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=database.location) as folder:
+        path = os.path.join(folder, "queue.db")
+        sqlite_store = tq.SqliteStore(
+            path, lease_seconds=WORKER_LEASE_SECONDS, durability=durability
+        )
+        try:
+            yield path, sqlite_store
+        finally:
+            sqlite_store.close()
+
+
+@dataclasses.dataclass(slots=True)
+class _WorkerExit:
+    """How one worker process ended: its exit code, its JSON snapshot, its last stderr line."""
+
+    returncode: int | None
+    snapshot: dict[str, Any] | None
+    last_error_line: str
+
+
+class _WorkerFleet:
+    """`count` ``task_queue_optimized.py worker`` processes, their output kept in files.
+
+    Files rather than pipes: a worker that logs a lot can never block on a full pipe.
+    """
+
+    def __init__(self, command: Sequence[str], count: int, folder: str) -> None:
+        self._command = list(command)
+        self._count = count
+        self._folder = folder
+        self._procs: list[subprocess.Popen[bytes]] = []
+        # The workers read TQ_* variables and ./.env: run them without either, so the report's
+        # flags are all their configuration.
+        self._env = {name: value for name, value in os.environ.items()
+                     if not name.startswith("TQ_")}  # fmt: skip
+
+    def _path(self, index: int, stream: str) -> str:
+        return os.path.join(self._folder, f"worker-{index}.{stream}")
+
+    def start(self) -> None:
+        for index in range(self._count):
+            with open(self._path(index, "out"), "wb") as out, \
+                    open(self._path(index, "err"), "wb") as err:  # fmt: skip
+                self._procs.append(subprocess.Popen(
+                    self._command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                    cwd=self._folder, env=self._env,
+                ))  # fmt: skip
+
+    def check(self) -> None:
+        """Raise if a worker has exited while tasks remain.
+
+        Raises:
+            RuntimeError: a worker exited (a crash, a bad flag, a lost database).
+        """
+        for index, proc in enumerate(self._procs):
+            code = proc.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"worker process {index + 1} of {self._count} exited early with code {code}: "
+                    f"{self._last_error_line(index) or 'no message'}"
+                )
+
+    def stop(self) -> list[_WorkerExit]:
+        """SIGTERM every worker (they drain and print their snapshot), SIGKILL the stragglers."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+        exits = []
+        for index, proc in enumerate(self._procs):
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            exits.append(_WorkerExit(proc.returncode, self._snapshot(index),
+                                     self._last_error_line(index)))  # fmt: skip
+        return exits
+
+    def _snapshot(self, index: int) -> dict[str, Any] | None:
+        try:
+            with open(self._path(index, "out"), encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def _last_error_line(self, index: int) -> str:
+        try:
+            with open(self._path(index, "err"), encoding="utf-8", errors="replace") as handle:
+                lines = [line.strip() for line in handle if line.strip()]
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+
+def _children_cpu_seconds() -> float | None:
+    """Return the user + system CPU time of this process's reaped children (None on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def scale_tasks(processes: int, workers: int, tasks: int | None) -> int:
+    """Return how many tasks a scale-out run with `processes` x `workers` threads gets."""
+    if tasks is not None:
+        return tasks
+    return max(SCALE_MIN_TASKS, SCALE_TASKS_PER_THREAD * processes * workers)
+
+
+def run_scale_out(
+    database: Database,
+    processes: int,
+    workers: int,
+    tasks: int,
+    settings: Settings,
+    repeat: int = 0,
+    *,
+    latency_ms: float = SCALE_LATENCY_MS,
+) -> Run:
+    """Drain `tasks` durable tasks of `latency_ms` with `processes` worker processes.
+
+    In a fresh database (see `fresh_database`) it enqueues the tasks, starts the processes
+    (``task_queue_optimized.py worker --workers W --jitter-ms 0 --lease-seconds 30 --json``) and
+    reads ``queue_status()`` every `STATUS_POLL_INTERVAL` until every task is done or failed:
+    the elapsed time runs from starting the processes (their start-up included) to that read.
+    Then each worker gets SIGTERM, drains, and prints its metrics snapshot (exit code 143).
+
+    Raises:
+        RuntimeError: a worker exited early, or the tasks did not finish in time.
+        ConfigError: the database cannot be used.
+    """
+    work = Workload(
+        f"{tasks:,} tasks of {latency_ms:g} ms",
+        [tq.Task(f"scale-{index:07d}", {"latency_ms": latency_ms}) for index in range(tasks)],
+        latency_ms,
+    )
+    threads = processes * workers
+    ceiling = work.ceiling(threads)
+    assert ceiling is not None  # the latency is > 0 (checked with the flags)
+    label = f"{database.backend} x{processes} processes"
+    progress = _Progress(label, tasks, settings.progress)
+    ready: float | None = None  # when every worker had registered in the queue's status
+    finished_at_ready = 0
+    polls = 0
+    with contextlib.ExitStack() as stack:
+        url, store = stack.enter_context(fresh_database(database, settings.durability))
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-workers-"))
+        for start in range(0, tasks, 1000):
+            store.enqueue_many(work.tasks[start : start + 1000])
+        command = [
+            sys.executable, os.path.abspath(tq.__file__), "worker", "--db", url,
+            "--workers", str(workers), "--jitter-ms", "0",
+            "--lease-seconds", f"{WORKER_LEASE_SECONDS:g}", "--durability", settings.durability,
+            "--json",
+        ]  # fmt: skip
+        fleet = _WorkerFleet(command, processes, folder)
+        cpu_before = _children_cpu_seconds()
+        began = time.perf_counter()
+        deadline = began + max(60.0, 20 * tasks / ceiling)
+        try:
+            fleet.start()
+            next_poll = began
+            while True:
+                status = store.queue_status()
+                now = time.perf_counter()
+                polls += 1
+                finished = status["tasks"]["done"] + status["tasks"]["failed"]
+                if ready is None and len(status["workers"]) >= processes:
+                    ready, finished_at_ready = now, finished
+                progress.set(finished)
+                if finished >= tasks:
+                    break
+                fleet.check()
+                if now > deadline:
+                    raise RuntimeError(
+                        f"{label}: {finished:,} of {tasks:,} tasks finished after "
+                        f"{now - began:.1f} s; giving up"
+                    )
+                next_poll += STATUS_POLL_INTERVAL
+                _sleep_until(next_poll)
+        finally:
+            progress.close()
+            exits = fleet.stop()
+    elapsed = now - began
+    cpu_after = _children_cpu_seconds()
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    for index, ended in enumerate(exits):
+        if ended.returncode != WORKER_EXIT_ON_SIGTERM or ended.snapshot is None:
+            print(f"warning: {label}: worker process {index + 1} exited with code "
+                  f"{ended.returncode} (expected {WORKER_EXIT_ON_SIGTERM})"
+                  f"{'' if ended.snapshot else ' and printed no snapshot'}: "
+                  f"{ended.last_error_line or 'no message'}", file=sys.stderr)  # fmt: skip
+    snapshots = [ended.snapshot for ended in exits if ended.snapshot is not None]
+
+    def total(name: str) -> int:
+        return sum(int(snapshot.get(name, 0)) for snapshot in snapshots)
+
+    metrics = {
+        "submitted": tasks,
+        "succeeded": status["tasks"]["done"],
+        "failed": status["tasks"]["failed"],
+        "duplicates": total("duplicates"),
+        "handler_calls": total("handler_calls"),
+        "retries": total("retries"),
+        "workers": threads,
+        "elapsed_seconds": round(elapsed, 6),
+        "throughput_per_second": round(finished / elapsed, 3),
+    }
+    run = Run(f"processes-{database.backend}", threads, work.name, repeat, metrics, finished,
+              ceiling)  # fmt: skip
+    after = None
+    if ready is not None and now > ready:
+        after = (finished - finished_at_ready) / (now - ready) / ceiling
+    command[command.index("--db") + 1] = _redact_url(url)
+    run.extra["scale_out"] = {
+        "backend": database.backend,
+        "database": database.label,
+        "processes": processes,
+        "workers_per_process": workers,
+        "tasks": tasks,
+        "latency_ms": latency_ms,
+        "startup_seconds": _rounded(None if ready is None else ready - began),
+        "finished_at_startup": finished_at_ready if ready is not None else None,
+        "efficiency_after_startup": _rounded(after),
+        "status_polls": polls,
+        "poll_interval_seconds": STATUS_POLL_INTERVAL,
+        "worker_cpu_seconds": _rounded(cpu),
+        "exit_codes": [ended.returncode for ended in exits],
+        "command": command,
+        "worker_snapshots": snapshots,
+    }
+    return run
+
+
+def run_store_noop(
+    database: Database, count: int, workers: int, settings: Settings, repeat: int = 0
+) -> Run:
+    """Run `count` no-op tasks through an in-process pool on a fresh database of `database`'s kind.
+
+    ``WorkerPool(lambda task: None, workers=W, db_path=URL, durable=False)`` fed by
+    `iter_results`: every task costs its claim and completion in the idempotency store and
+    nothing else, so the throughput is the store's per-task overhead (with the pool's own).
+    """
+    system = f"pool-{database.backend}"
+    executed = 0
+    progress = _Progress(f"{system} no-op x{workers}", count, settings.progress)
+    tasks = (tq.Task(f"noop-{index:07d}") for index in range(count))
+    with fresh_database(database, settings.durability) as (url, _store):
+        pool = tq.WorkerPool(
+            lambda task: None,
+            workers=workers,
+            queue_size=settings.queue_size,
+            db_path=url,
+            retry=settings.retry(),
+            durability=settings.durability,
+            durable=False,
+        )
+        interrupted = True
+        try:
+            for record in pool.iter_results(tasks):
+                if record.attempts and record.status is tq.TaskStatus.SUCCEEDED:
+                    executed += 1
+                progress.update()
+            interrupted = False
+        finally:
+            progress.close()
+            pool.shutdown(wait=True, cancel_pending=interrupted)
+    run = Run(system, workers, f"{count:,} no-op tasks (a handler returning None)", repeat,
+              pool.metrics.snapshot(), executed, None)  # fmt: skip
+    run.extra["store_noop"] = {
+        "backend": database.backend,
+        "database": database.label,
+        "durable": False,
+        "handler": "lambda task: None",
+    }
+    return run
+
+
 # --- Suite ---------------------------------------------------------------------------------------
 
 
@@ -1348,6 +1748,59 @@ def targets_table(targets: Sequence[Target], thresholds: bool) -> str:
     return "\n".join(lines)
 
 
+def _scale_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """Group scale-out runs by process count, in first-seen order."""
+    groups: dict[int, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.extra["scale_out"]["processes"], []).append(run)
+    return list(groups.values())
+
+
+def scale_table(runs: Sequence[Run], ranged: bool) -> str:
+    """Return the table of the scale-out runs, one row per process count (medians)."""
+    base = min(run.extra["scale_out"]["processes"] for run in runs) if runs else 1
+    headers = ["processes", "threads", "tasks", "throughput/s", "ceiling/s", "efficiency",
+               f"speedup vs x{base}", "startup s", "eff. after startup",
+               "worker CPU s"]  # fmt: skip
+    rows = []
+    for group in _scale_groups(runs):
+        scale = [run.extra["scale_out"] for run in group]
+        rows.append([
+            str(scale[0]["processes"]),
+            str(group[0].workers),
+            f"{scale[0]['tasks']:,}",
+            _cell([r.throughput for r in group], ",.1f", ranged),
+            _cell([r.ceiling for r in group], ",.0f", False),
+            _cell([r.efficiency for r in group], ".3f", ranged),
+            _cell([r.speedup for r in group], ".2f", ranged) + "x",
+            _cell([s["startup_seconds"] for s in scale], ".2f", False),
+            _cell([s["efficiency_after_startup"] for s in scale], ".3f", False),
+            _cell([s["worker_cpu_seconds"] for s in scale], ".2f", False),
+        ])  # fmt: skip
+    return _table(headers, rows)
+
+
+def noop_table(runs: Sequence[Run], ranged: bool) -> str:
+    """Return the table of the no-op store runs: throughput, time per task, ratio to SQLite."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.extra["store_noop"]["backend"], []).append(run)
+    sqlite = {run.repeat: run.throughput for run in groups.get("sqlite", [])}
+    headers = ["store", "workers", "throughput/s", "us/task", "vs sqlite"]
+    rows = []
+    for backend, group in groups.items():
+        ratios = [run.throughput / sqlite[run.repeat] if sqlite.get(run.repeat) else None
+                  for run in group]  # fmt: skip
+        rows.append([
+            backend,
+            str(group[0].workers),
+            _cell([r.throughput for r in group], ",.0f", ranged),
+            _cell([1e6 / r.throughput if r.throughput else None for r in group], ",.1f", False),
+            _cell(ratios, ".3f", ranged),
+        ])  # fmt: skip
+    return _table(headers, rows)
+
+
 def machine_info() -> dict[str, Any]:
     """Return the cores, platform and Python that the report records."""
     try:
@@ -1443,14 +1896,19 @@ def _build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to run (default: the comparison runs)")
     what.add_argument("--task-file", metavar="FILE", help="benchmark the tasks of a task file")
     what.add_argument(
-        "--tasks", type=int, metavar="N", help=f"synthetic tasks (default {DEFAULT_TASKS})"
+        "--tasks",
+        type=int,
+        metavar="N",
+        help=f"synthetic tasks (default {DEFAULT_TASKS}; with --processes: per process count, "
+        f"default max({SCALE_MIN_TASKS}, {SCALE_TASKS_PER_THREAD} x P x W), and "
+        f"{NOOP_TASKS_PER_TASK} x N no-op tasks, default {NOOP_TASKS:,})",
     )
     what.add_argument(
         "--latency-ms",
         type=float,
         metavar="X",
-        default=DEFAULT_LATENCY_MS,
-        help=f"synthetic task latency (default {DEFAULT_LATENCY_MS:g})",
+        help=f"synthetic task latency (default {DEFAULT_LATENCY_MS:g}; "
+        f"{SCALE_LATENCY_MS:g} with --processes)",
     )
     what.add_argument(
         "--jitter-ms",
@@ -1494,12 +1952,26 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run Huey (MemoryHuey, SqliteHuey) where it is installed",
     )
+    scale = parser.add_argument_group("scale-out (worker processes on a shared durable queue)")
+    scale.add_argument(
+        "--db",
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DBNAME (each run in a new schema, dropped after), or a "
+        "SQLite path (each run in a new temporary file in its folder; the file is not touched)",
+    )
+    scale.add_argument(
+        "--processes",
+        metavar="LIST",
+        help="worker process counts, e.g. 1,2,4 (with --db): throughput and efficiency per "
+        "count, then the no-op overhead of PostgreSQL vs SQLite",
+    )
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument(
         "--workers",
         default=DEFAULT_WORKERS,
         metavar="LIST",
-        help=f"worker counts, e.g. 1,2,4,8,16 (default {DEFAULT_WORKERS})",
+        help=f"worker counts, e.g. 1,2,4,8,16 (default {DEFAULT_WORKERS}); with --processes, "
+        "one count: the threads of each worker process",
     )
     tuning.add_argument(
         "--repeat",
@@ -1555,7 +2027,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_workers(text: str) -> list[int]:
+def _parse_counts(text: str, flag: str) -> list[int]:
     values: list[int] = []
     for part in text.split(","):
         try:
@@ -1563,10 +2035,14 @@ def _parse_workers(text: str) -> list[int]:
         except ValueError:
             value = 0
         if value < 1:
-            raise UsageError(f"--workers: expected positive integers like 1,2,4,8, got {text!r}")
+            raise UsageError(f"{flag}: expected positive integers like 1,2,4,8, got {text!r}")
         if value not in values:
             values.append(value)
     return values
+
+
+def _parse_workers(text: str) -> list[int]:
+    return _parse_counts(text, "--workers")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -1574,8 +2050,12 @@ def _check_args(args: argparse.Namespace) -> None:
     modes = [name for name in ("suite", "smoke") if getattr(args, name)]
     if args.rate is not None:
         modes.append("rate")
+    if args.processes is not None:
+        modes.append("processes")
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
+    if args.processes is not None or args.db is not None:
+        _check_scale_args(args)
     if args.peers and args.rate is not None:
         raise UsageError("--peers runs beside the comparison runs and --suite, not --rate")
     if args.quick and not args.suite:
@@ -1599,14 +2079,38 @@ def _check_args(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(message)
     if args.plot is not None:
-        if args.suite or args.rate is not None or args.smoke:
-            raise UsageError("--plot draws the comparison runs: not with --suite, --rate, --smoke")
+        if args.suite or args.rate is not None or args.smoke or args.processes is not None:
+            raise UsageError(
+                "--plot draws the comparison runs: not with --suite, --rate, --smoke, --processes"
+            )
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError(
                 "--plot needs matplotlib, which is not installed: pip install matplotlib"
             )
         _check_output(args.plot, "--plot")
     _check_output(args.report, "--report")
+
+
+def _check_scale_args(args: argparse.Namespace) -> None:
+    """Reject what --db and --processes cannot run with."""
+    if args.processes is None or args.db is None:
+        raise UsageError("--db URL and --processes LIST go together, e.g. "
+                         "--db /tmp/scale.db --processes 1,2,4")  # fmt: skip
+    _parse_counts(args.processes, "--processes")
+    parse_database(args.db)
+    if len(_parse_workers(args.workers)) != 1:
+        raise UsageError("--processes takes one --workers count: the threads of each process")
+    if args.task_file is not None:
+        raise UsageError("--processes runs its own tasks: no --task-file")
+    if args.peers:
+        raise UsageError("--peers runs beside the comparison runs and --suite, not --processes")
+    if args.jitter_ms or args.transient_rate:
+        raise UsageError("--processes runs tasks without jitter or faults: "
+                         "no --jitter-ms or --transient-rate")  # fmt: skip
+    if not (math.isfinite(args.latency_ms) and args.latency_ms > 0):
+        raise UsageError("--latency-ms must be > 0 with --processes (the ceiling divides by it)")
+    if os.name == "nt":
+        raise UsageError("--processes needs POSIX signals: its workers are stopped with SIGTERM")
 
 
 def _check_output(path: str, flag: str) -> None:
@@ -1710,6 +2214,8 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
             "rate": args.rate,
             "quick": args.quick,
             "peers": args.peers,
+            "db": None if args.db is None else _redact_url(args.db),
+            "processes": None if args.processes is None else _parse_counts(args.processes, "-"),
         },
         "definitions": {
             "throughput": "finished submissions (duplicates included) per second, first "
@@ -1728,6 +2234,8 @@ def _mode(args: argparse.Namespace) -> str:
         return "smoke"
     if args.suite:
         return "suite"
+    if args.processes is not None:
+        return "scale-out"
     return "open-loop" if args.rate is not None else "compare"
 
 
@@ -1762,6 +2270,119 @@ def _open_loop_mode(
     return runs
 
 
+def _scale_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+    """Run and print the scale-out runs, then the no-op store comparison; return their runs."""
+    database = parse_database(args.db)
+    counts = _parse_counts(args.processes, "--processes")
+    workers = _parse_workers(args.workers)[0]
+    latency = args.latency_ms
+    scale_runs: list[Run] = []
+    for index in range(args.repeat):
+        batch = []
+        for count in counts:
+            tasks = scale_tasks(count, workers, args.tasks)
+            batch.append(
+                run_scale_out(database, count, workers, tasks, settings, index, latency_ms=latency)
+            )
+        base = min(batch, key=lambda run: run.extra["scale_out"]["processes"])
+        for run in batch:
+            if base.throughput:
+                run.speedup = run.throughput / base.throughput
+        scale_runs += batch
+    text = f"scale-out on {database.backend} {database.label}"
+    if database.backend == "sqlite":
+        text += " (a new file beside it for each run)"
+    else:
+        text += " (a new schema for each run)"
+    text += (f": tasks of {latency:g} ms, {workers} worker threads per process, time from "
+             f"starting the processes to all tasks done (polled every "
+             f"{STATUS_POLL_INTERVAL * 1000:g} ms)")  # fmt: skip
+    if args.repeat > 1:
+        text += f"; {args.repeat} repeats: median (min-max)"
+    print(text)
+    print(scale_table(scale_runs, ranged=args.repeat > 1))
+    print()
+
+    noop_count = NOOP_TASKS if args.tasks is None else NOOP_TASKS_PER_TASK * args.tasks
+    if database.backend == "sqlite":
+        sqlite = database
+    else:
+        sqlite = Database("sqlite", tempfile.gettempdir(), "a temporary SQLite file")
+    postgres = database if database.backend == "postgresql" else None
+    noop_runs: list[Run] = []
+    ratios: list[float | None] = []
+    for index in range(args.repeat):
+        pg = None if postgres is None else run_store_noop(postgres, noop_count, workers,
+                                                          settings, index)  # fmt: skip
+        lite = run_store_noop(sqlite, noop_count, workers, settings, index)
+        noop_runs += [run for run in (pg, lite) if run is not None]
+        if pg is not None:
+            ratios.append(pg.throughput / lite.throughput if lite.throughput else None)
+    print(f"no-op store overhead: {noop_count:,} no-op tasks through an in-process "
+          f"WorkerPool(durable=False), {workers} workers, a fresh database each")  # fmt: skip
+    print(noop_table(noop_runs, ranged=args.repeat > 1))
+    note = None
+    if postgres is None:
+        note = ("PostgreSQL not measured: --db is a SQLite path; the comparison needs "
+                "--db postgresql://USER@HOST:PORT/DBNAME")  # fmt: skip
+        print(note)
+
+    summary = []
+    for group in _scale_groups(scale_runs):
+        scale = [run.extra["scale_out"] for run in group]
+        summary.append({
+            "processes": scale[0]["processes"],
+            "workers_per_process": workers,
+            "threads": group[0].workers,
+            "tasks": scale[0]["tasks"],
+            "runs": len(group),
+            "ceiling_per_second": _rounded(group[0].ceiling),
+            "throughput_per_second": _spread(r.throughput for r in group),
+            "efficiency": _spread(r.efficiency for r in group),
+            "speedup": _spread(r.speedup for r in group),
+            "startup_seconds": _spread(s["startup_seconds"] for s in scale),
+            "efficiency_after_startup": _spread(s["efficiency_after_startup"] for s in scale),
+        })  # fmt: skip
+    report["scale_out"] = {
+        "backend": database.backend,
+        "database": database.label,
+        "latency_ms": latency,
+        "workers_per_process": workers,
+        "processes": counts,
+        "summary": summary,
+        "noop_overhead": {
+            "tasks": noop_count,
+            "workers": workers,
+            "pool": "WorkerPool(lambda task: None, durable=False) fed by iter_results",
+            "sqlite_throughput_per_second": _spread(
+                r.throughput for r in noop_runs if r.system == "pool-sqlite"
+            ),
+            "postgresql_throughput_per_second": _spread(
+                r.throughput for r in noop_runs if r.system == "pool-postgresql"
+            ),
+            "postgresql_vs_sqlite": _spread(ratios),
+            "note": note,
+        },
+        "definitions": {
+            "throughput": "tasks done or failed per second, from starting the worker processes "
+            "(their start-up included) to the first status read that shows all done",
+            "ceiling": "processes x workers per process / task latency",
+            "efficiency": "throughput over the ceiling",
+            "speedup": f"throughput over the throughput with {min(counts)} process(es), same "
+            "repeat",
+            "startup_seconds": "from starting the processes to the first status read that "
+            "lists every worker (each registers when it begins serving)",
+            "efficiency_after_startup": "tasks finished after that read, per second, over the "
+            "ceiling",
+            "worker_cpu_seconds": "user + system CPU time of the worker processes, start-up "
+            "and drain included (the database server's is not counted)",
+            "postgresql_vs_sqlite": "no-op throughput with the PostgreSQL store over the one "
+            "with the SQLite store, same repeat",
+        },
+    }
+    return scale_runs + noop_runs
+
+
 def _suite_mode(
     args: argparse.Namespace, settings: Settings, peers: bool, report: dict
 ) -> tuple[list[Run], bool]:
@@ -1780,6 +2401,8 @@ def _suite_mode(
 
 def _main(argv: Sequence[str]) -> int:
     args = _build_parser().parse_args(argv)
+    if args.latency_ms is None:
+        args.latency_ms = SCALE_LATENCY_MS if args.processes is not None else DEFAULT_LATENCY_MS
     settings = _settings(args)
     if args.memory_child is not None:
         mark = args.memory_mark or max(args.memory_child // 10, 1)
@@ -1792,7 +2415,7 @@ def _main(argv: Sequence[str]) -> int:
     if mode == "smoke":
         count, latency = SMOKE_COMPARISON["tasks"], SMOKE_COMPARISON["latency_ms"]
         workload = synthetic_workload(count, latency, seed=args.seed)
-    elif mode != "suite":
+    elif mode not in ("suite", "scale-out"):
         workload = _workload(args)  # before anything prints: a bad task file is a usage error
     report = _report(args, argv, mode)
     # --smoke runs the peers where Huey happens to be installed, without a word where it is not.
@@ -1807,6 +2430,8 @@ def _main(argv: Sequence[str]) -> int:
     if mode in ("suite", "smoke"):
         suite_runs, met = _suite_mode(args, settings, peers, report)
         runs += suite_runs
+    if mode == "scale-out":
+        runs += _scale_mode(args, settings, report)
     report["runs"] = [run.to_dict() for run in runs]
     write_report(args.report, report)
     print(f"report written to {args.report}")
