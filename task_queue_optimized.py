@@ -3623,7 +3623,10 @@ class _Progress:
             if wanted:
                 raise ConfigError("--progress needs tqdm: pip install tqdm") from None
             return
-        self._bar = tqdm(total=total, unit="task", file=sys.stderr, mininterval=0.2, leave=False)
+        # delay: no bar at all for runs shorter than a second.
+        self._bar = tqdm(
+            total=total, unit="task", file=sys.stderr, mininterval=0.2, delay=1.0, leave=False
+        )
 
     def update(self) -> None:
         if self._bar is not None:
