@@ -80,14 +80,22 @@ __all__ = [
     "DEFAULT_WORKERS",
     "MAX_JSON_DEPTH",
     "Claim",
+    "ClaimState",
     "ConfigError",
+    "EntryState",
     "IdempotencyConflictError",
     "IdempotencyManager",
+    "MemoryStore",
     "MetricsCollector",
+    "Outcome",
     "PermanentError",
     "PoolClosedError",
+    "PostgresStore",
     "QueueFullError",
+    "QueuedTask",
     "RetryPolicy",
+    "SqliteStore",
+    "Store",
     "Task",
     "TaskFileError",
     "TaskProcessor",
@@ -99,8 +107,10 @@ __all__ = [
     "WorkerPool",
     "console_main",
     "fingerprint",
+    "load_config",
     "load_tasks",
     "main",
+    "open_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -736,6 +746,11 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+def _key_order(keys: Sequence[str]) -> list[int]:
+    """Indexes of `keys` in key order; equal keys keep their order."""
+    return sorted(range(len(keys)), key=keys.__getitem__)
+
+
 def _queue_payload(task: Task) -> str:
     return json.dumps(task.payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -879,6 +894,8 @@ class MemoryStore:
                 del self._keys[key]
             for task_id in old_tasks:
                 del self._tasks[task_id]
+            for name in [n for n, w in self._workers.items() if w["seen_at"] <= cutoff]:
+                del self._workers[name]
         return len(old_keys) + len(old_tasks)
 
     def stats(self) -> dict[str, int]:
@@ -995,9 +1012,13 @@ class MemoryStore:
         return status
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + timeout
         with self._work:
-            if not stop.is_set():
-                self._work.wait(timeout)
+            # Short slices, so a stop request is seen within a quarter second.
+            while not stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._work.wait(min(remaining, 0.25)):
+                    return
 
     def close(self) -> None:
         with self._work:
@@ -1161,39 +1182,51 @@ class _SqlStore:
         def claim_all(execute: Callable[..., Any]) -> list[Claim]:
             now = time.time()
             params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300}
-            claims = []
-            for key, fp in items:
+            claims: list[Claim] = [Claim(ClaimState.IN_PROGRESS)] * len(items)
+            # Rows are locked in key order, so two transactions never wait on each other in a
+            # cycle (PostgreSQL would abort one of them as a deadlock).
+            for index in _key_order([key for key, _ in items]):
+                key, fp = items[index]
                 params.update(key=key, fp=fp, token=_new_token())
                 row = execute("claim", params).fetchone()
                 if row is not None:
-                    claims.append(
-                        Claim(ClaimState.CLAIMED, token=row[0], lease_expires=now + lease)
+                    claims[index] = Claim(
+                        ClaimState.CLAIMED, token=row[0], lease_expires=now + lease
                     )
                     continue
                 state, stored_fp, output, _, lease_expires, _ = execute(
                     "lookup", {"key": key}
                 ).fetchone()
                 if fp is not None and stored_fp is not None and stored_fp != fp:
-                    claims.append(Claim(ClaimState.CONFLICT))
+                    claims[index] = Claim(ClaimState.CONFLICT)
                 elif state == _Row.COMPLETED:
-                    claims.append(Claim(ClaimState.COMPLETED, output=json.loads(output)))
+                    claims[index] = Claim(ClaimState.COMPLETED, output=json.loads(output))
                 else:
-                    claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires))
+                    claims[index] = Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
             return claims
 
         return self._transaction(claim_all)
 
-    def _each(self, name: str, rows: list[dict[str, Any]]) -> list[bool]:
+    def _each(self, name: str, rows: list[dict[str, Any]], field: str = "key") -> list[int]:
+        """Run one statement per row in one transaction, in `field` order (see claim_many);
+        return each statement's row count."""
         if not rows:
             return []
-        return self._transaction(lambda execute: [execute(name, row).rowcount == 1 for row in rows])
+
+        def run(execute: Callable[..., Any]) -> list[int]:
+            counts = [0] * len(rows)
+            for index in _key_order([row[field] for row in rows]):
+                counts[index] = execute(name, rows[index]).rowcount
+            if name in ("enqueue", "settle"):
+                self._notify(execute)
+            return counts
+
+        return self._transaction(run)
 
     def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
         now = time.time()
-        return self._each(
-            "complete",
-            [{"key": k, "token": t, "output": o, "now": now} for k, t, o in items],
-        )
+        rows = [{"key": k, "token": t, "output": o, "now": now} for k, t, o in items]
+        return [count == 1 for count in self._each("complete", rows)]
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
         now = time.time()
@@ -1225,11 +1258,12 @@ class _SqlStore:
         if age is None:
             return 0
         params = {"cutoff": time.time() - age}
-        return self._transaction(
-            lambda execute: (
-                execute("purge_keys", params).rowcount + execute("purge_tasks", params).rowcount
-            )
-        )
+
+        def purge(execute: Callable[..., Any]) -> int:
+            execute("purge_workers", params)  # heartbeats of workers long gone; not counted
+            return execute("purge_keys", params).rowcount + execute("purge_tasks", params).rowcount
+
+        return self._transaction(purge)
 
     def stats(self) -> dict[str, int]:
         counts = dict.fromkeys((state.value for state in _Row), 0)
@@ -1243,13 +1277,7 @@ class _SqlStore:
     def enqueue_many(self, tasks: Sequence[Task]) -> int:
         now = time.time()
         rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now} for t in tasks]
-        if not rows:
-            return 0
-        return self._transaction(
-            lambda execute: (
-                sum(execute("enqueue", row).rowcount for row in rows) + self._notify(execute)
-            )
-        )
+        return sum(self._each("enqueue", rows, "id"))
 
     def _notify(self, execute: Callable[..., Any]) -> int:
         return 0  # PostgresStore wakes idle workers here
@@ -1277,13 +1305,7 @@ class _SqlStore:
         now = time.time()
         rows = [{"id": i, "token": t, "state": s.value, "error": e, "now": now}
                 for i, t, s, e in items]  # fmt: skip
-        if not rows:
-            return 0
-        return self._transaction(
-            lambda execute: (
-                sum(execute("settle", row).rowcount for row in rows) + self._notify(execute)
-            )
-        )
+        return sum(self._each("settle", rows, "id"))
 
     def renew_tasks(self, worker: str, info: Mapping[str, Any] | None = None) -> int:
         now = time.time()
@@ -1641,8 +1663,14 @@ class PostgresStore(_SqlStore):
             if self._listener is None or self._listener.closed:
                 self._listener = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
                 self._listener.execute(f"LISTEN {self._channel}")
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                break
+            # Short slices, so a stop request is seen within a quarter second.
+            deadline = time.monotonic() + timeout
+            while not stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                for _ in self._listener.notifies(timeout=min(remaining, 0.25), stop_after=1):
+                    return
         except psycopg.Error:
             with contextlib.suppress(Exception):
                 self._listener.close()

@@ -1,0 +1,421 @@
+"""The durable queue on SQLite files: durable pools and the enqueue/worker/status/purge commands.
+
+Worker processes are real (``python task_queue_optimized.py worker``), stopped with real signals;
+their handler (tests/store_fixtures.HANDLER_SOURCE) logs every call to a file per process, so a
+test can count executions. Progress is observed by polling the database with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import task_queue_optimized as tq
+from tests import store_fixtures
+from tests.store_fixtures import (
+    WAIT,
+    Launcher,
+    one_line_error,
+    wait_until,
+    write_task_file,
+)
+
+# Fixtures shared with the other store tests (pytest finds them by these module names).
+launcher = store_fixtures.launcher
+
+
+def status_of(db: Path | str) -> dict[str, Any]:
+    """Return `queue_status()` of the store at `db` (opened and closed for this one read)."""
+    store = tq.open_store(str(db))
+    try:
+        return store.queue_status()
+    finally:
+        store.close()
+
+
+def done_count(db: Path) -> int:
+    return status_of(db)["tasks"]["done"]
+
+
+def tasks(count: int, prefix: str = "t", **payload: Any) -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}-{i:03d}", "payload": dict(payload)} for i in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- enqueue -------------------------------------------------------------------------------------
+
+
+def test_enqueue_twice_is_idempotent(launcher: Launcher, tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    file = write_task_file(tmp_path / "tasks.json", tasks(5))
+    first = launcher.run("enqueue", "--task-file", str(file), "--db", str(db))
+    assert first.returncode == 0, first.stderr
+    assert "enqueued 5 new tasks (0 were already there)" in first.stdout
+    again = launcher.run("enqueue", "--task-file", str(file), "--db", str(db))
+    assert again.returncode == 0, again.stderr
+    assert "enqueued 0 new tasks (5 were already there)" in again.stdout
+    assert status_of(db)["tasks"] == {"queued": 5, "running": 0, "done": 0, "failed": 0}
+    more = write_task_file(tmp_path / "more.json", tasks(7))
+    second = launcher.run("enqueue", "--task-file", str(more), "--db", str(db))
+    assert second.returncode == 0, second.stderr
+    assert "enqueued 2 new tasks (5 were already there)" in second.stdout
+    assert status_of(db)["tasks"] == {"queued": 7, "running": 0, "done": 0, "failed": 0}
+    assert (db.stat().st_mode & 0o777) == 0o600
+
+
+def test_enqueue_reads_the_database_url_from_tq_db_path(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "env.db"
+    file = write_task_file(tmp_path / "tasks.json", tasks(3))
+    proc = launcher.run("enqueue", "--task-file", str(file), TQ_DB_PATH=f"sqlite:///{db}")
+    assert proc.returncode == 0, proc.stderr
+    status = launcher.run("status", "--db", str(db), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["tasks"]["queued"] == 3
+
+
+# --- worker --------------------------------------------------------------------------------------
+
+
+def test_worker_drains_the_queue_and_exits_143_on_sigterm(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    file = write_task_file(tmp_path / "tasks.json", tasks(40))
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    worker = launcher.worker(str(db), "--name", "w1", "--workers", "4", "--lease-seconds", "3")
+    wait_until(lambda: done_count(db) == 40, "40 tasks done", procs=[worker])
+
+    def heartbeat() -> dict[str, Any] | None:
+        found = [w for w in status_of(db)["workers"] if w["name"] == "w1"]
+        return found[0] if found and found[0].get("succeeded") == 40 else None
+
+    # The heartbeat comes every third of the lease and carries the worker's counters.
+    beat = wait_until(heartbeat, "a heartbeat reporting 40 successes", procs=[worker])
+    assert beat["pid"] == worker.pid
+    assert beat["workers"] == 4
+    assert worker.terminate() == 143
+    assert "SIGTERM" in worker.stderr()
+    snapshot = worker.json()
+    assert snapshot["succeeded"] == 40 and snapshot["failed"] == 0
+    assert launcher.calls_by_key() == Counter({f"t-{i:03d}": 1 for i in range(40)})
+    status = launcher.run("status", "--db", str(db), "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["tasks"] == {"queued": 0, "running": 0, "done": 40, "failed": 0}
+    assert report["keys"]["completed"] == 40 and report["keys"]["in_progress"] == 0
+    assert [w["name"] for w in report["workers"]] == ["w1"]
+
+
+def test_sigterm_mid_run_returns_held_tasks_and_a_second_worker_finishes(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    file = write_task_file(tmp_path / "tasks.json", tasks(30, sleep_ms=200))
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    first = launcher.worker(str(db), "--name", "first", "--workers", "2", "--prefetch", "6")
+    wait_until(
+        lambda: sum(map(len, launcher.executions().values())) >= 2,
+        "two running tasks",
+        procs=[first],
+    )
+    assert first.terminate() == 143
+    ran = launcher.calls_by_key()
+    snapshot = first.json()
+    assert snapshot["cancelled"] >= 1  # it held more tasks than it ran
+    status = status_of(db)
+    # Running tasks finished; the ones it held but had not started went back to the queue.
+    assert status["tasks"] == {"queued": 30 - len(ran), "running": 0, "done": len(ran), "failed": 0}
+    assert snapshot["succeeded"] == len(ran)
+    second = launcher.worker(str(db), "--name", "second", "--workers", "8")
+    wait_until(lambda: done_count(db) == 30, "the second worker to finish", procs=[second])
+    assert second.terminate() == 143
+    assert launcher.calls_by_key() == Counter({f"t-{i:03d}": 1 for i in range(30)})
+    assert second.json()["succeeded"] == 30 - len(ran)
+
+
+DURABLE_CHILD = """
+import sys, threading
+import task_queue_optimized as tq
+
+def handler(task):
+    threading.Event().wait()  # never returns: the process is killed while it runs
+
+pool = tq.WorkerPool(handler, workers=1, db_path=sys.argv[1], durable=True, lease_seconds=2.0)
+pool.submit(tq.Task("durable-1", {"sleep_ms": 1}))
+print("submitted", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_durable_submit_survives_the_death_of_its_process(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    child = launcher.spawn_python(DURABLE_CHILD, str(db), label="durable child")
+    wait_until(lambda: "submitted" in child.stdout(), "submit to return", procs=[child])
+    child.kill()
+    # The task was in the database when submit returned, though nothing ever finished it.
+    assert status_of(db)["tasks"] == {"queued": 0, "running": 1, "done": 0, "failed": 0}
+    worker = launcher.worker(str(db), "--lease-seconds", "2")
+    wait_until(lambda: done_count(db) == 1, "a worker to finish the orphan", procs=[worker])
+    assert worker.terminate() == 143
+    assert launcher.calls_by_key() == Counter({"durable-1": 1})
+    assert worker.json()["succeeded"] == 1
+
+
+# --- status and purge ----------------------------------------------------------------------------
+
+
+def test_status_reports_states_oldest_stalled_and_heartbeats(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    store = tq.open_store(str(db), lease_seconds=0.3)
+    try:
+        store.enqueue_many([tq.Task("a"), tq.Task("b"), tq.Task("c"), tq.Task("d")])
+        taken = store.take_many("gone", 2)
+        store.settle_many([(taken[0].task.id, taken[0].token, tq.EntryState.DONE, None)])
+        store.renew_tasks("w-test", {"in_flight": 0, "succeeded": 3})
+        wait_until(lambda: store.queue_status()["stalled"] == 1, "the abandoned lease to expire")
+    finally:
+        store.close()
+    proc = launcher.run("status", "--db", str(db), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) >= {"tasks", "oldest_queued_seconds", "stalled", "workers", "keys"}
+    assert report["tasks"] == {"queued": 2, "running": 1, "done": 1, "failed": 0}
+    assert isinstance(report["oldest_queued_seconds"], float)
+    assert report["oldest_queued_seconds"] >= 0
+    assert report["stalled"] == 1
+    assert report["keys"] == {"in_progress": 0, "completed": 0, "failed": 0, "total": 0}
+    (beat,) = report["workers"]
+    assert beat["name"] == "w-test" and beat["succeeded"] == 3
+    assert isinstance(beat["seen_seconds_ago"], (int, float))
+    text = launcher.run("status", "--db", str(db))
+    assert text.returncode == 0, text.stderr
+    assert "queued 2" in text.stdout and "running 1" in text.stdout
+    assert "stalled claims 1" in text.stdout
+    assert "worker w-test" in text.stdout
+
+
+def test_status_of_an_empty_queue(launcher: Launcher, tmp_path: Path) -> None:
+    proc = launcher.run("status", "--db", str(tmp_path / "new.db"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["tasks"] == {"queued": 0, "running": 0, "done": 0, "failed": 0}
+    assert report["oldest_queued_seconds"] is None
+    assert report["stalled"] == 0 and report["workers"] == []
+
+
+def test_purge_deletes_finished_records_only(launcher: Launcher, tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    store = tq.open_store(str(db))
+    try:
+        store.enqueue_many([tq.Task("a"), tq.Task("b"), tq.Task("c")])
+        token = {item.task.id: item.token for item in store.take_many("w", 3)}
+        store.settle_many(
+            [
+                ("a", token["a"], tq.EntryState.DONE, None),
+                ("b", token["b"], tq.EntryState.FAILED, "boom"),
+                ("c", token["c"], tq.EntryState.QUEUED, None),
+            ]
+        )
+        done, failed, _held = store.claim_many([("a", None), ("b", None), ("held", None)])
+        store.complete_many([("a", done.token, "1")])
+        store.release_many([("b", failed.token, "boom")])
+    finally:
+        store.close()
+    keep = launcher.run("purge", "--db", str(db))  # default: a week old
+    assert keep.returncode == 0, keep.stderr
+    assert "purged 0 records" in keep.stdout
+    proc = launcher.run("purge", "--db", str(db), "--older-than", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "purged 4 records" in proc.stdout  # two keys, two tasks
+    report = json.loads(launcher.run("status", "--db", str(db), "--json").stdout)
+    assert report["tasks"] == {"queued": 1, "running": 0, "done": 0, "failed": 0}
+    assert report["keys"] == {"in_progress": 1, "completed": 0, "failed": 0, "total": 1}
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_worker_serves_prometheus_metrics(launcher: Launcher, tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    file = write_task_file(tmp_path / "tasks.json", tasks(5))
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    port = free_port()
+    worker = launcher.worker(str(db), "--metrics-port", str(port))
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape() -> tuple[str, str] | None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body = response.read().decode()
+                kind = response.headers["Content-Type"]
+        except OSError:
+            return None  # not listening yet
+        return (body, kind) if "task_queue_succeeded_total 5" in body.splitlines() else None
+
+    body, kind = wait_until(scrape, "/metrics to report 5 successes", procs=[worker])
+    assert kind.startswith("text/plain")
+    assert "# TYPE task_queue_succeeded_total counter" in body
+    assert "# TYPE task_queue_in_flight gauge" in body
+    with pytest.raises(urllib.error.HTTPError) as excinfo:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+    assert excinfo.value.code == 404
+    assert worker.terminate() == 143
+
+
+def test_to_prometheus_is_the_text_exposition_format() -> None:
+    metrics = tq.MetricsCollector(workers=4, queue_size=10)
+    for latency in (0.010, 0.020, 0.030):
+        metrics.record_enqueue()
+        metrics.record_start(0.001)
+        metrics.record_success(latency, latency)
+    metrics.record_enqueue()
+    metrics.record_start(0.001)
+    metrics.record_failure("permanent")
+    text = metrics.to_prometheus()
+    assert text.endswith("\n")
+    samples: dict[str, float] = {}
+    types: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+        elif line.startswith("# HELP "):
+            assert len(line.split(" ", 3)) == 4, line
+        else:
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples["task_queue_succeeded_total"] == 3
+    assert samples["task_queue_failed_total"] == 1
+    assert types["task_queue_succeeded_total"] == "counter"
+    assert samples["task_queue_workers"] == 4 and types["task_queue_workers"] == "gauge"
+    summaries = [name for name, kind in types.items() if kind == "summary"]
+    assert "task_queue_latency_seconds" in summaries
+    assert samples["task_queue_latency_seconds_count"] == 3  # the failure recorded no latency
+    assert samples["task_queue_latency_seconds_sum"] == pytest.approx(0.06, rel=1e-6)
+    assert samples['task_queue_latency_seconds{quantile="0.5"}'] == pytest.approx(0.02, rel=0.02)
+    for name in samples:
+        base = name.split("{")[0]
+        family = base.removesuffix("_sum").removesuffix("_count")
+        assert base in types or family in types, f"{name} has no # TYPE line"
+    assert metrics.to_prometheus(prefix="app").startswith("# HELP app_")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["enqueue", "worker", "status", "purge"])
+def test_a_bad_db_scheme_exits_2_with_one_line(
+    command: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    extra = ["--task-file", str(file)] if command == "enqueue" else []
+    proc = launcher.run(command, "--db", "redis://localhost:6379/0", *extra, timeout=30)
+    line = one_line_error(proc)
+    assert "redis://localhost:6379/0" in line and "scheme" in line
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_module_xyz:run", "cannot import"),
+        ("tq_test_handlers:missing", "cannot import"),
+        ("tq_test_handlers", "MODULE:FUNCTION"),
+        ("tq_test_handlers:NOT_CALLABLE", "not callable"),
+    ],
+)
+def test_a_bad_handler_exits_2_with_one_line_and_touches_no_database(
+    spec: str,
+    message: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "untouched.db"
+    line = one_line_error(launcher.run("worker", "--db", str(db), "--handler", spec, timeout=30))
+    assert spec in line and message in line
+    assert not db.exists()
+
+
+# --- durable pools in process --------------------------------------------------------------------
+
+
+def test_a_durable_pool_records_every_submission(tmp_path: Path) -> None:
+    db = str(tmp_path / "pool.db")
+
+    def handler(task: tq.Task) -> str:
+        if task.payload.get("fail"):
+            raise tq.PermanentError("refused")
+        return task.id
+
+    batch = [tq.Task(f"t{i}") for i in range(6)] + [tq.Task("bad", {"fail": True})]
+    with tq.WorkerPool(handler, workers=3, db_path=db, durable=True) as pool:
+        first = {r.task_id: r.status for r in pool.run(batch)}
+    assert first["bad"] is tq.TaskStatus.FAILED
+    assert status_of(db)["tasks"] == {"queued": 0, "running": 0, "done": 6, "failed": 1}
+    # Another pool on the same file: completed keys are duplicates; the failed task runs again.
+    with tq.WorkerPool(lambda task: task.id, workers=3, db_path=db, durable=True) as pool:
+        again = {
+            r.task_id: r.status for r in pool.run([tq.Task("t0"), tq.Task("bad", {"fail": True})])
+        }
+    assert again == {"t0": tq.TaskStatus.DUPLICATE, "bad": tq.TaskStatus.SUCCEEDED}
+    assert status_of(db)["tasks"] == {"queued": 0, "running": 0, "done": 7, "failed": 0}
+
+
+def test_serve_needs_a_durable_pool() -> None:
+    with tq.WorkerPool(lambda task: None, workers=1) as pool, pytest.raises(tq.TaskQueueError):
+        pool.serve(threading.Event())
+
+
+def test_serve_runs_what_others_enqueue_until_stopped(tmp_path: Path) -> None:
+    db = str(tmp_path / "serve.db")
+    producer = tq.open_store(db)
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def handler(task: tq.Task) -> str:
+        with lock:
+            seen.append(task.id)
+        return task.id
+
+    pool = tq.WorkerPool(handler, workers=4, db_path=db, durable=True, worker_name="in-proc")
+    stop = threading.Event()
+    server = threading.Thread(target=pool.serve, args=(stop,), kwargs={"poll_interval": 0.05})
+    server.start()
+    try:
+        producer.enqueue_many([tq.Task(f"t{i}") for i in range(50)])
+        wait_until(lambda: producer.queue_status()["tasks"]["done"] == 50, "50 tasks done")
+        producer.enqueue_many([tq.Task("late")])
+        wait_until(lambda: producer.queue_status()["tasks"]["done"] == 51, "the late task")
+    finally:
+        stop.set()
+        server.join(WAIT)
+        pool.shutdown(wait=True, cancel_pending=True)
+        producer.close()
+    assert not server.is_alive()
+    assert Counter(seen) == Counter([f"t{i}" for i in range(50)] + ["late"])
+    assert pool.metrics.snapshot()["succeeded"] == 51

@@ -1,0 +1,341 @@
+"""Scale-out on a real PostgreSQL server: worker processes sharing one durable queue.
+
+Each test runs in a fresh schema (the `pg_url` fixture) on the server named by
+``TQ_TEST_POSTGRES_DSN``; without a server the tests skip, or fail under ``TQ_REQUIRE_POSTGRES=1``.
+Workers are real processes (``task_queue_optimized.py worker``) killed and stopped with real
+signals; their handler logs every call per process, so a test can count executions, and the
+workers' ``--json`` summaries count successful completions. Progress is observed by polling the
+database with deadlines; no test asserts a wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import task_queue_optimized as tq
+from tests import store_fixtures
+from tests.store_fixtures import (
+    WAIT,
+    Launcher,
+    listening,
+    pg_rows,
+    restart_postgres,
+    schema_of,
+    wait_until,
+    write_task_file,
+)
+
+# Fixtures shared with the other store tests (pytest finds them by these module names).
+launcher = store_fixtures.launcher
+pg_url = store_fixtures.pg_url
+
+
+class Probe:
+    """A store the test polls; it reconnects by itself across a server restart."""
+
+    def __init__(self, url: str) -> None:
+        self.store = tq.open_store(url)
+
+    def done(self) -> int:
+        return self.store.queue_status()["tasks"]["done"]
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def enqueue(launcher: Launcher, url: str, path: Path, tasks: list[dict[str, Any]]) -> None:
+    proc = launcher.run("enqueue", "--task-file", str(write_task_file(path, tasks)), "--db", url)
+    assert proc.returncode == 0, proc.stderr
+    assert f"enqueued {len(tasks)} new tasks" in proc.stdout
+
+
+def stop_all(workers: list[Any]) -> list[dict[str, Any]]:
+    """SIGTERM every worker, check each exits 143, and return their --json summaries."""
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+    for worker in workers:
+        assert worker.wait() == 143, worker.stderr()[-3000:]
+    return [worker.json() for worker in workers]
+
+
+# --- Many workers, one queue ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_four_workers_share_20000_tasks_and_complete_each_key_once(
+    pg_url: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    count = 20_000
+    keys = {f"t{i:05d}" for i in range(count)}
+    enqueue(launcher, pg_url, tmp_path / "tasks.json", [{"id": key} for key in sorted(keys)])
+    workers = [launcher.worker(pg_url, "--name", f"w{i}", "--workers", "8") for i in range(4)]
+    probe = Probe(pg_url)
+    try:
+        wait_until(lambda: probe.done() == count, f"{count} tasks done", 150, 0.5, workers)
+        status = probe.store.queue_status()
+        keys_status = probe.store.stats()
+    finally:
+        probe.close()
+    summaries = stop_all(workers)
+    assert status["tasks"] == {"queued": 0, "running": 0, "done": count, "failed": 0}
+    assert {w["name"] for w in status["workers"]} == {"w0", "w1", "w2", "w3"}
+    assert keys_status == {"in_progress": 0, "completed": count, "failed": 0, "total": count}
+    # Each key's handler ran once, and each key was completed once (a success is a completion).
+    calls = launcher.calls_by_key()
+    assert set(calls) == keys
+    assert max(calls.values()) == 1
+    assert sum(s["succeeded"] for s in summaries) == count
+    assert sum(s["duplicates"] + s["failed"] for s in summaries) == 0
+    assert all(s["succeeded"] > 0 for s in summaries), "a worker got no share of the work"
+
+
+@pytest.mark.timeout(150)
+def test_a_sigkilled_workers_tasks_are_finished_by_the_others_after_the_lease(
+    pg_url: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    count = 3000
+    keys = {f"t{i:04d}" for i in range(count)}
+    tasks = [{"id": key, "payload": {"sleep_ms": 2}} for key in sorted(keys)]
+    enqueue(launcher, pg_url, tmp_path / "tasks.json", tasks)
+    lease = ["--lease-seconds", "2"]
+    workers = [
+        launcher.worker(pg_url, "--name", f"w{i}", "--workers", "8", *lease) for i in range(3)
+    ]
+    victim, survivors = workers[0], workers[1:]
+    wait_until(
+        lambda: len(launcher.executions().get(victim.pid, [])) >= 100,
+        "the victim to get going",
+        procs=workers,
+    )
+    victim.signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    schema = schema_of(pg_url)
+    held = {
+        row[0]
+        for row in pg_rows(
+            f"SELECT id FROM {schema}.tasks WHERE state = 'running' AND worker = 'w0'"
+        )
+    }
+    assert held, "the killed worker held no task"
+    probe = Probe(pg_url)
+    try:
+        wait_until(lambda: probe.done() == count, "every task done", 90, 0.2, survivors)
+        keys_status = probe.store.stats()
+        status = probe.store.queue_status()
+    finally:
+        probe.close()
+    summaries = stop_all(survivors)
+    assert status["tasks"] == {"queued": 0, "running": 0, "done": count, "failed": 0}
+    assert keys_status == {"in_progress": 0, "completed": count, "failed": 0, "total": count}
+    # The tasks the victim held were taken over once their lease ran out.
+    rows = pg_rows(f"SELECT state, worker FROM {schema}.tasks WHERE id = ANY(%s)", (list(held),))
+    assert {state for state, _ in rows} == {"done"}
+    assert {worker for _, worker in rows} <= {"w1", "w2"}
+    # Nothing lost, nothing completed twice. A call the victim made without completing its key
+    # runs again on a survivor (the victim held that task); survivors never repeat each other.
+    executions = launcher.executions()
+    victim_keys = {key for _, key in executions.get(victim.pid, [])}
+    survivor_calls = Counter(
+        key for pid, calls in executions.items() if pid != victim.pid for _, key in calls
+    )
+    assert set(survivor_calls) | victim_keys == keys
+    assert max(survivor_calls.values()) == 1
+    rerun = victim_keys & set(survivor_calls)
+    assert rerun <= held
+    completed_by_victim = len(victim_keys) - len(rerun)
+    assert sum(s["succeeded"] for s in summaries) == count - completed_by_victim
+    assert sum(s["failed"] for s in summaries) == 0
+
+
+@pytest.mark.timeout(180)
+def test_workers_reconnect_after_a_server_restart_and_lose_nothing(
+    pg_url: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    count = 3000
+    keys = {f"t{i:04d}" for i in range(count)}
+    gate = tmp_path / "gate"
+    # The three oldest tasks wait for a gate that opens only after the restart, so some tasks are
+    # surely running (claims held, leases renewed) while the server goes away, however fast the
+    # machine; the others are 5 ms each.
+    tasks = [{"id": key, "payload": {"sleep_ms": 5}} for key in sorted(keys)]
+    for task in tasks[:3]:
+        task["payload"]["gate"] = str(gate)
+    enqueue(launcher, pg_url, tmp_path / "tasks.json", tasks)
+    lease = ["--lease-seconds", "5"]
+    workers = [
+        launcher.worker(pg_url, "--name", f"w{i}", "--workers", "4", *lease) for i in range(3)
+    ]
+    probe = Probe(pg_url)
+    try:
+        wait_until(lambda: probe.done() >= 100, "the run to get going", procs=workers)
+        restart_postgres()
+        assert probe.done() < count
+        gate.touch()
+        wait_until(lambda: probe.done() == count, "every task done", 120, 0.5, workers)
+        status = probe.store.queue_status()
+        keys_status = probe.store.stats()
+    finally:
+        gate.touch()
+        probe.close()
+    summaries = stop_all(workers)
+    assert all("reconnecting" in worker.stderr() for worker in workers)
+    assert status["tasks"] == {"queued": 0, "running": 0, "done": count, "failed": 0}
+    assert keys_status == {"in_progress": 0, "completed": count, "failed": 0, "total": count}
+    assert set(launcher.calls_by_key()) == keys
+    # A success is a completion, so there are never more than one per key. A completion whose
+    # acknowledgement the restart swallowed is reported as a duplicate instead.
+    succeeded = sum(s["succeeded"] for s in summaries)
+    assert succeeded <= count <= succeeded + sum(s["duplicates"] for s in summaries)
+    assert sum(s["failed"] for s in summaries) == 0
+
+
+# --- Shared idempotency --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_one_key_enqueued_from_two_processes_at_once_runs_once(
+    pg_url: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    count = 200
+    workers = [launcher.worker(pg_url, "--name", f"w{i}", "--workers", "8") for i in range(2)]
+    probe = Probe(pg_url)
+    try:
+        wait_until(
+            lambda: len(probe.store.queue_status()["workers"]) == 2,
+            "both workers up",
+            procs=workers,
+        )
+        producers = []
+        for tag in ("a", "b"):
+            same_keys = [
+                {
+                    "id": f"{tag}-{i:03d}",
+                    "idempotency_key": f"k-{i:03d}",
+                    "payload": {"sleep_ms": 20},
+                }
+                for i in range(count)
+            ]
+            file = write_task_file(tmp_path / f"{tag}.json", same_keys)
+            producers.append(launcher.spawn("enqueue", "--task-file", str(file), "--db", pg_url))
+        assert [producer.wait() for producer in producers] == [0, 0]
+        wait_until(lambda: probe.done() == 2 * count, "both files done", 60, 0.2, workers)
+        keys_status = probe.store.stats()
+    finally:
+        probe.close()
+    summaries = stop_all(workers)
+    assert launcher.calls_by_key() == Counter({f"k-{i:03d}": 1 for i in range(count)})
+    assert keys_status["completed"] == count and keys_status["total"] == count
+    assert sum(s["succeeded"] for s in summaries) == count
+    assert sum(s["duplicates"] for s in summaries) == count
+    assert sum(s["failed"] for s in summaries) == 0
+
+
+SUBMITTER = """
+import json, sys
+import task_queue_optimized as tq
+import tq_test_handlers
+
+url, tag = sys.argv[1], sys.argv[2]
+pool = tq.WorkerPool(tq_test_handlers.record, workers=8, db_path=url, lease_seconds=10)
+print("ready", flush=True)
+sys.stdin.readline()
+tasks = [tq.Task(f"{tag}-{i:03d}", {"sleep_ms": 20}, idempotency_key=f"k-{i:03d}")
+         for i in range(100)]
+records = pool.run(tasks)
+pool.shutdown()
+print(json.dumps({r.key: r.status.value for r in records}), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_one_key_submitted_by_two_processes_at_once_runs_once(
+    pg_url: str,
+    launcher: Launcher,
+) -> None:
+    children = [launcher.spawn_python(SUBMITTER, pg_url, tag, label=tag) for tag in ("a", "b")]
+    for child in children:
+        wait_until(lambda child=child: "ready" in child.stdout(), "the pools", procs=children)
+    for child in children:  # both start at once
+        child.popen.stdin.write(b"go\n")
+        child.popen.stdin.flush()
+    for child in children:
+        child.popen.stdin.close()
+        assert child.wait() == 0, child.stderr()[-3000:]
+    answers = [json.loads(child.stdout().splitlines()[-1]) for child in children]
+    for i in range(100):
+        key = f"k-{i:03d}"
+        assert sorted(answer[key] for answer in answers) == ["duplicate", "succeeded"], key
+    assert launcher.calls_by_key() == Counter({f"k-{i:03d}": 1 for i in range(100)})
+
+
+# --- Waking idle workers -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_an_idle_worker_picks_up_tasks_enqueued_later(
+    pg_url: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    worker = launcher.worker(pg_url, "--name", "idle")
+    wait_until(lambda: listening(pg_url), "the idle worker to LISTEN", procs=[worker])
+    probe = Probe(pg_url)
+    try:
+        for round_ in range(3):
+            enqueue(launcher, pg_url, tmp_path / f"late-{round_}.json", [{"id": f"late-{round_}"}])
+            wait_until(lambda n=round_ + 1: probe.done() == n, "the late task", procs=[worker])
+    finally:
+        probe.close()
+    (summary,) = stop_all([worker])
+    assert summary["succeeded"] == 3
+    assert launcher.calls_by_key() == Counter({"late-0": 1, "late-1": 1, "late-2": 1})
+
+
+@pytest.mark.timeout(120)
+def test_serve_is_woken_by_notify_long_before_its_poll_interval(pg_url: str) -> None:
+    seen: list[str] = []
+
+    def handler(task: tq.Task) -> str:
+        seen.append(task.id)
+        return task.id
+
+    pool = tq.WorkerPool(handler, workers=2, db_path=pg_url, durable=True, worker_name="in-proc")
+    producer = tq.open_store(pg_url)
+    stop = threading.Event()
+    # Idle, this pool polls only every 600 s: a task it runs within the 30 s deadlines below was
+    # announced by the enqueue's NOTIFY.
+    server = threading.Thread(target=pool.serve, args=(stop,), kwargs={"poll_interval": 600.0})
+    server.start()
+    try:
+        wait_until(lambda: listening(pg_url), "serve to LISTEN")
+        for round_ in range(3):
+            producer.enqueue_many([tq.Task(f"n{round_}")])
+            wait_until(
+                lambda n=round_ + 1: producer.queue_status()["tasks"]["done"] == n,
+                f"task n{round_} to run",
+                30.0,
+            )
+    finally:
+        stop.set()
+        # serve sleeps in LISTEN and does not watch `stop` there: one more NOTIFY wakes it.
+        pg_rows("SELECT pg_notify(%s, '')", (f"task_queue_{schema_of(pg_url)}",))
+        server.join(WAIT)
+        pool.shutdown(wait=True, cancel_pending=True)
+        producer.close()
+    assert not server.is_alive()
+    assert seen == ["n0", "n1", "n2"]

@@ -1,0 +1,705 @@
+"""The Store contract, run against every backend: memory://, a SQLite file, a PostgreSQL schema.
+
+Each test takes the parametrized `backend` fixture, so one test body checks one promise of the
+`Store` protocol on all three stores. Leases that must run out are short, and the tests poll for
+their expiry with a deadline instead of sleeping a guessed time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import task_queue_optimized as tq
+from tests import store_fixtures
+from tests.store_fixtures import (
+    Backend,
+    require_psycopg,
+    wait_until,
+)
+
+# Fixtures shared with the other store tests (pytest finds them by these module names).
+backend = store_fixtures.backend
+pg_url = store_fixtures.pg_url
+
+DONE, FAILED, QUEUED = tq.EntryState.DONE, tq.EntryState.FAILED, tq.EntryState.QUEUED
+CLAIMED, COMPLETED = tq.ClaimState.CLAIMED, tq.ClaimState.COMPLETED
+IN_PROGRESS, CONFLICT = tq.ClaimState.IN_PROGRESS, tq.ClaimState.CONFLICT
+SHORT_LEASE = 0.3  # for the tests that wait for a lease to run out
+FP1, FP2 = tq.fingerprint({"n": 1}), tq.fingerprint({"n": 2})
+
+
+def out(value: Any) -> str:
+    return json.dumps(value)
+
+
+def claim(store: Any, key: str, fp: str | None = None) -> tq.Claim:
+    return store.claim_many([(key, fp)])[0]
+
+
+def task_counts(store: Any) -> dict[str, int]:
+    return store.queue_status()["tasks"]
+
+
+def ids(taken: list[Any]) -> set[str]:
+    return {item.task.id for item in taken}
+
+
+# --- Idempotency ---------------------------------------------------------------------------------
+
+
+def test_claim_answers_claimed_then_in_progress_then_completed(backend: Backend) -> None:
+    first, other = backend.stores(2)
+    won = claim(first, "k", FP1)
+    assert won.state is CLAIMED
+    assert isinstance(won.token, int)
+    assert won.lease_expires is not None and won.lease_expires > time.time()
+    busy = claim(other, "k", FP1)
+    assert busy.state is IN_PROGRESS
+    assert busy.token is None
+    assert busy.lease_expires == pytest.approx(won.lease_expires, abs=1e-3)
+    assert first.complete_many([("k", won.token, out({"answer": 42}))]) == [True]
+    done = claim(other, "k", FP1)
+    assert done.state is COMPLETED
+    assert done.output == {"answer": 42}
+    assert done.token is None
+
+
+def test_claim_many_answers_in_order_in_one_call(backend: Backend) -> None:
+    store = backend.open()
+    assert claim(store, "held").state is CLAIMED
+    finished = claim(store, "finished")
+    store.complete_many([("finished", finished.token, out("cached"))])
+    claims = store.claim_many([("new", None), ("held", None), ("finished", None), ("new2", FP1)])
+    assert [c.state for c in claims] == [CLAIMED, IN_PROGRESS, COMPLETED, CLAIMED]
+    assert claims[2].output == "cached"
+    assert claims[0].token != claims[3].token
+
+
+def test_complete_with_a_stale_token_writes_nothing(backend: Backend) -> None:
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    old = claim(store, "k")
+    assert old.state is CLAIMED
+    new = wait_until(
+        lambda: (c := claim(store, "k")).state is CLAIMED and c, "the lease to run out"
+    )
+    assert new.token != old.token
+    assert store.complete_many([("k", old.token, out("late"))]) == [False]
+    assert store.renew_many([("k", old.token)]) == 0
+    assert store.release_many([("k", old.token, "late failure")]) == 0
+    row = store.lookup("k")
+    assert row["state"] == "in_progress"
+    assert row["output"] is None and row["error"] is None
+    assert store.complete_many([("k", new.token, out("fresh"))]) == [True]
+    assert store.lookup("k")["output"] == "fresh"
+    # A completed key is no longer owned by anyone: its token cannot write again.
+    assert store.complete_many([("k", new.token, out("again"))]) == [False]
+    assert store.lookup("k")["output"] == "fresh"
+
+
+def test_complete_many_is_per_item(backend: Backend) -> None:
+    store = backend.open()
+    a, b = store.claim_many([("a", None), ("b", None)])
+    written = store.complete_many([("a", a.token, out(1)), ("b", b.token + 1, out(2))])
+    assert written == [True, False]
+    assert store.lookup("a")["state"] == "completed"
+    assert store.lookup("b")["state"] == "in_progress"
+    assert store.complete_many([]) == []
+
+
+def test_renew_extends_the_lease_of_the_owner_only(backend: Backend) -> None:
+    store = backend.open(lease_seconds=5.0)
+    won = claim(store, "k")
+    before = store.lookup("k")["lease_expires"]
+    asked = time.time()
+    assert store.renew_many([("k", won.token)]) == 1
+    after = store.lookup("k")["lease_expires"]
+    assert after >= before
+    assert after >= asked + 5.0 - 0.01
+    assert store.renew_many([("k", won.token ^ 1), ("missing", 7)]) == 0
+    assert store.renew_many([]) == 0
+
+
+def test_renew_keeps_a_claim_from_expiring(backend: Backend) -> None:
+    owner, rival = backend.stores(2, lease_seconds=1.0)
+    won = claim(owner, "k")
+    # Renew until the original lease has surely ended, then look: the key is still held.
+    original_end = won.lease_expires
+    while time.time() < original_end + 0.2:
+        assert owner.renew_many([("k", won.token)]) == 1
+        time.sleep(0.1)
+    assert owner.renew_many([("k", won.token)]) == 1
+    assert claim(rival, "k").state is IN_PROGRESS
+
+
+def test_release_makes_the_key_claimable_and_counts_it_failed(backend: Backend) -> None:
+    store = backend.open()
+    won = claim(store, "k", FP1)
+    assert store.release_many([("k", won.token, "boom")]) == 1
+    row = store.lookup("k")
+    assert row["state"] == "failed"
+    assert row["error"] == "boom"
+    assert row["lease_expires"] is None
+    assert store.stats()["failed"] == 1
+    assert store.release_many([("k", won.token, "twice")]) == 0
+    again = claim(store, "k", FP1)
+    assert again.state is CLAIMED
+    assert again.token != won.token
+    row = store.lookup("k")
+    assert row["state"] == "in_progress"
+    assert row["error"] is None
+
+
+def test_a_different_fingerprint_is_a_conflict(backend: Backend) -> None:
+    store = backend.open()
+    won = claim(store, "k", FP1)
+    assert claim(store, "k", FP2).state is CONFLICT  # while in progress
+    store.complete_many([("k", won.token, out("one"))])
+    assert claim(store, "k", FP2).state is CONFLICT  # once completed
+    assert claim(store, "k", FP1).state is COMPLETED
+    assert claim(store, "k", None).state is COMPLETED  # None skips the check
+    assert store.lookup("k")["fingerprint"] == FP1
+    # A failed key keeps its fingerprint: only the same payload may take it over.
+    won = claim(store, "f", FP1)
+    store.release_many([("f", won.token, "boom")])
+    assert claim(store, "f", FP2).state is CONFLICT
+    assert claim(store, "f", FP1).state is CLAIMED
+
+
+def test_a_claim_without_fingerprint_takes_the_first_real_one_later(backend: Backend) -> None:
+    store = backend.open()
+    won = claim(store, "k", None)
+    store.release_many([("k", won.token, None)])
+    assert claim(store, "k", FP2).state is CLAIMED
+    assert store.lookup("k")["fingerprint"] == FP2
+
+
+def test_lookup_returns_the_public_row_or_none(backend: Backend) -> None:
+    store = backend.open()
+    assert store.lookup("missing") is None
+    won = claim(store, "k", FP1)
+    row = store.lookup("k")
+    assert set(row) >= {"state", "fingerprint", "output", "error", "lease_expires", "updated_at"}
+    assert row["state"] == "in_progress"
+    assert row["fingerprint"] == FP1
+    assert row["lease_expires"] == pytest.approx(won.lease_expires, abs=1e-3)
+    store.complete_many([("k", won.token, out({"nested": [1, 2.5, None, "x"]}))])
+    row = store.lookup("k")
+    assert row["state"] == "completed"
+    assert row["output"] == {"nested": [1, 2.5, None, "x"]}
+    assert row["lease_expires"] is None
+    assert row["updated_at"] <= time.time()
+
+
+def test_mark_processed_completes_a_key_whoever_holds_it(backend: Backend) -> None:
+    store = backend.open()
+    store.mark_processed("fresh", out({"v": 1}))
+    assert store.lookup("fresh")["state"] == "completed"
+    assert claim(store, "fresh").output == {"v": 1}
+    held = claim(store, "held")
+    store.mark_processed("held", out("marked"))
+    assert claim(store, "held").state is COMPLETED
+    assert store.complete_many([("held", held.token, out("late"))]) == [False]
+    assert store.lookup("held")["output"] == "marked"
+    store.mark_processed("fresh", out({"v": 2}))  # marking again overwrites
+    assert store.lookup("fresh")["output"] == {"v": 2}
+
+
+def test_stats_count_rows_by_state(backend: Backend) -> None:
+    store = backend.open()
+    assert store.stats() == {"in_progress": 0, "completed": 0, "failed": 0, "total": 0}
+    claims = store.claim_many([(f"k{i}", None) for i in range(6)])
+    store.complete_many([(f"k{i}", claims[i].token, out(i)) for i in range(3)])
+    store.release_many([("k3", claims[3].token, "boom")])
+    assert store.stats() == {"in_progress": 2, "completed": 3, "failed": 1, "total": 6}
+
+
+def test_ttl_makes_an_old_completed_key_claimable_again(backend: Backend) -> None:
+    store = backend.open(ttl_seconds=1.0)
+    won = claim(store, "k")
+    store.complete_many([("k", won.token, out("old"))])
+    assert claim(store, "k").state is COMPLETED
+    manager = tq.IdempotencyManager(store=store)
+    assert manager.is_processed("k")
+    again = wait_until(lambda: (c := claim(store, "k")).state is CLAIMED and c, "the TTL")
+    assert again.token != won.token
+    assert store.lookup("k")["output"] is None
+
+
+def test_purge_expired_deletes_finished_rows_older_than_the_age(backend: Backend) -> None:
+    store = backend.open()
+    claims = store.claim_many([("done", None), ("failed", None), ("running", None)])
+    store.complete_many([("done", claims[0].token, out(1))])
+    store.release_many([("failed", claims[1].token, "boom")])
+    store.enqueue_many([tq.Task(f"t{i}") for i in range(4)])
+    token = {item.task.id: item.token for item in store.take_many("w", 4)}
+    store.settle_many(
+        [
+            ("t0", token["t0"], DONE, None),
+            ("t1", token["t1"], FAILED, "boom"),
+            ("t3", token["t3"], QUEUED, None),
+        ]
+    )
+    assert store.purge_expired() == 0  # no TTL and no age: nothing is old
+    assert store.purge_expired(3600.0) == 0  # nothing is an hour old
+    assert store.purge_expired(0.0) == 4  # two keys and two tasks
+    assert store.lookup("done") is None and store.lookup("failed") is None
+    assert store.lookup("running")["state"] == "in_progress"
+    assert task_counts(store) == {"queued": 1, "running": 1, "done": 0, "failed": 0}
+    assert store.purge_expired(0.0) == 0
+
+
+def test_purge_expired_uses_the_ttl_by_default(backend: Backend) -> None:
+    store = backend.open(ttl_seconds=0.5)
+    won = claim(store, "k")
+    store.complete_many([("k", won.token, out(1))])
+    wait_until(lambda: store.purge_expired() == 1, "the completed key to pass its TTL")
+    assert store.lookup("k") is None
+    assert store.stats()["total"] == 0
+
+
+def test_concurrent_claims_of_one_key_have_one_winner(backend: Backend) -> None:
+    threads = 4
+    keys = [f"k{i}" for i in range(24)]
+    stores = backend.stores(threads)
+    barrier = threading.Barrier(threads)
+    results: list[list[tuple[str, tq.Claim]]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def contend(index: int) -> None:
+        order = keys[:]
+        random.Random(index).shuffle(order)
+        try:
+            barrier.wait(10)
+            for start in range(0, len(order), 4):
+                batch = order[start : start + 4]
+                claims = stores[index].claim_many([(key, FP1) for key in batch])
+                results[index].extend(zip(batch, claims, strict=True))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=contend, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(30)
+    assert not errors, errors
+    winners = Counter(key for answers in results for key, c in answers if c.state is CLAIMED)
+    assert winners == Counter(dict.fromkeys(keys, 1))
+    losers = {c.state for answers in results for _, c in answers if c.state is not CLAIMED}
+    assert losers <= {IN_PROGRESS}
+
+
+# --- Durable queue -------------------------------------------------------------------------------
+
+
+def test_enqueue_many_is_idempotent_by_id(backend: Backend) -> None:
+    store = backend.open()
+    assert store.enqueue_many([tq.Task("a", {"v": 1}), tq.Task("b")]) == 2
+    assert store.enqueue_many([tq.Task("a", {"v": 2}), tq.Task("b"), tq.Task("c")]) == 1
+    assert store.enqueue_many([]) == 0
+    assert task_counts(store) == {"queued": 3, "running": 0, "done": 0, "failed": 0}
+    taken = {item.task.id: item.task for item in store.take_many("w", 10)}
+    assert taken["a"].payload == {"v": 1}  # the existing row was left alone
+
+
+def test_take_many_round_trips_the_task(backend: Backend) -> None:
+    store = backend.open()
+    sent = [
+        tq.Task("plain"),
+        tq.Task("keyed", {"url": "https://example.org", "n": [1, 2]}, idempotency_key="K-1"),
+        tq.Task("unicode", {"text": "héllo ☃"}),
+    ]
+    store.enqueue_many(sent)
+    taken = store.take_many("w", 10)
+    assert {item.task.id: item.task for item in taken} == {task.id: task for task in sent}
+    assert {item.task.key for item in taken} == {"plain", "K-1", "unicode"}
+    assert all(isinstance(item, tq.QueuedTask) and isinstance(item.token, int) for item in taken)
+
+
+def test_take_many_takes_the_oldest_first_and_skips_live_leases(backend: Backend) -> None:
+    first, second = backend.stores(2)
+    for name in ("t1", "t2", "t3"):
+        first.enqueue_many([tq.Task(name)])
+    assert ids(first.take_many("w1", 2)) == {"t1", "t2"}
+    assert ids(second.take_many("w2", 10)) == {"t3"}
+    assert first.take_many("w1", 10) == []
+    assert second.take_many("w2", 10) == []
+    assert task_counts(first) == {"queued": 0, "running": 3, "done": 0, "failed": 0}
+
+
+def test_a_task_returned_to_the_queue_keeps_its_place(backend: Backend) -> None:
+    store = backend.open()
+    store.enqueue_many([tq.Task("older")])
+    store.enqueue_many([tq.Task("newer")])
+    (first,) = store.take_many("w", 1)
+    assert first.task.id == "older"
+    assert store.settle_many([("older", first.token, QUEUED, None)]) == 1
+    (again,) = store.take_many("w", 1)
+    assert again.task.id == "older"
+    assert again.token != first.token
+    assert store.settle_many([("older", first.token, DONE, None)]) == 0
+
+
+def test_a_lease_expired_task_is_taken_again_and_the_old_token_is_fenced(backend: Backend) -> None:
+    slow = backend.open(lease_seconds=SHORT_LEASE)
+    other = backend.open(lease_seconds=30.0) if backend.shared else slow
+    slow.enqueue_many([tq.Task("t")])
+    (old,) = slow.take_many("slow", 5)
+    wait_until(lambda: other.queue_status()["stalled"] == 1, "the lease to run out (stalled)")
+    (new,) = wait_until(lambda: other.take_many("other", 5), "the task to be taken again")
+    assert new.task.id == "t"
+    assert new.token != old.token
+    if backend.shared:  # the new owner's lease is a long one
+        assert other.queue_status()["stalled"] == 0
+    assert slow.settle_many([("t", old.token, DONE, None)]) == 0
+    assert task_counts(other)["running"] == 1
+    assert other.settle_many([("t", new.token, DONE, None)]) == 1
+    assert task_counts(slow) == {"queued": 0, "running": 0, "done": 1, "failed": 0}
+
+
+def test_take_task_persists_one_task_as_running(backend: Backend) -> None:
+    first, second = backend.stores(2)
+    task = tq.Task("x", {"a": 1})
+    token = first.take_task(task, "w1")
+    assert isinstance(token, int)
+    assert task_counts(second) == {"queued": 0, "running": 1, "done": 0, "failed": 0}
+    assert second.take_task(task, "w2") is None  # running elsewhere, lease live
+    assert second.take_many("w2", 10) == []
+    assert first.settle_many([("x", token, DONE, None)]) == 1
+    assert second.take_task(task, "w2") is None  # done
+    # A queued task is taken; a failed one is taken again (a resubmission reruns it).
+    first.enqueue_many([tq.Task("y")])
+    assert isinstance(second.take_task(tq.Task("y"), "w2"), int)
+    failing = first.take_task(tq.Task("z"), "w1")
+    first.settle_many([("z", failing, FAILED, "boom")])
+    retry = second.take_task(tq.Task("z"), "w2")
+    assert isinstance(retry, int) and retry != failing
+    assert task_counts(first) == {"queued": 0, "running": 2, "done": 1, "failed": 0}
+
+
+def test_take_task_takes_over_a_lease_expired_task(backend: Backend) -> None:
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    old = store.take_task(tq.Task("x"), "dead")
+    new = wait_until(lambda: store.take_task(tq.Task("x"), "alive"), "the lease to run out")
+    assert new != old
+    assert store.settle_many([("x", old, DONE, None)]) == 0
+    assert store.settle_many([("x", new, DONE, None)]) == 1
+
+
+def test_settle_many_records_done_failed_and_queued(backend: Backend) -> None:
+    store = backend.open()
+    store.enqueue_many([tq.Task("a"), tq.Task("b"), tq.Task("c"), tq.Task("d")])
+    token = {item.task.id: item.token for item in store.take_many("w", 3)}
+    (queued_id,) = {"a", "b", "c", "d"} - set(token)
+    a, b, c = sorted(token)
+    settled = store.settle_many(
+        [(a, token[a], DONE, None), (b, token[b], FAILED, "boom"), (c, token[c], QUEUED, None)]
+    )
+    assert settled == 3
+    assert task_counts(store) == {"queued": 2, "running": 0, "done": 1, "failed": 1}
+    assert store.settle_many([(a, token[a], FAILED, "late")]) == 0  # no longer running
+    assert store.settle_many([("missing", 1, DONE, None)]) == 0
+    assert store.settle_many([(queued_id, 1, DONE, None)]) == 0  # queued, not running
+    assert store.settle_many([]) == 0
+    assert ids(store.take_many("w", 10)) == {c, queued_id}  # a failed task is not retaken
+    assert task_counts(store) == {"queued": 0, "running": 2, "done": 1, "failed": 1}
+
+
+def test_renew_tasks_renews_one_workers_leases_and_records_its_heartbeat(backend: Backend) -> None:
+    first, second = backend.stores(2)
+    first.enqueue_many([tq.Task(f"t{i}") for i in range(3)])
+    assert len(first.take_many("w1", 2)) == 2
+    assert len(second.take_many("w2", 5)) == 1
+    assert first.renew_tasks("w1", {"pid": 123, "in_flight": 2}) == 2
+    assert second.renew_tasks("w2") == 1
+    assert second.renew_tasks("idle", {"pid": 7}) == 0
+    workers = {w["name"]: w for w in first.queue_status()["workers"]}
+    assert set(workers) == {"w1", "w2", "idle"}
+    assert workers["w1"]["pid"] == 123 and workers["w1"]["in_flight"] == 2
+    assert workers["idle"]["pid"] == 7
+    assert all(0 <= w["seen_seconds_ago"] < 60 for w in workers.values())
+    first.renew_tasks("w1", {"pid": 456})  # a later heartbeat replaces the info
+    workers = {w["name"]: w for w in second.queue_status()["workers"]}
+    assert workers["w1"]["pid"] == 456
+
+
+def test_renew_tasks_revives_a_stalled_lease(backend: Backend) -> None:
+    owner, rival = backend.stores(2, lease_seconds=1.0)
+    owner.enqueue_many([tq.Task("t")])
+    (item,) = owner.take_many("owner", 1)
+    wait_until(lambda: rival.queue_status()["stalled"] == 1, "the lease to run out")
+    assert owner.renew_tasks("owner") == 1
+    assert rival.queue_status()["stalled"] == 0
+    assert rival.take_many("rival", 5) == []
+    assert owner.settle_many([("t", item.token, DONE, None)]) == 1
+
+
+def test_queue_status_reports_counts_oldest_and_stalled(backend: Backend) -> None:
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    empty = store.queue_status()
+    assert empty == {
+        "tasks": {"queued": 0, "running": 0, "done": 0, "failed": 0},
+        "oldest_queued_seconds": None,
+        "stalled": 0,
+        "workers": [],
+    }
+    store.enqueue_many([tq.Task("a"), tq.Task("b")])
+    status = store.queue_status()
+    assert status["tasks"]["queued"] == 2
+    assert isinstance(status["oldest_queued_seconds"], float)
+    assert 0 <= status["oldest_queued_seconds"] < 60
+    store.take_many("w", 2)
+    wait_until(lambda: store.queue_status()["stalled"] == 2, "two stalled leases")
+    status = store.queue_status()
+    assert status["oldest_queued_seconds"] is None
+    assert status["tasks"] == {"queued": 0, "running": 2, "done": 0, "failed": 0}
+
+
+def test_concurrent_takers_never_get_the_same_task(backend: Backend) -> None:
+    threads = 6
+    stores = backend.stores(threads)
+    stores[0].enqueue_many([tq.Task(f"t{i:03d}") for i in range(300)])
+    barrier = threading.Barrier(threads)
+    taken: list[list[str]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def drain(index: int) -> None:
+        try:
+            barrier.wait(10)
+            while batch := stores[index].take_many(f"w{index}", 7):
+                taken[index].extend(item.task.id for item in batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=drain, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(30)
+    assert not errors, errors
+    everything = [task_id for got in taken for task_id in got]
+    assert len(everything) == 300
+    assert set(everything) == {f"t{i:03d}" for i in range(300)}
+
+
+def test_wait_for_work_returns_by_its_timeout(backend: Backend) -> None:
+    store = backend.open()
+    store.wait_for_work(0.05, threading.Event())  # returns (bounded by the test's timeout)
+    store.enqueue_many([tq.Task("t")])
+    store.wait_for_work(0.05, threading.Event())
+
+
+def test_wait_for_work_returns_at_once_when_stop_is_already_set(backend: Backend) -> None:
+    store = backend.open()
+    store.wait_for_work(0.05, threading.Event())  # sets up LISTEN where there is one
+    stop = threading.Event()
+    stop.set()
+    returned = threading.Event()
+
+    def idle() -> None:
+        store.wait_for_work(60.0, stop)
+        returned.set()
+
+    threading.Thread(target=idle, daemon=True).start()
+    # Far below the 60 s timeout: a stop that is set must not be slept through.
+    assert returned.wait(10.0), "wait_for_work ignored a stop event that was already set"
+
+
+def test_wait_for_work_wakes_on_an_enqueue(backend: Backend) -> None:
+    if not backend.wakes:
+        pytest.skip("SQLite has no notifications: idle workers poll")
+    waiter, producer = backend.stores(2)
+    stop = threading.Event()
+    waiter.wait_for_work(0.05, stop)  # sets up LISTEN where there is one
+    woke = threading.Event()
+
+    def idle() -> None:
+        waiter.wait_for_work(600.0, stop)
+        woke.set()
+
+    thread = threading.Thread(target=idle, daemon=True)
+    thread.start()
+    # An enqueue made before the waiter sleeps may go unheard in memory://, so enqueue until it
+    # wakes; all of it stays far below the 600 s timeout that only a notification can cut short.
+    deadline = time.monotonic() + 30.0
+    sent = 0
+    while not woke.wait(0.2):
+        assert time.monotonic() < deadline, f"{sent} enqueues did not wake the idle waiter"
+        producer.enqueue_many([tq.Task(f"wake-{sent}")])
+        sent += 1
+    thread.join(5)
+
+
+def test_a_shared_database_survives_its_stores(backend: Backend) -> None:
+    if not backend.shared:
+        pytest.skip("memory:// lives and dies with its store, by design")
+    store = backend.open()
+    won = claim(store, "k", FP1)
+    store.complete_many([("k", won.token, out({"kept": True}))])
+    store.enqueue_many([tq.Task("later", {"p": 1})])
+    store.close()
+    reopened = backend.open()
+    assert claim(reopened, "k", FP1).output == {"kept": True}
+    assert [item.task for item in reopened.take_many("w", 5)] == [tq.Task("later", {"p": 1})]
+
+
+def test_store_url_names_the_backend(backend: Backend) -> None:
+    store = backend.open()
+    assert store.url == backend.url
+    assert store.lease_seconds == 30.0
+    assert store.ttl_seconds is None
+
+
+# --- Over the contract: the manager and the durable pool ----------------------------------------
+
+
+def test_idempotency_manager_runs_over_the_store(backend: Backend) -> None:
+    store = backend.open()
+    manager = tq.IdempotencyManager(store=store)
+    won = manager.claim("k", FP1)
+    assert won.state is CLAIMED
+    assert manager.renew("k", won.token)
+    assert manager.complete("k", won.token, {"x": [1, 2]})
+    assert manager.is_processed("k")
+    assert manager.get_cached_output("k") == {"x": [1, 2]}
+    assert not manager.is_processed("other")
+    manager.mark_processed("other", "out")
+    assert manager.get_cached_output("other") == "out"
+    assert manager.stats()["completed"] == 2
+    manager.close()
+    with pytest.raises(tq.TaskQueueError):
+        manager.claim("k")
+    assert store.lookup("k")["state"] == "completed"  # the manager did not own the store
+
+
+def test_durable_pool_runs_over_the_store(backend: Backend) -> None:
+    store = backend.open()
+    manager = tq.IdempotencyManager(store=store)
+    calls: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def handler(task: tq.Task) -> dict[str, str]:
+        with lock:
+            calls[task.key] += 1
+        if task.payload.get("fail"):
+            raise tq.PermanentError("no")
+        return {"id": task.id}
+
+    tasks = [tq.Task(f"t{i}", {"i": i}) for i in range(5)]
+    tasks += [tq.Task("again", {"i": 0}, idempotency_key="t0"), tq.Task("bad", {"fail": True})]
+    with tq.WorkerPool(handler, workers=3, idempotency=manager, durable=True) as pool:
+        records = pool.run(tasks)
+    statuses = {r.task_id: r.status for r in records}
+    assert statuses == {
+        **{f"t{i}": tq.TaskStatus.SUCCEEDED for i in range(5)},
+        "again": tq.TaskStatus.DUPLICATE,
+        "bad": tq.TaskStatus.FAILED,
+    }
+    assert max(calls.values()) == 1
+    assert task_counts(store) == {"queued": 0, "running": 0, "done": 6, "failed": 1}
+
+
+# --- Choosing a backend by URL -------------------------------------------------------------------
+
+
+def test_store_names_are_public() -> None:
+    # The Store contract and its backends are public API: SPEC section 2 puts it all in __all__.
+    missing = {"Store", "MemoryStore", "SqliteStore", "PostgresStore", "open_store"} - set(
+        tq.__all__
+    )
+    assert not missing, f"not in __all__: {sorted(missing)}"
+
+
+def test_open_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    stores = {
+        "memory://": tq.MemoryStore,
+        path: tq.SqliteStore,
+        f"sqlite:///{tmp_path / 'b.db'}": tq.SqliteStore,
+        "sqlite:///:memory:": tq.SqliteStore,
+    }
+    for url, kind in stores.items():
+        store = tq.open_store(url)
+        try:
+            assert type(store) is kind, url
+        finally:
+            store.close()
+    by_url = tq.open_store(f"sqlite:///{tmp_path / 'b.db'}")
+    by_path = tq.open_store(tmp_path / "a.db")  # a PathLike works too
+    try:
+        assert by_url.path == str(tmp_path / "b.db")
+        assert by_path.path == path
+        assert (tmp_path / "b.db").is_file()
+    finally:
+        by_url.close()
+        by_path.close()
+    default = tq.open_store(None)
+    assert type(default) is tq.SqliteStore and default.path is None
+    default.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost/0", "mysql://root@db/x", "sqlite://", "sqlite://relative.db"]
+)
+def test_an_unknown_or_malformed_url_is_a_config_error(url: str, tmp_path: Path) -> None:
+    with pytest.raises(tq.ConfigError) as excinfo:
+        tq.open_store(url)
+    assert url.split("://")[0] in str(excinfo.value)
+    with pytest.raises(tq.ConfigError):
+        tq.IdempotencyManager(url)
+    with pytest.raises(tq.ConfigError):
+        tq.WorkerPool(db_path=url)
+
+
+def test_idempotency_manager_and_pool_choose_sqlite_and_memory(tmp_path: Path) -> None:
+    cases = {
+        None: (tq.SqliteStore, None),
+        "memory://": (tq.MemoryStore, None),
+        str(tmp_path / "plain.db"): (tq.SqliteStore, str(tmp_path / "plain.db")),
+        f"sqlite:///{tmp_path / 'url.db'}": (tq.SqliteStore, str(tmp_path / "url.db")),
+    }
+    for url, (kind, path) in cases.items():
+        with tq.IdempotencyManager(url) as manager:
+            assert type(manager.store) is kind, url
+            assert getattr(manager.store, "path", None) == path
+        with tq.WorkerPool(lambda task: task.id, workers=1, db_path=url) as pool:
+            assert type(pool.idempotency.store) is kind, url
+            assert pool.run([tq.Task("t")])[0].status is tq.TaskStatus.SUCCEEDED
+    # The SQLite URL and the plain path name the same file: a key done by one is done for both.
+    with tq.WorkerPool(lambda task: task.id, db_path=str(tmp_path / "url.db")) as pool:
+        assert pool.run([tq.Task("t")])[0].status is tq.TaskStatus.DUPLICATE
+
+
+def test_idempotency_manager_and_pool_choose_postgres(pg_url: str) -> None:
+    with tq.IdempotencyManager(pg_url, lease_seconds=12.0) as manager:
+        assert type(manager.store) is tq.PostgresStore
+        assert manager.store.schema == pg_url.rsplit("schema=", 1)[1]
+        assert manager.lease_seconds == 12.0
+        manager.mark_processed("k", "v")
+    with tq.WorkerPool(lambda task: task.id, workers=2, db_path=pg_url) as pool:
+        assert type(pool.idempotency.store) is tq.PostgresStore
+        record = pool.run([tq.Task("k")])[0]
+    assert record.status is tq.TaskStatus.DUPLICATE and record.output == "v"
+    alias = tq.open_store("postgres://" + pg_url.split("://", 1)[1])
+    try:
+        assert type(alias) is tq.PostgresStore
+        assert alias.lookup("k")["output"] == "v"
+    finally:
+        alias.close()
+
+
+def test_postgres_url_problems_are_config_errors() -> None:
+    require_psycopg()
+    with pytest.raises(tq.ConfigError, match="schema"):
+        tq.open_store("postgresql://postgres@127.0.0.1:5432/test?schema=bad-name")
+    with pytest.raises(tq.ConfigError) as excinfo:
+        tq.open_store("postgresql://postgres:secret@127.0.0.1:1/test")  # nothing listens
+    assert "secret" not in str(excinfo.value)
