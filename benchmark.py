@@ -1243,6 +1243,27 @@ class _WorkerFleet:
         return lines[-1] if lines else ""
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM raise KeyboardInterrupt meanwhile, so the cleanup of a run still happens.
+
+    Killed without it, the benchmark would leave its worker processes serving forever and its
+    PostgreSQL schema behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _children_cpu_seconds() -> float | None:
     """Return the user + system CPU time of this process's reaped children (None on Windows)."""
     try:
@@ -1772,7 +1793,7 @@ def scale_table(runs: Sequence[Run], ranged: bool) -> str:
             _cell([r.throughput for r in group], ",.1f", ranged),
             _cell([r.ceiling for r in group], ",.0f", False),
             _cell([r.efficiency for r in group], ".3f", ranged),
-            _cell([r.speedup for r in group], ".2f", ranged) + "x",
+            _cell([r.speedup for r in group], ".2f", False) + "x",
             _cell([s["startup_seconds"] for s in scale], ".2f", False),
             _cell([s["efficiency_after_startup"] for s in scale], ".3f", False),
             _cell([s["worker_cpu_seconds"] for s in scale], ".2f", False),
@@ -1796,7 +1817,7 @@ def noop_table(runs: Sequence[Run], ranged: bool) -> str:
             str(group[0].workers),
             _cell([r.throughput for r in group], ",.0f", ranged),
             _cell([1e6 / r.throughput if r.throughput else None for r in group], ",.1f", False),
-            _cell(ratios, ".3f", ranged),
+            _cell(ratios, ".3f", ranged and backend != "sqlite"),
         ])  # fmt: skip
     return _table(headers, rows)
 
@@ -2272,6 +2293,11 @@ def _open_loop_mode(
 
 def _scale_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
     """Run and print the scale-out runs, then the no-op store comparison; return their runs."""
+    with _sigterm_as_interrupt():
+        return _run_scale_mode(args, settings, report)
+
+
+def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
     database = parse_database(args.db)
     counts = _parse_counts(args.processes, "--processes")
     workers = _parse_workers(args.workers)[0]

@@ -1100,12 +1100,21 @@ class _SqlStore:
             VALUES (:id, :key, :payload, 'queued', 0, :now, :now)
             ON CONFLICT (id) DO NOTHING
         """,
+        # Two takes, each served by the (state, enqueued_at) index with no sort of the backlog:
+        # first running tasks whose lease expired (a dead worker's), then the oldest queued ones.
+        "take_expired": """
+            UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
+                lease_expires = :lease, attempts = attempts + 1, updated_at = :now
+            WHERE id IN (
+                SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
+                LIMIT :limit {take_lock})
+            RETURNING id, key, payload
+        """,
         "take": """
             UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
                 lease_expires = :lease, attempts = attempts + 1, updated_at = :now
             WHERE id IN (
-                SELECT id FROM {tasks}
-                WHERE state = 'queued' OR (state = 'running' AND lease_expires <= :now)
+                SELECT id FROM {tasks} WHERE state = 'queued'
                 ORDER BY enqueued_at LIMIT :limit {take_lock})
             RETURNING id, key, payload
         """,
@@ -1169,9 +1178,9 @@ class _SqlStore:
     def _dialect(sql: str) -> str:
         return sql
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any]) -> Any:
-        """Run ``body(execute)`` in one write transaction; ``execute(name, params)`` runs one
-        named statement and returns its cursor."""
+    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+        """Run ``body(execute)`` in one transaction; ``execute(name, params)`` runs one named
+        statement and returns its cursor. ``write=False`` promises `body` only reads."""
         raise NotImplementedError
 
     # Idempotency --------------------------------------------------------------------------------
@@ -1217,8 +1226,10 @@ class _SqlStore:
             counts = [0] * len(rows)
             for index in _key_order([row[field] for row in rows]):
                 counts[index] = execute(name, rows[index]).rowcount
-            if name in ("enqueue", "settle"):
-                self._notify(execute)
+            if name == "enqueue" or (
+                name == "settle" and any(row["state"] == "queued" for row in rows)
+            ):
+                self._notify(execute)  # wake idle workers: there is work for them
             return counts
 
         return self._transaction(run)
@@ -1240,7 +1251,9 @@ class _SqlStore:
         return sum(self._each("release", rows))
 
     def lookup(self, key: str) -> dict[str, Any] | None:
-        row = self._transaction(lambda execute: execute("lookup", {"key": key}).fetchone())
+        row = self._transaction(
+            lambda execute: execute("lookup", {"key": key}).fetchone(), write=False
+        )
         if row is None:
             return None
         state, fp, output, error, lease_expires, updated_at = row
@@ -1267,7 +1280,8 @@ class _SqlStore:
 
     def stats(self) -> dict[str, int]:
         counts = dict.fromkeys((state.value for state in _Row), 0)
-        for state, count in self._transaction(lambda execute: execute("stats", {}).fetchall()):
+        rows = self._transaction(lambda execute: execute("stats", {}).fetchall(), write=False)
+        for state, count in rows:
             counts[state] = count
         counts["total"] = sum(counts.values())
         return counts
@@ -1287,7 +1301,14 @@ class _SqlStore:
         token = _new_token()  # one token for the batch: it fences each row all the same
         params = {"token": token, "worker": worker, "lease": now + self.lease_seconds,
                   "now": now, "limit": limit}  # fmt: skip
-        rows = self._transaction(lambda execute: execute("take", params).fetchall())
+
+        def take(execute: Callable[..., Any]) -> list[Any]:
+            rows = execute("take_expired", params).fetchall()
+            if len(rows) < limit:
+                rows += execute("take", {**params, "limit": limit - len(rows)}).fetchall()
+            return rows
+
+        rows = self._transaction(take)
         return [
             QueuedTask(Task(task_id, json.loads(payload), None if key == task_id else key), token)
             for task_id, key, payload in rows
@@ -1334,7 +1355,7 @@ class _SqlStore:
                 for name, info, seen_at in execute("workers", {}).fetchall()
             ]
 
-        self._transaction(read)
+        self._transaction(read, write=False)
         return status
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
@@ -1443,7 +1464,7 @@ class SqliteStore(_SqlStore):
                 f"table {keys!r} exists with another layout (no {', '.join(sorted(missing))})"
             )
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any]) -> Any:
+    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         conn = self._conn
         if conn is None:
             raise TaskQueueError("the store is closed")
@@ -1452,8 +1473,11 @@ class SqliteStore(_SqlStore):
         def execute(name: str, params: Mapping[str, Any]) -> sqlite3.Cursor:
             return conn.execute(sql[name], params)
 
+        # A reader needs no write lock: in WAL mode it never waits for a writer.
+        begin = "BEGIN IMMEDIATE" if write else "BEGIN"
+
         def run() -> Any:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(begin)
             try:
                 result = body(execute)
             except BaseException:
@@ -1618,7 +1642,7 @@ class PostgresStore(_SqlStore):
             for ddl in self._DDL:
                 self._conn.execute(ddl.format(**self._names))
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any]) -> Any:
+    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
@@ -2996,7 +3020,9 @@ class WorkerPool:
         self._heartbeat()
         while not stop.is_set():
             with self._changed:
-                while self._pending >= limit and not stop.is_set():
+                # Refill in chunks, once half the prefetch is done: one take for many tasks,
+                # and the workers never run dry while a take is on its way.
+                while self._pending > limit // 2 and not stop.is_set():
                     self._changed.wait(0.5)
                 room = limit - self._pending
             if stop.is_set() or self._closed:
@@ -3279,7 +3305,7 @@ class WorkerPool:
                 job.followers = []
             self._pending -= len(retired)
             idle = self._pending == 0
-            if idle:
+            if retired:
                 self._changed.notify_all()
             stop = idle and self._closed
         counted: list[Outcome] = []
@@ -3349,8 +3375,7 @@ class WorkerPool:
             followers, job.followers = job.followers, []
             self._pending -= 1
             idle = self._pending == 0
-            if idle:
-                self._changed.notify_all()
+            self._changed.notify_all()
             stop = idle and self._closed
         now = time.perf_counter()
         error = f"the submission this one joined was refused: {exc}"

@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ SMOKE_TIMEOUT = 120.0
 SHORT_TIMEOUT = 60.0
 SNAPSHOT_SERIES = ("latency_ms", "queue_wait_ms", "service_ms")
 SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
+DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+SCALE_TASKS = 200
+WORKER_EXIT_ON_SIGTERM = 143
 
 pytestmark = pytest.mark.timeout(SMOKE_TIMEOUT + 30)
 
@@ -251,6 +256,124 @@ def test_peers_without_huey_print_one_line_and_go_on(tmp_path: Path) -> None:
     assert report.exists()
 
 
+# --- Scale-out -----------------------------------------------------------------------------------
+
+
+def postgres_dsn() -> str:
+    """Return the test server's URL (TQ_TEST_POSTGRES_DSN overrides the default).
+
+    Skips when psycopg is missing or the server does not answer within 3 s; with
+    TQ_REQUIRE_POSTGRES=1 that fails instead.
+    """
+    dsn = os.environ.get("TQ_TEST_POSTGRES_DSN") or DEFAULT_POSTGRES_DSN
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn, connect_timeout=3):
+            pass
+    except Exception as exc:  # ImportError, or any psycopg.Error
+        message = f"no PostgreSQL server answers at {dsn}: {type(exc).__name__}: {exc}"
+        if os.environ.get("TQ_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return dsn
+
+
+def run_scale_out(db: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``--db DB --processes 1,2 --tasks 200`` in ``cwd``; return the process and report."""
+    report = cwd / "report.json"
+    proc = run_benchmark(
+        ["--db", db, "--processes", "1,2", "--tasks", str(SCALE_TASKS), "--no-progress",
+         "--report", str(report)],
+        cwd,
+        timeout=SMOKE_TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "warning" not in proc.stderr, proc.stderr
+    return proc, json.loads(report.read_text(encoding="utf-8"))
+
+
+def check_scale_report(
+    proc: subprocess.CompletedProcess[str], data: dict[str, Any], backend: str
+) -> list[dict[str, Any]]:
+    """Check the printed tables and the report of a 1,2-process run; return its scale runs."""
+    for heading in ("processes", "throughput/s", "ceiling/s", "efficiency", "speedup", "no-op"):
+        assert heading in proc.stdout
+    assert data["configuration"]["mode"] == "scale-out"
+    assert data["configuration"]["processes"] == [1, 2]
+    scale = data["scale_out"]
+    assert scale["backend"] == backend
+    assert scale["latency_ms"] == 10.0
+    assert scale["workers_per_process"] == 8
+    assert [entry["processes"] for entry in scale["summary"]] == [1, 2]
+    for entry in scale["summary"]:
+        assert entry["tasks"] == SCALE_TASKS
+        assert entry["ceiling_per_second"] == pytest.approx(entry["processes"] * 8 / 0.010)
+        for name in ("throughput_per_second", "efficiency", "speedup"):
+            assert set(entry[name]) == {"median", "min", "max"}, name
+            assert is_finite_number(entry[name]["median"]), (name, entry)
+    assert scale["summary"][0]["speedup"]["median"] == 1.0
+    runs = [run for run in data["runs"] if "scale_out" in run]
+    assert [run["system"] for run in runs] == [f"processes-{backend}"] * 2
+    for run, processes in zip(runs, (1, 2), strict=True):
+        details = run["scale_out"]
+        assert details["processes"] == processes
+        assert run["workers"] == 8 * processes
+        assert is_finite_number(run["efficiency"]), run
+        # Every task ran exactly once, each worker drained on SIGTERM and printed its snapshot.
+        assert run["metrics"]["succeeded"] == SCALE_TASKS
+        assert run["metrics"]["failed"] == 0
+        assert run["metrics"]["handler_calls"] == SCALE_TASKS
+        assert details["exit_codes"] == [WORKER_EXIT_ON_SIGTERM] * processes
+        assert len(details["worker_snapshots"]) == processes
+        assert sum(s["succeeded"] for s in details["worker_snapshots"]) == SCALE_TASKS
+    noop = {run["system"]: run for run in data["runs"] if "store_noop" in run}
+    assert noop["pool-sqlite"]["metrics"]["succeeded"] == 10 * SCALE_TASKS
+    assert is_finite_number(scale["noop_overhead"]["sqlite_throughput_per_second"]["median"])
+    return runs
+
+
+def test_scale_out_on_sqlite_leaves_the_given_file_alone(tmp_path: Path) -> None:
+    """Prove --db PATH --processes 1,2 runs both counts in temporary files beside PATH.
+
+    No PostgreSQL figure: the report says the comparison needs a postgresql:// URL.
+    """
+    proc, data = run_scale_out(str(tmp_path / "scale.db"), tmp_path)
+    check_scale_report(proc, data, "sqlite")
+    overhead = data["scale_out"]["noop_overhead"]
+    assert overhead["postgresql_throughput_per_second"] is None
+    assert overhead["postgresql_vs_sqlite"] is None
+    assert "postgresql://" in overhead["note"]
+    assert "postgresql://" in proc.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_scale_out_on_postgres_drops_its_schemas(tmp_path: Path) -> None:
+    """Prove --db postgresql://... --processes 1,2 reports the no-op ratio and drops its schemas."""
+    dsn = postgres_dsn()
+    proc, data = run_scale_out(dsn, tmp_path)
+    runs = check_scale_report(proc, data, "postgresql")
+    overhead = data["scale_out"]["noop_overhead"]
+    assert is_finite_number(overhead["postgresql_throughput_per_second"]["median"])
+    assert is_finite_number(overhead["postgresql_vs_sqlite"]["median"])
+    assert overhead["note"] is None
+    schemas = []
+    for run in runs:
+        command = run["scale_out"]["command"]
+        query = urllib.parse.urlsplit(command[command.index("--db") + 1]).query
+        schemas.append(dict(urllib.parse.parse_qsl(query))["schema"])
+    assert len(set(schemas)) == 2 and all(name.startswith("bench_") for name in schemas)
+    import psycopg
+
+    with psycopg.connect(dsn, connect_timeout=3) as conn:
+        rows = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,)
+        ).fetchall()
+    assert rows == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
+
+
 # --- User errors ---------------------------------------------------------------------------------
 
 
@@ -266,6 +389,16 @@ def test_peers_without_huey_print_one_line_and_go_on(tmp_path: Path) -> None:
         (["--suite", "--smoke"], ["--suite", "--smoke"]),
         (["--task-file", "missing.json"], ["missing.json"]),
         (["--report", "no/such/folder/r.json"], ["--report"]),
+        (["--db", "x.db", "--processes", "1,x"], ["--processes"]),
+        (["--db", "x.db", "--processes", "0"], ["--processes"]),
+        (["--db", "mysql://h/db", "--processes", "1"], ["--db", "unknown scheme"]),
+        (["--db", "memory://", "--processes", "1"], ["memory://"]),
+        (["--db", "no/such/folder/x.db", "--processes", "1"], ["--db", "does not exist"]),
+        (["--processes", "1,2"], ["--db", "--processes"]),
+        (["--db", "x.db"], ["--db", "--processes"]),
+        (["--db", "x.db", "--processes", "1", "--workers", "2,4"], ["--workers"]),
+        (["--smoke", "--db", "x.db", "--processes", "1"], ["--smoke", "--processes"]),
+        (["--db", "postgresql://postgres@127.0.0.1:1/test", "--processes", "1"], ["postgresql://"]),
     ],
 )
 def test_user_error_exits_2_with_one_line(
