@@ -306,7 +306,14 @@ class Task:
         return cls(task_id, payload, key)
 
 
-class TaskStatus(str, enum.Enum):
+class _TextEnum(str, enum.Enum):
+    """An enum whose members are their string values (they compare and print as such)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskStatus(_TextEnum):
     """The outcome of one submission."""
 
     SUCCEEDED = "succeeded"
@@ -314,19 +321,13 @@ class TaskStatus(str, enum.Enum):
     DUPLICATE = "duplicate"
     CANCELLED = "cancelled"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ErrorKind(str, enum.Enum):
+class ErrorKind(_TextEnum):
     """Why a task failed."""
 
     TRANSIENT = "transient"
     PERMANENT = "permanent"
     CONFLICT = "conflict"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -643,16 +644,13 @@ class RetryPolicy:
 # only the protocol.
 
 
-class ClaimState(str, enum.Enum):
+class ClaimState(_TextEnum):
     """What a claim found."""
 
     CLAIMED = "claimed"
     COMPLETED = "completed"
     IN_PROGRESS = "in_progress"
     CONFLICT = "conflict"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -673,7 +671,7 @@ class QueuedTask:
     token: int
 
 
-class _Row(str, enum.Enum):
+class _Row(_TextEnum):
     """The states of a stored key."""
 
     IN_PROGRESS = "in_progress"
@@ -681,16 +679,13 @@ class _Row(str, enum.Enum):
     FAILED = "failed"
 
 
-class EntryState(str, enum.Enum):
+class EntryState(_TextEnum):
     """The states of a task in the durable queue."""
 
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _new_token() -> int:
