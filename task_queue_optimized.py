@@ -1032,6 +1032,23 @@ def _public_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _BufferedCursor:
+    """A cursor's result read at once: the statement is finished (and, alone, committed), and the
+    next statement can reuse the cursor."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, cursor: Any) -> None:
+        self.rowcount = cursor.rowcount
+        self._rows = cursor.fetchall() if cursor.description is not None else []
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+
 class _SqlStore:
     """The contract in SQL, shared by SQLite and PostgreSQL; subclasses open and run transactions.
 
@@ -1180,8 +1197,25 @@ class _SqlStore:
 
     # Idempotency --------------------------------------------------------------------------------
 
+    def _one_statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor | None:
+        """Run one statement as its own transaction where the backend can do that more cheaply
+        than a BEGIN ... COMMIT around it (SQLite's autocommit); None where it cannot."""
+        return None
+
     def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]:
         lease, ttl = self.lease_seconds, self.ttl_seconds
+        if len(items) == 1:
+            # The common case of a slow task: one upsert that wins is the whole claim. Losing it
+            # needs the lookup below in the same transaction, so that path runs in one.
+            key, fp = items[0]
+            now = time.time()
+            params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
+                      "key": key, "fp": fp, "token": _new_token()}  # fmt: skip
+            won = self._one_statement("claim", params)
+            if won is not None and won.fetchone() is not None:
+                return [
+                    Claim(ClaimState.CLAIMED, token=won.fetchone()[0], lease_expires=now + lease)
+                ]
 
         def claim_all(execute: Callable[..., Any]) -> list[Claim]:
             now = time.time()
@@ -1216,6 +1250,11 @@ class _SqlStore:
         return each statement's row count."""
         if not rows:
             return []
+
+        if len(rows) == 1 and name != "enqueue":
+            single = self._one_statement(name, rows[0])
+            if single is not None:
+                return [single.rowcount]
 
         def run(execute: Callable[..., Any]) -> list[int]:
             counts = [0] * len(rows)
@@ -1484,6 +1523,15 @@ class SqliteStore(_SqlStore):
         with self._lock:
             return _retry_busy(run)
 
+    def _one_statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor | None:
+        conn = self._conn
+        if conn is None:
+            raise TaskQueueError("the store is closed")
+        sql = self._sql[name]
+        with self._lock:
+            # Fetching every row steps the statement to its end, which commits it.
+            return _retry_busy(lambda: _BufferedCursor(conn.execute(sql, params)))
+
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
@@ -1708,22 +1756,6 @@ class PostgresStore(_SqlStore):
                     with contextlib.suppress(Exception):
                         conn.close()
             self._conn = self._listener = None
-
-
-class _BufferedCursor:
-    """A psycopg cursor's result read at once, so the next statement can reuse the cursor."""
-
-    __slots__ = ("_rows", "rowcount")
-
-    def __init__(self, cursor: Any) -> None:
-        self.rowcount = cursor.rowcount
-        self._rows = cursor.fetchall() if cursor.description is not None else []
-
-    def fetchone(self) -> Any:
-        return self._rows[0] if self._rows else None
-
-    def fetchall(self) -> list[Any]:
-        return self._rows
 
 
 def _first_line(exc: BaseException) -> str:
