@@ -715,8 +715,10 @@ class Store(Protocol):
       tasks, oldest first, skipping rows other workers hold. ``take_task(task, worker)``: persist
       one task as running for this worker (None when it is done, or running elsewhere).
       ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
-      the queue, where the token still owns it. ``renew_tasks(worker)``: extend the leases of the
-      worker's running tasks and record a heartbeat. ``queue_status()``, ``wait_for_work``.
+      the queue, where the token still owns it. ``renew_tasks(worker, info, entries)``: extend the
+      leases of the worker's running tasks (only the ``(task_id, token)`` `entries` when given:
+      a row taken by a take whose answer was lost is then left to expire) and record a heartbeat.
+      ``queue_status()``, ``wait_for_work``.
     """
 
     url: str
@@ -735,7 +737,12 @@ class Store(Protocol):
     def take_many(self, worker: str, limit: int) -> list[QueuedTask]: ...
     def take_task(self, task: Task, worker: str) -> int | None: ...
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int: ...
-    def renew_tasks(self, worker: str, info: Mapping[str, Any] | None = None) -> int: ...
+    def renew_tasks(
+        self,
+        worker: str,
+        info: Mapping[str, Any] | None = None,
+        entries: Sequence[tuple[str, int]] | None = None,
+    ) -> int: ...
     def queue_status(self) -> dict[str, Any]: ...
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None: ...
     def close(self) -> None: ...
@@ -975,12 +982,22 @@ class MemoryStore:
                 self._work.notify_all()
         return count
 
-    def renew_tasks(self, worker: str, info: Mapping[str, Any] | None = None) -> int:
+    def renew_tasks(
+        self,
+        worker: str,
+        info: Mapping[str, Any] | None = None,
+        entries: Sequence[tuple[str, int]] | None = None,
+    ) -> int:
         count = 0
         with self._lock:
             now = time.time()
-            for row in self._tasks.values():
-                if row["worker"] == worker and row["state"] == EntryState.RUNNING:
+            if entries is None:
+                rows = [row for row in self._tasks.values() if row["worker"] == worker]
+            else:
+                rows = [self._tasks[i] for i, token in entries
+                        if i in self._tasks and self._tasks[i]["token"] == token]  # fmt: skip
+            for row in rows:
+                if row["state"] == EntryState.RUNNING:
                     row.update(lease_expires=now + self.lease_seconds, updated_at=now)
                     count += 1
             seen = self._workers.setdefault(worker, {"started_at": now})
@@ -1151,6 +1168,10 @@ class _SqlStore:
         "renew_tasks": """
             UPDATE {tasks} SET lease_expires = :lease, updated_at = :now
             WHERE worker = :worker AND state = 'running'
+        """,
+        "renew_entry": """
+            UPDATE {tasks} SET lease_expires = :lease, updated_at = :now
+            WHERE id = :id AND token = :token AND state = 'running'
         """,
         "heartbeat": """
             INSERT INTO {workers} AS w (name, info, started_at, seen_at)
@@ -1362,14 +1383,24 @@ class _SqlStore:
                 for i, t, s, e in items]  # fmt: skip
         return sum(self._each("settle", rows, "id"))
 
-    def renew_tasks(self, worker: str, info: Mapping[str, Any] | None = None) -> int:
+    def renew_tasks(
+        self,
+        worker: str,
+        info: Mapping[str, Any] | None = None,
+        entries: Sequence[tuple[str, int]] | None = None,
+    ) -> int:
         now = time.time()
         params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
                   "info": json.dumps(dict(info or {}))}  # fmt: skip
 
         def renew(execute: Callable[..., Any]) -> int:
             execute("heartbeat", params)
-            return execute("renew_tasks", params).rowcount
+            if entries is None:
+                return execute("renew_tasks", params).rowcount
+            return sum(
+                execute("renew_entry", {**params, "id": task_id, "token": token}).rowcount
+                for task_id, token in sorted(entries)
+            )
 
         return self._transaction(renew)
 
@@ -3306,8 +3337,15 @@ class WorkerPool:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._queue.workers,
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
                 "failed": snap["failed"], "duplicates": snap["duplicates"]}  # fmt: skip
+        with self._lock:
+            entries = [(job.task.id, job.entry) for job in self._inflight.values()
+                       if job.entry is not None]  # fmt: skip
+            entries += [(task.id, entry) for job in self._inflight.values()
+                        for task, _, _, entry in job.followers if entry is not None]  # fmt: skip
         try:
-            self._store.store.renew_tasks(self.worker_name, info)
+            # Only the rows this pool holds: a row taken by a take whose answer was lost (a
+            # dropped connection) is not renewed, and another worker takes it after its lease.
+            self._store.store.renew_tasks(self.worker_name, info, entries)
         except Exception:
             logger.exception("renewing the durable queue's leases failed")
 

@@ -442,6 +442,22 @@ def test_renew_tasks_revives_a_stalled_lease(backend: Backend) -> None:
     assert owner.settle_many([("t", item.token, DONE, None)]) == 1
 
 
+def test_renew_tasks_with_entries_renews_only_those_rows(backend: Backend) -> None:
+    """Prove renewing by (id, token) leaves a row the worker does not know it holds to expire."""
+    owner, rival = backend.stores(2, lease_seconds=1.0)
+    owner.enqueue_many([tq.Task("known"), tq.Task("lost")])
+    known, lost = owner.take_many("owner", 2)
+    assert owner.renew_tasks("owner", {}, [(known.task.id, known.token)]) == 1
+    assert owner.renew_tasks("owner", {}, [(lost.task.id, lost.token + 1)]) == 0  # a wrong token
+
+    def only_lost_stalled() -> bool:  # the owner keeps renewing the row it knows
+        renewed = owner.renew_tasks("owner", {}, [(known.task.id, known.token)])
+        return renewed == 1 and rival.queue_status()["stalled"] == 1
+
+    wait_until(only_lost_stalled, "the unrenewed lease to run out")
+    assert [item.task.id for item in rival.take_many("rival", 5)] == [lost.task.id]
+
+
 def test_queue_status_reports_counts_oldest_and_stalled(backend: Backend) -> None:
     store = backend.open(lease_seconds=SHORT_LEASE)
     empty = store.queue_status()
