@@ -2890,6 +2890,9 @@ class WorkerPool:
         metrics: a `MetricsCollector` to record into; None makes one.
         claim_poll_interval: first wait before polling a key that another process holds.
         idempotency: an open `IdempotencyManager` to use (and not close) instead of `db_path`.
+        durable: persist each submission in the store's durable queue before `submit` returns,
+            so any worker (`serve`, ``task-queue worker``) finishes it if this process dies.
+        worker_name: this pool's name in the durable queue (default host:pid:id).
     """
 
     def __init__(
