@@ -406,7 +406,8 @@ def _line_column(text: str, pos: int) -> tuple[int, int]:
     return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# Strings (unrolled, so long strings scan in linear time) or brackets.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 
 
 def _check_depth(text: str, limit: int) -> None:
@@ -1457,6 +1458,10 @@ class SqliteStore(_SqlStore):
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         if not IDENTIFIER_PATTERN.fullmatch(table):
             raise ValueError(f"table name {table!r} is not a valid SQL identifier")
+        if sqlite3.sqlite_version_info < (3, 35, 0):  # UPSERT ... RETURNING
+            raise ConfigError(
+                f"SQLite {sqlite3.sqlite_version} is too old: the store needs 3.35 or newer"
+            )
         self.path = None if path is None else os.fspath(path)
         self.url = "sqlite:///:memory:" if self.path is None else f"sqlite:///{self.path}"
         self.durability = durability
@@ -2521,6 +2526,7 @@ def _sleep_until(deadline: float) -> None:
 # --- Queue ---------------------------------------------------------------------------------------
 
 _STOP = object()  # the sentinel that ends one worker loop
+_live_queues: weakref.WeakSet[TaskQueue] = weakref.WeakSet()  # closed at interpreter exit
 
 
 class _WorkQueue(queue.Queue):
@@ -2568,7 +2574,8 @@ class TaskQueue:
     when the queue stays full.
 
     With `process_many`, a loop instead takes up to ``batch_limit()`` waiting items at once and
-    calls ``process_many(items)``: one wake-up and one hand-off for many small items.
+    calls ``process_many(items)``: one wake-up and one hand-off for many small items. `on_stop`
+    is called once, by the last worker loop to end.
     """
 
     def __init__(
@@ -2579,6 +2586,7 @@ class TaskQueue:
         workers: int = DEFAULT_WORKERS,
         process_many: Callable[[list[Any]], Any] | None = None,
         batch_limit: Callable[[], int] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         for name, value in (("maxsize", maxsize), ("workers", workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -2586,6 +2594,8 @@ class TaskQueue:
         self._process = process
         self._process_many = process_many
         self._batch_limit = batch_limit or (lambda: 1)
+        self._on_stop = on_stop
+        self._loops_left = workers  # guarded by self._lock
         self.maxsize = maxsize
         self.workers = workers
         self._queue = _WorkQueue(maxsize)
@@ -2596,6 +2606,7 @@ class TaskQueue:
         )
         for _ in range(workers):
             self._executor.submit(self._run_loop)
+        _live_queues.add(self)
 
     def submit(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put `item` in the queue.
@@ -2634,9 +2645,19 @@ class TaskQueue:
         return self._closed
 
     def _run_loop(self) -> None:
-        if self._process_many is not None:
-            self._run_batch_loop(self._process_many)
-            return
+        try:
+            if self._process_many is not None:
+                self._run_batch_loop(self._process_many)
+            else:
+                self._run_item_loop()
+        finally:
+            with self._lock:
+                self._loops_left -= 1
+                last = self._loops_left == 0
+            if last and self._on_stop is not None:
+                self._on_stop()
+
+    def _run_item_loop(self) -> None:
         get = self._queue.get
         process = self._process
         while True:
@@ -2673,6 +2694,7 @@ class TaskQueue:
         with self._lock:
             first = not self._closed
             self._closed = True
+        _live_queues.discard(self)
         removed = self._queue.drain() if cancel_pending else []
         if first:
             for _ in range(self.workers):
@@ -2947,6 +2969,7 @@ class WorkerPool:
                 workers=workers,
                 process_many=self._process_batch,
                 batch_limit=self._batch_limit,
+                on_stop=self._close_owned_store,
             )
         except ValueError:
             if self._owns_store:
@@ -3050,10 +3073,22 @@ class WorkerPool:
             while outstanding >= window or (outstanding and not done.empty()):
                 yield done.get().result()
                 outstanding -= 1
-            try:
-                future = self.submit(task)
-            except PoolClosedError as exc:
-                closed = exc
+            while True:
+                try:
+                    future = self.submit(task)
+                    break
+                except QueueFullError:
+                    # With on_full="reject" the queue may be full of this very iteration's work:
+                    # wait for one of ours to finish instead of failing. Only a queue full of
+                    # other producers' tasks raises.
+                    if not outstanding:
+                        raise
+                    yield done.get().result()
+                    outstanding -= 1
+                except PoolClosedError as exc:
+                    closed = exc
+                    break
+            if closed is not None:
                 break
             future.add_done_callback(done.put)
             outstanding += 1
@@ -3177,11 +3212,20 @@ class WorkerPool:
             logger.exception("internal error while running %d jobs", len(jobs))
             error = f"internal error: {_describe(exc)}"
             finished = {id(outcome.job) for outcome in outcomes}
-            outcomes.extend(
-                _JobOutcome(job, TaskStatus.FAILED, error=error, kind=ErrorKind.TRANSIENT)
-                for job in jobs
-                if job.batch is jobs and id(job) not in finished
-            )
+            stranded = [job for job in jobs if job.batch is jobs and id(job) not in finished]
+            held = [(job.key, job.token, error) for job in stranded if job.token is not None]
+            if held:
+                try:
+                    self._store.store.release_many(held)  # a later run may take them at once
+                except Exception:
+                    logger.exception(
+                        "releasing %d claims failed; their leases will expire", len(held)
+                    )
+            for job in stranded:
+                job.token = None
+                outcomes.append(
+                    _JobOutcome(job, TaskStatus.FAILED, error=error, kind=ErrorKind.TRANSIENT)
+                )
         if outcomes:
             self._finish_many(outcomes)
 
@@ -3272,8 +3316,8 @@ class WorkerPool:
             calls += 1
             try:
                 text = json.dumps(output, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                error = f"handler output is not JSON-serialisable: {exc}"
+            except Exception as exc:  # TypeError, ValueError, RecursionError for deep nesting
+                error = f"handler output is not JSON-serialisable: {_describe(exc)}"
                 outcomes.append(self._fail(job, error, ErrorKind.PERMANENT))
                 continue
             done.append((job, output, text))
@@ -3484,14 +3528,15 @@ class WorkerPool:
             first = not self._stopping
             self._stopping = True
         if first:
-            self._keeper.stop(wait=False)
-            self._scheduler.stop(wait=False)
-        self._queue.close(wait=wait)
-        if wait:
+            # Neither thread is ever the caller here, so both can be joined from any thread. An
+            # owned store is closed by the last worker loop to end (_close_owned_store).
             self._keeper.stop()
             self._scheduler.stop()
-            if self._owns_store:
-                self._store.close()
+        self._queue.close(wait=wait)
+
+    def _close_owned_store(self) -> None:
+        if self._owns_store:
+            self._store.close()
 
 
 def _shutdown_live_pools() -> None:
@@ -3502,6 +3547,11 @@ def _shutdown_live_pools() -> None:
             pool.shutdown(wait=True)
         except Exception:
             logger.exception("shutting down %r at exit failed", pool)
+    for task_queue in list(_live_queues):  # standalone queues; a pool closed its own above
+        try:
+            task_queue.close(wait=True)
+        except Exception:
+            logger.exception("closing %r at exit failed", task_queue)
 
 
 if hasattr(threading, "_register_atexit"):
@@ -3629,7 +3679,11 @@ def _read_dotenv(path: str) -> dict[str, str]:
         raise ConfigError(
             f"{path} exists but python-dotenv is not installed (pip install python-dotenv)"
         ) from None
-    return {name: value for name, value in dotenv_values(path).items() if value is not None}
+    try:
+        values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {_describe(exc)}") from None
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def load_config(
@@ -3759,7 +3813,14 @@ class _Progress:
 
 
 class _Interrupts:
-    """The CLI's signal handling: the first SIGINT/SIGTERM drains, the second exits at once."""
+    """The CLI's signal handling: the first SIGINT/SIGTERM drains, the second exits at once.
+
+    The handler runs in the main thread between two bytecodes, possibly while that thread holds
+    a lock (the pool's, or an Event's inside `Event.wait`). So it takes no lock itself: it notes
+    the signal, writes to stderr with `os.write`, and hands the signal to a watcher thread through
+    a `queue.SimpleQueue`, whose `put` is safe in a signal handler. The watcher sets `stop` and
+    shuts the pool down.
+    """
 
     def __init__(
         self, pool: WorkerPool, lease_seconds: float, stop: threading.Event | None = None
@@ -3768,10 +3829,8 @@ class _Interrupts:
         self._stop = stop if stop is not None else threading.Event()
         self._pool = pool
         self._lease = lease_seconds
-        self._fired = threading.Event()
+        self._signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._previous: dict[int, Any] = {}
-        # Shutting down takes the pool's lock, which the interrupted main thread may hold; a
-        # watcher thread does it instead of the handler.
         self._watcher = threading.Thread(target=self._watch, name="task-queue-signals", daemon=True)
 
     def __enter__(self) -> _Interrupts:
@@ -3784,12 +3843,13 @@ class _Interrupts:
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        self._fired.set()
+        self._signals.put(None)
+        self._watcher.join()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.signum is not None:
             running = len(self._pool._inflight)  # no lock in a signal handler: an estimate
-            name = signal.Signals(signum).name
             message = (
                 f"{name} again: exiting now with up to {running} tasks unfinished; their claims "
                 f"expire after {self._lease:g} s, and a rerun then takes them over\n"
@@ -3797,20 +3857,18 @@ class _Interrupts:
             os.write(2, message.encode())
             os._exit(EXIT_SIGNAL[self.signum])
         self.signum = signum
-        name = signal.Signals(signum).name
         os.write(2, f"{name}: finishing running tasks, cancelling queued ones\n".encode())
-        self._stop.set()
-        self._fired.set()
+        self._signals.put(signum)
 
     def _watch(self) -> None:
-        self._fired.wait()
-        if self.signum is None:
+        if self._signals.get() is None:
             return
+        self._stop.set()
         try:
             self._pool.shutdown(wait=False, cancel_pending=True)
         except Exception:
             logger.exception("graceful shutdown failed; exiting")
-            os._exit(EXIT_SIGNAL[self.signum])
+            os._exit(EXIT_SIGNAL[self.signum or signal.SIGTERM])
 
 
 def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
@@ -3836,11 +3894,19 @@ def _synthetic_tasks(count: int) -> list[Task]:
 
 
 def _check_output_path(path: str, flag: str) -> None:
+    """Check, before anything runs, that a file can be written at `path`."""
+    if not path.strip():
+        raise ConfigError(f"{flag}: expected a file path, got an empty value")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"{flag} {path}: folder {folder} does not exist")
     if os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: is a directory")
+    try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {folder}: {exc.strerror}") from None
 
 
 def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
@@ -3979,7 +4045,12 @@ def _main(argv: list[str] | None) -> int:
         )
         outcome = _run_pool(pool, tasks, config, progress)
     snapshot = pool.metrics.snapshot()
-    pool.metrics.export(args.metrics_out)
+    try:
+        pool.metrics.export(args.metrics_out)
+    except OSError as exc:
+        raise ConfigError(
+            f"--metrics-out {args.metrics_out}: cannot write: {exc.strerror}"
+        ) from None
     if args.json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
@@ -4074,6 +4145,13 @@ def _serve_metrics(metrics: MetricsCollector, port: int) -> http.server.Threadin
     return server
 
 
+def _parse_port(raw: str) -> int:
+    port = _parse_int(raw, "--metrics-port", 0)
+    if port > 65535:
+        raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {raw!r}")
+    return port
+
+
 def _cmd_worker(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "worker",
@@ -4098,9 +4176,17 @@ def _cmd_worker(argv: list[str]) -> int:
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
-    port = _parse_int(args.metrics_port, "--metrics-port", 0) if args.metrics_port else None
+    port = _parse_port(args.metrics_port) if args.metrics_port else None
     handler = _load_handler(args.handler) if args.handler else _cli_processor(config, None)
-    manager = IdempotencyManager(store=_open_cli_store(config))
+    metrics = MetricsCollector(config["workers"], config["queue_size"])
+    # Bind before the database is opened: a port in use is a user error that must touch nothing.
+    server = _serve_metrics(metrics, port) if port is not None else None
+    try:
+        manager = IdempotencyManager(store=_open_cli_store(config))
+    except BaseException:
+        if server is not None:
+            server.shutdown()
+        raise
     try:
         pool = WorkerPool(
             handler,
@@ -4110,8 +4196,8 @@ def _cmd_worker(argv: list[str]) -> int:
             idempotency=manager,
             durable=True,
             worker_name=args.name,
+            metrics=metrics,
         )
-        server = _serve_metrics(pool.metrics, port) if port is not None else None
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
             print(f"worker {pool.worker_name} serving {manager.store.url}", file=sys.stderr)

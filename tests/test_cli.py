@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -166,6 +167,23 @@ USER_ERRORS = [
         ["missing.json"],
         id="task-file-missing",
     ),
+    pytest.param(
+        [*ON_FILE, "--metrics-out", ""], {}, None, ["--metrics-out"], id="metrics-out-empty"
+    ),
+    pytest.param(
+        [*ON_FILE, "--metrics-out", "/proc/metrics.json"],
+        {},
+        None,
+        ["--metrics-out", "/proc"],
+        id="metrics-out-unwritable-folder",
+    ),
+    pytest.param(
+        ["worker", "--db", "progress.db", "--metrics-port", "70000"],
+        {},
+        None,
+        ["--metrics-port"],
+        id="worker-metrics-port-out-of-range",
+    ),
 ]
 
 
@@ -179,6 +197,27 @@ def test_user_error_exits_2_and_touches_nothing(
     before = tree_bytes(workdir)
     proc = run_cli(args, workdir, env)
     _assert_user_error(proc, names)
+    assert tree_bytes(workdir) == before
+
+
+def test_dotenv_that_is_not_utf8_exits_2_and_touches_nothing(workdir: Path) -> None:
+    """Prove a .env that python-dotenv cannot decode is one error line naming it, exit 2."""
+    (workdir / ".env").write_bytes(b"TQ_WORKERS=\xff\xfe\n")
+    before = tree_bytes(workdir)
+    proc = run_cli(["--task-file", "good.json", "--db", "progress.db"], workdir)
+    _assert_user_error(proc, [".env"])
+    assert tree_bytes(workdir) == before
+
+
+def test_worker_metrics_port_in_use_exits_2_before_opening_the_database(workdir: Path) -> None:
+    """Prove a busy --metrics-port is refused before the worker creates its database."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        before = tree_bytes(workdir)
+        proc = run_cli(["worker", "--db", "w.db", "--metrics-port", str(port)], workdir)
+    _assert_user_error(proc, ["--metrics-port", str(port)])
     assert tree_bytes(workdir) == before
 
 

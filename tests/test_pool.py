@@ -455,3 +455,80 @@ class TestMetricsSnapshot:
         assert snap["p99"] == pytest.approx(_nearest_rank(ordered, 99) * 1000, rel=0.01)
         assert snap["max"] == pytest.approx(ordered[-1] * 1000, rel=0.01)
         assert snap["mean"] == pytest.approx(sum(values) / len(values) * 1000, rel=0.01)
+
+
+class TestFailureIsolation:
+    """A failure that is not the handler's own stays with its task and its claim is released."""
+
+    @pytest.mark.timeout(30)
+    def test_deeply_nested_output_fails_that_task_alone_in_a_batch(self, tmp_db: str) -> None:
+        """Prove an output json.dumps cannot handle (RecursionError) fails only its own task."""
+        deep: object = 1
+        for _ in range(100_000):
+            deep = [deep]
+
+        def handler(task: tq.Task) -> object:
+            return deep if task.id == "deep" else {"ok": task.id}
+
+        with tq.WorkerPool(handler, workers=1, db_path=tmp_db) as pool:
+            pool.run([tq.Task(f"warm{i}") for i in range(200)])  # no-ops grow the batches
+            tasks = [tq.Task(f"a{i}") for i in range(10)] + [tq.Task("deep")]
+            records = pool.run(tasks + [tq.Task(f"b{i}") for i in range(10)])
+            stats = pool.idempotency.stats()
+        by_id = {record.task_id: record for record in records}
+        deep_record = by_id.pop("deep")
+        assert deep_record.status == tq.TaskStatus.FAILED
+        assert deep_record.error_kind == "permanent"
+        assert "not JSON-serialisable" in (deep_record.error or "")
+        assert {record.status for record in by_id.values()} == {tq.TaskStatus.SUCCEEDED}
+        assert stats["in_progress"] == 0
+        assert stats["failed"] == 1
+
+
+class TestIterResultsWithReject:
+    """iter_results throttles itself, so a full queue of its own work is no error."""
+
+    @pytest.mark.timeout(30)
+    def test_iter_results_waits_for_its_own_tasks_when_the_queue_rejects(self) -> None:
+        """Prove iter_results yields every record with on_full='reject' and a tiny queue."""
+        with tq.WorkerPool(lambda task: None, workers=2, queue_size=1, on_full="reject") as pool:
+            ids = [record.task_id for record in pool.iter_results(
+                tq.Task(f"t{i}") for i in range(500)
+            )]  # fmt: skip
+        assert sorted(ids) == sorted(f"t{i}" for i in range(500))
+
+
+class TestResourcesAfterShutdown:
+    """Nothing is left open after a shutdown, waited for or not."""
+
+    @pytest.mark.timeout(30)
+    def test_shutdown_without_wait_closes_an_owned_store(self, tmp_db: str) -> None:
+        """Prove shutdown(wait=False) still closes the store the pool opened, once idle."""
+        pool = tq.WorkerPool(lambda task: 1, workers=2, db_path=tmp_db)
+        futures = [pool.submit(tq.Task(f"t{i}")) for i in range(20)]
+        pool.shutdown(wait=False)
+        assert all(future.result().status == tq.TaskStatus.SUCCEEDED for future in futures)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:  # the last worker loop closes it as it ends
+            try:
+                pool.idempotency.stats()
+            except tq.TaskQueueError:
+                break
+            time.sleep(0.01)
+        with pytest.raises(tq.TaskQueueError):
+            pool.idempotency.store.stats()
+
+    @pytest.mark.timeout(30)
+    def test_unclosed_task_queue_is_drained_at_exit(self, run_python: Callable) -> None:
+        """Prove a TaskQueue left open processes its items and does not hang the exit."""
+        code = (
+            "import os, task_queue_optimized as tq\n"
+            "def show(item):\n"
+            "    os.write(1, f'{item}\\n'.encode())  # one write: no interleaved lines\n"
+            "queue = tq.TaskQueue(show, maxsize=4, workers=2)\n"
+            "for n in range(3):\n"
+            "    queue.submit(f'item-{n}')\n"
+        )
+        child = run_python(code, timeout=20)
+        assert child.returncode == 0, child.stderr
+        assert sorted(child.stdout.split()) == ["item-0", "item-1", "item-2"]
