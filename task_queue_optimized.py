@@ -44,6 +44,7 @@ import http.server
 import importlib
 import itertools
 import json
+import json.scanner
 import logging
 import math
 import os
@@ -460,10 +461,60 @@ def _parse_json(text: str) -> Any:
     except json.JSONDecodeError as exc:
         raise TaskFileError(f"invalid JSON: {exc.msg}", line=exc.lineno, column=exc.colno) from None
     except ValueError as exc:
-        # Raised by a hook: the decoder does not say where, so the message stands alone.
-        raise TaskFileError(f"invalid JSON: {exc}") from None
+        # Raised by a hook, which does not know where it is: find the place in a second pass.
+        reason = f"invalid JSON: {exc}"
+        position = _hook_error_position(text, str(exc))
+        if position is None:
+            raise TaskFileError(reason) from None
+        line, column = _line_column(text, position)
+        raise TaskFileError(reason, line=line, column=column) from None
     except RecursionError:
         raise TaskFileError("invalid JSON: nesting too deep") from None
+
+
+_JSON_SCALAR = re.compile(
+    r'"[^"\\]*(?:\\.[^"\\]*)*"|-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?'
+)
+
+
+class _FoundAt(Exception):
+    """Internal: where the object that broke a hook starts."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+
+def _hook_error_position(text: str, reason: str) -> int | None:
+    """Return the offset of what a decoder hook rejected: a non-finite number, or the object
+    holding a duplicate key (found again with the pure-Python scanner, which shows positions)."""
+    if reason.startswith("duplicate object key"):
+        decoder = json.JSONDecoder(object_pairs_hook=_unique_object)
+        parse_object = decoder.parse_object
+
+        def located(s_and_end: tuple[str, int], *rest: Any) -> Any:
+            try:
+                return parse_object(s_and_end, *rest)
+            except (_FoundAt, json.JSONDecodeError):
+                raise
+            except ValueError:
+                raise _FoundAt(s_and_end[1] - 1) from None
+
+        decoder.parse_object = located
+        decoder.scan_once = json.scanner.py_make_scanner(decoder)
+        try:
+            decoder.decode(text)
+        except _FoundAt as found:
+            return found.position
+        except ValueError:
+            return None
+        return None
+    for match in _JSON_SCALAR.finditer(text):
+        token = match.group()
+        if token in ("NaN", "Infinity", "-Infinity"):
+            return match.start()
+        if token[0] != '"' and any(c in token for c in ".eE") and math.isinf(float(token)):
+            return match.start()
+    return None
 
 
 def _max_task_file_bytes() -> int:
@@ -2596,6 +2647,7 @@ class TaskQueue:
         self._batch_limit = batch_limit or (lambda: 1)
         self._on_stop = on_stop
         self._loops_left = workers  # guarded by self._lock
+        self._worker_idents: set[int] = set()
         self.maxsize = maxsize
         self.workers = workers
         self._queue = _WorkQueue(maxsize)
@@ -2644,7 +2696,12 @@ class TaskQueue:
     def closed(self) -> bool:
         return self._closed
 
+    def in_worker(self) -> bool:
+        """Return whether the calling thread is one of this queue's worker loops."""
+        return threading.get_ident() in self._worker_idents
+
     def _run_loop(self) -> None:
+        self._worker_idents.add(threading.get_ident())  # set.add is atomic under the GIL
         try:
             if self._process_many is not None:
                 self._run_batch_loop(self._process_many)
@@ -3160,11 +3217,16 @@ class WorkerPool:
         """Stop accepting tasks, finish the accepted ones and stop the threads.
 
         Args:
-            wait: block until every accepted task has finished and the threads have stopped.
+            wait: block until every accepted task has finished and the threads have stopped
+                (ignored when called from a handler or a done-callback, which would wait for
+                itself).
             cancel_pending: resolve queued tasks, and tasks polling another process's claim, as
                 cancelled (their keys stay unclaimed); running tasks, including those waiting out
                 a retry backoff, always finish.
         """
+        if wait and self._queue.in_worker():
+            # Called from a handler or a done-callback: waiting would wait for itself.
+            wait = False
         with self._lock:
             self._closed = True
             if cancel_pending:

@@ -312,3 +312,34 @@ def test_unreadable_file_is_rejected(tmp_path: Path) -> None:
         _load_error(path)
     finally:
         path.chmod(0o600)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        pytest.param(
+            '[\n {"id": "a"},\n {"id": "b", "payload": {"x": 1, "x": 2}}\n]',
+            3,
+            25,
+            id="duplicate-key-object",
+        ),
+        pytest.param('[{"id": "a", "payload": {"v": NaN}}]', 1, 31, id="nan"),
+        pytest.param(
+            '[{"id": "a", "payload": {"s": "1e999", "v": -Infinity}}]',
+            1,
+            45,
+            id="infinity-after-a-lookalike-string",
+        ),
+        pytest.param('[{"id": "a",\n  "payload": {"v": 1e999}}]', 2, 20, id="overflow"),
+    ],
+)
+def test_hook_errors_name_line_and_column(
+    tmp_path: Path, text: str, line: int, column: int
+) -> None:
+    """Prove duplicate keys and non-finite numbers are reported at their line and column."""
+    path = tmp_path / "tasks.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(TaskFileError) as caught:
+        load_tasks(path)
+    assert (caught.value.line, caught.value.column) == (line, column)
+    assert f"line {line} column {column}" in str(caught.value)
