@@ -2606,6 +2606,16 @@ class _WorkQueue(queue.Queue):
             self.not_full.notify(len(items))
             return items
 
+    def take_back(self, item: Any) -> bool:
+        """Remove `item` itself (not an equal one) if it still waits; return whether it did."""
+        with self.mutex:
+            for index, waiting in enumerate(self.queue):
+                if waiting is item:
+                    del self.queue[index]
+                    self.not_full.notify()
+                    return True
+        return False
+
     def drain(self) -> list[Any]:
         """Remove and return every waiting item; stop sentinels stay where they are."""
         with self.mutex:
@@ -2676,6 +2686,9 @@ class TaskQueue:
             self._queue.put(item, block, timeout)
         except queue.Full:
             raise QueueFullError(self.maxsize) from None
+        if self._closed and self._queue.take_back(item):
+            # close() ran while this put waited: the item may sit behind the stop sentinels.
+            raise PoolClosedError()
 
     def put_ready(self, item: Any) -> None:
         """Put `item` at the front of the queue without waiting for room (a due retry)."""
