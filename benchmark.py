@@ -90,7 +90,7 @@ DEFAULT_SEED = 1
 PROGRESS_DELAY = 0.5  # seconds a run must last before its progress bar appears
 PROGRESS_INTERVAL = 0.1  # seconds between two redraws of the bar
 OPEN_LOOP_LEAD = 0.05  # seconds between building the pool and the first intended arrival
-SUITE_WORKERS = 8  # the worker count every target of the issue is stated for
+SUITE_WORKERS = 8  # the worker count every performance target is stated for
 EXIT_OK, EXIT_TARGET_MISSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Scale-out (--db URL --processes LIST): worker processes drain a durable queue.
@@ -118,7 +118,7 @@ HUEY_CONSUMER_OPTIONS = {
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SuiteSizes:
-    """The sizes of the suite's workloads: the issue's, or scaled down for --quick and --smoke."""
+    """The sizes of the suite's workloads: the targets' own, or smaller for --quick and --smoke."""
 
     label: str
     ceiling_tasks: int = 1000
@@ -1455,7 +1455,7 @@ def run_store_noop(
 
 @dataclasses.dataclass(slots=True)
 class Target:
-    """One of the issue's targets: a ratio, its threshold and the runs that measured it."""
+    """One performance target: a ratio, its threshold and the runs that measured it."""
 
     number: int
     name: str
@@ -1506,7 +1506,7 @@ class Target:
 def run_suite(
     sizes: SuiteSizes, settings: Settings, repeat: int, peers: bool
 ) -> tuple[list[Run], list[Target]]:
-    """Run targets 1 to 6 of the issue `repeat` times each; return the runs and the targets."""
+    """Run the performance targets 1 to 6 `repeat` times each; return the runs and the targets."""
     workers = SUITE_WORKERS
     runs: list[Run] = []
     ceiling = Target(1, "ceiling efficiency", "efficiency", 0.98, ">=")
@@ -1516,7 +1516,7 @@ def run_suite(
     retries = Target(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=")
     durability = Target(6, "durability full / normal", "full_vs_normal", None, "")
     targets = [ceiling, overhead, memory, latency, retries, durability]
-    # The suite's retry policy is the issue's: 3 attempts (target 5 sets its own base delay).
+    # The suite's retry policy is the targets': 3 attempts (target 5 sets its own base delay).
     settings = dataclasses.replace(settings, max_attempts=3, durability=tq.DEFAULT_DURABILITY)
     lat = sizes.latency_ms
 

@@ -1,4 +1,4 @@
-"""Generate ``sample_tasks_100.json``, the sample task file of SPEC section 3.11.
+"""Generate ``sample_tasks_100.json``, the sample task file.
 
 The output is deterministic: running ``python tests/make_sample_tasks.py`` rewrites the file
 byte for byte identically. The file holds 100 tasks ``task-001`` ... ``task-100`` with keys

@@ -1,4 +1,4 @@
-"""Stress the crash safety of SPEC 3.6: SIGKILL a run many times, then check what survived.
+"""Stress crash safety: SIGKILL a run many times, then check what survived.
 
 Two loops run for each durability mode, each on a fresh database in a temporary folder:
 

@@ -1,4 +1,4 @@
-"""The command line (SPEC 3.8, 3.9, 3.5) through real subprocesses, real files and signals."""
+"""The command line (configuration, exit codes, signals) through real subprocesses and files."""
 
 from __future__ import annotations
 
@@ -25,30 +25,10 @@ from tests.cli_helpers import (
     wait_for_completed,
     write_tasks,
 )
+from tests.spec import SNAPSHOT_KEYS
 
 pytestmark = pytest.mark.timeout(30)
 
-SNAPSHOT_KEYS = {
-    "submitted",
-    "succeeded",
-    "failed",
-    "duplicates",
-    "retries",
-    "rejected",
-    "cancelled",
-    "in_flight",
-    "queue_depth",
-    "max_queue_depth",
-    "workers",
-    "queue_size",
-    "elapsed_seconds",
-    "throughput_per_second",
-    "success_rate",
-    "utilization",
-    "latency_ms",
-    "queue_wait_ms",
-    "service_ms",
-}
 SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 FAST = ["--latency-ms", "0", "--jitter-ms", "0"]
 
@@ -260,7 +240,7 @@ def test_tq_db_path_that_is_not_sqlite_exits_2_unchanged(workdir: Path) -> None:
 
 
 def test_benchmark_writes_metrics_out(tmp_path: Path) -> None:
-    """Prove --benchmark exits 0, prints a summary and writes the SPEC 3.7 snapshot."""
+    """Prove --benchmark exits 0, prints a summary and writes the metrics snapshot."""
     proc = run_cli(
         [
             "--benchmark",

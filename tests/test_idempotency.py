@@ -1,4 +1,4 @@
-"""Idempotency (SPEC 3.2): the store contract and what the pool makes of it."""
+"""Idempotency: the store contract and what the pool makes of it."""
 
 from __future__ import annotations
 
@@ -275,7 +275,7 @@ class TestStoreFile:
 
 
 class TestPoolIdempotency:
-    """SPEC 3.2 through the WorkerPool, within one process and across processes."""
+    """Idempotency through the WorkerPool, within one process and across processes."""
 
     @pytest.mark.timeout(20)
     def test_completed_by_earlier_pool(self, tmp_db: str, gated: GatedFactory) -> None:

@@ -15,30 +15,10 @@ import pytest
 
 import task_queue_optimized as tq
 from tests.conftest import WAIT, GatedFactory
+from tests.spec import SNAPSHOT_KEYS
 
 FAST_RETRY = tq.RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.002)
 
-SNAPSHOT_KEYS = {
-    "submitted",
-    "succeeded",
-    "failed",
-    "duplicates",
-    "retries",
-    "rejected",
-    "cancelled",
-    "in_flight",
-    "queue_depth",
-    "max_queue_depth",
-    "workers",
-    "queue_size",
-    "elapsed_seconds",
-    "throughput_per_second",
-    "success_rate",
-    "utilization",
-    "latency_ms",
-    "queue_wait_ms",
-    "service_ms",
-}
 SUMMARY_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 
 
@@ -397,7 +377,7 @@ class TestMetricsSnapshot:
     def test_snapshot_keys_and_counts(
         self, tmp_path: Path, make_processor: Callable[..., tq.TaskProcessor]
     ) -> None:
-        """The snapshot has every SPEC 3.7 key and counts that agree with the records."""
+        """The snapshot has every documented key and counts that agree with the records."""
         tasks = [tq.Task(f"ok{i}") for i in range(8)]
         tasks += [tq.Task("flaky", {"fail": "transient"})]
         tasks += [tq.Task(f"bad{i}", {"fail": "permanent"}) for i in range(2)]

@@ -51,7 +51,7 @@ JSON_VALUES = st.recursive(
 )
 
 
-# --- Retry policy -------------------------------------------------------------------------------
+# --- Retry policy ---------------------------------------------------------------------------------
 
 
 def _cap(base: float, multiplier: float, max_delay: float, attempt: int) -> float:
@@ -141,7 +141,7 @@ def test_pool_attempts_never_exceed_max_attempts(
     assert pool.metrics.snapshot()["retries"] == expected_retries
 
 
-# --- Histogram percentiles ----------------------------------------------------------------------
+# --- Histogram percentiles ------------------------------------------------------------------------
 
 
 def _nearest_rank(ordered: list[float], p: float) -> float:
@@ -175,7 +175,7 @@ def test_histogram_percentile_within_one_percent(
     assert metrics.percentile(p, series=series) == pytest.approx(exact, rel=0.01, abs=0.0)
 
 
-# --- Identifiers and parameters (SPEC 3.12) -----------------------------------------------------
+# --- Identifiers and parameters -------------------------------------------------------------------
 
 
 @settings(max_examples=150, deadline=None)
@@ -243,7 +243,7 @@ def test_any_key_and_output_round_trip(items: dict[str, Any]) -> None:
         }
 
 
-# --- A model of the idempotency store -----------------------------------------------------------
+# --- A model of the idempotency store -------------------------------------------------------------
 
 LEASE = 0.03  # seconds; the expire rule waits just past the latest lease
 

@@ -1,4 +1,4 @@
-"""Reliability and security (SPEC 3.2, 3.5, 3.6, 3.10, 3.12): crashes, signals, contention, input.
+"""Reliability and security: crashes, signals, contention, input.
 
 Real subprocesses, real SQLite files and real signals; nothing of the library is mocked. Within a
 process the tests coordinate with Events; across processes with lines printed on pipes, files and
@@ -153,7 +153,7 @@ class _LineReader:
         return "".join(self.lines)
 
 
-# --- 1. Kill loop (SPEC 3.6) ----------------------------------------------------------------------
+# --- 1. Kill loop ---------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
@@ -185,7 +185,7 @@ def test_pool_kill_loop_completes_each_key_once(
     assert figures.double_executions == figures.handler_calls - 1000
 
 
-# --- 2. Leases and fencing across pools (SPEC 3.2) ------------------------------------------------
+# --- 2. Leases and fencing across pools -----------------------------------------------------------
 
 # Pool A in a child: its handler reports that it started, then waits for a line on stdin. Its store
 # is the real one, extended only to print what each completion answered.
@@ -346,7 +346,7 @@ def test_long_handler_keeps_its_claim_against_another_process(
     assert handler.calls == {"k": 1}
 
 
-# --- 3. A second signal (SPEC 3.5) ----------------------------------------------------------------
+# --- 3. A second signal ---------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -402,7 +402,7 @@ def test_second_signal_exits_at_once_and_rerun_completes_after_the_lease(
     assert state_counts(db) == {"completed": count}
 
 
-# --- 4. Contention (SPEC 3.6) ---------------------------------------------------------------------
+# --- 4. Contention --------------------------------------------------------------------------------
 
 # Creates the database the library's way, then holds its write lock and reports when it let go.
 CHILD_HOLDS_WRITE_LOCK = """
@@ -468,7 +468,7 @@ def test_two_pools_and_a_held_write_lock_lose_nothing(
     assert (report.states, report.integrity) == ({"completed": 500}, "ok")
 
 
-# --- 5. Hostile input through the command line (SPEC 3.9, 3.10) -----------------------------------
+# --- 5. Hostile input through the command line ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -708,7 +708,7 @@ def test_non_json_output_fails_that_task_alone_and_stays_runnable(
     assert calls == ["bad"]
 
 
-# --- 7. Security (SPEC 3.12) ----------------------------------------------------------------------
+# --- 7. Security ----------------------------------------------------------------------------------
 
 # Opens a pool under the umask given, keeps it open while it reports the modes of the files.
 CHILD_REPORTS_MODES = """

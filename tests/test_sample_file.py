@@ -1,4 +1,4 @@
-"""The sample task file of SPEC 3.11: its content, and what a run of it reports."""
+"""The sample task file: its content, and what a run of it reports."""
 
 from __future__ import annotations
 

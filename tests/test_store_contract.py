@@ -627,7 +627,7 @@ def test_durable_pool_runs_over_the_store(backend: Backend) -> None:
 
 
 def test_store_names_are_public() -> None:
-    # The Store contract and its backends are public API: SPEC section 2 puts it all in __all__.
+    # The Store contract and its backends are public API, so all of it is in __all__.
     missing = {"Store", "MemoryStore", "SqliteStore", "PostgresStore", "open_store"} - set(
         tq.__all__
     )

@@ -1,4 +1,4 @@
-"""Task files (SPEC 3.10): ``load_tasks`` and ``Task.from_dict`` on good and bad input."""
+"""Task files: ``load_tasks`` and ``Task.from_dict`` on good and bad input."""
 
 from __future__ import annotations
 
