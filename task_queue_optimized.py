@@ -233,10 +233,6 @@ class ConfigError(TaskQueueError):
 # --- Records -------------------------------------------------------------------------------------
 
 
-def _canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def fingerprint(payload: Mapping[str, Any]) -> str:
     """Return the hex SHA-256 of the canonical JSON of `payload`.
 
@@ -3527,9 +3523,6 @@ class WorkerPool:
             future.set_result(record)
         if stop:
             self._stop_threads(wait=False)
-
-    def _finish(self, job: _Job, status: TaskStatus, **details: Any) -> None:
-        self._finish_many([_JobOutcome(job, status, **details)])
 
     @staticmethod
     def _follower_record(
