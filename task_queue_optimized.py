@@ -2686,6 +2686,10 @@ class TaskQueue:
             # close() ran while this put waited: the item may sit behind the stop sentinels.
             raise PoolClosedError()
 
+    def take_back(self, item: Any) -> bool:
+        """Remove `item` itself if it still waits in the queue; return whether it did."""
+        return self._queue.take_back(item)
+
     def put_ready(self, item: Any) -> None:
         """Put `item` at the front of the queue without waiting for room (a due retry)."""
         self._queue.put_unbounded(item, front=True)
@@ -2936,6 +2940,45 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _each_alone(operation: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
+    """Run `operation` on all `items` in one call, or, if that fails, on each item alone.
+
+    One row the database refuses (a value it cannot store, a constraint) then fails alone, as the
+    exception in place of its result, instead of failing every item of its batch. A batch of
+    one raises the error as it is: the caller fails what it holds.
+    """
+    try:
+        return operation(items)
+    except Exception:
+        if len(items) == 1:
+            raise
+    results: list[Any] = []
+    for item in items:
+        try:
+            results.append(operation([item])[0])
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _resolve_all(
+    resolved: Iterable[tuple[concurrent.futures.Future, TaskRecord]],
+) -> BaseException | None:
+    """Set every future's result; return the first BaseException a done-callback raised.
+
+    `Future` logs a callback's Exception itself, but a BaseException (SystemExit,
+    KeyboardInterrupt) escapes `set_result`: it must not leave the other futures unresolved.
+    """
+    escaped = None
+    for future, record in resolved:
+        try:
+            future.set_result(record)
+        except BaseException as exc:
+            if escaped is None:
+                escaped = exc
+    return escaped
+
+
 def _resolved(record: TaskRecord) -> concurrent.futures.Future:
     future: concurrent.futures.Future = concurrent.futures.Future()
     future.set_running_or_notify_cancel()
@@ -3026,6 +3069,8 @@ class WorkerPool:
         self._closed = False
         self._cancelling = False
         self._stopping = False
+        self._store_users = 0  # serve() loops and durable submits using the store now
+        self._workers_gone = False  # the worker loops have ended (an owned store may close)
         # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
         self._per_call = BATCH_BUDGET_SECONDS
         try:
@@ -3035,7 +3080,7 @@ class WorkerPool:
                 workers=workers,
                 process_many=self._process_batch,
                 batch_limit=self._batch_limit,
-                on_stop=self._close_owned_store,
+                on_stop=self._loops_ended,
             )
         except ValueError:
             if self._owns_store:
@@ -3075,18 +3120,37 @@ class WorkerPool:
             fp = fingerprint(task.payload)
         except (TypeError, ValueError) as exc:
             return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
-        entry = None
-        if self._durable:
+        if not self._durable:
+            return self._accept(task, fp, now, None)
+        with self._lock:
             if self._closed:
                 raise PoolClosedError()
+            self._store_users += 1  # the store stays open until this submission is tracked
+        try:
             # Persisted before submit returns; None when the task is done or another worker has it
             # (the key's claim then decides what this submission reports).
             entry = self._store.store.take_task(task, self.worker_name)
-        return self._accept(task, fp, now, entry)
+            return self._accept(task, fp, now, entry)
+        finally:
+            self._release_store()
 
     def _accept(
-        self, task: Task, fp: str, now: float, entry: int | None
+        self,
+        task: Task,
+        fp: str,
+        now: float,
+        entry: int | None,
+        *,
+        block: bool | None = None,
+        timeout: float | None = None,
     ) -> concurrent.futures.Future:
+        """Track `task` and put it in the queue; return its future.
+
+        `block` and `timeout` override the pool's ``on_full`` policy (``serve`` always waits for
+        room: the rows it feeds in are leased to this pool already).
+        """
+        if block is None:
+            block, timeout = self._block, self._submit_timeout
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # outcomes come from the pool, not from cancel()
         with self._lock:
@@ -3111,10 +3175,19 @@ class WorkerPool:
             self._metrics.record_enqueue(queued=False)
             return future
         try:
-            self._queue.submit(job, block=self._block, timeout=self._submit_timeout)
-        except QueueFullError as exc:
-            self._metrics.record_rejection()
-            self._abandon(job, exc)
+            self._queue.submit(job, block=block, timeout=timeout)
+        except BaseException as exc:
+            # Refused (QueueFullError), or interrupted while waiting for room (KeyboardInterrupt,
+            # SystemExit, a pool closed meanwhile): a job in no queue must not stay counted, or
+            # shutdown and interpreter exit wait for it forever. An interruption that came after
+            # the job went in leaves it to the worker that took it.
+            self._queue.take_back(job)
+            if isinstance(exc, QueueFullError):
+                self._metrics.record_rejection()
+                reason = f"the submission this one joined was refused: {exc}"
+            else:
+                reason = f"the submission this one joined was interrupted: {_describe(exc)}"
+            self._abandon(job, reason)
             raise
         self._metrics.record_enqueue()
         return future
@@ -3129,37 +3202,47 @@ class WorkerPool:
 
         At most ``queue_size + workers`` submissions are outstanding at once, so memory stays flat
         for any number of tasks. If the pool is shut down meanwhile, the records of the accepted
-        tasks are yielded and then `PoolClosedError` is raised.
+        tasks are yielded and then `PoolClosedError` is raised. Leaving the loop early (``break``,
+        an exception, closing the generator) cancels this loop's submissions that are still
+        queued, as `Executor.map` does; those already running finish.
         """
         done: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
         window = self._queue.maxsize + self._queue.workers
-        outstanding = 0
+        ours: set[concurrent.futures.Future] = set()  # submitted and not yet yielded
+
+        def collect() -> TaskRecord:
+            future = done.get()
+            ours.discard(future)
+            return future.result()
+
         closed: PoolClosedError | None = None
-        for task in tasks:
-            while outstanding >= window or (outstanding and not done.empty()):
-                yield done.get().result()
-                outstanding -= 1
-            while True:
-                try:
-                    future = self.submit(task)
+        try:
+            for task in tasks:
+                while len(ours) >= window or (ours and not done.empty()):
+                    yield collect()
+                while True:
+                    try:
+                        future = self.submit(task)
+                        break
+                    except QueueFullError:
+                        # With on_full="reject" the queue may be full of this very iteration's
+                        # work: wait for one of ours to finish instead of failing. Only a queue
+                        # full of other producers' tasks raises.
+                        if not ours:
+                            raise
+                        yield collect()
+                    except PoolClosedError as exc:
+                        closed = exc
+                        break
+                if closed is not None:
                     break
-                except QueueFullError:
-                    # With on_full="reject" the queue may be full of this very iteration's work:
-                    # wait for one of ours to finish instead of failing. Only a queue full of
-                    # other producers' tasks raises.
-                    if not outstanding:
-                        raise
-                    yield done.get().result()
-                    outstanding -= 1
-                except PoolClosedError as exc:
-                    closed = exc
-                    break
-            if closed is not None:
-                break
-            future.add_done_callback(done.put)
-            outstanding += 1
-        for _ in range(outstanding):
-            yield done.get().result()
+                ours.add(future)
+                future.add_done_callback(done.put)
+            while ours:
+                yield collect()
+        finally:
+            if ours:
+                self._cancel_queued(ours)
         if closed is not None:
             raise closed
 
@@ -3177,8 +3260,15 @@ class WorkerPool:
         """
         if not self._durable:
             raise TaskQueueError("serve() needs a durable pool: WorkerPool(..., durable=True)")
+        with self._lock:
+            self._store_users += 1
+        try:
+            self._serve(stop, prefetch or 2 * self._queue.workers, poll_interval)
+        finally:
+            self._release_store()
+
+    def _serve(self, stop: threading.Event, limit: int, poll_interval: float) -> None:
         store = self._store.store
-        limit = prefetch or 2 * self._queue.workers
         self._heartbeat()
         while not stop.is_set():
             with self._changed:
@@ -3196,11 +3286,16 @@ class WorkerPool:
             for position, item in enumerate(leased):
                 try:
                     fp = fingerprint(item.task.payload)
-                    self._accept(item.task, fp, time.perf_counter(), item.token)
-                except PoolClosedError:
+                    # Wait for room whatever on_full says: these rows are leased to this pool
+                    # already, and a refusal would strand the rest of them.
+                    self._accept(item.task, fp, time.perf_counter(), item.token, block=True)
+                except BaseException as exc:
+                    # _accept gave this row back; the rest go back too, for any worker to take.
                     rest = leased[position + 1 :]
                     self._return_entries([(q.task.id, q.token) for q in rest])
-                    return
+                    if isinstance(exc, PoolClosedError):
+                        return
+                    raise
 
     def _return_entries(self, entries: Iterable[tuple[str, int | None]]) -> None:
         """Give durable-queue rows this pool took but will not run back to the queue."""
@@ -3240,23 +3335,32 @@ class WorkerPool:
             self._closed = True
             if cancel_pending:
                 self._cancelling = True
-        _live_pools.discard(self)
         if cancel_pending:
             self._cancel_waiting()
-        with self._changed:
-            idle = self._pending == 0
-            if wait:
-                while self._pending:
-                    self._changed.wait()
-                idle = True
+        try:
+            with self._changed:
+                idle = self._pending == 0
+                if wait:
+                    while self._pending:
+                        self._changed.wait()
+                    idle = True
+        except BaseException:
+            # Interrupted while waiting (a second Ctrl-C): what has not started is cancelled,
+            # running tasks finish on their own, and the interrupt goes on to the caller.
+            with self._lock:
+                self._cancelling = True
+            self._cancel_waiting()
+            raise
         if idle:
             self._stop_threads(wait)
 
     def __enter__(self) -> WorkerPool:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        # Leaving on an exception cancels the queued work (a rerun picks it up) instead of
+        # running all of it before the exception can surface; running tasks finish.
+        self.shutdown(cancel_pending=exc_type is not None)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -3305,11 +3409,16 @@ class WorkerPool:
         owned: list[_Job] = []
         unclaimed: list[_Job] = []
         fresh = 0
-        for job in jobs:
+        with self._lock:
+            # Taking a job and abandoning it (_abandon, after an interrupted submit) exclude each
+            # other here: a job is either run by this worker or withdrawn, never both.
+            live = [job for job in jobs if not job.done]
+            for job in live:
+                if not job.dequeued:
+                    job.dequeued = True
+                    fresh += 1
+        for job in live:
             job.batch = jobs
-            if not job.dequeued:
-                job.dequeued = True
-                fresh += 1
             if job.token is not None:
                 owned.append(job)  # a retry, or a job handed over by another worker
             elif cancelling:
@@ -3325,11 +3434,17 @@ class WorkerPool:
 
     def _claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in one transaction; return the jobs this worker now owns."""
-        claims = self._store.claim_many([(job.key, job.fingerprint) for job in jobs])
+        claims = _each_alone(self._store.claim_many, [(job.key, job.fingerprint) for job in jobs])
         now = time.perf_counter()
         owned = []
         waits = []  # jobs answered without a handler call start (and finish) now
         for job, claim in zip(jobs, claims, strict=True):
+            if isinstance(claim, Exception):
+                error = f"internal error: {_describe(claim)}"
+                outcomes.append(
+                    _JobOutcome(job, TaskStatus.FAILED, error=error, kind=ErrorKind.TRANSIENT)
+                )
+                continue
             state = claim.state
             if state is ClaimState.CLAIMED:
                 job.token = claim.token
@@ -3404,8 +3519,14 @@ class WorkerPool:
         """Commit the successes in one transaction, before any of their futures resolves."""
         if not done:
             return
-        written = self._store.complete_many([(job.key, job.token, text) for job, _, text in done])
+        written = _each_alone(
+            self._store.complete_many, [(job.key, job.token, text) for job, _, text in done]
+        )
         for (job, output, _), ok in zip(done, written, strict=True):
+            if isinstance(ok, Exception):
+                error = f"internal error: {_describe(ok)}"
+                outcomes.append(self._fail(job, error, ErrorKind.TRANSIENT))
+                continue
             job.token = None
             if ok:
                 outcomes.append(_JobOutcome(job, TaskStatus.SUCCEEDED, output=output))
@@ -3426,7 +3547,11 @@ class WorkerPool:
         """Release the job's claim (the key becomes claimable again) and return its failure."""
         token, job.token = job.token, None
         if token is not None:
-            self._store.release(job.key, token, error)
+            try:
+                self._store.release(job.key, token, error)
+            except Exception:
+                # The failure stands; the claim's lease expires and a rerun takes the key then.
+                logger.exception("releasing the claim on %r failed", job.key)
         return _JobOutcome(job, TaskStatus.FAILED, error=error, kind=kind)
 
     def _hand_off(self, job: _Job, delay: float | None) -> None:
@@ -3519,10 +3644,11 @@ class WorkerPool:
         if settle:
             self._settle(settle)
         self._metrics.record_outcomes(counted)
-        for future, record in resolved:
-            future.set_result(record)
+        escaped = _resolve_all(resolved)
         if stop:
             self._stop_threads(wait=False)
+        if escaped is not None:
+            raise escaped
 
     @staticmethod
     def _follower_record(
@@ -3546,9 +3672,14 @@ class WorkerPool:
             TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0, now, None, now)
         )
 
-    def _abandon(self, job: _Job, exc: QueueFullError) -> None:
-        """Undo a submission the queue refused; submissions that joined it fail with it."""
+    def _abandon(self, job: _Job, error: str) -> None:
+        """Undo a submission that did not get into the queue; those that joined it fail with it.
+
+        Does nothing if a worker has taken the job meanwhile: it then runs to its end as usual.
+        """
         with self._lock:
+            if job.dequeued or job.done:
+                return
             job.done = True
             if self._inflight.get(job.key) is job:
                 del self._inflight[job.key]
@@ -3558,7 +3689,6 @@ class WorkerPool:
             self._changed.notify_all()
             stop = idle and self._closed
         now = time.perf_counter()
-        error = f"the submission this one joined was refused: {exc}"
         kind = ErrorKind.TRANSIENT.value
         self._metrics.record_outcomes(
             Outcome(TaskStatus.FAILED, kind, now - enqueued_at, None, False, False)
@@ -3568,13 +3698,15 @@ class WorkerPool:
         self._return_entries(
             [(job.task.id, job.entry)] + [(task.id, entry) for task, _, _, entry in followers]
         )
-        for task, future, enqueued_at, _ in followers:
-            future.set_result(
-                TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0,
-                           enqueued_at, None, now)
-            )  # fmt: skip
+        escaped = _resolve_all(
+            (future, TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0,
+                                enqueued_at, None, now))
+            for task, future, enqueued_at, _ in followers
+        )  # fmt: skip
         if stop:
             self._stop_threads(wait=False)
+        if escaped is not None:
+            raise escaped
 
     def _cancel_waiting(self) -> None:
         """Cancel the jobs that have not claimed their key: queued ones and those polling."""
@@ -3591,19 +3723,45 @@ class WorkerPool:
         if cancelled:
             self._finish_many(cancelled)
 
+    def _cancel_queued(self, futures: set[concurrent.futures.Future]) -> None:
+        """Cancel the jobs behind `futures` that no worker has started (see `iter_results`)."""
+        with self._lock:
+            jobs = [job for job in self._inflight.values()
+                    if job.future in futures and not job.dequeued]  # fmt: skip
+        cancelled = [job for job in jobs if self._queue.take_back(job)]
+        cancelled += self._scheduler.remove(lambda job: job.future in futures and job.token is None)
+        if cancelled:
+            self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED) for job in cancelled])
+
     def _stop_threads(self, wait: bool) -> None:
         with self._lock:
             first = not self._stopping
             self._stopping = True
+        # Until now the pool stays in _live_pools, so interpreter exit drains what a
+        # shutdown(wait=False) left running or waiting out a backoff.
+        _live_pools.discard(self)
         if first:
             # Neither thread is ever the caller here, so both can be joined from any thread. An
-            # owned store is closed by the last worker loop to end (_close_owned_store).
+            # owned store is closed once the worker loops have ended and no serve() or durable
+            # submit still uses it (_loops_ended, _release_store).
             self._keeper.stop()
             self._scheduler.stop()
         self._queue.close(wait=wait)
 
-    def _close_owned_store(self) -> None:
-        if self._owns_store:
+    def _loops_ended(self) -> None:
+        """Close an owned store once the worker loops have ended and nothing else uses it."""
+        with self._lock:
+            self._workers_gone = True
+            close = self._store_users == 0
+        if close and self._owns_store:
+            self._store.close()
+
+    def _release_store(self) -> None:
+        """End one use of the store by `serve` or a durable `submit`; the last one may close it."""
+        with self._lock:
+            self._store_users -= 1
+            close = self._workers_gone and self._store_users == 0
+        if close and self._owns_store:
             self._store.close()
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -512,3 +515,227 @@ class TestResourcesAfterShutdown:
         child = run_python(code, timeout=20)
         assert child.returncode == 0, child.stderr
         assert sorted(child.stdout.split()) == ["item-0", "item-1", "item-2"]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; return whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _shutdown_returns(pool: tq.WorkerPool, **kwargs: bool) -> bool:
+    """Run `pool.shutdown(**kwargs)` in a thread; return whether it returned within WAIT."""
+    thread = threading.Thread(target=pool.shutdown, kwargs=kwargs, daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    return not thread.is_alive()
+
+
+class _Raise(BaseException):
+    """Stands for an interrupt of the caller's own (a BaseException, not an Exception)."""
+
+
+class TestInterruptsAndEarlyExits:
+    """An exception from any blocking call, or an early exit, leaves the pool consistent."""
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, _Raise])
+    def test_interrupt_while_submit_waits_for_room(
+        self, gated: GatedFactory, exc_type: type[BaseException]
+    ) -> None:
+        """An interrupt raised while submit blocks on a full queue withdraws that submission."""
+        handler = gated()
+        pool = tq.WorkerPool(handler, workers=1, queue_size=1)
+        raised: list[BaseException] = []
+
+        def on_signal(signum: int, frame: object) -> None:
+            raise exc_type("interrupted")
+
+        previous = signal.signal(signal.SIGUSR1, on_signal)
+        try:
+            pool.submit(tq.Task("running"))
+            assert handler.wait_started("running")
+            pool.submit(tq.Task("queued"))
+            waiters = pool._queue._queue.not_full._waiters  # the blocked submit waits here
+
+            def interrupt_when_blocked() -> None:
+                if _wait_until(lambda: len(waiters) > 0):
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+            threading.Thread(target=interrupt_when_blocked, daemon=True).start()
+            try:
+                pool.submit(tq.Task("blocked"))
+            except exc_type as exc:
+                raised.append(exc)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert raised, "the blocked submit was not interrupted"
+        handler.gate.set()
+        # The withdrawn key is free: a new submission runs it instead of joining a ghost.
+        again = pool.submit(tq.Task("blocked"))
+        assert again.result(WAIT).status is tq.TaskStatus.SUCCEEDED
+        assert _shutdown_returns(pool, wait=True)
+        assert handler.calls == {"running": 1, "queued": 1, "blocked": 1}
+
+    @pytest.mark.timeout(30)
+    def test_leaving_with_block_on_an_exception_cancels_queued_work(
+        self, gated: GatedFactory
+    ) -> None:
+        """An exception inside `with WorkerPool` cancels queued tasks; running ones finish."""
+        handler = gated()
+        futures: list[Any] = []
+        with (
+            pytest.raises(RuntimeError, match="caller failed"),
+            tq.WorkerPool(handler, workers=2, queue_size=100) as pool,
+        ):
+            futures.extend(pool.submit(tq.Task(f"t{i}")) for i in range(40))
+            assert handler.wait_started("t0") and handler.wait_started("t1")
+            threading.Thread(
+                target=lambda: _wait_until(lambda: pool.closed) and handler.gate.set(),
+                daemon=True,
+            ).start()
+            raise RuntimeError("caller failed")
+        statuses = Counter(future.result(WAIT).status for future in futures)
+        assert statuses == {tq.TaskStatus.SUCCEEDED: 2, tq.TaskStatus.CANCELLED: 38}
+        assert handler.total_calls == 2
+        assert pool.metrics.snapshot()["cancelled"] == 38
+
+    @pytest.mark.timeout(30)
+    def test_leaving_iter_results_early_cancels_its_queued_submissions(self, tmp_db: str) -> None:
+        """Breaking out of iter_results cancels its still-queued tasks, as Executor.map does."""
+        hold = threading.Event()
+        calls: Counter[str] = Counter()
+
+        def handler(task: tq.Task) -> str:
+            calls[task.id] += 1
+            if task.id != "t0" and not hold.wait(WAIT):
+                raise RuntimeError("test gate never opened")
+            return task.id
+
+        pool = tq.WorkerPool(handler, workers=1, queue_size=10, db_path=tmp_db)
+        try:
+            for record in pool.iter_results(tq.Task(f"t{i}") for i in range(10)):
+                assert record.task_id == "t0"
+                break
+            hold.set()
+        finally:
+            hold.set()
+            pool.shutdown()
+        # t0 finished, t1 was running when the loop ended; the other eight never started.
+        assert set(calls) <= {"t0", "t1"}
+        snapshot = pool.metrics.snapshot()
+        assert snapshot["cancelled"] + snapshot["succeeded"] == 10
+        assert snapshot["cancelled"] >= 8
+        with tq.IdempotencyManager(tmp_db) as manager:
+            assert not manager.is_processed("t9")
+
+    @pytest.mark.timeout(30)
+    def test_done_callback_raising_base_exception_leaves_other_futures_resolved(
+        self, tmp_db: str
+    ) -> None:
+        """A done-callback's SystemExit does not leave its batch mates' futures unresolved."""
+        pool = tq.WorkerPool(lambda task: task.id, workers=1, queue_size=100, db_path=tmp_db)
+        conn = sqlite3.connect(tmp_db, isolation_level=None)
+        try:
+            # Many quick calls first, so that the worker sizes its batches for quick tasks.
+            warm_up = pool.run([tq.Task(f"warm-up-{i}") for i in range(100)])
+            assert {record.status for record in warm_up} == {tq.TaskStatus.SUCCEEDED}
+            # Hold the write lock while the tasks queue up, so that one batch takes them all.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                futures = [pool.submit(tq.Task(f"t{i:02d}")) for i in range(20)]
+
+                def explode(future: Any) -> None:
+                    raise SystemExit("from a callback")
+
+                futures[10].add_done_callback(explode)
+            finally:
+                conn.execute("COMMIT")
+            records = [future.result(WAIT) for future in futures]
+        finally:
+            conn.close()
+            assert _shutdown_returns(pool, wait=True)
+        assert all(record.status is tq.TaskStatus.SUCCEEDED for record in records)
+
+
+class TestServeNeverRefusesItsOwnRows:
+    """serve() feeds leased rows into the pool's queue: it waits for room, whatever on_full."""
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize(
+        "options", [{"on_full": "reject"}, {"submit_timeout": 0.0}], ids=["reject", "timeout"]
+    )
+    def test_prefetch_larger_than_the_queue(self, tmp_db: str, options: dict[str, Any]) -> None:
+        """With a queue of 1 and a prefetch of 20, serve runs every task and raises nothing."""
+        calls: Counter[str] = Counter()
+        all_done = threading.Event()
+
+        def handler(task: tq.Task) -> str:
+            calls[task.id] += 1
+            if len(calls) == 30:
+                all_done.set()
+            return task.id
+
+        pool = tq.WorkerPool(handler, workers=1, queue_size=1, db_path=tmp_db, durable=True,
+                             **options)  # fmt: skip
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        pool.idempotency.store.enqueue_many([tq.Task(f"t{i:02d}") for i in range(30)])
+
+        def serve() -> None:
+            try:
+                pool.serve(stop, prefetch=20, poll_interval=0.05)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            assert all_done.wait(WAIT)
+        finally:
+            stop.set()
+            thread.join(WAIT)
+            pool.shutdown()
+        assert errors == []
+        assert calls == {f"t{i:02d}": 1 for i in range(30)}
+
+
+class TestOneBadRowFailsAlone:
+    """A row the database refuses fails its own task, not the other tasks of its batch."""
+
+    @pytest.mark.timeout(30)
+    def test_refused_claim_fails_only_its_task(self, tmp_db: str) -> None:
+        with tq.IdempotencyManager(tmp_db):
+            pass  # create the schema
+        conn = sqlite3.connect(tmp_db, isolation_level=None)
+        table = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'tasks'"
+            " AND sql LIKE '%fingerprint%'"
+        ).fetchone()[0]
+        conn.execute(
+            f"CREATE TRIGGER poison BEFORE INSERT ON {table} WHEN NEW.key = 'poison'"
+            " BEGIN SELECT RAISE(ABORT, 'the database refuses this row'); END"
+        )
+        pool = tq.WorkerPool(lambda task: task.id, workers=1, queue_size=100, db_path=tmp_db)
+        try:
+            # Many quick calls first, so that the worker sizes its batches for quick tasks.
+            warm_up = pool.run([tq.Task(f"warm-up-{i}") for i in range(100)])
+            assert {record.status for record in warm_up} == {tq.TaskStatus.SUCCEEDED}
+            # Hold the write lock so that the worker is stuck behind it while the batch queues up.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                futures = [pool.submit(tq.Task(f"t{i:02d}")) for i in range(10)]
+                futures.insert(5, pool.submit(tq.Task("poison")))
+                futures += [pool.submit(tq.Task(f"u{i:02d}")) for i in range(10)]
+            finally:
+                conn.execute("COMMIT")
+            records = {r.task_id: r for r in (f.result(WAIT) for f in futures)}
+        finally:
+            pool.shutdown()
+            conn.close()
+        assert records.pop("poison").status is tq.TaskStatus.FAILED
+        assert {r.status for r in records.values()} == {tq.TaskStatus.SUCCEEDED}

@@ -785,3 +785,98 @@ def test_bad_table_names_are_refused_before_any_sql(tmp_path: Path, table: str) 
     with pytest.raises(ValueError, match="table"):
         tq.IdempotencyManager(db, table=table)
     assert not db.exists()
+
+
+# --- 7. Interpreter exit and interrupts ---------------------------------------------------------
+
+# A pool shut down without waiting, with tasks in a retry backoff and one key held by another
+# owner (whose 1 s lease then runs out): interpreter exit must finish them all.
+CHILD_EXITS_WITH_WAITING_TASKS = """
+import sys
+import task_queue_optimized as tq
+calls = {}
+def handler(task):
+    calls[task.id] = calls.get(task.id, 0) + 1
+    if task.id.startswith("retry") and calls[task.id] == 1:
+        raise tq.TransientError("once more")
+    return task.id
+other = tq.IdempotencyManager(sys.argv[1], lease_seconds=1.0)
+assert other.claim("held").state == "claimed"
+pool = tq.WorkerPool(handler, workers=2, db_path=sys.argv[1], claim_poll_interval=0.05,
+                     retry=tq.RetryPolicy(base_delay=0.3, jitter="none"))
+futures = [pool.submit(tq.Task(name)) for name in ("retry-1", "retry-2", "held", "plain")]
+pool.shutdown(wait=False)
+print("leaving", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_exit_after_shutdown_without_wait_finishes_waiting_tasks(
+    tmp_path: Path, run_python: Callable
+) -> None:
+    """Tasks waiting out a backoff or another owner's lease are finished at interpreter exit."""
+    db = tmp_path / "exit.db"
+    proc = run_python(CHILD_EXITS_WITH_WAITING_TASKS, str(db))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    with tq.IdempotencyManager(db) as manager:
+        for key in ("retry-1", "retry-2", "held", "plain"):
+            assert manager.is_processed(key), key
+        assert manager.stats()["in_progress"] == 0
+
+
+# Two running tasks hold their workers until the parent closes stdin; 500 more wait in the queue.
+CHILD_INTERRUPTED_IN_A_WITH_BLOCK = """
+import atexit, sys, threading
+import task_queue_optimized as tq
+calls = []
+def handler(task):
+    calls.append(task.id)
+    print("started", task.id, flush=True)
+    sys.stdin.read()
+    return task.id
+atexit.register(lambda: print("calls", len(calls), flush=True))
+with tq.WorkerPool(handler, workers=2, queue_size=1000, db_path=sys.argv[1]) as pool:
+    futures = [pool.submit(tq.Task(f"t{i:03d}")) for i in range(502)]
+    futures[-1].add_done_callback(
+        lambda future: print("resolved", future.result().status, flush=True))
+    print("submitted", flush=True)
+    threading.Event().wait()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_in_a_with_block_cancels_queued_tasks_and_a_second_one_stops_waiting(
+    tmp_path: Path,
+) -> None:
+    """The first Ctrl-C cancels the queue, the second ends the wait; only running tasks ran."""
+    db = tmp_path / "interrupt.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD_INTERRUPTED_IN_A_WITH_BLOCK, str(db)],
+        cwd=REPO,
+        env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = _LineReader(proc.stdout), _LineReader(proc.stderr)
+    try:
+        assert out.wait_for("submitted"), out.rest(0)
+        while sum(line.startswith("started") for line in out.lines) < 2:
+            assert out.wait_for("started"), out.rest(0)
+        proc.send_signal(signal.SIGINT)
+        # The queued tasks are cancelled at once, while the two running ones still run.
+        assert out.wait_for("resolved cancelled"), out.rest(0)
+        proc.send_signal(signal.SIGINT)
+        assert err.wait_for("KeyboardInterrupt"), err.rest(0)
+        proc.stdin.close()  # the running handlers return; the interpreter can exit
+        proc.wait(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "calls 2" in out.rest(), out.lines
+    with tq.IdempotencyManager(db) as manager:
+        stats = manager.stats()
+    assert (stats["completed"], stats["in_progress"]) == (2, 0), stats
