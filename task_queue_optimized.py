@@ -403,14 +403,35 @@ def _line_column(text: str, pos: int) -> tuple[int, int]:
     return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
-# Strings (unrolled, so long strings scan in linear time) or brackets.
-_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+# A bracket, or the quote that opens a string.
+_JSON_TOKEN = re.compile(r'["\[\]{}]')
+
+
+def _json_tokens(text: str, pattern: re.Pattern[str]) -> Iterator[re.Match[str]]:
+    """Yield the matches of `pattern` outside strings, in one linear pass over `text`.
+
+    `pattern` must match a lone ``"`` where a string opens. The string is then skipped by the
+    decoder's own string scanner, which reads it once from its opening quote, so a quote or
+    bracket inside it is never a token and a string that never closes costs one pass (a regex
+    asked for a whole string at every quote rescans the tail from each escaped quote: quadratic).
+    A string the scanner rejects ends the scan; the parser then reports it.
+    """
+    position = 0
+    while (match := pattern.search(text, position)) is not None:
+        if match.group() != '"':
+            yield match
+            position = match.end()
+            continue
+        try:
+            position = json.decoder.scanstring(text, match.end(), True)[1]
+        except ValueError:
+            return
 
 
 def _check_depth(text: str, limit: int) -> None:
     """Reject nesting deeper than `limit` before the parser recurses into it."""
     depth = 0
-    for match in _JSON_TOKEN.finditer(text):
+    for match in _json_tokens(text, _JSON_TOKEN):
         token = match.group()
         if token in "[{":
             depth += 1
@@ -468,9 +489,8 @@ def _parse_json(text: str) -> Any:
         raise TaskFileError("invalid JSON: nesting too deep") from None
 
 
-_JSON_SCALAR = re.compile(
-    r'"[^"\\]*(?:\\.[^"\\]*)*"|-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?'
-)
+# The quote that opens a string (skipped by `_json_tokens`), or a number or named constant.
+_JSON_SCALAR = re.compile(r'"|-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?')
 
 
 class _FoundAt(Exception):
@@ -504,11 +524,11 @@ def _hook_error_position(text: str, reason: str) -> int | None:
         except ValueError:
             return None
         return None
-    for match in _JSON_SCALAR.finditer(text):
+    for match in _json_tokens(text, _JSON_SCALAR):
         token = match.group()
         if token in ("NaN", "Infinity", "-Infinity"):
             return match.start()
-        if token[0] != '"' and any(c in token for c in ".eE") and math.isinf(float(token)):
+        if any(c in token for c in ".eE") and math.isinf(float(token)):
             return match.start()
     return None
 
