@@ -4190,19 +4190,42 @@ def _cmd_enqueue(argv: list[str]) -> int:
 
 
 def _load_handler(spec: str) -> Callable[[Task], Any]:
-    """Import ``module:function`` from the working directory or the installed packages."""
+    """Import ``module:function`` from the working directory or the installed packages.
+
+    Raises:
+        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
+            a syntax error, or an exception while it runs), or the attribute is missing or not
+            callable; the one-line message names the spec and the error.
+    """
     module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
+    if not module_name.strip() or not attribute.strip() or ":" in attribute:
         raise ConfigError(f"--handler {spec}: expected MODULE:FUNCTION")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
+        # its own, sys.exit) is a user error to name, not a crash to trace back.
+        raise ConfigError(
+            f"--handler {spec}: cannot import module {module_name!r}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    try:
         handler = getattr(module, attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--handler {spec}: cannot import it: {exc}") from None
+    except AttributeError:
+        raise ConfigError(
+            f"--handler {spec}: cannot import it: module {module_name!r} has no attribute "
+            f"{attribute!r}"
+        ) from None
+    except Exception as exc:  # a module-level __getattr__ is user code too
+        raise ConfigError(
+            f"--handler {spec}: cannot import it: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     if not callable(handler):
-        raise ConfigError(f"--handler {spec}: not callable")
+        raise ConfigError(
+            f"--handler {spec}: not callable ({attribute!r} is {type(handler).__name__})"
+        )
     return handler
 
 
@@ -4265,7 +4288,9 @@ def _cmd_worker(argv: list[str]) -> int:
     _configure_logging(config["log_level"])
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
-    handler = _load_handler(args.handler) if args.handler else _cli_processor(config, None)
+    handler = (
+        _load_handler(args.handler) if args.handler is not None else _cli_processor(config, None)
+    )
     metrics = MetricsCollector(config["workers"], config["queue_size"])
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
     server = _serve_metrics(metrics, port) if port is not None else None
