@@ -187,8 +187,11 @@ class IdempotencyConflictError(TaskQueueError):
         super().__init__(f"idempotency key {key!r} was first used with a different payload")
 
 
-class TaskFileError(TaskQueueError):
-    """A task file or task object is invalid; the message names where."""
+class TaskFileError(TaskQueueError, ValueError):
+    """A task file or task object is invalid; the message names where.
+
+    It is also a `ValueError`, so code that builds `Task` objects directly may catch either.
+    """
 
     def __init__(
         self,
@@ -247,24 +250,71 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
 _TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
 
 
-def _is_text(value: Any) -> bool:
-    """Return whether `value` is a non-empty string that UTF-8 can encode (no lone surrogates)."""
+def _text_problem(value: Any) -> str | None:
+    """Return why `value` cannot be an id or key, or None when it can.
+
+    Every store must keep it as text: PostgreSQL text cannot hold a NUL character, and SQLite and
+    PostgreSQL both need valid UTF-8, which a lone surrogate ("\\ud800") cannot be encoded to.
+    """
     if not isinstance(value, str) or not value:
-        return False
+        return "must be a non-empty string"
+    if "\x00" in value:
+        return "must not contain a NUL character"
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    except UnicodeEncodeError as exc:
+        return (
+            f"must be valid Unicode text, not hold the lone surrogate U+{ord(value[exc.start]):04X}"
+        )
+    return None
+
+
+def _is_text(value: Any) -> bool:
+    """Return whether `value` is a non-empty string every store can keep (see `_text_problem`)."""
+    return _text_problem(value) is None
+
+
+def _check_text_field(value: Any, field: str) -> None:
+    """Raise `TaskFileError` naming `field` when `value` cannot be an id or key."""
+    problem = _text_problem(value)
+    if problem is not None:
+        raise TaskFileError(f"field {field!r} {problem}", field=field)
+
+
+def _storable_text(text: str | None) -> str | None:
+    """Return `text` as every store can keep it: NUL and lone surrogates written as escapes.
+
+    Error messages come from handlers and their exceptions, so they may hold anything; one that
+    a database refuses must not turn a finished task's bookkeeping into an internal error.
+    """
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Task:
-    """One unit of work: an id, a JSON payload and an optional idempotency key."""
+    """One unit of work: an id, a JSON payload and an optional idempotency key.
+
+    The id and the key must be non-empty strings that every store can keep: no NUL character and
+    no lone surrogate. A payload of None means the empty dict.
+
+    Raises:
+        TaskFileError: (a `ValueError`) the id or the key is invalid; the error names the field.
+    """
 
     id: str
     payload: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
     idempotency_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked where every task is built, so one bad task is refused on its own instead of
+        # failing the database transaction it would later share with other tasks.
+        _check_text_field(self.id, "id")
+        if self.idempotency_key is not None:
+            _check_text_field(self.idempotency_key, "idempotency_key")
+        if self.payload is None:
+            object.__setattr__(self, "payload", {})
 
     @property
     def key(self) -> str:
@@ -274,6 +324,8 @@ class Task:
     @classmethod
     def from_dict(cls, mapping: Any) -> Task:
         """Build a task from a parsed JSON object.
+
+        ``"payload": null`` means the empty payload, as ``"idempotency_key": null`` means no key.
 
         Raises:
             TaskFileError: a field is missing, unknown or of the wrong type; the error names it.
@@ -286,20 +338,18 @@ class Task:
         if "id" not in mapping:
             raise TaskFileError("missing field 'id'", field="id")
         task_id = mapping["id"]
-        if not _is_text(task_id):
-            raise TaskFileError("field 'id' must be a non-empty string", field="id")
-        payload = mapping.get("payload", {})
-        if not isinstance(payload, dict):
+        _check_text_field(task_id, "id")
+        payload = mapping.get("payload")
+        if payload is None:
+            payload = {}
+        elif not isinstance(payload, dict):
             raise TaskFileError(
                 f"field 'payload' must be an object, not {_json_type(payload)}",
                 field="payload",
             )
         key = mapping.get("idempotency_key")
-        if key is not None and not _is_text(key):
-            raise TaskFileError(
-                "field 'idempotency_key' must be a non-empty string",
-                field="idempotency_key",
-            )
+        if key is not None:
+            _check_text_field(key, "idempotency_key")
         return cls(task_id, payload, key)
 
 
@@ -933,7 +983,8 @@ class MemoryStore:
             for key, token, error in items:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(state=_Row.FAILED, error=error, lease_expires=None, updated_at=now)
+                    row.update(state=_Row.FAILED, error=_storable_text(error), lease_expires=None,
+                               updated_at=now)  # fmt: skip
                     count += 1
         return count
 
@@ -1042,7 +1093,8 @@ class MemoryStore:
                 row = self._tasks.get(task_id)
                 if row is None or row["token"] != token or row["state"] != EntryState.RUNNING:
                     continue
-                row.update(state=state, error=error, lease_expires=None, updated_at=now)
+                row.update(state=state, error=_storable_text(error), lease_expires=None,
+                           updated_at=now)  # fmt: skip
                 if state == EntryState.QUEUED:
                     row.update(token=None, worker=None)
                 count += 1
@@ -1370,7 +1422,7 @@ class _SqlStore:
 
     def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
         now = time.time()
-        rows = [{"key": k, "token": t, "error": e, "now": now} for k, t, e in items]
+        rows = [{"key": k, "token": t, "error": _storable_text(e), "now": now} for k, t, e in items]
         return sum(self._each("release", rows))
 
     def lookup(self, key: str) -> dict[str, Any] | None:
@@ -1447,7 +1499,7 @@ class _SqlStore:
 
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
         now = time.time()
-        rows = [{"id": i, "token": t, "state": s.value, "error": e, "now": now}
+        rows = [{"id": i, "token": t, "state": s.value, "error": _storable_text(e), "now": now}
                 for i, t, s, e in items]  # fmt: skip
         return sum(self._each("settle", rows, "id"))
 
@@ -3025,6 +3077,9 @@ class WorkerPool:
             raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
         if submit_timeout is not None and not submit_timeout >= 0:
             raise ValueError(f"submit_timeout must be >= 0 or None, not {submit_timeout!r}")
+        if worker_name is not None and _text_problem(worker_name) is not None:
+            # The name is stored with every task the pool takes and in its heartbeat row.
+            raise ValueError(f"worker_name {_text_problem(worker_name)}, got {worker_name!r}")
         if not claim_poll_interval > 0:
             raise ValueError(f"claim_poll_interval must be > 0, not {claim_poll_interval!r}")
         self._handler = handler if handler is not None else TaskProcessor()
@@ -4286,6 +4341,8 @@ def _cmd_worker(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
+    if args.name is not None and _text_problem(args.name) is not None:
+        raise ConfigError(f"--name {args.name!r}: {_text_problem(args.name)}")
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
     handler = (

@@ -271,6 +271,32 @@ BAD_TASKS = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("content", "index", "field"),
+    [
+        ('[{"id": "ok"}, {"id": "a\\u0000b"}]', 1, "id"),
+        ('[{"id": "\\udcff"}]', 0, "id"),
+        ('[{"id": "a", "idempotency_key": "\\ud800"}]', 0, "idempotency_key"),
+        ('[{"id": "a"}, {"id": "b", "idempotency_key": "k\\u0000"}]', 1, "idempotency_key"),
+    ],
+    ids=["nul-id", "surrogate-id", "surrogate-key", "nul-key"],
+)
+def test_id_or_key_no_store_can_keep_names_index_and_field(
+    tmp_path: Path, content: str, index: int, field: str
+) -> None:
+    """Prove a NUL or a lone surrogate written as a JSON escape is refused with task and field."""
+    err = _load_error(_write(tmp_path, content))
+    assert (err.index, err.field) == (index, field)
+    assert f"task {index}" in str(err) and repr(field) in str(err), str(err)
+
+
+def test_null_payload_loads_as_empty(tmp_path: Path) -> None:
+    """Prove "payload": null loads as the empty payload, as "idempotency_key": null means none."""
+    path = _write(tmp_path, '[{"id": "a", "payload": null, "idempotency_key": null}]')
+    (task,) = load_tasks(path)
+    assert (task.payload, task.key) == ({}, "a")
+
+
 @pytest.mark.parametrize(("task", "field"), BAD_TASKS)
 def test_from_dict_rejects_bad_task(task: dict, field: str) -> None:
     """Prove Task.from_dict raises TaskFileError naming the bad field."""

@@ -13,9 +13,12 @@ from typing import Any
 import pytest
 
 import task_queue_optimized as tq
+from tests import store_fixtures
 from tests.cli_helpers import run_cli
 from tests.conftest import WAIT, GatedFactory
-from tests.store_fixtures import one_line_error
+from tests.store_fixtures import Backend, one_line_error
+
+backend = store_fixtures.backend
 
 # A sleep of s seconds never returns earlier than s; allow for the clock's resolution only.
 CLOCK_SLACK = 0.0005
@@ -65,6 +68,38 @@ class TestTask:
             tq.Task.from_dict(mapping)
         assert info.value.field == field
         assert field in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("task_id", "key", "field", "problem"),
+        [
+            ("a\x00", None, "id", "NUL"),
+            ("\udcff", None, "id", "U+DCFF"),
+            ("", None, "id", "non-empty"),
+            (3, None, "id", "non-empty"),
+            ("ok", "\ud800", "idempotency_key", "U+D800"),
+            ("ok", "k\x00", "idempotency_key", "NUL"),
+            ("ok", "", "idempotency_key", "non-empty"),
+        ],
+    )
+    def test_an_id_or_key_no_store_can_keep_is_refused(
+        self, task_id: Any, key: Any, field: str, problem: str
+    ) -> None:
+        """Task() and Task.from_dict refuse such an id or key with a ValueError naming the field."""
+        with pytest.raises(tq.TaskFileError) as built:
+            tq.Task(task_id, {}, key)
+        with pytest.raises(ValueError) as parsed:
+            tq.Task.from_dict({"id": task_id, "idempotency_key": key})
+        for error in (built.value, parsed.value):
+            assert isinstance(error, tq.TaskFileError) and isinstance(error, ValueError)
+            assert error.field == field
+            assert repr(field) in str(error) and problem in str(error), str(error)
+
+    def test_a_null_payload_is_the_empty_payload(self) -> None:
+        """A null payload means {}, like a null idempotency key means none."""
+        task = tq.Task.from_dict({"id": "t", "payload": None, "idempotency_key": None})
+        assert (task.payload, task.key) == ({}, "t")
+        assert tq.Task("t", None).payload == {}  # type: ignore[arg-type]
+        assert tq.Task("t", None) == tq.Task("t")  # type: ignore[arg-type]
 
 
 class TestTaskProcessor:
@@ -559,3 +594,46 @@ class TestLoadHandler:
         line = one_line_error(proc)
         assert message in line, line
         assert not (tmp_path / "untouched.db").exists()
+
+
+class TestStoredErrors:
+    """Error texts are stored by every backend, whatever characters they hold."""
+
+    UNSTORABLE = "refused \x00 at \ud800 here"
+    STORED = "refused \\x00 at \\ud800 here"
+
+    def test_release_and_settle_store_any_error_text(self, backend: Backend) -> None:
+        """A NUL or a lone surrogate in an error is stored escaped, not refused by the database."""
+        store = backend.open()
+        (claim,) = store.claim_many([("k", None)])
+        assert store.release_many([("k", claim.token, self.UNSTORABLE)]) == 1
+        assert store.lookup("k")["error"] == self.STORED
+        store.enqueue_many([tq.Task("t")])
+        (entry,) = store.take_many("w", 1)
+        assert store.settle_many([("t", entry.token, tq.EntryState.FAILED, self.UNSTORABLE)]) == 1
+        assert store.queue_status()["tasks"]["failed"] == 1
+
+    @pytest.mark.timeout(30)
+    def test_a_failure_with_unstorable_text_fails_only_its_own_task(self, backend: Backend) -> None:
+        """A handler error holding NUL and a lone surrogate fails its task alone, durably."""
+
+        def handler(task: tq.Task) -> str:
+            if task.id == "bad":
+                raise tq.PermanentError(self.UNSTORABLE)
+            return task.id
+
+        manager = tq.IdempotencyManager(store=backend.open())
+        batch = [tq.Task(f"t{i}") for i in range(6)] + [tq.Task("bad")]
+        with tq.WorkerPool(handler, workers=2, idempotency=manager, durable=True) as pool:
+            records = {record.task_id: record for record in pool.run(batch)}
+        assert records["bad"].status is tq.TaskStatus.FAILED
+        assert records["bad"].error is not None and "refused" in records["bad"].error
+        assert all(records[f"t{i}"].status is tq.TaskStatus.SUCCEEDED for i in range(6))
+        assert manager.lookup("bad")["error"] is not None
+        assert "\x00" not in manager.lookup("bad")["error"]
+
+    def test_a_worker_name_no_store_can_keep_is_refused(self) -> None:
+        """WorkerPool refuses a worker name with a NUL or a lone surrogate, opening nothing."""
+        for name in ("w\x00", "w\udcff", ""):
+            with pytest.raises(ValueError, match="worker_name"):
+                tq.WorkerPool(lambda task: None, workers=1, durable=True, worker_name=name)
