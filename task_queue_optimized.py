@@ -1806,7 +1806,8 @@ class PostgresStore(_SqlStore):
             ) from None
         self._psycopg = psycopg
         self._dsn, schema = _split_schema(url)
-        self.url = url
+        self._secret_url = url  # for `_scrub` only; `url` is what may be shown
+        self.url = _redact(url)
         self.schema = schema
         self._channel = f"task_queue_{schema}"
         self._reconnect_seconds = reconnect_seconds
@@ -1824,7 +1825,7 @@ class PostgresStore(_SqlStore):
             self._create_schema()
         except psycopg.Error as exc:
             self.close()
-            raise ConfigError(f"database {_redact(url)}: {_first_line(exc)}") from None
+            raise ConfigError(f"database {_redact(url)}: {_scrub(_first_line(exc), url)}") from None
 
     @staticmethod
     def _dialect(sql: str) -> str:
@@ -1867,7 +1868,10 @@ class PostgresStore(_SqlStore):
                         return body(execute)
                 except psycopg.OperationalError as exc:
                     # The connection broke (server restart, network): reconnect and run again.
-                    logger.warning("database connection lost (%s); reconnecting", _first_line(exc))
+                    logger.warning(
+                        "database connection lost (%s); reconnecting",
+                        _scrub(_first_line(exc), self._secret_url),
+                    )
                     with contextlib.suppress(Exception):
                         conn.close()
                     self._conn = None
@@ -1918,8 +1922,70 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Query parameters of a database URL whose value is a credential (libpq takes ``?password=``).
+_SECRET_PARAMETERS = frozenset(
+    {"password", "passwd", "pwd", "pass", "secret", "token", "sslpassword", "api_key", "apikey"}
+)
+_REDACTED = "***"
+
+
+def _url_secrets(url: str) -> list[str]:
+    """Return the credentials `url` carries: its password and secret query values, as written
+    and decoded, longest first (so a secret that contains another is replaced whole)."""
+    found: set[str] = set()
+    password = _userinfo_password(url.partition("?")[0])
+    if password is not None:
+        found.add(password)
+    for piece in url.partition("?")[2].partition("#")[0].split("&"):
+        name, equals, value = piece.partition("=")
+        if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+            found.add(value)
+    found |= {urllib.parse.unquote_plus(secret) for secret in found}
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def _userinfo_password(head: str) -> str | None:
+    """Return the password of ``scheme://user:password@...`` (`head` holds no query), or None.
+
+    The userinfo is taken to run to the last ``@``, even past a ``/``: a password with a slash
+    is malformed for libpq, but it must not be shown either.
+    """
+    _, sep, rest = head.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return None
+    return userinfo.partition(":")[2]
+
+
 def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """Return `url` with its password and every secret query parameter replaced by ``***``.
+
+    Everything the module prints, logs or puts in an error or a repr goes through here (or
+    `_scrub`); it never raises, whatever the text.
+    """
+    head, question, tail = url.partition("?")
+    if _userinfo_password(head) is not None:
+        scheme, _, rest = head.partition("://")
+        userinfo, _, host = rest.rpartition("@")
+        head = f"{scheme}://{userinfo.partition(':')[0]}:{_REDACTED}@{host}"
+    if question:
+        query, hash_, fragment = tail.partition("#")
+        pieces = []
+        for piece in query.split("&"):
+            name, equals, _ = piece.partition("=")
+            if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+                piece = f"{name}={_REDACTED}"
+            pieces.append(piece)
+        tail = "&".join(pieces) + hash_ + fragment
+    return head + question + tail
+
+
+def _scrub(text: str, url: str) -> str:
+    """Return `text` (say, a driver's error message) with every credential of `url` masked."""
+    for secret in _url_secrets(url):
+        text = text.replace(secret, _REDACTED)
+    return text
 
 
 def _split_schema(url: str) -> tuple[str, str]:
@@ -1973,10 +2039,10 @@ def open_store(
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
         if not text:
-            raise ConfigError(f"database {url}: write sqlite:///PATH")
+            raise ConfigError(f"database {_redact(os.fspath(url))}: write sqlite:///PATH")
     elif "://" in text:
         raise ConfigError(
-            f"database {text}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
+            f"database {_redact(text)}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
             "postgresql://...)"
         )
     path = None if text == ":memory:" else text
@@ -2146,7 +2212,7 @@ class IdempotencyManager:
         self.close()
 
     def __repr__(self) -> str:
-        return f"IdempotencyManager({self.store.url!r})"
+        return f"IdempotencyManager({_redact(self.store.url)!r})"
 
 
 # --- Metrics -------------------------------------------------------------------------------------
@@ -4125,7 +4191,8 @@ def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
     if db_label is None:
         return text + " The benchmark database was temporary: a rerun starts over."
     return (
-        text + f" A rerun with --db {db_label} skips the {done} completed tasks and runs the "
+        text
+        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
         f"{cancelled + failed} others."
     )
 
@@ -4240,7 +4307,10 @@ def _cmd_enqueue(argv: list[str]) -> int:
         )
     finally:
         store.close()
-    print(f"enqueued {added} new tasks ({len(tasks) - added} were already there) in {store.url}")
+    print(
+        f"enqueued {added} new tasks ({len(tasks) - added} were already there) in "
+        f"{_redact(store.url)}"
+    )
     return EXIT_OK
 
 
@@ -4370,7 +4440,9 @@ def _cmd_worker(argv: list[str]) -> int:
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
-            print(f"worker {pool.worker_name} serving {manager.store.url}", file=sys.stderr)
+            print(
+                f"worker {pool.worker_name} serving {_redact(manager.store.url)}", file=sys.stderr
+            )
             pool.serve(stop, prefetch=prefetch)
             pool.shutdown(wait=True, cancel_pending=True)
         if server is not None:
