@@ -1073,13 +1073,8 @@ class Database:
 
 
 def _redact_url(url: str) -> str:
-    """Return `url` with its password, if any, replaced by ``***``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    """Return `url` with its password and secret query parameters replaced by ``***``."""
+    return tq._redact(url)
 
 
 def parse_database(text: str) -> Database:

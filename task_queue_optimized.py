@@ -187,8 +187,11 @@ class IdempotencyConflictError(TaskQueueError):
         super().__init__(f"idempotency key {key!r} was first used with a different payload")
 
 
-class TaskFileError(TaskQueueError):
-    """A task file or task object is invalid; the message names where."""
+class TaskFileError(TaskQueueError, ValueError):
+    """A task file or task object is invalid; the message names where.
+
+    It is also a `ValueError`, so code that builds `Task` objects directly may catch either.
+    """
 
     def __init__(
         self,
@@ -247,24 +250,71 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
 _TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
 
 
-def _is_text(value: Any) -> bool:
-    """Return whether `value` is a non-empty string that UTF-8 can encode (no lone surrogates)."""
+def _text_problem(value: Any) -> str | None:
+    """Return why `value` cannot be an id or key, or None when it can.
+
+    Every store must keep it as text: PostgreSQL text cannot hold a NUL character, and SQLite and
+    PostgreSQL both need valid UTF-8, which a lone surrogate ("\\ud800") cannot be encoded to.
+    """
     if not isinstance(value, str) or not value:
-        return False
+        return "must be a non-empty string"
+    if "\x00" in value:
+        return "must not contain a NUL character"
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    except UnicodeEncodeError as exc:
+        return (
+            f"must be valid Unicode text, not hold the lone surrogate U+{ord(value[exc.start]):04X}"
+        )
+    return None
+
+
+def _is_text(value: Any) -> bool:
+    """Return whether `value` is a non-empty string every store can keep (see `_text_problem`)."""
+    return _text_problem(value) is None
+
+
+def _check_text_field(value: Any, field: str) -> None:
+    """Raise `TaskFileError` naming `field` when `value` cannot be an id or key."""
+    problem = _text_problem(value)
+    if problem is not None:
+        raise TaskFileError(f"field {field!r} {problem}", field=field)
+
+
+def _storable_text(text: str | None) -> str | None:
+    """Return `text` as every store can keep it: NUL and lone surrogates written as escapes.
+
+    Error messages come from handlers and their exceptions, so they may hold anything; one that
+    a database refuses must not turn a finished task's bookkeeping into an internal error.
+    """
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Task:
-    """One unit of work: an id, a JSON payload and an optional idempotency key."""
+    """One unit of work: an id, a JSON payload and an optional idempotency key.
+
+    The id and the key must be non-empty strings that every store can keep: no NUL character and
+    no lone surrogate. A payload of None means the empty dict.
+
+    Raises:
+        TaskFileError: (a `ValueError`) the id or the key is invalid; the error names the field.
+    """
 
     id: str
     payload: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
     idempotency_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked where every task is built, so one bad task is refused on its own instead of
+        # failing the database transaction it would later share with other tasks.
+        _check_text_field(self.id, "id")
+        if self.idempotency_key is not None:
+            _check_text_field(self.idempotency_key, "idempotency_key")
+        if self.payload is None:
+            object.__setattr__(self, "payload", {})
 
     @property
     def key(self) -> str:
@@ -274,6 +324,8 @@ class Task:
     @classmethod
     def from_dict(cls, mapping: Any) -> Task:
         """Build a task from a parsed JSON object.
+
+        ``"payload": null`` means the empty payload, as ``"idempotency_key": null`` means no key.
 
         Raises:
             TaskFileError: a field is missing, unknown or of the wrong type; the error names it.
@@ -286,20 +338,18 @@ class Task:
         if "id" not in mapping:
             raise TaskFileError("missing field 'id'", field="id")
         task_id = mapping["id"]
-        if not _is_text(task_id):
-            raise TaskFileError("field 'id' must be a non-empty string", field="id")
-        payload = mapping.get("payload", {})
-        if not isinstance(payload, dict):
+        _check_text_field(task_id, "id")
+        payload = mapping.get("payload")
+        if payload is None:
+            payload = {}
+        elif not isinstance(payload, dict):
             raise TaskFileError(
                 f"field 'payload' must be an object, not {_json_type(payload)}",
                 field="payload",
             )
         key = mapping.get("idempotency_key")
-        if key is not None and not _is_text(key):
-            raise TaskFileError(
-                "field 'idempotency_key' must be a non-empty string",
-                field="idempotency_key",
-            )
+        if key is not None:
+            _check_text_field(key, "idempotency_key")
         return cls(task_id, payload, key)
 
 
@@ -403,14 +453,35 @@ def _line_column(text: str, pos: int) -> tuple[int, int]:
     return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
-# Strings (unrolled, so long strings scan in linear time) or brackets.
-_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+# A bracket, or the quote that opens a string.
+_JSON_TOKEN = re.compile(r'["\[\]{}]')
+
+
+def _json_tokens(text: str, pattern: re.Pattern[str]) -> Iterator[re.Match[str]]:
+    """Yield the matches of `pattern` outside strings, in one linear pass over `text`.
+
+    `pattern` must match a lone ``"`` where a string opens. The string is then skipped by the
+    decoder's own string scanner, which reads it once from its opening quote, so a quote or
+    bracket inside it is never a token and a string that never closes costs one pass (a regex
+    asked for a whole string at every quote rescans the tail from each escaped quote: quadratic).
+    A string the scanner rejects ends the scan; the parser then reports it.
+    """
+    position = 0
+    while (match := pattern.search(text, position)) is not None:
+        if match.group() != '"':
+            yield match
+            position = match.end()
+            continue
+        try:
+            position = json.decoder.scanstring(text, match.end(), True)[1]
+        except ValueError:
+            return
 
 
 def _check_depth(text: str, limit: int) -> None:
     """Reject nesting deeper than `limit` before the parser recurses into it."""
     depth = 0
-    for match in _JSON_TOKEN.finditer(text):
+    for match in _json_tokens(text, _JSON_TOKEN):
         token = match.group()
         if token in "[{":
             depth += 1
@@ -468,9 +539,8 @@ def _parse_json(text: str) -> Any:
         raise TaskFileError("invalid JSON: nesting too deep") from None
 
 
-_JSON_SCALAR = re.compile(
-    r'"[^"\\]*(?:\\.[^"\\]*)*"|-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?'
-)
+# The quote that opens a string (skipped by `_json_tokens`), or a number or named constant.
+_JSON_SCALAR = re.compile(r'"|-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?')
 
 
 class _FoundAt(Exception):
@@ -504,11 +574,11 @@ def _hook_error_position(text: str, reason: str) -> int | None:
         except ValueError:
             return None
         return None
-    for match in _JSON_SCALAR.finditer(text):
+    for match in _json_tokens(text, _JSON_SCALAR):
         token = match.group()
         if token in ("NaN", "Infinity", "-Infinity"):
             return match.start()
-        if token[0] != '"' and any(c in token for c in ".eE") and math.isinf(float(token)):
+        if any(c in token for c in ".eE") and math.isinf(float(token)):
             return match.start()
     return None
 
@@ -913,7 +983,8 @@ class MemoryStore:
             for key, token, error in items:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(state=_Row.FAILED, error=error, lease_expires=None, updated_at=now)
+                    row.update(state=_Row.FAILED, error=_storable_text(error), lease_expires=None,
+                               updated_at=now)  # fmt: skip
                     count += 1
         return count
 
@@ -1022,7 +1093,8 @@ class MemoryStore:
                 row = self._tasks.get(task_id)
                 if row is None or row["token"] != token or row["state"] != EntryState.RUNNING:
                     continue
-                row.update(state=state, error=error, lease_expires=None, updated_at=now)
+                row.update(state=state, error=_storable_text(error), lease_expires=None,
+                           updated_at=now)  # fmt: skip
                 if state == EntryState.QUEUED:
                     row.update(token=None, worker=None)
                 count += 1
@@ -1350,7 +1422,7 @@ class _SqlStore:
 
     def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
         now = time.time()
-        rows = [{"key": k, "token": t, "error": e, "now": now} for k, t, e in items]
+        rows = [{"key": k, "token": t, "error": _storable_text(e), "now": now} for k, t, e in items]
         return sum(self._each("release", rows))
 
     def lookup(self, key: str) -> dict[str, Any] | None:
@@ -1427,7 +1499,7 @@ class _SqlStore:
 
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
         now = time.time()
-        rows = [{"id": i, "token": t, "state": s.value, "error": e, "now": now}
+        rows = [{"id": i, "token": t, "state": s.value, "error": _storable_text(e), "now": now}
                 for i, t, s, e in items]  # fmt: skip
         return sum(self._each("settle", rows, "id"))
 
@@ -1734,7 +1806,8 @@ class PostgresStore(_SqlStore):
             ) from None
         self._psycopg = psycopg
         self._dsn, schema = _split_schema(url)
-        self.url = url
+        self._secret_url = url  # for `_scrub` only; `url` is what may be shown
+        self.url = _redact(url)
         self.schema = schema
         self._channel = f"task_queue_{schema}"
         self._reconnect_seconds = reconnect_seconds
@@ -1752,7 +1825,7 @@ class PostgresStore(_SqlStore):
             self._create_schema()
         except psycopg.Error as exc:
             self.close()
-            raise ConfigError(f"database {_redact(url)}: {_first_line(exc)}") from None
+            raise ConfigError(f"database {_redact(url)}: {_scrub(_first_line(exc), url)}") from None
 
     @staticmethod
     def _dialect(sql: str) -> str:
@@ -1795,7 +1868,10 @@ class PostgresStore(_SqlStore):
                         return body(execute)
                 except psycopg.OperationalError as exc:
                     # The connection broke (server restart, network): reconnect and run again.
-                    logger.warning("database connection lost (%s); reconnecting", _first_line(exc))
+                    logger.warning(
+                        "database connection lost (%s); reconnecting",
+                        _scrub(_first_line(exc), self._secret_url),
+                    )
                     with contextlib.suppress(Exception):
                         conn.close()
                     self._conn = None
@@ -1846,8 +1922,70 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Query parameters of a database URL whose value is a credential (libpq takes ``?password=``).
+_SECRET_PARAMETERS = frozenset(
+    {"password", "passwd", "pwd", "pass", "secret", "token", "sslpassword", "api_key", "apikey"}
+)
+_REDACTED = "***"
+
+
+def _url_secrets(url: str) -> list[str]:
+    """Return the credentials `url` carries: its password and secret query values, as written
+    and decoded, longest first (so a secret that contains another is replaced whole)."""
+    found: set[str] = set()
+    password = _userinfo_password(url.partition("?")[0])
+    if password is not None:
+        found.add(password)
+    for piece in url.partition("?")[2].partition("#")[0].split("&"):
+        name, equals, value = piece.partition("=")
+        if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+            found.add(value)
+    found |= {urllib.parse.unquote_plus(secret) for secret in found}
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def _userinfo_password(head: str) -> str | None:
+    """Return the password of ``scheme://user:password@...`` (`head` holds no query), or None.
+
+    The userinfo is taken to run to the last ``@``, even past a ``/``: a password with a slash
+    is malformed for libpq, but it must not be shown either.
+    """
+    _, sep, rest = head.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return None
+    return userinfo.partition(":")[2]
+
+
 def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """Return `url` with its password and every secret query parameter replaced by ``***``.
+
+    Everything the module prints, logs or puts in an error or a repr goes through here (or
+    `_scrub`); it never raises, whatever the text.
+    """
+    head, question, tail = url.partition("?")
+    if _userinfo_password(head) is not None:
+        scheme, _, rest = head.partition("://")
+        userinfo, _, host = rest.rpartition("@")
+        head = f"{scheme}://{userinfo.partition(':')[0]}:{_REDACTED}@{host}"
+    if question:
+        query, hash_, fragment = tail.partition("#")
+        pieces = []
+        for piece in query.split("&"):
+            name, equals, _ = piece.partition("=")
+            if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+                piece = f"{name}={_REDACTED}"
+            pieces.append(piece)
+        tail = "&".join(pieces) + hash_ + fragment
+    return head + question + tail
+
+
+def _scrub(text: str, url: str) -> str:
+    """Return `text` (say, a driver's error message) with every credential of `url` masked."""
+    for secret in _url_secrets(url):
+        text = text.replace(secret, _REDACTED)
+    return text
 
 
 def _split_schema(url: str) -> tuple[str, str]:
@@ -1901,10 +2039,10 @@ def open_store(
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
         if not text:
-            raise ConfigError(f"database {url}: write sqlite:///PATH")
+            raise ConfigError(f"database {_redact(os.fspath(url))}: write sqlite:///PATH")
     elif "://" in text:
         raise ConfigError(
-            f"database {text}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
+            f"database {_redact(text)}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
             "postgresql://...)"
         )
     path = None if text == ":memory:" else text
@@ -2074,7 +2212,7 @@ class IdempotencyManager:
         self.close()
 
     def __repr__(self) -> str:
-        return f"IdempotencyManager({self.store.url!r})"
+        return f"IdempotencyManager({_redact(self.store.url)!r})"
 
 
 # --- Metrics -------------------------------------------------------------------------------------
@@ -3048,6 +3186,9 @@ class WorkerPool:
             raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
         if submit_timeout is not None and not submit_timeout >= 0:
             raise ValueError(f"submit_timeout must be >= 0 or None, not {submit_timeout!r}")
+        if worker_name is not None and _text_problem(worker_name) is not None:
+            # The name is stored with every task the pool takes and in its heartbeat row.
+            raise ValueError(f"worker_name {_text_problem(worker_name)}, got {worker_name!r}")
         if not claim_poll_interval > 0:
             raise ValueError(f"claim_poll_interval must be > 0, not {claim_poll_interval!r}")
         self._handler = handler if handler is not None else TaskProcessor()
@@ -4208,7 +4349,8 @@ def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
     if db_label is None:
         return text + " The benchmark database was temporary: a rerun starts over."
     return (
-        text + f" A rerun with --db {db_label} skips the {done} completed tasks and runs the "
+        text
+        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
         f"{cancelled + failed} others."
     )
 
@@ -4323,24 +4465,50 @@ def _cmd_enqueue(argv: list[str]) -> int:
         )
     finally:
         store.close()
-    print(f"enqueued {added} new tasks ({len(tasks) - added} were already there) in {store.url}")
+    print(
+        f"enqueued {added} new tasks ({len(tasks) - added} were already there) in "
+        f"{_redact(store.url)}"
+    )
     return EXIT_OK
 
 
 def _load_handler(spec: str) -> Callable[[Task], Any]:
-    """Import ``module:function`` from the working directory or the installed packages."""
+    """Import ``module:function`` from the working directory or the installed packages.
+
+    Raises:
+        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
+            a syntax error, or an exception while it runs), or the attribute is missing or not
+            callable; the one-line message names the spec and the error.
+    """
     module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
+    if not module_name.strip() or not attribute.strip() or ":" in attribute:
         raise ConfigError(f"--handler {spec}: expected MODULE:FUNCTION")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
+        # its own, sys.exit) is a user error to name, not a crash to trace back.
+        raise ConfigError(
+            f"--handler {spec}: cannot import module {module_name!r}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    try:
         handler = getattr(module, attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--handler {spec}: cannot import it: {exc}") from None
+    except AttributeError:
+        raise ConfigError(
+            f"--handler {spec}: cannot import it: module {module_name!r} has no attribute "
+            f"{attribute!r}"
+        ) from None
+    except Exception as exc:  # a module-level __getattr__ is user code too
+        raise ConfigError(
+            f"--handler {spec}: cannot import it: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     if not callable(handler):
-        raise ConfigError(f"--handler {spec}: not callable")
+        raise ConfigError(
+            f"--handler {spec}: not callable ({attribute!r} is {type(handler).__name__})"
+        )
     return handler
 
 
@@ -4401,9 +4569,13 @@ def _cmd_worker(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
+    if args.name is not None and _text_problem(args.name) is not None:
+        raise ConfigError(f"--name {args.name!r}: {_text_problem(args.name)}")
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
-    handler = _load_handler(args.handler) if args.handler else _cli_processor(config, None)
+    handler = (
+        _load_handler(args.handler) if args.handler is not None else _cli_processor(config, None)
+    )
     metrics = MetricsCollector(config["workers"], config["queue_size"])
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
     server = _serve_metrics(metrics, port) if port is not None else None
@@ -4426,7 +4598,9 @@ def _cmd_worker(argv: list[str]) -> int:
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
-            print(f"worker {pool.worker_name} serving {manager.store.url}", file=sys.stderr)
+            print(
+                f"worker {pool.worker_name} serving {_redact(manager.store.url)}", file=sys.stderr
+            )
             pool.serve(stop, prefetch=prefetch)
             pool.shutdown(wait=True, cancel_pending=True)
         if server is not None:

@@ -191,6 +191,38 @@ def test_very_deep_nesting_is_rejected_cleanly(tmp_path: Path) -> None:
     _load_error(_write(tmp_path, "[" * 100_000 + "]" * 100_000))
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mebibytes", [1, 16])
+def test_truncated_string_of_escaped_quotes_fails_in_one_pass(
+    tmp_path: Path, mebibytes: int
+) -> None:
+    """Prove a file cut inside a long string of escaped quotes gets its syntax error at once.
+
+    A scan that rescans the rest of the text from every escaped quote needs hours for these
+    sizes; a linear one needs well under a second for both.
+    """
+    head = '[{"id": "a", "payload": {"text": "'
+    content = head + '\\"ab' * (mebibytes * 1024 * 1024 // 4)
+    err = _load_error(_write(tmp_path, content), max_bytes=len(content) + 1)
+    assert "Unterminated string" in err.reason, str(err)
+    assert (err.line, err.column) == (1, len(head))
+
+
+def test_brackets_inside_an_unterminated_string_are_not_nesting(tmp_path: Path) -> None:
+    """Prove brackets inside a string that never closes are not counted as nesting."""
+    err = _load_error(_write(tmp_path, '[{"id": "a\\"' + "[" * 100))
+    assert "Unterminated string" in err.reason, str(err)
+
+
+@pytest.mark.timeout(30)
+def test_non_finite_number_after_a_long_string_is_located(tmp_path: Path) -> None:
+    """Prove the position of NaN is found past a long string full of quotes and brackets."""
+    text = '\\"NaN[{' * 250_000
+    path = _write(tmp_path, '[{"id": "a", "payload": {"s": "' + text + '",\n "n": NaN}}]')
+    err = _load_error(path)
+    assert (err.line, err.column) == (2, 7), str(err)
+
+
 def test_size_limit_is_checked_before_parsing(tmp_path: Path) -> None:
     """Prove an oversized file is rejected for its size, even when it is not even JSON."""
     path = _write(tmp_path, b"\xff not json at all " * 20)
@@ -237,6 +269,32 @@ BAD_TASKS = [
     pytest.param({"id": "a", "idempotency_key": {}}, "idempotency_key", id="object-key"),
     pytest.param({"id": "a", "priority": 1}, "priority", id="unknown-field"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("content", "index", "field"),
+    [
+        ('[{"id": "ok"}, {"id": "a\\u0000b"}]', 1, "id"),
+        ('[{"id": "\\udcff"}]', 0, "id"),
+        ('[{"id": "a", "idempotency_key": "\\ud800"}]', 0, "idempotency_key"),
+        ('[{"id": "a"}, {"id": "b", "idempotency_key": "k\\u0000"}]', 1, "idempotency_key"),
+    ],
+    ids=["nul-id", "surrogate-id", "surrogate-key", "nul-key"],
+)
+def test_id_or_key_no_store_can_keep_names_index_and_field(
+    tmp_path: Path, content: str, index: int, field: str
+) -> None:
+    """Prove a NUL or a lone surrogate written as a JSON escape is refused with task and field."""
+    err = _load_error(_write(tmp_path, content))
+    assert (err.index, err.field) == (index, field)
+    assert f"task {index}" in str(err) and repr(field) in str(err), str(err)
+
+
+def test_null_payload_loads_as_empty(tmp_path: Path) -> None:
+    """Prove "payload": null loads as the empty payload, as "idempotency_key": null means none."""
+    path = _write(tmp_path, '[{"id": "a", "payload": null, "idempotency_key": null}]')
+    (task,) = load_tasks(path)
+    assert (task.payload, task.key) == ({}, "a")
 
 
 @pytest.mark.parametrize(("task", "field"), BAD_TASKS)

@@ -7,12 +7,18 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import task_queue_optimized as tq
+from tests import store_fixtures
+from tests.cli_helpers import run_cli
 from tests.conftest import WAIT, GatedFactory
+from tests.store_fixtures import Backend, one_line_error
+
+backend = store_fixtures.backend
 
 # A sleep of s seconds never returns earlier than s; allow for the clock's resolution only.
 CLOCK_SLACK = 0.0005
@@ -62,6 +68,38 @@ class TestTask:
             tq.Task.from_dict(mapping)
         assert info.value.field == field
         assert field in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("task_id", "key", "field", "problem"),
+        [
+            ("a\x00", None, "id", "NUL"),
+            ("\udcff", None, "id", "U+DCFF"),
+            ("", None, "id", "non-empty"),
+            (3, None, "id", "non-empty"),
+            ("ok", "\ud800", "idempotency_key", "U+D800"),
+            ("ok", "k\x00", "idempotency_key", "NUL"),
+            ("ok", "", "idempotency_key", "non-empty"),
+        ],
+    )
+    def test_an_id_or_key_no_store_can_keep_is_refused(
+        self, task_id: Any, key: Any, field: str, problem: str
+    ) -> None:
+        """Task() and Task.from_dict refuse such an id or key with a ValueError naming the field."""
+        with pytest.raises(tq.TaskFileError) as built:
+            tq.Task(task_id, {}, key)
+        with pytest.raises(ValueError) as parsed:
+            tq.Task.from_dict({"id": task_id, "idempotency_key": key})
+        for error in (built.value, parsed.value):
+            assert isinstance(error, tq.TaskFileError) and isinstance(error, ValueError)
+            assert error.field == field
+            assert repr(field) in str(error) and problem in str(error), str(error)
+
+    def test_a_null_payload_is_the_empty_payload(self) -> None:
+        """A null payload means {}, like a null idempotency key means none."""
+        task = tq.Task.from_dict({"id": "t", "payload": None, "idempotency_key": None})
+        assert (task.payload, task.key) == ({}, "t")
+        assert tq.Task("t", None).payload == {}  # type: ignore[arg-type]
+        assert tq.Task("t", None) == tq.Task("t")  # type: ignore[arg-type]
 
 
 class TestTaskProcessor:
@@ -508,3 +546,94 @@ class TestTaskQueue:
         assert queue.qsize() == 0
         handler.gate.set()
         queue.close(wait=True)
+
+
+class TestLoadHandler:
+    """``worker --handler MODULE:FUNCTION``: every bad spec is one line and exit code 2."""
+
+    BROKEN_MODULES = {
+        "tq_syntax_error": ("def run(task)\n    return 1\n", "SyntaxError"),
+        "tq_raises_at_import": ("raise RuntimeError('no config here')\n", "no config here"),
+        "tq_exits_at_import": ("import sys\nsys.exit(3)\n", "SystemExit"),
+        "tq_missing_dependency": ("import tq_no_such_dependency\n", "tq_no_such_dependency"),
+        "tq_multiline_error": ("raise ValueError('first\\nsecond')\n", "first"),
+    }
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize("module", sorted(BROKEN_MODULES))
+    def test_a_module_that_fails_to_import_exits_2(self, tmp_path: Path, module: str) -> None:
+        """A module with a syntax error or one that raises or exits at import: one line, exit 2."""
+        source, detail = self.BROKEN_MODULES[module]
+        (tmp_path / f"{module}.py").write_text(source, encoding="utf-8")
+        proc = run_cli(["worker", "--db", "untouched.db", "--handler", f"{module}:run"], tmp_path)
+        line = one_line_error(proc)
+        assert f"{module}:run" in line and "cannot import module" in line, line
+        assert detail in line, line
+        assert not (tmp_path / "untouched.db").exists()
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize(
+        ("spec", "message"),
+        [
+            ("tq_handlers_ok:missing", "has no attribute 'missing'"),
+            ("tq_handlers_ok:VALUE", "not callable"),
+            ("tq_handlers_ok", "expected MODULE:FUNCTION"),
+            (":run", "expected MODULE:FUNCTION"),
+            ("tq_handlers_ok:", "expected MODULE:FUNCTION"),
+            ("tq_handlers_ok:run:extra", "expected MODULE:FUNCTION"),
+            ("", "expected MODULE:FUNCTION"),
+            (".relative:run", "cannot import module"),
+        ],
+    )
+    def test_a_bad_spec_exits_2(self, tmp_path: Path, spec: str, message: str) -> None:
+        """A missing or non-callable attribute and a malformed spec: one line, exit 2."""
+        (tmp_path / "tq_handlers_ok.py").write_text(
+            "VALUE = 42\n\n\ndef run(task):\n    return {}\n", encoding="utf-8"
+        )
+        proc = run_cli(["worker", "--db", "untouched.db", "--handler", spec], tmp_path)
+        line = one_line_error(proc)
+        assert message in line, line
+        assert not (tmp_path / "untouched.db").exists()
+
+
+class TestStoredErrors:
+    """Error texts are stored by every backend, whatever characters they hold."""
+
+    UNSTORABLE = "refused \x00 at \ud800 here"
+    STORED = "refused \\x00 at \\ud800 here"
+
+    def test_release_and_settle_store_any_error_text(self, backend: Backend) -> None:
+        """A NUL or a lone surrogate in an error is stored escaped, not refused by the database."""
+        store = backend.open()
+        (claim,) = store.claim_many([("k", None)])
+        assert store.release_many([("k", claim.token, self.UNSTORABLE)]) == 1
+        assert store.lookup("k")["error"] == self.STORED
+        store.enqueue_many([tq.Task("t")])
+        (entry,) = store.take_many("w", 1)
+        assert store.settle_many([("t", entry.token, tq.EntryState.FAILED, self.UNSTORABLE)]) == 1
+        assert store.queue_status()["tasks"]["failed"] == 1
+
+    @pytest.mark.timeout(30)
+    def test_a_failure_with_unstorable_text_fails_only_its_own_task(self, backend: Backend) -> None:
+        """A handler error holding NUL and a lone surrogate fails its task alone, durably."""
+
+        def handler(task: tq.Task) -> str:
+            if task.id == "bad":
+                raise tq.PermanentError(self.UNSTORABLE)
+            return task.id
+
+        manager = tq.IdempotencyManager(store=backend.open())
+        batch = [tq.Task(f"t{i}") for i in range(6)] + [tq.Task("bad")]
+        with tq.WorkerPool(handler, workers=2, idempotency=manager, durable=True) as pool:
+            records = {record.task_id: record for record in pool.run(batch)}
+        assert records["bad"].status is tq.TaskStatus.FAILED
+        assert records["bad"].error is not None and "refused" in records["bad"].error
+        assert all(records[f"t{i}"].status is tq.TaskStatus.SUCCEEDED for i in range(6))
+        assert manager.lookup("bad")["error"] is not None
+        assert "\x00" not in manager.lookup("bad")["error"]
+
+    def test_a_worker_name_no_store_can_keep_is_refused(self) -> None:
+        """WorkerPool refuses a worker name with a NUL or a lone surrogate, opening nothing."""
+        for name in ("w\x00", "w\udcff", ""):
+            with pytest.raises(ValueError, match="worker_name"):
+                tq.WorkerPool(lambda task: None, workers=1, durable=True, worker_name=name)
