@@ -138,12 +138,12 @@ def schema_of(url: str) -> str:
 
 
 def drop_schema(url: str) -> None:
-    """Drop the schema of `url` with `PostgresStore.drop_schema` (it is created if missing)."""
-    store = tq.PostgresStore(url)
-    try:
-        store.drop_schema()
-    finally:
-        store.close()
+    """Drop the schema of `url` if it exists (opening a store on it would create it)."""
+    import psycopg
+
+    dsn, schema = tq._split_schema(url)  # validates the name, so it is safe to interpolate
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def pg_rows(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

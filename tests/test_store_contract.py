@@ -303,11 +303,53 @@ def test_concurrent_claims_of_one_key_have_one_winner(backend: Backend) -> None:
 def test_enqueue_many_is_idempotent_by_id(backend: Backend) -> None:
     store = backend.open()
     assert store.enqueue_many([tq.Task("a", {"v": 1}), tq.Task("b")]) == 2
-    assert store.enqueue_many([tq.Task("a", {"v": 2}), tq.Task("b"), tq.Task("c")]) == 1
+    assert store.enqueue_many([tq.Task("a", {"v": 1}), tq.Task("b"), tq.Task("c")]) == 1
     assert store.enqueue_many([]) == 0
     assert task_counts(store) == {"queued": 3, "running": 0, "done": 0, "failed": 0}
     taken = {item.task.id: item.task for item in store.take_many("w", 10)}
-    assert taken["a"].payload == {"v": 1}  # the existing row was left alone
+    assert taken["a"].payload == {"v": 1}
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [tq.Task("a", {"v": 2}), tq.Task("a", {"v": 1}, idempotency_key="other")],
+    ids=["payload", "key"],
+)
+def test_enqueue_many_refuses_a_known_id_with_another_task_and_adds_nothing(
+    backend: Backend, changed: tq.Task
+) -> None:
+    store = backend.open()
+    assert store.enqueue_many([tq.Task("a", {"v": 1})]) == 1
+    with pytest.raises(tq.TaskConflictError, match="'a'") as caught:
+        store.enqueue_many([tq.Task("0-new", {"v": 0}), changed, tq.Task("z-new")])
+    assert caught.value.task_id == "a"
+    assert task_counts(store)["queued"] == 1  # neither new task went in
+    [item] = store.take_many("w", 10)
+    assert item.task == tq.Task("a", {"v": 1})
+    # The same id twice in one batch with different tasks is refused the same way.
+    with pytest.raises(tq.TaskConflictError, match="'b'"):
+        store.enqueue_many([tq.Task("b", {"v": 1}), tq.Task("b", {"v": 2})])
+    assert task_counts(store)["queued"] == 0
+
+
+@pytest.mark.parametrize("state", ["queued", "running", "done", "failed"])
+def test_take_task_refuses_a_known_id_with_another_payload_in_every_state(
+    backend: Backend, state: str
+) -> None:
+    store = backend.open()
+    original = tq.Task("a", {"v": 1})
+    store.enqueue_many([original])
+    if state != "queued":
+        [item] = store.take_many("w1", 1)
+        if state != "running":
+            store.settle_many([("a", item.token, tq.EntryState(state), None)])
+    before = task_counts(store)
+    with pytest.raises(tq.TaskConflictError, match="'a'"):
+        store.take_task(tq.Task("a", {"v": 2}), "w2")
+    assert task_counts(store) == before
+    if state in ("queued", "failed"):
+        # The identical task is still taken as before, and carries the stored payload.
+        assert store.take_task(original, "w2") is not None
 
 
 def test_take_many_round_trips_the_task(backend: Backend) -> None:
