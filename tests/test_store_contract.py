@@ -7,6 +7,7 @@ their expiry with a deadline instead of sleeping a guessed time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -20,6 +21,7 @@ import pytest
 import task_queue_optimized as tq
 from tests import store_fixtures
 from tests.store_fixtures import (
+    WAIT,
     Backend,
     require_psycopg,
     wait_until,
@@ -102,6 +104,37 @@ def test_complete_with_a_stale_token_writes_nothing(backend: Backend) -> None:
     # A completed key is no longer owned by anyone: its token cannot write again.
     assert store.complete_many([("k", new.token, out("again"))]) == [False]
     assert store.lookup("k")["output"] == "fresh"
+
+
+@pytest.fixture
+def seeded_alike() -> Any:
+    """Restore the global `random` generator after a test that seeds it."""
+    state = random.getstate()
+    yield random.seed
+    random.setstate(state)
+
+
+def test_tokens_do_not_follow_the_seed_of_the_global_random(
+    backend: Backend, seeded_alike: Any
+) -> None:
+    # Two processes that seed `random` alike must still fence each other out.
+    stalled, other = backend.stores(2, lease_seconds=SHORT_LEASE)
+    seeded_alike(1234)
+    old = claim(stalled, "k")
+    wait_until(lambda: time.time() > old.lease_expires, "the claim's lease to run out")
+    seeded_alike(1234)
+    new = claim(other, "k")
+    assert new.state is CLAIMED and new.token != old.token
+    assert stalled.complete_many([("k", old.token, out("stale"))]) == [False]
+    # The durable queue's tokens likewise.
+    stalled.enqueue_many([tq.Task("t")])
+    seeded_alike(99)
+    (first,) = stalled.take_many("stalled", 1)
+    wait_until(lambda: other.queue_status()["stalled"] == 1, "the task's lease to run out")
+    seeded_alike(99)
+    (second,) = other.take_many("other", 1)
+    assert second.token != first.token
+    assert stalled.settle_many([("t", first.token, DONE, None)]) == 0
 
 
 def test_complete_many_is_per_item(backend: Backend) -> None:
@@ -607,6 +640,69 @@ def test_a_shared_database_survives_its_stores(backend: Backend) -> None:
     reopened = backend.open()
     assert claim(reopened, "k", FP1).output == {"kept": True}
     assert [item.task for item in reopened.take_many("w", 5)] == [tq.Task("later", {"p": 1})]
+
+
+def test_a_closed_store_refuses_every_call_and_closes_twice(backend: Backend) -> None:
+    store = backend.open()
+    won = claim(store, "k")
+    store.enqueue_many([tq.Task("t")])
+    store.close()
+    calls: dict[str, Any] = {
+        "claim_many": lambda: store.claim_many([("k2", None)]),
+        "complete_many": lambda: store.complete_many([("k", won.token, out(1))]),
+        "renew_many": lambda: store.renew_many([("k", won.token)]),
+        "release_many": lambda: store.release_many([("k", won.token, None)]),
+        "lookup": lambda: store.lookup("k"),
+        "mark_processed": lambda: store.mark_processed("k", out(1)),
+        "purge_expired": lambda: store.purge_expired(0),
+        "stats": store.stats,
+        "enqueue_many": lambda: store.enqueue_many([tq.Task("u")]),
+        "take_many": lambda: store.take_many("w", 1),
+        "take_task": lambda: store.take_task(tq.Task("u"), "w"),
+        "settle_many": lambda: store.settle_many([("t", 1, DONE, None)]),
+        "renew_tasks": lambda: store.renew_tasks("w"),
+        "queue_status": store.queue_status,
+        "wait_for_work": lambda: store.wait_for_work(0.01, threading.Event()),
+    }
+    answered = []
+    for name, call in calls.items():
+        try:
+            call()
+        except tq.TaskQueueError as exc:
+            assert "closed" in str(exc), (name, exc)
+        else:
+            answered.append(name)
+    assert answered == []
+    store.close()
+    if backend.shared:  # nothing was written after the close
+        reopened = backend.open()
+        assert reopened.stats()["in_progress"] == 1 and reopened.stats()["total"] == 1
+        assert task_counts(reopened)["queued"] == 1
+
+
+def test_close_wakes_a_wait_for_work(backend: Backend) -> None:
+    if not backend.wakes:
+        pytest.skip("SQLite has no notifications: idle workers poll")
+    store = backend.open()
+    stop = threading.Event()
+    waiting = threading.Event()
+    # Once the store listens, a close must end the wait long before its hour is up.
+    store.wait_for_work(0.01, stop)  # opens the listening connection where there is one
+
+    def wait() -> None:
+        waiting.set()
+        with contextlib.suppress(tq.TaskQueueError):  # closed before the wait began
+            store.wait_for_work(3600, stop)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    waiting.wait(WAIT)
+    store.close()
+    thread.join(WAIT)
+    alive = thread.is_alive()
+    stop.set()
+    thread.join(WAIT)
+    assert not alive
 
 
 def test_store_url_names_the_backend(backend: Backend) -> None:
