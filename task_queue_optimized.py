@@ -2089,7 +2089,9 @@ def _split_schema(url: str) -> tuple[str, str]:
             rest.append((name, value))
     if not IDENTIFIER_PATTERN.fullmatch(schema):
         raise ConfigError(f"database {_redact(url)}: schema {schema!r} is not a valid identifier")
-    dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    # libpq decodes %20 but not "+": quote spaces the way it reads them (options=-c%20a%3Db).
+    query_text = urllib.parse.urlencode(rest, quote_via=urllib.parse.quote)
+    dsn = urllib.parse.urlunsplit(parts._replace(query=query_text))
     return dsn, schema.lower()
 
 

@@ -154,6 +154,14 @@ def pg_rows(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
+def pg_execute(sql: str, params: Sequence[Any] = ()) -> None:
+    """Run one statement that returns no rows on the test server (its own connection)."""
+    import psycopg
+
+    with psycopg.connect(PG_DSN, connect_timeout=10, autocommit=True) as conn:
+        conn.execute(sql, params)
+
+
 def listening(url: str) -> bool:
     """Return whether some connection has run ``LISTEN`` on the store's channel (an idle worker)."""
     channel = f"task_queue_{schema_of(url)}"
