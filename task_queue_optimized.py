@@ -1692,10 +1692,10 @@ class SqliteStore(_SqlStore):
             try:
                 for ddl in self._DDL:
                     conn.execute(ddl.format(**names))
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
         keys = names["keys"]
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({keys})")}
         missing = {"key", "state", "fingerprint", "token", "output", "lease_expires"} - columns
@@ -1720,10 +1720,10 @@ class SqliteStore(_SqlStore):
             conn.execute(begin)
             try:
                 result = body(execute)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
             return result
 
         with self._lock:
@@ -1744,6 +1744,14 @@ class SqliteStore(_SqlStore):
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite has already rolled back after some errors (a full disk, an I/O error, a trigger's
+    # RAISE(ROLLBACK)); a second ROLLBACK would then fail and hide the error that matters.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _retry_busy(operation: Callable[[], Any]) -> Any:

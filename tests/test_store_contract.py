@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -710,6 +711,26 @@ def test_store_url_names_the_backend(backend: Backend) -> None:
     assert store.url == backend.url
     assert store.lease_seconds == 30.0
     assert store.ttl_seconds is None
+
+
+@pytest.mark.parametrize("action", ["ROLLBACK", "ABORT", "FAIL"])
+def test_sqlite_reports_the_error_that_ended_a_transaction(tmp_path: Path, action: str) -> None:
+    # RAISE(ROLLBACK) ends the transaction inside SQLite, as a full disk or an I/O error does.
+    db = tmp_path / "store.db"
+    store = tq.open_store(str(db))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON idempotency_tasks WHEN NEW.id = 'bad' "
+            f"BEGIN SELECT RAISE({action}, 'refused by trigger'); END"
+        )
+        conn.commit()
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="refused by trigger"):
+            store.enqueue_many([tq.Task("a"), tq.Task("bad"), tq.Task("c")])
+        assert task_counts(store)["queued"] == 0
+        assert store.enqueue_many([tq.Task("a")]) == 1  # the store is still usable
+    finally:
+        store.close()
 
 
 # --- Over the contract: the manager and the durable pool ----------------------------------------
