@@ -341,6 +341,7 @@ class ErrorKind(_TextEnum):
     TRANSIENT = "transient"
     PERMANENT = "permanent"
     CONFLICT = "conflict"
+    CRASHED = "crashed"  # its worker died while running it, max_attempts times in a row
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -786,12 +787,16 @@ class Store(Protocol):
 
     - ``enqueue_many(tasks)``: insert new ids as queued, all or nothing, and return how many were
       new. An id already stored with the same key and payload is left alone; with another key or
-      payload it raises `TaskConflictError` and nothing is inserted. ``take_many(worker,
-      limit)``: lease up to `limit` queued or lease-expired tasks, oldest first, skipping rows
-      other workers hold. ``take_task(task, worker)``: persist one task as running for this
-      worker (None when it is done, or running elsewhere; `TaskConflictError` when the id is
-      stored with another key or payload, changing nothing).
-      ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
+      payload it raises `TaskConflictError` and nothing is inserted.
+    - ``take_many(worker, limit, max_crashes=None)``: lease up to `limit` queued or lease-expired
+      tasks, oldest first, skipping rows other workers hold; a lease-expired task whose runs all
+      ended with their worker's death, `max_crashes` of them, is failed as crashed instead. A
+      task's ``attempts`` counts the runs started since it was submitted: a task returned to the
+      queue unrun gives its take back, and a failed task submitted again starts afresh.
+    - ``take_task(task, worker)``: persist one task as running for this worker (None when it is
+      done, or running elsewhere; `TaskConflictError` when the id is stored with another key or
+      payload, changing nothing).
+    - ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
       the queue, where the token still owns it. ``renew_tasks(worker, info, entries)``: extend the
       leases of the worker's running tasks (only the ``(task_id, token)`` `entries` when given:
       a row taken by a take whose answer was lost is then left to expire) and record a heartbeat.
@@ -811,7 +816,9 @@ class Store(Protocol):
     def purge_expired(self, older_than: float | None = None) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def enqueue_many(self, tasks: Sequence[Task]) -> int: ...
-    def take_many(self, worker: str, limit: int) -> list[QueuedTask]: ...
+    def take_many(
+        self, worker: str, limit: int, max_crashes: int | None = None
+    ) -> list[QueuedTask]: ...
     def take_task(self, task: Task, worker: str) -> int | None: ...
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int: ...
     def renew_tasks(
@@ -823,6 +830,12 @@ class Store(Protocol):
     def queue_status(self) -> dict[str, Any]: ...
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None: ...
     def close(self) -> None: ...
+
+
+def _crash_error(crashes: int) -> str:
+    """The error of a task failed because its worker died while running it `crashes` times."""
+    times = "once" if crashes == 1 else f"{crashes} times in a row"
+    return f"{ErrorKind.CRASHED.value}: the worker running it died {times}"
 
 
 def _key_order(keys: Sequence[str]) -> list[int]:
@@ -1034,15 +1047,25 @@ class MemoryStore:
 
     def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
         token = _new_token()
+        # A failed task submitted again starts with fresh attempts.
+        attempts = 1 if row["state"] == EntryState.FAILED else row["attempts"] + 1
         row.update(state=EntryState.RUNNING, token=token, worker=worker,
                    lease_expires=now + self.lease_seconds, updated_at=now,
-                   attempts=row["attempts"] + 1)  # fmt: skip
+                   attempts=attempts)  # fmt: skip
         return token
 
-    def take_many(self, worker: str, limit: int) -> list[QueuedTask]:
+    def take_many(
+        self, worker: str, limit: int, max_crashes: int | None = None
+    ) -> list[QueuedTask]:
         taken = []
         with self._guard():
             now = time.time()
+            if max_crashes is not None:
+                for row in self._tasks.values():
+                    if (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now
+                            and row["attempts"] >= max_crashes):  # fmt: skip
+                        row.update(state=EntryState.FAILED, error=_crash_error(max_crashes),
+                                   lease_expires=None, updated_at=now)  # fmt: skip
             ready = sorted(
                 (row for row in self._tasks.values()
                  if row["state"] != EntryState.FAILED and self._takeable(row, now)),
@@ -1077,8 +1100,8 @@ class MemoryStore:
                 if row is None or row["token"] != token or row["state"] != EntryState.RUNNING:
                     continue
                 row.update(state=state, error=error, lease_expires=None, updated_at=now)
-                if state == EntryState.QUEUED:
-                    row.update(token=None, worker=None)
+                if state == EntryState.QUEUED:  # returned unrun: the take gives its attempt back
+                    row.update(token=None, worker=None, attempts=row["attempts"] - 1)
                 count += 1
             if count:
                 self._work.notify_all()
@@ -1236,6 +1259,14 @@ class _SqlStore:
             VALUES (:id, :key, :payload, 'queued', 0, :now, :now)
             ON CONFLICT (id) DO NOTHING
         """,
+        # Tasks whose every run so far ended with its worker's death are failed, not run again.
+        "fail_crashed": """
+            UPDATE {tasks} SET state = 'failed', error = :crash_error, lease_expires = NULL,
+                updated_at = :now
+            WHERE id IN (
+                SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
+                    AND attempts >= :max_crashes {take_lock})
+        """,
         # Two takes, each served by the (state, enqueued_at) index with no sort of the backlog:
         # first running tasks whose lease expired (a dead worker's), then the oldest queued ones.
         "take_expired": """
@@ -1260,7 +1291,8 @@ class _SqlStore:
             VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 1, :now, :now)
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
-                attempts = t.attempts + 1, updated_at = excluded.updated_at
+                attempts = CASE WHEN t.state = 'failed' THEN 1 ELSE t.attempts + 1 END,
+                updated_at = excluded.updated_at
             WHERE (t.state IN ('queued', 'failed')
                    OR (t.state = 'running' AND t.lease_expires <= :now))
               AND t.key = excluded.key AND t.payload = excluded.payload
@@ -1271,7 +1303,8 @@ class _SqlStore:
             UPDATE {tasks} SET state = :state, error = :error, lease_expires = NULL,
                 updated_at = :now,
                 token = CASE WHEN :state = 'queued' THEN NULL ELSE token END,
-                worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END
+                worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END,
+                attempts = CASE WHEN :state = 'queued' THEN attempts - 1 ELSE attempts END
             WHERE id = :id AND token = :token AND state = 'running'
         """,
         "renew_tasks": """
@@ -1490,13 +1523,18 @@ class _SqlStore:
     def _notify(self, execute: Callable[..., Any]) -> int:
         return 0  # PostgresStore wakes idle workers here
 
-    def take_many(self, worker: str, limit: int) -> list[QueuedTask]:
+    def take_many(
+        self, worker: str, limit: int, max_crashes: int | None = None
+    ) -> list[QueuedTask]:
         now = time.time()
         token = _new_token()  # one token for the batch: it fences each row all the same
         params = {"token": token, "worker": worker, "lease": now + self.lease_seconds,
                   "now": now, "limit": limit}  # fmt: skip
 
         def take(execute: Callable[..., Any]) -> list[Any]:
+            if max_crashes is not None:
+                execute("fail_crashed", {**params, "max_crashes": max_crashes,
+                                         "crash_error": _crash_error(max_crashes)})  # fmt: skip
             rows = execute("take_expired", params).fetchall()
             if len(rows) < limit:
                 rows += execute("take", {**params, "limit": limit - len(rows)}).fetchall()
@@ -3431,7 +3469,7 @@ class WorkerPool:
                 room = limit - self._pending
             if stop.is_set() or self._closed:
                 break
-            leased = store.take_many(self.worker_name, room)
+            leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
             if not leased:
                 store.wait_for_work(poll_interval, stop)
                 continue

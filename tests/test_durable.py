@@ -308,6 +308,46 @@ def test_a_durable_submit_survives_the_death_of_its_process(
     assert worker.json()["succeeded"] == 1
 
 
+@pytest.mark.timeout(90)
+def test_a_task_that_kills_its_worker_twice_is_failed_as_crashed(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    never = str(tmp_path / "never-opened")  # the handler waits on this gate: it never returns
+    file = write_task_file(
+        tmp_path / "tasks.json", [{"id": "deadly", "payload": {"gate": never}}, {"id": "fine"}]
+    )
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    flags = ("--lease-seconds", "1", "--max-attempts", "2")
+    for crash in range(1, 3):
+        worker = launcher.worker(str(db), *flags)
+        wait_until(
+            lambda crash=crash: launcher.calls_by_key()["deadly"] == crash,
+            f"run {crash} of the deadly task",
+            procs=[worker],
+        )
+        worker.kill()
+    survivor = launcher.worker(str(db), *flags)
+    wait_until(
+        lambda: status_of(db)["tasks"]["failed"] == 1 and done_count(db) == 1,
+        "the deadly task to be failed as crashed",
+        procs=[survivor],
+    )
+    assert survivor.terminate() == 143
+    assert launcher.calls_by_key() == Counter({"deadly": 2, "fine": 1})
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        query = "SELECT error FROM idempotency_tasks WHERE id = 'deadly'"
+        (error,) = conn.execute(query).fetchone()
+    assert error == "crashed: the worker running it died 2 times in a row"
+    store = tq.open_store(str(db))
+    try:
+        # Failed rows are not taken again: nothing is left to run.
+        assert store.take_many("w", 5, 2) == []
+    finally:
+        store.close()
+
+
 # --- status and purge ----------------------------------------------------------------------------
 
 

@@ -441,6 +441,27 @@ def test_a_lease_expired_task_is_taken_again_and_the_old_token_is_fenced(backend
     assert task_counts(slow) == {"queued": 0, "running": 0, "done": 1, "failed": 0}
 
 
+def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend: Backend) -> None:
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    store.enqueue_many([tq.Task("deadly"), tq.Task("fine")])
+    # "fine" goes back to the queue unrun every time: a returned task is no crash.
+    for take, expected in enumerate([{"deadly", "fine"}, {"deadly", "fine"}, {"fine"}]):
+        taken = {item.task.id: item.token for item in store.take_many(f"w{take}", 2, 2)}
+        assert set(taken) == expected
+        assert store.settle_many([("fine", taken["fine"], QUEUED, None)]) == 1
+        # The worker holding "deadly" dies: its lease runs out.
+        wait_until(lambda: task_counts(store)["running"] == 0 or store.queue_status()["stalled"],
+                   "the dead worker's lease to run out")  # fmt: skip
+    assert task_counts(store) == {"queued": 1, "running": 0, "done": 0, "failed": 1}
+    (item,) = store.take_many("w", 5, 2)
+    assert item.task.id == "fine"
+    assert store.settle_many([("fine", item.token, DONE, None)]) == 1
+    # Without a cap (the default) a store keeps taking a task whose worker dies.
+    store.enqueue_many([tq.Task("again")])
+    for _ in range(3):
+        assert ids(wait_until(lambda: store.take_many("w", 5), "the task to be taken")) == {"again"}
+
+
 def test_take_task_persists_one_task_as_running(backend: Backend) -> None:
     first, second = backend.stores(2)
     task = tq.Task("x", {"a": 1})
