@@ -51,6 +51,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -98,6 +99,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "Task",
+    "TaskConflictError",
     "TaskFileError",
     "TaskProcessor",
     "TaskQueue",
@@ -142,9 +144,12 @@ MAX_JSON_DEPTH = 64
 
 DURABILITY_MODES = ("normal", "full")
 BUSY_TIMEOUT_SECONDS = 30.0
+PG_CONFLICT_RETRIES = 3  # prompt reruns of a transaction PostgreSQL aborted as a deadlock
+PSYCOPG_MIN_VERSION = (3, 2)  # Connection.notifies(timeout=, stop_after=)
 HISTOGRAM_RELATIVE_ERROR = 0.01
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SQLITE_HEADER = b"SQLite format 3\x00"
+MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -185,6 +190,17 @@ class IdempotencyConflictError(TaskQueueError):
     def __init__(self, key: str) -> None:
         self.key = key
         super().__init__(f"idempotency key {key!r} was first used with a different payload")
+
+
+class TaskConflictError(TaskQueueError):
+    """A task id already stored in the durable queue was given again with another payload or key."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"task id {task_id!r} is already in the durable queue with a different payload or "
+            "idempotency key"
+        )
 
 
 class TaskFileError(TaskQueueError, ValueError):
@@ -375,6 +391,7 @@ class ErrorKind(_TextEnum):
     TRANSIENT = "transient"
     PERMANENT = "permanent"
     CONFLICT = "conflict"
+    CRASHED = "crashed"  # its worker died while running it, max_attempts times in a row
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -806,10 +823,20 @@ class EntryState(_TextEnum):
     FAILED = "failed"
 
 
+_STORE_CLOSED = "the store is closed"
+
+
 def _new_token() -> int:
     # Tokens only need to differ between claims of one key; 63 random bits never repeat in
     # practice, and unlike a per-row counter they stay unique across a purge that deletes the row.
-    return random.getrandbits(63) or 1
+    # They come from the operating system, not the `random` module: processes that seed `random`
+    # alike would otherwise draw the same tokens, and a stalled owner's token would still fence.
+    return secrets.randbits(63) or 1
+
+
+# Backoff between database retries: drawn from the operating system so that processes which seed
+# the global `random` generator alike do not retry in lockstep.
+_backoff_random = random.SystemRandom()
 
 
 class Store(Protocol):
@@ -828,11 +855,18 @@ class Store(Protocol):
     Durable queue: one row per task id, ``queued``, ``running`` (a lease, a token and the worker's
     name), ``done`` or ``failed``.
 
-    - ``enqueue_many(tasks)``: insert new ids as queued (existing ids are left alone); returns how
-      many were new. ``take_many(worker, limit)``: lease up to `limit` queued or lease-expired
-      tasks, oldest first, skipping rows other workers hold. ``take_task(task, worker)``: persist
-      one task as running for this worker (None when it is done, or running elsewhere).
-      ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
+    - ``enqueue_many(tasks)``: insert new ids as queued, all or nothing, and return how many were
+      new. An id already stored with the same key and payload is left alone; with another key or
+      payload it raises `TaskConflictError` and nothing is inserted.
+    - ``take_many(worker, limit, max_crashes=None)``: lease up to `limit` queued or lease-expired
+      tasks, oldest first, skipping rows other workers hold; a lease-expired task whose runs all
+      ended with their worker's death, `max_crashes` of them, is failed as crashed instead. A
+      task's ``attempts`` counts the runs started since it was submitted: a task returned to the
+      queue unrun gives its take back, and a failed task submitted again starts afresh.
+    - ``take_task(task, worker)``: persist one task as running for this worker (None when it is
+      done, or running elsewhere; `TaskConflictError` when the id is stored with another key or
+      payload, changing nothing).
+    - ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
       the queue, where the token still owns it. ``renew_tasks(worker, info, entries)``: extend the
       leases of the worker's running tasks (only the ``(task_id, token)`` `entries` when given:
       a row taken by a take whose answer was lost is then left to expire) and record a heartbeat.
@@ -852,7 +886,9 @@ class Store(Protocol):
     def purge_expired(self, older_than: float | None = None) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def enqueue_many(self, tasks: Sequence[Task]) -> int: ...
-    def take_many(self, worker: str, limit: int) -> list[QueuedTask]: ...
+    def take_many(
+        self, worker: str, limit: int, max_crashes: int | None = None
+    ) -> list[QueuedTask]: ...
     def take_task(self, task: Task, worker: str) -> int | None: ...
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int: ...
     def renew_tasks(
@@ -864,6 +900,12 @@ class Store(Protocol):
     def queue_status(self) -> dict[str, Any]: ...
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None: ...
     def close(self) -> None: ...
+
+
+def _crash_error(crashes: int) -> str:
+    """The error of a task failed because its worker died while running it `crashes` times."""
+    times = "once" if crashes == 1 else f"{crashes} times in a row"
+    return f"{ErrorKind.CRASHED.value}: the worker running it died {times}"
 
 
 def _key_order(keys: Sequence[str]) -> list[int]:
@@ -898,11 +940,24 @@ class MemoryStore:
         self.url = "memory://"
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
-        self._lock = threading.Lock()  # guards the three dicts below
+        self._lock = threading.Lock()  # guards the three dicts below and _closed
         self._keys: dict[str, dict[str, Any]] = {}
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
-        self._work = threading.Condition(self._lock)  # notified on enqueue
+        self._work = threading.Condition(self._lock)  # notified on enqueue and on close
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Hold the lock of an open store.
+
+        Raises:
+            TaskQueueError: the store is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise TaskQueueError(_STORE_CLOSED)
+            yield
 
     # Idempotency --------------------------------------------------------------------------------
 
@@ -920,7 +975,7 @@ class MemoryStore:
 
     def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]:
         claims = []
-        with self._lock:
+        with self._guard():
             now = time.time()
             lease = now + self.lease_seconds
             for key, fp in items:
@@ -955,7 +1010,7 @@ class MemoryStore:
 
     def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
         results = []
-        with self._lock:
+        with self._guard():
             now = time.time()
             for key, token, text in items:
                 row = self._owned(key, token)
@@ -967,7 +1022,7 @@ class MemoryStore:
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
         count = 0
-        with self._lock:
+        with self._guard():
             now = time.time()
             for key, token in claims:
                 row = self._owned(key, token)
@@ -978,7 +1033,7 @@ class MemoryStore:
 
     def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
         count = 0
-        with self._lock:
+        with self._guard():
             now = time.time()
             for key, token, error in items:
                 row = self._owned(key, token)
@@ -989,12 +1044,12 @@ class MemoryStore:
         return count
 
     def lookup(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
+        with self._guard():
             row = self._keys.get(key)
             return None if row is None else _public_row(row)
 
     def mark_processed(self, key: str, output_json: str) -> None:
-        with self._lock:
+        with self._guard():
             row = self._keys.setdefault(key, {"fingerprint": None, "token": _new_token()})
             row.update(state=_Row.COMPLETED, output=output_json, error=None, lease_expires=None,
                        updated_at=time.time())  # fmt: skip
@@ -1004,7 +1059,7 @@ class MemoryStore:
         if age is None:
             return 0
         cutoff = time.time() - age
-        with self._lock:
+        with self._guard():
             old_keys = [key for key, row in self._keys.items()
                         if row["state"] != _Row.IN_PROGRESS
                         and row["updated_at"] <= cutoff]  # fmt: skip
@@ -1021,7 +1076,7 @@ class MemoryStore:
 
     def stats(self) -> dict[str, int]:
         counts = dict.fromkeys((state.value for state in _Row), 0)
-        with self._lock:
+        with self._guard():
             for row in self._keys.values():
                 counts[row["state"].value] += 1
         counts["total"] = sum(counts.values())
@@ -1029,9 +1084,19 @@ class MemoryStore:
 
     # Durable queue ------------------------------------------------------------------------------
 
+    def _check_same(self, task: Task, stored: Task) -> None:
+        if stored.key != task.key or _queue_payload(stored) != _queue_payload(task):
+            raise TaskConflictError(task.id)
+
     def enqueue_many(self, tasks: Sequence[Task]) -> int:
         added = 0
-        with self._lock:
+        with self._guard():
+            # Every task is checked before any is added: the batch is all or nothing.
+            seen: dict[str, Task] = {}
+            for task in tasks:
+                row = self._tasks.get(task.id)
+                self._check_same(task, row["task"] if row is not None else seen.get(task.id, task))
+                seen.setdefault(task.id, task)
             now = time.time()
             for task in tasks:
                 if task.id in self._tasks:
@@ -1053,15 +1118,25 @@ class MemoryStore:
 
     def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
         token = _new_token()
+        # A failed task submitted again starts with fresh attempts.
+        attempts = 1 if row["state"] == EntryState.FAILED else row["attempts"] + 1
         row.update(state=EntryState.RUNNING, token=token, worker=worker,
                    lease_expires=now + self.lease_seconds, updated_at=now,
-                   attempts=row["attempts"] + 1)  # fmt: skip
+                   attempts=attempts)  # fmt: skip
         return token
 
-    def take_many(self, worker: str, limit: int) -> list[QueuedTask]:
+    def take_many(
+        self, worker: str, limit: int, max_crashes: int | None = None
+    ) -> list[QueuedTask]:
         taken = []
-        with self._lock:
+        with self._guard():
             now = time.time()
+            if max_crashes is not None:
+                for row in self._tasks.values():
+                    if (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now
+                            and row["attempts"] >= max_crashes):  # fmt: skip
+                        row.update(state=EntryState.FAILED, error=_crash_error(max_crashes),
+                                   lease_expires=None, updated_at=now)  # fmt: skip
             ready = sorted(
                 (row for row in self._tasks.values()
                  if row["state"] != EntryState.FAILED and self._takeable(row, now)),
@@ -1072,10 +1147,12 @@ class MemoryStore:
         return taken
 
     def take_task(self, task: Task, worker: str) -> int | None:
-        with self._lock:
+        with self._guard():
             now = time.time()
             row = self._tasks.get(task.id)
-            if row is None:
+            if row is not None:
+                self._check_same(task, row["task"])
+            else:
                 self._tasks[task.id] = row = {
                     "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
                     "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
@@ -1087,7 +1164,7 @@ class MemoryStore:
 
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
         count = 0
-        with self._lock:
+        with self._guard():
             now = time.time()
             for task_id, token, state, error in items:
                 row = self._tasks.get(task_id)
@@ -1095,8 +1172,8 @@ class MemoryStore:
                     continue
                 row.update(state=state, error=_storable_text(error), lease_expires=None,
                            updated_at=now)  # fmt: skip
-                if state == EntryState.QUEUED:
-                    row.update(token=None, worker=None)
+                if state == EntryState.QUEUED:  # returned unrun: the take gives its attempt back
+                    row.update(token=None, worker=None, attempts=row["attempts"] - 1)
                 count += 1
             if count:
                 self._work.notify_all()
@@ -1109,7 +1186,7 @@ class MemoryStore:
         entries: Sequence[tuple[str, int]] | None = None,
     ) -> int:
         count = 0
-        with self._lock:
+        with self._guard():
             now = time.time()
             if entries is None:
                 rows = [row for row in self._tasks.values() if row["worker"] == worker]
@@ -1126,7 +1203,7 @@ class MemoryStore:
 
     def queue_status(self) -> dict[str, Any]:
         status = _empty_status()
-        with self._lock:
+        with self._guard():
             now = time.time()
             queued = []
             for row in self._tasks.values():
@@ -1145,15 +1222,20 @@ class MemoryStore:
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         deadline = time.monotonic() + timeout
-        with self._work:
-            # Short slices, so a stop request is seen within a quarter second.
-            while not stop.is_set():
+        with self._guard():
+            # Short slices, so a stop request is seen within a quarter second; a close wakes it.
+            while not stop.is_set() and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._work.wait(min(remaining, 0.25)):
                     return
 
     def close(self) -> None:
+        """Close the store: its contents are gone, and every later call raises `TaskQueueError`."""
         with self._work:
+            self._closed = True
+            self._keys.clear()
+            self._tasks.clear()
+            self._workers.clear()
             self._work.notify_all()
 
 
@@ -1249,6 +1331,14 @@ class _SqlStore:
             VALUES (:id, :key, :payload, 'queued', 0, :now, :now)
             ON CONFLICT (id) DO NOTHING
         """,
+        # Tasks whose every run so far ended with its worker's death are failed, not run again.
+        "fail_crashed": """
+            UPDATE {tasks} SET state = 'failed', error = :crash_error, lease_expires = NULL,
+                updated_at = :now
+            WHERE id IN (
+                SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
+                    AND attempts >= :max_crashes {take_lock})
+        """,
         # Two takes, each served by the (state, enqueued_at) index with no sort of the backlog:
         # first running tasks whose lease expired (a dead worker's), then the oldest queued ones.
         "take_expired": """
@@ -1273,16 +1363,20 @@ class _SqlStore:
             VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 1, :now, :now)
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
-                attempts = t.attempts + 1, updated_at = excluded.updated_at
-            WHERE t.state IN ('queued', 'failed')
-               OR (t.state = 'running' AND t.lease_expires <= :now)
+                attempts = CASE WHEN t.state = 'failed' THEN 1 ELSE t.attempts + 1 END,
+                updated_at = excluded.updated_at
+            WHERE (t.state IN ('queued', 'failed')
+                   OR (t.state = 'running' AND t.lease_expires <= :now))
+              AND t.key = excluded.key AND t.payload = excluded.payload
             RETURNING token
         """,
+        "task_entry": "SELECT key, payload FROM {tasks} WHERE id = :id",
         "settle": """
             UPDATE {tasks} SET state = :state, error = :error, lease_expires = NULL,
                 updated_at = :now,
                 token = CASE WHEN :state = 'queued' THEN NULL ELSE token END,
-                worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END
+                worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END,
+                attempts = CASE WHEN :state = 'queued' THEN attempts - 1 ELSE attempts END
             WHERE id = :id AND token = :token AND state = 'running'
         """,
         "renew_tasks": """
@@ -1325,11 +1419,16 @@ class _SqlStore:
             name: self._dialect(sql.format(take_lock=self._TAKE_LOCK, **names))
             for name, sql in self._SQL.items()
         }
-        self._lock = threading.Lock()  # guards the connection: one transaction at a time
+        self._lock = threading.Lock()  # guards the connection and _closed: one transaction at once
+        self._closed = False  # set once by close; a closed store refuses every call
 
     @staticmethod
     def _dialect(sql: str) -> str:
         return sql
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TaskQueueError(_STORE_CLOSED)
 
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         """Run ``body(execute)`` in one transaction; ``execute(name, params)`` runs one named
@@ -1392,7 +1491,7 @@ class _SqlStore:
         if not rows:
             return []
 
-        if len(rows) == 1 and name != "enqueue":
+        if len(rows) == 1:
             single = self._one_statement(name, rows[0])
             if single is not None:
                 return [single.rowcount]
@@ -1401,9 +1500,7 @@ class _SqlStore:
             counts = [0] * len(rows)
             for index in _key_order([row[field] for row in rows]):
                 counts[index] = execute(name, rows[index]).rowcount
-            if name == "enqueue" or (
-                name == "settle" and any(row["state"] == "queued" for row in rows)
-            ):
+            if name == "settle" and any(row["state"] == "queued" for row in rows):
                 self._notify(execute)  # wake idle workers: there is work for them
             return counts
 
@@ -1466,18 +1563,50 @@ class _SqlStore:
     def enqueue_many(self, tasks: Sequence[Task]) -> int:
         now = time.time()
         rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now} for t in tasks]
-        return sum(self._each("enqueue", rows, "id"))
+        if not rows:
+            return 0
+
+        def enqueue(execute: Callable[..., Any]) -> int:
+            added = 0
+            for index in _key_order([row["id"] for row in rows]):  # see claim_many
+                row = rows[index]
+                if execute("enqueue", row).rowcount:
+                    added += 1
+                else:
+                    # Raising rolls the whole batch back: all or nothing.
+                    self._check_same(execute, row)
+            if added:
+                self._notify(execute)  # wake idle workers: there is work for them
+            return added
+
+        return self._transaction(enqueue)
+
+    @staticmethod
+    def _check_same(execute: Callable[..., Any], row: Mapping[str, Any]) -> None:
+        """Refuse a task id stored with another key or payload.
+
+        Raises:
+            TaskConflictError: the stored task differs.
+        """
+        stored = execute("task_entry", {"id": row["id"]}).fetchone()
+        if stored is not None and tuple(stored) != (row["key"], row["payload"]):
+            raise TaskConflictError(row["id"])
 
     def _notify(self, execute: Callable[..., Any]) -> int:
         return 0  # PostgresStore wakes idle workers here
 
-    def take_many(self, worker: str, limit: int) -> list[QueuedTask]:
+    def take_many(
+        self, worker: str, limit: int, max_crashes: int | None = None
+    ) -> list[QueuedTask]:
         now = time.time()
         token = _new_token()  # one token for the batch: it fences each row all the same
         params = {"token": token, "worker": worker, "lease": now + self.lease_seconds,
                   "now": now, "limit": limit}  # fmt: skip
 
         def take(execute: Callable[..., Any]) -> list[Any]:
+            if max_crashes is not None:
+                execute("fail_crashed", {**params, "max_crashes": max_crashes,
+                                         "crash_error": _crash_error(max_crashes)})  # fmt: skip
             rows = execute("take_expired", params).fetchall()
             if len(rows) < limit:
                 rows += execute("take", {**params, "limit": limit - len(rows)}).fetchall()
@@ -1494,7 +1623,14 @@ class _SqlStore:
         params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
                   "token": _new_token(), "worker": worker, "lease": now + self.lease_seconds,
                   "now": now}  # fmt: skip
-        row = self._transaction(lambda execute: execute("take_task", params).fetchone())
+
+        def take(execute: Callable[..., Any]) -> Any:
+            row = execute("take_task", params).fetchone()
+            if row is None:
+                self._check_same(execute, params)
+            return row
+
+        row = self._transaction(take)
         return None if row is None else row[0]
 
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
@@ -1544,6 +1680,7 @@ class _SqlStore:
         return status
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
+        self._check_open()
         stop.wait(timeout)
 
 
@@ -1558,10 +1695,17 @@ class SqliteStore(_SqlStore):
     WAL journal (readers never block the writer), ``synchronous=NORMAL`` (survives a process
     crash) or ``FULL`` (``durability="full"``: survives power loss), write transactions begun with
     ``BEGIN IMMEDIATE`` so none has to upgrade from read to write, and a 30 s busy timeout. New
-    files are created with mode 0600. ``path=None`` is a private in-memory database.
+    files are created with mode 0600. ``path=None`` or ``":memory:"`` is a private in-memory
+    database (no file is created); ``file:`` URIs are refused (SQLite would take them for a file
+    name).
+
+    Args:
+        create: create the file and tables when missing; False refuses a database that does not
+            exist or holds no task queue (for commands that only read or delete).
 
     Raises:
-        ConfigError: the path is a directory, is not a SQLite database, or cannot be written.
+        ConfigError: the path is a directory, is not a SQLite database, cannot be written, is a
+            ``file:`` URI, or (``create=False``) does not exist or holds no task queue.
     """
 
     def __init__(
@@ -1572,6 +1716,7 @@ class SqliteStore(_SqlStore):
         ttl_seconds: float | None = None,
         durability: str = DEFAULT_DURABILITY,
         table: str = "idempotency",
+        create: bool = True,
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
@@ -1581,9 +1726,17 @@ class SqliteStore(_SqlStore):
             raise ConfigError(
                 f"SQLite {sqlite3.sqlite_version} is too old: the store needs 3.35 or newer"
             )
-        self.path = None if path is None else os.fspath(path)
-        self.url = "sqlite:///:memory:" if self.path is None else f"sqlite:///{self.path}"
+        text = None if path is None else os.fspath(path)
+        if text is not None and text.startswith("file:"):
+            raise ConfigError(f"database {text}: file: URIs are not supported; give a plain path")
+        self.path = None if text in (None, MEMORY_DATABASE) else text
+        self.url = f"sqlite:///{MEMORY_DATABASE if self.path is None else self.path}"
+        if not create and self.path is None:
+            raise ConfigError(f"database {MEMORY_DATABASE} is new and empty in every process")
+        if not create and not os.path.exists(self.path):
+            raise ConfigError(f"database {self.path}: does not exist")
         self.durability = durability
+        self._create = create
         self._init_common(
             lease_seconds,
             ttl_seconds,
@@ -1622,9 +1775,18 @@ class SqliteStore(_SqlStore):
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ConfigError(f"database {target}: {_describe_db_error(exc)}") from None
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _initialise(self, conn: sqlite3.Connection) -> None:
+        names = self._names
+        if not self._create:
+            # Checked before anything is written: a reader must leave a stranger's file as it is.
+            existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            if not {names["keys"], names["tasks"], names["workers"]} <= existing:
+                raise ConfigError(f"database {self.path}: holds no task queue")
         if self.path is not None:
             # Switching to WAL needs a moment of exclusive access; _retry_busy covers a race with
             # another process opening the same new file.
@@ -1632,7 +1794,6 @@ class SqliteStore(_SqlStore):
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        names = self._names
         existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if not {names["keys"], names["tasks"], names["workers"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
@@ -1641,10 +1802,10 @@ class SqliteStore(_SqlStore):
             try:
                 for ddl in self._DDL:
                     conn.execute(ddl.format(**names))
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
         keys = names["keys"]
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({keys})")}
         missing = {"key", "state", "fingerprint", "token", "output", "lease_expires"} - columns
@@ -1656,7 +1817,7 @@ class SqliteStore(_SqlStore):
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         conn = self._conn
         if conn is None:
-            raise TaskQueueError("the store is closed")
+            raise TaskQueueError(_STORE_CLOSED)
         sql = self._sql
 
         def execute(name: str, params: Mapping[str, Any]) -> sqlite3.Cursor:
@@ -1669,10 +1830,10 @@ class SqliteStore(_SqlStore):
             conn.execute(begin)
             try:
                 result = body(execute)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
             return result
 
         with self._lock:
@@ -1681,7 +1842,7 @@ class SqliteStore(_SqlStore):
     def _one_statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor | None:
         conn = self._conn
         if conn is None:
-            raise TaskQueueError("the store is closed")
+            raise TaskQueueError(_STORE_CLOSED)
         sql = self._sql[name]
         with self._lock:
             # Fetching every row steps the statement to its end, which commits it.
@@ -1689,9 +1850,18 @@ class SqliteStore(_SqlStore):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite has already rolled back after some errors (a full disk, an I/O error, a trigger's
+    # RAISE(ROLLBACK)); a second ROLLBACK would then fail and hide the error that matters.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _retry_busy(operation: Callable[[], Any]) -> Any:
@@ -1705,7 +1875,7 @@ def _retry_busy(operation: Callable[[], Any]) -> Any:
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc) or time.monotonic() >= deadline:
                 raise
-        time.sleep(random.uniform(0, delay))
+        time.sleep(_backoff_random.uniform(0, delay))
         delay = min(delay * 2, 0.1)
 
 
@@ -1762,14 +1932,19 @@ class PostgresStore(_SqlStore):
     milliseconds instead of polling. A lost connection (a server restart) is reopened with
     backoff for up to `reconnect_seconds`, and the interrupted transaction is run again: a
     transaction is all or nothing, and every write is fenced by a token, so a retry can delay a
-    task but never complete one twice. Needs psycopg 3 (``pip install "psycopg[binary]"``).
+    task but never complete one twice. A deadlock or serialization failure is run again at once,
+    a few times; any other database error reaches the caller at once. Needs psycopg 3.2 or newer
+    (``pip install "psycopg[binary]>=3.2"``).
 
     Args:
         url: ``postgresql://user@host:port/dbname``; ``?schema=NAME`` (default ``task_queue``)
             selects the schema that holds the tables.
+        create: create the schema and tables when missing; False refuses a schema that does not
+            hold them (for commands that only read or delete).
 
     Raises:
-        ConfigError: psycopg is missing, the URL or schema is invalid, or no server answers.
+        ConfigError: psycopg is missing or too old, the URL or schema is invalid, no server
+            answers, or (``create=False``) the schema holds no task queue.
     """
 
     _TAKE_LOCK = "FOR UPDATE SKIP LOCKED"
@@ -1797,13 +1972,9 @@ class PostgresStore(_SqlStore):
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         ttl_seconds: float | None = None,
         reconnect_seconds: float = 60.0,
+        create: bool = True,
     ) -> None:
-        try:
-            import psycopg
-        except ImportError:
-            raise ConfigError(
-                "a postgresql:// database needs psycopg 3: pip install 'psycopg[binary]'"
-            ) from None
+        psycopg = _import_psycopg()
         self._psycopg = psycopg
         self._dsn, schema = _split_schema(url)
         self._secret_url = url  # for `_scrub` only; `url` is what may be shown
@@ -1822,10 +1993,16 @@ class PostgresStore(_SqlStore):
         self._conn: Any = None
         try:
             self._conn = self._connect()
-            self._create_schema()
+            if create:
+                self._create_schema()
+            else:
+                self._check_schema()
         except psycopg.Error as exc:
             self.close()
             raise ConfigError(f"database {_redact(url)}: {_scrub(_first_line(exc), url)}") from None
+        except ConfigError:
+            self.close()
+            raise
 
     @staticmethod
     def _dialect(sql: str) -> str:
@@ -1841,20 +2018,39 @@ class PostgresStore(_SqlStore):
             for ddl in self._DDL:
                 self._conn.execute(ddl.format(**self._names))
 
+    def _check_schema(self) -> None:
+        """Refuse a schema that does not hold the tables (reading must never create them).
+
+        Raises:
+            ConfigError: the schema or one of its tables is missing.
+        """
+        names = [self._names[table] for table in ("keys", "tasks", "workers")]
+        with self._conn.transaction():
+            found = self._conn.execute(
+                "SELECT " + ", ".join(["to_regclass(%s)"] * len(names)), names
+            ).fetchone()
+        if None in found:
+            raise ConfigError(
+                f"database {_redact(self.url)}: schema {self.schema!r} holds no task queue "
+                "(check the URL's ?schema=; enqueue or a worker creates it)"
+            )
+
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
         delay = 0.05
+        conflicts = 0
         with self._lock:
             while True:
+                self._check_open()
                 if self._conn is None or self._conn.closed:
                     try:
                         self._conn = self._connect()
                     except psycopg.OperationalError:
                         if time.monotonic() >= deadline:
                             raise
-                        time.sleep(random.uniform(delay / 2, delay))
+                        time.sleep(_backoff_random.uniform(delay / 2, delay))
                         delay = min(delay * 2, 2.0)
                         continue
                 conn = self._conn
@@ -1867,7 +2063,16 @@ class PostgresStore(_SqlStore):
 
                         return body(execute)
                 except psycopg.OperationalError as exc:
-                    # The connection broke (server restart, network): reconnect and run again.
+                    # Only a broken connection (server restart, network) is reconnected and run
+                    # again for up to reconnect_seconds. A deadlock or serialization failure left
+                    # the connection fine and is retried a few times at once; anything else
+                    # (a statement timeout, a full disk) is the caller's to see now.
+                    if _pg_conflict(exc) and conflicts < PG_CONFLICT_RETRIES:
+                        conflicts += 1
+                        time.sleep(_backoff_random.uniform(0, 0.01 * conflicts))
+                        continue
+                    if not _pg_connection_lost(conn, exc):
+                        raise
                     logger.warning(
                         "database connection lost (%s); reconnecting",
                         _scrub(_first_line(exc), self._secret_url),
@@ -1883,21 +2088,38 @@ class PostgresStore(_SqlStore):
         return 0
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
-        """Wait for a NOTIFY from an enqueue (or `timeout` seconds) on a listening connection."""
+        """Wait for a NOTIFY from an enqueue (or `timeout` seconds) on a listening connection.
+
+        Returns early when `stop` is set or the store is closed meanwhile.
+
+        Raises:
+            TaskQueueError: the store is closed.
+        """
         psycopg = self._psycopg
+        self._check_open()
         try:
-            if self._listener is None or self._listener.closed:
-                self._listener = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
-                self._listener.execute(f"LISTEN {self._channel}")
-            # Short slices, so a stop request is seen within a quarter second.
+            listener = self._listener
+            if listener is None or listener.closed:
+                listener = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+                listener.execute(f"LISTEN {self._channel}")
+                with self._lock:
+                    closed = self._closed
+                    if not closed:
+                        self._listener = listener
+                if closed:
+                    listener.close()
+                    raise TaskQueueError(_STORE_CLOSED)
+            # Short slices, so a stop request or a close is seen within a quarter second.
             deadline = time.monotonic() + timeout
-            while not stop.is_set():
+            while not stop.is_set() and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                for _ in self._listener.notifies(timeout=min(remaining, 0.25), stop_after=1):
+                for _ in listener.notifies(timeout=min(remaining, 0.25), stop_after=1):
                     return
         except psycopg.Error:
+            if self._closed:
+                return  # close() shut the listener under our feet
             with contextlib.suppress(Exception):
                 self._listener.close()
             self._listener = None
@@ -1909,12 +2131,58 @@ class PostgresStore(_SqlStore):
         self._transaction(lambda execute: execute("drop", {}))
 
     def close(self) -> None:
+        """Close both connections; later calls raise `TaskQueueError` (closing twice is fine)."""
+        # Set before taking the lock, so a transaction waiting out a reconnect stops at once.
+        self._closed = True
         with self._lock:
             for conn in (self._conn, self._listener):
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
             self._conn = self._listener = None
+
+
+def _import_psycopg() -> Any:
+    """Import psycopg, refusing a version older than the store needs.
+
+    Raises:
+        ConfigError: psycopg is missing or too old.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError(
+            "a postgresql:// database needs psycopg 3.2 or newer: "
+            "pip install 'psycopg[binary]>=3.2'"
+        ) from None
+    found = tuple(int(part) for part in re.findall(r"\d+", psycopg.__version__)[:2])
+    if found < PSYCOPG_MIN_VERSION:
+        raise ConfigError(
+            f"a postgresql:// database needs psycopg 3.2 or newer, found {psycopg.__version__}: "
+            "pip install -U 'psycopg[binary]>=3.2'"
+        )
+    return psycopg
+
+
+def _pg_conflict(exc: BaseException) -> bool:
+    # 40001 serialization_failure, 40P01 deadlock_detected: the transaction was rolled back and
+    # running it again is the documented remedy.
+    return getattr(exc, "sqlstate", None) in ("40001", "40P01")
+
+
+def _pg_connection_lost(conn: Any, exc: BaseException) -> bool:
+    # Class 08 (connection exception) and 57P01-57P03 (the server shut down or is starting), or
+    # an error raised by the client itself (no SQLSTATE) that left the connection unusable.
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+    return bool(conn.closed or getattr(conn, "broken", False))
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """Return the base exception classes of the database drivers loaded so far."""
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error,) if psycopg is None else (sqlite3.Error, psycopg.Error)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -2005,7 +2273,9 @@ def _split_schema(url: str) -> tuple[str, str]:
             rest.append((name, value))
     if not IDENTIFIER_PATTERN.fullmatch(schema):
         raise ConfigError(f"database {_redact(url)}: schema {schema!r} is not a valid identifier")
-    dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    # libpq decodes %20 but not "+": quote spaces the way it reads them (options=-c%20a%3Db).
+    query_text = urllib.parse.urlencode(rest, quote_via=urllib.parse.quote)
+    dsn = urllib.parse.urlunsplit(parts._replace(query=query_text))
     return dsn, schema.lower()
 
 
@@ -2015,12 +2285,18 @@ def open_store(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ttl_seconds: float | None = None,
     durability: str = DEFAULT_DURABILITY,
+    create: bool = True,
 ) -> Store:
     """Open the store a URL names.
 
-    ``None`` or ``sqlite:///:memory:``: a private in-memory SQLite database; ``memory://``:
-    `MemoryStore`; ``postgresql://...`` or ``postgres://...``: `PostgresStore`; ``sqlite:///PATH``
-    or a plain path: `SqliteStore` on that file.
+    ``None``, ``:memory:`` or ``sqlite:///:memory:``: a private in-memory SQLite database;
+    ``memory://``: `MemoryStore`; ``postgresql://...`` or ``postgres://...``: `PostgresStore`;
+    ``sqlite:///PATH`` or a plain path: `SqliteStore` on that file.
+
+    Args:
+        create: create the database (file, schema, tables) when missing. False opens only a
+            database that exists and holds a task queue, and refuses the in-memory ones, which
+            hold nothing in a new process: for commands that only read or delete.
 
     Raises:
         ConfigError: the database cannot be used (see each store).
@@ -2028,14 +2304,15 @@ def open_store(
     """
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
-    if url is None:
-        return SqliteStore(None, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
-                           durability=durability)  # fmt: skip
-    text = os.fspath(url)
+    text = MEMORY_DATABASE if url is None else os.fspath(url)
     if text == "memory://":
+        if not create:
+            raise ConfigError(f"database {text} is new and empty in every process")
         return MemoryStore(lease_seconds=lease_seconds, ttl_seconds=ttl_seconds)
     if text.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(text, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds)
+        return PostgresStore(
+            text, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds, create=create
+        )
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
         if not text:
@@ -2045,9 +2322,8 @@ def open_store(
             f"database {_redact(text)}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
             "postgresql://...)"
         )
-    path = None if text == ":memory:" else text
-    return SqliteStore(path, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
-                       durability=durability)  # fmt: skip
+    return SqliteStore(text, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
+                       durability=durability, create=create)  # fmt: skip
 
 
 # --- Idempotency ---------------------------------------------------------------------------------
@@ -3270,7 +3546,11 @@ class WorkerPool:
         try:
             # Persisted before submit returns; None when the task is done or another worker has it
             # (the key's claim then decides what this submission reports).
-            entry = self._store.store.take_task(task, self.worker_name)
+            try:
+                entry = self._store.store.take_task(task, self.worker_name)
+            except TaskConflictError as exc:
+                # The stored task is another one: running either would run what was not asked.
+                return self._refuse(task, now, str(exc), ErrorKind.CONFLICT.value)
             return self._accept(task, fp, now, entry)
         finally:
             self._release_store()
@@ -3420,7 +3700,7 @@ class WorkerPool:
                 room = limit - self._pending
             if stop.is_set() or self._closed:
                 break
-            leased = store.take_many(self.worker_name, room)
+            leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
             if not leased:
                 store.wait_for_work(poll_interval, stop)
                 continue
@@ -4369,6 +4649,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except _database_errors() as exc:
+        # A database refused a statement (a server error, a full disk): one line, no traceback.
+        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _main(argv: list[str] | None) -> int:
@@ -4444,9 +4728,25 @@ def _subcommand_parser(name: str, description: str, settings: Iterable[str]) -> 
     return parser
 
 
-def _open_cli_store(config: Mapping[str, Any]) -> Store:
+def _open_cli_store(config: Mapping[str, Any], *, create: bool = True) -> Store:
+    """Open the durable queue; ``create=False`` for commands that only read or delete.
+
+    Raises:
+        ConfigError: the database cannot be used, does not exist (``create=False``) or lives in
+            this process's memory only, where no other command could see the queue.
+    """
     url = config["db_path"] or DEFAULT_DB_FILE
-    return open_store(url, lease_seconds=config["lease_seconds"], durability=config["durability"])
+    if url in (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://"):
+        raise ConfigError(
+            f"database {url}: lives in one process's memory only; the durable queue needs a "
+            "file or a postgresql:// URL"
+        )
+    return open_store(
+        url,
+        lease_seconds=config["lease_seconds"],
+        durability=config["durability"],
+        create=create,
+    )
 
 
 def _cmd_enqueue(argv: list[str]) -> int:
@@ -4460,9 +4760,14 @@ def _cmd_enqueue(argv: list[str]) -> int:
     tasks = load_tasks(args.task_file, max_bytes=config["max_task_file_bytes"])
     store = _open_cli_store(config)
     try:
-        added = sum(
-            store.enqueue_many(tasks[start : start + 1000]) for start in range(0, len(tasks), 1000)
-        )
+        # One transaction for the whole file: a task the database refuses leaves nothing behind.
+        added = store.enqueue_many(tasks)
+    except TaskConflictError as exc:
+        raise ConfigError(f"{args.task_file}: {exc}; nothing was enqueued") from None
+    except _database_errors() as exc:
+        raise ConfigError(
+            f"database {_redact(store.url)}: {_first_line(exc)}; nothing was enqueued"
+        ) from None
     finally:
         store.close()
     print(
@@ -4623,7 +4928,7 @@ def _cmd_status(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
-    store = _open_cli_store(config)
+    store = _open_cli_store(config, create=False)
     try:
         status = {**store.queue_status(), "keys": store.stats(), "database": _redact(store.url)}
     finally:
@@ -4658,7 +4963,7 @@ def _cmd_purge(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     age = _parse_nonnegative_float(args.older_than, "--older-than")
-    store = _open_cli_store(config)
+    store = _open_cli_store(config, create=False)
     try:
         purged = store.purge_expired(age)
     finally:

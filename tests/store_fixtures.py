@@ -138,12 +138,12 @@ def schema_of(url: str) -> str:
 
 
 def drop_schema(url: str) -> None:
-    """Drop the schema of `url` with `PostgresStore.drop_schema` (it is created if missing)."""
-    store = tq.PostgresStore(url)
-    try:
-        store.drop_schema()
-    finally:
-        store.close()
+    """Drop the schema of `url` if it exists (opening a store on it would create it)."""
+    import psycopg
+
+    dsn, schema = tq._split_schema(url)  # validates the name, so it is safe to interpolate
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def pg_rows(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -152,6 +152,14 @@ def pg_rows(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
 
     with psycopg.connect(PG_DSN, connect_timeout=10, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def pg_execute(sql: str, params: Sequence[Any] = ()) -> None:
+    """Run one statement that returns no rows on the test server (its own connection)."""
+    import psycopg
+
+    with psycopg.connect(PG_DSN, connect_timeout=10, autocommit=True) as conn:
+        conn.execute(sql, params)
 
 
 def listening(url: str) -> bool:

@@ -7,8 +7,10 @@ test can count executions. Progress is observed by polling the database with a d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import sqlite3
 import threading
 import urllib.error
 import urllib.request
@@ -87,6 +89,130 @@ def test_enqueue_reads_the_database_url_from_tq_db_path(
     status = launcher.run("status", "--db", str(db), "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["tasks"]["queued"] == 3
+
+
+def reject_insert_of(db: Path, task_id: str) -> None:
+    """Create the queue in `db` with a trigger that makes the database refuse `task_id`."""
+    tq.open_store(str(db)).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON idempotency_tasks "
+            f"WHEN NEW.id = '{task_id}' BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
+        conn.commit()
+
+
+def test_enqueue_is_all_or_nothing_when_the_database_refuses_a_task(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    reject_insert_of(db, "t-1500")
+    file = write_task_file(tmp_path / "tasks.json", tasks(1600))
+    line = one_line_error(launcher.run("enqueue", "--task-file", str(file), "--db", str(db)))
+    assert "refused by trigger" in line and "nothing was enqueued" in line
+    assert status_of(db)["tasks"]["queued"] == 0
+
+
+def test_enqueue_of_a_known_id_with_another_payload_exits_2_and_writes_nothing(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    first = write_task_file(tmp_path / "first.json", [{"id": "t-1200", "payload": {"v": 1}}])
+    assert launcher.run("enqueue", "--task-file", str(first), "--db", str(db)).returncode == 0
+    batch = tasks(1500, v=1)
+    batch[1200]["payload"] = {"v": 2}
+    file = write_task_file(tmp_path / "tasks.json", batch)
+    line = one_line_error(launcher.run("enqueue", "--task-file", str(file), "--db", str(db)))
+    assert "'t-1200'" in line and "different payload" in line
+    assert status_of(db)["tasks"]["queued"] == 1
+    store = tq.open_store(str(db))
+    try:
+        [item] = store.take_many("w", 10)
+    finally:
+        store.close()
+    assert item.task.payload == {"v": 1}
+
+
+# --- databases that do not exist -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["status", "purge"])
+def test_reading_commands_refuse_a_missing_database_and_create_nothing(
+    command: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "typo.db"
+    line = one_line_error(launcher.run(command, "--db", str(db), timeout=30))
+    assert str(db) in line and "does not exist" in line
+    assert not db.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("typo")) == []
+
+
+@pytest.mark.parametrize("command", ["status", "purge"])
+def test_reading_commands_refuse_a_sqlite_file_without_a_queue_and_leave_it_alone(
+    command: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.commit()
+    before = db.read_bytes()
+    line = one_line_error(launcher.run(command, "--db", str(db), timeout=30))
+    assert "holds no task queue" in line
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("db", [":memory:", "sqlite:///:memory:", "memory://"])
+@pytest.mark.parametrize("command", ["enqueue", "worker", "status", "purge"])
+def test_queue_commands_refuse_an_in_memory_database_and_create_no_file(
+    command: str,
+    db: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    extra = ["--task-file", str(file)] if command == "enqueue" else []
+    proc = launcher.run(command, "--db", db, *extra, timeout=30)
+    line = one_line_error(proc)
+    assert db in line
+    assert not (tmp_path / ":memory:").exists()
+
+
+def test_a_plain_run_and_a_pool_use_memory_for_memory(
+    launcher: Launcher,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    file = write_task_file(tmp_path / "tasks.json", tasks(3, latency_ms=0))
+    proc = launcher.run("--task-file", str(file), "--db", ":memory:", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["succeeded"] == 3
+    with tq.WorkerPool(lambda task: task.id, workers=2, db_path=":memory:") as pool:
+        assert [r.status for r in pool.run([tq.Task("a"), tq.Task("a")])] == [
+            tq.TaskStatus.SUCCEEDED,
+            tq.TaskStatus.DUPLICATE,
+        ]
+    assert not (tmp_path / ":memory:").exists()
+
+
+def test_file_uris_are_refused_and_create_no_file(
+    launcher: Launcher,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tq.ConfigError, match="file: URIs"):
+        tq.WorkerPool(lambda task: None, db_path="file:queue.db?mode=rwc")
+    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    line = one_line_error(launcher.run("--task-file", str(file), "--db", "file:queue.db"))
+    assert "file: URIs" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("file")) == []
 
 
 # --- worker --------------------------------------------------------------------------------------
@@ -182,6 +308,46 @@ def test_a_durable_submit_survives_the_death_of_its_process(
     assert worker.json()["succeeded"] == 1
 
 
+@pytest.mark.timeout(90)
+def test_a_task_that_kills_its_worker_twice_is_failed_as_crashed(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    never = str(tmp_path / "never-opened")  # the handler waits on this gate: it never returns
+    file = write_task_file(
+        tmp_path / "tasks.json", [{"id": "deadly", "payload": {"gate": never}}, {"id": "fine"}]
+    )
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    flags = ("--lease-seconds", "1", "--max-attempts", "2")
+    for crash in range(1, 3):
+        worker = launcher.worker(str(db), *flags)
+        wait_until(
+            lambda crash=crash: launcher.calls_by_key()["deadly"] == crash,
+            f"run {crash} of the deadly task",
+            procs=[worker],
+        )
+        worker.kill()
+    survivor = launcher.worker(str(db), *flags)
+    wait_until(
+        lambda: status_of(db)["tasks"]["failed"] == 1 and done_count(db) == 1,
+        "the deadly task to be failed as crashed",
+        procs=[survivor],
+    )
+    assert survivor.terminate() == 143
+    assert launcher.calls_by_key() == Counter({"deadly": 2, "fine": 1})
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        query = "SELECT error FROM idempotency_tasks WHERE id = 'deadly'"
+        (error,) = conn.execute(query).fetchone()
+    assert error == "crashed: the worker running it died 2 times in a row"
+    store = tq.open_store(str(db))
+    try:
+        # Failed rows are not taken again: nothing is left to run.
+        assert store.take_many("w", 5, 2) == []
+    finally:
+        store.close()
+
+
 # --- status and purge ----------------------------------------------------------------------------
 
 
@@ -219,6 +385,7 @@ def test_status_reports_states_oldest_stalled_and_heartbeats(
 
 
 def test_status_of_an_empty_queue(launcher: Launcher, tmp_path: Path) -> None:
+    tq.open_store(str(tmp_path / "new.db")).close()
     proc = launcher.run("status", "--db", str(tmp_path / "new.db"), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -384,6 +551,35 @@ def test_a_durable_pool_records_every_submission(tmp_path: Path) -> None:
         }
     assert again == {"t0": tq.TaskStatus.DUPLICATE, "bad": tq.TaskStatus.SUCCEEDED}
     assert status_of(db)["tasks"] == {"queued": 0, "running": 0, "done": 7, "failed": 0}
+
+
+def test_a_durable_resubmission_with_another_payload_fails_as_conflict_and_runs_nothing(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "pool.db")
+    store = tq.open_store(db)
+    try:
+        store.enqueue_many([tq.Task("t", {"v": 1})])
+    finally:
+        store.close()
+    calls: list[tq.Task] = []
+    with tq.WorkerPool(calls.append, workers=2, db_path=db, durable=True) as pool:
+        record = pool.submit(tq.Task("t", {"v": 2})).result(WAIT)
+    assert record.status is tq.TaskStatus.FAILED
+    assert record.error_kind == "conflict" and "'t'" in (record.error or "")
+    assert calls == []
+    assert status_of(db)["tasks"] == {"queued": 1, "running": 0, "done": 0, "failed": 0}
+    # A worker then runs the task that was stored, with its payload.
+    with tq.WorkerPool(calls.append, workers=2, db_path=db, durable=True) as pool:
+        stop = threading.Event()
+        server = threading.Thread(target=pool.serve, args=(stop,), kwargs={"poll_interval": 0.05})
+        server.start()
+        try:
+            wait_until(lambda: status_of(db)["tasks"]["done"] == 1, "the stored task to run")
+        finally:
+            stop.set()
+            server.join(WAIT)
+    assert calls == [tq.Task("t", {"v": 1})]
 
 
 def test_serve_needs_a_durable_pool() -> None:

@@ -11,6 +11,7 @@ database with deadlines; no test asserts a wall time.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from collections import Counter
@@ -65,7 +66,7 @@ def stop_all(workers: list[Any]) -> list[dict[str, Any]]:
     return [worker.json() for worker in workers]
 
 
-# --- Many workers, one queue ---------------------------------------------------------------------
+# --- Many workers, one queue ----------------------------------------------------------------------
 
 
 @pytest.mark.timeout(180)
@@ -202,7 +203,7 @@ def test_workers_reconnect_after_a_server_restart_and_lose_nothing(
     assert sum(s["failed"] for s in summaries) == 0
 
 
-# --- Shared idempotency --------------------------------------------------------------------------
+# --- Shared idempotency ---------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -283,7 +284,7 @@ def test_one_key_submitted_by_two_processes_at_once_runs_once(
     assert launcher.calls_by_key() == Counter({f"k-{i:03d}": 1 for i in range(100)})
 
 
-# --- Waking idle workers -------------------------------------------------------------------------
+# --- Waking idle workers --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
@@ -339,3 +340,133 @@ def test_serve_is_woken_by_notify_long_before_its_poll_interval(pg_url: str) -> 
         producer.close()
     assert not server.is_alive()
     assert seen == ["n0", "n1", "n2"]
+
+
+# --- The driver -----------------------------------------------------------------------------------
+
+
+def test_the_postgres_extra_and_the_requirements_need_psycopg_3_2() -> None:
+    # wait_for_work calls Connection.notifies(timeout=, stop_after=), which psycopg 3.2 added.
+    pyproject = (store_fixtures.REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"psycopg[binary]>=3.2"' in pyproject
+    for name in ("requirements-dev.txt", "requirements.txt", "requirements-bench.txt"):
+        text = (store_fixtures.REPO / name).read_text(encoding="utf-8")
+        pins = re.findall(r"^psycopg\S*", text, flags=re.MULTILINE)
+        assert all(pin.endswith(">=3.2") for pin in pins), (name, pins)
+
+
+def test_an_older_psycopg_is_refused_with_a_clear_error_before_any_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    monkeypatch.setattr(psycopg, "__version__", "3.1.19")
+    url = store_fixtures.new_schema_url()
+    with pytest.raises(tq.ConfigError, match=r"psycopg 3\.2 or newer, found 3\.1\.19"):
+        tq.open_store(url)
+    if store_fixtures._postgres_problem() is None:
+        assert not schema_exists(schema_of(url))
+
+
+# --- Reading never creates ------------------------------------------------------------------------
+
+
+def schema_exists(schema: str) -> bool:
+    return bool(pg_rows("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)))
+
+
+@pytest.mark.parametrize("command", ["status", "purge"])
+def test_reading_commands_refuse_a_missing_schema_and_create_nothing(
+    command: str, launcher: Launcher
+) -> None:
+    store_fixtures.require_postgres()
+    url = store_fixtures.new_schema_url()
+    try:
+        line = store_fixtures.one_line_error(launcher.run(command, "--db", url, timeout=30))
+        assert schema_of(url) in line and "holds no task queue" in line
+        assert not schema_exists(schema_of(url))
+    finally:
+        store_fixtures.drop_schema(url)
+
+
+def test_reading_a_url_without_schema_means_task_queue_and_never_creates_it() -> None:
+    store_fixtures.require_postgres()
+    if schema_exists("task_queue"):
+        pytest.skip("the default schema task_queue exists on the test server")
+    with pytest.raises(tq.ConfigError, match="'task_queue' holds no task queue"):
+        tq.open_store(store_fixtures.PG_DSN, create=False)
+    assert not schema_exists("task_queue")
+
+
+def test_status_reads_a_schema_that_enqueue_created(launcher: Launcher, pg_url: str) -> None:
+    enqueue(launcher, pg_url, launcher.root / "tasks.json", [{"id": "a"}, {"id": "b"}])
+    proc = launcher.run("status", "--db", pg_url, "--json", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tasks"]["queued"] == 2
+
+
+# --- Enqueue is all or nothing --------------------------------------------------------------------
+
+
+def task_rows(url: str) -> int:
+    """Return how many rows the schema's task table holds (0 when there is no table)."""
+    table = f"{schema_of(url)}.tasks"
+    if pg_rows("SELECT to_regclass(%s)", (table,))[0][0] is None:
+        return 0
+    return pg_rows(f"SELECT count(*) FROM {table}")[0][0]
+
+
+def test_enqueue_of_a_task_postgresql_cannot_store_exits_2_and_writes_nothing(
+    launcher: Launcher, pg_url: str
+) -> None:
+    batch = [{"id": f"t-{i:04d}"} for i in range(1500)]
+    batch[1200]["id"] = "t-\u0000-nul"
+    file = write_task_file(launcher.root / "tasks.json", batch)
+    line = store_fixtures.one_line_error(
+        launcher.run("enqueue", "--task-file", str(file), "--db", pg_url, timeout=60)
+    )
+    assert "NUL" in line or "\\u0000" in line or "0x00" in line
+    assert task_rows(pg_url) == 0
+
+
+def test_enqueue_is_one_transaction_when_a_constraint_refuses_a_task(
+    launcher: Launcher, pg_url: str
+) -> None:
+    tq.open_store(pg_url).close()
+    store_fixtures.pg_execute(
+        f"ALTER TABLE {schema_of(pg_url)}.tasks ADD CONSTRAINT refuse CHECK (id <> 't-1200')"
+    )
+    file = write_task_file(launcher.root / "tasks.json", [{"id": f"t-{i}"} for i in range(1500)])
+    line = store_fixtures.one_line_error(
+        launcher.run("enqueue", "--task-file", str(file), "--db", pg_url, timeout=60)
+    )
+    assert "refuse" in line and "nothing was enqueued" in line
+    assert task_rows(pg_url) == 0
+
+
+# --- Database errors that are not a lost connection -----------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [("lock_timeout", "LockNotAvailable"), ("statement_timeout", "QueryCanceled")],
+)
+def test_a_timeout_surfaces_at_once_and_the_store_stays_usable(
+    pg_url: str, setting: str, error: str
+) -> None:
+    import psycopg
+
+    seed = tq.open_store(pg_url)
+    seed.enqueue_many([tq.Task("held")])
+    seed.close()
+    # An hour of reconnecting would outlast the test's timeout: the error must not be retried.
+    timed = tq.PostgresStore(f"{pg_url}&options=-c%20{setting}%3D100", reconnect_seconds=3600)
+    try:
+        with psycopg.connect(store_fixtures.PG_DSN, connect_timeout=10) as holder:
+            holder.execute(f"SELECT * FROM {schema_of(pg_url)}.tasks WHERE id = 'held' FOR UPDATE")
+            with pytest.raises(getattr(psycopg.errors, error)):
+                timed.take_task(tq.Task("held"), "w")
+            holder.rollback()
+        assert timed.take_task(tq.Task("held"), "w") is not None
+    finally:
+        timed.close()

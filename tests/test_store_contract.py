@@ -7,8 +7,10 @@ their expiry with a deadline instead of sleeping a guessed time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -20,6 +22,7 @@ import pytest
 import task_queue_optimized as tq
 from tests import store_fixtures
 from tests.store_fixtures import (
+    WAIT,
     Backend,
     require_psycopg,
     wait_until,
@@ -102,6 +105,37 @@ def test_complete_with_a_stale_token_writes_nothing(backend: Backend) -> None:
     # A completed key is no longer owned by anyone: its token cannot write again.
     assert store.complete_many([("k", new.token, out("again"))]) == [False]
     assert store.lookup("k")["output"] == "fresh"
+
+
+@pytest.fixture
+def seeded_alike() -> Any:
+    """Restore the global `random` generator after a test that seeds it."""
+    state = random.getstate()
+    yield random.seed
+    random.setstate(state)
+
+
+def test_tokens_do_not_follow_the_seed_of_the_global_random(
+    backend: Backend, seeded_alike: Any
+) -> None:
+    # Two processes that seed `random` alike must still fence each other out.
+    stalled, other = backend.stores(2, lease_seconds=SHORT_LEASE)
+    seeded_alike(1234)
+    old = claim(stalled, "k")
+    wait_until(lambda: time.time() > old.lease_expires, "the claim's lease to run out")
+    seeded_alike(1234)
+    new = claim(other, "k")
+    assert new.state is CLAIMED and new.token != old.token
+    assert stalled.complete_many([("k", old.token, out("stale"))]) == [False]
+    # The durable queue's tokens likewise.
+    stalled.enqueue_many([tq.Task("t")])
+    seeded_alike(99)
+    (first,) = stalled.take_many("stalled", 1)
+    wait_until(lambda: other.queue_status()["stalled"] == 1, "the task's lease to run out")
+    seeded_alike(99)
+    (second,) = other.take_many("other", 1)
+    assert second.token != first.token
+    assert stalled.settle_many([("t", first.token, DONE, None)]) == 0
 
 
 def test_complete_many_is_per_item(backend: Backend) -> None:
@@ -303,11 +337,53 @@ def test_concurrent_claims_of_one_key_have_one_winner(backend: Backend) -> None:
 def test_enqueue_many_is_idempotent_by_id(backend: Backend) -> None:
     store = backend.open()
     assert store.enqueue_many([tq.Task("a", {"v": 1}), tq.Task("b")]) == 2
-    assert store.enqueue_many([tq.Task("a", {"v": 2}), tq.Task("b"), tq.Task("c")]) == 1
+    assert store.enqueue_many([tq.Task("a", {"v": 1}), tq.Task("b"), tq.Task("c")]) == 1
     assert store.enqueue_many([]) == 0
     assert task_counts(store) == {"queued": 3, "running": 0, "done": 0, "failed": 0}
     taken = {item.task.id: item.task for item in store.take_many("w", 10)}
-    assert taken["a"].payload == {"v": 1}  # the existing row was left alone
+    assert taken["a"].payload == {"v": 1}
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [tq.Task("a", {"v": 2}), tq.Task("a", {"v": 1}, idempotency_key="other")],
+    ids=["payload", "key"],
+)
+def test_enqueue_many_refuses_a_known_id_with_another_task_and_adds_nothing(
+    backend: Backend, changed: tq.Task
+) -> None:
+    store = backend.open()
+    assert store.enqueue_many([tq.Task("a", {"v": 1})]) == 1
+    with pytest.raises(tq.TaskConflictError, match="'a'") as caught:
+        store.enqueue_many([tq.Task("0-new", {"v": 0}), changed, tq.Task("z-new")])
+    assert caught.value.task_id == "a"
+    assert task_counts(store)["queued"] == 1  # neither new task went in
+    [item] = store.take_many("w", 10)
+    assert item.task == tq.Task("a", {"v": 1})
+    # The same id twice in one batch with different tasks is refused the same way.
+    with pytest.raises(tq.TaskConflictError, match="'b'"):
+        store.enqueue_many([tq.Task("b", {"v": 1}), tq.Task("b", {"v": 2})])
+    assert task_counts(store)["queued"] == 0
+
+
+@pytest.mark.parametrize("state", ["queued", "running", "done", "failed"])
+def test_take_task_refuses_a_known_id_with_another_payload_in_every_state(
+    backend: Backend, state: str
+) -> None:
+    store = backend.open()
+    original = tq.Task("a", {"v": 1})
+    store.enqueue_many([original])
+    if state != "queued":
+        [item] = store.take_many("w1", 1)
+        if state != "running":
+            store.settle_many([("a", item.token, tq.EntryState(state), None)])
+    before = task_counts(store)
+    with pytest.raises(tq.TaskConflictError, match="'a'"):
+        store.take_task(tq.Task("a", {"v": 2}), "w2")
+    assert task_counts(store) == before
+    if state in ("queued", "failed"):
+        # The identical task is still taken as before, and carries the stored payload.
+        assert store.take_task(original, "w2") is not None
 
 
 def test_take_many_round_trips_the_task(backend: Backend) -> None:
@@ -363,6 +439,27 @@ def test_a_lease_expired_task_is_taken_again_and_the_old_token_is_fenced(backend
     assert task_counts(other)["running"] == 1
     assert other.settle_many([("t", new.token, DONE, None)]) == 1
     assert task_counts(slow) == {"queued": 0, "running": 0, "done": 1, "failed": 0}
+
+
+def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend: Backend) -> None:
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    store.enqueue_many([tq.Task("deadly"), tq.Task("fine")])
+    # "fine" goes back to the queue unrun every time: a returned task is no crash.
+    for take, expected in enumerate([{"deadly", "fine"}, {"deadly", "fine"}, {"fine"}]):
+        taken = {item.task.id: item.token for item in store.take_many(f"w{take}", 2, 2)}
+        assert set(taken) == expected
+        assert store.settle_many([("fine", taken["fine"], QUEUED, None)]) == 1
+        # The worker holding "deadly" dies: its lease runs out.
+        wait_until(lambda: task_counts(store)["running"] == 0 or store.queue_status()["stalled"],
+                   "the dead worker's lease to run out")  # fmt: skip
+    assert task_counts(store) == {"queued": 1, "running": 0, "done": 0, "failed": 1}
+    (item,) = store.take_many("w", 5, 2)
+    assert item.task.id == "fine"
+    assert store.settle_many([("fine", item.token, DONE, None)]) == 1
+    # Without a cap (the default) a store keeps taking a task whose worker dies.
+    store.enqueue_many([tq.Task("again")])
+    for _ in range(3):
+        assert ids(wait_until(lambda: store.take_many("w", 5), "the task to be taken")) == {"again"}
 
 
 def test_take_task_persists_one_task_as_running(backend: Backend) -> None:
@@ -567,11 +664,94 @@ def test_a_shared_database_survives_its_stores(backend: Backend) -> None:
     assert [item.task for item in reopened.take_many("w", 5)] == [tq.Task("later", {"p": 1})]
 
 
+def test_a_closed_store_refuses_every_call_and_closes_twice(backend: Backend) -> None:
+    store = backend.open()
+    won = claim(store, "k")
+    store.enqueue_many([tq.Task("t")])
+    store.close()
+    calls: dict[str, Any] = {
+        "claim_many": lambda: store.claim_many([("k2", None)]),
+        "complete_many": lambda: store.complete_many([("k", won.token, out(1))]),
+        "renew_many": lambda: store.renew_many([("k", won.token)]),
+        "release_many": lambda: store.release_many([("k", won.token, None)]),
+        "lookup": lambda: store.lookup("k"),
+        "mark_processed": lambda: store.mark_processed("k", out(1)),
+        "purge_expired": lambda: store.purge_expired(0),
+        "stats": store.stats,
+        "enqueue_many": lambda: store.enqueue_many([tq.Task("u")]),
+        "take_many": lambda: store.take_many("w", 1),
+        "take_task": lambda: store.take_task(tq.Task("u"), "w"),
+        "settle_many": lambda: store.settle_many([("t", 1, DONE, None)]),
+        "renew_tasks": lambda: store.renew_tasks("w"),
+        "queue_status": store.queue_status,
+        "wait_for_work": lambda: store.wait_for_work(0.01, threading.Event()),
+    }
+    answered = []
+    for name, call in calls.items():
+        try:
+            call()
+        except tq.TaskQueueError as exc:
+            assert "closed" in str(exc), (name, exc)
+        else:
+            answered.append(name)
+    assert answered == []
+    store.close()
+    if backend.shared:  # nothing was written after the close
+        reopened = backend.open()
+        assert reopened.stats()["in_progress"] == 1 and reopened.stats()["total"] == 1
+        assert task_counts(reopened)["queued"] == 1
+
+
+def test_close_wakes_a_wait_for_work(backend: Backend) -> None:
+    if not backend.wakes:
+        pytest.skip("SQLite has no notifications: idle workers poll")
+    store = backend.open()
+    stop = threading.Event()
+    waiting = threading.Event()
+    # Once the store listens, a close must end the wait long before its hour is up.
+    store.wait_for_work(0.01, stop)  # opens the listening connection where there is one
+
+    def wait() -> None:
+        waiting.set()
+        with contextlib.suppress(tq.TaskQueueError):  # closed before the wait began
+            store.wait_for_work(3600, stop)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    waiting.wait(WAIT)
+    store.close()
+    thread.join(WAIT)
+    alive = thread.is_alive()
+    stop.set()
+    thread.join(WAIT)
+    assert not alive
+
+
 def test_store_url_names_the_backend(backend: Backend) -> None:
     store = backend.open()
     assert store.url == backend.url
     assert store.lease_seconds == 30.0
     assert store.ttl_seconds is None
+
+
+@pytest.mark.parametrize("action", ["ROLLBACK", "ABORT", "FAIL"])
+def test_sqlite_reports_the_error_that_ended_a_transaction(tmp_path: Path, action: str) -> None:
+    # RAISE(ROLLBACK) ends the transaction inside SQLite, as a full disk or an I/O error does.
+    db = tmp_path / "store.db"
+    store = tq.open_store(str(db))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON idempotency_tasks WHEN NEW.id = 'bad' "
+            f"BEGIN SELECT RAISE({action}, 'refused by trigger'); END"
+        )
+        conn.commit()
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="refused by trigger"):
+            store.enqueue_many([tq.Task("a"), tq.Task("bad"), tq.Task("c")])
+        assert task_counts(store)["queued"] == 0
+        assert store.enqueue_many([tq.Task("a")]) == 1  # the store is still usable
+    finally:
+        store.close()
 
 
 # --- Over the contract: the manager and the durable pool ----------------------------------------
