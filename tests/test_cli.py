@@ -384,6 +384,65 @@ def test_rerun_with_same_db_is_all_duplicates(tmp_path: Path) -> None:
     assert state_counts(tmp_path / "progress.db") == {"completed": 10}
 
 
+HANDLER_MODULE = """
+import os
+
+def fetch(task):
+    with open("calls.txt", "a", encoding="utf-8") as log:
+        log.write(task.id + "\\n")
+    return {"fetched": task.id}
+
+fetch_v2 = fetch
+"""
+
+
+def test_handler_keys_are_not_answered_by_the_simulator(tmp_path: Path) -> None:
+    """Prove --handler runs tasks the simulator completed, and --namespace survives a rename."""
+    (tmp_path / "mine.py").write_text(HANDLER_MODULE, encoding="utf-8")
+    write_tasks(tmp_path / "tasks.json", make_tasks(4))
+    base = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]
+    proc, simulated = run_json(base, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert simulated["succeeded"] == 4
+    proc, fetched = run_json([*base, "--handler", "mine:fetch"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (fetched["succeeded"], fetched["duplicates"]) == (4, 0)
+    assert len((tmp_path / "calls.txt").read_text(encoding="utf-8").split()) == 4
+    proc, again = run_json([*base, "--handler", "mine:fetch"], tmp_path)
+    assert (again["succeeded"], again["duplicates"]) == (0, 4)
+    # A renamed handler keeps the keys when given the old name as its namespace.
+    renamed = [*base, "--handler", "mine:fetch_v2", "--namespace", "mine.fetch"]
+    proc, kept = run_json(renamed, tmp_path)
+    assert (kept["succeeded"], kept["duplicates"]) == (0, 4)
+    assert len((tmp_path / "calls.txt").read_text(encoding="utf-8").split()) == 4
+    assert state_counts(tmp_path / "progress.db") == {"completed": 8}
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        pytest.param(["--handler", "nosuch_module:fetch"], ["--handler"], id="main-bad-handler"),
+        pytest.param(["--handler", "fetch"], ["--handler"], id="main-handler-without-colon"),
+        pytest.param(["--namespace", ""], ["--namespace"], id="main-empty-namespace"),
+        pytest.param(["--namespace", " "], ["--namespace"], id="main-blank-namespace"),
+        pytest.param(["worker", "--namespace", ""], ["--namespace"], id="worker-empty-namespace"),
+    ],
+)
+def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
+    workdir: Path, args: list[str], names: list[str]
+) -> None:
+    """Prove a bad --handler or --namespace is a one-line error before any database exists."""
+    write_tasks(workdir / "tasks.json", make_tasks(1))
+    before = tree_bytes(workdir)
+    if args[0] == "worker":
+        argv = [*args, "--db", "progress.db"]
+    else:
+        argv = ["--task-file", "tasks.json", "--db", "progress.db", *args]
+    proc = run_cli(argv, workdir)
+    _assert_user_error(proc, names)
+    assert tree_bytes(workdir) == before
+
+
 @pytest.mark.parametrize(
     ("env", "flags", "expected", "absent"),
     [
