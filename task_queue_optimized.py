@@ -141,6 +141,7 @@ DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
+_WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by another owner
 MAX_JSON_DEPTH = 64
 
 DURABILITY_MODES = ("normal", "full")
@@ -3250,6 +3251,7 @@ class WorkerPool:
         self._stopping = False
         # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
         self._per_call = BATCH_BUDGET_SECONDS
+        self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
         try:
             self._queue = TaskQueue(
                 lambda job: self._process_batch([job]),
@@ -3553,6 +3555,7 @@ class WorkerPool:
         now = time.perf_counter()
         owned = []
         waits = []  # jobs answered without a handler call start (and finish) now
+        held_elsewhere = False
         for job, claim in zip(jobs, claims, strict=True):
             state = claim.state
             if state is ClaimState.CLAIMED:
@@ -3561,6 +3564,7 @@ class WorkerPool:
                 continue
             if state is ClaimState.IN_PROGRESS:
                 self._hand_off(job, self._poll_delay(job, claim.lease_expires))
+                held_elsewhere = True
                 continue
             if job.started_at is None:
                 job.started_at = now
@@ -3574,7 +3578,39 @@ class WorkerPool:
                 )
         if waits:
             self._metrics.record_starts(waits, dequeued=False)
+        if held_elsewhere:
+            self._notice_waits()
         return owned
+
+    def _notice_waits(self) -> None:
+        """Log what the pool waits for when keys are held by another owner (once a minute).
+
+        After a crash, a rerun waits out the dead run's leases; without this it would wait in
+        silence. The count covers every live claim of this namespace that this pool does not hold.
+        """
+        now = time.monotonic()
+        with self._lock:
+            last = self._wait_notice_at
+            if last is not None and now - last < _WAIT_NOTICE_INTERVAL:
+                return
+            self._wait_notice_at = now
+            own = {job.token for job in self._inflight.values() if job.token is not None}
+        try:
+            claims = self._store.store.live_claims(self.namespace)
+        except Exception:
+            logger.debug("reading the live claims failed", exc_info=True)
+            return
+        others = [expires for token, expires in claims if token not in own]
+        if not others:
+            return
+        earliest = min(others)
+        logger.info(
+            "waiting for %d keys held by another owner (a stopped run or another process) until "
+            "their leases expire; the earliest expires at %s (in %.1f s)",
+            len(others),
+            time.strftime("%H:%M:%S", time.localtime(earliest)),
+            max(earliest - time.time(), 0.0),
+        )
 
     def _call_handler(
         self, jobs: list[_Job], outcomes: list[_JobOutcome]

@@ -443,6 +443,45 @@ def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
     assert tree_bytes(workdir) == before
 
 
+def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
+    """Prove a rerun blocked by a stopped run's live claims says once how many and until when."""
+    import task_queue_optimized as tq
+
+    write_tasks(tmp_path / "tasks.json", make_tasks(3))
+    db = tmp_path / "progress.db"
+    with tq.IdempotencyManager(str(db), lease_seconds=30.0) as crashed:
+        for task in make_tasks(3):
+            claim = crashed.claim(task["id"], namespace="task_queue_optimized.TaskProcessor")
+            assert claim.state == "claimed"
+    args = ["--task-file", "tasks.json", "--db", "progress.db", "--log-level", "INFO", *FAST]
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        notices = []
+        for line in proc.stderr:
+            if "held by another owner" in line:
+                notices.append(line)
+                break
+        proc.send_signal(signal.SIGINT)  # the notice was seen: no need to wait out the leases
+        rest = proc.stderr.read()
+        assert proc.wait(30) == 130, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(notices) == 1 and "held by another owner" not in rest
+    assert re.search(
+        r"waiting for 3 keys .* expires at \d\d:\d\d:\d\d \(in \d+\.\d s\)", notices[0]
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "flags", "expected", "absent"),
     [
