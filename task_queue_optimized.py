@@ -142,6 +142,8 @@ DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
 _WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by another owner
+_OUTAGE_NOTICE_INTERVAL = 60.0  # seconds between two warnings that a worker's database is down
+_OUTAGE_MAX_BACKOFF = 5.0  # longest wait between two tries of an unavailable database
 MAX_JSON_DEPTH = 64
 
 DURABILITY_MODES = ("normal", "full")
@@ -3052,8 +3054,9 @@ class _LeaseKeeper:
                 continue
             try:
                 renewed = self._pool.idempotency.renew_many(held)
-            except Exception:
-                logger.exception("renewing %d leases failed", len(held))
+            except Exception as exc:
+                # An outage is not a bug: one line, and the next round tries again.
+                logger.warning("renewing %d leases failed: %s", len(held), _first_line(exc))
                 continue
             if renewed < len(held):
                 # Claims that finished since the snapshot are not lost: count only those still held.
@@ -3404,6 +3407,8 @@ class WorkerPool:
         store = self._store.store
         limit = prefetch or 2 * self._queue.workers
         self._heartbeat()
+        outage_noticed: float | None = None  # when the last "unavailable" warning was logged
+        backoff = 0.05
         while not stop.is_set():
             with self._changed:
                 # Refill in chunks, once half the prefetch is done: one take for many tasks,
@@ -3413,7 +3418,23 @@ class WorkerPool:
                 room = limit - self._pending
             if stop.is_set() or self._closed:
                 break
-            leased = store.take_many(self.worker_name, room)
+            try:
+                leased = store.take_many(self.worker_name, room)
+            except Exception as exc:
+                # The database stayed unreachable past the store's own retries (a server down
+                # longer than its reconnect window, a file locked or gone): a worker keeps
+                # trying with backoff, under its running jobs, and says so once a minute.
+                now = time.monotonic()
+                if outage_noticed is None or now - outage_noticed >= _OUTAGE_NOTICE_INTERVAL:
+                    outage_noticed = now
+                    logger.warning("the database is unavailable (%s); retrying", _first_line(exc))
+                stop.wait(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, _OUTAGE_MAX_BACKOFF)
+                continue
+            if outage_noticed is not None:
+                logger.warning("the database is available again")
+                outage_noticed = None
+            backoff = 0.05
             if not leased:
                 store.wait_for_work(poll_interval, stop)
                 continue
@@ -3724,8 +3745,8 @@ class WorkerPool:
             # Only the rows this pool holds: a row taken by a take whose answer was lost (a
             # dropped connection) is not renewed, and another worker takes it after its lease.
             self._store.store.renew_tasks(self.worker_name, info, entries)
-        except Exception:
-            logger.exception("renewing the durable queue's leases failed")
+        except Exception as exc:
+            logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -4558,8 +4579,11 @@ def _cmd_worker(argv: list[str]) -> int:
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
             print(f"worker {pool.worker_name} serving {manager.store.url}", file=sys.stderr)
-            pool.serve(stop, prefetch=prefetch)
-            pool.shutdown(wait=True, cancel_pending=True)
+            try:
+                pool.serve(stop, prefetch=prefetch)
+            finally:
+                # Whatever ended serving, running jobs finish before the store closes below.
+                pool.shutdown(wait=True, cancel_pending=True)
         if server is not None:
             server.shutdown()
     finally:
