@@ -38,10 +38,12 @@ import concurrent.futures.thread  # registers its exit hook now, so ours runs be
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import http.server
 import importlib
+import inspect
 import itertools
 import json
 import json.scanner
@@ -110,6 +112,7 @@ __all__ = [
     "WorkerPool",
     "console_main",
     "fingerprint",
+    "handler_namespace",
     "load_config",
     "load_tasks",
     "main",
@@ -140,6 +143,9 @@ DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
+_WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by another owner
+_OUTAGE_NOTICE_INTERVAL = 60.0  # seconds between two warnings that a worker's database is down
+_OUTAGE_MAX_BACKOFF = 5.0  # longest wait between two tries of an unavailable database
 MAX_JSON_DEPTH = 64
 
 DURABILITY_MODES = ("normal", "full")
@@ -842,15 +848,23 @@ _backoff_random = random.SystemRandom()
 class Store(Protocol):
     """The storage contract behind `IdempotencyManager` and the durable queue.
 
-    Idempotency: one row per key, ``in_progress`` (claimed: a lease and a fencing token),
-    ``completed`` (the output, as JSON text) or ``failed`` (released: claimable again).
+    Idempotency: one row per key and namespace, ``in_progress`` (claimed: a lease and a fencing
+    token), ``completed`` (the output, as JSON text) or ``failed`` (released: claimable again).
+    The namespace is the handler that owns the key (see `WorkerPool`); ``""`` holds rows written
+    without one (a database from before namespaces, or `IdempotencyManager` used directly).
 
-    - ``claim_many([(key, fingerprint)])``: for each key, atomically insert it, or take over a
-      failed, lease-expired or TTL-expired row whose fingerprint agrees; answer `Claim`s in order.
+    - ``claim_many([(key, fingerprint)], namespace)``: for each key, atomically insert it, or take
+      over a failed, lease-expired or TTL-expired row whose fingerprint agrees; answer `Claim`s in
+      order. A row of the key in ``""`` is first adopted into `namespace` (state, output and lease
+      unchanged) when the namespace has none: the first handler to claim a legacy key owns it.
     - ``complete_many([(key, token, output_json)])``, ``renew_many([(key, token)])``,
       ``release_many([(key, token, error)])``: each acts only where the token still owns the key
-      (fencing); the batch is one transaction, committed before the call returns.
-    - ``lookup``, ``mark_processed``, ``purge_expired``, ``stats``.
+      (fencing; tokens are unique, so they need no namespace); the batch is one transaction,
+      committed before the call returns.
+    - ``lookup(key, namespace=None)`` (None: the key in any namespace, a completed row first),
+      ``mark_processed(key, output_json, namespace="")``, ``purge_expired``, ``stats``.
+    - ``live_claims(namespace)``: ``(token, lease_expires)`` of the live claims of `namespace`
+      (and of ``""``), for telling a user what a run waits for.
 
     Durable queue: one row per task id, ``queued``, ``running`` (a lease, a token and the worker's
     name), ``done`` or ``failed``.
@@ -877,12 +891,15 @@ class Store(Protocol):
     lease_seconds: float
     ttl_seconds: float | None
 
-    def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]: ...
+    def claim_many(
+        self, items: Sequence[tuple[str, str | None]], namespace: str = ""
+    ) -> list[Claim]: ...
     def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]: ...
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int: ...
     def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int: ...
-    def lookup(self, key: str) -> dict[str, Any] | None: ...
-    def mark_processed(self, key: str, output_json: str) -> None: ...
+    def lookup(self, key: str, namespace: str | None = None) -> dict[str, Any] | None: ...
+    def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None: ...
+    def live_claims(self, namespace: str) -> list[tuple[int, float]]: ...
     def purge_expired(self, older_than: float | None = None) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def enqueue_many(self, tasks: Sequence[Task]) -> int: ...
@@ -941,7 +958,7 @@ class MemoryStore:
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
         self._lock = threading.Lock()  # guards the three dicts below and _closed
-        self._keys: dict[str, dict[str, Any]] = {}
+        self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
@@ -973,17 +990,22 @@ class MemoryStore:
             )
         )
 
-    def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]:
+    def claim_many(
+        self, items: Sequence[tuple[str, str | None]], namespace: str = ""
+    ) -> list[Claim]:
         claims = []
         with self._guard():
             now = time.time()
             lease = now + self.lease_seconds
             for key, fp in items:
-                row = self._keys.get(key)
+                rows = self._keys.setdefault(key, {})
+                if namespace not in rows and "" in rows:
+                    rows[namespace] = rows.pop("")  # a legacy row: its first handler adopts it
+                row = rows.get(namespace)
                 agrees = fp is None or row is None or row["fingerprint"] in (None, fp)
                 if row is None or (agrees and self._claimable(row, now)):
                     token = _new_token()
-                    self._keys[key] = {
+                    rows[namespace] = {
                         "state": _Row.IN_PROGRESS,
                         "fingerprint": fp if row is None else (fp or row["fingerprint"]),
                         "token": token,
@@ -1003,10 +1025,10 @@ class MemoryStore:
         return claims
 
     def _owned(self, key: str, token: int) -> dict[str, Any] | None:
-        row = self._keys.get(key)
-        if row is None or row["token"] != token or row["state"] != _Row.IN_PROGRESS:
-            return None
-        return row
+        for row in self._keys.get(key, {}).values():
+            if row["token"] == token and row["state"] == _Row.IN_PROGRESS:
+                return row
+        return None
 
     def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
         results = []
@@ -1043,16 +1065,35 @@ class MemoryStore:
                     count += 1
         return count
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
+    def lookup(self, key: str, namespace: str | None = None) -> dict[str, Any] | None:
         with self._guard():
-            row = self._keys.get(key)
-            return None if row is None else _public_row(row)
+            rows = self._keys.get(key, {})
+            if namespace is not None:
+                row = rows.get(namespace)
+                return None if row is None else _public_row(row, namespace)
+            if not rows:
+                return None
+            name = max(rows, key=lambda n: _lookup_rank(rows[n]["state"], rows[n]["updated_at"]))
+            return _public_row(rows[name], name)
 
-    def mark_processed(self, key: str, output_json: str) -> None:
+    def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None:
         with self._guard():
-            row = self._keys.setdefault(key, {"fingerprint": None, "token": _new_token()})
+            rows = self._keys.setdefault(key, {})
+            row = rows.setdefault(namespace, {"fingerprint": None, "token": _new_token()})
             row.update(state=_Row.COMPLETED, output=output_json, error=None, lease_expires=None,
                        updated_at=time.time())  # fmt: skip
+
+    def live_claims(self, namespace: str) -> list[tuple[int, float]]:
+        with self._guard():
+            now = time.time()
+            return [
+                (row["token"], row["lease_expires"])
+                for rows in self._keys.values()
+                for name, row in rows.items()
+                if name in (namespace, "")
+                and row["state"] == _Row.IN_PROGRESS
+                and row["lease_expires"] > now
+            ]
 
     def purge_expired(self, older_than: float | None = None) -> int:
         age = self.ttl_seconds if older_than is None else older_than
@@ -1060,14 +1101,17 @@ class MemoryStore:
             return 0
         cutoff = time.time() - age
         with self._guard():
-            old_keys = [key for key, row in self._keys.items()
+            old_keys = [(key, name) for key, rows in self._keys.items()
+                        for name, row in rows.items()
                         if row["state"] != _Row.IN_PROGRESS
                         and row["updated_at"] <= cutoff]  # fmt: skip
             old_tasks = [i for i, row in self._tasks.items()
                          if row["state"] in (EntryState.DONE, EntryState.FAILED)
                          and row["updated_at"] <= cutoff]  # fmt: skip
-            for key in old_keys:
-                del self._keys[key]
+            for key, name in old_keys:
+                del self._keys[key][name]
+                if not self._keys[key]:
+                    del self._keys[key]
             for task_id in old_tasks:
                 del self._tasks[task_id]
             for name in [n for n, w in self._workers.items() if w["seen_at"] <= cutoff]:
@@ -1077,8 +1121,9 @@ class MemoryStore:
     def stats(self) -> dict[str, int]:
         counts = dict.fromkeys((state.value for state in _Row), 0)
         with self._guard():
-            for row in self._keys.values():
-                counts[row["state"].value] += 1
+            for rows in self._keys.values():
+                for row in rows.values():
+                    counts[row["state"].value] += 1
         counts["total"] = sum(counts.values())
         return counts
 
@@ -1239,9 +1284,15 @@ class MemoryStore:
             self._work.notify_all()
 
 
-def _public_row(row: dict[str, Any]) -> dict[str, Any]:
+def _lookup_rank(state: Any, updated_at: float) -> tuple[bool, float]:
+    # Which row of a key the namespace-free lookup shows: a completed one, else the latest.
+    return (state == _Row.COMPLETED, updated_at)
+
+
+def _public_row(row: dict[str, Any], namespace: str = "") -> dict[str, Any]:
     output = row.get("output")
     return {
+        "namespace": namespace,
         "state": str(row["state"].value if isinstance(row["state"], enum.Enum) else row["state"]),
         "fingerprint": row.get("fingerprint"),
         "output": None if output is None else json.loads(output),
@@ -1281,9 +1332,9 @@ class _SqlStore:
     _SQL = {
         "claim": """
             INSERT INTO {keys} AS t
-                (key, state, fingerprint, token, lease_expires, created_at, updated_at)
-            VALUES (:key, 'in_progress', :fp, :token, :lease, :now, :now)
-            ON CONFLICT (key) DO UPDATE SET
+                (key, namespace, state, fingerprint, token, lease_expires, created_at, updated_at)
+            VALUES (:key, :ns, 'in_progress', :fp, :token, :lease, :now, :now)
+            ON CONFLICT (key, namespace) DO UPDATE SET
                 state = 'in_progress', token = excluded.token,
                 lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
                 output = NULL, error = NULL,
@@ -1296,8 +1347,23 @@ class _SqlStore:
             RETURNING token
         """,
         "lookup": """
-            SELECT state, fingerprint, output, error, lease_expires, updated_at
+            SELECT state, fingerprint, output, error, lease_expires, updated_at, namespace
+            FROM {keys} WHERE key = :key AND namespace = :ns
+        """,
+        "lookup_any": """
+            SELECT state, fingerprint, output, error, lease_expires, updated_at, namespace
             FROM {keys} WHERE key = :key
+            ORDER BY state = 'completed' DESC, updated_at DESC LIMIT 1
+        """,
+        # A row written without a namespace goes to the first handler that claims its key.
+        "adopt": """
+            UPDATE {keys} SET namespace = :ns
+            WHERE key = :key AND namespace = ''
+              AND NOT EXISTS (SELECT 1 FROM {keys} WHERE key = :key AND namespace = :ns)
+        """,
+        "live_claims": """
+            SELECT token, lease_expires FROM {keys}
+            WHERE namespace IN (:ns, '') AND state = 'in_progress' AND lease_expires > :now
         """,
         "complete": """
             UPDATE {keys} SET state = 'completed', output = :output, error = NULL,
@@ -1314,10 +1380,11 @@ class _SqlStore:
             WHERE key = :key AND token = :token AND state = 'in_progress'
         """,
         "mark": """
-            INSERT INTO {keys} AS t (key, state, token, output, created_at, updated_at)
-            VALUES (:key, 'completed', :token, :output, :now, :now)
-            ON CONFLICT (key) DO UPDATE SET state = 'completed', output = excluded.output,
-                error = NULL, lease_expires = NULL, updated_at = excluded.updated_at
+            INSERT INTO {keys} AS t (key, namespace, state, token, output, created_at, updated_at)
+            VALUES (:key, :ns, 'completed', :token, :output, :now, :now)
+            ON CONFLICT (key, namespace) DO UPDATE SET state = 'completed',
+                output = excluded.output, error = NULL, lease_expires = NULL,
+                updated_at = excluded.updated_at
         """,
         "purge_keys": """
             DELETE FROM {keys} WHERE state IN ('completed', 'failed') AND updated_at <= :cutoff
@@ -1421,6 +1488,10 @@ class _SqlStore:
         }
         self._lock = threading.Lock()  # guards the connection and _closed: one transaction at once
         self._closed = False  # set once by close; a closed store refuses every call
+        # Whether the keys table may hold rows without a namespace, which claims must adopt
+        # first. Set when the store opens and whenever it writes one; while False (a database
+        # created with namespaces) a claim stays a single statement.
+        self._unscoped = True
 
     @staticmethod
     def _dialect(sql: str) -> str:
@@ -1442,15 +1513,20 @@ class _SqlStore:
         than a BEGIN ... COMMIT around it (SQLite's autocommit); None where it cannot."""
         return None
 
-    def claim_many(self, items: Sequence[tuple[str, str | None]]) -> list[Claim]:
+    def claim_many(
+        self, items: Sequence[tuple[str, str | None]], namespace: str = ""
+    ) -> list[Claim]:
         lease, ttl = self.lease_seconds, self.ttl_seconds
-        if len(items) == 1:
+        adopt = self._unscoped and namespace != ""
+        if not namespace:
+            self._unscoped = True
+        if len(items) == 1 and not adopt:
             # The common case of a slow task: one upsert that wins is the whole claim. Losing it
             # needs the lookup below in the same transaction, so that path runs in one.
             key, fp = items[0]
             now = time.time()
             params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
-                      "key": key, "fp": fp, "token": _new_token()}  # fmt: skip
+                      "key": key, "fp": fp, "token": _new_token(), "ns": namespace}  # fmt: skip
             won = self._one_statement("claim", params)
             if won is not None and won.fetchone() is not None:
                 return [
@@ -1459,21 +1535,24 @@ class _SqlStore:
 
         def claim_all(execute: Callable[..., Any]) -> list[Claim]:
             now = time.time()
-            params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300}
+            params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
+                      "ns": namespace}  # fmt: skip
             claims: list[Claim] = [Claim(ClaimState.IN_PROGRESS)] * len(items)
             # Rows are locked in key order, so two transactions never wait on each other in a
             # cycle (PostgreSQL would abort one of them as a deadlock).
             for index in _key_order([key for key, _ in items]):
                 key, fp = items[index]
                 params.update(key=key, fp=fp, token=_new_token())
+                if adopt:
+                    execute("adopt", params)
                 row = execute("claim", params).fetchone()
                 if row is not None:
                     claims[index] = Claim(
                         ClaimState.CLAIMED, token=row[0], lease_expires=now + lease
                     )
                     continue
-                state, stored_fp, output, _, lease_expires, _ = execute(
-                    "lookup", {"key": key}
+                state, stored_fp, output, _, lease_expires, _, _ = execute(
+                    "lookup", {"key": key, "ns": namespace}
                 ).fetchone()
                 if fp is not None and stored_fp is not None and stored_fp != fp:
                     claims[index] = Claim(ClaimState.CONFLICT)
@@ -1522,21 +1601,32 @@ class _SqlStore:
         rows = [{"key": k, "token": t, "error": _storable_text(e), "now": now} for k, t, e in items]
         return sum(self._each("release", rows))
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        row = self._transaction(
-            lambda execute: execute("lookup", {"key": key}).fetchone(), write=False
-        )
+    def lookup(self, key: str, namespace: str | None = None) -> dict[str, Any] | None:
+        name, params = ("lookup_any", {"key": key}) if namespace is None else (
+            "lookup", {"key": key, "ns": namespace})  # fmt: skip
+        row = self._transaction(lambda execute: execute(name, params).fetchone(), write=False)
         if row is None:
             return None
-        state, fp, output, error, lease_expires, updated_at = row
+        state, fp, output, error, lease_expires, updated_at, found_in = row
         return _public_row(
             {"state": state, "fingerprint": fp, "output": output, "error": error,
-             "lease_expires": lease_expires, "updated_at": updated_at}
+             "lease_expires": lease_expires, "updated_at": updated_at},
+            found_in,
         )  # fmt: skip
 
-    def mark_processed(self, key: str, output_json: str) -> None:
-        params = {"key": key, "token": _new_token(), "output": output_json, "now": time.time()}
+    def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None:
+        params = {"key": key, "token": _new_token(), "output": output_json, "now": time.time(),
+                  "ns": namespace}  # fmt: skip
+        if not namespace:
+            self._unscoped = True
         self._transaction(lambda execute: execute("mark", params))
+
+    def live_claims(self, namespace: str) -> list[tuple[int, float]]:
+        params = {"ns": namespace, "now": time.time()}
+        rows = self._transaction(
+            lambda execute: execute("live_claims", params).fetchall(), write=False
+        )
+        return [(token, lease_expires) for token, lease_expires in rows]
 
     def purge_expired(self, older_than: float | None = None) -> int:
         age = self.ttl_seconds if older_than is None else older_than
@@ -1744,11 +1834,18 @@ class SqliteStore(_SqlStore):
         )
         self._conn: sqlite3.Connection | None = self._open()
 
+    _KEYS_DDL = """CREATE TABLE IF NOT EXISTS {keys} (
+            key TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
+            fingerprint TEXT, token INTEGER NOT NULL, output TEXT, error TEXT, lease_expires REAL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            PRIMARY KEY (key, namespace)) WITHOUT ROWID"""
+    # Rows without a namespace, which claims adopt: a partial index keeps finding them cheap.
+    _UNSCOPED_DDL = (
+        "CREATE INDEX IF NOT EXISTS {keys}_unscoped ON {keys} (key) WHERE namespace = ''"
+    )
     _DDL = (
-        """CREATE TABLE IF NOT EXISTS {keys} (
-            key TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, fingerprint TEXT,
-            token INTEGER NOT NULL, output TEXT, error TEXT, lease_expires REAL,
-            created_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID""",
+        _KEYS_DDL,
+        _UNSCOPED_DDL,
         """CREATE TABLE IF NOT EXISTS {tasks} (
             id TEXT PRIMARY KEY NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
             state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
@@ -1795,6 +1892,8 @@ class SqliteStore(_SqlStore):
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
         existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if names["keys"] in existing:
+            self._migrate_keys(conn)
         if not {names["keys"], names["tasks"], names["workers"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
             # busy. An existing schema needs no write lock, so opening never waits for a writer.
@@ -1813,6 +1912,44 @@ class SqliteStore(_SqlStore):
             raise sqlite3.DatabaseError(
                 f"table {keys!r} exists with another layout (no {', '.join(sorted(missing))})"
             )
+        self._unscoped = (
+            conn.execute(f"SELECT 1 FROM {keys} WHERE namespace = '' LIMIT 1").fetchone()
+            is not None
+        )
+
+    def _migrate_keys(self, conn: sqlite3.Connection) -> None:
+        """Give a keys table from before namespaces its ``namespace`` column, in place.
+
+        SQLite cannot change a primary key, so the table is copied into the new layout and
+        renamed, in one write transaction: concurrent openers queue on the write lock, and the
+        first one migrates while the others find the column there. Old rows keep their state and
+        output with the namespace ``""``; a claim adopts them (see `Store`).
+        """
+        keys = self._names["keys"]
+
+        def has_namespace() -> bool:
+            return "namespace" in {row[1] for row in conn.execute(f"PRAGMA table_info({keys})")}
+
+        if has_namespace():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not has_namespace():
+                columns = "state, fingerprint, token, output, error, lease_expires, created_at, "
+                columns += "updated_at"
+                conn.execute(f"ALTER TABLE {keys} RENAME TO {keys}_before_namespaces")
+                conn.execute(self._KEYS_DDL.format(keys=keys))
+                conn.execute(
+                    f"INSERT INTO {keys} (key, namespace, {columns}) "
+                    f"SELECT key, '', {columns} FROM {keys}_before_namespaces"
+                )
+                conn.execute(f"DROP TABLE {keys}_before_namespaces")
+                conn.execute(self._UNSCOPED_DDL.format(keys=keys))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        logger.info("database table %s now scopes keys by handler (namespace)", keys)
 
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         conn = self._conn
@@ -1951,9 +2088,10 @@ class PostgresStore(_SqlStore):
     _DDL = (
         "CREATE SCHEMA IF NOT EXISTS {schema}",
         """CREATE TABLE IF NOT EXISTS {keys} (
-            key TEXT PRIMARY KEY, state TEXT NOT NULL, fingerprint TEXT, token BIGINT NOT NULL,
-            output TEXT, error TEXT, lease_expires DOUBLE PRECISION,
-            created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)""",
+            key TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
+            fingerprint TEXT, token BIGINT NOT NULL, output TEXT, error TEXT,
+            lease_expires DOUBLE PRECISION, created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (key, namespace))""",
         """CREATE TABLE IF NOT EXISTS {tasks} (
             id TEXT PRIMARY KEY, key TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL,
             token BIGINT, worker TEXT, lease_expires DOUBLE PRECISION,
@@ -2017,6 +2155,37 @@ class PostgresStore(_SqlStore):
             self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
             for ddl in self._DDL:
                 self._conn.execute(ddl.format(**self._names))
+            self._migrate_keys()
+
+    def _migrate_keys(self) -> None:
+        """Give a keys table from before namespaces its ``namespace`` column, in place.
+
+        Runs under the schema's advisory lock, so one opener migrates and the others find the
+        column there. Old rows get the namespace ``""``, which a claim adopts (see `Store`).
+        """
+        conn, keys = self._conn, self._names["keys"]
+        found = conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'idempotency' AND column_name = 'namespace'",
+            (self.schema,),
+        ).fetchone()
+        if found is None:
+            (primary,) = conn.execute(
+                "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'p'",
+                (keys,),
+            ).fetchone()
+            conn.execute(f"ALTER TABLE {keys} ADD COLUMN namespace TEXT NOT NULL DEFAULT ''")
+            quoted = '"' + primary.replace('"', '""') + '"'
+            conn.execute(f"ALTER TABLE {keys} DROP CONSTRAINT {quoted}")
+            conn.execute(f"ALTER TABLE {keys} ADD PRIMARY KEY (key, namespace)")
+            logger.info("database table %s now scopes keys by handler (namespace)", keys)
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS idempotency_unscoped ON {keys} (key) WHERE namespace = ''"
+        )
+        self._unscoped = (
+            conn.execute(f"SELECT 1 FROM {keys} WHERE namespace = '' LIMIT 1").fetchone()
+            is not None
+        )
 
     def _check_schema(self) -> None:
         """Refuse a schema that does not hold the tables (reading must never create them).
@@ -2338,6 +2507,11 @@ class IdempotencyManager:
     later call of the owner carries the token, so an owner whose lease ran out and was taken over
     writes nothing. Thread-safe; a context manager that closes the store.
 
+    Keys are scoped by a namespace, the handler that owns them (`WorkerPool` passes its own):
+    ``claim`` and ``mark_processed`` take it as ``namespace=`` (default ``""``, no handler), while
+    ``is_processed``, ``get_cached_output`` and ``lookup`` answer for a key whichever handler
+    completed it.
+
     Args:
         path: a SQLite file, or a store URL (`open_store`); None for a private in-memory SQLite
             database.
@@ -2393,19 +2567,21 @@ class IdempotencyManager:
 
     # Safe protocol ------------------------------------------------------------------------------
 
-    def claim(self, key: str, fingerprint: str | None = None) -> Claim:
-        """Try to take ownership of `key`.
+    def claim(self, key: str, fingerprint: str | None = None, *, namespace: str = "") -> Claim:
+        """Try to take ownership of `key` in `namespace`.
 
         Returns:
             A `Claim` whose state is "claimed" (with a fencing token), "completed" (with the cached
             output), "in_progress" (another owner's lease is live) or "conflict" (the key was
             first used with another fingerprint).
         """
-        return self._check_open().claim_many([(key, fingerprint)])[0]
+        return self._check_open().claim_many([(key, fingerprint)], namespace)[0]
 
-    def claim_many(self, items: Iterable[tuple[str, str | None]]) -> list[Claim]:
+    def claim_many(
+        self, items: Iterable[tuple[str, str | None]], *, namespace: str = ""
+    ) -> list[Claim]:
         """Claim many keys in one transaction; the answers come in the order of `items`."""
-        return self._check_open().claim_many(list(items))
+        return self._check_open().claim_many(list(items), namespace)
 
     def complete(self, key: str, token: int, output: Any) -> bool:
         """Store `output` for a key you own and mark it completed; committed before returning.
@@ -2442,9 +2618,12 @@ class IdempotencyManager:
         """Give up a key you own: it becomes claimable again and counts as failed until then."""
         return self._check_open().release_many([(key, token, error)]) == 1
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        """Return the stored row of `key` as a dict, or None."""
-        return self._check_open().lookup(key)
+    def lookup(self, key: str, *, namespace: str | None = None) -> dict[str, Any] | None:
+        """Return the stored row of `key` as a dict, or None.
+
+        With ``namespace=None`` the row of any handler, a completed one first.
+        """
+        return self._check_open().lookup(key, namespace)
 
     # Simple surface -----------------------------------------------------------------------------
 
@@ -2456,9 +2635,14 @@ class IdempotencyManager:
         ttl = self.store.ttl_seconds
         return ttl is None or row["updated_at"] > time.time() - ttl
 
-    def mark_processed(self, key: str, output: Any = None) -> None:
-        """Record `key` as completed with `output`, whoever holds it."""
-        self._check_open().mark_processed(key, json.dumps(output, allow_nan=False))
+    def mark_processed(self, key: str, output: Any = None, *, namespace: str = "") -> None:
+        """Record `key` as completed with `output`, whoever holds it.
+
+        Without a `namespace` the row belongs to no handler yet: the first pool that claims the
+        key adopts it, and answers it as a duplicate.
+        """
+        text = json.dumps(output, allow_nan=False)
+        self._check_open().mark_processed(key, text, namespace)
 
     def get_cached_output(self, key: str) -> Any:
         """Return the output stored for a completed `key`, or None."""
@@ -3288,8 +3472,9 @@ class _LeaseKeeper:
                 continue
             try:
                 renewed = self._pool.idempotency.renew_many(held)
-            except Exception:
-                logger.exception("renewing %d leases failed", len(held))
+            except Exception as exc:
+                # An outage is not a bug: one line, and the next round tries again.
+                logger.warning("renewing %d leases failed: %s", len(held), _first_line(exc))
                 continue
             if renewed < len(held):
                 # Claims that finished since the snapshot are not lost: count only those still held.
@@ -3400,6 +3585,39 @@ def _resolved(record: TaskRecord) -> concurrent.futures.Future:
     return future
 
 
+def handler_namespace(handler: Callable[..., Any]) -> str:
+    """Return the namespace that scopes a handler's idempotency keys.
+
+    The module-qualified name of the function (``"jobs.fetch"``), of the class of a callable
+    object (``"task_queue_optimized.TaskProcessor"``), or of the function a `functools.partial`
+    wraps. A function of a script run as ``__main__`` is named after the script's module, so a
+    script and ``task-queue worker --handler script:function`` share their keys.
+    """
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isbuiltin(target)):
+        target = type(target)
+    module = getattr(target, "__module__", None) or "?"
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        path = getattr(main, "__file__", None)
+        if spec is not None and spec.name:
+            module = spec.name.removesuffix(".__main__")
+        elif path:
+            module = os.path.splitext(os.path.basename(path))[0]
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{qualname}"
+
+
+def _check_namespace(namespace: Any, source: str = "namespace") -> str:
+    """Return `namespace` if it is usable, else raise ValueError naming `source`."""
+    if not _is_text(namespace) or not namespace.strip() or not namespace.isprintable():
+        raise ValueError(f"{source} must be a non-empty printable string, not {namespace!r}")
+    return namespace
+
+
 _ON_FULL = ("block", "reject")
 # What a submission's outcome makes of its durable-queue row: cancelled work goes back to the queue.
 _ENTRY_STATE = {
@@ -3438,6 +3656,9 @@ class WorkerPool:
         durable: persist each submission in the store's durable queue before `submit` returns,
             so any worker (`serve`, ``task-queue worker``) finishes it if this process dies.
         worker_name: this pool's name in the durable queue (default host:pid:id).
+        namespace: the scope of this pool's keys; None means `handler_namespace(handler)`. Pools
+            (and processes) with one namespace share their keys' outcomes; pools with different
+            ones never see each other's. Give one to keep the keys of a handler you rename.
     """
 
     def __init__(
@@ -3457,7 +3678,10 @@ class WorkerPool:
         idempotency: IdempotencyManager | None = None,
         durable: bool = False,
         worker_name: str | None = None,
+        namespace: str | None = None,
     ) -> None:
+        if namespace is not None:
+            _check_namespace(namespace)
         if on_full not in _ON_FULL:
             raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
         if submit_timeout is not None and not submit_timeout >= 0:
@@ -3468,6 +3692,8 @@ class WorkerPool:
         if not claim_poll_interval > 0:
             raise ValueError(f"claim_poll_interval must be > 0, not {claim_poll_interval!r}")
         self._handler = handler if handler is not None else TaskProcessor()
+        # Computed once: every claim of this pool carries it.
+        self.namespace = namespace if namespace is not None else handler_namespace(self._handler)
         self._retry = retry if retry is not None else RetryPolicy()
         self._block = on_full == "block"
         self._submit_timeout = submit_timeout
@@ -3490,6 +3716,7 @@ class WorkerPool:
         self._workers_gone = False  # the worker loops have ended (an owned store may close)
         # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
         self._per_call = BATCH_BUDGET_SECONDS
+        self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
         try:
             self._queue = TaskQueue(
                 lambda job: self._process_batch([job]),
@@ -3691,6 +3918,8 @@ class WorkerPool:
     def _serve(self, stop: threading.Event, limit: int, poll_interval: float) -> None:
         store = self._store.store
         self._heartbeat()
+        outage_noticed: float | None = None  # when the last "unavailable" warning was logged
+        backoff = 0.05
         while not stop.is_set():
             with self._changed:
                 # Refill in chunks, once half the prefetch is done: one take for many tasks,
@@ -3700,7 +3929,23 @@ class WorkerPool:
                 room = limit - self._pending
             if stop.is_set() or self._closed:
                 break
-            leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
+            try:
+                leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
+            except Exception as exc:
+                # The database stayed unreachable past the store's own retries (a server down
+                # longer than its reconnect window, a file locked or gone): a worker keeps
+                # trying with backoff, under its running jobs, and says so once a minute.
+                now = time.monotonic()
+                if outage_noticed is None or now - outage_noticed >= _OUTAGE_NOTICE_INTERVAL:
+                    outage_noticed = now
+                    logger.warning("the database is unavailable (%s); retrying", _first_line(exc))
+                stop.wait(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, _OUTAGE_MAX_BACKOFF)
+                continue
+            if outage_noticed is not None:
+                logger.warning("the database is available again")
+                outage_noticed = None
+            backoff = 0.05
             if not leased:
                 store.wait_for_work(poll_interval, stop)
                 continue
@@ -3855,10 +4100,15 @@ class WorkerPool:
 
     def _claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in one transaction; return the jobs this worker now owns."""
-        claims = _each_alone(self._store.claim_many, [(job.key, job.fingerprint) for job in jobs])
+        namespace = self.namespace
+        claims = _each_alone(
+            lambda items: self._store.claim_many(items, namespace=namespace),
+            [(job.key, job.fingerprint) for job in jobs],
+        )
         now = time.perf_counter()
         owned = []
         waits = []  # jobs answered without a handler call start (and finish) now
+        held_elsewhere = False
         for job, claim in zip(jobs, claims, strict=True):
             if isinstance(claim, Exception):
                 error = f"internal error: {_describe(claim)}"
@@ -3873,6 +4123,7 @@ class WorkerPool:
                 continue
             if state is ClaimState.IN_PROGRESS:
                 self._hand_off(job, self._poll_delay(job, claim.lease_expires))
+                held_elsewhere = True
                 continue
             if job.started_at is None:
                 job.started_at = now
@@ -3886,7 +4137,39 @@ class WorkerPool:
                 )
         if waits:
             self._metrics.record_starts(waits, dequeued=False)
+        if held_elsewhere:
+            self._notice_waits()
         return owned
+
+    def _notice_waits(self) -> None:
+        """Log what the pool waits for when keys are held by another owner (once a minute).
+
+        After a crash, a rerun waits out the dead run's leases; without this it would wait in
+        silence. The count covers every live claim of this namespace that this pool does not hold.
+        """
+        now = time.monotonic()
+        with self._lock:
+            last = self._wait_notice_at
+            if last is not None and now - last < _WAIT_NOTICE_INTERVAL:
+                return
+            self._wait_notice_at = now
+            own = {job.token for job in self._inflight.values() if job.token is not None}
+        try:
+            claims = self._store.store.live_claims(self.namespace)
+        except Exception:
+            logger.debug("reading the live claims failed", exc_info=True)
+            return
+        others = [expires for token, expires in claims if token not in own]
+        if not others:
+            return
+        earliest = min(others)
+        logger.info(
+            "waiting for %d keys held by another owner (a stopped run or another process) until "
+            "their leases expire; the earliest expires at %s (in %.1f s)",
+            len(others),
+            time.strftime("%H:%M:%S", time.localtime(earliest)),
+            max(earliest - time.time(), 0.0),
+        )
 
     def _call_handler(
         self, jobs: list[_Job], outcomes: list[_JobOutcome]
@@ -4010,8 +4293,8 @@ class WorkerPool:
             # Only the rows this pool holds: a row taken by a take whose answer was lost (a
             # dropped connection) is not renewed, and another worker takes it after its lease.
             self._store.store.renew_tasks(self.worker_name, info, entries)
-        except Exception:
-            logger.exception("renewing the durable queue's leases failed")
+        except Exception as exc:
+            logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -4387,6 +4670,39 @@ def _add_settings(group: Any, names: Iterable[str] | None = None) -> None:
             )
 
 
+def _add_handler_arguments(group: Any) -> None:
+    group.add_argument(
+        "--handler",
+        metavar="MODULE:FUNCTION",
+        help="handler to import (default: the built-in simulator, TaskProcessor)",
+    )
+    group.add_argument(
+        "--namespace",
+        metavar="NAME",
+        help="scope of the handler's idempotency keys (default: the handler's module-qualified "
+        "name); keeps completed keys when a handler is renamed",
+    )
+
+
+def _cli_handler(args: argparse.Namespace, config: Mapping[str, Any], seed: int | None) -> Any:
+    """Return the handler and the namespace the command line asks for.
+
+    Raises:
+        ConfigError: the handler cannot be imported, or the namespace is empty.
+    """
+    namespace = args.namespace
+    if namespace is not None:
+        try:
+            _check_namespace(namespace, "--namespace")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if args.handler is not None:
+        handler = _load_handler(args.handler)
+    else:
+        handler = _cli_processor(config, seed)
+    return handler, namespace
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="task-queue",
@@ -4406,6 +4722,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
     mode.add_argument("--seed", metavar="N", help="seed of the fault injection and jitter")
+    _add_handler_arguments(mode)
     _add_settings(parser.add_argument_group("configuration"))
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -4669,7 +4986,7 @@ def _main(argv: list[str] | None) -> int:
     else:
         tasks = _synthetic_tasks(count)
     _check_output_path(args.metrics_out, "--metrics-out")
-    processor = _cli_processor(config, seed)
+    handler, namespace = _cli_handler(args, config, seed)
     retry = _cli_retry(config)
     progress = _Progress(len(tasks), args.progress)
     with contextlib.ExitStack() as stack:
@@ -4689,11 +5006,12 @@ def _main(argv: list[str] | None) -> int:
         )
         stack.callback(store.close)
         pool = WorkerPool(
-            processor,
+            handler,
             workers=config["workers"],
             queue_size=config["queue_size"],
             retry=retry,
             idempotency=store,
+            namespace=namespace,
         )
         outcome = _run_pool(pool, tasks, config, progress)
     snapshot = pool.metrics.snapshot()
@@ -4859,11 +5177,7 @@ def _cmd_worker(argv: list[str]) -> int:
         _WORKER_SETTINGS,
     )
     parser.add_argument("--name", help="worker name in status (default host:pid)")
-    parser.add_argument(
-        "--handler",
-        metavar="MODULE:FUNCTION",
-        help="handler to import (default: the built-in TaskProcessor)",
-    )
+    _add_handler_arguments(parser)
     parser.add_argument(
         "--prefetch", metavar="N", help="tasks leased at once (default 2 x workers)"
     )
@@ -4878,9 +5192,7 @@ def _cmd_worker(argv: list[str]) -> int:
         raise ConfigError(f"--name {args.name!r}: {_text_problem(args.name)}")
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
-    handler = (
-        _load_handler(args.handler) if args.handler is not None else _cli_processor(config, None)
-    )
+    handler, namespace = _cli_handler(args, config, None)
     metrics = MetricsCollector(config["workers"], config["queue_size"])
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
     server = _serve_metrics(metrics, port) if port is not None else None
@@ -4900,14 +5212,18 @@ def _cmd_worker(argv: list[str]) -> int:
             durable=True,
             worker_name=args.name,
             metrics=metrics,
+            namespace=namespace,
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
             print(
                 f"worker {pool.worker_name} serving {_redact(manager.store.url)}", file=sys.stderr
             )
-            pool.serve(stop, prefetch=prefetch)
-            pool.shutdown(wait=True, cancel_pending=True)
+            try:
+                pool.serve(stop, prefetch=prefetch)
+            finally:
+                # Whatever ended serving, running jobs finish before the store closes below.
+                pool.shutdown(wait=True, cancel_pending=True)
         if server is not None:
             server.shutdown()
     finally:

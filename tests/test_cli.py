@@ -384,6 +384,104 @@ def test_rerun_with_same_db_is_all_duplicates(tmp_path: Path) -> None:
     assert state_counts(tmp_path / "progress.db") == {"completed": 10}
 
 
+HANDLER_MODULE = """
+import os
+
+def fetch(task):
+    with open("calls.txt", "a", encoding="utf-8") as log:
+        log.write(task.id + "\\n")
+    return {"fetched": task.id}
+
+fetch_v2 = fetch
+"""
+
+
+def test_handler_keys_are_not_answered_by_the_simulator(tmp_path: Path) -> None:
+    """Prove --handler runs tasks the simulator completed, and --namespace survives a rename."""
+    (tmp_path / "mine.py").write_text(HANDLER_MODULE, encoding="utf-8")
+    write_tasks(tmp_path / "tasks.json", make_tasks(4))
+    base = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]
+    proc, simulated = run_json(base, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert simulated["succeeded"] == 4
+    proc, fetched = run_json([*base, "--handler", "mine:fetch"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (fetched["succeeded"], fetched["duplicates"]) == (4, 0)
+    assert len((tmp_path / "calls.txt").read_text(encoding="utf-8").split()) == 4
+    proc, again = run_json([*base, "--handler", "mine:fetch"], tmp_path)
+    assert (again["succeeded"], again["duplicates"]) == (0, 4)
+    # A renamed handler keeps the keys when given the old name as its namespace.
+    renamed = [*base, "--handler", "mine:fetch_v2", "--namespace", "mine.fetch"]
+    proc, kept = run_json(renamed, tmp_path)
+    assert (kept["succeeded"], kept["duplicates"]) == (0, 4)
+    assert len((tmp_path / "calls.txt").read_text(encoding="utf-8").split()) == 4
+    assert state_counts(tmp_path / "progress.db") == {"completed": 8}
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        pytest.param(["--handler", "nosuch_module:fetch"], ["--handler"], id="main-bad-handler"),
+        pytest.param(["--handler", "fetch"], ["--handler"], id="main-handler-without-colon"),
+        pytest.param(["--namespace", ""], ["--namespace"], id="main-empty-namespace"),
+        pytest.param(["--namespace", " "], ["--namespace"], id="main-blank-namespace"),
+        pytest.param(["worker", "--namespace", ""], ["--namespace"], id="worker-empty-namespace"),
+    ],
+)
+def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
+    workdir: Path, args: list[str], names: list[str]
+) -> None:
+    """Prove a bad --handler or --namespace is a one-line error before any database exists."""
+    write_tasks(workdir / "tasks.json", make_tasks(1))
+    before = tree_bytes(workdir)
+    if args[0] == "worker":
+        argv = [*args, "--db", "progress.db"]
+    else:
+        argv = ["--task-file", "tasks.json", "--db", "progress.db", *args]
+    proc = run_cli(argv, workdir)
+    _assert_user_error(proc, names)
+    assert tree_bytes(workdir) == before
+
+
+def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
+    """Prove a rerun blocked by a stopped run's live claims says once how many and until when."""
+    import task_queue_optimized as tq
+
+    write_tasks(tmp_path / "tasks.json", make_tasks(3))
+    db = tmp_path / "progress.db"
+    with tq.IdempotencyManager(str(db), lease_seconds=30.0) as crashed:
+        for task in make_tasks(3):
+            claim = crashed.claim(task["id"], namespace="task_queue_optimized.TaskProcessor")
+            assert claim.state == "claimed"
+    args = ["--task-file", "tasks.json", "--db", "progress.db", "--log-level", "INFO", *FAST]
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        notices = []
+        for line in proc.stderr:
+            if "held by another owner" in line:
+                notices.append(line)
+                break
+        proc.send_signal(signal.SIGINT)  # the notice was seen: no need to wait out the leases
+        rest = proc.stderr.read()
+        assert proc.wait(30) == 130, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(notices) == 1 and "held by another owner" not in rest
+    assert re.search(
+        r"waiting for 3 keys .* expires at \d\d:\d\d:\d\d \(in \d+\.\d s\)", notices[0]
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "flags", "expected", "absent"),
     [

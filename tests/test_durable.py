@@ -540,12 +540,13 @@ def test_a_durable_pool_records_every_submission(tmp_path: Path) -> None:
         return task.id
 
     batch = [tq.Task(f"t{i}") for i in range(6)] + [tq.Task("bad", {"fail": True})]
-    with tq.WorkerPool(handler, workers=3, db_path=db, durable=True) as pool:
+    with tq.WorkerPool(handler, workers=3, db_path=db, durable=True, namespace="jobs") as pool:
         first = {r.task_id: r.status for r in pool.run(batch)}
     assert first["bad"] is tq.TaskStatus.FAILED
     assert status_of(db)["tasks"] == {"queued": 0, "running": 0, "done": 6, "failed": 1}
-    # Another pool on the same file: completed keys are duplicates; the failed task runs again.
-    with tq.WorkerPool(lambda task: task.id, workers=3, db_path=db, durable=True) as pool:
+    # Another pool of the same namespace: completed keys are duplicates; the failed one runs again.
+    with tq.WorkerPool(lambda task: task.id, workers=3, db_path=db, durable=True,
+                       namespace="jobs") as pool:  # fmt: skip
         again = {
             r.task_id: r.status for r in pool.run([tq.Task("t0"), tq.Task("bad", {"fail": True})])
         }

@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,15 +181,16 @@ class TestLeases:
         pool = make_pool(handler, workers=1, db_path=tmp_db, lease_seconds=0.2)
         future = pool.submit(tq.Task("long", PAYLOAD))
         assert handler.wait_started("long")
+        scope = pool.namespace  # the rival runs the same handler
         with tq.IdempotencyManager(tmp_db, lease_seconds=0.2) as rival:
             end = time.monotonic() + 0.6
             while time.monotonic() < end:
-                assert rival.claim("long", fingerprint=FP).state == "in_progress"
+                assert rival.claim("long", FP, namespace=scope).state == "in_progress"
                 time.sleep(0.03)
             handler.gate.set()
             record = future.result(WAIT)
             assert (record.status, record.attempts) == ("succeeded", 1)
-            assert rival.claim("long", fingerprint=FP).state == "completed"
+            assert rival.claim("long", FP, namespace=scope).state == "completed"
 
 
 class TestStoreFile:
@@ -299,7 +301,9 @@ class TestPoolIdempotency:
         assert child.returncode == 0, child.stderr
         assert [row[1] for row in json.loads(child.stdout)] == ["succeeded", "succeeded"]
         handler = gated(gated=False)
-        with tq.WorkerPool(handler, workers=2, db_path=tmp_db) as pool:
+        # The child's handler is another function: one namespace makes them the same handler.
+        scope = "__main__.handler"
+        with tq.WorkerPool(handler, workers=2, db_path=tmp_db, namespace=scope) as pool:
             records = pool.run([tq.Task("k1", PAYLOAD), tq.Task("k3", PAYLOAD)])
         assert records[0].status == "duplicate"
         assert records[0].output == {"by": "child", "key": "k1"}
@@ -494,3 +498,221 @@ class TestPoolIdempotency:
         assert all(status in ("succeeded", "duplicate") for _, status, _, _ in rows)
         with tq.IdempotencyManager(db) as store:
             assert store.stats()["completed"] == 20
+
+
+# The keys table as databases created before namespaces have it.
+LEGACY_SQLITE_KEYS = """
+CREATE TABLE idempotency (
+    key TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, fingerprint TEXT,
+    token INTEGER NOT NULL, output TEXT, error TEXT, lease_expires REAL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID
+"""
+LEGACY_POSTGRES_KEYS = """
+CREATE TABLE {schema}.idempotency (
+    key TEXT PRIMARY KEY, state TEXT NOT NULL, fingerprint TEXT, token BIGINT NOT NULL,
+    output TEXT, error TEXT, lease_expires DOUBLE PRECISION,
+    created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)
+"""
+
+
+def emails(task: tq.Task) -> dict:
+    return {"sent": task.key}
+
+
+def reports(task: tq.Task) -> dict:
+    return {"report": task.key}
+
+
+class Fetcher:
+    """A callable object: its class names its namespace."""
+
+    def __call__(self, task: tq.Task) -> dict:
+        return {"fetched": task.key}
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Yield a store URL for each backend (a fresh PostgreSQL schema, dropped afterwards)."""
+    if request.param == "memory":
+        yield "memory://"
+    elif request.param == "sqlite":
+        yield str(tmp_path / "keys.db")
+    else:
+        from tests import store_fixtures
+
+        store_fixtures.require_postgres()
+        url = store_fixtures.new_schema_url()
+        yield url
+        store_fixtures.drop_schema(url)
+
+
+class TestNamespaces:
+    """Keys are scoped by the handler that owns them, or by an explicit namespace."""
+
+    def test_handler_namespace_names_function_or_class(self) -> None:
+        """A function is named by its module and qualified name; a callable object by its class."""
+        assert tq.handler_namespace(emails) == "tests.test_idempotency.emails"
+        assert tq.handler_namespace(Fetcher()) == "tests.test_idempotency.Fetcher"
+        assert tq.handler_namespace(tq.TaskProcessor()) == "task_queue_optimized.TaskProcessor"
+        with tq.WorkerPool(emails, workers=1) as pool:
+            assert pool.namespace == "tests.test_idempotency.emails"
+        with tq.WorkerPool(emails, workers=1, namespace="mail") as pool:
+            assert pool.namespace == "mail"
+
+    @pytest.mark.parametrize("bad", ["", "  ", "a\nb", 3])
+    def test_bad_namespace_is_refused(self, bad: object) -> None:
+        """An empty, blank, multi-line or non-string namespace is a ValueError naming it."""
+        with pytest.raises(ValueError, match="namespace"):
+            tq.WorkerPool(emails, workers=1, namespace=bad)  # type: ignore[arg-type]
+
+    def test_two_handlers_on_one_database_keep_their_outcomes(self, store_url: str) -> None:
+        """Emails and reports both keyed user-42 each run once, and each sees its own output."""
+        task = tq.Task("t", {"v": 1}, idempotency_key="user-42")
+        with tq.IdempotencyManager(store_url) as manager:
+            runs = {}
+            for handler in (emails, reports, emails, reports):
+                with tq.WorkerPool(handler, workers=1, idempotency=manager) as pool:
+                    record = pool.submit(task).result(WAIT)
+                runs.setdefault(handler.__name__, []).append((record.status, record.output))
+            assert runs == {
+                "emails": [("succeeded", {"sent": "user-42"}), ("duplicate", {"sent": "user-42"})],
+                "reports": [
+                    ("succeeded", {"report": "user-42"}),
+                    ("duplicate", {"report": "user-42"}),
+                ],
+            }
+            # The simple surface answers for the key whichever handler completed it.
+            assert manager.is_processed("user-42")
+            assert manager.get_cached_output("user-42") in (
+                {"sent": "user-42"},
+                {"report": "user-42"},
+            )
+            assert manager.stats()["completed"] == 2
+
+    def test_simulator_completions_never_answer_for_a_handler(self, store_url: str) -> None:
+        """Keys the built-in simulator completed run again for a real handler."""
+        tasks = [tq.Task(f"t{i}") for i in range(3)]
+        with tq.IdempotencyManager(store_url) as manager:
+            with tq.WorkerPool(tq.TaskProcessor(latency_ms=0, jitter_ms=0), workers=2,
+                               idempotency=manager) as pool:  # fmt: skip
+                assert {r.status for r in pool.run(tasks)} == {"succeeded"}
+            fetcher = Fetcher()
+            with tq.WorkerPool(fetcher, workers=2, idempotency=manager) as pool:
+                records = pool.run(tasks)
+            assert [(r.status, r.output) for r in records] == [
+                ("succeeded", {"fetched": f"t{i}"}) for i in range(3)
+            ]
+
+    def test_a_namespace_keeps_keys_across_a_renamed_handler(self, tmp_db: str) -> None:
+        """Two handler functions given one namespace share their completed keys."""
+        task = tq.Task("t", {"v": 1})
+        with tq.WorkerPool(emails, workers=1, db_path=tmp_db, namespace="mail") as pool:
+            assert pool.submit(task).result(WAIT).status == "succeeded"
+        with tq.WorkerPool(reports, workers=1, db_path=tmp_db, namespace="mail") as pool:
+            record = pool.submit(task).result(WAIT)
+        assert (record.status, record.output) == ("duplicate", {"sent": "t"})
+
+    @pytest.mark.timeout(30)
+    def test_durable_queue_completes_under_the_handler_namespace(self, store_url: str) -> None:
+        """A task enqueued and served by a handler's worker is completed in its namespace."""
+        store = tq.open_store(store_url)
+        manager = tq.IdempotencyManager(store=store)
+        try:
+            assert store.enqueue_many([tq.Task("a"), tq.Task("b")]) == 2
+            pool = tq.WorkerPool(Fetcher(), workers=2, idempotency=manager, durable=True)
+            stop = threading.Event()
+            serving = threading.Thread(
+                target=pool.serve, args=(stop,), kwargs={"poll_interval": 0.05}
+            )
+            serving.start()
+            try:
+                assert _poll(lambda: store.queue_status()["tasks"]["done"] == 2)
+            finally:
+                stop.set()
+                serving.join(WAIT)
+                pool.shutdown(wait=True)
+            for key in ("a", "b"):
+                row = manager.lookup(key, namespace="tests.test_idempotency.Fetcher")
+                assert row is not None and row["state"] == "completed"
+                assert manager.lookup(key, namespace="task_queue_optimized.TaskProcessor") is None
+        finally:
+            store.close()
+
+
+class TestLegacyDatabase:
+    """A database from before namespaces opens, migrates in place and keeps its keys."""
+
+    @pytest.mark.timeout(30)
+    def test_sqlite_file_is_migrated_once_by_concurrent_openers(self, tmp_db: str) -> None:
+        """Four openers at once migrate an old file; its completed key stays a duplicate."""
+        conn = sqlite3.connect(tmp_db)
+        conn.execute(LEGACY_SQLITE_KEYS)
+        conn.execute(
+            "INSERT INTO idempotency VALUES ('old', 'completed', NULL, 7, '{\"v\": 1}', NULL, "
+            "NULL, 1.0, ?)",
+            (time.time(),),
+        )
+        conn.commit()
+        conn.close()
+        barrier = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def open_it() -> None:
+            try:
+                barrier.wait(WAIT)
+                with tq.IdempotencyManager(tmp_db) as manager:
+                    assert manager.is_processed("old")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert errors == []
+        conn = sqlite3.connect(tmp_db)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(idempotency)")]
+        assert "namespace" in columns
+        conn.close()
+        self._check_adoption(tmp_db)
+
+    def test_postgres_schema_is_migrated(self) -> None:
+        """An old PostgreSQL keys table gets its namespace column and keeps its completed key."""
+        from tests import store_fixtures
+
+        store_fixtures.require_postgres()
+        url = store_fixtures.new_schema_url()
+        schema = store_fixtures.schema_of(url)
+        import psycopg
+
+        with psycopg.connect(store_fixtures.PG_DSN, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+            conn.execute(LEGACY_POSTGRES_KEYS.format(schema=schema))
+            conn.execute(
+                f"INSERT INTO {schema}.idempotency VALUES ('old', 'completed', NULL, 7, "
+                "'{\"v\": 1}', NULL, NULL, 1.0, %s)",
+                (time.time(),),
+            )
+        try:
+            self._check_adoption(url)
+        finally:
+            store_fixtures.drop_schema(url)
+
+    @staticmethod
+    def _check_adoption(url: str) -> None:
+        # The first handler to claim a legacy key adopts it (a duplicate); another runs its own.
+        calls: list[str] = []
+
+        def first(task: tq.Task) -> dict:
+            calls.append(task.id)
+            return {"v": 2}
+
+        with tq.IdempotencyManager(url) as manager:
+            with tq.WorkerPool(first, workers=1, idempotency=manager) as pool:
+                record = pool.submit(tq.Task("old")).result(WAIT)
+            assert (record.status, record.output, calls) == ("duplicate", {"v": 1}, [])
+            with tq.WorkerPool(reports, workers=1, idempotency=manager) as pool:
+                record = pool.submit(tq.Task("old")).result(WAIT)
+            assert (record.status, record.output) == ("succeeded", {"report": "old"})
+            assert manager.stats()["completed"] == 2

@@ -198,3 +198,64 @@ class TestConcurrencyAndStress:
         assert snap["success_rate"] == 1.0
         assert snap["latency_ms"]["count"] == 0
         assert handler.total_calls == 0
+
+
+# A worker whose store gives up quickly, so that an outage outlasts it within a short test.
+WORKER_WITH_SHORT_TIMEOUTS = """
+import sys
+import task_queue_optimized as tq
+tq.BUSY_TIMEOUT_SECONDS = 0.2
+raise SystemExit(tq.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_worker_outlives_a_database_outage(tmp_path) -> None:
+    """A worker whose SQLite file stays locked past its timeouts warns once, then serves on."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    from tests.cli_helpers import REPO, clean_env
+
+    db = tmp_path / "queue.db"
+    tq.open_store(str(db)).close()
+    env = clean_env({"PYTHONPATH": str(REPO)})
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER_WITH_SHORT_TIMEOUTS, "worker", "--db", str(db),
+         "--workers", "2", "--latency-ms", "0", "--jitter-ms", "0"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    locker = sqlite3.connect(db, isolation_level=None)
+    try:
+        assert worker.stderr is not None
+        assert "serving" in worker.stderr.readline()
+        locker.execute("BEGIN EXCLUSIVE")  # no writer gets in: every take fails
+        seen = []
+        while not seen or "database is unavailable" not in seen[-1]:
+            seen.append(worker.stderr.readline())
+            assert seen[-1], seen  # the worker must not end
+        locker.execute("ROLLBACK")
+        store = tq.open_store(str(db))
+        try:
+            store.enqueue_many([tq.Task("after")])
+            deadline = time.monotonic() + WAIT
+            while store.queue_status()["tasks"]["done"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert store.queue_status()["tasks"]["done"] == 1
+        finally:
+            store.close()
+        assert worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        _out, err = worker.communicate(timeout=WAIT)
+        assert worker.returncode == 143, err
+    finally:
+        locker.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    stderr = "".join(seen) + err
+    assert "Traceback" not in stderr, stderr
+    assert stderr.count("database is unavailable") == 1, stderr
+    assert "available again" in stderr

@@ -210,7 +210,8 @@ def handler(task):
     return {"by": "A"}
 
 store = ReportingStore(sys.argv[1], lease_seconds=float(sys.argv[2]))
-with tq.WorkerPool(handler, workers=1, idempotency=store, claim_poll_interval=0.01) as pool:
+with tq.WorkerPool(handler, workers=1, idempotency=store, claim_poll_interval=0.01,
+                   namespace="one-handler") as pool:
     record = pool.submit(tq.Task("k", {"v": 1})).result()
 store.close()
 print(json.dumps([record.status.value, record.attempts, record.output]), flush=True)
@@ -225,7 +226,7 @@ def handler(task):
     calls.append(task.id)
     return {"by": "B"}
 with tq.WorkerPool(handler, workers=1, db_path=sys.argv[1], lease_seconds=float(sys.argv[2]),
-                   claim_poll_interval=0.01) as pool:
+                   claim_poll_interval=0.01, namespace="one-handler") as pool:
     future = pool.submit(tq.Task("k", {"v": 1}))
     print("submitted", flush=True)
     record = future.result()
@@ -282,8 +283,9 @@ def test_frozen_owner_is_taken_over_and_its_late_completion_writes_nothing(
 
     handler = gated(output=lambda task: {"by": "B"})
     pool = make_pool(
-        handler, workers=1, db_path=tmp_db, lease_seconds=lease, claim_poll_interval=0.01
-    )
+        handler, workers=1, db_path=tmp_db, lease_seconds=lease, claim_poll_interval=0.01,
+        namespace="one-handler",
+    )  # fmt: skip
     future = pool.submit(tq.Task("k", PAYLOAD))
     assert handler.wait_started("k")
     taken = _row(tmp_db, "k")
@@ -321,7 +323,9 @@ def test_long_handler_keeps_its_claim_against_another_process(
     """Prove renewal keeps a claim for many leases while another process's pool waits on it."""
     lease = 0.2
     handler = gated()
-    pool = make_pool(handler, workers=1, db_path=tmp_db, lease_seconds=lease)
+    pool = make_pool(
+        handler, workers=1, db_path=tmp_db, lease_seconds=lease, namespace="one-handler"
+    )
     future = pool.submit(tq.Task("k", PAYLOAD))
     assert handler.wait_started("k")
     first = _row(tmp_db, "k")
