@@ -32,6 +32,7 @@ from __future__ import annotations
 __version__ = "1.0.0"
 
 import argparse
+import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook now, so ours runs before it
@@ -63,7 +64,15 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, NamedTuple, Protocol
 
 __all__ = [
@@ -83,6 +92,7 @@ __all__ = [
     "DEFAULT_TASKS",
     "DEFAULT_WORKERS",
     "MAX_JSON_DEPTH",
+    "AsyncWorkerPool",
     "Claim",
     "ClaimState",
     "ConfigError",
@@ -143,6 +153,8 @@ DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
+MAX_COMPLETION_BATCH = 512  # most finished async calls recorded in one transaction
+ASYNC_DISPATCHERS = 2  # threads that claim keys and start calls for an async handler
 _WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by another owner
 _OUTAGE_NOTICE_INTERVAL = 60.0  # seconds between two warnings that a worker's database is down
 _OUTAGE_MAX_BACKOFF = 5.0  # longest wait between two tries of an unavailable database
@@ -3483,6 +3495,133 @@ class _LeaseKeeper:
                     logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
 
 
+def _is_async_handler(handler: Callable[..., Any]) -> bool:
+    """Return whether calling `handler` gives a coroutine (an ``async def`` function or method,
+    a callable object whose ``__call__`` is one, or a `functools.partial` of either)."""
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target):
+        return True
+    if inspect.isroutine(target) or not callable(target):
+        return False
+    return inspect.iscoroutinefunction(type(target).__call__)
+
+
+# One finished call of an async handler: the job, its output or exception, and its seconds.
+_Finished = tuple["_Job", Any, "BaseException | None", float]
+
+
+class _AsyncRunner:
+    """An event loop in a thread of its own, running up to `limit` handler calls at once.
+
+    Threads: the loop thread runs the handler's coroutines and nothing else; the completer thread
+    takes finished calls in batches and hands them to `complete` (the pool's bookkeeping: retries,
+    the store's completion transaction, futures), so the loop never waits on the store. Callers
+    of `start` (the pool's dispatcher threads) block while `limit` calls are in flight: that
+    semaphore is the async pool's worker count.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[Task], Any],
+        limit: int,
+        complete: Callable[[list[_Finished]], None],
+        on_exit: Callable[[], None],
+    ) -> None:
+        self._handler = handler
+        self._complete = complete
+        self._on_exit = on_exit  # called once by the completer thread as it ends
+        self._slots = threading.BoundedSemaphore(limit)  # one per call in flight
+        self._finished: queue.SimpleQueue[Any] = queue.SimpleQueue()  # _Finished items, _STOP
+        self._loop = asyncio.new_event_loop()
+        self._calls: set[asyncio.Task[None]] = set()  # owned by the loop thread
+        self._loop_thread = threading.Thread(
+            target=self._run_loop, name="task-queue-event-loop", daemon=True
+        )
+        self._completer = threading.Thread(
+            target=self._run_completer, name="task-queue-completer", daemon=True
+        )
+        self._loop_thread.start()
+        self._completer.start()
+
+    def free_slots(self) -> int:
+        """Return how many more calls could start now (a snapshot)."""
+        return self._slots._value  # read without the lock: a hint for batch sizes
+
+    def owns_current_thread(self) -> bool:
+        """Return whether the caller is the loop thread or the completer thread."""
+        return threading.current_thread() in (self._loop_thread, self._completer)
+
+    def start(self, jobs: list[_Job]) -> None:
+        """Start a handler call for each job on the loop; block while `limit` calls run.
+
+        Calls that find free slots are handed over together: one wake-up of the loop for many.
+        """
+        slots = self._slots
+        start, end = 0, len(jobs)
+        while start < end:
+            slots.acquire()
+            stop = start + 1
+            while stop < end and slots.acquire(blocking=False):
+                stop += 1
+            self._loop.call_soon_threadsafe(self._spawn, jobs[start:stop])
+            start = stop
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop the completer (after the calls it holds) and the loop; no call may be running."""
+        self._finished.put(_STOP)
+        if wait and threading.current_thread() is not self._completer:
+            self._completer.join()
+
+    def _spawn(self, jobs: list[_Job]) -> None:
+        create_task, calls = self._loop.create_task, self._calls
+        for job in jobs:
+            call = create_task(self._call(job))
+            calls.add(call)  # the loop keeps only weak references to its tasks
+            call.add_done_callback(calls.discard)
+
+    async def _call(self, job: _Job) -> None:
+        clock = time.perf_counter
+        began = clock()
+        output: Any = None
+        error: BaseException | None = None
+        try:
+            output = await self._handler(job.task)
+        except BaseException as exc:  # the handler's failure is the task's, never the loop's
+            error = exc
+        self._slots.release()
+        self._finished.put((job, output, error, clock() - began))
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def _run_completer(self) -> None:
+        finished = self._finished
+        try:
+            while True:
+                items = [finished.get()]
+                while not finished.empty() and len(items) < MAX_COMPLETION_BATCH:
+                    items.append(finished.get())
+                stop = items[-1] is _STOP
+                if stop:
+                    items.pop()
+                if items:
+                    try:
+                        self._complete(items)
+                    except BaseException:
+                        logger.exception("completing %d async calls raised", len(items))
+                if stop:
+                    return
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._on_exit()
+
+
 # A submission that joined an in-flight one: its task, its future, when it was submitted and,
 # in a durable pool, the token of its row in the durable queue.
 _Follower = tuple[Task, concurrent.futures.Future, float, "int | None"]
@@ -3691,7 +3830,10 @@ class WorkerPool:
             raise ValueError(f"worker_name {_text_problem(worker_name)}, got {worker_name!r}")
         if not claim_poll_interval > 0:
             raise ValueError(f"claim_poll_interval must be > 0, not {claim_poll_interval!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, not {workers!r}")
         self._handler = handler if handler is not None else TaskProcessor()
+        self._workers = workers  # handler calls at once: threads, or coroutines on one loop
         # Computed once: every claim of this pool carries it.
         self.namespace = namespace if namespace is not None else handler_namespace(self._handler)
         self._retry = retry if retry is not None else RetryPolicy()
@@ -3712,24 +3854,34 @@ class WorkerPool:
         self._closed = False
         self._cancelling = False
         self._stopping = False
-        self._store_users = 0  # serve() loops and durable submits using the store now
-        self._workers_gone = False  # the worker loops have ended (an owned store may close)
+        # Who uses the store now: the worker loops (as one), the completer of an async pool,
+        # serve() loops and durable submits. The last to let go closes an owned store.
+        self._store_users = 1
+        self._runner: _AsyncRunner | None = None  # runs an async handler's calls
         # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
         self._per_call = BATCH_BUDGET_SECONDS
         self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
+        # An async handler's calls run on an event loop; a few dispatcher threads claim their
+        # keys and start them there. A plain handler runs on `workers` threads.
+        is_async = _is_async_handler(self._handler)
         try:
             self._queue = TaskQueue(
                 lambda job: self._process_batch([job]),
                 maxsize=queue_size,
-                workers=workers,
+                workers=min(workers, ASYNC_DISPATCHERS) if is_async else workers,
                 process_many=self._process_batch,
                 batch_limit=self._batch_limit,
-                on_stop=self._loops_ended,
+                on_stop=self._release_store,
             )
         except ValueError:
             if self._owns_store:
                 self._store.close()
             raise
+        if is_async:
+            self._store_users += 1  # the completer records the calls' outcomes
+            self._runner = _AsyncRunner(
+                self._handler, workers, self._complete_calls, self._release_store
+            )
         self._scheduler = _Scheduler(self._queue.put_ready, "task-queue-scheduler")
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
@@ -3757,6 +3909,11 @@ class WorkerPool:
             QueueFullError: the queue stayed full (at once with ``on_full="reject"``).
             PoolClosedError: the pool is shut down.
         """
+        return self._submit(task)
+
+    def _submit(self, task: Task, *, probe: bool = False) -> concurrent.futures.Future:
+        """Submit `task`; with `probe`, raise QueueFullError at once instead of waiting for room
+        (and count no rejection): `AsyncWorkerPool` then waits for room off its event loop."""
         if not isinstance(task, Task):
             raise TypeError(f"submit() takes a Task, not {type(task).__name__}")
         now = time.perf_counter()
@@ -3765,6 +3922,8 @@ class WorkerPool:
         except (TypeError, ValueError) as exc:
             return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
         if not self._durable:
+            if probe:
+                return self._accept(task, fp, now, None, block=False, probe=True)
             return self._accept(task, fp, now, None)
         with self._lock:
             if self._closed:
@@ -3791,6 +3950,7 @@ class WorkerPool:
         *,
         block: bool | None = None,
         timeout: float | None = None,
+        probe: bool = False,
     ) -> concurrent.futures.Future:
         """Track `task` and put it in the queue; return its future.
 
@@ -3831,7 +3991,8 @@ class WorkerPool:
             # the job went in leaves it to the worker that took it.
             self._queue.take_back(job)
             if isinstance(exc, QueueFullError):
-                self._metrics.record_rejection()
+                if not probe:
+                    self._metrics.record_rejection()
                 reason = f"the submission this one joined was refused: {exc}"
             else:
                 reason = f"the submission this one joined was interrupted: {_describe(exc)}"
@@ -3855,7 +4016,7 @@ class WorkerPool:
         queued, as `Executor.map` does; those already running finish.
         """
         done: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
-        window = self._queue.maxsize + self._queue.workers
+        window = self._queue.maxsize + self._workers
         ours: set[concurrent.futures.Future] = set()  # submitted and not yet yielded
 
         def collect() -> TaskRecord:
@@ -3911,7 +4072,7 @@ class WorkerPool:
         with self._lock:
             self._store_users += 1
         try:
-            self._serve(stop, prefetch or 2 * self._queue.workers, poll_interval)
+            self._serve(stop, prefetch or 2 * self._workers, poll_interval)
         finally:
             self._release_store()
 
@@ -3994,7 +4155,10 @@ class WorkerPool:
                 cancelled (their keys stay unclaimed); running tasks, including those waiting out
                 a retry backoff, always finish.
         """
-        if wait and self._queue.in_worker():
+        if wait and (
+            self._queue.in_worker()
+            or (self._runner is not None and self._runner.owns_current_thread())
+        ):
             # Called from a handler or a done-callback: waiting would wait for itself.
             wait = False
         with self._lock:
@@ -4030,7 +4194,7 @@ class WorkerPool:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<WorkerPool {state} workers={self._queue.workers} pending={self._pending}>"
+        return f"<WorkerPool {state} workers={self._workers} pending={self._pending}>"
 
     # Worker path --------------------------------------------------------------------------------
     #
@@ -4041,6 +4205,10 @@ class WorkerPool:
     # per-transaction cost would otherwise dominate.
 
     def _batch_limit(self) -> int:
+        if self._runner is not None:
+            # A dispatcher takes only what free slots can start now, so that what waits stays in
+            # the queue (cancellable, unclaimed) instead of claimed in a dispatcher's hands.
+            return max(1, min(MAX_BATCH, self._runner.free_slots()))
         return max(1, min(MAX_BATCH, int(BATCH_BUDGET_SECONDS / self._per_call)))
 
     def _process_batch(self, jobs: list[_Job]) -> None:
@@ -4095,8 +4263,61 @@ class WorkerPool:
             self._metrics.record_dequeue(fresh)
         if unclaimed:
             owned.extend(self._claim(unclaimed, outcomes))
-        if owned:
+        if not owned:
+            return
+        if self._runner is None:
             self._complete(self._call_handler(owned, outcomes), outcomes)
+        else:
+            self._dispatch(owned)
+
+    def _dispatch(self, jobs: list[_Job]) -> None:
+        """Start an async handler call for each owned job (blocks while `workers` calls run)."""
+        runner = self._runner
+        assert runner is not None
+        now = time.perf_counter()
+        waits = []
+        for job in jobs:
+            job.batch = None  # the completer owns it from here
+            job.attempts += 1
+            if job.started_at is None:
+                job.started_at = now
+                waits.append(now - job.enqueued_at)
+        if waits:
+            self._metrics.record_starts(waits, dequeued=False)
+        runner.start(jobs)
+
+    def _complete_calls(self, finished: list[_Finished]) -> None:
+        """Record finished async calls: retries, one completion transaction, then the futures."""
+        outcomes: list[_JobOutcome] = []
+        done: list[tuple[_Job, Any, str]] = []
+        busy = 0.0
+        try:
+            for job, output, error, seconds in finished:
+                busy += seconds
+                if error is not None:
+                    self._on_error(job, error, outcomes)
+                    continue
+                try:
+                    text = json.dumps(output, allow_nan=False)
+                except Exception as exc:  # TypeError, ValueError, RecursionError
+                    error_text = f"handler output is not JSON-serialisable: {_describe(exc)}"
+                    outcomes.append(self._fail(job, error_text, ErrorKind.PERMANENT))
+                    continue
+                done.append((job, output, text))
+            self._metrics.record_attempt(busy, len(finished))
+            self._complete(done, outcomes)
+        except BaseException as exc:
+            logger.exception("internal error while completing %d calls", len(finished))
+            error_text = f"internal error: {_describe(exc)}"
+            # The successes whose completion did not happen still hold their claims: fail them
+            # and release the claims, so that a rerun may take the keys at once.
+            finished_ids = {id(outcome.job) for outcome in outcomes}
+            stranded = [job for job, _, _ in done if id(job) not in finished_ids
+                        and job.token is not None]  # fmt: skip
+            for job in stranded:
+                outcomes.append(self._fail(job, error_text, ErrorKind.TRANSIENT))
+        if outcomes:
+            self._finish_many(outcomes)
 
     def _claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in one transaction; return the jobs this worker now owns."""
@@ -4281,7 +4502,7 @@ class WorkerPool:
         if not self._durable:
             return
         snap = self._metrics.snapshot()
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._queue.workers,
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._workers,
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
                 "failed": snap["failed"], "duplicates": snap["duplicates"]}  # fmt: skip
         with self._lock:
@@ -4446,27 +4667,146 @@ class WorkerPool:
         _live_pools.discard(self)
         if first:
             # Neither thread is ever the caller here, so both can be joined from any thread. An
-            # owned store is closed once the worker loops have ended and no serve() or durable
-            # submit still uses it (_loops_ended, _release_store).
+            # owned store is closed once the worker loops (and an async pool's completer) have
+            # ended and no serve() or durable submit still uses it (_release_store).
             self._keeper.stop()
             self._scheduler.stop()
         self._queue.close(wait=wait)
+        if first and self._runner is not None:
+            self._runner.stop(wait)
 
-    def _loops_ended(self) -> None:
-        """Close an owned store once the worker loops have ended and nothing else uses it."""
+    def _release_store(self) -> None:
+        """End one use of the store (see ``_store_users``); the last one closes an owned store."""
         with self._lock:
-            self._workers_gone = True
+            self._store_users -= 1
             close = self._store_users == 0
         if close and self._owns_store:
             self._store.close()
 
-    def _release_store(self) -> None:
-        """End one use of the store by `serve` or a durable `submit`; the last one may close it."""
-        with self._lock:
-            self._store_users -= 1
-            close = self._workers_gone and self._store_users == 0
-        if close and self._owns_store:
-            self._store.close()
+
+async def _aiterate(tasks: Iterable[Task] | AsyncIterable[Task]) -> AsyncIterator[Task]:
+    if isinstance(tasks, AsyncIterable):
+        async for task in tasks:
+            yield task
+    else:
+        for task in tasks:
+            yield task
+
+
+class AsyncWorkerPool:
+    """A `WorkerPool` for code that already runs an event loop.
+
+    Same arguments and guarantees as `WorkerPool`; the handler may be async (its calls run on
+    the pool's own loop, in a thread of its own) or plain (it runs on worker threads, never on
+    the caller's loop). Nothing here blocks the caller's loop: waiting for room in a full queue,
+    for a result or for shutdown happens in awaitables.
+
+    Example::
+
+        async with AsyncWorkerPool(fetch, workers=500, db_path="progress.db") as pool:
+            async for record in pool.iter_results(tasks):
+                print(record.task_id, record.status)
+    """
+
+    def __init__(self, handler: Callable[[Task], Any] | None = None, **kwargs: Any) -> None:
+        self._pool = WorkerPool(handler, **kwargs)
+
+    @property
+    def metrics(self) -> MetricsCollector:
+        return self._pool.metrics
+
+    @property
+    def idempotency(self) -> IdempotencyManager:
+        return self._pool.idempotency
+
+    @property
+    def closed(self) -> bool:
+        return self._pool.closed
+
+    async def submit(self, task: Task) -> TaskRecord:
+        """Submit `task` and return its record once it has finished.
+
+        Waits for room without blocking the loop when the queue is full (``on_full="block"``).
+
+        Raises:
+            QueueFullError: the queue stayed full (at once with ``on_full="reject"``).
+            PoolClosedError: the pool is shut down.
+        """
+        return await asyncio.wrap_future(await self._enter(task))
+
+    async def run(self, tasks: Iterable[Task] | AsyncIterable[Task]) -> list[TaskRecord]:
+        """Submit every task and return their records in input order."""
+        futures = [asyncio.wrap_future(await self._enter(task)) async for task in _aiterate(tasks)]
+        return list(await asyncio.gather(*futures))
+
+    async def iter_results(
+        self, tasks: Iterable[Task] | AsyncIterable[Task]
+    ) -> AsyncIterator[TaskRecord]:
+        """Submit tasks lazily and yield their records in completion order.
+
+        At most ``queue_size + workers`` submissions are outstanding at once. Leaving the loop
+        early cancels this loop's submissions that are still queued; running ones finish.
+        """
+        pool = self._pool
+        window = pool._queue.maxsize + pool._workers
+        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future] = {}
+        try:
+            async for task in _aiterate(tasks):
+                while len(ours) >= window:
+                    for record in await self._collect(ours):
+                        yield record
+                while True:
+                    try:
+                        future = await self._enter(task)
+                        break
+                    except QueueFullError:
+                        # With on_full="reject" the queue may be full of this loop's own work.
+                        if not ours:
+                            raise
+                        for record in await self._collect(ours):
+                            yield record
+                ours[asyncio.wrap_future(future)] = future
+            while ours:
+                for record in await self._collect(ours):
+                    yield record
+        finally:
+            if ours:
+                pool._cancel_queued(set(ours.values()))
+
+    async def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Shut the pool down as `WorkerPool.shutdown` does, without blocking the loop."""
+        await asyncio.to_thread(self._pool.shutdown, wait, cancel_pending)
+
+    async def __aenter__(self) -> AsyncWorkerPool:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        await self.shutdown(cancel_pending=exc_type is not None)
+
+    def __repr__(self) -> str:
+        return f"<AsyncWorkerPool of {self._pool!r}>"
+
+    async def _enter(self, task: Task) -> concurrent.futures.Future:
+        """Submit `task`; wait for room, or for a durable take, on a thread."""
+        pool = self._pool
+        if not pool._durable:
+            try:
+                return pool._submit(task, probe=True)
+            except QueueFullError:
+                if not pool._block:
+                    pool.metrics.record_rejection()
+                    raise
+        return await asyncio.to_thread(pool.submit, task)
+
+    @staticmethod
+    async def _collect(
+        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future],
+    ) -> list[TaskRecord]:
+        """Wait for at least one of `ours` to finish; remove and return the finished records."""
+        done, _ = await asyncio.wait(ours, return_when=asyncio.FIRST_COMPLETED)
+        for future in done:
+            del ours[future]
+        return [future.result() for future in done]
 
 
 def _shutdown_live_pools() -> None:

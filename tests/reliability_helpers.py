@@ -328,8 +328,12 @@ def pool_kill_loop(
     seed: int = 0,
     lease: float = 1.0,
     work_window: tuple[float, float] = (0.0, 0.05),
+    handler: str = "sync",
 ) -> LoopFigures:
     """Run the logging WorkerPool child, SIGKILL it ``kills`` times, then let it finish.
+
+    ``handler`` is "sync" (a plain function on worker threads) or "async" (a coroutine function
+    on the pool's event loop).
 
     Checks, recorded as problems: no run calls the handler for a key completed before it
     started; no key is reported succeeded twice; the stored output of every key is the output of
@@ -349,7 +353,11 @@ def pool_kill_loop(
         argv = worker_args(db, tasks, seed, lease, durability, f"r{run}", calls_path, results_path)
         with err_path.open("w") as err:
             proc = subprocess.Popen(
-                argv, cwd=workdir, env=child_env(), stdout=subprocess.DEVNULL, stderr=err
+                argv,
+                cwd=workdir,
+                env=child_env({"KILL_LOOP_HANDLER": handler}),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
             )
             try:
                 if last:
@@ -433,6 +441,7 @@ def _append(fd: int, text: str) -> None:
 def _worker_main(argv: list[str]) -> int:
     """Run every task once through a WorkerPool, logging each handler call and each record."""
     started = time.time()
+    import asyncio
     import itertools
     import threading
 
@@ -452,9 +461,16 @@ def _worker_main(argv: list[str]) -> int:
         time.sleep(task.payload["latency_ms"] / 1000)
         return {"run": tag, "call": number}
 
+    async def async_handler(task: tq.Task) -> dict[str, Any]:
+        number = next(numbers)  # calls run on one event loop thread
+        _append(calls_fd, f"{tag} {number} {task.id} {time.time():.6f}\n")
+        await asyncio.sleep(task.payload["latency_ms"] / 1000)
+        return {"run": tag, "call": number}
+
     tasks = [tq.Task.from_dict(item) for item in task_objects(int(count), int(seed))]
+    chosen = async_handler if os.environ.get("KILL_LOOP_HANDLER") == "async" else handler
     with tq.WorkerPool(
-        handler,
+        chosen,
         workers=8,
         db_path=db,
         lease_seconds=float(lease),

@@ -169,12 +169,16 @@ def test_cli_survives_ten_sigkills(tmp_path: Path, durability: str) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("durability", ["normal", "full"])
+@pytest.mark.parametrize(
+    ("durability", "handler"), [("normal", "sync"), ("full", "sync"), ("normal", "async")]
+)
 def test_pool_kill_loop_completes_each_key_once(
-    tmp_path: Path, durability: str, record_property: Callable[[str, Any], None]
+    tmp_path: Path, durability: str, handler: str, record_property: Callable[[str, Any], None]
 ) -> None:
     """Prove a pool killed -9 ten times loses no key, completes none twice; count double runs."""
-    figures = pool_kill_loop(tmp_path, tasks=1000, kills=10, durability=durability, seed=11)
+    figures = pool_kill_loop(
+        tmp_path, tasks=1000, kills=10, durability=durability, seed=11, handler=handler
+    )
     print(figures.line())
     record_property("double_executions", figures.double_executions)
     assert figures.problems == []
