@@ -2819,6 +2819,13 @@ class MetricsCollector:
                 if depth > counts["max_queue_depth"]:
                     counts["max_queue_depth"] = depth
 
+    def record_queued(self) -> None:
+        """Count an accepted submission that took a queue slot after it was counted."""
+        with self._lock:
+            counts = self._counts
+            counts["queue_depth"] += 1
+            counts["max_queue_depth"] = max(counts["max_queue_depth"], counts["queue_depth"])
+
     def record_start(self, queue_wait: float) -> None:
         """Count a task leaving the queue for a worker after `queue_wait` seconds."""
         self.record_starts((queue_wait,))
@@ -3300,6 +3307,10 @@ class TaskQueue:
         """Remove `item` itself if it still waits in the queue; return whether it did."""
         return self._queue.take_back(item)
 
+    def put_overflow(self, item: Any) -> None:
+        """Put `item` at the back of the queue without waiting for room."""
+        self._queue.put_unbounded(item)
+
     def put_ready(self, item: Any) -> None:
         """Put `item` at the front of the queue without waiting for room (a due retry)."""
         self._queue.put_unbounded(item, front=True)
@@ -3632,7 +3643,8 @@ class _Job:
 
     __slots__ = (
         "attempts", "batch", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
-        "followers", "future", "key", "polls", "started_at", "task", "token",
+        "followers", "future", "key", "polls", "started_at", "store_failures", "task", "token",
+        "unrecorded",
     )  # fmt: skip
 
     def __init__(
@@ -3657,6 +3669,9 @@ class _Job:
         self.dequeued = False  # a worker has taken it from the queue once
         self.followers: list[_Follower] = []
         self.batch: list[_Job] | None = None  # the batch that holds the job now, if any
+        # A durable pool's success the store could not record yet: (output, its JSON text).
+        self.unrecorded: tuple[Any, str] | None = None
+        self.store_failures = 0  # store errors in a row while claiming or completing it
 
     def __repr__(self) -> str:
         return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
@@ -3861,6 +3876,7 @@ class WorkerPool:
         # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
         self._per_call = BATCH_BUDGET_SECONDS
         self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
+        self._store_error_notice_at: float | None = None  # when a store error was last reported
         # An async handler's calls run on an event loop; a few dispatcher threads claim their
         # keys and start them there. A plain handler runs on `workers` threads.
         is_async = _is_async_handler(self._handler)
@@ -3937,6 +3953,11 @@ class WorkerPool:
             except TaskConflictError as exc:
                 # The stored task is another one: running either would run what was not asked.
                 return self._refuse(task, now, str(exc), ErrorKind.CONFLICT.value)
+            except Exception as exc:
+                # Not persisted, so not accepted: the caller learns it from the record (submit
+                # raises only QueueFullError and PoolClosedError) and may submit again.
+                error = f"the durable queue could not record the task: {_describe(exc)}"
+                return self._refuse(task, now, error, ErrorKind.TRANSIENT.value)
             return self._accept(task, fp, now, entry)
         finally:
             self._release_store()
@@ -4265,6 +4286,13 @@ class WorkerPool:
             owned.extend(self._claim(unclaimed, outcomes))
         if not owned:
             return
+        unrecorded = [job for job in owned if job.unrecorded is not None]
+        if unrecorded:
+            # Their handler ran already: only the completion is left to record.
+            owned = [job for job in owned if job.unrecorded is None]
+            self._complete([(job, *job.unrecorded) for job in unrecorded], outcomes)
+        if not owned:
+            return
         if self._runner is None:
             self._complete(self._call_handler(owned, outcomes), outcomes)
         else:
@@ -4322,21 +4350,30 @@ class WorkerPool:
     def _claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in one transaction; return the jobs this worker now owns."""
         namespace = self.namespace
-        claims = _each_alone(
-            lambda items: self._store.claim_many(items, namespace=namespace),
-            [(job.key, job.fingerprint) for job in jobs],
-        )
+        try:
+            claims = _each_alone(
+                lambda items: self._store.claim_many(items, namespace=namespace),
+                [(job.key, job.fingerprint) for job in jobs],
+            )
+        except Exception as exc:
+            if not self._durable:
+                raise
+            claims = [exc] * len(jobs)
         now = time.perf_counter()
         owned = []
         waits = []  # jobs answered without a handler call start (and finish) now
         held_elsewhere = False
         for job, claim in zip(jobs, claims, strict=True):
             if isinstance(claim, Exception):
+                if self._durable:
+                    self._after_store_error(job, claim)  # a worker rides out an outage
+                    continue
                 error = f"internal error: {_describe(claim)}"
                 outcomes.append(
                     _JobOutcome(job, TaskStatus.FAILED, error=error, kind=ErrorKind.TRANSIENT)
                 )
                 continue
+            job.store_failures = 0
             state = claim.state
             if state is ClaimState.CLAIMED:
                 job.token = claim.token
@@ -4444,14 +4481,26 @@ class WorkerPool:
         """Commit the successes in one transaction, before any of their futures resolves."""
         if not done:
             return
-        written = _each_alone(
-            self._store.complete_many, [(job.key, job.token, text) for job, _, text in done]
-        )
-        for (job, output, _), ok in zip(done, written, strict=True):
+        items = [(job.key, job.token, text) for job, _, text in done]
+        try:
+            written = _each_alone(self._store.complete_many, items)
+        except Exception as exc:
+            if not self._durable:
+                raise
+            written = [exc] * len(done)
+        for (job, output, text), ok in zip(done, written, strict=True):
             if isinstance(ok, Exception):
+                if self._durable:
+                    # The handler ran: keep its output and the claim, and record it once the
+                    # store answers again (or report the new owner's result if the lease is lost).
+                    job.unrecorded = (output, text)
+                    self._after_store_error(job, ok)
+                    continue
                 error = f"internal error: {_describe(ok)}"
                 outcomes.append(self._fail(job, error, ErrorKind.TRANSIENT))
                 continue
+            job.unrecorded = None
+            job.store_failures = 0
             job.token = None
             if ok:
                 outcomes.append(_JobOutcome(job, TaskStatus.SUCCEEDED, output=output))
@@ -4459,6 +4508,28 @@ class WorkerPool:
                 # The lease ran out and another owner took the key: report that owner's result.
                 logger.warning("lost the claim on %r; waiting for the new owner's result", job.key)
                 self._hand_off(job, self._poll_delay(job, None))
+
+    def _after_store_error(self, job: _Job, exc: Exception) -> None:
+        """Try a job's claim or completion again after a backoff (durable pools only).
+
+        A worker serving a durable queue outlives a database outage: its jobs wait off the
+        workers, with growing pauses, and say so at most once a minute.
+        """
+        job.store_failures += 1
+        now = time.monotonic()
+        with self._lock:
+            last = self._store_error_notice_at
+            say = last is None or now - last >= _OUTAGE_NOTICE_INTERVAL
+            if say:
+                self._store_error_notice_at = now
+        if say:
+            logger.warning(
+                "the database is unavailable (%s); holding finished and claimed tasks until it "
+                "answers again",
+                _first_line(exc),
+            )
+        cap = min(_OUTAGE_MAX_BACKOFF, 0.05 * 2 ** min(job.store_failures, 10))
+        self._hand_off(job, _backoff_random.uniform(cap / 2, cap))
 
     def _on_error(self, job: _Job, exc: BaseException, outcomes: list[_JobOutcome]) -> None:
         if self._retry.should_retry(exc, job.attempts):
@@ -4598,10 +4669,13 @@ class WorkerPool:
         )
 
     def _abandon(self, job: _Job, error: str) -> None:
-        """Undo a submission that did not get into the queue; those that joined it fail with it.
+        """Undo a submission that did not get into the queue.
 
-        Does nothing if a worker has taken the job meanwhile: it then runs to its end as usual.
+        Submissions that joined it were accepted (their `submit` returned): the first of them
+        takes its place in the queue, past the bound, and the others follow it. Only a closed pool
+        fails them. Does nothing if a worker has taken the job meanwhile: it then runs to its end.
         """
+        heir = None
         with self._lock:
             if job.dequeued or job.done:
                 return
@@ -4609,10 +4683,21 @@ class WorkerPool:
             if self._inflight.get(job.key) is job:
                 del self._inflight[job.key]
             followers, job.followers = job.followers, []
-            self._pending -= 1
+            if followers and not self._closed:
+                task, future, enqueued_at, entry = followers.pop(0)
+                heir = _Job(task, job.fingerprint, future, enqueued_at, entry)
+                heir.followers, followers = followers, []
+                self._inflight[heir.key] = heir  # the pending count passes to the heir
+            else:
+                self._pending -= 1
             idle = self._pending == 0
             self._changed.notify_all()
             stop = idle and self._closed
+        if heir is not None:
+            self._metrics.record_queued()
+            self._queue.put_overflow(heir)
+            self._return_entries([(job.task.id, job.entry)])
+            return
         now = time.perf_counter()
         kind = ErrorKind.TRANSIENT.value
         self._metrics.record_outcomes(
@@ -4650,11 +4735,15 @@ class WorkerPool:
 
     def _cancel_queued(self, futures: set[concurrent.futures.Future]) -> None:
         """Cancel the jobs behind `futures` that no worker has started (see `iter_results`)."""
-        with self._lock:
-            jobs = [job for job in self._inflight.values()
-                    if job.future in futures and not job.dequeued]  # fmt: skip
-        cancelled = [job for job in jobs if self._queue.take_back(job)]
-        cancelled += self._scheduler.remove(lambda job: job.future in futures and job.token is None)
+
+        def ours(job: _Job) -> bool:
+            # A job that other callers' submissions joined is theirs too: it still runs.
+            return job.future in futures and all(f[1] in futures for f in job.followers)
+
+        with self._lock:  # followers join under this lock: none can join between check and take
+            jobs = [job for job in self._inflight.values() if not job.dequeued and ours(job)]
+            cancelled = [job for job in jobs if self._queue.take_back(job)]
+            cancelled += self._scheduler.remove(lambda job: job.token is None and ours(job))
         if cancelled:
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED) for job in cancelled])
 

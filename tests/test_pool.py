@@ -739,3 +739,132 @@ class TestOneBadRowFailsAlone:
             conn.close()
         assert records.pop("poison").status is tq.TaskStatus.FAILED
         assert {r.status for r in records.values()} == {tq.TaskStatus.SUCCEEDED}
+
+
+class TestOtherCallersKeepTheirWork:
+    """One caller's early exit or refused submit never cancels or fails another caller's work."""
+
+    @pytest.mark.timeout(30)
+    def test_leaving_iter_results_spares_submissions_others_joined(
+        self, gated: GatedFactory
+    ) -> None:
+        handler = gated()
+        pool = tq.WorkerPool(handler, workers=1, queue_size=50)
+        try:
+            blocker = pool.submit(tq.Task("blocker"))
+            assert handler.wait_started("blocker")
+            stream = pool.iter_results(tq.Task(f"k{i}") for i in range(10))
+            first = threading.Thread(target=lambda: next(stream), daemon=True)
+            first.start()
+            # Another caller submits the same keys while the first caller's tasks are queued.
+            assert _wait_until(lambda: pool.metrics.snapshot()["submitted"] >= 11)
+            others = [pool.submit(tq.Task(f"b{i}", idempotency_key=f"k{i}")) for i in range(10)]
+            handler.gate.set()
+            first.join(WAIT)
+            stream.close()  # the first caller leaves after one record
+            records = [future.result(WAIT) for future in [blocker, *others]]
+        finally:
+            handler.gate.set()
+            pool.shutdown()
+        assert tq.TaskStatus.CANCELLED not in {record.status for record in records}
+        assert {record.status for record in records[1:]} <= {
+            tq.TaskStatus.SUCCEEDED,
+            tq.TaskStatus.DUPLICATE,
+        }
+        assert sum(handler.calls.values()) == 11
+
+    @pytest.mark.timeout(30)
+    def test_a_submission_that_joined_an_interrupted_one_still_runs(
+        self, gated: GatedFactory
+    ) -> None:
+        """The leader's submit is interrupted while it waits; the follower's task still runs."""
+        handler = gated()
+        pool = tq.WorkerPool(handler, workers=1, queue_size=1)
+        joined: list[Any] = []
+
+        def on_signal(signum: int, frame: object) -> None:
+            raise _Raise("interrupted")
+
+        previous = signal.signal(signal.SIGUSR1, on_signal)
+        try:
+            pool.submit(tq.Task("running"))
+            assert handler.wait_started("running")
+            pool.submit(tq.Task("queued"))  # the queue is full now
+            waiters = pool._queue._queue.not_full._waiters  # the blocked submit waits here
+
+            def join_then_interrupt() -> None:
+                if _wait_until(lambda: len(waiters) > 0):
+                    joined.append(pool.submit(tq.Task("b", idempotency_key="shared")))
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+            threading.Thread(target=join_then_interrupt, daemon=True).start()
+            with pytest.raises(_Raise):
+                pool.submit(tq.Task("a", idempotency_key="shared"))
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            handler.gate.set()
+        try:
+            record = joined[0].result(WAIT)
+        finally:
+            pool.shutdown()
+        assert record.status is tq.TaskStatus.SUCCEEDED, record
+        assert handler.calls["shared"] == 1
+
+
+class TestDurablePoolRidesOutAnOutage:
+    """A durable pool whose store is unavailable keeps finished work and records it later."""
+
+    @pytest.mark.timeout(30)
+    def test_a_completion_the_store_refused_is_recorded_when_it_answers(
+        self, tmp_db: str, gated: GatedFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:  # fmt: skip
+        monkeypatch.setattr(tq, "BUSY_TIMEOUT_SECONDS", 0.2)  # each try gives up quickly
+        handler = gated()
+        pool = tq.WorkerPool(handler, workers=2, db_path=tmp_db, durable=True)
+        locker = sqlite3.connect(tmp_db, isolation_level=None, timeout=WAIT)
+        try:
+            future = pool.submit(tq.Task("slow", {"n": 1}))
+            assert handler.wait_started("slow")
+            locker.execute("BEGIN EXCLUSIVE")  # the database refuses every writer now
+            with caplog.at_level("WARNING", logger="task_queue_optimized"):
+                handler.gate.set()  # the handler finishes; its completion cannot be written
+                assert _wait_until(lambda: "database is unavailable" in caplog.text)
+                assert not future.done()  # held, not failed
+                locker.execute("ROLLBACK")
+                record = future.result(WAIT)
+        finally:
+            handler.gate.set()
+            locker.close()
+            pool.shutdown()
+        assert record.status is tq.TaskStatus.SUCCEEDED, record
+        assert handler.calls == {"slow": 1}
+        store = tq.open_store(tmp_db)
+        try:
+            assert store.queue_status()["tasks"]["done"] == 1
+        finally:
+            store.close()
+        with tq.IdempotencyManager(tmp_db) as manager:
+            assert manager.is_processed("slow")
+
+    @pytest.mark.timeout(30)
+    def test_a_durable_submit_the_store_refuses_is_a_failed_record(
+        self, tmp_db: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """submit raises only QueueFullError and PoolClosedError: a store error is a record."""
+        monkeypatch.setattr(tq, "BUSY_TIMEOUT_SECONDS", 0.2)
+        pool = tq.WorkerPool(lambda task: task.id, workers=1, db_path=tmp_db, durable=True)
+        locker = sqlite3.connect(tmp_db, isolation_level=None, timeout=WAIT)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                record = pool.submit(tq.Task("refused")).result(WAIT)
+            finally:
+                locker.execute("ROLLBACK")
+            again = pool.submit(tq.Task("refused")).result(WAIT)
+        finally:
+            locker.close()
+            pool.shutdown()
+        assert (record.status, record.error_kind) == (tq.TaskStatus.FAILED, "transient")
+        assert "could not record" in (record.error or "")
+        assert again.status is tq.TaskStatus.SUCCEEDED
