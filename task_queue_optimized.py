@@ -153,7 +153,7 @@ DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
-MAX_COMPLETION_BATCH = 512  # most finished async calls recorded in one transaction
+MAX_COMPLETION_BATCH = 512  # most requests the committer takes in one round
 ASYNC_DISPATCHERS = 2  # threads that claim keys and start calls for an async handler
 _WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by another owner
 _OUTAGE_NOTICE_INTERVAL = 60.0  # seconds between two warnings that a worker's database is down
@@ -270,6 +270,16 @@ class ConfigError(TaskQueueError):
 # --- Records -------------------------------------------------------------------------------------
 
 
+# One encoder each, made once: json.dumps with options builds a new encoder on every call.
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+_output_json = json.JSONEncoder(allow_nan=False).encode
+
+
+def _encode_output(output: Any) -> str:
+    """Return the JSON text of a handler's output (NaN and infinities refused)."""
+    return "null" if output is None else _output_json(output)
+
+
 def fingerprint(payload: Mapping[str, Any]) -> str:
     """Return the hex SHA-256 of the canonical JSON of `payload`.
 
@@ -277,8 +287,12 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
         TypeError: `payload` holds a value JSON cannot represent.
         ValueError: `payload` holds a non-finite float.
     """
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    if not payload and isinstance(payload, dict):
+        return _EMPTY_FINGERPRINT
+    return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
+
+
+_EMPTY_FINGERPRINT = hashlib.sha256(b"{}").hexdigest()
 
 
 _TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
@@ -943,7 +957,7 @@ def _key_order(keys: Sequence[str]) -> list[int]:
 
 
 def _queue_payload(task: Task) -> str:
-    return json.dumps(task.payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _canonical_json(task.payload)
 
 
 def _empty_status() -> dict[str, Any]:
@@ -2604,7 +2618,7 @@ class IdempotencyManager:
         Raises:
             TypeError, ValueError: `output` is not JSON-serialisable.
         """
-        text = json.dumps(output, allow_nan=False)
+        text = _encode_output(output)
         return self._check_open().complete_many([(key, token, text)])[0]
 
     def complete_many(self, items: Iterable[tuple[str, int, str]]) -> list[bool]:
@@ -2653,7 +2667,7 @@ class IdempotencyManager:
         Without a `namespace` the row belongs to no handler yet: the first pool that claims the
         key adopts it, and answers it as a duplicate.
         """
-        text = json.dumps(output, allow_nan=False)
+        text = _encode_output(output)
         self._check_open().mark_processed(key, text, namespace)
 
     def get_cached_output(self, key: str) -> Any:
@@ -2690,6 +2704,10 @@ class IdempotencyManager:
 # --- Metrics -------------------------------------------------------------------------------------
 
 
+_log, _ceil = math.log, math.ceil
+_HISTOGRAM_MIN, _HISTOGRAM_MAX = 1e-9, 1e6  # seconds; values are clamped to this range
+
+
 class _Histogram:
     """Fixed-memory log-bucketed histogram; percentiles within `relative_error` of exact ones.
 
@@ -2700,8 +2718,8 @@ class _Histogram:
     collector's lock guards it.
     """
 
-    MIN = 1e-9
-    MAX = 1e6
+    MIN = _HISTOGRAM_MIN
+    MAX = _HISTOGRAM_MAX
 
     __slots__ = (
         "_buckets",
@@ -2725,16 +2743,23 @@ class _Histogram:
         self.max = 0.0
 
     def add(self, value: float) -> None:
-        value = max(value, 0.0)
+        # On every task's path three times: plain comparisons, no builtin calls where one will do.
+        if value < 0.0:
+            value = 0.0
         self.count += 1
         self.total += value
-        self.min = min(self.min, value)
-        self.max = max(self.max, value)
-        if value < self.MIN:
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+        if value < _HISTOGRAM_MIN:
             self.zeros += 1
             return
-        index = math.ceil(math.log(min(value, self.MAX)) / self._log_gamma)
-        self._buckets[index] = self._buckets.get(index, 0) + 1
+        if value > _HISTOGRAM_MAX:
+            value = _HISTOGRAM_MAX
+        index = _ceil(_log(value) / self._log_gamma)
+        buckets = self._buckets
+        buckets[index] = buckets.get(index, 0) + 1
 
     def percentile(self, p: float) -> float:
         """Return the nearest-rank `p`-th percentile (0 <= p <= 100), 0.0 when empty."""
@@ -3521,48 +3546,156 @@ def _is_async_handler(handler: Callable[..., Any]) -> bool:
 
 # One finished call of an async handler: the job, its output or exception, and its seconds.
 _Finished = tuple["_Job", Any, "BaseException | None", float]
+# One success a worker hands over for recording: the job, its output and the output's JSON.
+_Done = tuple["_Job", Any, str]
+
+
+class _ClaimRequest:
+    """A worker's batch of jobs waiting for the committer to claim their keys."""
+
+    __slots__ = ("error", "jobs", "outcomes", "owned", "ready")
+
+    def __init__(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> None:
+        self.jobs = jobs
+        self.outcomes = outcomes  # the worker's list: the committer appends while it waits
+        self.owned: list[_Job] = []
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+
+
+class _Committer:
+    """One thread that writes the pool's claims and completions, many workers' at a time.
+
+    Group commit: each round takes every request waiting (claims that workers wait for, successes
+    and finished async calls that nobody waits for) and writes the claims in one transaction and
+    the completions in another, then resolves the futures. No worker waits on the store for
+    another task's bookkeeping, and a store serialised by one connection sees a few transactions
+    per round instead of two per task.
+
+    Threads: workers (and an async pool's dispatchers and event loop) put requests; this thread
+    alone takes them. `claim` blocks its caller until the round that served it ends.
+    """
+
+    def __init__(
+        self,
+        claim: Callable[[list[_Job], list[_JobOutcome]], list[_Job]],
+        record: Callable[[list[_Finished], list[_Done]], None],
+        on_exit: Callable[[], None],
+    ) -> None:
+        self._claim = claim  # the pool's claim of many jobs' keys: one transaction
+        self._record = record  # the pool's recording of finished work: one transaction, futures
+        self._on_exit = on_exit  # called once as the thread ends
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="task-queue-committer", daemon=True)
+        self._thread.start()
+
+    def owns_current_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
+        """Claim the jobs' keys in the next round; return the jobs the caller now owns.
+
+        Jobs answered without a handler call (duplicates, conflicts) are appended to `outcomes`.
+        """
+        request = _ClaimRequest(jobs, outcomes)
+        self._requests.put(request)
+        request.ready.wait()
+        if request.error is not None:
+            raise request.error
+        return request.owned
+
+    def record(self, done: list[_Done]) -> None:
+        """Hand over successes to record; returns at once."""
+        self._requests.put(done)
+
+    def finished(self, call: _Finished) -> None:
+        """Hand over a finished async call to record; returns at once (the loop calls it)."""
+        self._requests.put(call)
+
+    def stop(self, wait: bool = True) -> None:
+        """End the thread after the requests before this one; nothing may be running."""
+        self._requests.put(_STOP)
+        if wait and not self.owns_current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        requests = self._requests
+        try:
+            while True:
+                items = [requests.get()]
+                while not requests.empty() and len(items) < MAX_COMPLETION_BATCH:
+                    items.append(requests.get())
+                stop = any(item is _STOP for item in items)
+                claims = [item for item in items if isinstance(item, _ClaimRequest)]
+                calls = [item for item in items if isinstance(item, tuple)]
+                done = [entry for item in items if isinstance(item, list) for entry in item]
+                if claims:
+                    self._serve_claims(claims)
+                if calls or done:
+                    try:
+                        self._record(calls, done)
+                    except BaseException:
+                        logger.exception("recording %d results raised", len(calls) + len(done))
+                if stop:
+                    return
+        finally:
+            self._on_exit()
+
+    def _serve_claims(self, requests: list[_ClaimRequest]) -> None:
+        jobs = [job for request in requests for job in request.jobs]
+        outcomes: list[_JobOutcome] = []
+        try:
+            owned = self._claim(jobs, outcomes)
+        except BaseException as exc:
+            for request in requests:
+                request.error = exc
+                request.ready.set()
+            return
+        if len(requests) == 1:
+            requests[0].owned = owned
+            requests[0].outcomes.extend(outcomes)
+        else:
+            by_job = {id(job): request for request in requests for job in request.jobs}
+            for job in owned:
+                by_job[id(job)].owned.append(job)
+            for outcome in outcomes:
+                by_job[id(outcome.job)].outcomes.append(outcome)
+        for request in requests:
+            request.ready.set()
 
 
 class _AsyncRunner:
     """An event loop in a thread of its own, running up to `limit` handler calls at once.
 
-    Threads: the loop thread runs the handler's coroutines and nothing else; the completer thread
-    takes finished calls in batches and hands them to `complete` (the pool's bookkeeping: retries,
-    the store's completion transaction, futures), so the loop never waits on the store. Callers
-    of `start` (the pool's dispatcher threads) block while `limit` calls are in flight: that
-    semaphore is the async pool's worker count.
+    The loop thread runs the handler's coroutines and nothing else: each finished call goes to
+    `finished` (the pool's committer), so the loop never waits on the store. Callers of `start`
+    (the pool's dispatcher threads) block while `limit` calls are in flight: that semaphore is
+    the async pool's worker count.
     """
 
     def __init__(
         self,
         handler: Callable[[Task], Any],
         limit: int,
-        complete: Callable[[list[_Finished]], None],
-        on_exit: Callable[[], None],
+        finished: Callable[[_Finished], None],
     ) -> None:
         self._handler = handler
-        self._complete = complete
-        self._on_exit = on_exit  # called once by the completer thread as it ends
+        self._finished = finished
         self._slots = threading.BoundedSemaphore(limit)  # one per call in flight
-        self._finished: queue.SimpleQueue[Any] = queue.SimpleQueue()  # _Finished items, _STOP
         self._loop = asyncio.new_event_loop()
         self._calls: set[asyncio.Task[None]] = set()  # owned by the loop thread
         self._loop_thread = threading.Thread(
             target=self._run_loop, name="task-queue-event-loop", daemon=True
         )
-        self._completer = threading.Thread(
-            target=self._run_completer, name="task-queue-completer", daemon=True
-        )
         self._loop_thread.start()
-        self._completer.start()
 
     def free_slots(self) -> int:
         """Return how many more calls could start now (a snapshot)."""
         return self._slots._value  # read without the lock: a hint for batch sizes
 
     def owns_current_thread(self) -> bool:
-        """Return whether the caller is the loop thread or the completer thread."""
-        return threading.current_thread() in (self._loop_thread, self._completer)
+        """Return whether the caller is the loop thread."""
+        return threading.current_thread() is self._loop_thread
 
     def start(self, jobs: list[_Job]) -> None:
         """Start a handler call for each job on the loop; block while `limit` calls run.
@@ -3580,10 +3713,10 @@ class _AsyncRunner:
             start = stop
 
     def stop(self, wait: bool = True) -> None:
-        """Stop the completer (after the calls it holds) and the loop; no call may be running."""
-        self._finished.put(_STOP)
-        if wait and threading.current_thread() is not self._completer:
-            self._completer.join()
+        """Stop the loop; no call may be running."""
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if wait and not self.owns_current_thread():
+            self._loop_thread.join()
 
     def _spawn(self, jobs: list[_Job]) -> None:
         create_task, calls = self._loop.create_task, self._calls
@@ -3602,7 +3735,7 @@ class _AsyncRunner:
         except BaseException as exc:  # the handler's failure is the task's, never the loop's
             error = exc
         self._slots.release()
-        self._finished.put((job, output, error, clock() - began))
+        self._finished((job, output, error, clock() - began))
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -3610,27 +3743,6 @@ class _AsyncRunner:
             self._loop.run_forever()
         finally:
             self._loop.close()
-
-    def _run_completer(self) -> None:
-        finished = self._finished
-        try:
-            while True:
-                items = [finished.get()]
-                while not finished.empty() and len(items) < MAX_COMPLETION_BATCH:
-                    items.append(finished.get())
-                stop = items[-1] is _STOP
-                if stop:
-                    items.pop()
-                if items:
-                    try:
-                        self._complete(items)
-                    except BaseException:
-                        logger.exception("completing %d async calls raised", len(items))
-                if stop:
-                    return
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._on_exit()
 
 
 # A submission that joined an in-flight one: its task, its future, when it was submitted and,
@@ -3893,11 +4005,10 @@ class WorkerPool:
             if self._owns_store:
                 self._store.close()
             raise
+        self._store_users += 1  # the committer writes claims and completions
+        self._committer = _Committer(self._claim, self._record, self._release_store)
         if is_async:
-            self._store_users += 1  # the completer records the calls' outcomes
-            self._runner = _AsyncRunner(
-                self._handler, workers, self._complete_calls, self._release_store
-            )
+            self._runner = _AsyncRunner(self._handler, workers, self._committer.finished)
         self._scheduler = _Scheduler(self._queue.put_ready, "task-queue-scheduler")
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
@@ -4178,6 +4289,7 @@ class WorkerPool:
         """
         if wait and (
             self._queue.in_worker()
+            or self._committer.owns_current_thread()  # done-callbacks run there
             or (self._runner is not None and self._runner.owns_current_thread())
         ):
             # Called from a handler or a done-callback: waiting would wait for itself.
@@ -4283,20 +4395,27 @@ class WorkerPool:
         if fresh:
             self._metrics.record_dequeue(fresh)
         if unclaimed:
-            owned.extend(self._claim(unclaimed, outcomes))
+            owned.extend(self._committer.claim(unclaimed, outcomes))
         if not owned:
             return
         unrecorded = [job for job in owned if job.unrecorded is not None]
         if unrecorded:
             # Their handler ran already: only the completion is left to record.
             owned = [job for job in owned if job.unrecorded is None]
-            self._complete([(job, *job.unrecorded) for job in unrecorded], outcomes)
+            self._hand_over([(job, *job.unrecorded) for job in unrecorded])
         if not owned:
             return
         if self._runner is None:
-            self._complete(self._call_handler(owned, outcomes), outcomes)
+            self._hand_over(self._call_handler(owned, outcomes))
         else:
             self._dispatch(owned)
+
+    def _hand_over(self, done: list[_Done]) -> None:
+        """Give successes to the committer: it records them while this worker goes on."""
+        if done:
+            for job, _, _ in done:
+                job.batch = None  # the committer's now, not this batch's
+            self._committer.record(done)
 
     def _dispatch(self, jobs: list[_Job]) -> None:
         """Start an async handler call for each owned job (blocks while `workers` calls run)."""
@@ -4314,10 +4433,13 @@ class WorkerPool:
             self._metrics.record_starts(waits, dequeued=False)
         runner.start(jobs)
 
-    def _complete_calls(self, finished: list[_Finished]) -> None:
-        """Record finished async calls: retries, one completion transaction, then the futures."""
+    def _record(self, finished: list[_Finished], done: list[_Done]) -> None:
+        """Record a round of finished work (the committer's thread).
+
+        Finished async calls are classified first (retries, failures, outputs); then every
+        success is completed in one transaction, and only then do their futures resolve.
+        """
         outcomes: list[_JobOutcome] = []
-        done: list[tuple[_Job, Any, str]] = []
         busy = 0.0
         try:
             for job, output, error, seconds in finished:
@@ -4326,16 +4448,17 @@ class WorkerPool:
                     self._on_error(job, error, outcomes)
                     continue
                 try:
-                    text = json.dumps(output, allow_nan=False)
+                    text = _encode_output(output)
                 except Exception as exc:  # TypeError, ValueError, RecursionError
                     error_text = f"handler output is not JSON-serialisable: {_describe(exc)}"
                     outcomes.append(self._fail(job, error_text, ErrorKind.PERMANENT))
                     continue
                 done.append((job, output, text))
-            self._metrics.record_attempt(busy, len(finished))
+            if finished:
+                self._metrics.record_attempt(busy, len(finished))
             self._complete(done, outcomes)
         except BaseException as exc:
-            logger.exception("internal error while completing %d calls", len(finished))
+            logger.exception("internal error while recording %d results", len(done))
             error_text = f"internal error: {_describe(exc)}"
             # The successes whose completion did not happen still hold their claims: fail them
             # and release the claims, so that a rerun may take the keys at once.
@@ -4463,7 +4586,7 @@ class WorkerPool:
             busy += clock() - began
             calls += 1
             try:
-                text = json.dumps(output, allow_nan=False)
+                text = _encode_output(output)
             except Exception as exc:  # TypeError, ValueError, RecursionError for deep nesting
                 error = f"handler output is not JSON-serialisable: {_describe(exc)}"
                 outcomes.append(self._fail(job, error, ErrorKind.PERMANENT))
@@ -4553,6 +4676,11 @@ class WorkerPool:
     def _hand_off(self, job: _Job, delay: float | None) -> None:
         """Pass a job on: back to the front of the queue now, or to the scheduler after `delay`."""
         job.batch = None
+        if job.token is None and self._cancelling:
+            # Cancelled while it was in a worker's or the committer's hands (polling another
+            # owner's claim): it must not sit out that claim's lease first.
+            self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED)])
+            return
         if delay is None:
             self._queue.put_ready(job)
         else:
@@ -4761,8 +4889,10 @@ class WorkerPool:
             self._keeper.stop()
             self._scheduler.stop()
         self._queue.close(wait=wait)
-        if first and self._runner is not None:
-            self._runner.stop(wait)
+        if first:
+            self._committer.stop(wait)
+            if self._runner is not None:
+                self._runner.stop(wait)
 
     def _release_store(self) -> None:
         """End one use of the store (see ``_store_users``); the last one closes an owned store."""

@@ -840,7 +840,8 @@ import task_queue_optimized as tq
 calls = []
 def handler(task):
     calls.append(task.id)
-    print("started", task.id, flush=True)
+    sys.stdout.write(f"started {task.id}\\n")  # one write: lines from two threads never mix
+    sys.stdout.flush()
     sys.stdin.read()
     return task.id
 atexit.register(lambda: print("calls", len(calls), flush=True))
@@ -871,7 +872,7 @@ def test_ctrl_c_in_a_with_block_cancels_queued_tasks_and_a_second_one_stops_wait
     out, err = _LineReader(proc.stdout), _LineReader(proc.stderr)
     try:
         assert out.wait_for("submitted"), out.rest(0)
-        while sum(line.startswith("started") for line in out.lines) < 2:
+        while "".join(out.lines).count("started") < 2:
             assert out.wait_for("started"), out.rest(0)
         proc.send_signal(signal.SIGINT)
         # The queued tasks are cancelled at once, while the two running ones still run.
