@@ -83,6 +83,7 @@ __all__ = [
     "DEFAULT_JITTER_MS",
     "DEFAULT_LATENCY_MS",
     "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_LOG_LEVEL",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DELAY",
     "DEFAULT_MAX_TASK_FILE_BYTES",
@@ -92,11 +93,14 @@ __all__ = [
     "DEFAULT_TASKS",
     "DEFAULT_WORKERS",
     "MAX_JSON_DEPTH",
+    "MAX_KEY_BYTES",
+    "MAX_NAMESPACE_BYTES",
     "AsyncWorkerPool",
     "Claim",
     "ClaimState",
     "ConfigError",
     "EntryState",
+    "ErrorKind",
     "IdempotencyConflictError",
     "IdempotencyManager",
     "MemoryStore",
@@ -159,6 +163,11 @@ _WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by anot
 _OUTAGE_NOTICE_INTERVAL = 60.0  # seconds between two warnings that a worker's database is down
 _OUTAGE_MAX_BACKOFF = 5.0  # longest wait between two tries of an unavailable database
 MAX_JSON_DEPTH = 64
+# Ids, keys and worker names, and namespaces, in UTF-8 bytes: a key and a namespace together fit
+# one PostgreSQL btree index row (2704 bytes, headers included), so every store keeps them alike.
+MAX_KEY_BYTES = 2048
+MAX_NAMESPACE_BYTES = 512
+MAX_ECHO_CHARS = 80  # most characters of a user's value that an error message repeats
 
 DURABILITY_MODES = ("normal", "full")
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -207,7 +216,7 @@ class IdempotencyConflictError(TaskQueueError):
 
     def __init__(self, key: str) -> None:
         self.key = key
-        super().__init__(f"idempotency key {key!r} was first used with a different payload")
+        super().__init__(f"idempotency key {_shown(key)} was first used with a different payload")
 
 
 class TaskConflictError(TaskQueueError):
@@ -216,8 +225,8 @@ class TaskConflictError(TaskQueueError):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         super().__init__(
-            f"task id {task_id!r} is already in the durable queue with a different payload or "
-            "idempotency key"
+            f"task id {_shown(task_id)} is already in the durable queue with a different payload "
+            "or idempotency key"
         )
 
 
@@ -284,22 +293,47 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
 _TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
 
 
-def _text_problem(value: Any) -> str | None:
+def _cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """Return `text` cut to `limit` characters, saying how long it was when it was longer.
+
+    An error message is one line a person reads: the value it repeats (a 2,000,000-digit number
+    in a task file, an environment variable of megabytes) must not make it megabytes long.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """Return `value` as an error message repeats it: its repr, cut as `_cut` cuts."""
+    if isinstance(value, str) and len(value) > MAX_ECHO_CHARS:
+        return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} characters)"
+    try:
+        return _cut(repr(value))
+    except Exception:  # an int past the digit limit, a broken __repr__
+        return f"<{type(value).__name__}>"
+
+
+def _text_problem(value: Any, limit: int = MAX_KEY_BYTES) -> str | None:
     """Return why `value` cannot be an id or key, or None when it can.
 
     Every store must keep it as text: PostgreSQL text cannot hold a NUL character, and SQLite and
     PostgreSQL both need valid UTF-8, which a lone surrogate ("\\ud800") cannot be encoded to.
+    At most `limit` bytes of UTF-8, so that PostgreSQL can index it (see `MAX_KEY_BYTES`); the
+    same bound holds on every store, so a task accepted by one is accepted by all.
     """
     if not isinstance(value, str) or not value:
         return "must be a non-empty string"
     if "\x00" in value:
         return "must not contain a NUL character"
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
         return (
             f"must be valid Unicode text, not hold the lone surrogate U+{ord(value[exc.start]):04X}"
         )
+    if size > limit:
+        return f"must be at most {limit} bytes in UTF-8, not {size}"
     return None
 
 
@@ -368,7 +402,7 @@ class Task:
             raise TaskFileError(f"must be an object, not {_json_type(mapping)}")
         for name in mapping:
             if name not in _TASK_FIELDS:
-                raise TaskFileError(f"unknown field {name!r}", field=str(name))
+                raise TaskFileError(f"unknown field {_shown(name)}", field=str(name))
         if "id" not in mapping:
             raise TaskFileError("missing field 'id'", field="id")
         task_id = mapping["id"]
@@ -534,7 +568,7 @@ def _reject_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
+        raise ValueError(f"number {_cut(text)} is out of range")
     return value
 
 
@@ -542,7 +576,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, value in pairs:
         if name in result:
-            raise ValueError(f"duplicate object key {name!r}")
+            raise ValueError(f"duplicate object key {_shown(name)}")
         result[name] = value
     return result
 
@@ -712,7 +746,7 @@ def _tasks_from_document(document: Any, name: str) -> list[Task]:
             raise exc.located(name, index) from None
         if task.id in first_index:
             raise TaskFileError(
-                f"id {task.id!r} repeats task {first_index[task.id]}",
+                f"id {_shown(task.id)} repeats task {first_index[task.id]}",
                 path=name,
                 index=index,
                 field="id",
@@ -725,6 +759,20 @@ def _tasks_from_document(document: Any, name: str) -> list[Task]:
 # --- Retry policy --------------------------------------------------------------------------------
 
 _JITTER_MODES = ("full", "none")
+# The source of retry jitter and of a worker's outage backoff: the operating system, apart from
+# the global `random` (processes that call random.seed(42) alike would otherwise retry in
+# lockstep) and with no state a forked child could repeat.
+_jitter_random = random.SystemRandom()
+
+
+def _is_finite_number(value: Any) -> bool:
+    """Return whether `value` is an int or float (not a bool) that a float can hold, finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -749,17 +797,15 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ValueError(f"max_attempts must be an integer, not {self.max_attempts!r}")
+            raise ValueError(f"max_attempts must be an integer, not {_shown(self.max_attempts)}")
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
-        for name in ("base_delay", "max_delay"):
+            raise ValueError(f"max_attempts must be at least 1, not {_shown(self.max_attempts)}")
+        for name, low in (("base_delay", 0), ("max_delay", 0), ("multiplier", 1)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
-            raise ValueError(f"multiplier must be a finite number >= 1, not {self.multiplier!r}")
-        if self.jitter not in _JITTER_MODES:
-            raise ValueError(f"jitter must be one of {_JITTER_MODES}, not {self.jitter!r}")
+            if not (_is_finite_number(value) and value >= low):
+                raise ValueError(f"{name} must be a finite number >= {low}, not {_shown(value)}")
+        if not isinstance(self.jitter, str) or self.jitter not in _JITTER_MODES:
+            raise ValueError(f"jitter must be one of {_JITTER_MODES}, not {_shown(self.jitter)}")
         object.__setattr__(self, "retry_on", tuple(self.retry_on))
 
     def cap(self, attempt: int) -> float:
@@ -776,7 +822,7 @@ class RetryPolicy:
         bound = self.cap(attempt)
         if self.jitter == "none":
             return bound
-        return random.uniform(0.0, bound)
+        return _jitter_random.uniform(0.0, bound)
 
     def is_transient(self, exc: BaseException) -> bool:
         """Return whether `exc` is classified transient."""
@@ -2453,7 +2499,9 @@ def _split_schema(url: str) -> tuple[str, str]:
         else:
             rest.append((name, value))
     if not IDENTIFIER_PATTERN.fullmatch(schema):
-        raise ConfigError(f"database {_redact(url)}: schema {schema!r} is not a valid identifier")
+        raise ConfigError(
+            f"database {_redact(url)}: schema {_shown(schema)} is not a valid identifier"
+        )
     # libpq decodes %20 but not "+": quote spaces the way it reads them (options=-c%20a%3Db).
     query_text = urllib.parse.urlencode(rest, quote_via=urllib.parse.quote)
     dsn = urllib.parse.urlunsplit(parts._replace(query=query_text))
@@ -3050,10 +3098,10 @@ class MetricsCollector:
 
 def _payload_number(payload: Mapping[str, Any], name: str, default: float) -> float:
     value = payload.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PermanentError(f"payload field {name!r} must be a finite number, not {value!r}")
+    if not _is_finite_number(value):
+        raise PermanentError(f"payload field {name!r} must be a finite number, not {_shown(value)}")
     if value < 0:
-        raise PermanentError(f"payload field {name!r} must be >= 0, not {value!r}")
+        raise PermanentError(f"payload field {name!r} must be >= 0, not {_shown(value)}")
     return value
 
 
@@ -3111,7 +3159,9 @@ class TaskProcessor:
         payload = task.payload
         size = _payload_number(payload, "size_bytes", 0)
         if size != int(size):
-            raise PermanentError(f"payload field 'size_bytes' must be an integer, not {size!r}")
+            raise PermanentError(
+                f"payload field 'size_bytes' must be an integer, not {_shown(size)}"
+            )
         size = int(size)
         latency = _payload_number(payload, "latency_ms", self.latency_ms) / 1000.0
         fail = payload.get("fail")
@@ -3751,9 +3801,16 @@ def handler_namespace(handler: Callable[..., Any]) -> str:
 
 
 def _check_namespace(namespace: Any, source: str = "namespace") -> str:
-    """Return `namespace` if it is usable, else raise ValueError naming `source`."""
-    if not _is_text(namespace) or not namespace.strip() or not namespace.isprintable():
-        raise ValueError(f"{source} must be a non-empty printable string, not {namespace!r}")
+    """Return `namespace` if it is usable, else raise ValueError naming `source`.
+
+    At most `MAX_NAMESPACE_BYTES` of UTF-8: with a key of `MAX_KEY_BYTES` it fits one PostgreSQL
+    index row.
+    """
+    problem = _text_problem(namespace, MAX_NAMESPACE_BYTES)
+    if problem is None and (not namespace.strip() or not namespace.isprintable()):
+        problem = "must be a non-empty printable string"
+    if problem is not None:
+        raise ValueError(f"{source} {problem}, not {_shown(namespace)}")
     return namespace
 
 
@@ -3827,7 +3884,7 @@ class WorkerPool:
             raise ValueError(f"submit_timeout must be >= 0 or None, not {submit_timeout!r}")
         if worker_name is not None and _text_problem(worker_name) is not None:
             # The name is stored with every task the pool takes and in its heartbeat row.
-            raise ValueError(f"worker_name {_text_problem(worker_name)}, got {worker_name!r}")
+            raise ValueError(f"worker_name {_text_problem(worker_name)}, got {_shown(worker_name)}")
         if not claim_poll_interval > 0:
             raise ValueError(f"claim_poll_interval must be > 0, not {claim_poll_interval!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -4100,7 +4157,7 @@ class WorkerPool:
                 if outage_noticed is None or now - outage_noticed >= _OUTAGE_NOTICE_INTERVAL:
                     outage_noticed = now
                     logger.warning("the database is unavailable (%s); retrying", _first_line(exc))
-                stop.wait(random.uniform(backoff / 2, backoff))
+                stop.wait(_jitter_random.uniform(backoff / 2, backoff))
                 backoff = min(backoff * 2, _OUTAGE_MAX_BACKOFF)
                 continue
             if outage_noticed is not None:
@@ -4839,7 +4896,7 @@ def _parse_int(raw: str, source: str, minimum: int) -> int:
     except (TypeError, ValueError):
         value = None
     if value is None or value < minimum:
-        raise ConfigError(f"{source}: expected an integer >= {minimum}, got {raw!r}")
+        raise ConfigError(f"{source}: expected an integer >= {minimum}, got {_shown(raw)}")
     return value
 
 
@@ -4860,7 +4917,7 @@ def _parse_float(raw: str, source: str, *, low: float, high: float, open_low: bo
     if not ok:
         bound = f"> {low:g}" if open_low else f">= {low:g}"
         span = f"a number {bound}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-        raise ConfigError(f"{source}: expected {span}, got {raw!r}")
+        raise ConfigError(f"{source}: expected {span}, got {_shown(raw)}")
     return value
 
 
@@ -4886,7 +4943,7 @@ def _choice(*choices: str, fold: Callable[[str], str] = str.lower) -> Callable[[
     def parse(raw: str, source: str) -> str:
         value = fold(raw.strip())
         if value not in choices:
-            raise ConfigError(f"{source}: expected one of {', '.join(choices)}, got {raw!r}")
+            raise ConfigError(f"{source}: expected one of {', '.join(choices)}, got {_shown(raw)}")
         return value
 
     return parse
@@ -5201,16 +5258,19 @@ def _check_output_path(path: str, flag: str) -> None:
     """Check, before anything runs, that a file can be written at `path`."""
     if not path.strip():
         raise ConfigError(f"{flag}: expected a file path, got an empty value")
+    shown = _cut(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {path}: folder {folder} does not exist")
+        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
     if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path}: is a directory")
+        raise ConfigError(f"{flag} {shown}: is a directory")
     try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write in {folder}: {exc.strerror}") from None
+        raise ConfigError(
+            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
+        ) from None
 
 
 def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
@@ -5444,8 +5504,9 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
             callable; the one-line message names the spec and the error.
     """
     module_name, _, attribute = spec.partition(":")
+    shown = _cut(spec)
     if not module_name.strip() or not attribute.strip() or ":" in attribute:
-        raise ConfigError(f"--handler {spec}: expected MODULE:FUNCTION")
+        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -5454,23 +5515,24 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
         # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
         # its own, sys.exit) is a user error to name, not a crash to trace back.
         raise ConfigError(
-            f"--handler {spec}: cannot import module {module_name!r}: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"--handler {shown}: cannot import module {_shown(module_name)}: "
+            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
         ) from None
     try:
         handler = getattr(module, attribute)
     except AttributeError:
         raise ConfigError(
-            f"--handler {spec}: cannot import it: module {module_name!r} has no attribute "
-            f"{attribute!r}"
+            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
+            f"{_shown(attribute)}"
         ) from None
     except Exception as exc:  # a module-level __getattr__ is user code too
         raise ConfigError(
-            f"--handler {spec}: cannot import it: {type(exc).__name__}: {_first_line(exc)}"
+            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
+            f"{_cut(_first_line(exc), 200)}"
         ) from None
     if not callable(handler):
         raise ConfigError(
-            f"--handler {spec}: not callable ({attribute!r} is {type(handler).__name__})"
+            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
         )
     return handler
 
@@ -5505,7 +5567,7 @@ def _serve_metrics(metrics: MetricsCollector, port: int) -> http.server.Threadin
 def _parse_port(raw: str) -> int:
     port = _parse_int(raw, "--metrics-port", 0)
     if port > 65535:
-        raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {raw!r}")
+        raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {_shown(raw)}")
     return port
 
 
@@ -5529,7 +5591,7 @@ def _cmd_worker(argv: list[str]) -> int:
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
     if args.name is not None and _text_problem(args.name) is not None:
-        raise ConfigError(f"--name {args.name!r}: {_text_problem(args.name)}")
+        raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
     handler, namespace = _cli_handler(args, config, None)

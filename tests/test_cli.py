@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import store_fixtures
 from tests.cli_helpers import (
     SCRIPT,
     clean_env,
@@ -28,6 +29,7 @@ from tests.cli_helpers import (
 from tests.spec import SNAPSHOT_KEYS
 
 pytestmark = pytest.mark.timeout(30)
+pg_url = store_fixtures.pg_url
 
 SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 FAST = ["--latency-ms", "0", "--jitter-ms", "0"]
@@ -416,6 +418,55 @@ def test_handler_keys_are_not_answered_by_the_simulator(tmp_path: Path) -> None:
     assert (kept["succeeded"], kept["duplicates"]) == (0, 4)
     assert len((tmp_path / "calls.txt").read_text(encoding="utf-8").split()) == 4
     assert state_counts(tmp_path / "progress.db") == {"completed": 8}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        pytest.param(ON_FILE, {"TQ_WORKERS": "9" * 100_000 + "x"}, ["TQ_WORKERS"], id="env"),
+        pytest.param([*ON_FILE, "--durability", "d" * 100_000], {}, ["--durability"], id="flag"),
+        pytest.param(
+            [*ON_FILE, "--handler", "m" * 100_000 + ":f"], {}, ["--handler"], id="handler"
+        ),
+        pytest.param(
+            [*ON_FILE, "--metrics-out", "/nosuch/" + "p" * 100_000],
+            {},
+            ["--metrics-out"],
+            id="metrics-out",
+        ),
+        pytest.param(
+            ["worker", "--db", "progress.db", "--name", "n" * 100_000], {}, ["--name"], id="name"
+        ),
+    ],
+)
+def test_an_error_repeats_at_most_a_short_part_of_a_huge_value(
+    workdir: Path, args: list[str], env: dict[str, str], names: list[str]
+) -> None:
+    """Prove a value of 100,000 characters makes a short one-line error and touches nothing."""
+    before = tree_bytes(workdir)
+    proc = run_cli(args, workdir, env)
+    _assert_user_error(proc, names)
+    assert len(proc.stderr) < 600, proc.stderr[:600]
+    assert tree_bytes(workdir) == before
+
+
+@pytest.mark.parametrize("command", ["enqueue", "main"])
+def test_an_id_postgresql_cannot_index_exits_2_before_the_database(
+    tmp_path: Path, pg_url: str, command: str
+) -> None:
+    """Prove an id over MAX_KEY_BYTES is refused with its field and the limit, no schema made."""
+    import task_queue_optimized as tq
+
+    write_tasks(tmp_path / "tasks.json", [{"id": "ok"}, {"id": "\u20ac" * 1000}])
+    args = ["--task-file", "tasks.json", "--db", pg_url]
+    proc = run_cli(["enqueue", *args] if command == "enqueue" else args, tmp_path)
+    _assert_user_error(proc, ["task 1: field 'id' must be at most 2048 bytes in UTF-8, not 3000"])
+    schema = store_fixtures.schema_of(pg_url)
+    rows = store_fixtures.pg_rows(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name = %s", (schema,)
+    )
+    assert rows == [(0,)]
+    assert tq.MAX_KEY_BYTES == 2048
 
 
 @pytest.mark.parametrize(
