@@ -2425,32 +2425,59 @@ _REDACTED = "***"
 
 
 def _url_secrets(url: str) -> list[str]:
-    """Return the credentials `url` carries: its password and secret query values, as written
-    and decoded, longest first (so a secret that contains another is replaced whole)."""
+    """Return the credentials `url` carries, longest first (a secret that holds another is
+    replaced whole): its password and secret query values, as written and decoded, and every
+    reading of the password that a parser cutting it at ``?``, ``#``, ``/`` or ``@`` could make."""
     found: set[str] = set()
-    password = _userinfo_password(url.partition("?")[0])
-    if password is not None:
+    pieces: set[str] = set()
+    span = _password_span(url)
+    if span is not None:
+        password = url[span[0] : span[1]]
         found.add(password)
-    for piece in url.partition("?")[2].partition("#")[0].split("&"):
+        # libpq ends the userinfo at the first "@", urllib at the first "?" or "#": the pieces
+        # either one may echo back (a host of "ss@127.0.0.1" when the password is "pa@ss").
+        pieces.update(_URL_DELIMITER.split(password))
+        pieces.update(password[: match.start()] for match in _URL_DELIMITER.finditer(password))
+    for piece in _query_of(url, span).split("&"):
         name, equals, value = piece.partition("=")
         if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
             found.add(value)
+            pieces.add(value.partition("#")[0])  # what a parser that knows fragments reads
+    # A piece of one or two characters would mask every such letter pair of a message.
+    found |= {piece for piece in pieces if len(piece) > 2}
     found |= {urllib.parse.unquote_plus(secret) for secret in found}
     found.discard("")
     return sorted(found, key=len, reverse=True)
 
 
-def _userinfo_password(head: str) -> str | None:
-    """Return the password of ``scheme://user:password@...`` (`head` holds no query), or None.
+# Where a URL parser may end a userinfo or a query value.
+_URL_DELIMITER = re.compile(r"[?#/@&]")
 
-    The userinfo is taken to run to the last ``@``, even past a ``/``: a password with a slash
-    is malformed for libpq, but it must not be shown either.
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Return where the password of ``scheme://user:password@host...`` lies in `url`, or None.
+
+    The user runs to the first ``:`` and holds none of ``/?#``; the password runs from there to
+    the last ``@`` of the whole URL. A password may hold ``?``, ``#``, ``/`` and ``@`` unescaped
+    (malformed, but it must not be shown), so where the text allows two readings, the one that
+    masks more is taken: an ``@`` in the query of a URL with a port masks up to that ``@``.
     """
-    _, sep, rest = head.partition("://")
-    userinfo, at, _ = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    scheme_end = url.find("://")
+    if scheme_end < 0:
         return None
-    return userinfo.partition(":")[2]
+    start = scheme_end + 3
+    colon = url.find(":", start)
+    at = url.rfind("@", start)
+    if colon < 0 or at < colon or any(c in url[start:colon] for c in "/?#"):
+        return None
+    return colon + 1, at
+
+
+def _query_of(url: str, span: tuple[int, int] | None) -> str:
+    """Return the query of `url` (after the userinfo), fragment included: libpq reads no
+    fragment, so a ``#`` inside a ``?password=`` value belongs to that value."""
+    rest = url[span[1] :] if span is not None else url
+    return rest.partition("?")[2]
 
 
 def _redact(url: str) -> str:
@@ -2459,28 +2486,47 @@ def _redact(url: str) -> str:
     Everything the module prints, logs or puts in an error or a repr goes through here (or
     `_scrub`); it never raises, whatever the text.
     """
-    head, question, tail = url.partition("?")
-    if _userinfo_password(head) is not None:
-        scheme, _, rest = head.partition("://")
-        userinfo, _, host = rest.rpartition("@")
-        head = f"{scheme}://{userinfo.partition(':')[0]}:{_REDACTED}@{host}"
-    if question:
-        query, hash_, fragment = tail.partition("#")
-        pieces = []
-        for piece in query.split("&"):
-            name, equals, _ = piece.partition("=")
-            if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
-                piece = f"{name}={_REDACTED}"
-            pieces.append(piece)
-        tail = "&".join(pieces) + hash_ + fragment
-    return head + question + tail
+    span = _password_span(url)
+    head, rest = (url[: span[0]] + _REDACTED, url[span[1] :]) if span is not None else ("", url)
+    before, question, query = rest.partition("?")
+    if not question:
+        return head + rest
+    pieces = []
+    for piece in query.split("&"):
+        name, equals, _ = piece.partition("=")
+        if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+            piece = f"{name}={_REDACTED}"
+        pieces.append(piece)
+    return head + before + question + "&".join(pieces)
 
 
 def _scrub(text: str, url: str) -> str:
     """Return `text` (say, a driver's error message) with every credential of `url` masked."""
     for secret in _url_secrets(url):
         text = text.replace(secret, _REDACTED)
+    # A piece of one or two characters is masked only beside a neighbour it has in the URL
+    # ('"ss@127.0.0.1"' for the password "pa?ss"), not as every such pair of letters.
+    for piece, before, after in _short_pieces(url):
+        pattern = (
+            f"(?<={re.escape(before)}){re.escape(piece)}|{re.escape(piece)}(?={re.escape(after)})"
+        )
+        text = re.sub(pattern, _REDACTED, text)
     return text
+
+
+def _short_pieces(url: str) -> list[tuple[str, str, str]]:
+    """Return the pieces of one or two characters of `url`'s password between delimiters, each
+    with the characters before and after it in the URL."""
+    span = _password_span(url)
+    if span is None:
+        return []
+    found = []
+    start = span[0]
+    for match in _URL_DELIMITER.finditer(url, span[0], span[1] + 1):
+        if 0 < match.start() - start <= 2:
+            found.append((url[start : match.start()], url[start - 1], match.group()))
+        start = match.end()
+    return found
 
 
 def _split_schema(url: str) -> tuple[str, str]:
