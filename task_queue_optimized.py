@@ -78,6 +78,7 @@ from typing import Any, NamedTuple, Protocol
 __all__ = [
     "DEFAULT_BASE_DELAY",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CLAIM_POLL_INTERVAL",
     "DEFAULT_DB_FILE",
     "DEFAULT_DURABILITY",
     "DEFAULT_JITTER_MS",
@@ -4487,7 +4488,7 @@ class WorkerPool:
         if not others:
             return
         earliest = min(others)
-        logger.info(
+        logger.warning(
             "waiting for %d keys held by another owner (a stopped run or another process) until "
             "their leases expire; the earliest expires at %s (in %.1f s)",
             len(others),
@@ -5015,8 +5016,8 @@ SETTINGS = (
     _Setting("queue_size", "TQ_QUEUE_SIZE", "--queue-size", _parse_positive_int,
              DEFAULT_QUEUE_SIZE, "tasks that may wait in the bounded queue"),
     _Setting("db_path", "TQ_DB_PATH", "--db", _parse_path, None,
-             f"SQLite progress database (default {DEFAULT_DB_FILE}; a benchmark uses a fresh "
-             "temporary one unless --db is given)"),
+             "database: a SQLite file (a path or sqlite:///PATH) or "
+             f"postgresql://USER@HOST/DB[?schema=NAME] (default {DEFAULT_DB_FILE})"),
     _Setting("max_attempts", "TQ_MAX_ATTEMPTS", "--max-attempts", _parse_positive_int,
              DEFAULT_MAX_ATTEMPTS, "attempts per task, the first included"),
     _Setting("base_delay", "TQ_BASE_DELAY", "--base-delay", _parse_nonnegative_float,
@@ -5101,15 +5102,21 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def _add_settings(group: Any, names: Iterable[str] | None = None) -> None:
+def _add_settings(
+    group: Any, names: Iterable[str] | None = None, notes: Mapping[str, str] | None = None
+) -> None:
+    """Add the flags of `names` (default: all), each help followed by what `notes` adds."""
     wanted = None if names is None else set(names)
     for setting in SETTINGS:
         if setting.flag and (wanted is None or setting.name in wanted):
+            # A default of None is told in the help itself (it depends on the command).
+            default = "" if setting.default is None else f", default {setting.default}"
+            note = (notes or {}).get(setting.name, "")
             group.add_argument(
                 setting.flag,
                 dest=setting.name,
                 metavar=setting.name.upper(),
-                help=f"{setting.help} [{setting.env}, default {setting.default}]",
+                help=f"{setting.help}{note} [{setting.env}{default}]",
             )
 
 
@@ -5117,7 +5124,9 @@ def _add_handler_arguments(group: Any) -> None:
     group.add_argument(
         "--handler",
         metavar="MODULE:FUNCTION",
-        help="handler to import (default: the built-in simulator, TaskProcessor)",
+        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
+        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
+        "--permanent-rate) are ignored",
     )
     group.add_argument(
         "--namespace",
@@ -5152,7 +5161,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
         epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
         "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
-        "below that names a TQ_ variable can also be set in the environment or in ./.env. "
+        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
         "The durable queue has subcommands: enqueue, worker, status and purge "
         "(task-queue SUBCOMMAND --help).",
     )
@@ -5164,9 +5173,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a synthetic workload on a fresh database",
     )
     mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
-    mode.add_argument("--seed", metavar="N", help="seed of the fault injection and jitter")
+    mode.add_argument(
+        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
+    )
     _add_handler_arguments(mode)
-    _add_settings(parser.add_argument_group("configuration"))
+    _add_settings(
+        parser.add_argument_group("configuration"),
+        notes={
+            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
+            "--benchmark uses a fresh temporary one unless --db is given"
+        },
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--metrics-out",
@@ -5380,6 +5397,10 @@ def _run_pool(pool: WorkerPool, tasks: list[Task], config: dict[str, Any], progr
     return outcome
 
 
+# Databases that live in one process's memory: nothing of them outlives the command.
+_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
+
+
 def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
     name = signal.Signals(outcome.signum).name
     cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
@@ -5391,6 +5412,8 @@ def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
     )
     if db_label is None:
         return text + " The benchmark database was temporary: a rerun starts over."
+    if db_label in _MEMORY_DATABASES:
+        return text + f" The database {db_label} kept nothing: a rerun starts over."
     return (
         text
         + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
@@ -5500,9 +5523,9 @@ def _open_cli_store(config: Mapping[str, Any], *, create: bool = True) -> Store:
             this process's memory only, where no other command could see the queue.
     """
     url = config["db_path"] or DEFAULT_DB_FILE
-    if url in (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://"):
+    if url in _MEMORY_DATABASES:
         raise ConfigError(
-            f"database {url}: lives in one process's memory only; the durable queue needs a "
+            f"database {url!r} lives in one process's memory only; the durable queue needs a "
             "file or a postgresql:// URL"
         )
     return open_store(
@@ -5624,7 +5647,9 @@ def _cmd_worker(argv: list[str]) -> int:
         "running tasks finish, the ones this worker holds go back to the queue.",
         _WORKER_SETTINGS,
     )
-    parser.add_argument("--name", help="worker name in status (default host:pid)")
+    parser.add_argument(
+        "--name", help="worker name in status (default HOST:PID:ID, unique to each worker)"
+    )
     _add_handler_arguments(parser)
     parser.add_argument(
         "--prefetch", metavar="N", help="tasks leased at once (default 2 x workers)"

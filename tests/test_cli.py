@@ -30,6 +30,7 @@ from tests.spec import SNAPSHOT_KEYS
 
 pytestmark = pytest.mark.timeout(30)
 pg_url = store_fixtures.pg_url
+launcher = store_fixtures.launcher
 
 SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 FAST = ["--latency-ms", "0", "--jitter-ms", "0"]
@@ -495,7 +496,8 @@ def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
 
 
 def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
-    """Prove a rerun blocked by a stopped run's live claims says once how many and until when."""
+    """Prove a rerun blocked by a stopped run's live claims says once how many and until when,
+    at the default log level."""
     import task_queue_optimized as tq
 
     write_tasks(tmp_path / "tasks.json", make_tasks(3))
@@ -504,7 +506,7 @@ def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
         for task in make_tasks(3):
             claim = crashed.claim(task["id"], namespace="task_queue_optimized.TaskProcessor")
             assert claim.state == "claimed"
-    args = ["--task-file", "tasks.json", "--db", "progress.db", "--log-level", "INFO", *FAST]
+    args = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]  # the default log level
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), *args],
         cwd=tmp_path,
@@ -531,6 +533,62 @@ def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
     assert re.search(
         r"waiting for 3 keys .* expires at \d\d:\d\d:\d\d \(in \d+\.\d s\)", notices[0]
     )
+
+
+def _help(*args: str) -> str:
+    """Return the --help text of a command with its lines joined, as one paragraph."""
+    proc = run_cli([*args, "--help"], Path.cwd())
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("command", [[], ["enqueue"], ["worker"], ["status"], ["purge"]])
+def test_help_describes_each_command_s_database_and_flags(command: list[str]) -> None:
+    """Prove --db's help names every kind of database, one default, and the benchmark only
+    where there is one; the main help's notes point the right way."""
+    text = _help(*command)
+    db_help = text.partition("--db DB_PATH ")[2].partition(" --max-attempts")[0]
+    assert "postgresql://" in db_help and "SQLite progress database" not in db_help, db_help
+    assert "default task_queue.db" in db_help and "default None" not in db_help, db_help
+    assert ("benchmark" in db_help) is (command == []), db_help
+    assert ("memory://" in db_help) is (command == []), db_help  # subcommands refuse it
+    if command in ([], ["worker"]):
+        assert "--latency-ms, --jitter-ms, --transient-rate, --permanent-rate) are ignored" in text
+    if command == []:
+        assert "Every flag above that names a TQ_ variable" in text
+    if command == ["worker"]:
+        assert "default HOST:PID:ID" in text
+
+
+@pytest.mark.parametrize("db", [":memory:", "sqlite:///:memory:", "memory://"])
+def test_an_in_memory_database_for_the_durable_queue_is_one_clear_line(
+    tmp_path: Path, db: str
+) -> None:
+    """Prove the refusal quotes the database's name once (no double colon)."""
+    proc = run_cli(["status", "--db", db], tmp_path)
+    _assert_user_error(proc, [f"error: database {db!r} lives in one process's memory only"])
+    assert "::" not in proc.stderr.replace(":memory:", "").replace("://", "")
+
+
+@pytest.mark.timeout(45)
+def test_an_interrupted_run_in_memory_says_a_rerun_starts_over(
+    tmp_path: Path, launcher: store_fixtures.Launcher
+) -> None:
+    """Prove the rerun advice of a run on :memory: promises nothing it did not keep."""
+    gate = tmp_path / "gate"
+    write_tasks(tmp_path / "tasks.json", [{"id": "t0", "payload": {"gate": str(gate)}},
+                                          {"id": "t1"}])  # fmt: skip
+    run = launcher.spawn(
+        "--task-file", "tasks.json", "--db", ":memory:", "--workers", "1",
+        "--handler", store_fixtures.RECORD_HANDLER,
+    )  # fmt: skip
+    store_fixtures.wait_until(lambda: launcher.executions(), "t0 to start", procs=[run])
+    run.signal(signal.SIGINT)
+    gate.touch()
+    assert run.wait() == 130
+    stderr = run.stderr()
+    assert "The database :memory: kept nothing: a rerun starts over." in stderr, stderr
+    assert "skips" not in stderr, stderr
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,22 @@ class TestTask:
         assert tq.Task("t", None) == tq.Task("t")  # type: ignore[arg-type]
 
 
+def test_every_public_class_function_and_default_is_in_all() -> None:
+    """Public names (ErrorKind among them) are exported; __all__ names only what exists."""
+    defined = {
+        name
+        for name, value in vars(tq).items()
+        if not name.startswith("_")
+        and (
+            (callable(value) and getattr(value, "__module__", None) == tq.__name__)
+            or name.startswith(("DEFAULT_", "MAX_"))
+        )
+    }
+    assert "ErrorKind" in defined
+    assert defined - {"MAX_BATCH", "MAX_COMPLETION_BATCH", "MAX_ECHO_CHARS"} <= set(tq.__all__)
+    assert all(hasattr(tq, name) for name in tq.__all__)
+
+
 class TestTaskProcessor:
     """TaskProcessor: streaming, hashing, latency and fault injection."""
 
