@@ -78,11 +78,13 @@ from typing import Any, NamedTuple, Protocol
 __all__ = [
     "DEFAULT_BASE_DELAY",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CLAIM_POLL_INTERVAL",
     "DEFAULT_DB_FILE",
     "DEFAULT_DURABILITY",
     "DEFAULT_JITTER_MS",
     "DEFAULT_LATENCY_MS",
     "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_LOG_LEVEL",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DELAY",
     "DEFAULT_MAX_TASK_FILE_BYTES",
@@ -92,11 +94,14 @@ __all__ = [
     "DEFAULT_TASKS",
     "DEFAULT_WORKERS",
     "MAX_JSON_DEPTH",
+    "MAX_KEY_BYTES",
+    "MAX_NAMESPACE_BYTES",
     "AsyncWorkerPool",
     "Claim",
     "ClaimState",
     "ConfigError",
     "EntryState",
+    "ErrorKind",
     "IdempotencyConflictError",
     "IdempotencyManager",
     "MemoryStore",
@@ -159,6 +164,11 @@ _WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by anot
 _OUTAGE_NOTICE_INTERVAL = 60.0  # seconds between two warnings that a worker's database is down
 _OUTAGE_MAX_BACKOFF = 5.0  # longest wait between two tries of an unavailable database
 MAX_JSON_DEPTH = 64
+# Ids, keys and worker names, and namespaces, in UTF-8 bytes: a key and a namespace together fit
+# one PostgreSQL btree index row (2704 bytes, headers included), so every store keeps them alike.
+MAX_KEY_BYTES = 2048
+MAX_NAMESPACE_BYTES = 512
+MAX_ECHO_CHARS = 80  # most characters of a user's value that an error message repeats
 
 DURABILITY_MODES = ("normal", "full")
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -207,7 +217,7 @@ class IdempotencyConflictError(TaskQueueError):
 
     def __init__(self, key: str) -> None:
         self.key = key
-        super().__init__(f"idempotency key {key!r} was first used with a different payload")
+        super().__init__(f"idempotency key {_shown(key)} was first used with a different payload")
 
 
 class TaskConflictError(TaskQueueError):
@@ -216,8 +226,8 @@ class TaskConflictError(TaskQueueError):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         super().__init__(
-            f"task id {task_id!r} is already in the durable queue with a different payload or "
-            "idempotency key"
+            f"task id {_shown(task_id)} is already in the durable queue with a different payload "
+            "or idempotency key"
         )
 
 
@@ -298,22 +308,47 @@ _EMPTY_FINGERPRINT = hashlib.sha256(b"{}").hexdigest()
 _TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
 
 
-def _text_problem(value: Any) -> str | None:
+def _cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """Return `text` cut to `limit` characters, saying how long it was when it was longer.
+
+    An error message is one line a person reads: the value it repeats (a 2,000,000-digit number
+    in a task file, an environment variable of megabytes) must not make it megabytes long.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """Return `value` as an error message repeats it: its repr, cut as `_cut` cuts."""
+    if isinstance(value, str) and len(value) > MAX_ECHO_CHARS:
+        return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} characters)"
+    try:
+        return _cut(repr(value))
+    except Exception:  # an int past the digit limit, a broken __repr__
+        return f"<{type(value).__name__}>"
+
+
+def _text_problem(value: Any, limit: int = MAX_KEY_BYTES) -> str | None:
     """Return why `value` cannot be an id or key, or None when it can.
 
     Every store must keep it as text: PostgreSQL text cannot hold a NUL character, and SQLite and
     PostgreSQL both need valid UTF-8, which a lone surrogate ("\\ud800") cannot be encoded to.
+    At most `limit` bytes of UTF-8, so that PostgreSQL can index it (see `MAX_KEY_BYTES`); the
+    same bound holds on every store, so a task accepted by one is accepted by all.
     """
     if not isinstance(value, str) or not value:
         return "must be a non-empty string"
     if "\x00" in value:
         return "must not contain a NUL character"
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
         return (
             f"must be valid Unicode text, not hold the lone surrogate U+{ord(value[exc.start]):04X}"
         )
+    if size > limit:
+        return f"must be at most {limit} bytes in UTF-8, not {size}"
     return None
 
 
@@ -382,7 +417,7 @@ class Task:
             raise TaskFileError(f"must be an object, not {_json_type(mapping)}")
         for name in mapping:
             if name not in _TASK_FIELDS:
-                raise TaskFileError(f"unknown field {name!r}", field=str(name))
+                raise TaskFileError(f"unknown field {_shown(name)}", field=str(name))
         if "id" not in mapping:
             raise TaskFileError("missing field 'id'", field="id")
         task_id = mapping["id"]
@@ -548,7 +583,7 @@ def _reject_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
+        raise ValueError(f"number {_cut(text)} is out of range")
     return value
 
 
@@ -556,7 +591,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, value in pairs:
         if name in result:
-            raise ValueError(f"duplicate object key {name!r}")
+            raise ValueError(f"duplicate object key {_shown(name)}")
         result[name] = value
     return result
 
@@ -726,7 +761,7 @@ def _tasks_from_document(document: Any, name: str) -> list[Task]:
             raise exc.located(name, index) from None
         if task.id in first_index:
             raise TaskFileError(
-                f"id {task.id!r} repeats task {first_index[task.id]}",
+                f"id {_shown(task.id)} repeats task {first_index[task.id]}",
                 path=name,
                 index=index,
                 field="id",
@@ -739,6 +774,20 @@ def _tasks_from_document(document: Any, name: str) -> list[Task]:
 # --- Retry policy --------------------------------------------------------------------------------
 
 _JITTER_MODES = ("full", "none")
+# The source of retry jitter and of a worker's outage backoff: the operating system, apart from
+# the global `random` (processes that call random.seed(42) alike would otherwise retry in
+# lockstep) and with no state a forked child could repeat.
+_jitter_random = random.SystemRandom()
+
+
+def _is_finite_number(value: Any) -> bool:
+    """Return whether `value` is an int or float (not a bool) that a float can hold, finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -763,17 +812,15 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ValueError(f"max_attempts must be an integer, not {self.max_attempts!r}")
+            raise ValueError(f"max_attempts must be an integer, not {_shown(self.max_attempts)}")
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
-        for name in ("base_delay", "max_delay"):
+            raise ValueError(f"max_attempts must be at least 1, not {_shown(self.max_attempts)}")
+        for name, low in (("base_delay", 0), ("max_delay", 0), ("multiplier", 1)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
-            raise ValueError(f"multiplier must be a finite number >= 1, not {self.multiplier!r}")
-        if self.jitter not in _JITTER_MODES:
-            raise ValueError(f"jitter must be one of {_JITTER_MODES}, not {self.jitter!r}")
+            if not (_is_finite_number(value) and value >= low):
+                raise ValueError(f"{name} must be a finite number >= {low}, not {_shown(value)}")
+        if not isinstance(self.jitter, str) or self.jitter not in _JITTER_MODES:
+            raise ValueError(f"jitter must be one of {_JITTER_MODES}, not {_shown(self.jitter)}")
         object.__setattr__(self, "retry_on", tuple(self.retry_on))
 
     def cap(self, attempt: int) -> float:
@@ -790,7 +837,7 @@ class RetryPolicy:
         bound = self.cap(attempt)
         if self.jitter == "none":
             return bound
-        return random.uniform(0.0, bound)
+        return _jitter_random.uniform(0.0, bound)
 
     def is_transient(self, exc: BaseException) -> bool:
         """Return whether `exc` is classified transient."""
@@ -2393,32 +2440,59 @@ _REDACTED = "***"
 
 
 def _url_secrets(url: str) -> list[str]:
-    """Return the credentials `url` carries: its password and secret query values, as written
-    and decoded, longest first (so a secret that contains another is replaced whole)."""
+    """Return the credentials `url` carries, longest first (a secret that holds another is
+    replaced whole): its password and secret query values, as written and decoded, and every
+    reading of the password that a parser cutting it at ``?``, ``#``, ``/`` or ``@`` could make."""
     found: set[str] = set()
-    password = _userinfo_password(url.partition("?")[0])
-    if password is not None:
+    pieces: set[str] = set()
+    span = _password_span(url)
+    if span is not None:
+        password = url[span[0] : span[1]]
         found.add(password)
-    for piece in url.partition("?")[2].partition("#")[0].split("&"):
+        # libpq ends the userinfo at the first "@", urllib at the first "?" or "#": the pieces
+        # either one may echo back (a host of "ss@127.0.0.1" when the password is "pa@ss").
+        pieces.update(_URL_DELIMITER.split(password))
+        pieces.update(password[: match.start()] for match in _URL_DELIMITER.finditer(password))
+    for piece in _query_of(url, span).split("&"):
         name, equals, value = piece.partition("=")
         if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
             found.add(value)
+            pieces.add(value.partition("#")[0])  # what a parser that knows fragments reads
+    # A piece of one or two characters would mask every such letter pair of a message.
+    found |= {piece for piece in pieces if len(piece) > 2}
     found |= {urllib.parse.unquote_plus(secret) for secret in found}
     found.discard("")
     return sorted(found, key=len, reverse=True)
 
 
-def _userinfo_password(head: str) -> str | None:
-    """Return the password of ``scheme://user:password@...`` (`head` holds no query), or None.
+# Where a URL parser may end a userinfo or a query value.
+_URL_DELIMITER = re.compile(r"[?#/@&]")
 
-    The userinfo is taken to run to the last ``@``, even past a ``/``: a password with a slash
-    is malformed for libpq, but it must not be shown either.
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Return where the password of ``scheme://user:password@host...`` lies in `url`, or None.
+
+    The user runs to the first ``:`` and holds none of ``/?#``; the password runs from there to
+    the last ``@`` of the whole URL. A password may hold ``?``, ``#``, ``/`` and ``@`` unescaped
+    (malformed, but it must not be shown), so where the text allows two readings, the one that
+    masks more is taken: an ``@`` in the query of a URL with a port masks up to that ``@``.
     """
-    _, sep, rest = head.partition("://")
-    userinfo, at, _ = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    scheme_end = url.find("://")
+    if scheme_end < 0:
         return None
-    return userinfo.partition(":")[2]
+    start = scheme_end + 3
+    colon = url.find(":", start)
+    at = url.rfind("@", start)
+    if colon < 0 or at < colon or any(c in url[start:colon] for c in "/?#"):
+        return None
+    return colon + 1, at
+
+
+def _query_of(url: str, span: tuple[int, int] | None) -> str:
+    """Return the query of `url` (after the userinfo), fragment included: libpq reads no
+    fragment, so a ``#`` inside a ``?password=`` value belongs to that value."""
+    rest = url[span[1] :] if span is not None else url
+    return rest.partition("?")[2]
 
 
 def _redact(url: str) -> str:
@@ -2427,28 +2501,47 @@ def _redact(url: str) -> str:
     Everything the module prints, logs or puts in an error or a repr goes through here (or
     `_scrub`); it never raises, whatever the text.
     """
-    head, question, tail = url.partition("?")
-    if _userinfo_password(head) is not None:
-        scheme, _, rest = head.partition("://")
-        userinfo, _, host = rest.rpartition("@")
-        head = f"{scheme}://{userinfo.partition(':')[0]}:{_REDACTED}@{host}"
-    if question:
-        query, hash_, fragment = tail.partition("#")
-        pieces = []
-        for piece in query.split("&"):
-            name, equals, _ = piece.partition("=")
-            if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
-                piece = f"{name}={_REDACTED}"
-            pieces.append(piece)
-        tail = "&".join(pieces) + hash_ + fragment
-    return head + question + tail
+    span = _password_span(url)
+    head, rest = (url[: span[0]] + _REDACTED, url[span[1] :]) if span is not None else ("", url)
+    before, question, query = rest.partition("?")
+    if not question:
+        return head + rest
+    pieces = []
+    for piece in query.split("&"):
+        name, equals, _ = piece.partition("=")
+        if equals and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+            piece = f"{name}={_REDACTED}"
+        pieces.append(piece)
+    return head + before + question + "&".join(pieces)
 
 
 def _scrub(text: str, url: str) -> str:
     """Return `text` (say, a driver's error message) with every credential of `url` masked."""
     for secret in _url_secrets(url):
         text = text.replace(secret, _REDACTED)
+    # A piece of one or two characters is masked only beside a neighbour it has in the URL
+    # ('"ss@127.0.0.1"' for the password "pa?ss"), not as every such pair of letters.
+    for piece, before, after in _short_pieces(url):
+        pattern = (
+            f"(?<={re.escape(before)}){re.escape(piece)}|{re.escape(piece)}(?={re.escape(after)})"
+        )
+        text = re.sub(pattern, _REDACTED, text)
     return text
+
+
+def _short_pieces(url: str) -> list[tuple[str, str, str]]:
+    """Return the pieces of one or two characters of `url`'s password between delimiters, each
+    with the characters before and after it in the URL."""
+    span = _password_span(url)
+    if span is None:
+        return []
+    found = []
+    start = span[0]
+    for match in _URL_DELIMITER.finditer(url, span[0], span[1] + 1):
+        if 0 < match.start() - start <= 2:
+            found.append((url[start : match.start()], url[start - 1], match.group()))
+        start = match.end()
+    return found
 
 
 def _split_schema(url: str) -> tuple[str, str]:
@@ -2467,7 +2560,9 @@ def _split_schema(url: str) -> tuple[str, str]:
         else:
             rest.append((name, value))
     if not IDENTIFIER_PATTERN.fullmatch(schema):
-        raise ConfigError(f"database {_redact(url)}: schema {schema!r} is not a valid identifier")
+        raise ConfigError(
+            f"database {_redact(url)}: schema {_shown(schema)} is not a valid identifier"
+        )
     # libpq decodes %20 but not "+": quote spaces the way it reads them (options=-c%20a%3Db).
     query_text = urllib.parse.urlencode(rest, quote_via=urllib.parse.quote)
     dsn = urllib.parse.urlunsplit(parts._replace(query=query_text))
@@ -3082,10 +3177,10 @@ class MetricsCollector:
 
 def _payload_number(payload: Mapping[str, Any], name: str, default: float) -> float:
     value = payload.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PermanentError(f"payload field {name!r} must be a finite number, not {value!r}")
+    if not _is_finite_number(value):
+        raise PermanentError(f"payload field {name!r} must be a finite number, not {_shown(value)}")
     if value < 0:
-        raise PermanentError(f"payload field {name!r} must be >= 0, not {value!r}")
+        raise PermanentError(f"payload field {name!r} must be >= 0, not {_shown(value)}")
     return value
 
 
@@ -3143,7 +3238,9 @@ class TaskProcessor:
         payload = task.payload
         size = _payload_number(payload, "size_bytes", 0)
         if size != int(size):
-            raise PermanentError(f"payload field 'size_bytes' must be an integer, not {size!r}")
+            raise PermanentError(
+                f"payload field 'size_bytes' must be an integer, not {_shown(size)}"
+            )
         size = int(size)
         latency = _payload_number(payload, "latency_ms", self.latency_ms) / 1000.0
         fail = payload.get("fail")
@@ -3878,9 +3975,16 @@ def handler_namespace(handler: Callable[..., Any]) -> str:
 
 
 def _check_namespace(namespace: Any, source: str = "namespace") -> str:
-    """Return `namespace` if it is usable, else raise ValueError naming `source`."""
-    if not _is_text(namespace) or not namespace.strip() or not namespace.isprintable():
-        raise ValueError(f"{source} must be a non-empty printable string, not {namespace!r}")
+    """Return `namespace` if it is usable, else raise ValueError naming `source`.
+
+    At most `MAX_NAMESPACE_BYTES` of UTF-8: with a key of `MAX_KEY_BYTES` it fits one PostgreSQL
+    index row.
+    """
+    problem = _text_problem(namespace, MAX_NAMESPACE_BYTES)
+    if problem is None and (not namespace.strip() or not namespace.isprintable()):
+        problem = "must be a non-empty printable string"
+    if problem is not None:
+        raise ValueError(f"{source} {problem}, not {_shown(namespace)}")
     return namespace
 
 
@@ -3954,7 +4058,7 @@ class WorkerPool:
             raise ValueError(f"submit_timeout must be >= 0 or None, not {submit_timeout!r}")
         if worker_name is not None and _text_problem(worker_name) is not None:
             # The name is stored with every task the pool takes and in its heartbeat row.
-            raise ValueError(f"worker_name {_text_problem(worker_name)}, got {worker_name!r}")
+            raise ValueError(f"worker_name {_text_problem(worker_name)}, got {_shown(worker_name)}")
         if not claim_poll_interval > 0:
             raise ValueError(f"claim_poll_interval must be > 0, not {claim_poll_interval!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -4232,7 +4336,7 @@ class WorkerPool:
                 if outage_noticed is None or now - outage_noticed >= _OUTAGE_NOTICE_INTERVAL:
                     outage_noticed = now
                     logger.warning("the database is unavailable (%s); retrying", _first_line(exc))
-                stop.wait(random.uniform(backoff / 2, backoff))
+                stop.wait(_jitter_random.uniform(backoff / 2, backoff))
                 backoff = min(backoff * 2, _OUTAGE_MAX_BACKOFF)
                 continue
             if outage_noticed is not None:
@@ -4544,7 +4648,7 @@ class WorkerPool:
         if not others:
             return
         earliest = min(others)
-        logger.info(
+        logger.warning(
             "waiting for %d keys held by another owner (a stopped run or another process) until "
             "their leases expire; the earliest expires at %s (in %.1f s)",
             len(others),
@@ -5058,7 +5162,7 @@ def _parse_int(raw: str, source: str, minimum: int) -> int:
     except (TypeError, ValueError):
         value = None
     if value is None or value < minimum:
-        raise ConfigError(f"{source}: expected an integer >= {minimum}, got {raw!r}")
+        raise ConfigError(f"{source}: expected an integer >= {minimum}, got {_shown(raw)}")
     return value
 
 
@@ -5079,7 +5183,7 @@ def _parse_float(raw: str, source: str, *, low: float, high: float, open_low: bo
     if not ok:
         bound = f"> {low:g}" if open_low else f">= {low:g}"
         span = f"a number {bound}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-        raise ConfigError(f"{source}: expected {span}, got {raw!r}")
+        raise ConfigError(f"{source}: expected {span}, got {_shown(raw)}")
     return value
 
 
@@ -5105,7 +5209,7 @@ def _choice(*choices: str, fold: Callable[[str], str] = str.lower) -> Callable[[
     def parse(raw: str, source: str) -> str:
         value = fold(raw.strip())
         if value not in choices:
-            raise ConfigError(f"{source}: expected one of {', '.join(choices)}, got {raw!r}")
+            raise ConfigError(f"{source}: expected one of {', '.join(choices)}, got {_shown(raw)}")
         return value
 
     return parse
@@ -5131,8 +5235,8 @@ SETTINGS = (
     _Setting("queue_size", "TQ_QUEUE_SIZE", "--queue-size", _parse_positive_int,
              DEFAULT_QUEUE_SIZE, "tasks that may wait in the bounded queue"),
     _Setting("db_path", "TQ_DB_PATH", "--db", _parse_path, None,
-             f"SQLite progress database (default {DEFAULT_DB_FILE}; a benchmark uses a fresh "
-             "temporary one unless --db is given)"),
+             "database: a SQLite file (a path or sqlite:///PATH) or "
+             f"postgresql://USER@HOST/DB[?schema=NAME] (default {DEFAULT_DB_FILE})"),
     _Setting("max_attempts", "TQ_MAX_ATTEMPTS", "--max-attempts", _parse_positive_int,
              DEFAULT_MAX_ATTEMPTS, "attempts per task, the first included"),
     _Setting("base_delay", "TQ_BASE_DELAY", "--base-delay", _parse_nonnegative_float,
@@ -5217,15 +5321,21 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def _add_settings(group: Any, names: Iterable[str] | None = None) -> None:
+def _add_settings(
+    group: Any, names: Iterable[str] | None = None, notes: Mapping[str, str] | None = None
+) -> None:
+    """Add the flags of `names` (default: all), each help followed by what `notes` adds."""
     wanted = None if names is None else set(names)
     for setting in SETTINGS:
         if setting.flag and (wanted is None or setting.name in wanted):
+            # A default of None is told in the help itself (it depends on the command).
+            default = "" if setting.default is None else f", default {setting.default}"
+            note = (notes or {}).get(setting.name, "")
             group.add_argument(
                 setting.flag,
                 dest=setting.name,
                 metavar=setting.name.upper(),
-                help=f"{setting.help} [{setting.env}, default {setting.default}]",
+                help=f"{setting.help}{note} [{setting.env}{default}]",
             )
 
 
@@ -5233,7 +5343,9 @@ def _add_handler_arguments(group: Any) -> None:
     group.add_argument(
         "--handler",
         metavar="MODULE:FUNCTION",
-        help="handler to import (default: the built-in simulator, TaskProcessor)",
+        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
+        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
+        "--permanent-rate) are ignored",
     )
     group.add_argument(
         "--namespace",
@@ -5268,7 +5380,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
         epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
         "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
-        "below that names a TQ_ variable can also be set in the environment or in ./.env. "
+        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
         "The durable queue has subcommands: enqueue, worker, status and purge "
         "(task-queue SUBCOMMAND --help).",
     )
@@ -5280,9 +5392,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a synthetic workload on a fresh database",
     )
     mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
-    mode.add_argument("--seed", metavar="N", help="seed of the fault injection and jitter")
+    mode.add_argument(
+        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
+    )
     _add_handler_arguments(mode)
-    _add_settings(parser.add_argument_group("configuration"))
+    _add_settings(
+        parser.add_argument_group("configuration"),
+        notes={
+            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
+            "--benchmark uses a fresh temporary one unless --db is given"
+        },
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--metrics-out",
@@ -5420,16 +5540,19 @@ def _check_output_path(path: str, flag: str) -> None:
     """Check, before anything runs, that a file can be written at `path`."""
     if not path.strip():
         raise ConfigError(f"{flag}: expected a file path, got an empty value")
+    shown = _cut(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {path}: folder {folder} does not exist")
+        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
     if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path}: is a directory")
+        raise ConfigError(f"{flag} {shown}: is a directory")
     try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write in {folder}: {exc.strerror}") from None
+        raise ConfigError(
+            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
+        ) from None
 
 
 def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
@@ -5493,6 +5616,10 @@ def _run_pool(pool: WorkerPool, tasks: list[Task], config: dict[str, Any], progr
     return outcome
 
 
+# Databases that live in one process's memory: nothing of them outlives the command.
+_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
+
+
 def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
     name = signal.Signals(outcome.signum).name
     cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
@@ -5504,6 +5631,8 @@ def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
     )
     if db_label is None:
         return text + " The benchmark database was temporary: a rerun starts over."
+    if db_label in _MEMORY_DATABASES:
+        return text + f" The database {db_label} kept nothing: a rerun starts over."
     return (
         text
         + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
@@ -5613,9 +5742,9 @@ def _open_cli_store(config: Mapping[str, Any], *, create: bool = True) -> Store:
             this process's memory only, where no other command could see the queue.
     """
     url = config["db_path"] or DEFAULT_DB_FILE
-    if url in (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://"):
+    if url in _MEMORY_DATABASES:
         raise ConfigError(
-            f"database {url}: lives in one process's memory only; the durable queue needs a "
+            f"database {url!r} lives in one process's memory only; the durable queue needs a "
             "file or a postgresql:// URL"
         )
     return open_store(
@@ -5663,8 +5792,9 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
             callable; the one-line message names the spec and the error.
     """
     module_name, _, attribute = spec.partition(":")
+    shown = _cut(spec)
     if not module_name.strip() or not attribute.strip() or ":" in attribute:
-        raise ConfigError(f"--handler {spec}: expected MODULE:FUNCTION")
+        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -5673,23 +5803,24 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
         # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
         # its own, sys.exit) is a user error to name, not a crash to trace back.
         raise ConfigError(
-            f"--handler {spec}: cannot import module {module_name!r}: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"--handler {shown}: cannot import module {_shown(module_name)}: "
+            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
         ) from None
     try:
         handler = getattr(module, attribute)
     except AttributeError:
         raise ConfigError(
-            f"--handler {spec}: cannot import it: module {module_name!r} has no attribute "
-            f"{attribute!r}"
+            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
+            f"{_shown(attribute)}"
         ) from None
     except Exception as exc:  # a module-level __getattr__ is user code too
         raise ConfigError(
-            f"--handler {spec}: cannot import it: {type(exc).__name__}: {_first_line(exc)}"
+            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
+            f"{_cut(_first_line(exc), 200)}"
         ) from None
     if not callable(handler):
         raise ConfigError(
-            f"--handler {spec}: not callable ({attribute!r} is {type(handler).__name__})"
+            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
         )
     return handler
 
@@ -5724,7 +5855,7 @@ def _serve_metrics(metrics: MetricsCollector, port: int) -> http.server.Threadin
 def _parse_port(raw: str) -> int:
     port = _parse_int(raw, "--metrics-port", 0)
     if port > 65535:
-        raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {raw!r}")
+        raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {_shown(raw)}")
     return port
 
 
@@ -5735,7 +5866,9 @@ def _cmd_worker(argv: list[str]) -> int:
         "running tasks finish, the ones this worker holds go back to the queue.",
         _WORKER_SETTINGS,
     )
-    parser.add_argument("--name", help="worker name in status (default host:pid)")
+    parser.add_argument(
+        "--name", help="worker name in status (default HOST:PID:ID, unique to each worker)"
+    )
     _add_handler_arguments(parser)
     parser.add_argument(
         "--prefetch", metavar="N", help="tasks leased at once (default 2 x workers)"
@@ -5748,7 +5881,7 @@ def _cmd_worker(argv: list[str]) -> int:
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
     if args.name is not None and _text_problem(args.name) is not None:
-        raise ConfigError(f"--name {args.name!r}: {_text_problem(args.name)}")
+        raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
     handler, namespace = _cli_handler(args, config, None)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import store_fixtures
 from tests.cli_helpers import (
     SCRIPT,
     clean_env,
@@ -28,6 +29,8 @@ from tests.cli_helpers import (
 from tests.spec import SNAPSHOT_KEYS
 
 pytestmark = pytest.mark.timeout(30)
+pg_url = store_fixtures.pg_url
+launcher = store_fixtures.launcher
 
 SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 FAST = ["--latency-ms", "0", "--jitter-ms", "0"]
@@ -419,6 +422,55 @@ def test_handler_keys_are_not_answered_by_the_simulator(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        pytest.param(ON_FILE, {"TQ_WORKERS": "9" * 100_000 + "x"}, ["TQ_WORKERS"], id="env"),
+        pytest.param([*ON_FILE, "--durability", "d" * 100_000], {}, ["--durability"], id="flag"),
+        pytest.param(
+            [*ON_FILE, "--handler", "m" * 100_000 + ":f"], {}, ["--handler"], id="handler"
+        ),
+        pytest.param(
+            [*ON_FILE, "--metrics-out", "/nosuch/" + "p" * 100_000],
+            {},
+            ["--metrics-out"],
+            id="metrics-out",
+        ),
+        pytest.param(
+            ["worker", "--db", "progress.db", "--name", "n" * 100_000], {}, ["--name"], id="name"
+        ),
+    ],
+)
+def test_an_error_repeats_at_most_a_short_part_of_a_huge_value(
+    workdir: Path, args: list[str], env: dict[str, str], names: list[str]
+) -> None:
+    """Prove a value of 100,000 characters makes a short one-line error and touches nothing."""
+    before = tree_bytes(workdir)
+    proc = run_cli(args, workdir, env)
+    _assert_user_error(proc, names)
+    assert len(proc.stderr) < 600, proc.stderr[:600]
+    assert tree_bytes(workdir) == before
+
+
+@pytest.mark.parametrize("command", ["enqueue", "main"])
+def test_an_id_postgresql_cannot_index_exits_2_before_the_database(
+    tmp_path: Path, pg_url: str, command: str
+) -> None:
+    """Prove an id over MAX_KEY_BYTES is refused with its field and the limit, no schema made."""
+    import task_queue_optimized as tq
+
+    write_tasks(tmp_path / "tasks.json", [{"id": "ok"}, {"id": "\u20ac" * 1000}])
+    args = ["--task-file", "tasks.json", "--db", pg_url]
+    proc = run_cli(["enqueue", *args] if command == "enqueue" else args, tmp_path)
+    _assert_user_error(proc, ["task 1: field 'id' must be at most 2048 bytes in UTF-8, not 3000"])
+    schema = store_fixtures.schema_of(pg_url)
+    rows = store_fixtures.pg_rows(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name = %s", (schema,)
+    )
+    assert rows == [(0,)]
+    assert tq.MAX_KEY_BYTES == 2048
+
+
+@pytest.mark.parametrize(
     ("args", "names"),
     [
         pytest.param(["--handler", "nosuch_module:fetch"], ["--handler"], id="main-bad-handler"),
@@ -444,7 +496,8 @@ def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
 
 
 def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
-    """Prove a rerun blocked by a stopped run's live claims says once how many and until when."""
+    """Prove a rerun blocked by a stopped run's live claims says once how many and until when,
+    at the default log level."""
     import task_queue_optimized as tq
 
     write_tasks(tmp_path / "tasks.json", make_tasks(3))
@@ -453,7 +506,7 @@ def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
         for task in make_tasks(3):
             claim = crashed.claim(task["id"], namespace="task_queue_optimized.TaskProcessor")
             assert claim.state == "claimed"
-    args = ["--task-file", "tasks.json", "--db", "progress.db", "--log-level", "INFO", *FAST]
+    args = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]  # the default log level
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), *args],
         cwd=tmp_path,
@@ -480,6 +533,62 @@ def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
     assert re.search(
         r"waiting for 3 keys .* expires at \d\d:\d\d:\d\d \(in \d+\.\d s\)", notices[0]
     )
+
+
+def _help(*args: str) -> str:
+    """Return the --help text of a command with its lines joined, as one paragraph."""
+    proc = run_cli([*args, "--help"], Path.cwd())
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("command", [[], ["enqueue"], ["worker"], ["status"], ["purge"]])
+def test_help_describes_each_command_s_database_and_flags(command: list[str]) -> None:
+    """Prove --db's help names every kind of database, one default, and the benchmark only
+    where there is one; the main help's notes point the right way."""
+    text = _help(*command)
+    db_help = text.partition("--db DB_PATH ")[2].partition(" --max-attempts")[0]
+    assert "postgresql://" in db_help and "SQLite progress database" not in db_help, db_help
+    assert "default task_queue.db" in db_help and "default None" not in db_help, db_help
+    assert ("benchmark" in db_help) is (command == []), db_help
+    assert ("memory://" in db_help) is (command == []), db_help  # subcommands refuse it
+    if command in ([], ["worker"]):
+        assert "--latency-ms, --jitter-ms, --transient-rate, --permanent-rate) are ignored" in text
+    if command == []:
+        assert "Every flag above that names a TQ_ variable" in text
+    if command == ["worker"]:
+        assert "default HOST:PID:ID" in text
+
+
+@pytest.mark.parametrize("db", [":memory:", "sqlite:///:memory:", "memory://"])
+def test_an_in_memory_database_for_the_durable_queue_is_one_clear_line(
+    tmp_path: Path, db: str
+) -> None:
+    """Prove the refusal quotes the database's name once (no double colon)."""
+    proc = run_cli(["status", "--db", db], tmp_path)
+    _assert_user_error(proc, [f"error: database {db!r} lives in one process's memory only"])
+    assert "::" not in proc.stderr.replace(":memory:", "").replace("://", "")
+
+
+@pytest.mark.timeout(45)
+def test_an_interrupted_run_in_memory_says_a_rerun_starts_over(
+    tmp_path: Path, launcher: store_fixtures.Launcher
+) -> None:
+    """Prove the rerun advice of a run on :memory: promises nothing it did not keep."""
+    gate = tmp_path / "gate"
+    write_tasks(tmp_path / "tasks.json", [{"id": "t0", "payload": {"gate": str(gate)}},
+                                          {"id": "t1"}])  # fmt: skip
+    run = launcher.spawn(
+        "--task-file", "tasks.json", "--db", ":memory:", "--workers", "1",
+        "--handler", store_fixtures.RECORD_HANDLER,
+    )  # fmt: skip
+    store_fixtures.wait_until(lambda: launcher.executions(), "t0 to start", procs=[run])
+    run.signal(signal.SIGINT)
+    gate.touch()
+    assert run.wait() == 130
+    stderr = run.stderr()
+    assert "The database :memory: kept nothing: a rerun starts over." in stderr, stderr
+    assert "skips" not in stderr, stderr
 
 
 @pytest.mark.parametrize(

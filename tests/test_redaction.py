@@ -56,7 +56,17 @@ def tasks(count: int, **payload: object) -> list[dict[str, object]]:
     [
         ("postgresql://u:pw@h/db?schema=s", "postgresql://u:***@h/db?schema=s"),
         ("postgresql://u@h/db?password=pw&schema=s", "postgresql://u@h/db?password=***&schema=s"),
-        ("postgresql://u:p%40w@h/db?PassWord=a%26b#x", "postgresql://u:***@h/db?PassWord=***#x"),
+        ("postgresql://u:p%40w@h/db?PassWord=a%26b#x", "postgresql://u:***@h/db?PassWord=***"),
+        ("postgresql://u:pa?ss@h:5432/db?schema=s", "postgresql://u:***@h:5432/db?schema=s"),
+        ("postgresql://u:pa#ss@h/db?schema=s", "postgresql://u:***@h/db?schema=s"),
+        ("postgresql://u:pa@ss@h/db?schema=s", "postgresql://u:***@h/db?schema=s"),
+        (
+            "postgresql://u:a?b#c/d@e@h/db?password=p#q&schema=s",
+            "postgresql://u:***@h/db?password=***&schema=s",
+        ),
+        ("postgresql://u@corp:pw@h/db", "postgresql://u@corp:***@h/db"),
+        ("postgresql://u@h:5432/db?schema=s", "postgresql://u@h:5432/db?schema=s"),
+        ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),
         ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
         ("postgres://:pw@h", "postgres://:***@h"),
         ("postgresql://h/db?sslpassword=pw", "postgresql://h/db?sslpassword=***"),
@@ -72,6 +82,56 @@ def test_scrub_masks_a_password_echoed_in_any_form() -> None:
     url = "postgresql://u:p%40w@h/db?password=q%26r"
     text = "bad value 'p%40w', or p@w, or q&r, or q%26r"
     assert tq._scrub(text, url) == "bad value '***', or ***, or ***, or ***"
+
+
+@pytest.mark.parametrize(
+    ("url", "text", "shown"),
+    [
+        (
+            "postgresql://u:pa?ss@h:5432/db?schema=s",
+            'invalid URI query parameter: "ss@h:5432/db?schema" (pa?ss)',
+            'invalid URI query parameter: "***@h:5432/db?schema" (***)',
+        ),
+        (
+            "postgresql://u:S3cret@Pw@h/db",
+            "failed to resolve host 'Pw@h': the password S3cret",
+            "failed to resolve host '***@h': the password ***",
+        ),
+        (
+            "postgresql://h/db?password=S3cret#Pw&schema=s",
+            "password 'S3cret', or 'S3cret#Pw'; a class of its own",
+            "password '***', or '***'; a class of its own",
+        ),
+    ],
+)
+def test_scrub_masks_every_piece_a_parser_may_cut_a_password_into(
+    url: str, text: str, shown: str
+) -> None:
+    assert tq._scrub(text, url) == shown
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("delimiter", ["?", "#", "/", "@"])
+def test_a_password_holding_a_url_delimiter_is_never_printed(
+    delimiter: str, launcher: Launcher, tmp_path: Path
+) -> None:
+    """Prove every command masks a password with ?, #, / or @ unescaped, in whole and in part."""
+    store_fixtures.require_postgres()
+    parts = urllib.parse.urlsplit(new_schema_url())
+    url = parts._replace(netloc=f"postgres:S3cret{delimiter}Pw@{parts.hostname}:{parts.port}")
+    url_text = url.geturl()
+    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    runs = [
+        launcher.run("status", "--db", url_text),
+        launcher.run("purge", "--db", url_text),
+        launcher.run("enqueue", "--db", url_text, "--task-file", str(file)),
+        launcher.run("worker", "--db", url_text),
+        launcher.run("--task-file", str(file), "--db", url_text),
+    ]
+    for proc in runs:
+        line = store_fixtures.one_line_error(proc)
+        assert "S3cret" not in line and "Pw" not in line, line
+        assert "postgres:***@" in line, line
 
 
 @pytest.mark.parametrize("secret_url", FORMS, indirect=True)

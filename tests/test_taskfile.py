@@ -401,3 +401,47 @@ def test_hook_errors_name_line_and_column(
         load_tasks(path)
     assert (caught.value.line, caught.value.column) == (line, column)
     assert f"line {line} column {column}" in str(caught.value)
+
+
+HUGE = 2_000_000
+
+
+@pytest.mark.parametrize(
+    ("text", "located", "shown"),
+    [
+        pytest.param(
+            '[{"id": "a", "payload": {"v": ' + "9" * HUGE + ".5}}]",
+            "line 1 column 31",
+            "number 99999",
+            id="out-of-range-number",
+        ),
+        pytest.param(
+            '[{"id": "a", "payload": {"' + "k" * HUGE + '": 1, "' + "k" * HUGE + '": 2}}]',
+            "line 1 column 25",
+            "duplicate object key 'kkkkk",
+            id="duplicate-object-key",
+        ),
+        pytest.param(
+            '[{"id": "a", "' + "f" * HUGE + '": 1}]',
+            "task 0",
+            "unknown field 'fffff",
+            id="unknown-field",
+        ),
+        pytest.param(
+            '[{"id": "' + "i" * HUGE + '"}]',
+            "task 0",
+            "field 'id' must be at most 2048 bytes in UTF-8, not 2000000",
+            id="id-too-long",
+        ),
+    ],
+)
+def test_an_error_repeats_at_most_a_short_part_of_a_huge_value(
+    tmp_path: Path, text: str, located: str, shown: str
+) -> None:
+    """Prove an error about a value of megabytes stays one short line that still locates it."""
+    err = _load_error(_write(tmp_path, text))
+    message = str(err)
+    assert located in message and shown in message, message[:500]
+    assert len(message) < len(str(tmp_path)) + 300, message[:500]
+    if "characters" in message:
+        assert f"({HUGE + 2 if 'number' in message else HUGE} characters)" in message, message

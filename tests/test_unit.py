@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
+import random
+import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -94,12 +99,64 @@ class TestTask:
             assert error.field == field
             assert repr(field) in str(error) and problem in str(error), str(error)
 
+    @pytest.mark.parametrize(
+        ("longest", "field"),
+        [
+            ("\U0001f600" * (tq.MAX_KEY_BYTES // 4), "id"),
+            ("\u20ac" * (tq.MAX_KEY_BYTES // 3) + "k" * (tq.MAX_KEY_BYTES % 3), "idempotency_key"),
+        ],
+        ids=["id-4-byte-chars", "key-3-byte-chars"],
+    )
+    def test_ids_and_keys_are_bounded_in_utf8_bytes(self, longest: str, field: str) -> None:
+        """MAX_KEY_BYTES of UTF-8 is accepted; one byte more is refused, naming field and limit."""
+        assert len(longest.encode()) == tq.MAX_KEY_BYTES
+        other = {} if field == "id" else {"id": "t"}
+        assert tq.Task.from_dict({**other, field: longest}).key == longest
+        mapping = {**other, field: longest + "x"}
+        errors = []
+        for build in (tq.Task.from_dict, lambda fields: tq.Task(**fields)):
+            with pytest.raises(tq.TaskFileError) as info:
+                build(mapping)
+            errors.append(info.value)
+        for error in errors:
+            message = str(error)
+            assert error.field == field and repr(field) in message, message
+            assert f"at most {tq.MAX_KEY_BYTES} bytes" in message, message
+            assert f"not {tq.MAX_KEY_BYTES + 1}" in message and len(message) < 200, message
+
+    def test_namespaces_and_worker_names_are_bounded_in_utf8_bytes(self) -> None:
+        """A namespace over MAX_NAMESPACE_BYTES or a worker name over MAX_KEY_BYTES is refused."""
+        longest = "\u540d" * (tq.MAX_NAMESPACE_BYTES // 3) + "n" * (tq.MAX_NAMESPACE_BYTES % 3)
+        assert len(longest.encode()) == tq.MAX_NAMESPACE_BYTES
+        with tq.WorkerPool(lambda task: None, workers=1, namespace=longest) as pool:
+            assert pool.namespace == longest
+        with pytest.raises(ValueError, match=f"namespace must be at most {tq.MAX_NAMESPACE_BYTES}"):
+            tq.WorkerPool(lambda task: None, workers=1, namespace=longest + "n")
+        with pytest.raises(ValueError, match=f"worker_name must be at most {tq.MAX_KEY_BYTES}"):
+            tq.WorkerPool(lambda task: None, workers=1, worker_name="w" * (tq.MAX_KEY_BYTES + 1))
+
     def test_a_null_payload_is_the_empty_payload(self) -> None:
         """A null payload means {}, like a null idempotency key means none."""
         task = tq.Task.from_dict({"id": "t", "payload": None, "idempotency_key": None})
         assert (task.payload, task.key) == ({}, "t")
         assert tq.Task("t", None).payload == {}  # type: ignore[arg-type]
         assert tq.Task("t", None) == tq.Task("t")  # type: ignore[arg-type]
+
+
+def test_every_public_class_function_and_default_is_in_all() -> None:
+    """Public names (ErrorKind among them) are exported; __all__ names only what exists."""
+    defined = {
+        name
+        for name, value in vars(tq).items()
+        if not name.startswith("_")
+        and (
+            (callable(value) and getattr(value, "__module__", None) == tq.__name__)
+            or name.startswith(("DEFAULT_", "MAX_"))
+        )
+    }
+    assert "ErrorKind" in defined
+    assert defined - {"MAX_BATCH", "MAX_COMPLETION_BATCH", "MAX_ECHO_CHARS"} <= set(tq.__all__)
+    assert all(hasattr(tq, name) for name in tq.__all__)
 
 
 class TestTaskProcessor:
@@ -632,8 +689,105 @@ class TestStoredErrors:
         assert manager.lookup("bad")["error"] is not None
         assert "\x00" not in manager.lookup("bad")["error"]
 
+    @pytest.mark.timeout(30)
+    def test_the_longest_id_and_key_with_the_longest_namespace_run_on_every_store(
+        self, backend: Backend
+    ) -> None:
+        """Ids and keys of MAX_KEY_BYTES with a namespace of MAX_NAMESPACE_BYTES are enqueued,
+        claimed and completed, also where PostgreSQL indexes them (its btree row limit)."""
+        # Random text: PostgreSQL compresses a long index value only when it shrinks.
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789\u00e9\u20ac\U0001f600"
+
+        def longest(limit: int) -> str:
+            text = ""
+            while len((text + "\U0001f600").encode()) <= limit:
+                text += secrets.choice(alphabet)
+            return text + "z" * (limit - len(text.encode()))
+
+        namespace = longest(tq.MAX_NAMESPACE_BYTES)
+        tasks = [tq.Task(longest(tq.MAX_KEY_BYTES), {"n": n}, longest(tq.MAX_KEY_BYTES))
+                 for n in range(2)]  # fmt: skip
+        assert all(len(t.id.encode()) == len(t.key.encode()) == tq.MAX_KEY_BYTES for t in tasks)
+        assert len(namespace.encode()) == tq.MAX_NAMESPACE_BYTES
+        store = backend.open()
+        # The durable queue: enqueued, taken and settled by id.
+        assert store.enqueue_many([tasks[0]]) == 1
+        (entry,) = store.take_many("w" * tq.MAX_KEY_BYTES, 1)
+        assert entry.task == tasks[0]
+        assert store.settle_many([(tasks[0].id, entry.token, tq.EntryState.DONE, None)]) == 1
+        # A pool: each key claimed in the namespace, run and completed, durably.
+        manager = tq.IdempotencyManager(store=store)
+        with tq.WorkerPool(
+            lambda task: task.payload, workers=2, idempotency=manager, durable=True,
+            namespace=namespace,
+        ) as pool:  # fmt: skip
+            records = pool.run(tasks)
+        assert [r.status for r in records] == [tq.TaskStatus.SUCCEEDED] * 2, records
+        for task in tasks:
+            assert manager.lookup(task.key, namespace=namespace)["state"] == "completed"
+
     def test_a_worker_name_no_store_can_keep_is_refused(self) -> None:
         """WorkerPool refuses a worker name with a NUL or a lone surrogate, opening nothing."""
         for name in ("w\x00", "w\udcff", ""):
             with pytest.raises(ValueError, match="worker_name"):
                 tq.WorkerPool(lambda task: None, workers=1, durable=True, worker_name=name)
+
+
+class TestRandomSources:
+    """Retry jitter and a worker's outage backoff never draw from the global `random`."""
+
+    def test_retry_jitter_ignores_a_seeded_global_random(self) -> None:
+        """Processes that call random.seed(42) alike still spread their retries apart."""
+        policy = tq.RetryPolicy(base_delay=1.0, max_delay=1.0)
+        draws = []
+        for _ in range(2):
+            random.seed(42)
+            draws.append([policy.delay(1) for _ in range(8)])
+        assert draws[0] != draws[1]
+        assert all(0.0 <= delay <= 1.0 for delay in draws[0] + draws[1])
+
+    @pytest.mark.timeout(30)
+    def test_the_outage_backoff_ignores_the_global_random(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A worker whose database fails backs off without touching the global `random`."""
+        db = tmp_path / "queue.db"
+        manager = tq.IdempotencyManager(str(db))
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("DROP TABLE idempotency_tasks")  # every take now fails
+        warned = threading.Event()
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "unavailable" in record.getMessage():
+                    warned.set()
+
+        def refuse(*args: object) -> float:
+            raise AssertionError("the global random generator was used")
+
+        watch = Watch()
+        tq.logger.addHandler(watch)
+        monkeypatch.setattr(random, "uniform", refuse)
+        monkeypatch.setattr(random, "random", refuse)
+        errors: list[BaseException] = []
+        stop = threading.Event()
+        pool = tq.WorkerPool(lambda task: None, workers=1, idempotency=manager, durable=True)
+
+        def serve() -> None:
+            try:
+                pool.serve(stop, poll_interval=0.05)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            assert warned.wait(WAIT)
+        finally:
+            # The backoff is drawn before the wait that `stop` ends, so it was drawn already.
+            stop.set()
+            thread.join(WAIT)
+            tq.logger.removeHandler(watch)
+            pool.shutdown()
+            manager.close()
+        assert not thread.is_alive() and errors == []
