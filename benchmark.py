@@ -37,6 +37,7 @@ output, command line.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -52,6 +53,7 @@ import platform
 import random
 import secrets
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -565,12 +567,22 @@ def run_raw_executor(workload: Workload, workers: int, settings: Settings, repea
     )
 
 
-def raw_executor_noop(workload: Workload, workers: int, repeat: int = 0) -> Run:
+def raw_executor_bare(
+    workload: Workload,
+    workers: int,
+    repeat: int = 0,
+    *,
+    handler: Callable[[tq.Task], Any] | None = None,
+) -> Run:
     """Time a bare `ThreadPoolExecutor(workers)` calling the handler, with no instrumentation.
 
-    The reference of the overhead target: from the first submit to the last completion.
+    The reference of the overhead and efficiency targets: from the first submit to the last
+    completion.
+
+    Args:
+        handler: overrides the workload's handler (`Workload.processor`).
     """
-    handler = workload.processor()
+    handler = handler or workload.processor()
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bench-raw") as pool:
         began = time.perf_counter()
         futures = [pool.submit(handler, task) for task in workload.tasks]
@@ -600,12 +612,14 @@ def run_pool(
     *,
     durability: str | None = None,
     base_delay: float | None = None,
+    handler: Callable[[tq.Task], Any] | None = None,
 ) -> Run:
     """Run the workload through `WorkerPool.iter_results` with a fresh temporary file database.
 
     Args:
         durability: overrides `settings.durability`.
         base_delay: overrides the retry policy's base delay.
+        handler: overrides the workload's handler (`Workload.processor`).
     """
     durability = durability or settings.durability
     system = "pool" if durability == tq.DEFAULT_DURABILITY else f"pool-{durability}"
@@ -613,7 +627,7 @@ def run_pool(
     progress = _Progress(f"{system} x{workers}", len(workload.tasks), settings.progress)
     with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
         pool = tq.WorkerPool(
-            workload.processor(),
+            handler or workload.processor(),
             workers=workers,
             queue_size=settings.queue_size,
             db_path=os.path.join(folder, "bench.db"),
@@ -1445,6 +1459,575 @@ def run_store_noop(
     return run
 
 
+# --- Async ---------------------------------------------------------------------------------------
+
+
+def async_pool_available() -> bool:
+    """Return whether the module has the async face of SPEC section 4 (`AsyncWorkerPool`)."""
+    return hasattr(tq, "AsyncWorkerPool")
+
+
+def run_plain_asyncio(count: int, in_flight: int, latency_ms: float, repeat: int = 0) -> Run:
+    """Time `in_flight` coroutines on one event loop taking `count` ``asyncio.sleep`` tasks.
+
+    The reference of the async target: what a bare event loop does with the same sleeps, from the
+    first task to the last, with no queue, no store and no bookkeeping.
+    """
+    latency = latency_ms / 1000.0
+
+    async def drain() -> tuple[float, int]:
+        pending = iter(range(count))
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            for _ in pending:
+                await asyncio.sleep(latency)
+                done += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return time.perf_counter() - began, done
+
+    elapsed, done = asyncio.run(drain())
+    metrics = {
+        "submitted": count,
+        "succeeded": done,
+        "failed": count - done,
+        "workers": in_flight,
+        "elapsed_seconds": round(elapsed, 6),
+        "throughput_per_second": round(done / elapsed, 3) if elapsed > 0 else 0.0,
+    }
+    ceiling = in_flight / latency if latency > 0 else None
+    name = f"{count:,} asyncio.sleep tasks of {latency_ms:g} ms"
+    return Run("plain-asyncio", in_flight, name, repeat, metrics, done, ceiling)
+
+
+def run_async_pool(count: int, in_flight: int, latency_ms: float, repeat: int = 0) -> Run:
+    """Run `count` ``asyncio.sleep`` tasks through ``AsyncWorkerPool(workers=in_flight)``.
+
+    A fresh temporary file database, tasks fed by ``iter_results`` inside the caller's event
+    loop. Every task must have succeeded and the handler must have returned `count` times.
+
+    Raises:
+        RuntimeError: the pool finished fewer tasks than it was given.
+    """
+    latency = latency_ms / 1000.0
+    calls = 0
+
+    async def handler(task: tq.Task) -> None:
+        nonlocal calls
+        await asyncio.sleep(latency)
+        calls += 1
+
+    async def drain(path: str) -> tuple[float, int, dict[str, Any]]:
+        tasks = [tq.Task(f"async-{index:07d}") for index in range(count)]
+        succeeded = 0
+        pool_class: Any = tq.AsyncWorkerPool  # type: ignore[attr-defined]
+        async with pool_class(handler, workers=in_flight, db_path=path) as pool:
+            began = time.perf_counter()
+            async for record in pool.iter_results(tasks):
+                if record.status is tq.TaskStatus.SUCCEEDED:
+                    succeeded += 1
+            elapsed = time.perf_counter() - began
+            snapshot = pool.metrics.snapshot()
+        return elapsed, succeeded, snapshot
+
+    with tempfile.TemporaryDirectory(prefix="bench-async-") as folder:
+        elapsed, succeeded, snapshot = asyncio.run(drain(os.path.join(folder, "bench.db")))
+    if succeeded != count or calls != count:
+        raise RuntimeError(f"AsyncWorkerPool: {succeeded:,} of {count:,} tasks succeeded, "
+                           f"{calls:,} handler calls returned")  # fmt: skip
+    throughput = round(count / elapsed, 3) if elapsed > 0 else 0.0
+    metrics = {**snapshot, "elapsed_seconds": round(elapsed, 6),
+               "throughput_per_second": throughput}  # fmt: skip
+    ceiling = in_flight / latency if latency > 0 else None
+    name = f"{count:,} asyncio.sleep tasks of {latency_ms:g} ms"
+    return Run("async-pool", in_flight, name, repeat, metrics, count, ceiling)
+
+
+# --- Durable peers -------------------------------------------------------------------------------
+
+# The durable comparison (--db postgresql://... without --processes): each contender drains a
+# queue that the producer filled before its worker process started, on its own local server, with
+# persistence on and an ack after the handler ran.
+#   ours: ``task_queue_optimized.py worker --handler bench_peers:noop|sleep_10ms --workers N`` on
+#     a PostgresStore in a new schema (dropped after); tasks enqueued with ``enqueue_many``.
+#   pgqueuer: ``pgqueuer.run`` (what ``pgq run`` calls, on uvloop) with one asyncpg connection,
+#     ``max_concurrent_tasks=N`` and ``batch_size=N/2`` (it requires max >= 2 x batch), tables
+#     installed with durability "durable" (all logged) in a new database (dropped after); a job
+#     counts as done once PGQueuer has deleted it from its queue table (its completion log flushes
+#     in batches); jobs enqueued in batches of 1000 with ``Queries.enqueue``.
+#   dramatiq: ``dramatiq bench_peers:dramatiq_broker --processes 1 --threads N`` on RabbitMQ,
+#     durable queue, persistent messages (delivery_mode=2), publisher confirms on the producer,
+#     ack after the actor returned, default middleware and prefetch (2 x threads); a task counts
+#     once its ack is sent.
+# The 10 ms task is ``time.sleep(0.01)`` for ours and Dramatiq (thread workers) and
+# ``await asyncio.sleep(0.01)`` for PGQueuer, which takes async entrypoints only.
+PEER_NOOP_TASKS = 5000
+PEER_SLEEP_TASKS = 2000  # per process: two processes drain twice as many
+PEER_WORKERS = 8  # the no-op runs' concurrency
+PEER_SLEEP_CONCURRENCY = 16  # the 10 ms runs' concurrency
+PEER_SLEEP_MS = 10.0
+PEER_POLL_INTERVAL = 0.02  # seconds between two reads of a contender's done count
+PEER_MIN_TIMEOUT = 120.0  # seconds a drain may last before the run gives up
+PEER_STOP_TIMEOUT = 30.0
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+OURS_READY = "serving"  # the worker's stderr line once it serves
+DRAMATIQ_READY = "is ready for action"
+PEERS_MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_peers.py")
+PEER_REQUIREMENTS = {
+    "pgqueuer": ("pgqueuer", "asyncpg", "psycopg"),
+    "dramatiq": ("dramatiq", "pika"),
+}
+
+
+def _machine_cpu_seconds() -> float | None:
+    """Return the CPU seconds all cores have spent busy since boot (None without /proc/stat).
+
+    user + nice + system + irq + softirq of the ``cpu`` line: every process counts, the database
+    server and the broker included.
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = sum(int(fields[index]) for index in (1, 2, 3, 6, 7))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _server_problem(url: str, default_port: int) -> str | None:
+    """Return why no server answers at `url`'s host and port within 3 s (None when one does)."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return None
+    except OSError as exc:
+        return f"no server answers at {host}:{port} ({exc.strerror or exc})"
+
+
+def peer_problem(peer: str, pg_url: str, rabbitmq_url: str) -> str | None:
+    """Return why `peer` ("pgqueuer" or "dramatiq") cannot run here, or None when it can."""
+    missing = [name for name in PEER_REQUIREMENTS[peer] if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"{', '.join(missing)} not installed "
+                "(pip install -r requirements-bench.txt)")  # fmt: skip
+    if peer == "pgqueuer":
+        return _server_problem(pg_url, 5432)
+    return _server_problem(rabbitmq_url, 5672)
+
+
+class _DrainProcesses:
+    """Worker processes whose stderr a thread copies to a file, noting each one's ready line."""
+
+    def __init__(
+        self, commands: Sequence[Sequence[str]], env: dict[str, str], folder: str, marker: str
+    ) -> None:
+        self._commands = [list(command) for command in commands]
+        self._env = env
+        self._folder = folder
+        self._marker = marker
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards _ready_count
+        self._ready_count = 0
+        self.ready = threading.Event()  # set once every process printed its ready line
+
+    def start(self) -> None:
+        for index, command in enumerate(self._commands):
+            with open(os.path.join(self._folder, f"proc-{index}.out"), "wb") as out:
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, cwd=self._folder,
+                                        env=self._env, start_new_session=True)  # fmt: skip
+            self._procs.append(proc)
+            thread = threading.Thread(target=self._copy, args=(index, proc), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _copy(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        seen = False
+        with open(os.path.join(self._folder, f"proc-{index}.err"), "wb") as err:
+            for line in proc.stderr:
+                err.write(line)
+                if not seen and self._marker.encode() in line:
+                    seen = True
+                    with self._lock:
+                        self._ready_count += 1
+                        if self._ready_count == len(self._commands):
+                            self.ready.set()
+
+    def check(self, label: str) -> None:
+        """Raise if a process has exited while tasks remain.
+
+        Raises:
+            RuntimeError: naming the process and its last stderr line.
+        """
+        for index, proc in enumerate(self._procs):
+            if proc.poll() is not None:
+                last = self.last_line(index) or "no message"
+                raise RuntimeError(f"{label}: worker process {index + 1} exited early with code "
+                                   f"{proc.returncode}: {last}")  # fmt: skip
+
+    def last_line(self, index: int) -> str:
+        try:
+            with open(os.path.join(self._folder, f"proc-{index}.err"), "rb") as handle:
+                lines = [
+                    line.strip() for line in handle.read().decode(errors="replace").splitlines()
+                ]
+        except OSError:
+            return ""
+        lines = [line for line in lines if line]
+        return lines[-1] if lines else ""
+
+    def stdout(self, index: int) -> str:
+        with open(os.path.join(self._folder, f"proc-{index}.out"), "rb") as handle:
+            return handle.read().decode(errors="replace")
+
+    def stop(self) -> list[int | None]:
+        """SIGTERM every process (each drains), SIGKILL its group after `PEER_STOP_TIMEOUT`."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + PEER_STOP_TIMEOUT
+        for proc in self._procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for thread in self._threads:
+            thread.join(5.0)
+        return [proc.returncode for proc in self._procs]
+
+
+def _measure_drain(
+    procs: _DrainProcesses, done: Callable[[], int], total: int, label: str, ceiling: float | None
+) -> dict[str, Any]:
+    """Start `procs`, wait for their ready lines, then read `done()` until it reaches `total`.
+
+    The window runs from the first read after every process said it was ready (its count is
+    subtracted) to the first read that shows every task done; the machine's CPU is read at both
+    ends.
+
+    Raises:
+        RuntimeError: a process exited early, or the tasks did not finish in time.
+    """
+    limit = max(PEER_MIN_TIMEOUT, 20 * total / ceiling if ceiling else PEER_MIN_TIMEOUT)
+    began = time.perf_counter()
+    procs.start()
+    while not procs.ready.wait(PEER_POLL_INTERVAL):
+        procs.check(label)
+        if time.perf_counter() - began > limit:
+            raise RuntimeError(f"{label}: the workers never said they were ready")
+    started = time.perf_counter()
+    cpu_start = _machine_cpu_seconds()
+    done_at_start = done()
+    polls = 1
+    next_poll = started
+    while True:
+        next_poll += PEER_POLL_INTERVAL
+        _sleep_until(next_poll)
+        finished = done()
+        now = time.perf_counter()
+        polls += 1
+        if finished >= total:
+            break
+        procs.check(label)
+        if now - started > limit:
+            raise RuntimeError(f"{label}: {finished:,} of {total:,} tasks done after "
+                               f"{now - started:.1f} s; giving up")  # fmt: skip
+    cpu_end = _machine_cpu_seconds()
+    window_tasks = finished - done_at_start
+    elapsed = now - started
+    cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
+    return {
+        "startup_seconds": round(started - began, 4),
+        "done_at_start": done_at_start,
+        "window_tasks": window_tasks,
+        "elapsed_seconds": round(elapsed, 6),
+        "throughput_per_second": round(window_tasks / elapsed, 3) if elapsed > 0 else 0.0,
+        "machine_cpu_seconds": _rounded(cpu),
+        "cpu_ms_per_task": _rounded(cpu / window_tasks * 1000 if cpu and window_tasks else None),
+        "polls": polls,
+    }
+
+
+def _durable_run(
+    system: str,
+    workload: str,
+    concurrency: int,
+    tasks: int,
+    latency_ms: float,
+    window: dict[str, Any],
+    repeat: int,
+    settings: dict[str, Any],
+) -> Run:
+    ceiling = concurrency / (latency_ms / 1000.0) if latency_ms > 0 else None
+    metrics = {
+        "submitted": tasks,
+        "succeeded": window["done_at_start"] + window["window_tasks"],
+        "workers": concurrency,
+        "elapsed_seconds": window["elapsed_seconds"],
+        "throughput_per_second": window["throughput_per_second"],
+    }
+    run = Run(system, concurrency, workload, repeat, metrics, window["window_tasks"], ceiling)
+    run.extra["durable"] = {**window, "tasks": tasks, "latency_ms": latency_ms,
+                            "settings": settings}  # fmt: skip
+    return run
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """The environment of a worker process: no TQ_* variables, this folder on PYTHONPATH."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TQ_")}
+    here = os.path.dirname(PEERS_MODULE)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_ours_durable(
+    pg_url: str,
+    handler: str,
+    workers: int,
+    tasks: int,
+    latency_ms: float,
+    repeat: int = 0,
+    *,
+    processes: int = 1,
+) -> Run:
+    """Drain `tasks` with `processes` ``task_queue_optimized.py worker`` processes on PostgreSQL.
+
+    Args:
+        handler: "noop" or "sleep_10ms", the function of bench_peers the workers import.
+    """
+    label = f"ours {handler} x{processes}"
+    database = Database("postgresql", pg_url, _redact_url(pg_url))
+    with contextlib.ExitStack() as stack:
+        url, store = stack.enter_context(fresh_database(database, tq.DEFAULT_DURABILITY))
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ours-"))
+        work = [tq.Task(f"durable-{index:07d}") for index in range(tasks)]
+        for start in range(0, tasks, 1000):
+            store.enqueue_many(work[start : start + 1000])
+        command = [sys.executable, os.path.abspath(tq.__file__), "worker", "--db", url,
+                   "--handler", f"bench_peers:{handler}", "--workers", str(workers),
+                   "--lease-seconds", f"{WORKER_LEASE_SECONDS:g}", "--json"]  # fmt: skip
+        procs = _DrainProcesses([command] * processes, _child_env(), folder, OURS_READY)
+
+        def done() -> int:
+            counts = store.queue_status()["tasks"]
+            return int(counts["done"] + counts["failed"])
+
+        try:
+            window = _measure_drain(procs, done, tasks, label, workers * processes / 0.01)
+        finally:
+            codes = procs.stop()
+        calls = 0
+        for index in range(processes):
+            with contextlib.suppress(ValueError):
+                calls += int(json.loads(procs.stdout(index)).get("handler_calls", 0))
+    command[command.index("--db") + 1] = _redact_url(url)
+    settings = {"processes": processes, "workers_per_process": workers, "store": "PostgresStore",
+                "command": command, "exit_codes": codes, "handler_calls": calls,
+                "completion": "queue_status(): done + failed"}  # fmt: skip
+    system = "ours-postgresql" if processes == 1 else f"ours-postgresql-x{processes}"
+    return _durable_run(system, f"{tasks:,} {handler}", workers * processes, tasks, latency_ms,
+                        window, repeat, settings)  # fmt: skip
+
+
+def run_pgqueuer(
+    pg_url: str, entrypoint: str, concurrency: int, tasks: int, latency_ms: float, repeat: int = 0
+) -> Run:
+    """Drain `tasks` PGQueuer jobs with one PGQueuer worker process (see the settings above)."""
+    import psycopg
+
+    label = f"pgqueuer {entrypoint}"
+    name = f"bench_pgq_{secrets.token_hex(6)}"
+    base = urllib.parse.urlsplit(pg_url)
+    dsn = urllib.parse.urlunsplit(base._replace(path=f"/{name}", query=""))
+    admin = urllib.parse.urlunsplit(base._replace(query=""))
+    batch = max(concurrency // 2, 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        asyncio.run(_peers_module().pgqueuer_install_and_enqueue(dsn, entrypoint, tasks))
+        with tempfile.TemporaryDirectory(prefix="bench-pgq-") as folder, \
+                psycopg.connect(dsn, autocommit=True) as conn:  # fmt: skip
+            command = [sys.executable, PEERS_MODULE, "pgqueuer-worker", str(batch),
+                       str(concurrency)]  # fmt: skip
+            procs = _DrainProcesses([command], _child_env(BENCH_PGQ_DSN=dsn), folder,
+                                    "bench-peers: ready")  # fmt: skip
+
+            def done() -> int:
+                left = conn.execute("SELECT count(*) FROM pgqueuer").fetchone()
+                return tasks - int(left[0] if left else 0)
+
+            try:
+                window = _measure_drain(procs, done, tasks, label, concurrency / 0.01)
+            finally:
+                codes = procs.stop()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    settings = {"worker": "pgqueuer.run (uvloop), one asyncpg connection",
+                "max_concurrent_tasks": concurrency, "batch_size": batch,
+                "durability": "durable (all tables logged)", "database": f"{name} (dropped)",
+                "exit_codes": codes,
+                "completion": "the job's row deleted from the queue table"}  # fmt: skip
+    return _durable_run("pgqueuer", f"{tasks:,} {entrypoint}", concurrency, tasks, latency_ms,
+                        window, repeat, settings)  # fmt: skip
+
+
+def run_dramatiq(
+    rabbitmq_url: str, actor: str, threads: int, tasks: int, latency_ms: float, repeat: int = 0
+) -> Run:
+    """Drain `tasks` Dramatiq messages with one Dramatiq worker (see the settings above)."""
+    import pika
+
+    peers = _peers_module()
+    label = f"dramatiq {actor}"
+    queue = f"bench_{secrets.token_hex(6)}"
+    try:
+        broker, actors = peers.dramatiq_setup(rabbitmq_url, queue)
+        try:
+            for index in range(tasks):
+                actors[actor].send(index)
+        finally:
+            broker.close()
+        with tempfile.TemporaryDirectory(prefix="bench-dramatiq-") as folder:
+            counter_path = os.path.join(folder, "acks")
+            counter = peers.AckCounter(counter_path, create=True)
+            command = [sys.executable, "-m", "dramatiq", "bench_peers:dramatiq_broker",
+                       "--processes", "1", "--threads", str(threads)]  # fmt: skip
+            env = _child_env(BENCH_RABBITMQ_URL=rabbitmq_url, BENCH_DRAMATIQ_QUEUE=queue,
+                             BENCH_ACK_FILE=counter_path)  # fmt: skip
+            procs = _DrainProcesses([command], env, folder, DRAMATIQ_READY)
+            try:
+                window = _measure_drain(procs, counter.read, tasks, label, threads / 0.01)
+            finally:
+                codes = procs.stop()
+                counter.close()
+    finally:
+        with contextlib.suppress(Exception):
+            connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+            channel = connection.channel()
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(name)
+            connection.close()
+    settings = {"worker": f"dramatiq --processes 1 --threads {threads}",
+                "broker": "RabbitmqBroker(confirm_delivery=True): durable queue, persistent "
+                "messages, ack after the actor returned", "prefetch": 2 * threads,
+                "exit_codes": codes, "completion": "Dramatiq's after_ack hook"}  # fmt: skip
+    return _durable_run("dramatiq-rabbitmq", f"{tasks:,} {actor}", threads, tasks, latency_ms,
+                        window, repeat, settings)  # fmt: skip
+
+
+def _peers_module() -> Any:
+    """Import bench_peers from beside this file."""
+    folder = os.path.dirname(PEERS_MODULE)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import bench_peers
+
+    return bench_peers
+
+
+@dataclasses.dataclass(slots=True)
+class DurableResults:
+    """The durable runs of every repeat, and why a peer did not run."""
+
+    runs: list[Run] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def of(self, system: str, workload: str) -> list[Run]:
+        return [
+            run
+            for run in self.runs
+            if run.system == system and run.extra["durable"]["handler"] == workload
+        ]
+
+
+def run_durable(
+    pg_url: str,
+    rabbitmq_url: str,
+    peers: bool,
+    repeat: int,
+    *,
+    noop_tasks: int = PEER_NOOP_TASKS,
+    sleep_tasks: int = PEER_SLEEP_TASKS,
+    progress: bool = False,
+) -> DurableResults:
+    """Run ours (1 and 2 processes) and, with `peers`, PGQueuer and Dramatiq, `repeat` times.
+
+    No-op: `PEER_WORKERS` concurrent tasks; 10 ms: `PEER_SLEEP_CONCURRENCY`. A peer that is
+    not installed or whose server does not answer is skipped with one line on stderr.
+    """
+    results = DurableResults()
+    available = []
+    for peer in ("pgqueuer", "dramatiq") if peers else ():
+        problem = peer_problem(peer, pg_url, rabbitmq_url)
+        if problem is None:
+            available.append(peer)
+        else:
+            results.skipped[peer] = problem
+            print(f"peers: skipping {peer}: {problem}", file=sys.stderr)
+    sleep = PEER_SLEEP_MS
+    conc = PEER_SLEEP_CONCURRENCY
+    for index in range(repeat):
+        batch: list[tuple[str, Run]] = []
+        batch.append(("noop", run_ours_durable(pg_url, "noop", PEER_WORKERS, noop_tasks, 0.0,
+                                               index)))  # fmt: skip
+        if "pgqueuer" in available:
+            batch.append(("noop", run_pgqueuer(pg_url, "noop", PEER_WORKERS, noop_tasks, 0.0,
+                                               index)))  # fmt: skip
+        if "dramatiq" in available:
+            batch.append(("noop", run_dramatiq(rabbitmq_url, "noop", PEER_WORKERS, noop_tasks,
+                                               0.0, index)))  # fmt: skip
+        batch.append(("sleep_10ms", run_ours_durable(pg_url, "sleep_10ms", conc, sleep_tasks,
+                                                     sleep, index)))  # fmt: skip
+        batch.append(("sleep_10ms", run_ours_durable(pg_url, "sleep_10ms", conc, 2 * sleep_tasks,
+                                                     sleep, index, processes=2)))  # fmt: skip
+        if "pgqueuer" in available:
+            batch.append(("sleep_10ms", run_pgqueuer(pg_url, "sleep_10ms", conc, sleep_tasks,
+                                                     sleep, index)))  # fmt: skip
+        if "dramatiq" in available:
+            batch.append(("sleep_10ms", run_dramatiq(rabbitmq_url, "sleep_10ms", conc,
+                                                     sleep_tasks, sleep, index)))  # fmt: skip
+        for handler, run in batch:
+            run.extra["durable"]["handler"] = handler
+            results.runs.append(run)
+        if progress:
+            print(f"durable runs: repeat {index + 1} of {repeat} done", file=sys.stderr)
+    return results
+
+
+def durable_table(results: DurableResults, ranged: bool) -> str:
+    """Return the table of the durable runs: throughput and machine CPU per task (medians)."""
+    headers = ["workload", "system", "concurrency", "tasks", "throughput/s", "efficiency",
+               "CPU ms/task", "startup s"]  # fmt: skip
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in results.runs:
+        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
+    rows = []
+    for (handler, system), group in groups.items():
+        durable = [run.extra["durable"] for run in group]
+        rows.append([
+            "no-op" if handler == "noop" else "10 ms", system, str(group[0].workers),
+            f"{durable[0]['tasks']:,}",
+            _cell([r.throughput for r in group], ",.1f", ranged),
+            _cell([r.efficiency for r in group], ".3f", ranged),
+            _cell([d["cpu_ms_per_task"] for d in durable], ".3f", ranged),
+            _cell([d["startup_seconds"] for d in durable], ".2f", False),
+        ])  # fmt: skip
+    return _table(headers, rows, left=2)
+
+
 # --- Suite ---------------------------------------------------------------------------------------
 
 
@@ -1541,7 +2124,7 @@ def run_suite(
         runs.append(run)
         ceiling.values.append(run.efficiency)
 
-        raw = raw_executor_noop(noop, workers, index)
+        raw = raw_executor_bare(noop, workers, index)
         normal = run_pool(noop, workers, settings, index)
         full = run_pool(noop, workers, settings, index, durability="full")
         runs += [raw, normal, full]
