@@ -133,6 +133,10 @@ class SuiteSizes:
     retry_tasks: int = 1000
     transient_rate: float = 0.2
     retry_base_delay: float = 0.02
+    wide_workers: int = 256
+    wide_tasks: int = 10_240
+    async_in_flight: int = 1000
+    async_tasks: int = 20_000
     thresholds: bool = True
 
 
@@ -143,7 +147,8 @@ QUICK_SIZES = SuiteSizes(
 )  # fmt: skip
 SMOKE_SIZES = SuiteSizes(
     "smoke: tiny sizes, no thresholds", ceiling_tasks=40, latency_ms=2.0, overhead_tasks=2000,
-    memory_mark=2000, memory_total=4000, open_loop_tasks=50, retry_tasks=100, thresholds=False,
+    memory_mark=2000, memory_total=4000, open_loop_tasks=50, retry_tasks=100, wide_workers=32,
+    wide_tasks=200, async_in_flight=50, async_tasks=200, thresholds=False,
 )  # fmt: skip
 SMOKE_COMPARISON: dict[str, Any] = {"tasks": 40, "latency_ms": 2.0, "workers": [1, 4]}
 
@@ -2045,6 +2050,10 @@ class Target:
     details: list[str] = dataclasses.field(default_factory=list)
     # The same ratio for other systems, for reference only: Huey, a bare executor.
     references: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
+    # Why the measured side cannot run here: the target is NOT MET, never judged on a stand-in.
+    unavailable: str | None = None
+    # Why the target was not run at all (e.g. no --db): not judged.
+    skipped: str | None = None
 
     @property
     def value(self) -> float | None:
@@ -2054,7 +2063,11 @@ class Target:
     def met(self, thresholds: bool) -> bool | None:
         """Return whether the median meets the threshold; None when not judged."""
         value = self.value
-        if not thresholds or self.threshold is None or value is None:
+        if not thresholds or self.threshold is None or self.skipped is not None:
+            return None
+        if self.unavailable is not None:
+            return False
+        if value is None:
             return None
         if self.comparison == ">=":
             return value >= self.threshold
@@ -2076,6 +2089,8 @@ class Target:
             "comparison": self.comparison or None,
             "unit": self.unit or None,
             "met": self.met(thresholds),
+            "unavailable": self.unavailable,
+            "skipped": self.skipped,
             "details": self.details,
             "references": {name: _spread(values) for name, values in self.references.items()},
         }
@@ -2088,12 +2103,16 @@ def run_suite(
     workers = SUITE_WORKERS
     runs: list[Run] = []
     ceiling = Target(1, "ceiling efficiency", "efficiency", 0.98, ">=")
-    overhead = Target(2, "overhead vs raw executor", "vs_raw_executor", 0.50, ">=")
+    overhead = Target(2, "pure no-op vs raw executor", "vs_raw_executor", 1.0, ">=")
     memory = Target(3, "memory growth", "rss_growth_mb", 20.0, "<", " MB")
     latency = Target(4, "open-loop p99 queue wait", "p99_queue_wait_ms", 1.0, "<=", " ms")
     retries = Target(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=")
     durability = Target(6, "durability full / normal", "full_vs_normal", None, "")
-    targets = [ceiling, overhead, memory, latency, retries, durability]
+    wide = Target(7, f"{sizes.wide_workers} workers efficiency", "efficiency", 0.90, ">=")
+    gap = Target(8, "efficiency gap to raw executor", "raw_minus_pool_efficiency", 0.005, "<=")
+    in_flight = sizes.async_in_flight
+    aio = Target(9, f"async {in_flight:,} in flight vs asyncio", "vs_plain_asyncio", 0.85, ">=")
+    targets = [ceiling, overhead, memory, latency, retries, durability, wide, gap, aio]
     # The suite's retry policy is the targets': 3 attempts (target 5 sets its own base delay).
     settings = dataclasses.replace(settings, max_attempts=3, durability=tq.DEFAULT_DURABILITY)
     lat = sizes.latency_ms
@@ -2101,7 +2120,25 @@ def run_suite(
     work = synthetic_workload(sizes.ceiling_tasks, lat)
     ceiling.details.append(f"{work.name}, {workers} workers, file database")
     noop = synthetic_workload(sizes.overhead_tasks, 0.0)
-    overhead.details.append(f"{noop.name} (no-ops), {workers} workers, file database")
+    overhead.details.append(
+        f"{noop.name} through `lambda task: None`, {workers} workers, file database, against a "
+        f"bare ThreadPoolExecutor({workers}) calling the same lambda"
+    )
+    wide_work = synthetic_workload(sizes.wide_tasks, lat, prefix="wide")
+    wide.details.append(f"{wide_work.name}, {sizes.wide_workers} workers, file database")
+    gap.details.append(
+        f"target 1's runs ({work.name}, {workers} workers): a bare "
+        f"ThreadPoolExecutor({workers})'s efficiency minus the pool's"
+    )
+    aio.details.append(
+        f"{sizes.async_tasks:,} asyncio.sleep tasks of {lat:g} ms, {in_flight:,} in flight: "
+        "AsyncWorkerPool (file database) over a plain asyncio loop of as many coroutines"
+    )
+    if not async_pool_available():
+        aio.unavailable = (
+            "task_queue_optimized has no AsyncWorkerPool (SPEC section 4); only the plain "
+            "asyncio side was measured"
+        )
     durability.details.append(f"the overhead run ({noop.name}) with durability='full'")
     memory.details.append(
         f"iter_results over a generator, peak RSS at {sizes.memory_mark:,} and "
@@ -2124,9 +2161,20 @@ def run_suite(
         runs.append(run)
         ceiling.values.append(run.efficiency)
 
-        raw = raw_executor_bare(noop, workers, index)
-        normal = run_pool(noop, workers, settings, index)
-        full = run_pool(noop, workers, settings, index, durability="full")
+        bare = raw_executor_bare(work, workers, index)
+        runs.append(bare)
+        if bare.efficiency is not None and run.efficiency is not None:
+            gap.values.append(bare.efficiency - run.efficiency)
+        gap.details.append(
+            f"repeat {index + 1}: raw executor {_num(bare.efficiency, '.4f')}, pool "
+            f"{_num(run.efficiency, '.4f')}"
+        )
+
+        raw = raw_executor_bare(noop, workers, index, handler=lambda task: None)
+        normal = run_pool(noop, workers, settings, index, handler=lambda task: None)
+        full = run_pool(
+            noop, workers, settings, index, durability="full", handler=lambda task: None
+        )
         runs += [raw, normal, full]
         overhead.values.append(normal.throughput / raw.throughput if raw.throughput else None)
         durability.values.append(full.throughput / normal.throughput if normal.throughput else None)
@@ -2176,6 +2224,27 @@ def run_suite(
             f"{run.metrics['retries']:,} retries, efficiency over tasks {_num(run.efficiency)}"
         )
 
+        run = run_pool(wide_work, sizes.wide_workers, settings, index)
+        runs.append(run)
+        wide.values.append(run.efficiency)
+        wide.details.append(
+            f"repeat {index + 1}: {run.throughput:,.0f}/s, ceiling {_num(run.ceiling, ',.0f')}/s"
+        )
+
+        plain = run_plain_asyncio(sizes.async_tasks, in_flight, lat, index)
+        runs.append(plain)
+        text = f"repeat {index + 1}: plain asyncio {plain.throughput:,.0f}/s (efficiency "
+        text += f"{_num(plain.efficiency)})"
+        if aio.unavailable is None:
+            pooled = run_async_pool(sizes.async_tasks, in_flight, lat, index)
+            runs.append(pooled)
+            ratio = pooled.throughput / plain.throughput if plain.throughput else None
+            aio.values.append(ratio)
+            text += f", AsyncWorkerPool {pooled.throughput:,.0f}/s"
+        else:
+            text += ", AsyncWorkerPool not available"
+        aio.details.append(text)
+
     if peers:
         runs += _suite_peers(work, noop, workers, settings, ceiling, overhead, runs)
     return runs, targets
@@ -2203,6 +2272,77 @@ def _suite_peers(
         overhead.references.setdefault(run.system, []).append(ratio)
         peer_runs.append(run)
     return peer_runs
+
+
+def durable_targets(results: DurableResults | None, skipped: str | None) -> list[Target]:
+    """Return targets 10 to 13, judged on the durable runs (not run when `results` is None)."""
+    noop = Target(10, "durable no-op vs best peer", "throughput_vs_best_peer", 1.5, ">=")
+    cpu = Target(11, "durable no-op CPU vs best peer", "cpu_per_task_vs_best_peer", 0.7, "<=")
+    sleep = Target(12, "durable 10 ms efficiency", "efficiency", 0.97, ">=")
+    scale = Target(13, "durable 2 processes / 1", "two_vs_one_process", 1.8, ">=")
+    targets = [noop, cpu, sleep, scale]
+    noop.details.append(
+        f"no-op tasks, one worker process of {PEER_WORKERS} workers on PostgreSQL, throughput "
+        "over the best of PGQueuer and Dramatiq on RabbitMQ (same repeat), each drained from a "
+        "queue filled before its worker started: from the worker's ready line to all done"
+    )
+    cpu.details.append(
+        "the same runs: whole-machine CPU (/proc/stat, database and broker included) per task, "
+        "over the lowest of the peers'"
+    )
+    sleep.details.append(
+        f"{PEER_SLEEP_TASKS:,} tasks of time.sleep(0.01), one worker process of "
+        f"{PEER_SLEEP_CONCURRENCY} workers: throughput over {PEER_SLEEP_CONCURRENCY} / 10 ms"
+    )
+    scale.details.append(
+        f"the 10 ms tasks with two worker processes of {PEER_SLEEP_CONCURRENCY} workers "
+        f"({2 * PEER_SLEEP_TASKS:,} tasks) over one process ({PEER_SLEEP_TASKS:,} tasks), same "
+        "repeat"
+    )
+    if results is None:
+        for target in targets:
+            target.skipped = skipped
+        return targets
+    peers = ("pgqueuer", "dramatiq-rabbitmq")
+    measured = [peer for peer in peers if results.of(peer, "noop")]
+    if not measured:
+        why = (
+            "no peer measured (--peers; "
+            + (
+                "; ".join(f"{name}: {text}" for name, text in results.skipped.items())
+                or "not asked"
+            )
+            + ")"
+        )
+        noop.skipped = cpu.skipped = why
+    for index, ours in enumerate(results.of("ours-postgresql", "noop")):
+        others = [run for peer in measured for run in results.of(peer, "noop")
+                  if run.repeat == ours.repeat]  # fmt: skip
+        if not others:
+            continue
+        best = max(others, key=lambda run: run.throughput)
+        noop.values.append(ours.throughput / best.throughput if best.throughput else None)
+        costs = [run.extra["durable"]["cpu_ms_per_task"] for run in others]
+        lowest = min((c for c in costs if c), default=None)
+        mine = ours.extra["durable"]["cpu_ms_per_task"]
+        cpu.values.append(mine / lowest if mine and lowest else None)
+        peer_text = ", ".join(
+            f"{run.system} {run.throughput:,.0f}/s {_num(run.extra['durable']['cpu_ms_per_task'])}"
+            " ms"
+            for run in others
+        )
+        noop.details.append(f"repeat {index + 1}: ours {ours.throughput:,.0f}/s "
+                            f"{_num(mine)} ms CPU/task; {peer_text}")  # fmt: skip
+    one = results.of("ours-postgresql", "sleep_10ms")
+    two = {run.repeat: run for run in results.of("ours-postgresql-x2", "sleep_10ms")}
+    for run in one:
+        sleep.values.append(run.efficiency)
+        pair = two.get(run.repeat)
+        if pair is not None:
+            scale.values.append(pair.throughput / run.throughput if run.throughput else None)
+            scale.details.append(f"repeat {run.repeat + 1}: one process {run.throughput:,.0f}/s, "
+                                 f"two {pair.throughput:,.0f}/s")  # fmt: skip
+    return targets
 
 
 def _kb_text(kb: float | None) -> str:
@@ -2325,7 +2465,11 @@ def targets_table(targets: Sequence[Target], thresholds: bool) -> str:
     for target in targets:
         value = target.value
         measured = "n/a" if value is None else f"{value:.3f}{target.unit}"
-        if len([v for v in target.values if v is not None]) > 1:
+        if target.unavailable is not None:
+            measured = "not available"
+        elif target.skipped is not None:
+            measured = "not run"
+        elif len([v for v in target.values if v is not None]) > 1:
             spread = _spread(target.values)
             assert spread is not None
             measured += f" ({spread['min']:.3f}-{spread['max']:.3f})"
@@ -2334,11 +2478,17 @@ def targets_table(targets: Sequence[Target], thresholds: bool) -> str:
         else:
             threshold = f"{target.comparison} {target.threshold:g}{target.unit}"
             met = target.met(thresholds)
-            result = "n/a (smoke)" if met is None else ("met" if met else "NOT MET")
+            if met is None:
+                result = "not judged" if target.skipped is not None else "n/a (smoke)"
+            else:
+                result = "met" if met else "NOT MET"
         rows.append([f"{target.number}. {target.name}", target.metric, measured, threshold, result])
     lines = [_table(headers, rows, left=2), ""]
     for target in targets:
         lines.append(f"{target.number}. {target.details[0]}")
+        for reason, why in (("not available", target.unavailable), ("not run", target.skipped)):
+            if why is not None:
+                lines.append(f"     {reason}: {why}")
         lines += [f"     {detail}" for detail in target.details[1:]]
         for system, values in target.references.items():
             spread = _spread(values)
@@ -2551,12 +2701,23 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run Huey (MemoryHuey, SqliteHuey) where it is installed",
     )
-    scale = parser.add_argument_group("scale-out (worker processes on a shared durable queue)")
+    scale = parser.add_argument_group(
+        "durable runs: scale-out with --processes, else our worker process against durable peers"
+    )
     scale.add_argument(
         "--db",
         metavar="URL",
         help="postgresql://USER@HOST:PORT/DBNAME (each run in a new schema, dropped after), or a "
-        "SQLite path (each run in a new temporary file in its folder; the file is not touched)",
+        "SQLite path (each run in a new temporary file in its folder; the file is not touched); "
+        "without --processes: our worker process on PostgreSQL, with --peers against PGQueuer "
+        "and Dramatiq, and with --suite targets 10 to 13",
+    )
+    scale.add_argument(
+        "--rabbitmq",
+        metavar="URL",
+        default=DEFAULT_RABBITMQ_URL,
+        help="Dramatiq's RabbitMQ server for --peers with --db (default the local one, "
+        "guest/guest)",
     )
     scale.add_argument(
         "--processes",
@@ -2653,8 +2814,10 @@ def _check_args(args: argparse.Namespace) -> None:
         modes.append("processes")
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
-    if args.processes is not None or args.db is not None:
+    if args.processes is not None:
         _check_scale_args(args)
+    elif args.db is not None:
+        _check_durable_args(args)
     if args.peers and args.rate is not None:
         raise UsageError("--peers runs beside the comparison runs and --suite, not --rate")
     if args.quick and not args.suite:
@@ -2690,6 +2853,20 @@ def _check_args(args: argparse.Namespace) -> None:
     _check_output(args.report, "--report")
 
 
+def _check_durable_args(args: argparse.Namespace) -> None:
+    """Reject what --db without --processes (the durable comparison) cannot run with."""
+    if args.smoke:
+        raise UsageError("--smoke and --db cannot be combined (the durable runs are not smoke)")
+    if parse_database(args.db).backend != "postgresql":
+        raise UsageError("--db without --processes runs the durable comparison, which needs "
+                         "--db postgresql://USER@HOST:PORT/DBNAME (for scale-out on SQLite give "
+                         "--processes LIST)")  # fmt: skip
+    if args.rate is not None or args.task_file is not None or args.tasks is not None:
+        raise UsageError("--db runs its own durable workloads: no --rate, --task-file or --tasks")
+    if os.name == "nt":
+        raise UsageError("--db needs POSIX signals: its workers are stopped with SIGTERM")
+
+
 def _check_scale_args(args: argparse.Namespace) -> None:
     """Reject what --db and --processes cannot run with."""
     if args.processes is None or args.db is None:
@@ -2702,7 +2879,8 @@ def _check_scale_args(args: argparse.Namespace) -> None:
     if args.task_file is not None:
         raise UsageError("--processes runs its own tasks: no --task-file")
     if args.peers:
-        raise UsageError("--peers runs beside the comparison runs and --suite, not --processes")
+        raise UsageError("--peers runs beside the comparison runs, --suite and --db, not "
+                         "--processes")  # fmt: skip
     if args.jitter_ms or args.transient_rate:
         raise UsageError("--processes runs tasks without jitter or faults: "
                          "no --jitter-ms or --transient-rate")  # fmt: skip
@@ -2835,6 +3013,8 @@ def _mode(args: argparse.Namespace) -> str:
         return "suite"
     if args.processes is not None:
         return "scale-out"
+    if args.db is not None:
+        return "durable"
     return "open-loop" if args.rate is not None else "compare"
 
 
@@ -2994,6 +3174,20 @@ def _suite_mode(
     sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else FULL_SIZES
     repeat = 1 if args.smoke else args.repeat
     runs, targets = run_suite(sizes, settings, repeat, peers and not args.smoke)
+    durable = None
+    skipped = "needs --db postgresql://USER@HOST:PORT/DBNAME (and --peers for 10 and 11)"
+    if args.smoke:
+        skipped = "not part of --smoke"
+    elif args.db is not None:
+        durable = run_durable(
+            args.db, args.rabbitmq, args.peers, repeat, progress=settings.progress
+        )
+        runs += durable.runs
+        print(_durable_header(repeat))
+        print(durable_table(durable, ranged=repeat > 1))
+        print()
+        report["durable"] = _durable_report(durable)
+    targets += durable_targets(durable, skipped)
     if args.smoke:
         print()
     print(f"suite ({sizes.label}), {SUITE_WORKERS} workers, {repeat} repeat(s): median")
@@ -3001,6 +3195,56 @@ def _suite_mode(
     report["suite"] = {"sizes": dataclasses.asdict(sizes)}
     report["targets"] = [target.to_dict(sizes.thresholds) for target in targets]
     return runs, all(target.met(sizes.thresholds) is not False for target in targets)
+
+
+def _durable_header(repeat: int) -> str:
+    text = ("durable: each contender drains a queue filled before its worker started; throughput "
+            "from the worker's ready line to all tasks done (read every "
+            f"{PEER_POLL_INTERVAL * 1000:g} ms), CPU of the whole machine per task")  # fmt: skip
+    if repeat > 1:
+        text += f"; {repeat} repeats: median (min-max)"
+    return text
+
+
+def _durable_report(results: DurableResults) -> dict[str, Any]:
+    summary = []
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in results.runs:
+        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
+    for (handler, system), group in groups.items():
+        summary.append({
+            "workload": handler,
+            "system": system,
+            "concurrency": group[0].workers,
+            "tasks": group[0].extra["durable"]["tasks"],
+            "runs": len(group),
+            "throughput_per_second": _spread(r.throughput for r in group),
+            "efficiency": _spread(r.efficiency for r in group),
+            "cpu_ms_per_task": _spread(r.extra["durable"]["cpu_ms_per_task"] for r in group),
+            "settings": group[0].extra["durable"]["settings"],
+        })  # fmt: skip
+    return {
+        "summary": summary,
+        "skipped_peers": results.skipped,
+        "definitions": {
+            "window": "from the first read after the worker printed its ready line (tasks done "
+            "by then are not counted) to the first read that shows every task done",
+            "cpu_ms_per_task": "user + nice + system + irq + softirq of all cores (/proc/stat) "
+            "during the window, over the tasks done in it: the database server, the broker and "
+            "this benchmark's reads included",
+        },
+    }
+
+
+def _durable_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+    """Run and print the durable comparison; return its runs."""
+    with _sigterm_as_interrupt():
+        results = run_durable(args.db, args.rabbitmq, args.peers, args.repeat,
+                              progress=settings.progress)  # fmt: skip
+    print(_durable_header(args.repeat))
+    print(durable_table(results, ranged=args.repeat > 1))
+    report["durable"] = _durable_report(results)
+    return results.runs
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -3019,7 +3263,7 @@ def _main(argv: Sequence[str]) -> int:
     if mode == "smoke":
         count, latency = SMOKE_COMPARISON["tasks"], SMOKE_COMPARISON["latency_ms"]
         workload = synthetic_workload(count, latency, seed=args.seed)
-    elif mode not in ("suite", "scale-out"):
+    elif mode not in ("suite", "scale-out", "durable"):
         workload = _workload(args)  # before anything prints: a bad task file is a usage error
     report = _report(args, argv, mode)
     # --smoke runs the peers where Huey happens to be installed, without a word where it is not.
@@ -3036,6 +3280,8 @@ def _main(argv: Sequence[str]) -> int:
         runs += suite_runs
     if mode == "scale-out":
         runs += _scale_mode(args, settings, report)
+    if mode == "durable":
+        runs += _durable_mode(args, settings, report)
     report["runs"] = [run.to_dict() for run in runs]
     write_report(args.report, report)
     print(f"report written to {args.report}")
