@@ -12,6 +12,14 @@ new PostgreSQL schema, or a new SQLite file in a temporary folder beside the pat
 throughput and efficiency against the ceiling ``P x workers / 10 ms``; then the no-op overhead of
 the PostgreSQL store against the SQLite one, as a ratio of in-process pool throughputs.
 
+``--db postgresql://URL`` without ``--processes`` runs the durable comparison: a
+``task_queue_optimized.py worker`` process on a PostgreSQL store drains no-op tasks and 10 ms tasks
+enqueued before it started (one process and two), and with ``--peers`` PGQueuer on the same
+server and Dramatiq on RabbitMQ (``--rabbitmq URL``) drain the same workloads with the same
+concurrency, persistence on and an ack after the handler ran. Each run reports its throughput and
+the whole machine's CPU per task (/proc/stat: the database server and the broker included). With
+``--suite`` the same runs judge targets 10 to 13.
+
 Example::
 
     python benchmark.py --task-file sample_tasks_100.json --workers 8
@@ -21,6 +29,8 @@ Example::
     python benchmark.py --smoke --report /tmp/report.json
     python benchmark.py --db postgresql://postgres@127.0.0.1:5432/test --processes 1,2,4
     python benchmark.py --db /tmp/scale.db --processes 1,2,4
+    python benchmark.py --db postgresql://postgres@127.0.0.1:5432/test --peers --repeat 3
+    python benchmark.py --suite --peers --db postgresql://postgres@127.0.0.1:5432/test --repeat 3
 
 Systems: ``naive`` (the design this project replaces: one thread, a SELECT then an INSERT and a
 commit per task in a SQLite file with the default rollback journal, retries slept out inline),
@@ -28,10 +38,12 @@ commit per task in a SQLite file with the default rollback journal, retries slep
 retries), ``pool`` (``WorkerPool`` with a file database) and, with ``--peers``, ``huey-memory``
 and ``huey-sqlite`` (Huey with an in-process thread consumer). With ``--processes``:
 ``processes-sqlite`` or ``processes-postgresql`` (worker processes on a durable queue) and
-``pool-sqlite`` / ``pool-postgresql`` (the no-op store runs).
+``pool-sqlite`` / ``pool-postgresql`` (the no-op store runs). With ``--db`` alone:
+``ours-postgresql`` (``-x2`` for two processes), ``pgqueuer`` and ``dramatiq-rabbitmq``. The
+suite also runs ``plain-asyncio`` and, where the module has it, ``async-pool``.
 
-Sections: defaults, workloads, measurement helpers, systems, open loop, memory, scale-out, suite,
-output, command line.
+Sections: defaults, workloads, measurement helpers, systems, open loop, memory, scale-out, async,
+durable peers, suite, output, command line.
 """
 
 from __future__ import annotations
@@ -2099,7 +2111,7 @@ class Target:
 def run_suite(
     sizes: SuiteSizes, settings: Settings, repeat: int, peers: bool
 ) -> tuple[list[Run], list[Target]]:
-    """Run the performance targets 1 to 6 `repeat` times each; return the runs and the targets."""
+    """Run the performance targets 1 to 9 `repeat` times each; return the runs and the targets."""
     workers = SUITE_WORKERS
     runs: list[Run] = []
     ceiling = Target(1, "ceiling efficiency", "efficiency", 0.98, ">=")
@@ -2686,7 +2698,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="open loop: Poisson arrivals at R tasks/s, latency from arrival",
     )
     what.add_argument(
-        "--suite", action="store_true", help="run targets 1 to 6 (their own workloads, 8 workers)"
+        "--suite",
+        action="store_true",
+        help="run targets 1 to 9 (their own workloads), and 10 to 13 with --db postgresql://...",
     )
     what.add_argument(
         "--quick", action="store_true", help="with --suite: scale targets 2 and 3 down"
@@ -2699,7 +2713,8 @@ def _build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--peers",
         action="store_true",
-        help="also run Huey (MemoryHuey, SqliteHuey) where it is installed",
+        help="also run Huey (MemoryHuey, SqliteHuey) where it is installed; with --db "
+        "postgresql://..., PGQueuer and Dramatiq on RabbitMQ",
     )
     scale = parser.add_argument_group(
         "durable runs: scale-out with --processes, else our worker process against durable peers"
