@@ -156,7 +156,8 @@ def _ack_middleware(path: str) -> Any:
         def __init__(self) -> None:
             self.counter: AckCounter | None = None
 
-        def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        def before_worker_boot(self, broker: Any, worker: Any) -> None:
+            # Before the consumers start: an ack sent while the worker boots counts too.
             self.counter = AckCounter(path)
 
         def after_ack(self, broker: Any, message: Any) -> None:
