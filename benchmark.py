@@ -1589,6 +1589,9 @@ PEER_SLEEP_MS = 10.0
 PEER_POLL_INTERVAL = 0.02  # seconds between two reads of a contender's done count
 PEER_MIN_TIMEOUT = 120.0  # seconds a drain may last before the run gives up
 PEER_STOP_TIMEOUT = 30.0
+PEER_ATTEMPTS = 3  # a run that fails (a server restarted under it) is run again, at most this often
+PEER_RETRY_PAUSE = 5.0  # seconds before running it again
+OUTAGE_LINE = "database connection lost"  # what our worker logs when the server drops it
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 OURS_READY = "serving"  # the worker's stderr line once it serves
 DRAMATIQ_READY = "is ready for action"
@@ -1700,6 +1703,15 @@ class _DrainProcesses:
             return ""
         lines = [line for line in lines if line]
         return lines[-1] if lines else ""
+
+    def stderr_has(self, text: str) -> bool:
+        """Return whether any process wrote `text` on stderr."""
+        for index in range(len(self._procs)):
+            path = os.path.join(self._folder, f"proc-{index}.err")
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                if text.encode() in handle.read():
+                    return True
+        return False
 
     def stdout(self, index: int) -> str:
         with open(os.path.join(self._folder, f"proc-{index}.out"), "rb") as handle:
@@ -1845,6 +1857,8 @@ def run_ours_durable(
             window = _measure_drain(procs, done, tasks, label, workers * processes / 0.01)
         finally:
             codes = procs.stop()
+        if procs.stderr_has(OUTAGE_LINE):
+            raise RuntimeError(f"{label}: the database dropped the workers' connections")
         calls = 0
         for index in range(processes):
             with contextlib.suppress(ValueError):
@@ -1890,8 +1904,11 @@ def run_pgqueuer(
             finally:
                 codes = procs.stop()
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        try:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        except Exception as exc:  # the server went away: say so, keep the error that matters
+            print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
     settings = {"worker": "pgqueuer.run (uvloop), one asyncpg connection",
                 "max_concurrent_tasks": concurrency, "batch_size": batch,
                 "durability": "durable (all tables logged)", "database": f"{name} (dropped)",
@@ -1996,32 +2013,60 @@ def run_durable(
             print(f"peers: skipping {peer}: {problem}", file=sys.stderr)
     sleep = PEER_SLEEP_MS
     conc = PEER_SLEEP_CONCURRENCY
+    plan: list[tuple[str, str, Callable[[int], Run]]] = [
+        ("noop", "ours", lambda i: run_ours_durable(pg_url, "noop", PEER_WORKERS, noop_tasks,
+                                                    0.0, i)),
+        ("noop", "pgqueuer", lambda i: run_pgqueuer(pg_url, "noop", PEER_WORKERS, noop_tasks,
+                                                    0.0, i)),
+        ("noop", "dramatiq", lambda i: run_dramatiq(rabbitmq_url, "noop", PEER_WORKERS,
+                                                    noop_tasks, 0.0, i)),
+        ("sleep_10ms", "ours", lambda i: run_ours_durable(pg_url, "sleep_10ms", conc,
+                                                          sleep_tasks, sleep, i)),
+        ("sleep_10ms", "ours", lambda i: run_ours_durable(pg_url, "sleep_10ms", conc,
+                                                          2 * sleep_tasks, sleep, i,
+                                                          processes=2)),
+        ("sleep_10ms", "pgqueuer", lambda i: run_pgqueuer(pg_url, "sleep_10ms", conc,
+                                                          sleep_tasks, sleep, i)),
+        ("sleep_10ms", "dramatiq", lambda i: run_dramatiq(rabbitmq_url, "sleep_10ms", conc,
+                                                          sleep_tasks, sleep, i)),
+    ]  # fmt: skip
     for index in range(repeat):
-        batch: list[tuple[str, Run]] = []
-        batch.append(("noop", run_ours_durable(pg_url, "noop", PEER_WORKERS, noop_tasks, 0.0,
-                                               index)))  # fmt: skip
-        if "pgqueuer" in available:
-            batch.append(("noop", run_pgqueuer(pg_url, "noop", PEER_WORKERS, noop_tasks, 0.0,
-                                               index)))  # fmt: skip
-        if "dramatiq" in available:
-            batch.append(("noop", run_dramatiq(rabbitmq_url, "noop", PEER_WORKERS, noop_tasks,
-                                               0.0, index)))  # fmt: skip
-        batch.append(("sleep_10ms", run_ours_durable(pg_url, "sleep_10ms", conc, sleep_tasks,
-                                                     sleep, index)))  # fmt: skip
-        batch.append(("sleep_10ms", run_ours_durable(pg_url, "sleep_10ms", conc, 2 * sleep_tasks,
-                                                     sleep, index, processes=2)))  # fmt: skip
-        if "pgqueuer" in available:
-            batch.append(("sleep_10ms", run_pgqueuer(pg_url, "sleep_10ms", conc, sleep_tasks,
-                                                     sleep, index)))  # fmt: skip
-        if "dramatiq" in available:
-            batch.append(("sleep_10ms", run_dramatiq(rabbitmq_url, "sleep_10ms", conc,
-                                                     sleep_tasks, sleep, index)))  # fmt: skip
-        for handler, run in batch:
+        for handler, who, run_one in plan:
+            if who != "ours" and who not in available:
+                continue
+            run = _run_again_on_failure(run_one, index, f"{who} {handler}")
             run.extra["durable"]["handler"] = handler
             results.runs.append(run)
         if progress:
             print(f"durable runs: repeat {index + 1} of {repeat} done", file=sys.stderr)
     return results
+
+
+def _run_again_on_failure(run_one: Callable[[int], Run], index: int, label: str) -> Run:
+    """Return `run_one(index)`, run again up to `PEER_ATTEMPTS` times when it fails.
+
+    A shared machine's database server may be restarted under a run: the failed attempt is
+    reported on stderr and in the run (``failed_attempts``), never folded into its numbers.
+    """
+    failures: list[str] = []
+    while True:
+        try:
+            run = run_one(index)
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {_first_line(exc)}")
+            if len(failures) >= PEER_ATTEMPTS:
+                raise
+            print(f"warning: {label}: {failures[-1]}; running it again in "
+                  f"{PEER_RETRY_PAUSE:g} s", file=sys.stderr)  # fmt: skip
+            time.sleep(PEER_RETRY_PAUSE)
+            continue
+        run.extra["durable"]["failed_attempts"] = failures
+        return run
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def durable_table(results: DurableResults, ranged: bool) -> str:
