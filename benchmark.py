@@ -12,6 +12,14 @@ new PostgreSQL schema, or a new SQLite file in a temporary folder beside the pat
 throughput and efficiency against the ceiling ``P x workers / 10 ms``; then the no-op overhead of
 the PostgreSQL store against the SQLite one, as a ratio of in-process pool throughputs.
 
+``--db postgresql://URL`` without ``--processes`` runs the durable comparison: a
+``task_queue_optimized.py worker`` process on a PostgreSQL store drains no-op tasks and 10 ms tasks
+enqueued before it started (one process and two), and with ``--peers`` PGQueuer on the same
+server and Dramatiq on RabbitMQ (``--rabbitmq URL``) drain the same workloads with the same
+concurrency, persistence on and an ack after the handler ran. Each run reports its throughput and
+the whole machine's CPU per task (/proc/stat: the database server and the broker included). With
+``--suite`` the same runs judge targets 10 to 13.
+
 Example::
 
     python benchmark.py --task-file sample_tasks_100.json --workers 8
@@ -21,6 +29,8 @@ Example::
     python benchmark.py --smoke --report /tmp/report.json
     python benchmark.py --db postgresql://postgres@127.0.0.1:5432/test --processes 1,2,4
     python benchmark.py --db /tmp/scale.db --processes 1,2,4
+    python benchmark.py --db postgresql://postgres@127.0.0.1:5432/test --peers --repeat 3
+    python benchmark.py --suite --peers --db postgresql://postgres@127.0.0.1:5432/test --repeat 3
 
 Systems: ``naive`` (the design this project replaces: one thread, a SELECT then an INSERT and a
 commit per task in a SQLite file with the default rollback journal, retries slept out inline),
@@ -28,15 +38,18 @@ commit per task in a SQLite file with the default rollback journal, retries slep
 retries), ``pool`` (``WorkerPool`` with a file database) and, with ``--peers``, ``huey-memory``
 and ``huey-sqlite`` (Huey with an in-process thread consumer). With ``--processes``:
 ``processes-sqlite`` or ``processes-postgresql`` (worker processes on a durable queue) and
-``pool-sqlite`` / ``pool-postgresql`` (the no-op store runs).
+``pool-sqlite`` / ``pool-postgresql`` (the no-op store runs). With ``--db`` alone:
+``ours-postgresql`` (``-x2`` for two processes), ``pgqueuer`` and ``dramatiq-rabbitmq``. The
+suite also runs ``plain-asyncio`` and, where the module has it, ``async-pool``.
 
-Sections: defaults, workloads, measurement helpers, systems, open loop, memory, scale-out, suite,
-output, command line.
+Sections: defaults, workloads, measurement helpers, systems, open loop, memory, scale-out, async,
+durable peers, suite, output, command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -52,6 +65,7 @@ import platform
 import random
 import secrets
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -131,6 +145,10 @@ class SuiteSizes:
     retry_tasks: int = 1000
     transient_rate: float = 0.2
     retry_base_delay: float = 0.02
+    wide_workers: int = 256
+    wide_tasks: int = 10_240
+    async_in_flight: int = 1000
+    async_tasks: int = 20_000
     thresholds: bool = True
 
 
@@ -141,7 +159,8 @@ QUICK_SIZES = SuiteSizes(
 )  # fmt: skip
 SMOKE_SIZES = SuiteSizes(
     "smoke: tiny sizes, no thresholds", ceiling_tasks=40, latency_ms=2.0, overhead_tasks=2000,
-    memory_mark=2000, memory_total=4000, open_loop_tasks=50, retry_tasks=100, thresholds=False,
+    memory_mark=2000, memory_total=4000, open_loop_tasks=50, retry_tasks=100, wide_workers=32,
+    wide_tasks=200, async_in_flight=50, async_tasks=200, thresholds=False,
 )  # fmt: skip
 SMOKE_COMPARISON: dict[str, Any] = {"tasks": 40, "latency_ms": 2.0, "workers": [1, 4]}
 
@@ -565,12 +584,22 @@ def run_raw_executor(workload: Workload, workers: int, settings: Settings, repea
     )
 
 
-def raw_executor_noop(workload: Workload, workers: int, repeat: int = 0) -> Run:
+def raw_executor_bare(
+    workload: Workload,
+    workers: int,
+    repeat: int = 0,
+    *,
+    handler: Callable[[tq.Task], Any] | None = None,
+) -> Run:
     """Time a bare `ThreadPoolExecutor(workers)` calling the handler, with no instrumentation.
 
-    The reference of the overhead target: from the first submit to the last completion.
+    The reference of the overhead and efficiency targets: from the first submit to the last
+    completion.
+
+    Args:
+        handler: overrides the workload's handler (`Workload.processor`).
     """
-    handler = workload.processor()
+    handler = handler or workload.processor()
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bench-raw") as pool:
         began = time.perf_counter()
         futures = [pool.submit(handler, task) for task in workload.tasks]
@@ -600,12 +629,14 @@ def run_pool(
     *,
     durability: str | None = None,
     base_delay: float | None = None,
+    handler: Callable[[tq.Task], Any] | None = None,
 ) -> Run:
     """Run the workload through `WorkerPool.iter_results` with a fresh temporary file database.
 
     Args:
         durability: overrides `settings.durability`.
         base_delay: overrides the retry policy's base delay.
+        handler: overrides the workload's handler (`Workload.processor`).
     """
     durability = durability or settings.durability
     system = "pool" if durability == tq.DEFAULT_DURABILITY else f"pool-{durability}"
@@ -613,7 +644,7 @@ def run_pool(
     progress = _Progress(f"{system} x{workers}", len(workload.tasks), settings.progress)
     with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
         pool = tq.WorkerPool(
-            workload.processor(),
+            handler or workload.processor(),
             workers=workers,
             queue_size=settings.queue_size,
             db_path=os.path.join(folder, "bench.db"),
@@ -1445,6 +1476,620 @@ def run_store_noop(
     return run
 
 
+# --- Async ---------------------------------------------------------------------------------------
+
+
+def async_pool_available() -> bool:
+    """Return whether the module has the async face of SPEC section 4 (`AsyncWorkerPool`)."""
+    return hasattr(tq, "AsyncWorkerPool")
+
+
+def run_plain_asyncio(count: int, in_flight: int, latency_ms: float, repeat: int = 0) -> Run:
+    """Time `in_flight` coroutines on one event loop taking `count` ``asyncio.sleep`` tasks.
+
+    The reference of the async target: what a bare event loop does with the same sleeps, from the
+    first task to the last, with no queue, no store and no bookkeeping.
+    """
+    latency = latency_ms / 1000.0
+
+    async def drain() -> tuple[float, int]:
+        pending = iter(range(count))
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            for _ in pending:
+                await asyncio.sleep(latency)
+                done += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return time.perf_counter() - began, done
+
+    elapsed, done = asyncio.run(drain())
+    metrics = {
+        "submitted": count,
+        "succeeded": done,
+        "failed": count - done,
+        "workers": in_flight,
+        "elapsed_seconds": round(elapsed, 6),
+        "throughput_per_second": round(done / elapsed, 3) if elapsed > 0 else 0.0,
+    }
+    ceiling = in_flight / latency if latency > 0 else None
+    name = f"{count:,} asyncio.sleep tasks of {latency_ms:g} ms"
+    return Run("plain-asyncio", in_flight, name, repeat, metrics, done, ceiling)
+
+
+def run_async_pool(count: int, in_flight: int, latency_ms: float, repeat: int = 0) -> Run:
+    """Run `count` ``asyncio.sleep`` tasks through ``AsyncWorkerPool(workers=in_flight)``.
+
+    A fresh temporary file database, tasks fed by ``iter_results`` inside the caller's event
+    loop. Every task must have succeeded and the handler must have returned `count` times.
+
+    Raises:
+        RuntimeError: the pool finished fewer tasks than it was given.
+    """
+    latency = latency_ms / 1000.0
+    calls = 0
+
+    async def handler(task: tq.Task) -> None:
+        nonlocal calls
+        await asyncio.sleep(latency)
+        calls += 1
+
+    async def drain(path: str) -> tuple[float, int, dict[str, Any]]:
+        tasks = [tq.Task(f"async-{index:07d}") for index in range(count)]
+        succeeded = 0
+        pool_class: Any = tq.AsyncWorkerPool  # type: ignore[attr-defined]
+        async with pool_class(handler, workers=in_flight, db_path=path) as pool:
+            began = time.perf_counter()
+            async for record in pool.iter_results(tasks):
+                if record.status is tq.TaskStatus.SUCCEEDED:
+                    succeeded += 1
+            elapsed = time.perf_counter() - began
+            snapshot = pool.metrics.snapshot()
+        return elapsed, succeeded, snapshot
+
+    with tempfile.TemporaryDirectory(prefix="bench-async-") as folder:
+        elapsed, succeeded, snapshot = asyncio.run(drain(os.path.join(folder, "bench.db")))
+    if succeeded != count or calls != count:
+        raise RuntimeError(f"AsyncWorkerPool: {succeeded:,} of {count:,} tasks succeeded, "
+                           f"{calls:,} handler calls returned")  # fmt: skip
+    throughput = round(count / elapsed, 3) if elapsed > 0 else 0.0
+    metrics = {**snapshot, "elapsed_seconds": round(elapsed, 6),
+               "throughput_per_second": throughput}  # fmt: skip
+    ceiling = in_flight / latency if latency > 0 else None
+    name = f"{count:,} asyncio.sleep tasks of {latency_ms:g} ms"
+    return Run("async-pool", in_flight, name, repeat, metrics, count, ceiling)
+
+
+# --- Durable peers -------------------------------------------------------------------------------
+
+# The durable comparison (--db postgresql://... without --processes): each contender drains a
+# queue that the producer filled before its worker process started, on its own local server, with
+# persistence on and an ack after the handler ran.
+#   ours: ``task_queue_optimized.py worker --handler bench_peers:noop|sleep_10ms --workers N`` on
+#     a PostgresStore in a new schema (dropped after); tasks enqueued with ``enqueue_many``.
+#   pgqueuer: ``pgqueuer.run`` (what ``pgq run`` calls, on uvloop) with one asyncpg connection,
+#     ``max_concurrent_tasks=N`` and ``batch_size=N/2`` (it requires max >= 2 x batch), tables
+#     installed with durability "durable" (all logged) in a new database (dropped after); a job
+#     counts as done once PGQueuer has deleted it from its queue table (its completion log flushes
+#     in batches); jobs enqueued in batches of 1000 with ``Queries.enqueue``.
+#   dramatiq: ``dramatiq bench_peers:dramatiq_broker --processes 1 --threads N`` on RabbitMQ,
+#     durable queue, persistent messages (delivery_mode=2), publisher confirms on the producer,
+#     ack after the actor returned, default middleware and prefetch (2 x threads); a task counts
+#     once its ack is sent.
+# The 10 ms task is ``time.sleep(0.01)`` for ours and Dramatiq (thread workers) and
+# ``await asyncio.sleep(0.01)`` for PGQueuer, which takes async entrypoints only.
+PEER_NOOP_TASKS = 5000
+PEER_SLEEP_TASKS = 2000  # per process: two processes drain twice as many
+PEER_WORKERS = 8  # the no-op runs' concurrency
+PEER_SLEEP_CONCURRENCY = 16  # the 10 ms runs' concurrency
+PEER_SLEEP_MS = 10.0
+PEER_POLL_INTERVAL = 0.02  # seconds between two reads of a contender's done count
+PEER_MIN_TIMEOUT = 120.0  # seconds a drain may last before the run gives up
+PEER_STOP_TIMEOUT = 30.0
+PEER_ATTEMPTS = 3  # a run that fails (a server restarted under it) is run again, at most this often
+PEER_RETRY_PAUSE = 5.0  # seconds before running it again
+OUTAGE_LINE = "database connection lost"  # what our worker logs when the server drops it
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+OURS_READY = "serving"  # the worker's stderr line once it serves
+DRAMATIQ_READY = "is ready for action"
+PEERS_MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_peers.py")
+PEER_REQUIREMENTS = {
+    "pgqueuer": ("pgqueuer", "asyncpg", "psycopg"),
+    "dramatiq": ("dramatiq", "pika"),
+}
+
+
+def _machine_cpu_seconds() -> float | None:
+    """Return the CPU seconds all cores have spent busy since boot (None without /proc/stat).
+
+    user + nice + system + irq + softirq of the ``cpu`` line: every process counts, the database
+    server and the broker included.
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = sum(int(fields[index]) for index in (1, 2, 3, 6, 7))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _server_problem(url: str, default_port: int) -> str | None:
+    """Return why no server answers at `url`'s host and port within 3 s (None when one does)."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return None
+    except OSError as exc:
+        return f"no server answers at {host}:{port} ({exc.strerror or exc})"
+
+
+def peer_problem(peer: str, pg_url: str, rabbitmq_url: str) -> str | None:
+    """Return why `peer` ("pgqueuer" or "dramatiq") cannot run here, or None when it can."""
+    missing = [name for name in PEER_REQUIREMENTS[peer] if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"{', '.join(missing)} not installed "
+                "(pip install -r requirements-bench.txt)")  # fmt: skip
+    if peer == "pgqueuer":
+        return _server_problem(pg_url, 5432)
+    return _server_problem(rabbitmq_url, 5672)
+
+
+class _DrainProcesses:
+    """Worker processes whose stderr a thread copies to a file, noting each one's ready line."""
+
+    def __init__(
+        self, commands: Sequence[Sequence[str]], env: dict[str, str], folder: str, marker: str
+    ) -> None:
+        self._commands = [list(command) for command in commands]
+        self._env = env
+        self._folder = folder
+        self._marker = marker
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards _ready_count
+        self._ready_count = 0
+        self.ready = threading.Event()  # set once every process printed its ready line
+
+    def start(self) -> None:
+        for index, command in enumerate(self._commands):
+            with open(os.path.join(self._folder, f"proc-{index}.out"), "wb") as out:
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, cwd=self._folder,
+                                        env=self._env, start_new_session=True)  # fmt: skip
+            self._procs.append(proc)
+            thread = threading.Thread(target=self._copy, args=(index, proc), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _copy(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        seen = False
+        with open(os.path.join(self._folder, f"proc-{index}.err"), "wb") as err:
+            for line in proc.stderr:
+                err.write(line)
+                if not seen and self._marker.encode() in line:
+                    seen = True
+                    with self._lock:
+                        self._ready_count += 1
+                        if self._ready_count == len(self._commands):
+                            self.ready.set()
+
+    def check(self, label: str) -> None:
+        """Raise if a process has exited while tasks remain.
+
+        Raises:
+            RuntimeError: naming the process and its last stderr line.
+        """
+        for index, proc in enumerate(self._procs):
+            if proc.poll() is not None:
+                last = self.last_line(index) or "no message"
+                raise RuntimeError(f"{label}: worker process {index + 1} exited early with code "
+                                   f"{proc.returncode}: {last}")  # fmt: skip
+
+    def last_line(self, index: int) -> str:
+        try:
+            with open(os.path.join(self._folder, f"proc-{index}.err"), "rb") as handle:
+                lines = [
+                    line.strip() for line in handle.read().decode(errors="replace").splitlines()
+                ]
+        except OSError:
+            return ""
+        lines = [line for line in lines if line]
+        return lines[-1] if lines else ""
+
+    def stderr_has(self, text: str) -> bool:
+        """Return whether any process wrote `text` on stderr."""
+        for index in range(len(self._procs)):
+            path = os.path.join(self._folder, f"proc-{index}.err")
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                if text.encode() in handle.read():
+                    return True
+        return False
+
+    def stdout(self, index: int) -> str:
+        with open(os.path.join(self._folder, f"proc-{index}.out"), "rb") as handle:
+            return handle.read().decode(errors="replace")
+
+    def stop(self) -> list[int | None]:
+        """SIGTERM every process (each drains), SIGKILL its group after `PEER_STOP_TIMEOUT`."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + PEER_STOP_TIMEOUT
+        for proc in self._procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for thread in self._threads:
+            thread.join(5.0)
+        return [proc.returncode for proc in self._procs]
+
+
+def _measure_drain(
+    procs: _DrainProcesses, done: Callable[[], int], total: int, label: str, ceiling: float | None
+) -> dict[str, Any]:
+    """Start `procs`, wait for their ready lines, then read `done()` until it reaches `total`.
+
+    The window runs from the first read after every process said it was ready (its count is
+    subtracted) to the first read that shows every task done; the machine's CPU is read at both
+    ends.
+
+    Raises:
+        RuntimeError: a process exited early, or the tasks did not finish in time.
+    """
+    limit = max(PEER_MIN_TIMEOUT, 20 * total / ceiling if ceiling else PEER_MIN_TIMEOUT)
+    began = time.perf_counter()
+    procs.start()
+    while not procs.ready.wait(PEER_POLL_INTERVAL):
+        procs.check(label)
+        if time.perf_counter() - began > limit:
+            raise RuntimeError(f"{label}: the workers never said they were ready")
+    started = time.perf_counter()
+    cpu_start = _machine_cpu_seconds()
+    done_at_start = done()
+    polls = 1
+    next_poll = started
+    while True:
+        next_poll += PEER_POLL_INTERVAL
+        _sleep_until(next_poll)
+        finished = done()
+        now = time.perf_counter()
+        polls += 1
+        if finished >= total:
+            break
+        procs.check(label)
+        if now - started > limit:
+            raise RuntimeError(f"{label}: {finished:,} of {total:,} tasks done after "
+                               f"{now - started:.1f} s; giving up")  # fmt: skip
+    cpu_end = _machine_cpu_seconds()
+    window_tasks = finished - done_at_start
+    elapsed = now - started
+    cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
+    return {
+        "startup_seconds": round(started - began, 4),
+        "done_at_start": done_at_start,
+        "window_tasks": window_tasks,
+        "elapsed_seconds": round(elapsed, 6),
+        "throughput_per_second": round(window_tasks / elapsed, 3) if elapsed > 0 else 0.0,
+        "machine_cpu_seconds": _rounded(cpu),
+        "cpu_ms_per_task": _rounded(cpu / window_tasks * 1000 if cpu and window_tasks else None),
+        "polls": polls,
+    }
+
+
+def _durable_run(
+    system: str,
+    workload: str,
+    concurrency: int,
+    tasks: int,
+    latency_ms: float,
+    window: dict[str, Any],
+    repeat: int,
+    settings: dict[str, Any],
+) -> Run:
+    ceiling = concurrency / (latency_ms / 1000.0) if latency_ms > 0 else None
+    metrics = {
+        "submitted": tasks,
+        "succeeded": window["done_at_start"] + window["window_tasks"],
+        "workers": concurrency,
+        "elapsed_seconds": window["elapsed_seconds"],
+        "throughput_per_second": window["throughput_per_second"],
+    }
+    run = Run(system, concurrency, workload, repeat, metrics, window["window_tasks"], ceiling)
+    run.extra["durable"] = {**window, "tasks": tasks, "latency_ms": latency_ms,
+                            "settings": settings}  # fmt: skip
+    return run
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """The environment of a worker process: no TQ_* variables, this folder on PYTHONPATH."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TQ_")}
+    here = os.path.dirname(PEERS_MODULE)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_ours_durable(
+    pg_url: str,
+    handler: str,
+    workers: int,
+    tasks: int,
+    latency_ms: float,
+    repeat: int = 0,
+    *,
+    processes: int = 1,
+) -> Run:
+    """Drain `tasks` with `processes` ``task_queue_optimized.py worker`` processes on PostgreSQL.
+
+    Args:
+        handler: "noop" or "sleep_10ms", the function of bench_peers the workers import.
+    """
+    label = f"ours {handler} x{processes}"
+    database = Database("postgresql", pg_url, _redact_url(pg_url))
+    with contextlib.ExitStack() as stack:
+        url, store = stack.enter_context(fresh_database(database, tq.DEFAULT_DURABILITY))
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ours-"))
+        work = [tq.Task(f"durable-{index:07d}") for index in range(tasks)]
+        for start in range(0, tasks, 1000):
+            store.enqueue_many(work[start : start + 1000])
+        command = [sys.executable, os.path.abspath(tq.__file__), "worker", "--db", url,
+                   "--handler", f"bench_peers:{handler}", "--workers", str(workers),
+                   "--lease-seconds", f"{WORKER_LEASE_SECONDS:g}", "--json"]  # fmt: skip
+        procs = _DrainProcesses([command] * processes, _child_env(), folder, OURS_READY)
+
+        def done() -> int:
+            counts = store.queue_status()["tasks"]
+            return int(counts["done"] + counts["failed"])
+
+        try:
+            window = _measure_drain(procs, done, tasks, label, workers * processes / 0.01)
+        finally:
+            codes = procs.stop()
+        if procs.stderr_has(OUTAGE_LINE):
+            raise RuntimeError(f"{label}: the database dropped the workers' connections")
+        calls = 0
+        for index in range(processes):
+            with contextlib.suppress(ValueError):
+                calls += int(json.loads(procs.stdout(index)).get("handler_calls", 0))
+    command[command.index("--db") + 1] = _redact_url(url)
+    settings = {"processes": processes, "workers_per_process": workers, "store": "PostgresStore",
+                "command": command, "exit_codes": codes, "handler_calls": calls,
+                "completion": "queue_status(): done + failed"}  # fmt: skip
+    system = "ours-postgresql" if processes == 1 else f"ours-postgresql-x{processes}"
+    return _durable_run(system, f"{tasks:,} {handler}", workers * processes, tasks, latency_ms,
+                        window, repeat, settings)  # fmt: skip
+
+
+def run_pgqueuer(
+    pg_url: str, entrypoint: str, concurrency: int, tasks: int, latency_ms: float, repeat: int = 0
+) -> Run:
+    """Drain `tasks` PGQueuer jobs with one PGQueuer worker process (see the settings above)."""
+    import psycopg
+
+    label = f"pgqueuer {entrypoint}"
+    name = f"bench_pgq_{secrets.token_hex(6)}"
+    base = urllib.parse.urlsplit(pg_url)
+    dsn = urllib.parse.urlunsplit(base._replace(path=f"/{name}", query=""))
+    admin = urllib.parse.urlunsplit(base._replace(query=""))
+    batch = max(concurrency // 2, 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        asyncio.run(_peers_module().pgqueuer_install_and_enqueue(dsn, entrypoint, tasks))
+        with tempfile.TemporaryDirectory(prefix="bench-pgq-") as folder, \
+                psycopg.connect(dsn, autocommit=True) as conn:  # fmt: skip
+            command = [sys.executable, PEERS_MODULE, "pgqueuer-worker", str(batch),
+                       str(concurrency)]  # fmt: skip
+            procs = _DrainProcesses([command], _child_env(BENCH_PGQ_DSN=dsn), folder,
+                                    "bench-peers: ready")  # fmt: skip
+
+            def done() -> int:
+                left = conn.execute("SELECT count(*) FROM pgqueuer").fetchone()
+                return tasks - int(left[0] if left else 0)
+
+            try:
+                window = _measure_drain(procs, done, tasks, label, concurrency / 0.01)
+            finally:
+                codes = procs.stop()
+    finally:
+        try:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        except Exception as exc:  # the server went away: say so, keep the error that matters
+            print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
+    settings = {"worker": "pgqueuer.run (uvloop), one asyncpg connection",
+                "max_concurrent_tasks": concurrency, "batch_size": batch,
+                "durability": "durable (all tables logged)", "database": f"{name} (dropped)",
+                "exit_codes": codes,
+                "completion": "the job's row deleted from the queue table"}  # fmt: skip
+    return _durable_run("pgqueuer", f"{tasks:,} {entrypoint}", concurrency, tasks, latency_ms,
+                        window, repeat, settings)  # fmt: skip
+
+
+def run_dramatiq(
+    rabbitmq_url: str, actor: str, threads: int, tasks: int, latency_ms: float, repeat: int = 0
+) -> Run:
+    """Drain `tasks` Dramatiq messages with one Dramatiq worker (see the settings above)."""
+    import pika
+
+    peers = _peers_module()
+    label = f"dramatiq {actor}"
+    queue = f"bench_{secrets.token_hex(6)}"
+    try:
+        broker, actors = peers.dramatiq_setup(rabbitmq_url, queue)
+        try:
+            for index in range(tasks):
+                actors[actor].send(index)
+        finally:
+            broker.close()
+        with tempfile.TemporaryDirectory(prefix="bench-dramatiq-") as folder:
+            counter_path = os.path.join(folder, "acks")
+            counter = peers.AckCounter(counter_path, create=True)
+            command = [sys.executable, "-m", "dramatiq", "bench_peers:dramatiq_broker",
+                       "--processes", "1", "--threads", str(threads)]  # fmt: skip
+            env = _child_env(BENCH_RABBITMQ_URL=rabbitmq_url, BENCH_DRAMATIQ_QUEUE=queue,
+                             BENCH_ACK_FILE=counter_path)  # fmt: skip
+            procs = _DrainProcesses([command], env, folder, DRAMATIQ_READY)
+            try:
+                window = _measure_drain(procs, counter.read, tasks, label, threads / 0.01)
+            finally:
+                codes = procs.stop()
+                counter.close()
+    finally:
+        with contextlib.suppress(Exception):
+            connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+            channel = connection.channel()
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(name)
+            connection.close()
+    settings = {"worker": f"dramatiq --processes 1 --threads {threads}",
+                "broker": "RabbitmqBroker(confirm_delivery=True): durable queue, persistent "
+                "messages, ack after the actor returned", "prefetch": 2 * threads,
+                "exit_codes": codes, "completion": "Dramatiq's after_ack hook"}  # fmt: skip
+    return _durable_run("dramatiq-rabbitmq", f"{tasks:,} {actor}", threads, tasks, latency_ms,
+                        window, repeat, settings)  # fmt: skip
+
+
+def _peers_module() -> Any:
+    """Import bench_peers from beside this file."""
+    folder = os.path.dirname(PEERS_MODULE)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import bench_peers
+
+    return bench_peers
+
+
+@dataclasses.dataclass(slots=True)
+class DurableResults:
+    """The durable runs of every repeat, and why a peer did not run."""
+
+    runs: list[Run] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def of(self, system: str, workload: str) -> list[Run]:
+        return [
+            run
+            for run in self.runs
+            if run.system == system and run.extra["durable"]["handler"] == workload
+        ]
+
+
+def run_durable(
+    pg_url: str,
+    rabbitmq_url: str,
+    peers: bool,
+    repeat: int,
+    *,
+    noop_tasks: int = PEER_NOOP_TASKS,
+    sleep_tasks: int = PEER_SLEEP_TASKS,
+    progress: bool = False,
+) -> DurableResults:
+    """Run ours (1 and 2 processes) and, with `peers`, PGQueuer and Dramatiq, `repeat` times.
+
+    No-op: `PEER_WORKERS` concurrent tasks; 10 ms: `PEER_SLEEP_CONCURRENCY`. A peer that is
+    not installed or whose server does not answer is skipped with one line on stderr.
+    """
+    results = DurableResults()
+    available = []
+    for peer in ("pgqueuer", "dramatiq") if peers else ():
+        problem = peer_problem(peer, pg_url, rabbitmq_url)
+        if problem is None:
+            available.append(peer)
+        else:
+            results.skipped[peer] = problem
+            print(f"peers: skipping {peer}: {problem}", file=sys.stderr)
+    sleep = PEER_SLEEP_MS
+    conc = PEER_SLEEP_CONCURRENCY
+    plan: list[tuple[str, str, Callable[[int], Run]]] = [
+        ("noop", "ours", lambda i: run_ours_durable(pg_url, "noop", PEER_WORKERS, noop_tasks,
+                                                    0.0, i)),
+        ("noop", "pgqueuer", lambda i: run_pgqueuer(pg_url, "noop", PEER_WORKERS, noop_tasks,
+                                                    0.0, i)),
+        ("noop", "dramatiq", lambda i: run_dramatiq(rabbitmq_url, "noop", PEER_WORKERS,
+                                                    noop_tasks, 0.0, i)),
+        ("sleep_10ms", "ours", lambda i: run_ours_durable(pg_url, "sleep_10ms", conc,
+                                                          sleep_tasks, sleep, i)),
+        ("sleep_10ms", "ours", lambda i: run_ours_durable(pg_url, "sleep_10ms", conc,
+                                                          2 * sleep_tasks, sleep, i,
+                                                          processes=2)),
+        ("sleep_10ms", "pgqueuer", lambda i: run_pgqueuer(pg_url, "sleep_10ms", conc,
+                                                          sleep_tasks, sleep, i)),
+        ("sleep_10ms", "dramatiq", lambda i: run_dramatiq(rabbitmq_url, "sleep_10ms", conc,
+                                                          sleep_tasks, sleep, i)),
+    ]  # fmt: skip
+    for index in range(repeat):
+        for handler, who, run_one in plan:
+            if who != "ours" and who not in available:
+                continue
+            run = _run_again_on_failure(run_one, index, f"{who} {handler}")
+            run.extra["durable"]["handler"] = handler
+            results.runs.append(run)
+        if progress:
+            print(f"durable runs: repeat {index + 1} of {repeat} done", file=sys.stderr)
+    return results
+
+
+def _run_again_on_failure(run_one: Callable[[int], Run], index: int, label: str) -> Run:
+    """Return `run_one(index)`, run again up to `PEER_ATTEMPTS` times when it fails.
+
+    A shared machine's database server may be restarted under a run: the failed attempt is
+    reported on stderr and in the run (``failed_attempts``), never folded into its numbers.
+    """
+    failures: list[str] = []
+    while True:
+        try:
+            run = run_one(index)
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {_first_line(exc)}")
+            if len(failures) >= PEER_ATTEMPTS:
+                raise
+            print(f"warning: {label}: {failures[-1]}; running it again in "
+                  f"{PEER_RETRY_PAUSE:g} s", file=sys.stderr)  # fmt: skip
+            time.sleep(PEER_RETRY_PAUSE)
+            continue
+        run.extra["durable"]["failed_attempts"] = failures
+        return run
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def durable_table(results: DurableResults, ranged: bool) -> str:
+    """Return the table of the durable runs: throughput and machine CPU per task (medians)."""
+    headers = ["workload", "system", "concurrency", "tasks", "throughput/s", "efficiency",
+               "CPU ms/task", "startup s"]  # fmt: skip
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in results.runs:
+        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
+    rows = []
+    for (handler, system), group in groups.items():
+        durable = [run.extra["durable"] for run in group]
+        rows.append([
+            "no-op" if handler == "noop" else "10 ms", system, str(group[0].workers),
+            f"{durable[0]['tasks']:,}",
+            _cell([r.throughput for r in group], ",.1f", ranged),
+            _cell([r.efficiency for r in group], ".3f", ranged),
+            _cell([d["cpu_ms_per_task"] for d in durable], ".3f", ranged),
+            _cell([d["startup_seconds"] for d in durable], ".2f", False),
+        ])  # fmt: skip
+    return _table(headers, rows, left=2)
+
+
 # --- Suite ---------------------------------------------------------------------------------------
 
 
@@ -1462,6 +2107,10 @@ class Target:
     details: list[str] = dataclasses.field(default_factory=list)
     # The same ratio for other systems, for reference only: Huey, a bare executor.
     references: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
+    # Why the measured side cannot run here: the target is NOT MET, never judged on a stand-in.
+    unavailable: str | None = None
+    # Why the target was not run at all (e.g. no --db): not judged.
+    skipped: str | None = None
 
     @property
     def value(self) -> float | None:
@@ -1471,7 +2120,11 @@ class Target:
     def met(self, thresholds: bool) -> bool | None:
         """Return whether the median meets the threshold; None when not judged."""
         value = self.value
-        if not thresholds or self.threshold is None or value is None:
+        if not thresholds or self.threshold is None or self.skipped is not None:
+            return None
+        if self.unavailable is not None:
+            return False
+        if value is None:
             return None
         if self.comparison == ">=":
             return value >= self.threshold
@@ -1493,6 +2146,8 @@ class Target:
             "comparison": self.comparison or None,
             "unit": self.unit or None,
             "met": self.met(thresholds),
+            "unavailable": self.unavailable,
+            "skipped": self.skipped,
             "details": self.details,
             "references": {name: _spread(values) for name, values in self.references.items()},
         }
@@ -1501,16 +2156,20 @@ class Target:
 def run_suite(
     sizes: SuiteSizes, settings: Settings, repeat: int, peers: bool
 ) -> tuple[list[Run], list[Target]]:
-    """Run the performance targets 1 to 6 `repeat` times each; return the runs and the targets."""
+    """Run the performance targets 1 to 9 `repeat` times each; return the runs and the targets."""
     workers = SUITE_WORKERS
     runs: list[Run] = []
     ceiling = Target(1, "ceiling efficiency", "efficiency", 0.98, ">=")
-    overhead = Target(2, "overhead vs raw executor", "vs_raw_executor", 0.50, ">=")
+    overhead = Target(2, "pure no-op vs raw executor", "vs_raw_executor", 1.0, ">=")
     memory = Target(3, "memory growth", "rss_growth_mb", 20.0, "<", " MB")
     latency = Target(4, "open-loop p99 queue wait", "p99_queue_wait_ms", 1.0, "<=", " ms")
     retries = Target(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=")
     durability = Target(6, "durability full / normal", "full_vs_normal", None, "")
-    targets = [ceiling, overhead, memory, latency, retries, durability]
+    wide = Target(7, f"{sizes.wide_workers} workers efficiency", "efficiency", 0.90, ">=")
+    gap = Target(8, "efficiency gap to raw executor", "raw_minus_pool_efficiency", 0.005, "<=")
+    in_flight = sizes.async_in_flight
+    aio = Target(9, f"async {in_flight:,} in flight vs asyncio", "vs_plain_asyncio", 0.85, ">=")
+    targets = [ceiling, overhead, memory, latency, retries, durability, wide, gap, aio]
     # The suite's retry policy is the targets': 3 attempts (target 5 sets its own base delay).
     settings = dataclasses.replace(settings, max_attempts=3, durability=tq.DEFAULT_DURABILITY)
     lat = sizes.latency_ms
@@ -1518,7 +2177,25 @@ def run_suite(
     work = synthetic_workload(sizes.ceiling_tasks, lat)
     ceiling.details.append(f"{work.name}, {workers} workers, file database")
     noop = synthetic_workload(sizes.overhead_tasks, 0.0)
-    overhead.details.append(f"{noop.name} (no-ops), {workers} workers, file database")
+    overhead.details.append(
+        f"{noop.name} through `lambda task: None`, {workers} workers, file database, against a "
+        f"bare ThreadPoolExecutor({workers}) calling the same lambda"
+    )
+    wide_work = synthetic_workload(sizes.wide_tasks, lat, prefix="wide")
+    wide.details.append(f"{wide_work.name}, {sizes.wide_workers} workers, file database")
+    gap.details.append(
+        f"target 1's runs ({work.name}, {workers} workers): a bare "
+        f"ThreadPoolExecutor({workers})'s efficiency minus the pool's"
+    )
+    aio.details.append(
+        f"{sizes.async_tasks:,} asyncio.sleep tasks of {lat:g} ms, {in_flight:,} in flight: "
+        "AsyncWorkerPool (file database) over a plain asyncio loop of as many coroutines"
+    )
+    if not async_pool_available():
+        aio.unavailable = (
+            "task_queue_optimized has no AsyncWorkerPool (SPEC section 4); only the plain "
+            "asyncio side was measured"
+        )
     durability.details.append(f"the overhead run ({noop.name}) with durability='full'")
     memory.details.append(
         f"iter_results over a generator, peak RSS at {sizes.memory_mark:,} and "
@@ -1541,9 +2218,20 @@ def run_suite(
         runs.append(run)
         ceiling.values.append(run.efficiency)
 
-        raw = raw_executor_noop(noop, workers, index)
-        normal = run_pool(noop, workers, settings, index)
-        full = run_pool(noop, workers, settings, index, durability="full")
+        bare = raw_executor_bare(work, workers, index)
+        runs.append(bare)
+        if bare.efficiency is not None and run.efficiency is not None:
+            gap.values.append(bare.efficiency - run.efficiency)
+        gap.details.append(
+            f"repeat {index + 1}: raw executor {_num(bare.efficiency, '.4f')}, pool "
+            f"{_num(run.efficiency, '.4f')}"
+        )
+
+        raw = raw_executor_bare(noop, workers, index, handler=lambda task: None)
+        normal = run_pool(noop, workers, settings, index, handler=lambda task: None)
+        full = run_pool(
+            noop, workers, settings, index, durability="full", handler=lambda task: None
+        )
         runs += [raw, normal, full]
         overhead.values.append(normal.throughput / raw.throughput if raw.throughput else None)
         durability.values.append(full.throughput / normal.throughput if normal.throughput else None)
@@ -1593,6 +2281,27 @@ def run_suite(
             f"{run.metrics['retries']:,} retries, efficiency over tasks {_num(run.efficiency)}"
         )
 
+        run = run_pool(wide_work, sizes.wide_workers, settings, index)
+        runs.append(run)
+        wide.values.append(run.efficiency)
+        wide.details.append(
+            f"repeat {index + 1}: {run.throughput:,.0f}/s, ceiling {_num(run.ceiling, ',.0f')}/s"
+        )
+
+        plain = run_plain_asyncio(sizes.async_tasks, in_flight, lat, index)
+        runs.append(plain)
+        text = f"repeat {index + 1}: plain asyncio {plain.throughput:,.0f}/s (efficiency "
+        text += f"{_num(plain.efficiency)})"
+        if aio.unavailable is None:
+            pooled = run_async_pool(sizes.async_tasks, in_flight, lat, index)
+            runs.append(pooled)
+            ratio = pooled.throughput / plain.throughput if plain.throughput else None
+            aio.values.append(ratio)
+            text += f", AsyncWorkerPool {pooled.throughput:,.0f}/s"
+        else:
+            text += ", AsyncWorkerPool not available"
+        aio.details.append(text)
+
     if peers:
         runs += _suite_peers(work, noop, workers, settings, ceiling, overhead, runs)
     return runs, targets
@@ -1620,6 +2329,77 @@ def _suite_peers(
         overhead.references.setdefault(run.system, []).append(ratio)
         peer_runs.append(run)
     return peer_runs
+
+
+def durable_targets(results: DurableResults | None, skipped: str | None) -> list[Target]:
+    """Return targets 10 to 13, judged on the durable runs (not run when `results` is None)."""
+    noop = Target(10, "durable no-op vs best peer", "throughput_vs_best_peer", 1.5, ">=")
+    cpu = Target(11, "durable no-op CPU vs best peer", "cpu_per_task_vs_best_peer", 0.7, "<=")
+    sleep = Target(12, "durable 10 ms efficiency", "efficiency", 0.97, ">=")
+    scale = Target(13, "durable 2 processes / 1", "two_vs_one_process", 1.8, ">=")
+    targets = [noop, cpu, sleep, scale]
+    noop.details.append(
+        f"no-op tasks, one worker process of {PEER_WORKERS} workers on PostgreSQL, throughput "
+        "over the best of PGQueuer and Dramatiq on RabbitMQ (same repeat), each drained from a "
+        "queue filled before its worker started: from the worker's ready line to all done"
+    )
+    cpu.details.append(
+        "the same runs: whole-machine CPU (/proc/stat, database and broker included) per task, "
+        "over the lowest of the peers'"
+    )
+    sleep.details.append(
+        f"{PEER_SLEEP_TASKS:,} tasks of time.sleep(0.01), one worker process of "
+        f"{PEER_SLEEP_CONCURRENCY} workers: throughput over {PEER_SLEEP_CONCURRENCY} / 10 ms"
+    )
+    scale.details.append(
+        f"the 10 ms tasks with two worker processes of {PEER_SLEEP_CONCURRENCY} workers "
+        f"({2 * PEER_SLEEP_TASKS:,} tasks) over one process ({PEER_SLEEP_TASKS:,} tasks), same "
+        "repeat"
+    )
+    if results is None:
+        for target in targets:
+            target.skipped = skipped
+        return targets
+    peers = ("pgqueuer", "dramatiq-rabbitmq")
+    measured = [peer for peer in peers if results.of(peer, "noop")]
+    if not measured:
+        why = (
+            "no peer measured (--peers; "
+            + (
+                "; ".join(f"{name}: {text}" for name, text in results.skipped.items())
+                or "not asked"
+            )
+            + ")"
+        )
+        noop.skipped = cpu.skipped = why
+    for index, ours in enumerate(results.of("ours-postgresql", "noop")):
+        others = [run for peer in measured for run in results.of(peer, "noop")
+                  if run.repeat == ours.repeat]  # fmt: skip
+        if not others:
+            continue
+        best = max(others, key=lambda run: run.throughput)
+        noop.values.append(ours.throughput / best.throughput if best.throughput else None)
+        costs = [run.extra["durable"]["cpu_ms_per_task"] for run in others]
+        lowest = min((c for c in costs if c), default=None)
+        mine = ours.extra["durable"]["cpu_ms_per_task"]
+        cpu.values.append(mine / lowest if mine and lowest else None)
+        peer_text = ", ".join(
+            f"{run.system} {run.throughput:,.0f}/s {_num(run.extra['durable']['cpu_ms_per_task'])}"
+            " ms"
+            for run in others
+        )
+        noop.details.append(f"repeat {index + 1}: ours {ours.throughput:,.0f}/s "
+                            f"{_num(mine)} ms CPU/task; {peer_text}")  # fmt: skip
+    one = results.of("ours-postgresql", "sleep_10ms")
+    two = {run.repeat: run for run in results.of("ours-postgresql-x2", "sleep_10ms")}
+    for run in one:
+        sleep.values.append(run.efficiency)
+        pair = two.get(run.repeat)
+        if pair is not None:
+            scale.values.append(pair.throughput / run.throughput if run.throughput else None)
+            scale.details.append(f"repeat {run.repeat + 1}: one process {run.throughput:,.0f}/s, "
+                                 f"two {pair.throughput:,.0f}/s")  # fmt: skip
+    return targets
 
 
 def _kb_text(kb: float | None) -> str:
@@ -1742,7 +2522,11 @@ def targets_table(targets: Sequence[Target], thresholds: bool) -> str:
     for target in targets:
         value = target.value
         measured = "n/a" if value is None else f"{value:.3f}{target.unit}"
-        if len([v for v in target.values if v is not None]) > 1:
+        if target.unavailable is not None:
+            measured = "not available"
+        elif target.skipped is not None:
+            measured = "not run"
+        elif len([v for v in target.values if v is not None]) > 1:
             spread = _spread(target.values)
             assert spread is not None
             measured += f" ({spread['min']:.3f}-{spread['max']:.3f})"
@@ -1751,11 +2535,17 @@ def targets_table(targets: Sequence[Target], thresholds: bool) -> str:
         else:
             threshold = f"{target.comparison} {target.threshold:g}{target.unit}"
             met = target.met(thresholds)
-            result = "n/a (smoke)" if met is None else ("met" if met else "NOT MET")
+            if met is None:
+                result = "not judged" if target.skipped is not None else "n/a (smoke)"
+            else:
+                result = "met" if met else "NOT MET"
         rows.append([f"{target.number}. {target.name}", target.metric, measured, threshold, result])
     lines = [_table(headers, rows, left=2), ""]
     for target in targets:
         lines.append(f"{target.number}. {target.details[0]}")
+        for reason, why in (("not available", target.unavailable), ("not run", target.skipped)):
+            if why is not None:
+                lines.append(f"     {reason}: {why}")
         lines += [f"     {detail}" for detail in target.details[1:]]
         for system, values in target.references.items():
             spread = _spread(values)
@@ -1953,7 +2743,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="open loop: Poisson arrivals at R tasks/s, latency from arrival",
     )
     what.add_argument(
-        "--suite", action="store_true", help="run targets 1 to 6 (their own workloads, 8 workers)"
+        "--suite",
+        action="store_true",
+        help="run targets 1 to 9 (their own workloads), and 10 to 13 with --db postgresql://...",
     )
     what.add_argument(
         "--quick", action="store_true", help="with --suite: scale targets 2 and 3 down"
@@ -1966,14 +2758,26 @@ def _build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--peers",
         action="store_true",
-        help="also run Huey (MemoryHuey, SqliteHuey) where it is installed",
+        help="also run Huey (MemoryHuey, SqliteHuey) where it is installed; with --db "
+        "postgresql://..., PGQueuer and Dramatiq on RabbitMQ",
     )
-    scale = parser.add_argument_group("scale-out (worker processes on a shared durable queue)")
+    scale = parser.add_argument_group(
+        "durable runs: scale-out with --processes, else our worker process against durable peers"
+    )
     scale.add_argument(
         "--db",
         metavar="URL",
         help="postgresql://USER@HOST:PORT/DBNAME (each run in a new schema, dropped after), or a "
-        "SQLite path (each run in a new temporary file in its folder; the file is not touched)",
+        "SQLite path (each run in a new temporary file in its folder; the file is not touched); "
+        "without --processes: our worker process on PostgreSQL, with --peers against PGQueuer "
+        "and Dramatiq, and with --suite targets 10 to 13",
+    )
+    scale.add_argument(
+        "--rabbitmq",
+        metavar="URL",
+        default=DEFAULT_RABBITMQ_URL,
+        help="Dramatiq's RabbitMQ server for --peers with --db (default the local one, "
+        "guest/guest)",
     )
     scale.add_argument(
         "--processes",
@@ -2070,8 +2874,10 @@ def _check_args(args: argparse.Namespace) -> None:
         modes.append("processes")
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
-    if args.processes is not None or args.db is not None:
+    if args.processes is not None:
         _check_scale_args(args)
+    elif args.db is not None:
+        _check_durable_args(args)
     if args.peers and args.rate is not None:
         raise UsageError("--peers runs beside the comparison runs and --suite, not --rate")
     if args.quick and not args.suite:
@@ -2107,6 +2913,20 @@ def _check_args(args: argparse.Namespace) -> None:
     _check_output(args.report, "--report")
 
 
+def _check_durable_args(args: argparse.Namespace) -> None:
+    """Reject what --db without --processes (the durable comparison) cannot run with."""
+    if args.smoke:
+        raise UsageError("--smoke and --db cannot be combined (the durable runs are not smoke)")
+    if parse_database(args.db).backend != "postgresql":
+        raise UsageError("--db without --processes runs the durable comparison, which needs "
+                         "--db postgresql://USER@HOST:PORT/DBNAME (for scale-out on SQLite give "
+                         "--processes LIST)")  # fmt: skip
+    if args.rate is not None or args.task_file is not None or args.tasks is not None:
+        raise UsageError("--db runs its own durable workloads: no --rate, --task-file or --tasks")
+    if os.name == "nt":
+        raise UsageError("--db needs POSIX signals: its workers are stopped with SIGTERM")
+
+
 def _check_scale_args(args: argparse.Namespace) -> None:
     """Reject what --db and --processes cannot run with."""
     if args.processes is None or args.db is None:
@@ -2119,7 +2939,8 @@ def _check_scale_args(args: argparse.Namespace) -> None:
     if args.task_file is not None:
         raise UsageError("--processes runs its own tasks: no --task-file")
     if args.peers:
-        raise UsageError("--peers runs beside the comparison runs and --suite, not --processes")
+        raise UsageError("--peers runs beside the comparison runs, --suite and --db, not "
+                         "--processes")  # fmt: skip
     if args.jitter_ms or args.transient_rate:
         raise UsageError("--processes runs tasks without jitter or faults: "
                          "no --jitter-ms or --transient-rate")  # fmt: skip
@@ -2252,6 +3073,8 @@ def _mode(args: argparse.Namespace) -> str:
         return "suite"
     if args.processes is not None:
         return "scale-out"
+    if args.db is not None:
+        return "durable"
     return "open-loop" if args.rate is not None else "compare"
 
 
@@ -2411,6 +3234,20 @@ def _suite_mode(
     sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else FULL_SIZES
     repeat = 1 if args.smoke else args.repeat
     runs, targets = run_suite(sizes, settings, repeat, peers and not args.smoke)
+    durable = None
+    skipped = "needs --db postgresql://USER@HOST:PORT/DBNAME (and --peers for 10 and 11)"
+    if args.smoke:
+        skipped = "not part of --smoke"
+    elif args.db is not None:
+        durable = run_durable(
+            args.db, args.rabbitmq, args.peers, repeat, progress=settings.progress
+        )
+        runs += durable.runs
+        print(_durable_header(repeat))
+        print(durable_table(durable, ranged=repeat > 1))
+        print()
+        report["durable"] = _durable_report(durable)
+    targets += durable_targets(durable, skipped)
     if args.smoke:
         print()
     print(f"suite ({sizes.label}), {SUITE_WORKERS} workers, {repeat} repeat(s): median")
@@ -2418,6 +3255,56 @@ def _suite_mode(
     report["suite"] = {"sizes": dataclasses.asdict(sizes)}
     report["targets"] = [target.to_dict(sizes.thresholds) for target in targets]
     return runs, all(target.met(sizes.thresholds) is not False for target in targets)
+
+
+def _durable_header(repeat: int) -> str:
+    text = ("durable: each contender drains a queue filled before its worker started; throughput "
+            "from the worker's ready line to all tasks done (read every "
+            f"{PEER_POLL_INTERVAL * 1000:g} ms), CPU of the whole machine per task")  # fmt: skip
+    if repeat > 1:
+        text += f"; {repeat} repeats: median (min-max)"
+    return text
+
+
+def _durable_report(results: DurableResults) -> dict[str, Any]:
+    summary = []
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in results.runs:
+        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
+    for (handler, system), group in groups.items():
+        summary.append({
+            "workload": handler,
+            "system": system,
+            "concurrency": group[0].workers,
+            "tasks": group[0].extra["durable"]["tasks"],
+            "runs": len(group),
+            "throughput_per_second": _spread(r.throughput for r in group),
+            "efficiency": _spread(r.efficiency for r in group),
+            "cpu_ms_per_task": _spread(r.extra["durable"]["cpu_ms_per_task"] for r in group),
+            "settings": group[0].extra["durable"]["settings"],
+        })  # fmt: skip
+    return {
+        "summary": summary,
+        "skipped_peers": results.skipped,
+        "definitions": {
+            "window": "from the first read after the worker printed its ready line (tasks done "
+            "by then are not counted) to the first read that shows every task done",
+            "cpu_ms_per_task": "user + nice + system + irq + softirq of all cores (/proc/stat) "
+            "during the window, over the tasks done in it: the database server, the broker and "
+            "this benchmark's reads included",
+        },
+    }
+
+
+def _durable_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+    """Run and print the durable comparison; return its runs."""
+    with _sigterm_as_interrupt():
+        results = run_durable(args.db, args.rabbitmq, args.peers, args.repeat,
+                              progress=settings.progress)  # fmt: skip
+    print(_durable_header(args.repeat))
+    print(durable_table(results, ranged=args.repeat > 1))
+    report["durable"] = _durable_report(results)
+    return results.runs
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -2436,7 +3323,7 @@ def _main(argv: Sequence[str]) -> int:
     if mode == "smoke":
         count, latency = SMOKE_COMPARISON["tasks"], SMOKE_COMPARISON["latency_ms"]
         workload = synthetic_workload(count, latency, seed=args.seed)
-    elif mode not in ("suite", "scale-out"):
+    elif mode not in ("suite", "scale-out", "durable"):
         workload = _workload(args)  # before anything prints: a bad task file is a usage error
     report = _report(args, argv, mode)
     # --smoke runs the peers where Huey happens to be installed, without a word where it is not.
@@ -2453,6 +3340,8 @@ def _main(argv: Sequence[str]) -> int:
         runs += suite_runs
     if mode == "scale-out":
         runs += _scale_mode(args, settings, report)
+    if mode == "durable":
+        runs += _durable_mode(args, settings, report)
     report["runs"] = [run.to_dict() for run in runs]
     write_report(args.report, report)
     print(f"report written to {args.report}")

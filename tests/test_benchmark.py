@@ -126,7 +126,7 @@ def test_every_run_carries_a_metrics_snapshot(smoke_report: dict[str, Any]) -> N
         metrics = run["metrics"]
         assert is_finite_number(metrics["throughput_per_second"]), run
         assert is_finite_number(metrics["elapsed_seconds"]), run
-        if run["system"] != "raw-executor-bare":
+        if run["system"] not in ("raw-executor-bare", "plain-asyncio"):  # bare references
             for series in SNAPSHOT_SERIES:
                 assert set(metrics[series]) >= SERIES_KEYS, (run["system"], series)
 
@@ -147,9 +147,9 @@ def test_comparison_runs_report_efficiency_and_speedup(smoke_report: dict[str, A
 
 
 def test_targets_are_present_with_finite_ratios(smoke_report: dict[str, Any]) -> None:
-    """Prove the six targets are reported, each with a finite value and no verdict in smoke."""
+    """Prove the thirteen targets are reported, measured ones finite, none judged in smoke."""
     targets = smoke_report["targets"]
-    assert [target["target"] for target in targets] == [1, 2, 3, 4, 5, 6]
+    assert [target["target"] for target in targets] == list(range(1, 14))
     metrics = [target["metric"] for target in targets]
     assert metrics == [
         "efficiency",
@@ -158,10 +158,45 @@ def test_targets_are_present_with_finite_ratios(smoke_report: dict[str, Any]) ->
         "p99_queue_wait_ms",
         "attempt_efficiency",
         "full_vs_normal",
+        "efficiency",
+        "raw_minus_pool_efficiency",
+        "vs_plain_asyncio",
+        "throughput_vs_best_peer",
+        "cpu_per_task_vs_best_peer",
+        "efficiency",
+        "two_vs_one_process",
     ]
-    for target in targets:
+    for target in targets[:8]:
         assert is_finite_number(target["value"]), target
+    for target in targets:
         assert target["met"] is None, target  # smoke: no thresholds
+    for target in targets[9:]:
+        assert target["skipped"] and target["value"] is None, target  # durable: not in smoke
+
+
+def test_async_target_measures_plain_asyncio_and_never_a_stand_in(
+    smoke_report: dict[str, Any],
+) -> None:
+    """Prove the async target has its plain asyncio side, and no value without AsyncWorkerPool."""
+    plain = [run for run in smoke_report["runs"] if run["system"] == "plain-asyncio"]
+    assert len(plain) == 1 and is_finite_number(plain[0]["efficiency"]), plain
+    target = smoke_report["targets"][8]
+    pooled = [run for run in smoke_report["runs"] if run["system"] == "async-pool"]
+    if target["unavailable"] is not None:
+        assert "AsyncWorkerPool" in target["unavailable"]
+        assert target["value"] is None and not pooled
+    else:
+        assert is_finite_number(target["value"]) and len(pooled) == 1
+
+
+def test_machine_cpu_seconds_grow_with_work() -> None:
+    """Prove the /proc/stat reading is a finite, non-decreasing count of CPU seconds."""
+    first = benchmark._machine_cpu_seconds()
+    if first is None:
+        pytest.skip("no /proc/stat here")
+    sum(range(2_000_000))
+    second = benchmark._machine_cpu_seconds()
+    assert second is not None and second >= first
 
 
 def test_open_loop_and_memory_samples_are_reported(smoke_report: dict[str, Any]) -> None:
@@ -396,6 +431,8 @@ def test_scale_out_on_postgres_drops_its_schemas(tmp_path: Path) -> None:
         (["--db", "no/such/folder/x.db", "--processes", "1"], ["--db", "does not exist"]),
         (["--processes", "1,2"], ["--db", "--processes"]),
         (["--db", "x.db"], ["--db", "--processes"]),
+        (["--db", "x.db", "--peers"], ["--db", "postgresql://"]),
+        (["--smoke", "--db", "postgresql://postgres@127.0.0.1:5432/test"], ["--smoke", "--db"]),
         (["--db", "x.db", "--processes", "1", "--workers", "2,4"], ["--workers"]),
         (["--smoke", "--db", "x.db", "--processes", "1"], ["--smoke", "--processes"]),
         (["--db", "postgresql://postgres@127.0.0.1:1/test", "--processes", "1"], ["postgresql://"]),
