@@ -348,6 +348,35 @@ def test_a_task_that_kills_its_worker_twice_is_failed_as_crashed(
         store.close()
 
 
+def test_tasks_a_killed_worker_prefetched_but_never_started_are_not_crashed(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    """Only the task running when the worker died counts a crash; its prefetched ones run."""
+    db = tmp_path / "queue.db"
+    gate = tmp_path / "gate"  # every call waits for it: the first one holds the only worker
+    file = write_task_file(tmp_path / "tasks.json", tasks(4, gate=str(gate)))
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    flags = ("--workers", "1", "--prefetch", "4", "--max-attempts", "1", "--lease-seconds", "1")
+    worker = launcher.worker(str(db), *flags)
+    wait_until(lambda: sum(launcher.calls_by_key().values()) == 1, "a run", procs=[worker])
+    wait_until(lambda: status_of(db)["tasks"]["running"] == 4, "all four leased", procs=[worker])
+    (started,) = launcher.calls_by_key()
+    worker.kill()
+    gate.touch()
+    survivor = launcher.worker(str(db), *flags)
+    wait_until(
+        lambda: status_of(db)["tasks"] == {"queued": 0, "running": 0, "done": 3, "failed": 1},
+        "the prefetched tasks to run and the crashed one to fail",
+        procs=[survivor],
+    )
+    assert survivor.terminate() == 143
+    assert launcher.calls_by_key() == Counter({f"t-{i:03d}": 1 for i in range(4)})
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT id, error FROM idempotency_tasks WHERE state = 'failed'")
+        assert rows.fetchall() == [(started, "crashed: the worker running it died once")]
+
+
 # --- status and purge ----------------------------------------------------------------------------
 
 

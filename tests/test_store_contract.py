@@ -441,6 +441,11 @@ def test_a_lease_expired_task_is_taken_again_and_the_old_token_is_fenced(backend
     assert task_counts(slow) == {"queued": 0, "running": 0, "done": 1, "failed": 0}
 
 
+def start(store: Any, task_id: str, entry: int, namespace: str = "ns") -> tq.Claim:
+    """Claim a taken task's key the way a pool does before it runs it (a started run)."""
+    return store.claim_many([(task_id, None)], namespace, starts=[(task_id, entry)])[0]
+
+
 def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend: Backend) -> None:
     store = backend.open(lease_seconds=SHORT_LEASE)
     store.enqueue_many([tq.Task("deadly"), tq.Task("fine")])
@@ -448,6 +453,8 @@ def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend
     for take, expected in enumerate([{"deadly", "fine"}, {"deadly", "fine"}, {"fine"}]):
         taken = {item.task.id: item.token for item in store.take_many(f"w{take}", 2, 2)}
         assert set(taken) == expected
+        if "deadly" in taken:  # its run starts: the key's claim counts it
+            assert start(store, "deadly", taken["deadly"]).state == CLAIMED
         assert store.settle_many([("fine", taken["fine"], QUEUED, None)]) == 1
         # The worker holding "deadly" dies: its lease runs out.
         wait_until(lambda: task_counts(store)["running"] == 0 or store.queue_status()["stalled"],
@@ -460,6 +467,37 @@ def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend
     store.enqueue_many([tq.Task("again")])
     for _ in range(3):
         assert ids(wait_until(lambda: store.take_many("w", 5), "the task to be taken")) == {"again"}
+
+
+def test_a_taken_task_never_started_is_no_crash(backend: Backend) -> None:
+    """Only a run that started counts toward max_crashes, not a take (a dead worker's prefetch)."""
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    store.enqueue_many([tq.Task("prefetched"), tq.Task("done-elsewhere")])
+    store.mark_processed("done-elsewhere", out(1), "ns")
+
+    def lease_runs_out() -> dict[str, int]:
+        # The worker holding the rows dies: their leases run out.
+        wait_until(lambda: store.queue_status()["stalled"] == 2, "the leases to run out")
+        taken = {item.task.id: item.token for item in store.take_many("w", 5, 1)}
+        assert set(taken) == {"prefetched", "done-elsewhere"}, taken
+        return taken
+
+    taken = {item.task.id: item.token for item in store.take_many("w", 5, 1)}
+    for _ in range(2):
+        # Prefetched and never started; and a claim that finds the key completed starts nothing.
+        assert start(store, "done-elsewhere", taken["done-elsewhere"]).state == COMPLETED
+        taken = lease_runs_out()
+    # A start reported with a token that no longer holds the row counts for no one.
+    stale = taken["prefetched"]
+    taken = lease_runs_out()
+    assert start(store, "prefetched", stale).state == CLAIMED
+    taken = lease_runs_out()
+    assert task_counts(store)["failed"] == 0
+    # The run that starts, and whose worker dies, is the one crash max_crashes=1 allows.
+    assert start(store, "prefetched", taken["prefetched"]).state == CLAIMED
+    wait_until(lambda: store.queue_status()["stalled"] == 2, "the leases to run out")
+    assert ids(store.take_many("w", 5, 1)) == {"done-elsewhere"}
+    assert task_counts(store)["failed"] == 1
 
 
 def test_take_task_persists_one_task_as_running(backend: Backend) -> None:
