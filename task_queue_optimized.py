@@ -1839,6 +1839,8 @@ class _SqlStore:
 
         taken = self._transaction(take)
         for raw_id, error in unreadable:
+            if isinstance(raw_id, bytes):
+                raw_id = raw_id.decode("utf-8", "backslashreplace")
             logger.warning("task %r failed: %s", raw_id, error)
         return taken
 
