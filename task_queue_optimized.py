@@ -2661,9 +2661,12 @@ def _check_fingerprint(fp: Any) -> str | None:
 
 
 def _check_token(token: Any) -> int:
-    """Return `token` if it can be a fencing token (a positive 63-bit int); else ValueError."""
-    if isinstance(token, bool) or not isinstance(token, int) or not 0 < token < 2**63:
-        raise ValueError(f"token must be a positive 63-bit integer, not {token!r}")
+    """Return `token` if every store can compare it (a 64-bit signed int); else ValueError.
+
+    A token no claim returned is no error: it owns nothing, and the call answers as stale.
+    """
+    if isinstance(token, bool) or not isinstance(token, int) or not -(2**63) <= token < 2**63:
+        raise ValueError(f"token must be a 64-bit integer, not {token!r}")
     return token
 
 

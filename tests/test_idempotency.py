@@ -773,7 +773,7 @@ class TestKeyValidation:
                 assert repr(key) in str(caught.value)
             assert manager.stats()["total"] == 0  # nothing reached the store
 
-    @pytest.mark.parametrize("token", ["1", 0, -1, 2**63, 1.5, True, None], ids=repr)
+    @pytest.mark.parametrize("token", ["1", 2**63, -(2**63) - 1, 1.5, True, None], ids=repr)
     def test_a_bad_token_is_a_value_error(self, store_url: str, token: object) -> None:
         with tq.IdempotencyManager(store_url) as manager:
             calls = [(manager.complete, ("k", token, {})), (manager.renew, ("k", token)),
