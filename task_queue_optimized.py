@@ -2294,6 +2294,11 @@ class PostgresStore(_SqlStore):
         return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
 
     def _create_schema(self) -> None:
+        # DDL on an existing table still locks it (CREATE INDEX IF NOT EXISTS takes a SHARE lock
+        # that blocks writers, and can close a deadlock with a claim that writes both tables):
+        # a complete schema is only read.
+        if self._schema_ready():
+            return
         # Several workers may start at once: an advisory lock makes the DDL one at a time.
         with self._conn.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
@@ -2326,6 +2331,22 @@ class PostgresStore(_SqlStore):
         conn.execute(
             f"CREATE INDEX IF NOT EXISTS idempotency_unscoped ON {keys} (key) WHERE namespace = ''"
         )
+
+    def _schema_ready(self) -> bool:
+        """Return whether the schema holds every table and index, keys scoped by namespace."""
+        names = [self._names[table] for table in ("keys", "tasks", "workers")]
+        names += [
+            f"{self.schema}.{self._names['tasks_index']}",
+            f"{self.schema}.idempotency_unscoped",
+        ]
+        with self._conn.transaction():
+            found = self._conn.execute(
+                "SELECT " + ", ".join(["to_regclass(%s)"] * len(names)) + ", EXISTS (SELECT 1 "
+                "FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'idempotency' AND column_name = 'namespace')",
+                [*names, self.schema],
+            ).fetchone()
+        return None not in found and found[-1]
 
     def _check_schema(self) -> None:
         """Refuse a schema that does not hold the tables (reading must never create them).
