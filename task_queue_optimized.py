@@ -913,6 +913,15 @@ def _new_token() -> int:
     return secrets.randbits(63) or 1
 
 
+def _new_token_range(count: int) -> int:
+    """Return the first of `count` consecutive fresh tokens (see `_new_token`).
+
+    A batch claim draws its tokens this way so that one statement can tell the keys it won by
+    their range; 62 random bits leave room for any batch below 2**63.
+    """
+    return secrets.randbits(62) + 1
+
+
 # Backoff between database retries: drawn from the operating system so that processes which seed
 # the global `random` generator alike do not retry in lockstep.
 _backoff_random = random.SystemRandom()
@@ -926,10 +935,13 @@ class Store(Protocol):
     The namespace is the handler that owns the key (see `WorkerPool`); ``""`` holds rows written
     without one (a database from before namespaces, or `IdempotencyManager` used directly).
 
-    - ``claim_many([(key, fingerprint)], namespace)``: for each key, atomically insert it, or take
-      over a failed, lease-expired or TTL-expired row whose fingerprint agrees; answer `Claim`s in
-      order. A row of the key in ``""`` is first adopted into `namespace` (state, output and lease
-      unchanged) when the namespace has none: the first handler to claim a legacy key owns it.
+    - ``claim_many([(key, fingerprint)], namespace, starts=None)``: for each key, atomically
+      insert it, or take over a failed, lease-expired or TTL-expired row whose fingerprint agrees;
+      answer `Claim`s in order. A row of the key in ``""`` is first adopted into `namespace`
+      (state, output and lease unchanged) when the namespace has none: the first handler to claim
+      a legacy key owns it, whichever process wrote that row and whenever. `starts` lists the
+      ``(task_id, entry_token)`` of durable-queue rows about to run: in the same transaction, each
+      one still held by that token whose key this call claims counts one started run.
     - ``complete_many([(key, token, output_json)])``, ``renew_many([(key, token)])``,
       ``release_many([(key, token, error)])``: each acts only where the token still owns the key
       (fencing; tokens are unique, so they need no namespace); the batch is one transaction,
@@ -948,8 +960,12 @@ class Store(Protocol):
     - ``take_many(worker, limit, max_crashes=None)``: lease up to `limit` queued or lease-expired
       tasks, oldest first, skipping rows other workers hold; a lease-expired task whose runs all
       ended with their worker's death, `max_crashes` of them, is failed as crashed instead. A
-      task's ``attempts`` counts the runs started since it was submitted: a task returned to the
-      queue unrun gives its take back, and a failed task submitted again starts afresh.
+      task's ``attempts`` counts the runs started since it was submitted (see ``claim_many``):
+      a take alone counts nothing, so a task leased but never started (prefetched by a worker that
+      died, returned unrun) is simply taken again; a failed task submitted again starts afresh.
+      Each row is read back on its own: one that is no task (an id or key no store can keep,
+      a payload that is not a JSON object) is failed alone, in the same transaction, with a
+      ``permanent`` error naming the field, and the others are returned.
     - ``take_task(task, worker)``: persist one task as running for this worker (None when it is
       done, or running elsewhere; `TaskConflictError` when the id is stored with another key or
       payload, changing nothing).
@@ -965,7 +981,10 @@ class Store(Protocol):
     ttl_seconds: float | None
 
     def claim_many(
-        self, items: Sequence[tuple[str, str | None]], namespace: str = ""
+        self,
+        items: Sequence[tuple[str, str | None]],
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
     ) -> list[Claim]: ...
     def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]: ...
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int: ...
@@ -996,6 +1015,50 @@ def _crash_error(crashes: int) -> str:
     """The error of a task failed because its worker died while running it `crashes` times."""
     times = "once" if crashes == 1 else f"{crashes} times in a row"
     return f"{ErrorKind.CRASHED.value}: the worker running it died {times}"
+
+
+def _stored_text(value: Any, field: str) -> str:
+    """Return a text column of a stored task, or raise `TaskFileError` naming `field`.
+
+    SQLite hands text over as UTF-8 bytes here (see `SqliteStore._TAKE_COLUMNS`), and None for
+    a value stored as another type: a row written by hand or by an older version must fail alone
+    instead of failing the read of every row beside it.
+    """
+    if value is None:
+        raise TaskFileError(f"field {field!r} is not stored as text", field=field)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TaskFileError(f"field {field!r} is not valid UTF-8 text", field=field) from None
+    _check_text_field(value, field)
+    return value
+
+
+def _stored_task(task_id: Any, key: Any, payload: Any) -> Task:
+    """Build the `Task` of a durable-queue row.
+
+    Raises:
+        TaskFileError: the row holds no task; the error names the field.
+    """
+    task_id = _stored_text(task_id, "id")
+    key = _stored_text(key, "key")
+    try:
+        value = _parse_json(_stored_text(payload, "payload"))
+    except TaskFileError as exc:
+        if exc.field == "payload":
+            raise
+        raise TaskFileError(f"field 'payload': {exc}", field="payload") from None
+    if not isinstance(value, dict):
+        raise TaskFileError(
+            f"field 'payload' must be a JSON object, not {_json_type(value)}", field="payload"
+        )
+    return Task(task_id, value, None if key == task_id else key)
+
+
+def _unreadable_error(exc: TaskFileError) -> str:
+    """The error of a durable-queue row failed because it holds no task."""
+    return f"{ErrorKind.PERMANENT.value}: the stored task cannot be read: {exc}"
 
 
 def _key_order(keys: Sequence[str]) -> list[int]:
@@ -1064,7 +1127,10 @@ class MemoryStore:
         )
 
     def claim_many(
-        self, items: Sequence[tuple[str, str | None]], namespace: str = ""
+        self,
+        items: Sequence[tuple[str, str | None]],
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
     ) -> list[Claim]:
         claims = []
         with self._guard():
@@ -1095,6 +1161,17 @@ class MemoryStore:
                     claims.append(Claim(ClaimState.COMPLETED, output=output))
                 else:
                     claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=row["lease_expires"]))
+            claimed = {
+                key
+                for (key, _), c in zip(items, claims, strict=True)
+                if c.state is ClaimState.CLAIMED
+            }
+            for task_id, entry in starts or ():
+                task_row = self._tasks.get(task_id)
+                if (task_row is not None and task_row["token"] == entry
+                        and task_row["state"] == EntryState.RUNNING
+                        and task_row["task"].key in claimed):  # fmt: skip
+                    task_row["attempts"] += 1
         return claims
 
     def _owned(self, key: str, token: int) -> dict[str, Any] | None:
@@ -1236,8 +1313,8 @@ class MemoryStore:
 
     def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
         token = _new_token()
-        # A failed task submitted again starts with fresh attempts.
-        attempts = 1 if row["state"] == EntryState.FAILED else row["attempts"] + 1
+        # A failed task submitted again starts with fresh attempts; a take itself counts none.
+        attempts = 0 if row["state"] == EntryState.FAILED else row["attempts"]
         row.update(state=EntryState.RUNNING, token=token, worker=worker,
                    lease_expires=now + self.lease_seconds, updated_at=now,
                    attempts=attempts)  # fmt: skip
@@ -1290,8 +1367,8 @@ class MemoryStore:
                     continue
                 row.update(state=state, error=_storable_text(error), lease_expires=None,
                            updated_at=now)  # fmt: skip
-                if state == EntryState.QUEUED:  # returned unrun: the take gives its attempt back
-                    row.update(token=None, worker=None, attempts=row["attempts"] - 1)
+                if state == EntryState.QUEUED:  # returned to the queue, for any worker
+                    row.update(token=None, worker=None)
                 count += 1
             if count:
                 self._work.notify_all()
@@ -1402,11 +1479,20 @@ class _SqlStore:
 
     _DDL: tuple[str, ...] = ()
     _TAKE_LOCK = ""  # appended to the take query's row selection (FOR UPDATE SKIP LOCKED)
+    # What a take returns of each row (id, key, payload, then the id as the fail statement finds
+    # it), and how that statement names the id: SQLite's differ (see SqliteStore).
+    _TAKE_COLUMNS = "id, key, payload, id"
+    _RAW_ID = "id"
     _SQL = {
+        # The WHERE leaves a key alone when it has a row without a namespace to adopt first
+        # (two primary-key probes): claim_many then adopts it and claims again.
         "claim": """
             INSERT INTO {keys} AS t
                 (key, namespace, state, fingerprint, token, lease_expires, created_at, updated_at)
-            VALUES (:key, :ns, 'in_progress', :fp, :token, :lease, :now, :now)
+            SELECT :key, :ns, 'in_progress', :fp, :token, :lease, :now, :now
+            WHERE :ns = ''
+               OR EXISTS (SELECT 1 FROM {keys} WHERE key = :key AND namespace = :ns)
+               OR NOT EXISTS (SELECT 1 FROM {keys} WHERE key = :key AND namespace = '')
             ON CONFLICT (key, namespace) DO UPDATE SET
                 state = 'in_progress', token = excluded.token,
                 lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
@@ -1433,6 +1519,15 @@ class _SqlStore:
             UPDATE {keys} SET namespace = :ns
             WHERE key = :key AND namespace = ''
               AND NOT EXISTS (SELECT 1 FROM {keys} WHERE key = :key AND namespace = :ns)
+        """,
+        # A durable-queue row about to run counts a started run, where this transaction's claim
+        # won the row's key (its token is one of the transaction's range).
+        "start": """
+            UPDATE {tasks} SET attempts = attempts + 1
+            WHERE id = :id AND token = :entry AND state = 'running'
+              AND EXISTS (SELECT 1 FROM {keys} AS k
+                          WHERE k.key = {tasks}.key AND k.namespace = :ns
+                            AND k.token >= :first AND k.token < :end)
         """,
         "live_claims": """
             SELECT token, lease_expires FROM {keys}
@@ -1483,27 +1578,33 @@ class _SqlStore:
         # first running tasks whose lease expired (a dead worker's), then the oldest queued ones.
         "take_expired": """
             UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
-                lease_expires = :lease, attempts = attempts + 1, updated_at = :now
+                lease_expires = :lease, updated_at = :now
             WHERE id IN (
                 SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
                 LIMIT :limit {take_lock})
-            RETURNING id, key, payload
+            RETURNING {take_columns}
         """,
         "take": """
             UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
-                lease_expires = :lease, attempts = attempts + 1, updated_at = :now
+                lease_expires = :lease, updated_at = :now
             WHERE id IN (
                 SELECT id FROM {tasks} WHERE state = 'queued'
                 ORDER BY enqueued_at LIMIT :limit {take_lock})
-            RETURNING id, key, payload
+            RETURNING {take_columns}
+        """,
+        # A row just taken that holds no task (see _stored_task) fails on its own.
+        "fail_unreadable": """
+            UPDATE {tasks} SET state = 'failed', error = :error, lease_expires = NULL,
+                updated_at = :now
+            WHERE {raw_id} = :raw_id AND token = :token AND state = 'running'
         """,
         "take_task": """
             INSERT INTO {tasks} AS t (id, key, payload, state, token, worker, lease_expires,
                 attempts, enqueued_at, updated_at)
-            VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 1, :now, :now)
+            VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 0, :now, :now)
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
-                attempts = CASE WHEN t.state = 'failed' THEN 1 ELSE t.attempts + 1 END,
+                attempts = CASE WHEN t.state = 'failed' THEN 0 ELSE t.attempts END,
                 updated_at = excluded.updated_at
             WHERE (t.state IN ('queued', 'failed')
                    OR (t.state = 'running' AND t.lease_expires <= :now))
@@ -1515,8 +1616,7 @@ class _SqlStore:
             UPDATE {tasks} SET state = :state, error = :error, lease_expires = NULL,
                 updated_at = :now,
                 token = CASE WHEN :state = 'queued' THEN NULL ELSE token END,
-                worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END,
-                attempts = CASE WHEN :state = 'queued' THEN attempts - 1 ELSE attempts END
+                worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END
             WHERE id = :id AND token = :token AND state = 'running'
         """,
         "renew_tasks": """
@@ -1555,16 +1655,11 @@ class _SqlStore:
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
         self._names = dict(names)
-        self._sql = {
-            name: self._dialect(sql.format(take_lock=self._TAKE_LOCK, **names))
-            for name, sql in self._SQL.items()
-        }
+        fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
+                  "raw_id": self._RAW_ID, **names}  # fmt: skip
+        self._sql = {name: self._dialect(sql.format(**fields)) for name, sql in self._SQL.items()}
         self._lock = threading.Lock()  # guards the connection and _closed: one transaction at once
         self._closed = False  # set once by close; a closed store refuses every call
-        # Whether the keys table may hold rows without a namespace, which claims must adopt
-        # first. Set when the store opens and whenever it writes one; while False (a database
-        # created with namespaces) a claim stays a single statement.
-        self._unscoped = True
 
     @staticmethod
     def _dialect(sql: str) -> str:
@@ -1587,15 +1682,16 @@ class _SqlStore:
         return None
 
     def claim_many(
-        self, items: Sequence[tuple[str, str | None]], namespace: str = ""
+        self,
+        items: Sequence[tuple[str, str | None]],
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
     ) -> list[Claim]:
         lease, ttl = self.lease_seconds, self.ttl_seconds
-        adopt = self._unscoped and namespace != ""
-        if not namespace:
-            self._unscoped = True
-        if len(items) == 1 and not adopt:
+        if len(items) == 1 and not starts:
             # The common case of a slow task: one upsert that wins is the whole claim. Losing it
-            # needs the lookup below in the same transaction, so that path runs in one.
+            # (or a key to adopt first) needs the statements below in the same transaction, so
+            # that path runs in one.
             key, fp = items[0]
             now = time.time()
             params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
@@ -1608,31 +1704,45 @@ class _SqlStore:
 
         def claim_all(execute: Callable[..., Any]) -> list[Claim]:
             now = time.time()
+            # Consecutive tokens, one per key: the start statement finds the keys this
+            # transaction won by their range.
+            first = _new_token_range(len(items))
             params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
-                      "ns": namespace}  # fmt: skip
+                      "ns": namespace, "first": first, "end": first + len(items)}  # fmt: skip
             claims: list[Claim] = [Claim(ClaimState.IN_PROGRESS)] * len(items)
             # Rows are locked in key order, so two transactions never wait on each other in a
             # cycle (PostgreSQL would abort one of them as a deadlock).
             for index in _key_order([key for key, _ in items]):
                 key, fp = items[index]
-                params.update(key=key, fp=fp, token=_new_token())
-                if adopt:
-                    execute("adopt", params)
+                params.update(key=key, fp=fp, token=first + index)
                 row = execute("claim", params).fetchone()
+                found = None
+                if row is None:
+                    found = execute("lookup", {"key": key, "ns": namespace}).fetchone()
+                    if found is None:
+                        # The key has a row without a namespace and none in this one (the claim
+                        # left it alone): adopt that row, then claim as usual.
+                        execute("adopt", params)
+                        row = execute("claim", params).fetchone()
+                        if row is None:
+                            found = execute("lookup", {"key": key, "ns": namespace}).fetchone()
                 if row is not None:
                     claims[index] = Claim(
                         ClaimState.CLAIMED, token=row[0], lease_expires=now + lease
                     )
                     continue
-                state, stored_fp, output, _, lease_expires, _, _ = execute(
-                    "lookup", {"key": key, "ns": namespace}
-                ).fetchone()
+                if found is None:
+                    continue  # gone again meanwhile (a purge): in progress, asked again later
+                state, stored_fp, output, _, lease_expires, _, _ = found
                 if fp is not None and stored_fp is not None and stored_fp != fp:
                     claims[index] = Claim(ClaimState.CONFLICT)
                 elif state == _Row.COMPLETED:
                     claims[index] = Claim(ClaimState.COMPLETED, output=json.loads(output))
                 else:
                     claims[index] = Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+            if any(claim.state is ClaimState.CLAIMED for claim in claims):
+                for task_id, entry in sorted(starts or ()):  # rows locked in id order
+                    execute("start", {**params, "id": task_id, "entry": entry})
             return claims
 
         return self._transaction(claim_all)
@@ -1690,8 +1800,6 @@ class _SqlStore:
     def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None:
         params = {"key": key, "token": _new_token(), "output": output_json, "now": time.time(),
                   "ns": namespace}  # fmt: skip
-        if not namespace:
-            self._unscoped = True
         self._transaction(lambda execute: execute("mark", params))
 
     def live_claims(self, namespace: str) -> list[tuple[int, float]]:
@@ -1766,20 +1874,36 @@ class _SqlStore:
         params = {"token": token, "worker": worker, "lease": now + self.lease_seconds,
                   "now": now, "limit": limit}  # fmt: skip
 
-        def take(execute: Callable[..., Any]) -> list[Any]:
+        unreadable: list[tuple[Any, str]] = []  # (id, error) of the rows failed as no task
+
+        def take(execute: Callable[..., Any]) -> list[QueuedTask]:
+            unreadable.clear()  # a transaction run again starts over
             if max_crashes is not None:
                 execute("fail_crashed", {**params, "max_crashes": max_crashes,
                                          "crash_error": _crash_error(max_crashes)})  # fmt: skip
             rows = execute("take_expired", params).fetchall()
             if len(rows) < limit:
                 rows += execute("take", {**params, "limit": limit - len(rows)}).fetchall()
-            return rows
+            taken = []
+            # Each row becomes a task on its own, before the lease commits: one that holds no
+            # task fails alone, and the others run, instead of all of them being leased and
+            # abandoned (and, leased again and again, failed as crashed).
+            for task_id, key, payload, raw_id in rows:
+                try:
+                    taken.append(QueuedTask(_stored_task(task_id, key, payload), token))
+                except TaskFileError as exc:
+                    error = _unreadable_error(exc)
+                    execute("fail_unreadable", {"raw_id": raw_id, "token": token,
+                                                "error": error, "now": now})  # fmt: skip
+                    unreadable.append((raw_id, error))
+            return taken
 
-        rows = self._transaction(take)
-        return [
-            QueuedTask(Task(task_id, json.loads(payload), None if key == task_id else key), token)
-            for task_id, key, payload in rows
-        ]
+        taken = self._transaction(take)
+        for raw_id, error in unreadable:
+            if isinstance(raw_id, bytes):
+                raw_id = raw_id.decode("utf-8", "backslashreplace")
+            logger.warning("task %r failed: %s", raw_id, error)
+        return taken
 
     def take_task(self, task: Task, worker: str) -> int | None:
         now = time.time()
@@ -1912,6 +2036,15 @@ class SqliteStore(_SqlStore):
             fingerprint TEXT, token INTEGER NOT NULL, output TEXT, error TEXT, lease_expires REAL,
             created_at REAL NOT NULL, updated_at REAL NOT NULL,
             PRIMARY KEY (key, namespace)) WITHOUT ROWID"""
+    # Text columns of a taken row come as UTF-8 bytes, and a value stored as another type as
+    # NULL: a row that holds no text (written by hand or by an older version) must fail alone
+    # (see _stored_task) instead of failing the whole take as the driver decodes it.
+    _TAKE_COLUMNS = (
+        "CASE typeof(id) WHEN 'text' THEN CAST(id AS BLOB) END, "
+        "CASE typeof(key) WHEN 'text' THEN CAST(key AS BLOB) END, "
+        "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB)"
+    )
+    _RAW_ID = "CAST(id AS BLOB)"
     # Rows without a namespace, which claims adopt: a partial index keeps finding them cheap.
     _UNSCOPED_DDL = (
         "CREATE INDEX IF NOT EXISTS {keys}_unscoped ON {keys} (key) WHERE namespace = ''"
@@ -1957,15 +2090,18 @@ class SqliteStore(_SqlStore):
             existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
             if not {names["keys"], names["tasks"], names["workers"]} <= existing:
                 raise ConfigError(f"database {self.path}: holds no task queue")
-        if self.path is not None:
+        if self.path is not None and self._create:
             # Switching to WAL needs a moment of exclusive access; _retry_busy covers a race with
-            # another process opening the same new file.
+            # another process opening the same new file. A reader leaves the file's journal mode
+            # as it is: it reads in any mode, and it must not write.
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
         existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-        if names["keys"] in existing:
+        if names["keys"] in existing and self._create:
+            # Only an opener that may create migrates: status and purge read an old file as it
+            # is (their statements need no namespace column).
             self._migrate_keys(conn)
         if not {names["keys"], names["tasks"], names["workers"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
@@ -1985,10 +2121,6 @@ class SqliteStore(_SqlStore):
             raise sqlite3.DatabaseError(
                 f"table {keys!r} exists with another layout (no {', '.join(sorted(missing))})"
             )
-        self._unscoped = (
-            conn.execute(f"SELECT 1 FROM {keys} WHERE namespace = '' LIMIT 1").fetchone()
-            is not None
-        )
 
     def _migrate_keys(self, conn: sqlite3.Connection) -> None:
         """Give a keys table from before namespaces its ``namespace`` column, in place.
@@ -2223,6 +2355,11 @@ class PostgresStore(_SqlStore):
         return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
 
     def _create_schema(self) -> None:
+        # DDL on an existing table still locks it (CREATE INDEX IF NOT EXISTS takes a SHARE lock
+        # that blocks writers, and can close a deadlock with a claim that writes both tables):
+        # a complete schema is only read.
+        if self._schema_ready():
+            return
         # Several workers may start at once: an advisory lock makes the DDL one at a time.
         with self._conn.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
@@ -2255,10 +2392,22 @@ class PostgresStore(_SqlStore):
         conn.execute(
             f"CREATE INDEX IF NOT EXISTS idempotency_unscoped ON {keys} (key) WHERE namespace = ''"
         )
-        self._unscoped = (
-            conn.execute(f"SELECT 1 FROM {keys} WHERE namespace = '' LIMIT 1").fetchone()
-            is not None
-        )
+
+    def _schema_ready(self) -> bool:
+        """Return whether the schema holds every table and index, keys scoped by namespace."""
+        names = [self._names[table] for table in ("keys", "tasks", "workers")]
+        names += [
+            f"{self.schema}.{self._names['tasks_index']}",
+            f"{self.schema}.idempotency_unscoped",
+        ]
+        with self._conn.transaction():
+            found = self._conn.execute(
+                "SELECT " + ", ".join(["to_regclass(%s)"] * len(names)) + ", EXISTS (SELECT 1 "
+                "FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'idempotency' AND column_name = 'namespace')",
+                [*names, self.schema],
+            ).fetchone()
+        return None not in found and found[-1]
 
     def _check_schema(self) -> None:
         """Refuse a schema that does not hold the tables (reading must never create them).
@@ -2619,6 +2768,45 @@ def open_store(
 # --- Idempotency ---------------------------------------------------------------------------------
 
 
+def _check_key(key: Any) -> str:
+    """Return `key` if every store can keep it as an idempotency key (see `_text_problem`).
+
+    Checked before a store is touched, so that a bad key gets the same answer from every store
+    instead of whatever its driver makes of it.
+
+    Raises:
+        ValueError: `key` is not a non-empty string every store can keep; the error names it.
+    """
+    problem = _text_problem(key)
+    if problem is not None:
+        raise ValueError(f"idempotency key {key!r} {problem}")
+    return key
+
+
+def _check_fingerprint(fp: Any) -> str | None:
+    """Return `fp` if it is None or a fingerprint every store can keep; else raise ValueError."""
+    if fp is not None and _text_problem(fp) is not None:
+        raise ValueError(f"fingerprint {fp!r} {_text_problem(fp)}")
+    return fp
+
+
+def _check_token(token: Any) -> int:
+    """Return `token` if every store can compare it (a 64-bit signed int); else ValueError.
+
+    A token no claim returned is no error: it owns nothing, and the call answers as stale.
+    """
+    if isinstance(token, bool) or not isinstance(token, int) or not -(2**63) <= token < 2**63:
+        raise ValueError(f"token must be a 64-bit integer, not {token!r}")
+    return token
+
+
+def _check_key_namespace(namespace: Any) -> str:
+    """Return `namespace` if it is ``""`` (no handler) or text every store can keep."""
+    if namespace != "" and _text_problem(namespace) is not None:
+        raise ValueError(f"namespace {namespace!r} {_text_problem(namespace)}")
+    return namespace
+
+
 class IdempotencyManager:
     """Deduplicate by idempotency key: the claim protocol over a `Store`.
 
@@ -2695,14 +2883,36 @@ class IdempotencyManager:
             A `Claim` whose state is "claimed" (with a fencing token), "completed" (with the cached
             output), "in_progress" (another owner's lease is live) or "conflict" (the key was
             first used with another fingerprint).
+
+        Raises:
+            ValueError: the key, fingerprint or namespace cannot be stored (nothing is touched).
         """
-        return self._check_open().claim_many([(key, fingerprint)], namespace)[0]
+        return self.claim_many([(key, fingerprint)], namespace=namespace)[0]
 
     def claim_many(
-        self, items: Iterable[tuple[str, str | None]], *, namespace: str = ""
+        self,
+        items: Iterable[tuple[str, str | None]],
+        *,
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
     ) -> list[Claim]:
-        """Claim many keys in one transaction; the answers come in the order of `items`."""
-        return self._check_open().claim_many(list(items), namespace)
+        """Claim many keys in one transaction; the answers come in the order of `items`.
+
+        Args:
+            items: ``(key, fingerprint)`` pairs.
+            namespace: the handler that owns the keys (``""``: none).
+            starts: ``(task_id, entry_token)`` of the durable-queue rows about to run for these
+                keys: in the same transaction, each row whose key this call claims counts a
+                started run (see `Store`).
+
+        Raises:
+            ValueError: a key, fingerprint or the namespace cannot be stored (nothing is touched).
+        """
+        items = [(_check_key(key), _check_fingerprint(fp)) for key, fp in items]
+        namespace = _check_key_namespace(namespace)
+        if not starts:  # a store written before `starts` keeps working where none are counted
+            return self._check_open().claim_many(items, namespace)
+        return self._check_open().claim_many(items, namespace, starts=starts)
 
     def complete(self, key: str, token: int, output: Any) -> bool:
         """Store `output` for a key you own and mark it completed; committed before returning.
@@ -2711,8 +2921,11 @@ class IdempotencyManager:
             False, writing nothing, when `token` is stale (the key was claimed by someone else).
 
         Raises:
-            TypeError, ValueError: `output` is not JSON-serialisable.
+            TypeError, ValueError: `output` is not JSON-serialisable, or the key or token is
+                invalid (nothing is touched).
         """
+        _check_key(key)
+        _check_token(token)
         text = _encode_output(output)
         return self._check_open().complete_many([(key, token, text)])[0]
 
@@ -2724,19 +2937,33 @@ class IdempotencyManager:
 
         Returns:
             For each item, whether it was written (False: a stale token, nothing written).
+
+        Raises:
+            ValueError: a key or token is invalid, or an output is not text (nothing is touched).
         """
-        return self._check_open().complete_many(list(items))
+        items = list(items)
+        for key, token, text in items:
+            _check_key(key)
+            _check_token(token)
+            if not isinstance(text, str):
+                raise ValueError(f"the output of key {key!r} must be JSON text, not {text!r}")
+        return self._check_open().complete_many(items)
 
     def renew(self, key: str, token: int) -> bool:
         """Extend the lease of a key you own; False when the token is stale."""
-        return self._check_open().renew_many([(key, token)]) == 1
+        return self.renew_many([(key, token)]) == 1
 
     def renew_many(self, claims: Iterable[tuple[str, int]]) -> int:
         """Extend the leases of many owned keys in one transaction; return how many were renewed."""
-        return self._check_open().renew_many(list(claims))
+        claims = [(_check_key(key), _check_token(token)) for key, token in claims]
+        return self._check_open().renew_many(claims)
 
     def release(self, key: str, token: int, error: str | None = None) -> bool:
         """Give up a key you own: it becomes claimable again and counts as failed until then."""
+        _check_key(key)
+        _check_token(token)
+        if error is not None and not isinstance(error, str):
+            raise ValueError(f"error must be a string or None, not {error!r}")
         return self._check_open().release_many([(key, token, error)]) == 1
 
     def lookup(self, key: str, *, namespace: str | None = None) -> dict[str, Any] | None:
@@ -2744,6 +2971,9 @@ class IdempotencyManager:
 
         With ``namespace=None`` the row of any handler, a completed one first.
         """
+        _check_key(key)
+        if namespace is not None:
+            _check_key_namespace(namespace)
         return self._check_open().lookup(key, namespace)
 
     # Simple surface -----------------------------------------------------------------------------
@@ -2761,7 +2991,12 @@ class IdempotencyManager:
 
         Without a `namespace` the row belongs to no handler yet: the first pool that claims the
         key adopts it, and answers it as a duplicate.
+
+        Raises:
+            ValueError: the key or namespace cannot be stored (nothing is touched).
         """
+        _check_key(key)
+        _check_key_namespace(namespace)
         text = _encode_output(output)
         self._check_open().mark_processed(key, text, namespace)
 
@@ -4577,10 +4812,22 @@ class WorkerPool:
     def _claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in one transaction; return the jobs this worker now owns."""
         namespace = self.namespace
+        # The durable rows of the jobs about to run count their started runs in the claim's
+        # transaction (see Store.claim_many); run alone, each item carries its own row.
         try:
             claims = _each_alone(
-                lambda items: self._store.claim_many(items, namespace=namespace),
-                [(job.key, job.fingerprint) for job in jobs],
+                lambda items: self._store.claim_many(
+                    [item for item, _ in items],
+                    namespace=namespace,
+                    starts=[entry for _, entry in items if entry is not None],
+                ),
+                [
+                    (
+                        (job.key, job.fingerprint),
+                        (job.task.id, job.entry) if job.entry is not None else None,
+                    )
+                    for job in jobs
+                ],
             )
         except Exception as exc:
             if not self._durable:
@@ -5936,6 +6183,7 @@ def _cmd_status(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
     store = _open_cli_store(config, create=False)
     try:
         status = {**store.queue_status(), "keys": store.stats(), "database": _redact(store.url)}
@@ -5970,6 +6218,7 @@ def _cmd_purge(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
     age = _parse_nonnegative_float(args.older_than, "--older-than")
     store = _open_cli_store(config, create=False)
     try:

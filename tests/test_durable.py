@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import sqlite3
 import threading
@@ -348,7 +349,133 @@ def test_a_task_that_kills_its_worker_twice_is_failed_as_crashed(
         store.close()
 
 
+def test_tasks_a_killed_worker_prefetched_but_never_started_are_not_crashed(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    """Only the task running when the worker died counts a crash; its prefetched ones run."""
+    db = tmp_path / "queue.db"
+    gate = tmp_path / "gate"  # every call waits for it: the first one holds the only worker
+    file = write_task_file(tmp_path / "tasks.json", tasks(4, gate=str(gate)))
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    flags = ("--workers", "1", "--prefetch", "4", "--max-attempts", "1", "--lease-seconds", "1")
+    worker = launcher.worker(str(db), *flags)
+    wait_until(lambda: sum(launcher.calls_by_key().values()) == 1, "a run", procs=[worker])
+    wait_until(lambda: status_of(db)["tasks"]["running"] == 4, "all four leased", procs=[worker])
+    (started,) = launcher.calls_by_key()
+    worker.kill()
+    gate.touch()
+    survivor = launcher.worker(str(db), *flags)
+    wait_until(
+        lambda: status_of(db)["tasks"] == {"queued": 0, "running": 0, "done": 3, "failed": 1},
+        "the prefetched tasks to run and the crashed one to fail",
+        procs=[survivor],
+    )
+    assert survivor.terminate() == 143
+    assert launcher.calls_by_key() == Counter({f"t-{i:03d}": 1 for i in range(4)})
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT id, error FROM idempotency_tasks WHERE state = 'failed'")
+        assert rows.fetchall() == [(started, "crashed: the worker running it died once")]
+
+
+def test_a_row_that_holds_no_task_fails_alone_and_the_worker_runs_the_rest(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    """A row with a NUL in its id (older versions stored such ids) or a broken payload fails on
+    its own; the good tasks run, and the worker reports no outage."""
+    db = tmp_path / "queue.db"
+    file = write_task_file(tmp_path / "tasks.json", tasks(4, "good"))
+    assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executemany(
+            "INSERT INTO idempotency_tasks (id, key, payload, state, attempts, enqueued_at, "
+            "updated_at) VALUES (?, ?, ?, 'queued', 0, 0, 0)",
+            [("bad\x00id", "bad\x00id", "{}"), ("torn", "torn", '{"a": ')],
+        )
+        conn.commit()
+    worker = launcher.worker(str(db))
+    wait_until(
+        lambda: status_of(db)["tasks"] == {"queued": 0, "running": 0, "done": 4, "failed": 2},
+        "the good tasks to run and the bad rows to fail",
+        procs=[worker],
+    )
+    assert worker.terminate() == 143
+    assert launcher.calls_by_key() == Counter({f"good-{i:03d}": 1 for i in range(4)})
+    assert "unavailable" not in worker.stderr()
+    assert "field 'id' must not contain a NUL character" in worker.stderr()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        errors = dict(
+            conn.execute("SELECT id, error FROM idempotency_tasks WHERE state = 'failed'")
+        )
+    assert errors["torn"].startswith("permanent: the stored task cannot be read: field 'payload'")
+    assert errors["bad\x00id"] == (
+        "permanent: the stored task cannot be read: field 'id' must not contain a NUL character"
+    )
+
+
 # --- status and purge ----------------------------------------------------------------------------
+
+
+def legacy_queue(db: Path) -> None:
+    """Make `db` a queue whose keys table is from before namespaces, with one finished key."""
+    tq.open_store(str(db)).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("DROP TABLE idempotency")
+        conn.execute(
+            "CREATE TABLE idempotency (key TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, "
+            "fingerprint TEXT, token INTEGER NOT NULL, output TEXT, error TEXT, "
+            "lease_expires REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO idempotency VALUES ('old', 'completed', NULL, 7, '1', NULL, NULL, 0, 0)"
+        )
+        conn.commit()
+
+
+def key_columns(db: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[1] for row in conn.execute("PRAGMA table_info(idempotency)")]
+
+
+def test_status_leaves_a_database_from_before_namespaces_as_it_is(
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    legacy_queue(db)
+    before = db.read_bytes()
+    proc = launcher.run("status", "--db", str(db), "--json", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["keys"]["completed"] == 1
+    assert "namespace" not in key_columns(db)
+    assert db.read_bytes() == before
+    # purge deletes what it is asked to, and changes nothing else.
+    proc = launcher.run("purge", "--db", str(db), "--older-than", "0", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "purged 1 records" in proc.stdout
+    assert "namespace" not in key_columns(db)
+
+
+LOG_LEVEL_CHILD = """
+import logging, sys
+import task_queue_optimized as tq
+code = tq.main([sys.argv[1], "--db", sys.argv[2], "--log-level", "DEBUG"])
+print(code, logging.getLogger().getEffectiveLevel(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("command", ["status", "purge"])
+def test_status_and_purge_configure_logging_from_log_level(
+    command: str,
+    launcher: Launcher,
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "queue.db"
+    tq.open_store(str(db)).close()
+    child = launcher.spawn_python(LOG_LEVEL_CHILD, command, str(db), label=command)
+    assert child.wait(30) == 0, child.stderr()
+    assert child.stdout().splitlines()[-1].split() == ["0", str(logging.DEBUG)]
 
 
 def test_status_reports_states_oldest_stalled_and_heartbeats(

@@ -716,3 +716,84 @@ class TestLegacyDatabase:
                 record = pool.submit(tq.Task("old")).result(WAIT)
             assert (record.status, record.output) == ("succeeded", {"report": "old"})
             assert manager.stats()["completed"] == 2
+
+
+class TestOpenPools:
+    """A pool already open sees what other connections write."""
+
+    @pytest.mark.timeout(30)
+    def test_an_open_pool_adopts_a_completion_marked_elsewhere(self, store_url: str) -> None:
+        """Manager B marks k1 while pool A is running: A answers k1 as a duplicate, unrun."""
+        calls: list[str] = []
+
+        def run(task: tq.Task) -> dict:
+            calls.append(task.id)
+            return {"ran": task.id}
+
+        with tq.IdempotencyManager(store_url) as first:
+            other = first if store_url == "memory://" else tq.IdempotencyManager(store_url)
+            try:
+                with tq.WorkerPool(run, workers=1, idempotency=first) as pool:
+                    assert pool.submit(tq.Task("k0")).result(WAIT).status == "succeeded"
+                    other.mark_processed("k1", {"marked": True})
+                    record = pool.submit(tq.Task("k1")).result(WAIT)
+            finally:
+                if other is not first:
+                    other.close()
+        assert (record.status, record.output, calls) == ("duplicate", {"marked": True}, ["k0"])
+
+
+BAD_KEYS = ["", "a\x00b", "\ud800", 5, None]
+
+
+class TestKeyValidation:
+    """Every public method of IdempotencyManager refuses a key no store can keep, the same way
+    on every store, before the store is touched."""
+
+    @pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
+    def test_a_bad_key_is_a_value_error_naming_it(self, store_url: str, key: object) -> None:
+        calls: list[Callable[[], object]] = [
+            lambda: manager.claim(key),  # type: ignore[arg-type]
+            lambda: manager.claim_many([(key, None)]),  # type: ignore[list-item]
+            lambda: manager.claim_many([("fine", None), (key, None)]),  # type: ignore[list-item]
+            lambda: manager.complete(key, 1, {}),  # type: ignore[arg-type]
+            lambda: manager.complete_many([(key, 1, "{}")]),  # type: ignore[list-item]
+            lambda: manager.renew(key, 1),  # type: ignore[arg-type]
+            lambda: manager.renew_many([(key, 1)]),  # type: ignore[list-item]
+            lambda: manager.release(key, 1),  # type: ignore[arg-type]
+            lambda: manager.lookup(key),  # type: ignore[arg-type]
+            lambda: manager.is_processed(key),  # type: ignore[arg-type]
+            lambda: manager.mark_processed(key, 1),  # type: ignore[arg-type]
+            lambda: manager.get_cached_output(key),  # type: ignore[arg-type]
+        ]
+        with tq.IdempotencyManager(store_url) as manager:
+            for call in calls:
+                with pytest.raises(ValueError, match=r"^idempotency key .* must ") as caught:
+                    call()
+                assert repr(key) in str(caught.value)
+            assert manager.stats()["total"] == 0  # nothing reached the store
+
+    @pytest.mark.parametrize("token", ["1", 2**63, -(2**63) - 1, 1.5, True, None], ids=repr)
+    def test_a_bad_token_is_a_value_error(self, store_url: str, token: object) -> None:
+        with tq.IdempotencyManager(store_url) as manager:
+            calls = [(manager.complete, ("k", token, {})), (manager.renew, ("k", token)),
+                     (manager.release, ("k", token))]  # fmt: skip
+            for call, args in calls:
+                with pytest.raises(ValueError, match="token must be"):
+                    call(*args)  # type: ignore[operator]
+            assert manager.stats()["total"] == 0
+
+    @pytest.mark.parametrize("namespace", ["a\x00b", "\ud800", 5], ids=repr)
+    def test_a_bad_namespace_or_fingerprint_is_a_value_error(
+        self, store_url: str, namespace: object
+    ) -> None:
+        with tq.IdempotencyManager(store_url) as manager:
+            with pytest.raises(ValueError, match=r"^namespace "):
+                manager.claim("k", namespace=namespace)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=r"^namespace "):
+                manager.mark_processed("k", 1, namespace=namespace)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=r"^namespace "):
+                manager.lookup("k", namespace=namespace)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=r"^fingerprint "):
+                manager.claim("k", namespace)  # type: ignore[arg-type]
+            assert manager.stats()["total"] == 0

@@ -212,14 +212,15 @@ def test_table_name_accepted_only_when_it_is_an_identifier(table: str) -> None:
         shutil.rmtree(folder)
 
 
-NO_SURROGATES = st.characters(exclude_categories=("Cs",))
+# Keys every store can keep: no lone surrogate, no NUL (the manager refuses both, see below).
+STORABLE_CHARACTERS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     items=st.dictionaries(
-        st.text(NO_SURROGATES, min_size=1, max_size=30)
-        | st.sampled_from(["'; DROP TABLE idempotency; --", '" OR 1=1 --', "k\x00z"]),
+        st.text(STORABLE_CHARACTERS, min_size=1, max_size=30)
+        | st.sampled_from(["'; DROP TABLE idempotency; --", '" OR 1=1 --', "k\\x00z"]),
         JSON_VALUES,
         min_size=1,
         max_size=8,

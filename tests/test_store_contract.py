@@ -246,6 +246,30 @@ def test_mark_processed_completes_a_key_whoever_holds_it(backend: Backend) -> No
     assert store.lookup("fresh")["output"] == {"v": 2}
 
 
+def test_a_claim_adopts_keys_another_store_marked_without_a_namespace(backend: Backend) -> None:
+    """Rows written without a namespace by another connection, after this one opened, are adopted
+    by its claims: alone, and in a batch."""
+    first, second = backend.stores(2)
+    assert claim_in(first, ["warm-up"]) == [CLAIMED]  # the first store has claimed before
+    for key in ("alone", "k1", "k2"):
+        second.mark_processed(key, out(key))
+    assert claim_in(first, ["alone"]) == [COMPLETED]
+    claims = first.claim_many([("k1", None), ("fresh", None), ("k2", None)], "ns")
+    assert [(c.state, c.output) for c in claims] == [
+        (COMPLETED, "k1"),
+        (CLAIMED, None),
+        (COMPLETED, "k2"),
+    ]
+    assert first.lookup("k1", "ns")["state"] == "completed"
+    assert first.lookup("k1", "") is None  # adopted: moved into the namespace
+    # Another namespace finds it owned already, and runs its own.
+    assert claim_in(second, ["k1"], "other") == [CLAIMED]
+
+
+def claim_in(store: Any, keys: list[str], namespace: str = "ns") -> list[Any]:
+    return [c.state for c in store.claim_many([(key, None) for key in keys], namespace)]
+
+
 def test_stats_count_rows_by_state(backend: Backend) -> None:
     store = backend.open()
     assert store.stats() == {"in_progress": 0, "completed": 0, "failed": 0, "total": 0}
@@ -400,6 +424,86 @@ def test_take_many_round_trips_the_task(backend: Backend) -> None:
     assert all(isinstance(item, tq.QueuedTask) and isinstance(item.token, int) for item in taken)
 
 
+def insert_raw_tasks(backend: Backend, rows: list[tuple[Any, Any, Any]]) -> None:
+    """Write (id, key, payload) rows straight into the tasks table, as another program could."""
+    now = time.time()
+    if backend.name == "sqlite":
+        path = backend.url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.executemany(
+                "INSERT INTO idempotency_tasks (id, key, payload, state, attempts, enqueued_at, "
+                "updated_at) VALUES (?, ?, ?, 'queued', 0, ?, ?)",
+                [(*row, now, now) for row in rows],
+            )
+            conn.commit()
+    else:
+        schema = store_fixtures.schema_of(backend.url)
+        for row in rows:
+            store_fixtures.pg_execute(
+                f"INSERT INTO {schema}.tasks (id, key, payload, state, attempts, enqueued_at, "
+                "updated_at) VALUES (%s, %s, %s, 'queued', 0, %s, %s)",
+                (*row, now, now),
+            )
+
+
+def test_a_stored_row_that_holds_no_task_fails_alone_in_the_take(backend: Backend) -> None:
+    """Good rows are taken; each bad one is failed on its own, naming the field, never retaken."""
+    if not backend.shared:
+        pytest.skip("memory:// keeps Task objects: it holds no row another program wrote")
+    store = backend.open()
+    store.enqueue_many([tq.Task(f"good{i}", {"i": i}) for i in range(3)])
+    bad = {
+        "empty-key": ("empty-key", "", "{}"),
+        "broken": ("broken", "broken", "{"),
+        "listed": ("listed", "listed", "[1]"),
+        "nan": ("nan", "nan", '{"x": NaN}'),
+    }
+    if backend.name == "sqlite":  # values PostgreSQL text cannot even hold
+        bad["nul"] = ("bad\x00id", "nul", "{}")
+        bad["blob"] = (b"blob-id", "blob", "{}")
+        bad["latin1"] = ("latin1", "latin1", b'{"x": "\xff"}'.decode("latin-1"))
+    insert_raw_tasks(backend, list(bad.values()))
+    if backend.name == "sqlite":  # text that is not UTF-8, as a C program could write it
+        path = backend.url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute(
+                "UPDATE idempotency_tasks SET payload = CAST(X'7b2278223a22ff227d' AS TEXT) "
+                "WHERE key = 'latin1'"
+            )
+            conn.commit()
+    taken = store.take_many("w", 50, 3)
+    assert {item.task.id: item.task.payload for item in taken} == {
+        f"good{i}": {"i": i} for i in range(3)
+    }
+    assert task_counts(store) == {"queued": 0, "running": 3, "done": 0, "failed": len(bad)}
+    assert store.take_many("w", 50, 3) == []  # failed rows are not taken again
+    if backend.name == "sqlite":
+        path = backend.url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            errors = dict(
+                conn.execute("SELECT id, error FROM idempotency_tasks WHERE state = 'failed'")
+            )
+    else:
+        schema = store_fixtures.schema_of(backend.url)
+        errors = dict(
+            store_fixtures.pg_rows(f"SELECT id, error FROM {schema}.tasks WHERE state = 'failed'")
+        )
+    prefix = "permanent: the stored task cannot be read: field "
+    expected = {
+        "empty-key": "'key' must be a non-empty string",
+        "broken": "'payload': line 1 column 2: invalid JSON: Expecting property name",
+        "listed": "'payload' must be a JSON object, not an array",
+        "nan": "'payload': line 1 column 7: invalid JSON: non-finite number NaN",
+        "nul": "'id' must not contain a NUL character",
+        "blob": "'id' is not stored as text",
+        "latin1": "'payload' is not valid UTF-8 text",
+    }
+    names = {row[0]: name for name, row in bad.items()}
+    assert set(errors) == set(names)
+    for task_id, error in errors.items():
+        assert error.startswith(prefix + expected[names[task_id]]), (task_id, error)
+
+
 def test_take_many_takes_the_oldest_first_and_skips_live_leases(backend: Backend) -> None:
     first, second = backend.stores(2)
     for name in ("t1", "t2", "t3"):
@@ -441,6 +545,11 @@ def test_a_lease_expired_task_is_taken_again_and_the_old_token_is_fenced(backend
     assert task_counts(slow) == {"queued": 0, "running": 0, "done": 1, "failed": 0}
 
 
+def start(store: Any, task_id: str, entry: int, namespace: str = "ns") -> tq.Claim:
+    """Claim a taken task's key the way a pool does before it runs it (a started run)."""
+    return store.claim_many([(task_id, None)], namespace, starts=[(task_id, entry)])[0]
+
+
 def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend: Backend) -> None:
     store = backend.open(lease_seconds=SHORT_LEASE)
     store.enqueue_many([tq.Task("deadly"), tq.Task("fine")])
@@ -448,6 +557,8 @@ def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend
     for take, expected in enumerate([{"deadly", "fine"}, {"deadly", "fine"}, {"fine"}]):
         taken = {item.task.id: item.token for item in store.take_many(f"w{take}", 2, 2)}
         assert set(taken) == expected
+        if "deadly" in taken:  # its run starts: the key's claim counts it
+            assert start(store, "deadly", taken["deadly"]).state == CLAIMED
         assert store.settle_many([("fine", taken["fine"], QUEUED, None)]) == 1
         # The worker holding "deadly" dies: its lease runs out.
         wait_until(lambda: task_counts(store)["running"] == 0 or store.queue_status()["stalled"],
@@ -460,6 +571,37 @@ def test_a_task_whose_worker_died_max_crashes_times_is_failed_as_crashed(backend
     store.enqueue_many([tq.Task("again")])
     for _ in range(3):
         assert ids(wait_until(lambda: store.take_many("w", 5), "the task to be taken")) == {"again"}
+
+
+def test_a_taken_task_never_started_is_no_crash(backend: Backend) -> None:
+    """Only a run that started counts toward max_crashes, not a take (a dead worker's prefetch)."""
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    store.enqueue_many([tq.Task("prefetched"), tq.Task("done-elsewhere")])
+    store.mark_processed("done-elsewhere", out(1), "ns")
+
+    def lease_runs_out() -> dict[str, int]:
+        # The worker holding the rows dies: their leases run out.
+        wait_until(lambda: store.queue_status()["stalled"] == 2, "the leases to run out")
+        taken = {item.task.id: item.token for item in store.take_many("w", 5, 1)}
+        assert set(taken) == {"prefetched", "done-elsewhere"}, taken
+        return taken
+
+    taken = {item.task.id: item.token for item in store.take_many("w", 5, 1)}
+    for _ in range(2):
+        # Prefetched and never started; and a claim that finds the key completed starts nothing.
+        assert start(store, "done-elsewhere", taken["done-elsewhere"]).state == COMPLETED
+        taken = lease_runs_out()
+    # A start reported with a token that no longer holds the row counts for no one.
+    stale = taken["prefetched"]
+    taken = lease_runs_out()
+    assert start(store, "prefetched", stale).state == CLAIMED
+    taken = lease_runs_out()
+    assert task_counts(store)["failed"] == 0
+    # The run that starts, and whose worker dies, is the one crash max_crashes=1 allows.
+    assert start(store, "prefetched", taken["prefetched"]).state == CLAIMED
+    wait_until(lambda: store.queue_status()["stalled"] == 2, "the leases to run out")
+    assert ids(store.take_many("w", 5, 1)) == {"done-elsewhere"}
+    assert task_counts(store)["failed"] == 1
 
 
 def test_take_task_persists_one_task_as_running(backend: Backend) -> None:
