@@ -986,7 +986,11 @@ class Store(Protocol):
         namespace: str = "",
         starts: Sequence[tuple[str, int]] | None = None,
     ) -> list[Claim]: ...
-    def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]: ...
+    def complete_many(
+        self,
+        items: Sequence[tuple[str, int, str]],
+        settle: Sequence[tuple[int, str, int]] | None = None,
+    ) -> list[bool]: ...
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int: ...
     def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int: ...
     def lookup(self, key: str, namespace: str | None = None) -> dict[str, Any] | None: ...
@@ -1180,7 +1184,11 @@ class MemoryStore:
                 return row
         return None
 
-    def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
+    def complete_many(
+        self,
+        items: Sequence[tuple[str, int, str]],
+        settle: Sequence[tuple[int, str, int]] | None = None,
+    ) -> list[bool]:
         results = []
         with self._guard():
             now = time.time()
@@ -1190,6 +1198,16 @@ class MemoryStore:
                     row.update(state=_Row.COMPLETED, output=text, error=None, lease_expires=None,
                                updated_at=now)  # fmt: skip
                 results.append(row is not None)
+            for index, task_id, entry in settle or ():
+                task = self._tasks.get(task_id)
+                if (
+                    results[index]
+                    and task is not None
+                    and task["token"] == entry
+                    and (task["state"] == EntryState.RUNNING)
+                ):
+                    task.update(state=EntryState.DONE, error=None, lease_expires=None,
+                                updated_at=now)  # fmt: skip
         return results
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
@@ -1784,10 +1802,29 @@ class _SqlStore:
 
         return self._transaction(run)
 
-    def complete_many(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
+    def complete_many(
+        self,
+        items: Sequence[tuple[str, int, str]],
+        settle: Sequence[tuple[int, str, int]] | None = None,
+    ) -> list[bool]:
         now = time.time()
         rows = [{"key": k, "token": t, "output": o, "now": now} for k, t, o in items]
-        return [count == 1 for count in self._each("complete", rows)]
+        if not settle:
+            return [count == 1 for count in self._each("complete", rows)]
+
+        def run(execute: Callable[..., Any]) -> list[bool]:
+            written = [False] * len(rows)
+            order = _key_order([row["key"] for row in rows])
+            for index, result in zip(order, execute("complete", [rows[i] for i in order]),
+                                     strict=True):  # fmt: skip
+                written[index] = result.rowcount == 1
+            # The durable rows of the completed keys are done in the same transaction.
+            done = sorted((task_id, entry) for index, task_id, entry in settle if written[index])
+            execute("settle", [{"id": task_id, "token": entry, "state": EntryState.DONE.value,
+                                "error": None, "now": now} for task_id, entry in done])  # fmt: skip
+            return written
+
+        return self._transaction(run)
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
         now = time.time()
@@ -2958,11 +2995,18 @@ class IdempotencyManager:
         text = _encode_output(output)
         return self._check_open().complete_many([(key, token, text)])[0]
 
-    def complete_many(self, items: Iterable[tuple[str, int, str]]) -> list[bool]:
+    def complete_many(
+        self,
+        items: Iterable[tuple[str, int, str]],
+        *,
+        settle: Sequence[tuple[int, str, int]] | None = None,
+    ) -> list[bool]:
         """Complete many owned keys in one transaction (group commit).
 
         Args:
             items: ``(key, token, output_json)`` triples; the output is already JSON text.
+            settle: ``(index, task_id, entry_token)`` of durable-queue rows to mark done in the
+                same transaction, each only if the completion of ``items[index]`` was written.
 
         Returns:
             For each item, whether it was written (False: a stale token, nothing written).
@@ -2976,6 +3020,8 @@ class IdempotencyManager:
             _check_token(token)
             if not isinstance(text, str):
                 raise ValueError(f"the output of key {key!r} must be JSON text, not {text!r}")
+        if settle:
+            return self._check_open().complete_many(items, settle)
         return self._check_open().complete_many(items)
 
     def renew(self, key: str, token: int) -> bool:
@@ -4984,9 +5030,16 @@ class WorkerPool:
         """Commit the successes in one transaction, before any of their futures resolves."""
         if not done:
             return
-        items = [(job.key, job.token, text) for job, _, text in done]
+        # A durable job's row is marked done in the completion's own transaction.
+        items = [((job.key, job.token, text), job.task.id, job.entry) for job, _, text in done]
+
+        def complete(batch: list[Any]) -> list[bool]:
+            settle = [(index, task_id, entry) for index, (_, task_id, entry) in enumerate(batch)
+                      if entry is not None]  # fmt: skip
+            return self._store.complete_many([item for item, _, _ in batch], settle=settle)
+
         try:
-            written = _each_alone(self._store.complete_many, items)
+            written = _each_alone(complete, items)
         except Exception as exc:
             if not self._durable:
                 raise
@@ -5006,6 +5059,7 @@ class WorkerPool:
             job.store_failures = 0
             job.token = None
             if ok:
+                job.entry = None  # settled as done with the completion
                 outcomes.append(_JobOutcome(job, TaskStatus.SUCCEEDED, output=output))
             else:
                 # The lease ran out and another owner took the key: report that owner's result.

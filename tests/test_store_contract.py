@@ -652,6 +652,25 @@ def test_settle_many_records_done_failed_and_queued(backend: Backend) -> None:
     assert task_counts(store) == {"queued": 0, "running": 2, "done": 1, "failed": 1}
 
 
+def test_complete_many_settles_the_rows_of_written_completions_in_one_call(
+    backend: Backend,
+) -> None:
+    """A completion and its durable row's settlement share one transaction; a stale one, none."""
+    store = backend.open()
+    store.enqueue_many([tq.Task("a"), tq.Task("b")])
+    entry = {item.task.id: item.token for item in store.take_many("w", 2)}
+    claims = store.claim_many([("a", None), ("b", None)], "ns")
+    stale = claims[1].token + 1 if claims[1].token < 2**62 else claims[1].token - 1
+    written = store.complete_many(
+        [("a", claims[0].token, '"A"'), ("b", stale, '"B"')],
+        settle=[(0, "a", entry["a"]), (1, "b", entry["b"])],
+    )
+    assert written == [True, False]
+    # Only the row whose completion was written is done; the other one is still running.
+    assert task_counts(store) == {"queued": 0, "running": 1, "done": 1, "failed": 0}
+    assert store.lookup("a", "ns")["state"] == "completed"
+
+
 def test_renew_tasks_renews_one_workers_leases_and_records_its_heartbeat(backend: Backend) -> None:
     first, second = backend.stores(2)
     first.enqueue_many([tq.Task(f"t{i}") for i in range(3)])
