@@ -160,6 +160,8 @@ BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
 MAX_COMPLETION_BATCH = 512  # most requests the committer takes in one round
 ASYNC_DISPATCHERS = 2  # threads that claim keys and start calls for an async handler
+PREFETCH_BUDGET_SECONDS = 0.05  # handler time a durable worker leases ahead for quick tasks
+MAX_PREFETCH = 256  # most durable rows a worker leases ahead for quick tasks
 _WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by another owner
 _OUTAGE_NOTICE_INTERVAL = 60.0  # seconds between two warnings that a worker's database is down
 _OUTAGE_MAX_BACKOFF = 5.0  # longest wait between two tries of an unavailable database
@@ -4605,10 +4607,10 @@ class WorkerPool:
               poll_interval: float = 1.0) -> None:  # fmt: skip
         """Take tasks from the durable queue and run them until `stop` is set.
 
-        Keeps at most `prefetch` tasks (default: twice the workers) leased from the store, so
-        workers on other machines share the work. Idle, it waits for an enqueue (PostgreSQL
-        LISTEN/NOTIFY) or `poll_interval` seconds. Returns when `stop` is set; `shutdown` then
-        drains or cancels what this pool holds.
+        Keeps at most `prefetch` tasks leased from the store, so workers on other machines share
+        the work (default: twice the workers, or up to ``MAX_PREFETCH`` when tasks are quick).
+        Idle, it waits for an enqueue (PostgreSQL LISTEN/NOTIFY) or `poll_interval` seconds.
+        Returns when `stop` is set; `shutdown` then drains or cancels what this pool holds.
 
         Raises:
             TaskQueueError: the pool is not durable.
@@ -4618,16 +4620,24 @@ class WorkerPool:
         with self._lock:
             self._store_users += 1
         try:
-            self._serve(stop, prefetch or 2 * self._workers, poll_interval)
+            self._serve(stop, prefetch, poll_interval)
         finally:
             self._release_store()
 
-    def _serve(self, stop: threading.Event, limit: int, poll_interval: float) -> None:
+    def _prefetch(self) -> int:
+        """How many durable rows to hold: twice the workers, or for quick tasks about
+        PREFETCH_BUDGET_SECONDS of their work (at most MAX_PREFETCH), so that one take feeds many
+        quick tasks while slow ones stay in the store for other workers to take."""
+        quick = int(self._workers * PREFETCH_BUDGET_SECONDS / self._per_call)
+        return max(2 * self._workers, min(MAX_PREFETCH, quick))
+
+    def _serve(self, stop: threading.Event, prefetch: int | None, poll_interval: float) -> None:
         store = self._store.store
         self._heartbeat()
         outage_noticed: float | None = None  # when the last "unavailable" warning was logged
         backoff = 0.05
         while not stop.is_set():
+            limit = prefetch or self._prefetch()
             with self._changed:
                 # Refill in chunks, once half the prefetch is done: one take for many tasks,
                 # and the workers never run dry while a take is on its way.
@@ -6201,7 +6211,9 @@ def _cmd_worker(argv: list[str]) -> int:
     )
     _add_handler_arguments(parser)
     parser.add_argument(
-        "--prefetch", metavar="N", help="tasks leased at once (default 2 x workers)"
+        "--prefetch",
+        metavar="N",
+        help=f"tasks leased at once (default 2 x workers, up to {MAX_PREFETCH} for quick tasks)",
     )
     parser.add_argument(
         "--metrics-port", metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics"
