@@ -4531,7 +4531,13 @@ class WorkerPool:
             self._metrics.record_enqueue(queued=False)
             return future
         try:
-            self._queue.submit(job, block=block, timeout=timeout)
+            if self._in_own_thread():
+                # A done-callback (on the committer) or an async handler (on the event loop)
+                # submitting more work: waiting for room there would wait for the very thread
+                # that makes room. It goes in past the bound instead.
+                self._queue.put_overflow(job)
+            else:
+                self._queue.submit(job, block=block, timeout=timeout)
         except BaseException as exc:
             # Refused (QueueFullError), or interrupted while waiting for room (KeyboardInterrupt,
             # SystemExit, a pool closed meanwhile): a job in no queue must not stay counted, or
@@ -4711,11 +4717,7 @@ class WorkerPool:
                 cancelled (their keys stay unclaimed); running tasks, including those waiting out
                 a retry backoff, always finish.
         """
-        if wait and (
-            self._queue.in_worker()
-            or self._committer.owns_current_thread()  # done-callbacks run there
-            or (self._runner is not None and self._runner.owns_current_thread())
-        ):
+        if wait and (self._queue.in_worker() or self._in_own_thread()):
             # Called from a handler or a done-callback: waiting would wait for itself.
             wait = False
         with self._lock:
@@ -5304,6 +5306,12 @@ class WorkerPool:
         )
         if cancelled:
             self._finish_many(cancelled)
+
+    def _in_own_thread(self) -> bool:
+        """Return whether the caller is the committer (done-callbacks run there) or the loop."""
+        return self._committer.owns_current_thread() or (
+            self._runner is not None and self._runner.owns_current_thread()
+        )
 
     def _cancel_queued(self, futures: set[concurrent.futures.Future]) -> None:
         """Cancel the jobs behind `futures` that no worker has started (see `iter_results`)."""

@@ -868,3 +868,59 @@ class TestDurablePoolRidesOutAnOutage:
         assert (record.status, record.error_kind) == (tq.TaskStatus.FAILED, "transient")
         assert "could not record" in (record.error or "")
         assert again.status is tq.TaskStatus.SUCCEEDED
+
+
+class TestSubmittingFromThePoolsOwnThreads:
+    """A done-callback or an async handler may submit more work, even to a full queue."""
+
+    @pytest.mark.timeout(30)
+    def test_a_done_callback_chains_tasks_through_a_full_queue(self) -> None:
+        done = threading.Event()
+        records: list[tq.TaskRecord] = []
+        pool = tq.WorkerPool(lambda task: task.id, workers=1, queue_size=1)
+
+        def chain(future: Any) -> None:
+            record = future.result()
+            records.append(record)
+            number = int(record.task_id[1:])
+            if number < 30:
+                # Three follow-ups at once: the queue of one is full after the first.
+                for offset in (1, 2, 3):
+                    if number + offset <= 30 and f"t{number + offset}" not in seen:
+                        seen.add(f"t{number + offset}")
+                        pool.submit(tq.Task(f"t{number + offset}")).add_done_callback(chain)
+            if len(records) == 31:
+                done.set()
+
+        seen = {"t0"}
+        try:
+            pool.submit(tq.Task("t0")).add_done_callback(chain)
+            assert done.wait(WAIT), f"{len(records)} of 31 finished"
+        finally:
+            pool.shutdown()
+        assert sorted(int(r.task_id[1:]) for r in records) == list(range(31))
+
+    @pytest.mark.timeout(30)
+    def test_an_async_handler_submits_to_its_own_full_pool(self) -> None:
+        holder: list[tq.WorkerPool] = []
+        finished = threading.Event()
+        count = 0
+
+        async def handler(task: tq.Task) -> str:
+            nonlocal count
+            if task.id == "parent":
+                for i in range(20):  # the queue holds 2: the rest must not block the loop
+                    holder[0].submit(tq.Task(f"child{i}"))
+            count += 1
+            if count == 21:
+                finished.set()
+            return task.id
+
+        pool = tq.WorkerPool(handler, workers=4, queue_size=2)
+        holder.append(pool)
+        try:
+            pool.submit(tq.Task("parent"))
+            assert finished.wait(WAIT), f"{count} of 21 ran"
+        finally:
+            pool.shutdown()
+        assert pool.metrics.snapshot()["succeeded"] == 21
