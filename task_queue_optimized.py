@@ -4024,7 +4024,12 @@ class _Committer:
     def stop(self, wait: bool = True) -> None:
         """End the thread after the requests before this one; nothing may be running."""
         self._requests.put(_STOP)
-        if wait and not self.owns_current_thread():
+        if wait:
+            self.join()
+
+    def join(self) -> None:
+        """Wait until the thread has ended (after `stop`)."""
+        if not self.owns_current_thread():
             self._thread.join()
 
     def _run(self) -> None:
@@ -4149,9 +4154,22 @@ class _AsyncRunner:
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self._loop.run_forever()
+            while True:
+                try:
+                    self._loop.run_forever()
+                    return  # stopped by stop()
+                except (SystemExit, KeyboardInterrupt):
+                    # A task the handler made itself (asyncio.gather, wait_for) raised it:
+                    # asyncio lets it out of run_forever. The call that awaited that task has
+                    # its failure already; the loop goes on with the other calls.
+                    logger.exception("a task of the async handler raised; the event loop goes on")
         finally:
             self._loop.close()
+
+    def join(self) -> None:
+        """Wait until the loop thread has ended (after `stop`)."""
+        if not self.owns_current_thread():
+            self._loop_thread.join()
 
 
 # A submission that joined an in-flight one: its task, its future, when it was submitted and,
@@ -4462,7 +4480,7 @@ class WorkerPool:
         now = time.perf_counter()
         try:
             fp = fingerprint(task.payload)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
             return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
         if not self._durable:
             if probe:
@@ -5019,6 +5037,11 @@ class WorkerPool:
             except BaseException as exc:
                 busy += clock() - began
                 calls += 1
+                if waits:
+                    # A retry may finish on another worker before this batch ends: its start
+                    # must be counted first, or in_flight would never come back to zero.
+                    self._metrics.record_starts(waits, dequeued=False)
+                    waits = []
                 self._on_error(job, exc, outcomes)
                 continue
             busy += clock() - began
@@ -5345,6 +5368,12 @@ class WorkerPool:
             self._committer.stop(wait)
             if self._runner is not None:
                 self._runner.stop(wait)
+        elif wait:
+            # Another thread stopped them without waiting (the last task's finisher): this
+            # caller was asked to wait until they have ended.
+            self._committer.join()
+            if self._runner is not None:
+                self._runner.join()
 
     def _release_store(self) -> None:
         """End one use of the store (see ``_store_users``); the last one closes an owned store."""

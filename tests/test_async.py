@@ -491,3 +491,31 @@ def test_cli_interrupted_with_an_async_handler_resumes(tmp_path: Path) -> None:
     assert rerun.returncode == 0, rerun.stderr
     assert (snapshot["succeeded"], snapshot["duplicates"]) == (60 - done, done)
     assert Counter(calls.read_text().split()).most_common(1)[0][1] == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])
+def test_an_inner_task_raising_system_exit_fails_its_call_and_the_loop_goes_on(
+    exc_type: type[BaseException],
+) -> None:
+    """asyncio lets SystemExit out of a task the handler made; the pool's loop survives it."""
+
+    async def inner(task: tq.Task) -> str:
+        await asyncio.sleep(0)
+        if task.id == "t5":
+            raise exc_type("from an inner task")
+        return task.id
+
+    async def handler(task: tq.Task) -> str:
+        return await asyncio.wait_for(inner(task), WAIT)
+
+    pool = tq.WorkerPool(handler, workers=4)
+    try:
+        futures = [pool.submit(tq.Task(f"t{i}")) for i in range(11)]
+        records = {f.result(WAIT).task_id: f.result(WAIT) for f in futures}
+        after = pool.submit(tq.Task("after")).result(WAIT)
+    finally:
+        pool.shutdown()
+    assert records["t5"].status is tq.TaskStatus.FAILED
+    assert {r.status for k, r in records.items() if k != "t5"} == {tq.TaskStatus.SUCCEEDED}
+    assert after.status is tq.TaskStatus.SUCCEEDED

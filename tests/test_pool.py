@@ -924,3 +924,60 @@ class TestSubmittingFromThePoolsOwnThreads:
         finally:
             pool.shutdown()
         assert pool.metrics.snapshot()["succeeded"] == 21
+
+
+class TestGaugesAndEdges:
+    """Gauges come back to zero; odd payloads are records, never exceptions from submit."""
+
+    @pytest.mark.timeout(30)
+    def test_in_flight_returns_to_zero_after_retries_in_batches(self) -> None:
+        failed_once: set[str] = set()
+        lock = threading.Lock()
+
+        def handler(task: tq.Task) -> str:
+            number = int(task.id[1:])
+            with lock:
+                first = number % 2 == 0 and task.id not in failed_once
+                failed_once.add(task.id)
+            if first:
+                raise tq.TransientError("once")
+            if number % 40 == 0:
+                time.sleep(0.02)
+            return task.id
+
+        with tq.WorkerPool(handler, workers=4, retry=FAST_RETRY) as pool:
+            records = pool.run([tq.Task(f"t{i}") for i in range(2000)])
+        assert {r.status for r in records} == {tq.TaskStatus.SUCCEEDED}
+        snapshot = pool.metrics.snapshot()
+        assert (snapshot["in_flight"], snapshot["queue_depth"]) == (0, 0)
+        assert snapshot["utilization"] <= 1.0
+
+    @pytest.mark.timeout(30)
+    def test_a_payload_too_deep_to_encode_is_a_failed_record(self) -> None:
+        deep: dict[str, Any] = {}
+        node = deep
+        for _ in range(5000):
+            node["x"] = {}
+            node = node["x"]
+        with tq.WorkerPool(lambda task: None, workers=1) as pool:
+            record = pool.submit(tq.Task("deep", deep)).result(WAIT)
+        assert (record.status, record.error_kind) == (tq.TaskStatus.FAILED, "permanent")
+
+    @pytest.mark.timeout(30)
+    def test_shutdown_that_waits_returns_after_the_pools_threads_end(
+        self, gated: GatedFactory
+    ) -> None:
+        """The last task finishing while shutdown waits: shutdown still joins every thread."""
+        handler = gated()
+        pool = tq.WorkerPool(handler, workers=2)
+        own = [pool._committer._thread, pool._scheduler._thread, pool._keeper._thread]
+        future = pool.submit(tq.Task("last"))
+        assert handler.wait_started("last")
+        waiting = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+        waiting.start()
+        assert _wait_until(lambda: pool.closed)
+        handler.gate.set()  # the committer finishes the last task while shutdown waits
+        waiting.join(WAIT)
+        assert not waiting.is_alive()
+        assert future.result(WAIT).status is tq.TaskStatus.SUCCEEDED
+        assert [thread.name for thread in own if thread.is_alive()] == []
