@@ -1691,9 +1691,7 @@ class _SqlStore:
 
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         """Run ``body(execute)`` in one transaction; ``execute(name, params)`` runs one named
-        statement and returns its cursor, or, given a list of parameter mappings, runs the
-        statement once per mapping (PostgreSQL pipelines them: one round trip) and returns a
-        buffered result for each. ``write=False`` promises `body` only reads."""
+        statement and returns its cursor. ``write=False`` promises `body` only reads."""
         raise NotImplementedError
 
     # Idempotency --------------------------------------------------------------------------------
@@ -1733,18 +1731,11 @@ class _SqlStore:
                       "ns": namespace, "first": first, "end": first + len(items)}  # fmt: skip
             claims: list[Claim] = [Claim(ClaimState.IN_PROGRESS)] * len(items)
             # Rows are locked in key order, so two transactions never wait on each other in a
-            # cycle (PostgreSQL would abort one of them as a deadlock). The upserts go out
-            # together; only a key they did not win needs statements of its own.
-            order = _key_order([key for key, _ in items])
-            batch = [
-                {**params, "key": items[index][0], "fp": items[index][1], "token": first + index}
-                for index in order
-            ]
-            won = execute("claim", batch)
-            for index, result, row_params in zip(order, won, batch, strict=True):
+            # cycle (PostgreSQL would abort one of them as a deadlock).
+            for index in _key_order([key for key, _ in items]):
                 key, fp = items[index]
-                params = row_params
-                row = result.fetchone()
+                params.update(key=key, fp=fp, token=first + index)
+                row = execute("claim", params).fetchone()
                 found = None
                 if row is None:
                     found = execute("lookup", {"key": key, "ns": namespace}).fetchone()
@@ -1769,15 +1760,9 @@ class _SqlStore:
                     claims[index] = Claim(ClaimState.COMPLETED, output=json.loads(output))
                 else:
                     claims[index] = Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
-            if starts and any(claim.state is ClaimState.CLAIMED for claim in claims):
-                base = {"now": now, "ns": namespace, "first": first, "end": first + len(items)}
-                execute(
-                    "start",
-                    [
-                        {**base, "id": task_id, "entry": entry}
-                        for task_id, entry in sorted(starts)  # rows locked in id order
-                    ],
-                )
+            if any(claim.state is ClaimState.CLAIMED for claim in claims):
+                for task_id, entry in sorted(starts or ()):  # rows locked in id order
+                    execute("start", {**params, "id": task_id, "entry": entry})
             return claims
 
         return self._transaction(claim_all)
@@ -1795,9 +1780,8 @@ class _SqlStore:
 
         def run(execute: Callable[..., Any]) -> list[int]:
             counts = [0] * len(rows)
-            order = _key_order([row[field] for row in rows])
-            for index, result in zip(order, execute(name, [rows[i] for i in order]), strict=True):
-                counts[index] = result.rowcount
+            for index in _key_order([row[field] for row in rows]):
+                counts[index] = execute(name, rows[index]).rowcount
             if name == "settle" and any(row["state"] == "queued" for row in rows):
                 self._notify(execute)  # wake idle workers: there is work for them
             return counts
@@ -2217,9 +2201,7 @@ class SqliteStore(_SqlStore):
             raise TaskQueueError(_STORE_CLOSED)
         sql = self._sql
 
-        def execute(name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]) -> Any:
-            if isinstance(params, list):  # one statement per row: a function call each here
-                return [_BufferedCursor(conn.execute(sql[name], row)) for row in params]
+        def execute(name: str, params: Mapping[str, Any]) -> sqlite3.Cursor:
             return conn.execute(sql[name], params)
 
         # A reader needs no write lock: in WAL mode it never waits for a writer.
@@ -2505,20 +2487,9 @@ class PostgresStore(_SqlStore):
                 try:
                     with conn.transaction(), conn.cursor() as cursor:
 
-                        def execute(
-                            name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]
-                        ) -> Any:
-                            if not isinstance(params, list):
-                                cursor.execute(sql[name], params)
-                                return _BufferedCursor(cursor)
-                            if not params:
-                                return []
-                            # One statement per row, pipelined: one round trip for them all.
-                            cursor.executemany(sql[name], params, returning=True)
-                            results = [_BufferedCursor(cursor)]
-                            while cursor.nextset():
-                                results.append(_BufferedCursor(cursor))
-                            return results
+                        def execute(name: str, params: Mapping[str, Any]) -> Any:
+                            cursor.execute(sql[name], params)
+                            return _BufferedCursor(cursor)
 
                         return body(execute)
                 except psycopg.OperationalError as exc:
