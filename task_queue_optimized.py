@@ -1691,7 +1691,9 @@ class _SqlStore:
 
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         """Run ``body(execute)`` in one transaction; ``execute(name, params)`` runs one named
-        statement and returns its cursor. ``write=False`` promises `body` only reads."""
+        statement and returns its cursor, or, given a list of parameter mappings, runs the
+        statement once per mapping and returns a buffered result for each. ``write=False``
+        promises `body` only reads."""
         raise NotImplementedError
 
     # Idempotency --------------------------------------------------------------------------------
@@ -2201,7 +2203,9 @@ class SqliteStore(_SqlStore):
             raise TaskQueueError(_STORE_CLOSED)
         sql = self._sql
 
-        def execute(name: str, params: Mapping[str, Any]) -> sqlite3.Cursor:
+        def execute(name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]) -> Any:
+            if isinstance(params, list):  # one statement per row: a function call each here
+                return [_BufferedCursor(conn.execute(sql[name], row)) for row in params]
             return conn.execute(sql[name], params)
 
         # A reader needs no write lock: in WAL mode it never waits for a writer.
@@ -2487,7 +2491,15 @@ class PostgresStore(_SqlStore):
                 try:
                     with conn.transaction(), conn.cursor() as cursor:
 
-                        def execute(name: str, params: Mapping[str, Any]) -> Any:
+                        def execute(
+                            name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]
+                        ) -> Any:
+                            if isinstance(params, list):
+                                results = []
+                                for row in params:
+                                    cursor.execute(sql[name], row)
+                                    results.append(_BufferedCursor(cursor))
+                                return results
                             cursor.execute(sql[name], params)
                             return _BufferedCursor(cursor)
 
