@@ -3981,6 +3981,10 @@ class _Committer:
         self._thread = threading.Thread(target=self._run, name="task-queue-committer", daemon=True)
         self._thread.start()
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def owns_current_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
@@ -4089,6 +4093,10 @@ class _AsyncRunner:
     def free_slots(self) -> int:
         """Return how many more calls could start now (a snapshot)."""
         return self._slots._value  # read without the lock: a hint for batch sizes
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._loop_thread
 
     def owns_current_thread(self) -> bool:
         """Return whether the caller is the loop thread."""
@@ -4426,6 +4434,12 @@ class WorkerPool:
         self._committer = _Committer(self._claim, self._record, self._release_store)
         if is_async:
             self._runner = _AsyncRunner(self._handler, workers, self._committer.finished)
+        # Checked on every submit: a set of thread idents is the cheapest test.
+        self._own_threads = frozenset(
+            thread.ident
+            for thread in (self._committer.thread, self._runner and self._runner.thread)
+            if thread is not None
+        )
         self._scheduler = _Scheduler(self._queue.put_ready, "task-queue-scheduler")
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
@@ -4874,13 +4888,7 @@ class WorkerPool:
                 if error is not None:
                     self._on_error(job, error, outcomes)
                     continue
-                try:
-                    text = _encode_output(output)
-                except Exception as exc:  # TypeError, ValueError, RecursionError
-                    error_text = f"handler output is not JSON-serialisable: {_describe(exc)}"
-                    outcomes.append(self._fail(job, error_text, ErrorKind.PERMANENT))
-                    continue
-                done.append((job, output, text))
+                self._encoded(job, output, done, outcomes)
             if finished:
                 self._metrics.record_attempt(busy, len(finished))
             self._complete(done, outcomes)
@@ -5029,13 +5037,7 @@ class WorkerPool:
                 continue
             busy += clock() - began
             calls += 1
-            try:
-                text = _encode_output(output)
-            except Exception as exc:  # TypeError, ValueError, RecursionError for deep nesting
-                error = f"handler output is not JSON-serialisable: {_describe(exc)}"
-                outcomes.append(self._fail(job, error, ErrorKind.PERMANENT))
-                continue
-            done.append((job, output, text))
+            self._encoded(job, output, done, outcomes)
         if waits:
             self._metrics.record_starts(waits, dequeued=False)
         if calls:
@@ -5083,6 +5085,16 @@ class WorkerPool:
                 # The lease ran out and another owner took the key: report that owner's result.
                 logger.warning("lost the claim on %r; waiting for the new owner's result", job.key)
                 self._hand_off(job, self._poll_delay(job, None))
+
+    def _encoded(
+        self, job: _Job, output: Any, done: list[_Done], outcomes: list[_JobOutcome]
+    ) -> None:
+        """Add a success to `done` with its output's JSON, or fail it if there is none."""
+        try:
+            done.append((job, output, _encode_output(output)))
+        except Exception as exc:  # TypeError, ValueError, RecursionError for deep nesting
+            error = f"handler output is not JSON-serialisable: {_describe(exc)}"
+            outcomes.append(self._fail(job, error, ErrorKind.PERMANENT))
 
     def _after_store_error(self, job: _Job, exc: Exception) -> None:
         """Try a job's claim or completion again after a backoff (durable pools only).
@@ -5315,9 +5327,7 @@ class WorkerPool:
 
     def _in_own_thread(self) -> bool:
         """Return whether the caller is the committer (done-callbacks run there) or the loop."""
-        return self._committer.owns_current_thread() or (
-            self._runner is not None and self._runner.owns_current_thread()
-        )
+        return threading.get_ident() in self._own_threads
 
     def _cancel_queued(self, futures: set[concurrent.futures.Future]) -> None:
         """Cancel the jobs behind `futures` that no worker has started (see `iter_results`)."""

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pytest
 import task_queue_optimized as tq
 from tests.cli_helpers import SCRIPT, clean_env, run_json, state_counts, write_tasks
 from tests.conftest import REPO_ROOT, WAIT
+from tests.store_fixtures import wait_until
 
 FAST_RETRY = tq.RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002)
 
@@ -196,7 +196,7 @@ def test_full_queue_rejects_and_shutdown_cancels_queued_work() -> None:
                 queued.append(pool.submit(tq.Task(f"q{i}")))
         pool.shutdown(wait=False, cancel_pending=True)
         gate.set()
-        assert _wait(lambda: all(f.done() for f in running + queued))
+        wait_until(lambda: all(f.done() for f in running + queued), "every future")
     finally:
         gate.set()
         pool.shutdown()
@@ -205,15 +205,6 @@ def test_full_queue_rejects_and_shutdown_cancels_queued_work() -> None:
     assert statuses[tq.TaskStatus.CANCELLED] >= 1
     assert sum(handler.calls.values()) == 2 + statuses[tq.TaskStatus.SUCCEEDED]
     assert pool.metrics.snapshot()["rejected"] == 1
-
-
-def _wait(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.mark.timeout(30)
@@ -474,7 +465,7 @@ def test_cli_interrupted_with_an_async_handler_resumes(tmp_path: Path) -> None:
     )
     calls = tmp_path / "calls.log"
     try:
-        assert _wait(lambda: calls.exists() and len(calls.read_text().split()) >= 5)
+        wait_until(lambda: calls.exists() and len(calls.read_text().split()) >= 5, "5 calls")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=WAIT)
     finally:

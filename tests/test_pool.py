@@ -19,6 +19,7 @@ import pytest
 import task_queue_optimized as tq
 from tests.conftest import WAIT, GatedFactory
 from tests.spec import SNAPSHOT_KEYS
+from tests.store_fixtures import wait_until
 
 FAST_RETRY = tq.RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.002)
 
@@ -517,16 +518,6 @@ class TestResourcesAfterShutdown:
         assert sorted(child.stdout.split()) == ["item-0", "item-1", "item-2"]
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Poll `condition` until it holds or `timeout` passes; return whether it held."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def _shutdown_returns(pool: tq.WorkerPool, **kwargs: bool) -> bool:
     """Run `pool.shutdown(**kwargs)` in a thread; return whether it returned within WAIT."""
     thread = threading.Thread(target=pool.shutdown, kwargs=kwargs, daemon=True)
@@ -563,8 +554,8 @@ class TestInterruptsAndEarlyExits:
             waiters = pool._queue._queue.not_full._waiters  # the blocked submit waits here
 
             def interrupt_when_blocked() -> None:
-                if _wait_until(lambda: len(waiters) > 0):
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                wait_until(lambda: len(waiters) > 0, "the submit to block")
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
             threading.Thread(target=interrupt_when_blocked, daemon=True).start()
             try:
@@ -594,10 +585,12 @@ class TestInterruptsAndEarlyExits:
         ):
             futures.extend(pool.submit(tq.Task(f"t{i}")) for i in range(40))
             assert handler.wait_started("t0") and handler.wait_started("t1")
-            threading.Thread(
-                target=lambda: _wait_until(lambda: pool.closed) and handler.gate.set(),
-                daemon=True,
-            ).start()
+
+            def open_gate_once_closed() -> None:
+                wait_until(lambda: pool.closed, "the pool to close")
+                handler.gate.set()
+
+            threading.Thread(target=open_gate_once_closed, daemon=True).start()
             raise RuntimeError("caller failed")
         statuses = Counter(future.result(WAIT).status for future in futures)
         assert statuses == {tq.TaskStatus.SUCCEEDED: 2, tq.TaskStatus.CANCELLED: 38}
@@ -757,7 +750,7 @@ class TestOtherCallersKeepTheirWork:
             first = threading.Thread(target=lambda: next(stream), daemon=True)
             first.start()
             # Another caller submits the same keys while the first caller's tasks are queued.
-            assert _wait_until(lambda: pool.metrics.snapshot()["submitted"] >= 11)
+            wait_until(lambda: pool.metrics.snapshot()["submitted"] >= 11, "the first submissions")
             others = [pool.submit(tq.Task(f"b{i}", idempotency_key=f"k{i}")) for i in range(10)]
             handler.gate.set()
             first.join(WAIT)
@@ -793,9 +786,9 @@ class TestOtherCallersKeepTheirWork:
             waiters = pool._queue._queue.not_full._waiters  # the blocked submit waits here
 
             def join_then_interrupt() -> None:
-                if _wait_until(lambda: len(waiters) > 0):
-                    joined.append(pool.submit(tq.Task("b", idempotency_key="shared")))
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                wait_until(lambda: len(waiters) > 0, "the leader's submit to block")
+                joined.append(pool.submit(tq.Task("b", idempotency_key="shared")))
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
             threading.Thread(target=join_then_interrupt, daemon=True).start()
             with pytest.raises(_Raise):
@@ -829,7 +822,7 @@ class TestDurablePoolRidesOutAnOutage:
             locker.execute("BEGIN EXCLUSIVE")  # the database refuses every writer now
             with caplog.at_level("WARNING", logger="task_queue_optimized"):
                 handler.gate.set()  # the handler finishes; its completion cannot be written
-                assert _wait_until(lambda: "database is unavailable" in caplog.text)
+                wait_until(lambda: "database is unavailable" in caplog.text, "the outage warning")
                 assert not future.done()  # held, not failed
                 locker.execute("ROLLBACK")
                 record = future.result(WAIT)
@@ -975,7 +968,7 @@ class TestGaugesAndEdges:
         assert handler.wait_started("last")
         waiting = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
         waiting.start()
-        assert _wait_until(lambda: pool.closed)
+        wait_until(lambda: pool.closed, "the pool to close")
         handler.gate.set()  # the committer finishes the last task while shutdown waits
         waiting.join(WAIT)
         assert not waiting.is_alive()
