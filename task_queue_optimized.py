@@ -38,6 +38,7 @@ import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook now, so ours runs before it
 import contextlib
 import dataclasses
+import datetime
 import enum
 import functools
 import hashlib
@@ -126,6 +127,7 @@ __all__ = [
     "TransientError",
     "WorkerPool",
     "console_main",
+    "enqueue",
     "fingerprint",
     "handler_namespace",
     "load_config",
@@ -156,6 +158,10 @@ DEFAULT_METRICS_FILE = "metrics.json"
 DEFAULT_TASKS = 100
 DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
+DEFAULT_QUEUE = "default"  # the queue of a task that names none
+DEFAULT_METRICS_HOST = "127.0.0.1"  # where a worker serves its metrics: loopback unless told
+ENQUEUE_CHUNK = 500  # tasks per statement batch of enqueue(): memory stays flat for any count
+BACKLOG_REFRESH_SECONDS = 2.0  # how often a worker copies the store's backlog into its metrics
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
 MAX_COMPLETION_BATCH = 512  # most requests the committer takes in one round
@@ -1873,22 +1879,70 @@ class _SqlStore:
     # Durable queue ------------------------------------------------------------------------------
 
     def enqueue_many(self, tasks: Sequence[Task]) -> int:
-        now = time.time()
-        rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now} for t in tasks]
+        rows = self._enqueue_rows(tasks, time.time())
         if not rows:
             return 0
 
         def enqueue(execute: Callable[..., Any]) -> int:
-            added = 0
-            for index in _key_order([row["id"] for row in rows]):  # see claim_many
-                row = rows[index]
-                if execute("enqueue", row).rowcount:
-                    added += 1
-                else:
-                    # Raising rolls the whole batch back: all or nothing.
-                    self._check_same(execute, row)
+            added = self._enqueue_chunk(execute, rows)
             if added:
                 self._notify(execute)  # wake idle workers: there is work for them
+            return added
+
+        return self._transaction(enqueue)
+
+    @staticmethod
+    def _enqueue_rows(tasks: Iterable[Task], now: float) -> list[dict[str, Any]]:
+        return [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now} for t in tasks]
+
+    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+        """Insert `rows` inside the caller's transaction; return how many were new.
+
+        Raises:
+            TaskConflictError: an id is stored with another key or payload (the caller's
+                transaction then rolls back: all or nothing).
+        """
+        added = 0
+        for index in _key_order([row["id"] for row in rows]):  # see claim_many
+            row = rows[index]
+            if execute("enqueue", row).rowcount:
+                added += 1
+            else:
+                self._check_same(execute, row)
+        return added
+
+    def _enqueue_stream(self, tasks: Iterable[Any], chunk_size: int = ENQUEUE_CHUNK) -> int:
+        """Insert the tasks of any iterable as queued, all or nothing, `chunk_size` at a time
+        inside one transaction (memory stays flat), with the statements of `enqueue_many`.
+
+        The iterable runs inside the transaction, under the store's lock: only a store that no
+        other thread uses may do this (`enqueue` opens its own). An iterable cannot be read
+        twice, so a transaction the backend would run again (a lost connection) fails instead.
+
+        Raises:
+            TaskConflictError: an id is stored with another key or payload; nothing is added.
+            TypeError: an item is not a `Task`; nothing is added.
+            TaskQueueError: the connection was lost midway; nothing is added.
+        """
+        items = iter(tasks)
+        started = False
+
+        def enqueue(execute: Callable[..., Any]) -> int:
+            nonlocal started
+            if started:
+                raise TaskQueueError(
+                    "the database connection was lost during the enqueue; nothing was enqueued"
+                )
+            started = True
+            added = 0
+            now = time.time()
+            while chunk := list(itertools.islice(items, chunk_size)):
+                for task in chunk:
+                    if not isinstance(task, Task):
+                        raise TypeError(f"expected Task objects, got {type(task).__name__}")
+                added += self._enqueue_chunk(execute, self._enqueue_rows(chunk, now))
+            if added:
+                self._notify(execute)
             return added
 
         return self._transaction(enqueue)
@@ -2816,6 +2870,52 @@ def open_store(
                        durability=durability, create=create)  # fmt: skip
 
 
+# Databases that live in one process's memory: nothing enqueued there could reach a worker.
+_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
+
+
+def enqueue(
+    tasks: Iterable[Task],
+    *,
+    db: str | os.PathLike[str],
+    queue: str = DEFAULT_QUEUE,
+    durability: str = DEFAULT_DURABILITY,
+) -> int:
+    """Persist tasks in the durable queue of `db`, all or nothing; return how many were new.
+
+    The code form of ``task-queue enqueue``, with the same statements: the iterable (a list or
+    a generator of any length) is read `ENQUEUE_CHUNK` tasks at a time inside one transaction,
+    so memory stays flat, and a task the database refuses leaves the queue as it was. An id
+    already stored with the same key and payload is left alone (not counted as new).
+
+    Args:
+        tasks: the `Task` objects to enqueue.
+        db: a SQLite path (or ``sqlite:///PATH``) or a ``postgresql://`` URL, as ``--db``.
+        queue: the queue of the tasks.
+        durability: "normal" or "full" (SQLite; see `IdempotencyManager`).
+
+    Raises:
+        TaskConflictError: an id is stored with another key or payload; nothing was enqueued.
+        ConfigError: `db` cannot be used, or is an in-memory database no worker could see.
+        TypeError: an item is not a `Task`; nothing was enqueued.
+        ValueError: `queue` or `durability` is invalid.
+    """
+    problem = _text_problem(queue) if isinstance(queue, str) else "must be a string"
+    if problem is not None:
+        raise ValueError(f"queue {problem}, not {_shown(queue)}")
+    if os.fspath(db) in _MEMORY_DATABASES:
+        raise ConfigError(
+            f"database {os.fspath(db)!r} lives in this process's memory only; the durable queue "
+            "needs a file or a postgresql:// URL"
+        )
+    store = open_store(db, durability=durability)
+    try:
+        assert isinstance(store, _SqlStore)  # the in-memory databases are refused above
+        return store._enqueue_stream(tasks)
+    finally:
+        store.close()
+
+
 # --- Idempotency ---------------------------------------------------------------------------------
 
 
@@ -3193,6 +3293,37 @@ class Outcome(NamedTuple):
     queued: bool  # it was still in the queue (it leaves queue_depth)
 
 
+def _backlog_summary(backlog: Mapping[str, tuple[int, float | None]] | None) -> dict[str, Any]:
+    """The snapshot's store gauges: totals (None until measured) and the figures per queue."""
+    if backlog is None:
+        return {"backlog": None, "oldest_waiting_seconds": None, "backlog_by_queue": {}}
+    ages = [age for _, age in backlog.values() if age is not None]
+    return {
+        "backlog": sum(count for count, _ in backlog.values()),
+        "oldest_waiting_seconds": max(ages) if ages else None,
+        "backlog_by_queue": {
+            queue: {"backlog": count, "oldest_waiting_seconds": age}
+            for queue, (count, age) in sorted(backlog.items())
+        },
+    }
+
+
+def _prometheus_label(value: str) -> str:
+    # The exposition format escapes exactly these three in a label value.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labelled(
+    metric: str, kind: str, help_text: str, label: str, samples: Iterable[tuple[str, Any]]
+) -> list[str]:
+    """Lines of one labelled metric family; a family without samples is left out."""
+    rows = [f'{metric}{{{label}="{_prometheus_label(str(name))}"}} '
+            f"{'NaN' if value is None else value}" for name, value in sorted(samples)]  # fmt: skip
+    if not rows:
+        return []
+    return [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", *rows]
+
+
 class MetricsCollector:
     """Thread-safe counters and histograms for one pool (or any producer of task events).
 
@@ -3213,6 +3344,9 @@ class MetricsCollector:
             0,
         )  # fmt: skip
         self._failures_by_kind: dict[str, int] = {}
+        # The durable store's backlog per queue, as (ready tasks, age in seconds of the oldest
+        # waiting one); None until a worker measures it (`record_backlog`).
+        self._backlog: dict[str, tuple[int, float | None]] | None = None
         self._busy = 0.0
         self._first_enqueue: float | None = None
         self._last_finish: float | None = None
@@ -3353,6 +3487,16 @@ class MetricsCollector:
         with self._lock:
             self._counts["rejected"] += 1
 
+    def record_backlog(self, queues: Mapping[str, tuple[int, float | None]]) -> None:
+        """Record the durable store's backlog, replacing the last reading.
+
+        Args:
+            queues: per queue, the tasks ready to run there and the age in seconds of the
+                oldest of them (None when none waits).
+        """
+        with self._lock:
+            self._backlog = dict(queues)
+
     # Reading ------------------------------------------------------------------------------------
 
     def percentile(self, p: float, series: str = "latency") -> float:
@@ -3374,6 +3518,7 @@ class MetricsCollector:
         with self._lock:
             counts = dict(self._counts)
             failures_by_kind = dict(self._failures_by_kind)
+            backlog = self._backlog
             busy = self._busy
             first, last = self._first_enqueue, self._last_finish
             summaries = {f"{name}_ms": h.summary_ms() for name, h in self._series.items()}
@@ -3400,6 +3545,7 @@ class MetricsCollector:
             "utilization": utilization,
             "busy_seconds": round(busy, 6),
             "failures_by_kind": failures_by_kind,
+            **_backlog_summary(backlog),
             **summaries,
         }
 
@@ -3435,6 +3581,17 @@ class MetricsCollector:
             value = snap[name]
             lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} gauge",
                       f"{prefix}_{name} {'NaN' if value is None else value}"]  # fmt: skip
+        lines += _labelled(f"{prefix}_failures_total", "counter",
+                           "Tasks that failed for good, by error kind.", "kind",
+                           snap["failures_by_kind"].items())  # fmt: skip
+        by_queue = snap["backlog_by_queue"].items()
+        lines += _labelled(f"{prefix}_backlog", "gauge",
+                           "Tasks ready to run in the durable store, by queue.", "queue",
+                           [(queue, row["backlog"]) for queue, row in by_queue])  # fmt: skip
+        lines += _labelled(f"{prefix}_oldest_waiting_seconds", "gauge",
+                           "Age of the oldest task ready to run in the durable store, by queue.",
+                           "queue", [(queue, row["oldest_waiting_seconds"])
+                                     for queue, row in by_queue])  # fmt: skip
         with self._lock:
             series = {
                 name: (h.count, h.total, [(q, h.percentile(q * 100)) for q in (0.5, 0.95, 0.99)])
@@ -4625,13 +4782,16 @@ class WorkerPool:
             raise closed
 
     def serve(self, stop: threading.Event, *, prefetch: int | None = None,
-              poll_interval: float = 1.0) -> None:  # fmt: skip
+              poll_interval: float = 1.0, burst: bool = False) -> None:  # fmt: skip
         """Take tasks from the durable queue and run them until `stop` is set.
 
         Keeps at most `prefetch` tasks leased from the store, so workers on other machines share
         the work (default: twice the workers, or up to ``MAX_PREFETCH`` when tasks are quick).
         Idle, it waits for an enqueue (PostgreSQL LISTEN/NOTIFY) or `poll_interval` seconds.
         Returns when `stop` is set; `shutdown` then drains or cancels what this pool holds.
+        With `burst`, it also returns once the store holds nothing ready to run or running
+        (another worker's running tasks included, which may come back if that worker dies) and
+        this pool has finished everything it took; delayed tasks are not waited for.
 
         Raises:
             TaskQueueError: the pool is not durable.
@@ -4641,7 +4801,7 @@ class WorkerPool:
         with self._lock:
             self._store_users += 1
         try:
-            self._serve(stop, prefetch, poll_interval)
+            self._serve(stop, prefetch, poll_interval, burst)
         finally:
             self._release_store()
 
@@ -4652,7 +4812,9 @@ class WorkerPool:
         quick = int(self._workers * PREFETCH_BUDGET_SECONDS / self._per_call)
         return max(2 * self._workers, min(MAX_PREFETCH, quick))
 
-    def _serve(self, stop: threading.Event, prefetch: int | None, poll_interval: float) -> None:
+    def _serve(
+        self, stop: threading.Event, prefetch: int | None, poll_interval: float, burst: bool
+    ) -> None:
         store = self._store.store
         self._heartbeat()
         outage_noticed: float | None = None  # when the last "unavailable" warning was logged
@@ -4685,6 +4847,14 @@ class WorkerPool:
                 outage_noticed = None
             backoff = 0.05
             if not leased:
+                if burst:
+                    left = self._burst_left(store, stop)
+                    if left == (0, 0):
+                        return
+                    if left is not None and left[0]:
+                        # Ready rows another worker may be taking: look again in a moment.
+                        store.wait_for_work(min(poll_interval, 0.1), stop)
+                        continue
                 store.wait_for_work(poll_interval, stop)
                 continue
             for position, item in enumerate(leased):
@@ -4700,6 +4870,23 @@ class WorkerPool:
                     if isinstance(exc, PoolClosedError):
                         return
                     raise
+
+    def _burst_left(self, store: Store, stop: threading.Event) -> tuple[int, int] | None:
+        """Wait until this pool has finished what it took; then return the store's count of
+        tasks ready to run and running (None when the store cannot say now)."""
+        with self._changed:
+            # A running task may fail and leave a retry, or hold a row: the store's view is
+            # final only once this pool holds nothing. Short waits, so a stop is seen.
+            while self._pending and not stop.is_set():
+                self._changed.wait(0.5)
+        if stop.is_set():
+            return None
+        try:
+            tasks = store.queue_status()["tasks"]
+        except Exception as exc:
+            logger.warning("reading the queue failed (%s); trying again", _first_line(exc))
+            return None
+        return tasks[EntryState.QUEUED.value], tasks[EntryState.RUNNING.value]
 
     def _return_entries(self, entries: Iterable[tuple[str, int | None]]) -> None:
         """Give durable-queue rows this pool took but will not run back to the queue."""
@@ -5523,6 +5710,376 @@ else:  # pragma: no cover - Python builds without the hook
     atexit.register(_shutdown_live_pools)
 
 
+# --- Periodic tasks ------------------------------------------------------------------------------
+#
+# `task-queue worker --schedule FILE` turns each slot of each schedule into one durable task whose
+# id (and so its key) is the schedule's id plus the slot time in UTC, such as
+# ``nightly-report@2026-12-01T03:00:00Z``. Every worker carrying the schedule enqueues that same
+# id, and an enqueue leaves an id already stored alone: however many workers carry a schedule, a
+# slot is one row and runs once, with no scheduler process to keep alive and none to elect.
+
+SCHEDULE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+_SCHEDULE_FIELDS = frozenset({"id", "cron", "every", "payload", "queue"})
+_SLOT_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_CRON_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+    )
+}
+_CRON_DAYS = {name: number for number, name in enumerate(("sun", "mon", "tue", "wed", "thu",
+                                                          "fri", "sat"))}  # fmt: skip
+_CRON_MACROS = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}  # fmt: skip
+# Days a search for the next or latest slot may look through: a valid expression matches at
+# least once in eight years (February 29th skips 2100), so this bound is never the answer.
+_CRON_SEARCH_DAYS = 366 * 9
+_RETRY_ENQUEUE_SECONDS = 5.0  # wait before enqueueing a slot again after the database refused
+_LONGEST_NAP = 60.0  # a periodic thread rereads the clock at least this often (clock changes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CronField:
+    """One of the five fields of a cron expression: its range and the names it accepts."""
+
+    name: str
+    low: int
+    high: int
+    names: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    star_high: int | None = None  # the top of '*' when it differs (day of week: 7 is 0 again)
+
+    def value(self, text: str) -> int:
+        """Return the number `text` names, or raise `ValueError` saying why it names none."""
+        if text.lower() in self.names:
+            return self.names[text.lower()]
+        if not re.fullmatch(r"[0-9]{1,4}", text):
+            kind = "a number or a name" if self.names else "a number"
+            raise ValueError(f"{self.name} {text!r} is not {kind}")
+        number = int(text)
+        if not self.low <= number <= self.high:
+            raise ValueError(f"{self.name} {number} is outside {self.low}-{self.high}")
+        return number
+
+    def values(self, text: str) -> frozenset[int]:
+        """Expand a field: lists (``a,b``), ranges (``a-b``), steps (``*/n``, ``a-b/n``,
+        ``a/n`` = ``a-high/n``) and ``*``.
+
+        Raises:
+            ValueError: an empty item, a value out of range, a backwards range or a bad step.
+        """
+        found: set[int] = set()
+        for item in text.split(","):
+            span, slash, step_text = item.partition("/")
+            step = 1
+            if slash:
+                if not re.fullmatch(r"[0-9]{1,4}", step_text) or int(step_text) == 0:
+                    raise ValueError(f"{self.name} step {step_text!r} is not a positive integer")
+                step = int(step_text)
+            if not span:
+                raise ValueError(f"{self.name} {text!r} has an empty item")
+            if span == "*":
+                first, last = self.low, self.high if self.star_high is None else self.star_high
+            elif "-" in span:
+                start, _, end = span.partition("-")
+                first, last = self.value(start), self.value(end)
+                if first > last:
+                    raise ValueError(f"{self.name} range {span!r} runs backwards")
+            else:
+                first = self.value(span)
+                last = self.high if slash else first
+            found.update(range(first, last + 1, step))
+        if self.star_high is not None and self.high in found:
+            found = (found - {self.high}) | {self.low}  # day of week 7 is Sunday, 0
+        return frozenset(found)
+
+
+_CRON_FIELDS = (
+    _CronField("minute", 0, 59),
+    _CronField("hour", 0, 23),
+    _CronField("day of month", 1, 31),
+    _CronField("month", 1, 12, _CRON_MONTHS),
+    _CronField("day of week", 0, 7, _CRON_DAYS, star_high=6),
+)
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February 29th exists, sometimes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cron:
+    """A five-field cron expression in UTC: minute, hour, day of month, month, day of week.
+
+    As in cron, when both day fields are restricted (neither starts with ``*``) a day matches if
+    either does; otherwise both must match.
+    """
+
+    expression: str
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  # 0 is Sunday
+    either_day: bool
+
+    @classmethod
+    def parse(cls, expression: str) -> _Cron:
+        """Parse `expression` (five fields, or a macro such as ``@daily``).
+
+        Raises:
+            ValueError: the expression is invalid or never matches; the message says where.
+        """
+        text = _CRON_MACROS.get(expression.strip().lower(), expression)
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}"
+            )
+        minutes, hours, days, months, weekdays = (
+            spec.values(field) for spec, field in zip(_CRON_FIELDS, fields, strict=True)
+        )
+        either_day = not fields[2].startswith("*") and not fields[4].startswith("*")
+        # With the day of week unrestricted, the date alone decides: it must exist somewhere.
+        if not either_day and not any(
+            day <= _MONTH_DAYS[month - 1] for day in days for month in months
+        ):
+            raise ValueError("the day of month never occurs in those months")
+        return cls(expression, tuple(sorted(minutes)), tuple(sorted(hours)), days, months,
+                   weekdays, either_day)  # fmt: skip
+
+    def _day_matches(self, day: datetime.date) -> bool:
+        if day.month not in self.months:
+            return False
+        by_date = day.day in self.days
+        by_weekday = day.isoweekday() % 7 in self.weekdays
+        return (by_date or by_weekday) if self.either_day else (by_date and by_weekday)
+
+    def next_after(self, moment: float) -> float:
+        """Return the first matching minute strictly after `moment` (Unix seconds)."""
+        start = datetime.datetime.fromtimestamp(
+            (math.floor(moment / 60) + 1) * 60, datetime.timezone.utc
+        )
+        day, hour, minute = start.date(), start.hour, start.minute
+        for _ in range(_CRON_SEARCH_DAYS):
+            if self._day_matches(day):
+                for h in self.hours:
+                    for m in self.minutes:
+                        if (h, m) >= (hour, minute):
+                            return _utc_seconds(day, h, m)
+            day += datetime.timedelta(days=1)
+            hour = minute = 0
+        raise ValueError(f"cron {self.expression!r} matches no time")  # excluded by parse
+
+    def latest(self, moment: float) -> float | None:
+        """Return the last matching minute at or before `moment` (Unix seconds)."""
+        start = datetime.datetime.fromtimestamp(math.floor(moment / 60) * 60, datetime.timezone.utc)
+        day, hour, minute = start.date(), start.hour, start.minute
+        for _ in range(_CRON_SEARCH_DAYS):
+            if self._day_matches(day):
+                for h in reversed(self.hours):
+                    for m in reversed(self.minutes):
+                        if (h, m) <= (hour, minute):
+                            return _utc_seconds(day, h, m)
+            if day == datetime.date.min:
+                break
+            day -= datetime.timedelta(days=1)
+            hour, minute = 23, 59
+        return None
+
+
+def _utc_seconds(day: datetime.date, hour: int, minute: int) -> float:
+    moment = datetime.datetime(day.year, day.month, day.day, hour, minute,
+                               tzinfo=datetime.timezone.utc)  # fmt: skip
+    return moment.timestamp()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Every:
+    """Slots every `seconds` seconds, aligned on the Unix epoch so every worker agrees on them."""
+
+    seconds: int
+
+    def next_after(self, moment: float) -> float:
+        return (math.floor(moment / self.seconds) + 1) * self.seconds
+
+    def latest(self, moment: float) -> float | None:
+        return math.floor(moment / self.seconds) * self.seconds
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ScheduleEntry:
+    """One periodic task: its id, when it runs, and the task each slot enqueues."""
+
+    id: str
+    timing: _Cron | _Every
+    payload: dict[str, Any]
+    queue: str = DEFAULT_QUEUE
+
+    def task(self, slot: float) -> Task:
+        """Return the task of the slot at `slot` (Unix seconds): id and key name the slot."""
+        when = datetime.datetime.fromtimestamp(slot, datetime.timezone.utc)
+        return Task(f"{self.id}@{when.strftime(_SLOT_FORMAT)}", self.payload)
+
+
+def _schedule_entry(item: Any) -> _ScheduleEntry:
+    """Build one entry of a schedule file.
+
+    Raises:
+        ValueError: the entry is invalid; the message names the field.
+    """
+    if not isinstance(item, dict):
+        raise ValueError(f"must be an object, not {_json_type(item)}")
+    unknown = sorted(set(item) - _SCHEDULE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field {_shown(unknown[0])}")
+    entry_id = item.get("id")
+    if not isinstance(entry_id, str) or not SCHEDULE_ID_PATTERN.fullmatch(entry_id):
+        raise ValueError(
+            f"field 'id' must be 1-200 letters, digits, '_', '.', ':' or '-' starting with a "
+            f"letter or digit, not {_shown(entry_id)}"
+        )
+    if ("cron" in item) == ("every" in item):
+        raise ValueError("give exactly one of the fields 'cron' and 'every'")
+    timing: _Cron | _Every
+    if "cron" in item:
+        if not isinstance(item["cron"], str):
+            raise ValueError(f"field 'cron' must be a string, not {_json_type(item['cron'])}")
+        try:
+            timing = _Cron.parse(item["cron"])
+        except ValueError as exc:
+            raise ValueError(f"field 'cron' {_shown(item['cron'])}: {exc}") from None
+    else:
+        every = item["every"]
+        whole = isinstance(every, int) or (isinstance(every, float) and every.is_integer())
+        if isinstance(every, bool) or not whole or every < 1:
+            raise ValueError(f"field 'every' must be a whole number of seconds >= 1, not "
+                             f"{_shown(every)}")  # fmt: skip
+        timing = _Every(int(every))
+    payload = item.get("payload")
+    if payload is None:
+        payload = {}
+    elif not isinstance(payload, dict):
+        raise ValueError(f"field 'payload' must be an object, not {_json_type(payload)}")
+    queue_name = item.get("queue", DEFAULT_QUEUE)
+    problem = _text_problem(queue_name) if isinstance(queue_name, str) else "must be a string"
+    if problem is not None:
+        raise ValueError(f"field 'queue' {problem}, not {_shown(queue_name)}")
+    return _ScheduleEntry(entry_id, timing, payload, queue_name)
+
+
+def _load_schedule(path: str) -> list[_ScheduleEntry]:
+    """Read a schedule file: a JSON array of ``{"id", "cron" | "every", "payload", "queue"}``.
+
+    Raises:
+        ConfigError: the file cannot be read or an entry is invalid; one line naming the file,
+            the entry and the field.
+    """
+    source = f"--schedule {_cut(path)}"
+    try:
+        text = _read_task_file(path, _max_task_file_bytes()).decode("utf-8")
+        _check_depth(text, MAX_JSON_DEPTH)
+        document = _parse_json(text.removeprefix("\ufeff"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not valid UTF-8") from None
+    except TaskFileError as exc:
+        where = f"line {exc.line} column {exc.column}: " if exc.line is not None else ""
+        raise ConfigError(f"{source}: {where}{exc.reason}") from None
+    if not isinstance(document, list) or not document:
+        raise ConfigError(f"{source}: expected a non-empty JSON array of schedules")
+    entries: list[_ScheduleEntry] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(document):
+        try:
+            entry = _schedule_entry(item)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: schedule {index}: {exc}") from None
+        if entry.id in seen:
+            raise ConfigError(
+                f"{source}: schedule {index}: id {entry.id!r} repeats schedule {seen[entry.id]}"
+            )
+        seen[entry.id] = index
+        entries.append(entry)
+    return entries
+
+
+class _Periodic:
+    """Enqueue the slots of a schedule into the durable queue as they come due.
+
+    `due(now)` is the whole policy, kept apart from threads and clocks so it can be tested
+    alone: the first call gives each entry's latest slot (a worker that was down runs the slot
+    it missed last, never the ones before it), later calls each entry's latest slot that is new
+    since the call before (a worker that fell behind skips to the latest slot too). `start`
+    runs it in a thread that sleeps until the next slot: no polling in between.
+
+    Args:
+        entries: the schedules.
+        enqueue: ``enqueue(tasks) -> int``, the durable enqueue (it leaves known ids alone).
+        clock: Unix seconds now; `time.time` outside tests.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[_ScheduleEntry],
+        enqueue: Callable[[list[Task]], int],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._entries = list(entries)
+        self._enqueue = enqueue
+        self._clock = clock
+        self._done: dict[str, float] = {}  # entry id -> the latest slot enqueued; one thread's
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-schedule", daemon=True)
+
+    def due(self, now: float) -> list[Task]:
+        """Return the tasks of the slots due at `now` that were not handed out before."""
+        tasks = []
+        for entry in self._entries:
+            slot = entry.timing.latest(now)
+            if slot is not None and slot > self._done.get(entry.id, -math.inf):
+                tasks.append(entry.task(slot))
+                self._done[entry.id] = slot
+        return tasks
+
+    def next_at(self, now: float) -> float:
+        """Return when the next slot of any entry comes (Unix seconds)."""
+        return min(entry.timing.next_after(now) for entry in self._entries)
+
+    def enqueue_due(self, now: float | None = None) -> bool:
+        """Enqueue the slots due now; return False when the database refused them (logged)."""
+        tasks = self.due(self._clock() if now is None else now)
+        if not tasks:
+            return True
+        try:
+            added = self._enqueue(tasks)
+        except TaskConflictError as exc:
+            # Workers disagree on a schedule's payload: the first enqueue stands.
+            logger.warning("schedule: %s; the slot enqueued first stands", exc)
+            return True
+        except Exception as exc:
+            for task in tasks:  # handed out again by the next call
+                self._done.pop(task.id.rpartition("@")[0], None)
+            logger.warning("schedule: enqueueing %s failed (%s); trying again",
+                           ", ".join(t.id for t in tasks), _first_line(exc))  # fmt: skip
+            return False
+        logger.info("schedule: enqueued %d of %s", added, ", ".join(t.id for t in tasks))
+        return True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self._clock()
+            wait = self.next_at(now) - now if self.enqueue_due(now) else _RETRY_ENQUEUE_SECONDS
+            # One Event.wait until the next slot; capped so a changed wall clock is seen.
+            self._stop.wait(min(max(wait, 0.0), _LONGEST_NAP))
+
+
 # --- Configuration -------------------------------------------------------------------------------
 
 
@@ -5573,6 +6130,14 @@ def _parse_path(raw: str, source: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{source}: expected a path, got an empty value")
     return raw
+
+
+def _parse_host(raw: str, source: str) -> str:
+    # Whether the address exists is learnt when it is bound, before any database is opened.
+    host = raw.strip()
+    if not host or any(char.isspace() for char in host):
+        raise ConfigError(f"{source}: expected a host name or an IP address, got {_shown(raw)}")
+    return host
 
 
 def _choice(*choices: str, fold: Callable[[str], str] = str.lower) -> Callable[[str, str], str]:
@@ -5629,7 +6194,16 @@ SETTINGS = (
              DEFAULT_LOG_LEVEL, "logging level on stderr"),
     _Setting("max_task_file_bytes", "TQ_MAX_TASK_FILE_BYTES", None, _parse_positive_int,
              DEFAULT_MAX_TASK_FILE_BYTES, "largest task file accepted, bytes"),
+    _Setting("metrics_host", "TQ_METRICS_HOST", "--metrics-host", _parse_host,
+             DEFAULT_METRICS_HOST, "address --metrics-port listens on (0.0.0.0: every "
+             "interface; the metrics are readable by anyone who reaches it)"),
 )  # fmt: skip
+# Settings only `task-queue worker` takes.
+_WORKER_ONLY_SETTINGS = frozenset({"metrics_host"})
+# The flags of the built-in simulator (TaskProcessor): a --handler replaces it.
+_SIMULATOR_FLAGS = {"latency_ms": "--latency-ms", "jitter_ms": "--jitter-ms",
+                    "transient_rate": "--transient-rate", "permanent_rate": "--permanent-rate",
+                    "seed": "--seed"}  # fmt: skip
 
 
 def _read_dotenv(path: str) -> dict[str, str]:
@@ -5691,6 +6265,9 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+_METAVARS = {"db_path": "PATH_OR_URL", "metrics_host": "HOST"}
+
+
 def _add_settings(
     group: Any, names: Iterable[str] | None = None, notes: Mapping[str, str] | None = None
 ) -> None:
@@ -5704,7 +6281,7 @@ def _add_settings(
             group.add_argument(
                 setting.flag,
                 dest=setting.name,
-                metavar=setting.name.upper(),
+                metavar=_METAVARS.get(setting.name, setting.name.upper()),
                 help=f"{setting.help}{note} [{setting.env}{default}]",
             )
 
@@ -5713,9 +6290,9 @@ def _add_handler_arguments(group: Any) -> None:
     group.add_argument(
         "--handler",
         metavar="MODULE:FUNCTION",
-        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
-        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
-        "--permanent-rate) are ignored",
+        help="handler to import (default: the built-in simulator, TaskProcessor); the "
+        "simulator's flags (--latency-ms, --jitter-ms, --transient-rate, --permanent-rate, "
+        "--seed) are refused beside it (their TQ_ variables are ignored)",
     )
     group.add_argument(
         "--namespace",
@@ -5729,8 +6306,18 @@ def _cli_handler(args: argparse.Namespace, config: Mapping[str, Any], seed: int 
     """Return the handler and the namespace the command line asks for.
 
     Raises:
-        ConfigError: the handler cannot be imported, or the namespace is empty.
+        ConfigError: the handler cannot be imported, the namespace is empty, or the simulator's
+            flags are given beside a handler (which they would not configure).
     """
+    if args.handler is not None:
+        given = [flag for name, flag in _SIMULATOR_FLAGS.items()
+                 if getattr(args, name, None) is not None]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} the built-in "
+                f"simulator, which --handler {_cut(args.handler)} replaces: drop "
+                f"{'it' if len(given) == 1 else 'them'}"
+            )
     namespace = args.namespace
     if namespace is not None:
         try:
@@ -5768,6 +6355,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_handler_arguments(mode)
     _add_settings(
         parser.add_argument_group("configuration"),
+        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
         notes={
             "db_path": "; also :memory: or memory://, which keep nothing after the run; "
             "--benchmark uses a fresh temporary one unless --db is given"
@@ -5986,10 +6574,6 @@ def _run_pool(pool: WorkerPool, tasks: list[Task], config: dict[str, Any], progr
     return outcome
 
 
-# Databases that live in one process's memory: nothing of them outlives the command.
-_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
-
-
 def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
     name = signal.Signals(outcome.signum).name
     cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
@@ -6195,8 +6779,10 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
     return handler
 
 
-def _serve_metrics(metrics: MetricsCollector, port: int) -> http.server.ThreadingHTTPServer:
-    """Serve ``GET /metrics`` in the Prometheus text format on 127.0.0.1:`port`."""
+def _serve_metrics(
+    metrics: MetricsCollector, host: str, port: int
+) -> http.server.ThreadingHTTPServer:
+    """Serve ``GET /metrics`` in the Prometheus text format on `host`:`port`."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -6214,9 +6800,11 @@ def _serve_metrics(metrics: MetricsCollector, port: int) -> http.server.Threadin
             logger.debug("metrics: " + format, *args)
 
     try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server = http.server.ThreadingHTTPServer((host, port), Handler)
     except OSError as exc:
-        raise ConfigError(f"--metrics-port {port}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"--metrics-host {_cut(host)} --metrics-port {port}: {exc.strerror or exc}"
+        ) from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
     return server
@@ -6227,6 +6815,52 @@ def _parse_port(raw: str) -> int:
     if port > 65535:
         raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {_shown(raw)}")
     return port
+
+
+class _BacklogGauge:
+    """A thread that copies the durable store's backlog into a worker's metrics.
+
+    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
+    waits on the database; `stop` takes one last reading for the final snapshot.
+    """
+
+    def __init__(
+        self, store: Store, metrics: MetricsCollector, interval: float = BACKLOG_REFRESH_SECONDS
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            status = self._store.queue_status()
+        except Exception as exc:
+            # The worker's own loop reports an outage; the gauges keep their last reading.
+            logger.debug("reading the backlog failed: %s", _first_line(exc))
+            return
+        self._metrics.record_backlog(_status_backlog(status))
+
+    def _run(self) -> None:
+        self.refresh()
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+
+def _status_backlog(status: Mapping[str, Any]) -> dict[str, tuple[int, float | None]]:
+    """The backlog per queue in a `queue_status` answer: (ready tasks, oldest one's age)."""
+    return {DEFAULT_QUEUE: (status["tasks"][EntryState.QUEUED.value],
+                            status["oldest_queued_seconds"])}  # fmt: skip
 
 
 def _cmd_worker(argv: list[str]) -> int:
@@ -6246,9 +6880,25 @@ def _cmd_worker(argv: list[str]) -> int:
         help=f"tasks leased at once (default 2 x workers, up to {MAX_PREFETCH} for quick tasks)",
     )
     parser.add_argument(
-        "--metrics-port", metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics"
+        "--metrics-port",
+        metavar="PORT",
+        help="serve Prometheus metrics on HOST:PORT/metrics (HOST: --metrics-host)",
     )
     parser.add_argument("--json", action="store_true", help="print the final snapshot as JSON")
+    parser.add_argument(
+        "--schedule",
+        metavar="FILE",
+        help='periodic tasks: a JSON array of {"id", "cron": "M H DOM MON DOW" (UTC) or '
+        '"every": SECONDS, "payload", "queue"}; each slot runs once across every worker '
+        "carrying the schedule, and a worker that was down runs only the latest slot it missed",
+    )
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="exit once the queue holds nothing ready or running (delayed tasks are not waited "
+        "for): 0 when every task this worker finished succeeded or was a duplicate, 1 when some "
+        "failed; with --schedule, only the latest slot of each schedule is enqueued first",
+    )
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
@@ -6257,15 +6907,20 @@ def _cmd_worker(argv: list[str]) -> int:
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
     handler, namespace = _cli_handler(args, config, None)
+    schedule = _load_schedule(args.schedule) if args.schedule is not None else None
     metrics = MetricsCollector(config["workers"], config["queue_size"])
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
-    server = _serve_metrics(metrics, port) if port is not None else None
+    server = None
+    if port is not None:
+        server = _serve_metrics(metrics, config["metrics_host"], port)
     try:
         manager = IdempotencyManager(store=_open_cli_store(config))
     except BaseException:
         if server is not None:
             server.shutdown()
         raise
+    gauge = _BacklogGauge(manager.store, metrics)
+    periodic = _Periodic(schedule, manager.store.enqueue_many) if schedule else None
     try:
         pool = WorkerPool(
             handler,
@@ -6284,10 +6939,18 @@ def _cmd_worker(argv: list[str]) -> int:
                 f"worker {pool.worker_name} serving {_redact(manager.store.url)}", file=sys.stderr
             )
             try:
-                pool.serve(stop, prefetch=prefetch)
+                gauge.start()
+                if periodic is not None and args.burst:
+                    periodic.enqueue_due()  # the latest slots, once: a burst takes no later ones
+                elif periodic is not None:
+                    periodic.start()
+                pool.serve(stop, prefetch=prefetch, burst=args.burst)
             finally:
+                if periodic is not None:
+                    periodic.stop()
                 # Whatever ended serving, running jobs finish before the store closes below.
                 pool.shutdown(wait=True, cancel_pending=True)
+                gauge.stop()
         if server is not None:
             server.shutdown()
     finally:
@@ -6295,7 +6958,9 @@ def _cmd_worker(argv: list[str]) -> int:
     snapshot = pool.metrics.snapshot()
     print(json.dumps(snapshot, indent=2, sort_keys=True) if args.json
           else _format_summary(snapshot, snapshot["submitted"]))  # fmt: skip
-    return EXIT_SIGNAL[interrupts.signum] if interrupts.signum is not None else EXIT_OK
+    if interrupts.signum is not None:
+        return EXIT_SIGNAL[interrupts.signum]
+    return EXIT_FAILED if args.burst and snapshot["failed"] else EXIT_OK
 
 
 def _cmd_status(argv: list[str]) -> int:
