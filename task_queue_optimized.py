@@ -6202,8 +6202,8 @@ SETTINGS = (
 _WORKER_ONLY_SETTINGS = frozenset({"metrics_host"})
 # The flags of the built-in simulator (TaskProcessor): a --handler replaces it.
 _SIMULATOR_FLAGS = {"latency_ms": "--latency-ms", "jitter_ms": "--jitter-ms",
-                    "transient_rate": "--transient-rate", "permanent_rate": "--permanent-rate",
-                    "seed": "--seed"}  # fmt: skip
+                    "transient_rate": "--transient-rate",
+                    "permanent_rate": "--permanent-rate"}  # fmt: skip
 
 
 def _read_dotenv(path: str) -> dict[str, str]:
@@ -6265,7 +6265,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-_METAVARS = {"db_path": "PATH_OR_URL", "metrics_host": "HOST"}
+_METAVARS = {"metrics_host": "HOST"}
 
 
 def _add_settings(
@@ -6286,13 +6286,13 @@ def _add_settings(
             )
 
 
-def _add_handler_arguments(group: Any) -> None:
+def _add_handler_arguments(group: Any, simulator_flags: str = "are ignored") -> None:
     group.add_argument(
         "--handler",
         metavar="MODULE:FUNCTION",
-        help="handler to import (default: the built-in simulator, TaskProcessor); the "
-        "simulator's flags (--latency-ms, --jitter-ms, --transient-rate, --permanent-rate, "
-        "--seed) are refused beside it (their TQ_ variables are ignored)",
+        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
+        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
+        f"--permanent-rate) {simulator_flags}",
     )
     group.add_argument(
         "--namespace",
@@ -6302,14 +6302,20 @@ def _add_handler_arguments(group: Any) -> None:
     )
 
 
-def _cli_handler(args: argparse.Namespace, config: Mapping[str, Any], seed: int | None) -> Any:
+def _cli_handler(
+    args: argparse.Namespace,
+    config: Mapping[str, Any],
+    seed: int | None,
+    refuse_simulator_flags: bool = False,
+) -> Any:
     """Return the handler and the namespace the command line asks for.
 
     Raises:
-        ConfigError: the handler cannot be imported, the namespace is empty, or the simulator's
-            flags are given beside a handler (which they would not configure).
+        ConfigError: the handler cannot be imported, the namespace is empty, or (with
+            `refuse_simulator_flags`) the simulator's flags are given beside a handler, which
+            they would not configure.
     """
-    if args.handler is not None:
+    if args.handler is not None and refuse_simulator_flags:
         given = [flag for name, flag in _SIMULATOR_FLAGS.items()
                  if getattr(args, name, None) is not None]  # fmt: skip
         if given:
@@ -6873,7 +6879,7 @@ def _cmd_worker(argv: list[str]) -> int:
     parser.add_argument(
         "--name", help="worker name in status (default HOST:PID:ID, unique to each worker)"
     )
-    _add_handler_arguments(parser)
+    _add_handler_arguments(parser, "are refused (exit 2); their TQ_ variables are ignored")
     parser.add_argument(
         "--prefetch",
         metavar="N",
@@ -6906,7 +6912,7 @@ def _cmd_worker(argv: list[str]) -> int:
         raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
-    handler, namespace = _cli_handler(args, config, None)
+    handler, namespace = _cli_handler(args, config, None, refuse_simulator_flags=True)
     schedule = _load_schedule(args.schedule) if args.schedule is not None else None
     metrics = MetricsCollector(config["workers"], config["queue_size"])
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
