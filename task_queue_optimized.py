@@ -5784,6 +5784,8 @@ class _CronField:
                 first, last = self.low, self.high if self.star_high is None else self.star_high
             elif "-" in span:
                 start, _, end = span.partition("-")
+                if not start or not end:
+                    raise ValueError(f"{self.name} range {span!r} lacks an end")
                 first, last = self.value(start), self.value(end)
                 if first > last:
                     raise ValueError(f"{self.name} range {span!r} runs backwards")
