@@ -23,8 +23,14 @@ Command line::
     python task_queue_optimized.py --benchmark --workers 8
     python task_queue_optimized.py --task-file sample_tasks_100.json --db progress.db
 
-Sections: defaults, exceptions, records, task files, retry policy, idempotency, metrics,
-processor, queue, pool, configuration, command line.
+Periodic tasks and scripts::
+
+    task-queue worker --schedule schedule.json   # [{"id": "nightly", "cron": "0 3 * * *"}]
+    task-queue worker --burst                     # run the queue dry, exit 0 or 1
+    enqueue(tasks, db="postgresql://app@db/app")  # all or nothing, from code
+
+Sections: defaults, exceptions, records, task files, retry policy, stores, idempotency,
+metrics, processor, queue, pool, periodic tasks, configuration, command line.
 """
 
 from __future__ import annotations
@@ -90,10 +96,13 @@ __all__ = [
     "DEFAULT_MAX_DELAY",
     "DEFAULT_MAX_TASK_FILE_BYTES",
     "DEFAULT_METRICS_FILE",
+    "DEFAULT_METRICS_HOST",
     "DEFAULT_MULTIPLIER",
+    "DEFAULT_QUEUE",
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_TASKS",
     "DEFAULT_WORKERS",
+    "ENQUEUE_CHUNK",
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
     "MAX_NAMESPACE_BYTES",
