@@ -2592,6 +2592,34 @@ class PostgresStore(_SqlStore):
         execute("notify", {"channel": self._channel})
         return 0
 
+    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+        # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
+        # INSERT with a VALUES tuple for each row, returning the ids it inserted. Only the rows
+        # it left alone (stored before, or repeated in the chunk) are checked, one by one.
+        ordered = [rows[index] for index in _key_order([row["id"] for row in rows])]
+        added = 0
+        for start in range(0, len(ordered), ENQUEUE_CHUNK):
+            chunk = ordered[start : start + ENQUEUE_CHUNK]
+            sql = _many_values(self._sql["enqueue"], len(chunk)) if len(chunk) > 1 else None
+            if sql is None:
+                added += super()._enqueue_chunk(execute, chunk)
+                continue
+            # The lock is held: one entry serves every size (a full chunk's is kept in turn).
+            self._sql["enqueue_rows"] = sql + " RETURNING id"
+            params = {
+                f"{field}_{index}": value
+                for index, row in enumerate(chunk)
+                for field, value in row.items()
+            }
+            inserted = {row[0] for row in execute("enqueue_rows", params).fetchall()}
+            for row in chunk:
+                if row["id"] in inserted:
+                    inserted.discard(row["id"])  # a repeat of the id later on is checked
+                    added += 1
+                else:
+                    self._check_same(execute, row)
+        return added
+
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         """Wait for a NOTIFY from an enqueue (or `timeout` seconds) on a listening connection.
 
@@ -2645,6 +2673,30 @@ class PostgresStore(_SqlStore):
                     with contextlib.suppress(Exception):
                         conn.close()
             self._conn = self._listener = None
+
+
+@functools.lru_cache(maxsize=4)
+def _many_values(sql: str, count: int) -> str | None:
+    """Rewrite a one-row ``INSERT ... VALUES (%(a)s, ...)`` into `count` rows, whose parameters
+    are suffixed ``_0`` ... ``_{count - 1}``; None when `sql` has no such VALUES tuple."""
+    head, values, tail = sql.partition("VALUES")
+    start = tail.find("(")
+    if not values or start < 0:
+        return None
+    depth, end = 0, -1
+    for index, char in enumerate(tail[start:], start):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            end = index
+            break
+    if end < 0:
+        return None
+    row = tail[start : end + 1]
+    rows = ", ".join(
+        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)
+        for index in range(count)
+    )
+    return f"{head}{values} {rows}{tail[end + 1 :]}"
 
 
 def _import_psycopg() -> Any:

@@ -23,6 +23,7 @@ from tests.store_fixtures import Launcher, one_line_error, pg_execute, wait_unti
 
 launcher = store_fixtures.launcher
 pg_url = store_fixtures.pg_url
+backend = store_fixtures.backend
 
 # A handler that fails the tasks whose payload says so, and otherwise logs like `record`.
 FAILING_HANDLER = """\
@@ -129,6 +130,24 @@ def test_enqueue_that_loses_its_connection_midway_enqueues_nothing(pg_url: str) 
     with pytest.raises(tq.TaskQueueError, match="connection was lost during the enqueue"):
         tq.enqueue(cut_midway(), db=pg_url)
     assert status_of(pg_url)["tasks"]["queued"] == 0
+
+
+def test_enqueue_many_over_several_chunks_counts_and_refuses_like_one_row_at_a_time(
+    backend: store_fixtures.Backend,
+) -> None:
+    # PostgreSQL writes a chunk in one statement: repeats inside a chunk, rows stored before
+    # and a conflict in a later chunk must come out as the per-row statements had them.
+    store = backend.open()
+    count = tq.ENQUEUE_CHUNK * 2 + 3
+    batch = list(generated(count))
+    assert store.enqueue_many([*batch, batch[0], batch[-1]]) == count
+    assert store.enqueue_many(batch) == 0
+    assert store.enqueue_many([*generated(count + 2)]) == 2
+    with pytest.raises(tq.TaskConflictError, match="t-00000"):
+        store.enqueue_many([tq.Task("new-1"), tq.Task("t-00000", {"other": 1})])
+    with pytest.raises(tq.TaskConflictError, match="n-0"):
+        store.enqueue_many([tq.Task("n-0"), tq.Task("n-0", {"other": 1})])
+    assert store.queue_status()["tasks"]["queued"] == count + 2
 
 
 # --- Burst workers -------------------------------------------------------------------------------
