@@ -6113,11 +6113,17 @@ class _Periodic:
         if not tasks:
             return True
         try:
-            added = self._enqueue(tasks)
-        except TaskConflictError as exc:
-            # Workers disagree on a schedule's payload: the first enqueue stands.
-            logger.warning("schedule: %s; the slot enqueued first stands", exc)
-            return True
+            try:
+                added = self._enqueue(tasks)
+            except TaskConflictError:
+                # Workers disagree on a schedule's payload, and the batch was refused whole:
+                # the other slots go in on their own, and the first enqueue of this one stands.
+                added = 0
+                for task in tasks:
+                    try:
+                        added += self._enqueue([task])
+                    except TaskConflictError as exc:
+                        logger.warning("schedule: %s; the slot enqueued first stands", exc)
         except Exception as exc:
             for task in tasks:  # handed out again by the next call
                 self._done.pop(task.id.rpartition("@")[0], None)

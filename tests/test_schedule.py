@@ -363,11 +363,25 @@ def test_a_starting_worker_enqueues_only_the_latest_slot_it_missed() -> None:
     ]
 
 
+def test_a_conflicting_slot_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    store = tq.open_store(str(tmp_path / "q.db"))
+    try:
+        # Another worker enqueued this slot with another payload (its schedule file differs).
+        store.enqueue_many([tq.Task("a@2026-12-01T14:00:00Z", {"old": True})])
+        periodic = tq._Periodic([entry("a", every=60), entry("b", every=60)], store.enqueue_many)
+        assert periodic.enqueue_due(at("2026-12-01T14:00:30")) is True
+        ids_stored = {task.task.id for task in store.take_many("w", 10)}
+    finally:
+        store.close()
+    assert ids_stored == {"a@2026-12-01T14:00:00Z", "b@2026-12-01T14:00:00Z"}
+
+
 def test_a_refused_enqueue_is_tried_again_and_a_conflict_is_left_alone(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     calls: list[list[str]] = []
     answers: list[Any] = [tq.TaskQueueError("the database is down"), 1,
+                          tq.TaskConflictError("tick@2026-12-01T14:00:10Z"),
                           tq.TaskConflictError("tick@2026-12-01T14:00:10Z")]  # fmt: skip
 
     def enqueue(tasks: list[tq.Task]) -> int:
@@ -384,7 +398,7 @@ def test_a_refused_enqueue_is_tried_again_and_a_conflict_is_left_alone(
         assert periodic.enqueue_due(now + 1) is True  # the same slot, again
         assert periodic.enqueue_due(now + 10) is True  # the conflict is logged, not retried
         assert periodic.enqueue_due(now + 11) is True
-    assert calls == [["tick@2026-12-01T14:00:00Z"]] * 2 + [["tick@2026-12-01T14:00:10Z"]]
+    assert calls == [["tick@2026-12-01T14:00:00Z"]] * 2 + [["tick@2026-12-01T14:00:10Z"]] * 2
     messages = [record.getMessage() for record in caplog.records]
     assert any("the database is down" in m and "trying again" in m for m in messages)
     assert any("the slot enqueued first stands" in m for m in messages)
