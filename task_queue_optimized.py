@@ -2372,6 +2372,30 @@ def _prepare_database_file(path: str) -> None:
         raise ConfigError(f"database {path}: cannot be written")
 
 
+@functools.lru_cache(maxsize=4)
+def _many_values(sql: str, count: int) -> str | None:
+    """Rewrite a one-row ``INSERT ... VALUES (%(a)s, ...)`` into `count` rows, whose parameters
+    are suffixed ``_0`` ... ``_{count - 1}``; None when `sql` has no such VALUES tuple."""
+    head, values, tail = sql.partition("VALUES")
+    start = tail.find("(")
+    if not values or start < 0:
+        return None
+    depth, end = 0, -1
+    for index, char in enumerate(tail[start:], start):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            end = index
+            break
+    if end < 0:
+        return None
+    row = tail[start : end + 1]
+    rows = ", ".join(
+        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)
+        for index in range(count)
+    )
+    return f"{head}{values} {rows}{tail[end + 1 :]}"
+
+
 class PostgresStore(_SqlStore):
     """The contract in PostgreSQL: workers on many machines share one database.
 
@@ -2673,30 +2697,6 @@ class PostgresStore(_SqlStore):
                     with contextlib.suppress(Exception):
                         conn.close()
             self._conn = self._listener = None
-
-
-@functools.lru_cache(maxsize=4)
-def _many_values(sql: str, count: int) -> str | None:
-    """Rewrite a one-row ``INSERT ... VALUES (%(a)s, ...)`` into `count` rows, whose parameters
-    are suffixed ``_0`` ... ``_{count - 1}``; None when `sql` has no such VALUES tuple."""
-    head, values, tail = sql.partition("VALUES")
-    start = tail.find("(")
-    if not values or start < 0:
-        return None
-    depth, end = 0, -1
-    for index, char in enumerate(tail[start:], start):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth == 0:
-            end = index
-            break
-    if end < 0:
-        return None
-    row = tail[start : end + 1]
-    rows = ", ".join(
-        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)
-        for index in range(count)
-    )
-    return f"{head}{values} {rows}{tail[end + 1 :]}"
 
 
 def _import_psycopg() -> Any:
