@@ -11,6 +11,7 @@ import calendar
 import datetime
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -416,6 +417,34 @@ def test_the_schedule_thread_enqueues_at_start_and_stops_at_once(tmp_path: Path)
     finally:
         periodic.stop()
         store.close()
+
+
+class RecordingEvent(threading.Event):
+    """An Event whose waits are recorded; the first wait stops the loop that waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        self.set()
+        return True
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [("2026-12-01T14:00:05", 5.0), ("2026-12-01T14:00:09.75", 0.25), ("2026-12-01T13:00:00", 60.0)],
+)
+def test_the_schedule_thread_sleeps_until_the_next_slot_without_polling(
+    now: str, expected: float
+) -> None:
+    timing = {"every": 10} if now.startswith("2026-12-01T14") else {"cron": "0 15 * * *"}
+    periodic = tq._Periodic([entry("tick", **timing)], len, lambda: at(now))
+    periodic._stop = RecordingEvent()
+    periodic._run()  # one round: enqueue what is due, then one wait until the next slot
+    # One wait, as long as the time to the next slot (at most a minute: the clock is reread).
+    assert periodic._stop.waits == [pytest.approx(expected)]
 
 
 # --- Real workers: each slot exactly once --------------------------------------------------------
