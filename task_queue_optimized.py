@@ -4943,11 +4943,14 @@ class WorkerPool:
         if stop.is_set():
             return None
         try:
-            tasks = store.queue_status()["tasks"]
+            status = store.queue_status()
         except Exception as exc:
             logger.warning("reading the queue failed (%s); trying again", _first_line(exc))
             return None
-        return tasks[EntryState.QUEUED.value], tasks[EntryState.RUNNING.value]
+        tasks = status["tasks"]
+        # Queued tasks still waiting out a delay are not ready: a burst does not wait for them.
+        ready = tasks[EntryState.QUEUED.value] - status.get("delayed", 0)
+        return ready, tasks[EntryState.RUNNING.value]
 
     def _return_entries(self, entries: Iterable[tuple[str, int | None]]) -> None:
         """Give durable-queue rows this pool took but will not run back to the queue."""
@@ -6934,8 +6937,8 @@ class _BacklogGauge:
 
 def _status_backlog(status: Mapping[str, Any]) -> dict[str, tuple[int, float | None]]:
     """The backlog per queue in a `queue_status` answer: (ready tasks, oldest one's age)."""
-    return {DEFAULT_QUEUE: (status["tasks"][EntryState.QUEUED.value],
-                            status["oldest_queued_seconds"])}  # fmt: skip
+    ready = status["tasks"][EntryState.QUEUED.value] - status.get("delayed", 0)
+    return {DEFAULT_QUEUE: (ready, status["oldest_queued_seconds"])}
 
 
 def _cmd_worker(argv: list[str]) -> int:
