@@ -4019,16 +4019,18 @@ class _WorkQueue(queue.Queue):
         return False
 
     def drain(self) -> list[Any]:
-        """Remove and return every waiting item; stop sentinels stay where they are."""
+        """Remove and return every waiting item, in the order they would have left; stop
+        sentinels stay where they are."""
         with self.mutex:
-            ranked = [entry[2] for entry in sorted(self._ranked, key=lambda e: e[:2])]
+            ranked = sorted(self._ranked, key=lambda entry: entry[:2])
             self._ranked.clear()
             items = [item for item in self.queue if item is not _STOP]
             stops = len(self.queue) - len(items)
             self.queue.clear()
             self.queue.extend([_STOP] * stops)
             self.not_full.notify_all()
-        return ranked + items
+        above = [item for key, _, item in ranked if key < 0]
+        return above + items + [item for key, _, item in ranked if key > 0]
 
     def waiting_items(self) -> int:
         """Return how many items wait, stop sentinels not counted."""
