@@ -1200,6 +1200,16 @@ def _schedules(
     return [(now + d if d else None, p) for d, p in zip(delays, priorities, strict=True)]
 
 
+def _schedule_one(delay: Any, priority: Any, now: float) -> tuple[float | None, int]:
+    """Return the ``(run_at, priority)`` of one task submitted at `now`.
+
+    Raises:
+        TypeError, ValueError: `delay` or `priority` is invalid.
+    """
+    seconds = _check_delay(delay)
+    return (now + seconds if seconds else None), _check_priority(priority)
+
+
 def _ready_time(value: Any) -> float:
     """Return a stored ready time, or 0.0 for a value no time can be (a row written by hand)."""
     return value if isinstance(value, float) else float(value) if type(value) is int else 0.0
@@ -1213,11 +1223,9 @@ def _stored_priority(value: Any) -> int:
 
 
 def _empty_status() -> dict[str, Any]:
-    # "delayed": queued tasks still waiting out their delay (not counted as queued).
-    states = [EntryState.QUEUED.value, "delayed"]
-    states += [state.value for state in EntryState if state is not EntryState.QUEUED]
     return {
-        "tasks": dict.fromkeys(states, 0),
+        "tasks": dict.fromkeys((state.value for state in EntryState), 0),
+        "delayed": 0,  # of the queued tasks, those still waiting out their delay
         "oldest_queued_seconds": None,
         "stalled": 0,
         "workers": [],
@@ -1523,7 +1531,7 @@ class MemoryStore:
     def take_task(
         self, task: Task, worker: str, *, delay: float = 0.0, priority: int = 0
     ) -> int | None:
-        ((run_at, rank),) = _schedules([task], delay, priority, time.time())
+        run_at, rank = _schedule_one(delay, priority, time.time())
         with self._guard():
             now = time.time()
             row = self._tasks.get(task.id)
@@ -1594,11 +1602,10 @@ class MemoryStore:
             now = time.time()
             queued = []
             for row in self._tasks.values():
-                if row["state"] == EntryState.QUEUED and (row["run_at"] or 0) > now:
-                    status["tasks"]["delayed"] += 1
-                    continue
                 status["tasks"][row["state"].value] += 1
-                if row["state"] == EntryState.QUEUED:
+                if row["state"] == EntryState.QUEUED and (row["run_at"] or 0) > now:
+                    status["delayed"] += 1
+                elif row["state"] == EntryState.QUEUED:
                     queued.append(row["enqueued_at"] if row["run_at"] is None else row["run_at"])
                 elif row["state"] == EntryState.RUNNING and row["lease_expires"] <= now:
                     status["stalled"] += 1
@@ -2180,7 +2187,7 @@ class _SqlStore:
         self, task: Task, worker: str, *, delay: float = 0.0, priority: int = 0
     ) -> int | None:
         now = time.time()
-        ((run_at, rank),) = _schedules([task], delay, priority, now)
+        run_at, rank = _schedule_one(delay, priority, now)
         params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
                   "token": _new_token(), "worker": worker, "lease": now + self.lease_seconds,
                   "now": now, "run_at": run_at, "priority": rank}  # fmt: skip
@@ -2228,9 +2235,7 @@ class _SqlStore:
         def read(execute: Callable[..., Any]) -> None:
             for state, count in execute("task_counts", {}).fetchall():
                 status["tasks"][state] = count
-            delayed = execute("delayed", {"now": now}).fetchone()[0]
-            status["tasks"]["delayed"] = delayed
-            status["tasks"][EntryState.QUEUED.value] -= delayed
+            status["delayed"] = execute("delayed", {"now": now}).fetchone()[0]
             oldest = execute("oldest", {"now": now}).fetchone()[0]
             if oldest is not None:
                 status["oldest_queued_seconds"] = round(now - oldest, 3)
@@ -6781,7 +6786,8 @@ def _cmd_worker(argv: list[str]) -> int:
 def _cmd_status(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "status",
-        "Show the durable queue: tasks by state, the oldest waiting task, stalled claims, "
+        "Show the durable queue: tasks by state (and how many queued ones wait out a delay), "
+        "the oldest waiting task, stalled claims, "
         "workers and their heartbeats.",
         _STORE_SETTINGS,
     )
@@ -6803,7 +6809,7 @@ def _cmd_status(argv: list[str]) -> int:
     print("  tasks   " + "  ".join(f"{state} {count}" for state, count in tasks.items()))
     print("  keys    " + "  ".join(f"{state} {count}" for state, count in status["keys"].items()))
     print(f"  oldest queued task waiting {'-' if oldest is None else f'{oldest:.1f} s'}  "
-          f"stalled claims {status['stalled']}")  # fmt: skip
+          f"delayed {status['delayed']}  stalled claims {status['stalled']}")  # fmt: skip
     for worker in status["workers"]:
         print(f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago  "
               f"in flight {worker.get('in_flight', '?')}  succeeded "
