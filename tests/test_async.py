@@ -555,9 +555,9 @@ def test_async_pool_submit_takes_a_delay_and_a_priority(handler: Any) -> None:
                 pool.submit(tq.Task("delayed"), delay=0.2, priority=-1),
                 pool.submit(tq.Task("ready"), priority=7),
             )
-            with pytest.raises(ValueError, match="delay"):
+            with pytest.raises(ValueError, match=r"^delay must be "):
                 await pool.submit(tq.Task("bad"), delay=-1.0)
-            with pytest.raises(TypeError, match="priority"):
+            with pytest.raises(TypeError, match=r"^priority must be "):
                 await pool.submit(tq.Task("bad"), priority=2.5)
         return delayed, ready
 

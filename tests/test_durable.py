@@ -831,7 +831,7 @@ def test_enqueue_of_a_bad_delay_or_priority_exits_2_and_creates_no_database(
     db = tmp_path / "queue.db"
     file = write_task_file(tmp_path / "tasks.json", [{"id": "ok"}, {"id": "bad", field: value}])
     line = one_line_error(launcher.run("enqueue", "--task-file", str(file), "--db", str(db)))
-    assert "task 1" in line and field in line
+    assert f"task 1: field '{field}' must be " in line
     assert not db.exists()
 
 

@@ -1100,7 +1100,7 @@ class TestPriorities:
         self, make_pool: Callable, value: Any, error: type[Exception]
     ) -> None:
         pool = make_pool(lambda task: None, workers=1)
-        with pytest.raises(error, match="priority") as info:
+        with pytest.raises(error, match=r"^priority must be ") as info:
             pool.submit(tq.Task("t"), priority=value)
         assert "\n" not in str(info.value)
         assert pool.metrics.snapshot()["submitted"] == 0
@@ -1177,7 +1177,7 @@ class TestDelays:
         self, make_pool: Callable, value: Any, error: type[Exception]
     ) -> None:
         pool = make_pool(lambda task: None, workers=1)
-        with pytest.raises(error, match="delay") as info:
+        with pytest.raises(error, match=r"^delay must be ") as info:
             pool.submit(tq.Task("t"), delay=value)
         assert "\n" not in str(info.value)
         assert pool.metrics.snapshot()["submitted"] == 0
