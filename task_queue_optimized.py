@@ -3926,16 +3926,6 @@ _STOP = object()  # the sentinel that ends one worker loop
 _live_queues: weakref.WeakSet[TaskQueue] = weakref.WeakSet()  # closed at interpreter exit
 
 
-class _Ranked:
-    """An item put with a priority other than 0, on its way into `_WorkQueue._put`."""
-
-    __slots__ = ("item", "priority")
-
-    def __init__(self, item: Any, priority: int) -> None:
-        self.item = item
-        self.priority = priority
-
-
 class _WorkQueue(queue.Queue):
     """A `queue.Queue` with priorities that can also take items past its bound (retries, stop
     sentinels).
@@ -3956,12 +3946,6 @@ class _WorkQueue(queue.Queue):
     def _qsize(self) -> int:
         return len(self.queue) + len(self._ranked)
 
-    def _put(self, item: Any) -> None:
-        if type(item) is _Ranked:
-            heapq.heappush(self._ranked, (-item.priority, next(self._order), item.item))
-        else:
-            self.queue.append(item)
-
     def _get(self) -> Any:
         ranked = self._ranked
         if ranked:
@@ -3969,6 +3953,32 @@ class _WorkQueue(queue.Queue):
             if ranked[0][0] < 0 or not waiting or waiting[0] is _STOP:
                 return heapq.heappop(ranked)[2]
         return self.queue.popleft()
+
+    def put_ranked(
+        self, item: Any, priority: int, block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Put `item` with a priority other than 0 as `put` puts an item (waiting for room).
+
+        Raises:
+            queue.Full: no room came in time.
+        """
+        with self.not_full:
+            if not block:
+                if self._qsize() >= self.maxsize:
+                    raise queue.Full
+            elif timeout is None:
+                while self._qsize() >= self.maxsize:
+                    self.not_full.wait()
+            else:
+                deadline = time.monotonic() + timeout
+                while self._qsize() >= self.maxsize:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0.0:
+                        raise queue.Full
+                    self.not_full.wait(remaining)
+            heapq.heappush(self._ranked, (-priority, next(self._order), item))
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
 
     def put_unbounded(self, item: Any, *, front: bool = False, priority: int = 0) -> None:
         """Add `item` without waiting for room: at the front, or at the back, of its priority."""
@@ -4101,12 +4111,15 @@ class TaskQueue:
             PoolClosedError: the queue is closed.
             TypeError, ValueError: `priority` is not an integer in range.
         """
-        if priority or type(priority) is not int:
+        if priority or priority.__class__ is not int:
             _check_priority(priority)
         if self._closed:
             raise PoolClosedError()
         try:
-            self._queue.put(_Ranked(item, priority) if priority else item, block, timeout)
+            if priority:
+                self._queue.put_ranked(item, priority, block, timeout)
+            else:
+                self._queue.put(item, block, timeout)
         except queue.Full:
             raise QueueFullError(self.maxsize) from None
         if self._closed and self._queue.take_back(item):
