@@ -4056,6 +4056,7 @@ class _WorkQueue(queue.Queue):
 class TaskQueue:
     """A bounded queue of waiting items served by `workers` loops on a `ThreadPoolExecutor`.
 
+    Items leave the highest priority first, in the order they came within one (see `submit`).
     Each loop takes an item and calls ``process(item)``; an exception from `process` is logged and
     the loop goes on. At most `maxsize` items wait; `submit` blocks or raises `QueueFullError`
     when the queue stays full.
