@@ -1212,7 +1212,9 @@ def _schedule_one(delay: Any, priority: Any, now: float) -> tuple[float | None, 
 
 def _ready_time(value: Any) -> float:
     """Return a stored ready time, or 0.0 for a value no time can be (a row written by hand)."""
-    return value if isinstance(value, float) else float(value) if type(value) is int else 0.0
+    if isinstance(value, float):
+        return value
+    return float(value) if type(value) is int else 0.0
 
 
 def _stored_priority(value: Any) -> int:
@@ -1458,7 +1460,7 @@ class MemoryStore:
         priority: int | Sequence[int] = 0,
     ) -> int:
         added = 0
-        schedules = _schedules(tasks, delay, priority, time.time())
+        schedules = _schedules(tasks, delay, priority, 0.0)  # due times from the enqueue's now
         with self._guard():
             # Every task is checked before any is added: the batch is all or nothing.
             seen: dict[str, Task] = {}
@@ -1467,13 +1469,14 @@ class MemoryStore:
                 self._check_same(task, row["task"] if row is not None else seen.get(task.id, task))
                 seen.setdefault(task.id, task)
             now = time.time()
-            for task, (run_at, rank) in zip(tasks, schedules, strict=True):
+            for task, (wait, rank) in zip(tasks, schedules, strict=True):
                 if task.id in self._tasks:
                     continue
                 self._tasks[task.id] = {
                     "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
                     "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
-                    "updated_at": now, "priority": rank, "run_at": run_at,
+                    "updated_at": now, "priority": rank,
+                    "run_at": None if wait is None else now + wait,
                 }  # fmt: skip
                 added += 1
             if added:
@@ -1531,7 +1534,7 @@ class MemoryStore:
     def take_task(
         self, task: Task, worker: str, *, delay: float = 0.0, priority: int = 0
     ) -> int | None:
-        run_at, rank = _schedule_one(delay, priority, time.time())
+        wait, rank = _schedule_one(delay, priority, 0.0)  # the due time from the take's now
         with self._guard():
             now = time.time()
             row = self._tasks.get(task.id)
@@ -1546,7 +1549,7 @@ class MemoryStore:
             # This submission's schedule replaces the stored one.
             if not self._takeable(row, now, scheduled=False):
                 return None
-            row.update(priority=rank, run_at=run_at)
+            row.update(priority=rank, run_at=None if wait is None else now + wait)
             return self._lease(row, worker, now)
 
     def next_run_at(self) -> float | None:
