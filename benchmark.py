@@ -3012,6 +3012,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--quick only applies to --suite")
     if args.unused_cost is not None and (args.db is not None or args.task_file is not None):
         raise UsageError("--unused-cost runs its own no-op workload: no --db or --task-file")
+    if args.unused_cost is not None and not os.path.isfile(args.unused_cost):
+        raise UsageError(f"--unused-cost {args.unused_cost}: no such file")
     if (args.suite or args.smoke) and (args.task_file is not None or args.tasks is not None):
         raise UsageError("--suite and --smoke run their own workloads: no --task-file or --tasks")
     if args.task_file is not None and args.tasks is not None:
