@@ -113,6 +113,25 @@ def test_enqueue_refuses_bad_arguments_before_opening_anything(tmp_path: Path) -
     assert "enqueue" in tq.__all__
 
 
+def test_enqueue_with_a_delay_and_a_priority(queue_db: str, tmp_path: Path) -> None:
+    assert tq.enqueue(generated(2, prefix="low"), db=queue_db, priority=-5) == 2
+    assert tq.enqueue([tq.Task("high")], db=queue_db, priority=5) == 1
+    assert tq.enqueue([tq.Task("later")], db=queue_db, delay=3600) == 1
+    store = tq.open_store(queue_db)
+    try:
+        assert store.queue_status()["delayed"] == 1
+        taken = [item.task.id for item in store.take_many("w", 10)]
+    finally:
+        store.close()
+    # The higher priority first; the delayed one is not due.
+    assert taken[0] == "high" and sorted(taken[1:]) == ["low-00000", "low-00001"]
+    db = tmp_path / "never.db"
+    for bad in ({"delay": -1}, {"delay": float("nan")}, {"priority": 1001}, {"priority": 1.5}):
+        with pytest.raises((TypeError, ValueError), match=r"delay|priority"):
+            tq.enqueue(generated(1), db=db, **bad)
+    assert not db.exists()
+
+
 def test_enqueue_that_loses_its_connection_midway_enqueues_nothing(pg_url: str) -> None:
     schema = store_fixtures.schema_of(pg_url)
     tq.open_store(pg_url).close()  # the schema exists, so the enqueue's first statement is ours
@@ -201,6 +220,17 @@ def test_a_burst_worker_waits_for_a_task_another_worker_runs_and_takes_it_if_tha
     assert [task for task, _ in runs[second.pid]] == ["long"]
     assert second.json()["succeeded"] == 1
     assert status_of(queue_db)["tasks"]["done"] == 1
+
+
+def test_a_burst_worker_does_not_wait_for_delayed_tasks(launcher: Launcher, queue_db: str) -> None:
+    tq.enqueue(generated(2), db=queue_db)
+    tq.enqueue([tq.Task("tomorrow")], db=queue_db, delay=86400)
+    proc, snapshot = burst(launcher, queue_db)
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot["succeeded"] == 2
+    status = status_of(queue_db)
+    assert (status["tasks"]["done"], status["tasks"]["queued"], status["delayed"]) == (2, 1, 1)
+    assert (snapshot["backlog"], snapshot["oldest_waiting_seconds"]) == (0, None)
 
 
 def test_a_burst_worker_is_stopped_by_sigterm_like_any_worker(
