@@ -186,6 +186,7 @@ IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SQLITE_HEADER = b"SQLite format 3\x00"
 MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NOT_FINISHED = 3  # ``task-queue result``: the key is unknown or has not finished
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -6294,8 +6295,8 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
         "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
         "above that names a TQ_ variable can also be set in the environment or in ./.env. "
-        "The durable queue has subcommands: enqueue, worker, status and purge "
-        "(task-queue SUBCOMMAND --help).",
+        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
+        "result and purge (task-queue SUBCOMMAND --help).",
     )
     mode = parser.add_argument_group("what to run")
     mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
@@ -6668,15 +6669,44 @@ def _open_cli_store(config: Mapping[str, Any], *, create: bool = True) -> Store:
     )
 
 
+def _cli_queue(raw: str, flag: str) -> str:
+    """Return the queue name a flag gives, or raise ConfigError naming the flag."""
+    try:
+        return _check_queue_name(raw, flag)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _cli_queues(raw: str | None) -> tuple[str, ...] | None:
+    """Return the queues ``--queues a,b`` names (None: every queue), or raise ConfigError."""
+    if raw is None:
+        return None
+    names = raw.split(",")
+    if any(not name.strip() for name in names):
+        raise ConfigError(f"--queues: expected queue names separated by commas, got {_shown(raw)}")
+    try:
+        return _queue_names([name.strip() for name in names], "--queues")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _cmd_enqueue(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "enqueue", "Persist the tasks of a file in the durable queue and return.", _STORE_SETTINGS
     )
     parser.add_argument("--task-file", metavar="FILE", required=True, help="JSON task file")
+    parser.add_argument(
+        "--queue",
+        metavar="NAME",
+        default=DEFAULT_QUEUE,
+        help=f"queue of the tasks that name none (default {DEFAULT_QUEUE}; a task's own "
+        '"queue" field wins)',
+    )
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
-    tasks = load_tasks(args.task_file, max_bytes=config["max_task_file_bytes"])
+    queue = _cli_queue(args.queue, "--queue")
+    tasks = load_tasks(args.task_file, max_bytes=config["max_task_file_bytes"], queue=queue)
     store = _open_cli_store(config)
     try:
         # One transaction for the whole file: a task the database refuses leaves nothing behind.
@@ -6791,12 +6821,18 @@ def _cmd_worker(argv: list[str]) -> int:
     parser.add_argument(
         "--metrics-port", metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics"
     )
+    parser.add_argument(
+        "--queues",
+        metavar="A,B",
+        help="the named queues to take tasks from, separated by commas (default: every queue)",
+    )
     parser.add_argument("--json", action="store_true", help="print the final snapshot as JSON")
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
     if args.name is not None and _text_problem(args.name) is not None:
         raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
+    queues = _cli_queues(args.queues)
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
     handler, namespace = _cli_handler(args, config, None)
@@ -6820,11 +6856,14 @@ def _cmd_worker(argv: list[str]) -> int:
             worker_name=args.name,
             metrics=metrics,
             namespace=namespace,
+            queues=queues,
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
+            served = "every queue" if queues is None else "queues " + ", ".join(queues)
             print(
-                f"worker {pool.worker_name} serving {_redact(manager.store.url)}", file=sys.stderr
+                f"worker {pool.worker_name} serving {served} of {_redact(manager.store.url)}",
+                file=sys.stderr,
             )
             try:
                 pool.serve(stop, prefetch=prefetch)
@@ -6867,11 +6906,33 @@ def _cmd_status(argv: list[str]) -> int:
     print("  keys    " + "  ".join(f"{state} {count}" for state, count in status["keys"].items()))
     print(f"  oldest queued task waiting {'-' if oldest is None else f'{oldest:.1f} s'}  "
           f"stalled claims {status['stalled']}")  # fmt: skip
+    for name, counts in status["queues"].items():
+        age = counts["oldest_waiting_age"]
+        print(f"  queue {name}  " + "  ".join(f"{state} {counts[state]}" for state in _QUEUE_STATES)
+              + f"  oldest waiting {'-' if age is None else f'{age:.1f} s'}")  # fmt: skip
     for worker in status["workers"]:
-        print(f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago  "
-              f"in flight {worker.get('in_flight', '?')}  succeeded "
-              f"{worker.get('succeeded', '?')}")  # fmt: skip
+        print(_worker_line(worker))
     return EXIT_OK
+
+
+_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
+
+
+def _worker_line(worker: Mapping[str, Any]) -> str:
+    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
+    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
+    if worker.get("alive", True):
+        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
+                f"{worker.get('succeeded', '?')}")  # fmt: skip
+    held = worker.get("running", 0)
+    lease = worker.get("lease_seconds")
+    gone = f"{head}: gone (no heartbeat for longer than its lease"
+    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
+    if not held:
+        return f"{gone}; it holds no tasks"
+    tasks = "task returns" if held == 1 else "tasks return"
+    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
+            "for any worker to take")  # fmt: skip
 
 
 def _cmd_purge(argv: list[str]) -> int:
@@ -6897,10 +6958,223 @@ def _cmd_purge(argv: list[str]) -> int:
     return EXIT_OK
 
 
+# Subcommands: operating the queue ----------------------------------------------------------------
+
+
+def _open_cli_writer(config: Mapping[str, Any]) -> Store:
+    """Open an existing durable queue to change it (upgraded to this version's layout).
+
+    Raises:
+        ConfigError: as `_open_cli_store` with ``create=False``: a command that changes tasks
+            never creates a database.
+    """
+    _open_cli_store(config, create=False).close()
+    return _open_cli_store(config)
+
+
+def _cli_ids(ids: list[str]) -> list[str]:
+    """Return the task ids of the command line, each once, or raise ConfigError naming one."""
+    try:
+        return list(dict.fromkeys(_check_task_ids(ids, "task id")))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _cmd_failed(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "failed", "List failed tasks of the durable queue, the newest failure first.",
+        _STORE_SETTINGS,
+    )  # fmt: skip
+    parser.add_argument("--queue", metavar="NAME", help="only the tasks of this queue")
+    parser.add_argument(
+        "--limit",
+        metavar="N",
+        default=str(DEFAULT_FAILED_LIMIT),
+        help=f"most tasks listed (default {DEFAULT_FAILED_LIMIT})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON array of objects with the keys id, key, queue, attempts, error_kind, "
+        "error and failed_at (seconds since the epoch)",
+    )
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    queue = None if args.queue is None else _cli_queue(args.queue, "--queue")
+    limit = _parse_positive_int(args.limit, "--limit")
+    store = _open_cli_store(config, create=False)
+    try:
+        failed = store.failed_tasks(queue, limit)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(failed)
+        return EXIT_OK
+    where = "" if queue is None else f" in queue {queue}"
+    if not failed:
+        print(f"no failed tasks{where} in {_redact(store.url)}")
+        return EXIT_OK
+    print(f"{len(failed)} failed tasks{where}, the newest first (at most {limit}):")
+    for row in failed:
+        key = "" if row["key"] == row["id"] else f"  key {row['key']}"
+        print(f"  {row['id']}{key}  queue {row['queue']}  {row['error_kind'] or '-'}  attempts "
+              f"{row['attempts']}  failed {_when(row['failed_at'])}  "
+              f"{_cut(row['error'] or '', 200)}")  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_retry(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "retry",
+        "Put failed tasks back in their queue with fresh attempts. Exit 0 when every task named "
+        "was retried, 1 when some id was not found or not failed.",
+        _STORE_SETTINGS,
+    )
+    parser.add_argument("ids", nargs="*", metavar="ID", help="ids of failed tasks")
+    parser.add_argument("--all", action="store_true", help="every failed task")
+    parser.add_argument("--queue", metavar="NAME", help="with --all: only the tasks of this queue")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    if args.all and args.ids:
+        raise ConfigError("give the ids of failed tasks or --all, not both")
+    if not args.all and not args.ids:
+        raise ConfigError("nothing to retry: give the ids of failed tasks, or --all")
+    if args.queue is not None and not args.all:
+        raise ConfigError("--queue goes with --all (ids name their tasks already)")
+    queue = None if args.queue is None else _cli_queue(args.queue, "--queue")
+    ids = _cli_ids(args.ids)
+    store = _open_cli_writer(config)
+    try:
+        before = {} if args.all else store.task_states(ids)
+        retried = store.retry_tasks(None if args.all else ids, queue)
+    finally:
+        store.close()
+    missing = [task_id for task_id in ids if task_id not in before]
+    not_failed = {task_id: state for task_id, state in before.items() if state != "failed"}
+    if args.json:
+        _print_json({"retried": retried, "not_found": missing, "not_failed": not_failed})
+    else:
+        where = "" if queue is None else f" of queue {queue}"
+        print(f"retried {retried} failed tasks{where}: back in their queue with fresh attempts")
+        for task_id in missing:
+            print(f"not found: {task_id}", file=sys.stderr)
+        for task_id, state in not_failed.items():
+            print(f"not retried: {task_id} is {state}, not failed", file=sys.stderr)
+    return EXIT_FAILED if missing or not_failed else EXIT_OK
+
+
+def _cmd_cancel(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "cancel",
+        "Withdraw queued tasks from the durable queue; running tasks finish. Exit 0 when every "
+        "task named was withdrawn, 1 when some id was not found, is running or has finished.",
+        _STORE_SETTINGS,
+    )
+    parser.add_argument("ids", nargs="+", metavar="ID", help="ids of queued tasks")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    ids = _cli_ids(args.ids)
+    store = _open_cli_writer(config)
+    try:
+        before = store.task_states(ids)
+        store.cancel_tasks(ids)
+        # A queued task a worker took meanwhile is running now: read what became of each.
+        after = store.task_states([i for i, state in before.items() if state == "queued"])
+    finally:
+        store.close()
+    now = {**before, **after}
+    cancelled = [i for i in ids if before.get(i) == "queued" and i not in after]
+    running = [i for i in ids if i not in cancelled and now.get(i) in ("running", "queued")]
+    finished = {i: now[i] for i in ids if now.get(i) in ("done", "failed")}
+    missing = [i for i in ids if i not in before]
+    if args.json:
+        _print_json({"cancelled": cancelled, "running": running, "finished": finished,
+                     "not_found": missing})  # fmt: skip
+    else:
+        print(f"cancelled {len(cancelled)} of {len(ids)} tasks")
+        for task_id in running:
+            print(f"not cancelled: {task_id} is running; it finishes", file=sys.stderr)
+        for task_id, state in finished.items():
+            print(f"not cancelled: {task_id} has finished ({state})", file=sys.stderr)
+        for task_id in missing:
+            print(f"not found: {task_id}", file=sys.stderr)
+    return EXIT_OK if len(cancelled) == len(ids) else EXIT_FAILED
+
+
+def _cmd_result(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "result",
+        "Show what became of an idempotency key: its state and cached output. Exit 0 when "
+        "completed, 1 when failed, 3 when unknown or not finished.",
+        _STORE_SETTINGS,
+    )
+    parser.add_argument("key", metavar="KEY", help="the idempotency key (a task's id by default)")
+    parser.add_argument(
+        "--namespace", metavar="NAME", help="the handler that owns the key (default: any)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print an object with the keys key, state, output, error, attempts, updated_at "
+        "and namespace (state 'unknown' for a key no handler has taken)",
+    )
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    try:
+        _check_key(args.key)
+        if args.namespace is not None:
+            _check_namespace(args.namespace, "--namespace")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    manager = IdempotencyManager(store=_open_cli_store(config, create=False))
+    try:
+        state = manager.get(args.key, namespace=args.namespace)
+    finally:
+        manager.store.close()
+    code = {"completed": EXIT_OK, "failed": EXIT_FAILED}.get(state and state.state,
+                                                             EXIT_NOT_FINISHED)  # fmt: skip
+    if args.json:
+        unknown = KeyState(args.key, "unknown", namespace="")
+        _print_json((state or unknown).to_dict())
+        return code
+    if state is None:
+        print(f"{args.key}: unknown (no handler has taken this key yet)")
+    elif state.state == "completed":
+        print(f"{args.key}: completed {_when(state.updated_at)} after {state.attempts} handler "
+              f"calls (handler {state.namespace or '-'})")  # fmt: skip
+        print(json.dumps(state.output))
+    elif state.state == "failed":
+        print(f"{args.key}: failed {_when(state.updated_at)} after {state.attempts} handler calls "
+              f"(handler {state.namespace or '-'}): {state.error}")  # fmt: skip
+    else:
+        print(f"{args.key}: in progress (claimed {_when(state.updated_at)}, not finished)")
+    return code
+
+
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "enqueue": _cmd_enqueue,
     "worker": _cmd_worker,
     "status": _cmd_status,
+    "failed": _cmd_failed,
+    "retry": _cmd_retry,
+    "cancel": _cmd_cancel,
+    "result": _cmd_result,
     "purge": _cmd_purge,
 }
 
