@@ -9,6 +9,7 @@ handler writes (tests/store_fixtures.HANDLER_SOURCE).
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from collections import Counter
@@ -21,7 +22,10 @@ import task_queue_optimized as tq
 from tests import store_fixtures
 from tests.store_fixtures import (
     Backend,
+    Launcher,
+    one_line_error,
     wait_until,
+    write_task_file,
 )
 
 # Fixtures shared with the other store tests (pytest finds them by these module names).
@@ -400,3 +404,249 @@ def test_an_old_postgres_schema_is_read_as_it_is_and_upgraded_by_a_writer(pg_url
         assert ids(writer.take_many("w", 10, queues=["default"])) == ["old-f", "old-q"]
     finally:
         writer.close()
+
+
+# --- The command line, on SQLite and on PostgreSQL -----------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def queue_db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Yield the --db of a durable queue: a SQLite file, then a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "queue.db")
+        return
+    store_fixtures.require_postgres()
+    url = store_fixtures.new_schema_url()
+    yield url
+    store_fixtures.drop_schema(url)
+
+
+def run_json(launcher: Launcher, *args: str) -> tuple[int, Any]:
+    proc = launcher.run(*args, "--json")
+    try:
+        return proc.returncode, json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"no JSON from {args}: {proc.stdout!r} {proc.stderr!r}") from None
+
+
+def states(db: str, *task_ids: str) -> dict[str, str]:
+    store = tq.open_store(db)
+    try:
+        return store.task_states(list(task_ids))
+    finally:
+        store.close()
+
+
+def enqueue(
+    launcher: Launcher, db: str, path: Path, tasks: list[dict[str, Any]], *args: str
+) -> None:
+    proc = launcher.run(
+        "enqueue", "--task-file", str(write_task_file(path, tasks)), "--db", db, *args
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_workers_take_only_their_queues(launcher: Launcher, tmp_path: Path, queue_db: str) -> None:
+    tasks = [
+        {"id": "mail-1"},
+        {"id": "mail-2"},
+        {"id": "report-1", "queue": "reports"},  # the file's own field wins over --queue
+        {"id": "other-1", "queue": "other"},
+    ]
+    enqueue(launcher, queue_db, tmp_path / "tasks.json", tasks, "--queue", "mail")
+    code, report = run_json(launcher, "status", "--db", queue_db)
+    assert code == 0
+    assert {name: q["queued"] for name, q in report["queues"].items()} == {
+        "mail": 2,
+        "other": 1,
+        "reports": 1,
+    }
+    worker = launcher.worker(queue_db, "--queues", "mail,reports", "--name", "mr")
+    wait_until(
+        lambda: (
+            states(queue_db, "mail-1", "mail-2", "report-1")
+            == dict.fromkeys(("mail-1", "mail-2", "report-1"), "done")
+        ),
+        "the mail and report tasks to be done",
+        procs=[worker],
+    )
+    code, report = run_json(launcher, "status", "--db", queue_db)
+    (beat,) = report["workers"]
+    assert beat["queues"] == ["mail", "reports"] and beat["alive"] is True
+    assert report["queues"]["other"]["queued"] == 1  # never taken by that worker
+    assert worker.terminate() == 143
+    assert "serving queues mail, reports" in worker.stderr()
+    everything = launcher.worker(queue_db)
+    wait_until(
+        lambda: states(queue_db, "other-1") == {"other-1": "done"}, "the rest", procs=[everything]
+    )
+    assert everything.terminate() == 143
+    assert launcher.calls_by_key() == Counter(
+        dict.fromkeys(("mail-1", "mail-2", "report-1", "other-1"), 1)
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_task_whose_worker_was_killed_is_retried_from_failed_and_completes_once(
+    launcher: Launcher, tmp_path: Path, queue_db: str
+) -> None:
+    gate = tmp_path / "gate"  # the handler waits for it: the first run never returns
+    enqueue(
+        launcher, queue_db, tmp_path / "tasks.json", [{"id": "job", "payload": {"gate": str(gate)}}]
+    )
+    flags = ("--max-attempts", "1", "--lease-seconds", "1")
+    doomed = launcher.worker(queue_db, *flags, "--name", "doomed")
+    wait_until(lambda: launcher.calls_by_key()["job"] == 1, "the run to start", procs=[doomed])
+    doomed.kill()
+    # status shows the killed worker as gone, and what becomes of its task.
+    wait_until(
+        lambda: not run_json(launcher, "status", "--db", queue_db)[1]["workers"][0]["alive"],
+        "the killed worker's heartbeat to outlive its lease",
+    )
+    text = launcher.run("status", "--db", queue_db)
+    assert "worker doomed" in text.stdout and "gone" in text.stdout
+    assert "its 1 running task returns to the queue when the leases expire" in text.stdout
+    survivor = launcher.worker(queue_db, *flags, "--name", "survivor")
+    failed = wait_until(
+        lambda: run_json(launcher, "failed", "--db", queue_db)[1],
+        "the crash to be failed",
+        procs=[survivor],
+    )
+    (row,) = failed
+    assert set(row) == FAILED_KEYS
+    assert row["id"] == "job" and row["key"] == "job" and row["queue"] == "default"
+    assert row["error_kind"] == "crashed" and row["attempts"] == 1
+    assert row["error"] == "crashed: the worker running it died once"
+    assert isinstance(row["failed_at"], float) and abs(row["failed_at"] - time.time()) < 120
+    text = launcher.run("failed", "--db", queue_db)
+    assert text.returncode == 0 and "job" in text.stdout and "crashed" in text.stdout
+    code, key = run_json(launcher, "result", "job", "--db", queue_db)
+    assert code == 3 and key["state"] == "in_progress"  # the dead run's claim, never finished
+    gate.touch()
+    retried = launcher.run("retry", "job", "--db", queue_db)
+    assert retried.returncode == 0, retried.stderr
+    assert "retried 1 failed tasks" in retried.stdout
+    wait_until(
+        lambda: states(queue_db, "job") == {"job": "done"}, "the retried run", procs=[survivor]
+    )
+    assert survivor.terminate() == 143
+    assert launcher.calls_by_key() == Counter(
+        {"job": 2}
+    )  # the killed call, then one that completed
+    code, key = run_json(launcher, "result", "job", "--db", queue_db)
+    assert code == 0
+    assert key == {
+        "key": "job",
+        "state": "completed",
+        "output": {"id": "job"},
+        "error": None,
+        "attempts": 2,
+        "updated_at": key["updated_at"],
+        "namespace": "tq_test_handlers.record",
+    }
+    assert isinstance(key["updated_at"], float)
+    assert run_json(launcher, "failed", "--db", queue_db) == (0, [])
+
+
+def test_cancel_lets_a_running_task_finish_and_removes_a_queued_one(
+    launcher: Launcher, tmp_path: Path, queue_db: str
+) -> None:
+    gate = tmp_path / "gate"
+    enqueue(
+        launcher, queue_db, tmp_path / "a.json", [{"id": "slow", "payload": {"gate": str(gate)}}]
+    )
+    enqueue(launcher, queue_db, tmp_path / "b.json", [{"id": "waiting"}])  # enqueued later
+    worker = launcher.worker(queue_db, "--workers", "1", "--prefetch", "1")
+    wait_until(lambda: launcher.calls_by_key()["slow"] == 1, "the slow task to run", procs=[worker])
+    assert states(queue_db, "slow", "waiting") == {"slow": "running", "waiting": "queued"}
+    code, outcome = run_json(launcher, "cancel", "slow", "waiting", "missing", "--db", queue_db)
+    assert code == 1
+    assert outcome == {
+        "cancelled": ["waiting"],
+        "running": ["slow"],
+        "finished": {},
+        "not_found": ["missing"],
+    }
+    text = launcher.run("cancel", "slow", "--db", queue_db)
+    assert text.returncode == 1 and "slow is running; it finishes" in text.stderr
+    gate.touch()
+    wait_until(
+        lambda: states(queue_db, "slow") == {"slow": "done"},
+        "the slow task to finish",
+        procs=[worker],
+    )
+    assert worker.terminate() == 143
+    assert launcher.calls_by_key() == Counter({"slow": 1})  # the cancelled one never ran
+    assert states(queue_db, "waiting") == {}
+    done = launcher.run("cancel", "slow", "--db", queue_db)
+    assert done.returncode == 1 and "slow has finished (done)" in done.stderr
+
+
+def test_result_answers_by_exit_code(launcher: Launcher, queue_db: str) -> None:
+    manager = tq.IdempotencyManager(queue_db)
+    try:
+        manager.mark_processed("done-key", {"n": 1})
+        failed = manager.claim("failed-key")
+        manager.release("failed-key", failed.token, "it broke")
+        manager.claim("running-key")
+    finally:
+        manager.close()
+    text = launcher.run("result", "done-key", "--db", queue_db)
+    assert text.returncode == 0 and text.stdout.splitlines()[-1] == '{"n": 1}'
+    code, failed_state = run_json(launcher, "result", "failed-key", "--db", queue_db)
+    assert code == 1 and failed_state["state"] == "failed" and failed_state["error"] == "it broke"
+    assert failed_state["attempts"] == 1
+    assert run_json(launcher, "result", "running-key", "--db", queue_db)[0] == 3
+    code, unknown = run_json(launcher, "result", "nobody", "--db", queue_db)
+    assert code == 3 and unknown["state"] == "unknown" and unknown["output"] is None
+
+
+BAD_INPUT = [
+    (["enqueue", "--task-file", "tasks.json", "--queue", "two words"], "--queue must be printable"),
+    (
+        ["enqueue", "--task-file", "tasks.json", "--queue", "a,b"],
+        "--queue must not contain a comma",
+    ),
+    (["worker", "--queues", "a,,b"], "--queues: expected queue names separated by commas"),
+    (["worker", "--queues", ""], "--queues: expected queue names"),
+    (["failed", "--limit", "0"], "--limit: expected an integer >= 1"),
+    (["failed", "--limit", "many"], "--limit: expected an integer >= 1"),
+    (["failed", "--queue", "x y"], "--queue must be printable"),
+    (["failed", "--jsn"], "unrecognized arguments: --jsn"),
+    (["retry"], "nothing to retry: give the ids of failed tasks, or --all"),
+    (["retry", "t-1", "--all"], "give the ids of failed tasks or --all, not both"),
+    (["retry", "t-1", "--queue", "q"], "--queue goes with --all"),
+    (["retry", "--all", "--queue", ""], "--queue must be a non-empty string"),
+    (["retry", ""], "task id: a task id must be a non-empty string"),
+    (["cancel"], "the following arguments are required: ID"),
+    (["cancel", ""], "task id: a task id must be a non-empty string"),
+    (["result"], "the following arguments are required: KEY"),
+    (["result", ""], "idempotency key '' must be a non-empty string"),
+    (["result", "k", "--namespace", " "], "--namespace must be a non-empty printable string"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(
+    launcher: Launcher, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    db = tmp_path / "queue.db"
+    write_task_file(tmp_path / "tasks.json", [{"id": "t-1"}])
+    store = tq.open_store(str(db))
+    store.enqueue_many([tq.Task("t-1")])
+    store.close()
+    before = db.read_bytes()
+    line = one_line_error(launcher.run(*argv, "--db", str(db)))
+    assert message in line
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "command", [["failed"], ["retry", "--all"], ["cancel", "t"], ["result", "k"]]
+)
+def test_operating_commands_never_create_a_database(
+    launcher: Launcher, tmp_path: Path, command: list[str]
+) -> None:
+    line = one_line_error(launcher.run(*command, "--db", str(tmp_path / "none.db")))
+    assert "does not exist" in line
+    assert not (tmp_path / "none.db").exists()
