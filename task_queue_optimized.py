@@ -2002,8 +2002,10 @@ class _SqlStore:
         sql = {}
         for name, text in self._SQL.items():
             if "{in_queues}" in text:
-                # One variant for every queue, one for the queues a worker serves.
+                # A variant for every queue, one for a worker of one queue (an equality, so the
+                # (state, queue, enqueued_at) index serves the take in order), one for several.
                 sql[name + "_in"] = text.format(**fields, in_queues="AND " + self._QUEUE_FILTER)
+                sql[name + "_in_one"] = text.format(**fields, in_queues="AND queue = :queue")
                 text = text.replace("{in_queues}", "")
             sql[name] = text.format(**fields)
         self._sql = {name: self._dialect(text) for name, text in sql.items()}
@@ -2256,7 +2258,10 @@ class _SqlStore:
         params = {"token": token, "worker": worker, "lease": now + self.lease_seconds,
                   "now": now, "limit": limit}  # fmt: skip
         suffix = ""
-        if queues is not None:
+        if queues is not None and len(queues) == 1:
+            suffix = "_in_one"
+            params["queue"] = queues[0]
+        elif queues is not None:
             suffix = "_in"
             params["queues"] = self._queues_param(queues)
 
