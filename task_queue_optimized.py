@@ -6985,6 +6985,11 @@ def _cli_ids(ids: list[str]) -> list[str]:
         raise ConfigError(str(exc)) from None
 
 
+def _counted(count: int, noun: str) -> str:
+    """Return "1 failed task" or "3 failed tasks"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
@@ -7030,7 +7035,7 @@ def _cmd_failed(argv: list[str]) -> int:
     if not failed:
         print(f"no failed tasks{where} in {_redact(store.url)}")
         return EXIT_OK
-    print(f"{len(failed)} failed tasks{where}, the newest first (at most {limit}):")
+    print(f"{_counted(len(failed), 'failed task')}{where}, the newest first (at most {limit}):")
     for row in failed:
         key = "" if row["key"] == row["id"] else f"  key {row['key']}"
         print(f"  {row['id']}{key}  queue {row['queue']}  {row['error_kind'] or '-'}  attempts "
@@ -7073,7 +7078,9 @@ def _cmd_retry(argv: list[str]) -> int:
         _print_json({"retried": retried, "not_found": missing, "not_failed": not_failed})
     else:
         where = "" if queue is None else f" of queue {queue}"
-        print(f"retried {retried} failed tasks{where}: back in their queue with fresh attempts")
+        back = "its queue" if retried == 1 else "their queue"
+        print(f"retried {_counted(retried, 'failed task')}{where}: back in {back} with fresh "
+              "attempts")  # fmt: skip
         for task_id in missing:
             print(f"not found: {task_id}", file=sys.stderr)
         for task_id, state in not_failed.items():
@@ -7161,12 +7168,14 @@ def _cmd_result(argv: list[str]) -> int:
     if state is None:
         print(f"{args.key}: unknown (no handler has taken this key yet)")
     elif state.state == "completed":
-        print(f"{args.key}: completed {_when(state.updated_at)} after {state.attempts} handler "
-              f"calls (handler {state.namespace or '-'})")  # fmt: skip
+        calls = _counted(state.attempts, "handler call")
+        print(f"{args.key}: completed {_when(state.updated_at)} after {calls} (handler "
+              f"{state.namespace or '-'})")  # fmt: skip
         print(json.dumps(state.output))
     elif state.state == "failed":
-        print(f"{args.key}: failed {_when(state.updated_at)} after {state.attempts} handler calls "
-              f"(handler {state.namespace or '-'}): {state.error}")  # fmt: skip
+        print(f"{args.key}: failed {_when(state.updated_at)} after "
+              f"{_counted(state.attempts, 'handler call')} (handler {state.namespace or '-'}): "
+              f"{state.error}")  # fmt: skip
     else:
         print(f"{args.key}: in progress (claimed {_when(state.updated_at)}, not finished)")
     return code

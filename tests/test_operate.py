@@ -525,7 +525,7 @@ def test_a_task_whose_worker_was_killed_is_retried_from_failed_and_completes_onc
     gate.touch()
     retried = launcher.run("retry", "job", "--db", queue_db)
     assert retried.returncode == 0, retried.stderr
-    assert "retried 1 failed tasks" in retried.stdout
+    assert "retried 1 failed task: back in its queue" in retried.stdout
     wait_until(
         lambda: states(queue_db, "job") == {"job": "done"}, "the retried run", procs=[survivor]
     )
