@@ -1026,8 +1026,8 @@ class Store(Protocol):
     worker's death counts one.
 
     - ``enqueue_many(tasks)``: insert new ids as queued, all or nothing, and return how many were
-      new. An id already stored with the same key and payload is left alone; with another key or
-      payload it raises `TaskConflictError` and nothing is inserted.
+      new. An id already stored with the same key, payload and queue is left alone; with another
+      one it raises `TaskConflictError` and nothing is inserted.
     - ``take_many(worker, limit, max_crashes=None, queues=None)``: lease up to `limit` queued or
       lease-expired tasks of `queues` (None: every queue), oldest first, skipping rows other
       workers hold; a lease-expired task of those queues whose runs all ended with their worker's
