@@ -1162,10 +1162,20 @@ def _check_task_ids(ids: Any, source: str = "ids") -> list[str]:
     return checked
 
 
-def _check_limit(limit: Any) -> int:
+def _check_operation(
+    ids: Any = None, queue: Any = None, limit: Any = DEFAULT_FAILED_LIMIT
+) -> list[str] | None:
+    """Check the arguments of `failed_tasks`, `retry_tasks`, `cancel_tasks` and `task_states`
+    before any store is touched (the same answer from every store); return `ids` as a list.
+
+    Raises:
+        ValueError: an id, the queue name or the limit is invalid; the error names it.
+    """
+    if queue is not None:
+        _check_queue_name(queue, "queue")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, not {_shown(limit)}")
-    return limit
+    return None if ids is None else _check_task_ids(ids)
 
 
 def _worker_entry(name: str, info: Mapping[str, Any], seen_ago: float, running: int,
@@ -1646,6 +1656,7 @@ class MemoryStore:
     def failed_tasks(
         self, queue: str | None = None, limit: int = DEFAULT_FAILED_LIMIT
     ) -> list[dict[str, Any]]:
+        _check_operation(queue=queue, limit=limit)
         with self._guard():
             rows = [row for row in self._tasks.values() if row["state"] == EntryState.FAILED
                     and (queue is None or row["task"].queue == queue)]  # fmt: skip
@@ -1657,6 +1668,7 @@ class MemoryStore:
             ]  # fmt: skip
 
     def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        ids = _check_operation(ids=ids, queue=queue)
         count = 0
         with self._guard():
             now = time.time()
@@ -1674,6 +1686,7 @@ class MemoryStore:
         return count
 
     def cancel_tasks(self, ids: Sequence[str]) -> int:
+        ids = _check_operation(ids=ids)
         count = 0
         with self._guard():
             for task_id in ids:
@@ -1684,6 +1697,7 @@ class MemoryStore:
         return count
 
     def task_states(self, ids: Sequence[str]) -> dict[str, str]:
+        ids = _check_operation(ids=ids)
         with self._guard():
             return {task_id: self._tasks[task_id]["state"].value for task_id in ids
                     if task_id in self._tasks}  # fmt: skip
@@ -1757,8 +1771,10 @@ class _SqlStore:
     # it), and how that statement names the id: SQLite's differ (see SqliteStore).
     _TAKE_COLUMNS = "id, key, payload, queue, id"
     _RAW_ID = "id"
-    # How a take names the queues it serves (the `queues` parameter: see `_queues_param`).
+    # How a take names the queues it serves, and a statement the ids it acts on (the `queues`
+    # and `ids` parameters: a list, see `_list_param`).
     _QUEUE_FILTER = "queue IN (SELECT value FROM json_each(:queues))"
+    _IDS_FILTER = "id IN (SELECT value FROM json_each(:ids))"
     _SQL = {
         # The WHERE leaves a key alone when it has a row without a namespace to adopt first
         # (two primary-key probes): claim_many then adopts it and claims again.
@@ -1951,18 +1967,19 @@ class _SqlStore:
                 error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now
             WHERE state = 'failed' AND queue = :queue
         """,
-        "retry_id": """
+        # By ids: one statement for any number of them (`{ids_filter}`: see _ids_param).
+        "retry_ids": """
             UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
                 error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now
-            WHERE id = :id AND state = 'failed'
+            WHERE state = 'failed' AND {ids_filter}
         """,
-        "retry_id_in": """
+        "retry_ids_in": """
             UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
                 error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now
-            WHERE id = :id AND state = 'failed' AND queue = :queue
+            WHERE state = 'failed' AND queue = :queue AND {ids_filter}
         """,
-        "cancel": "DELETE FROM {tasks} WHERE id = :id AND state = 'queued'",
-        "task_state": "SELECT state FROM {tasks} WHERE id = :id",
+        "cancel": "DELETE FROM {tasks} WHERE state = 'queued' AND {ids_filter}",
+        "task_states": "SELECT id, state FROM {tasks} WHERE {ids_filter}",
     }
     # Columns added to the tables after their first layout, and what a reader of a database
     # from before them reads instead (see _render_sql).
@@ -1995,7 +2012,8 @@ class _SqlStore:
         older version lacks, which the reads then take as their default (a reader must leave
         such a database as it is; an opener that may write adds them first)."""
         fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
-                  "raw_id": self._RAW_ID, **self._names}  # fmt: skip
+                  "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER,
+                  **self._names}  # fmt: skip
         gone = set(missing)
         for pair, (field, column, default) in self._LATER_COLUMNS.items():
             fields[field] = default if pair in gone else column
@@ -2011,8 +2029,9 @@ class _SqlStore:
         self._sql = {name: self._dialect(text) for name, text in sql.items()}
 
     @staticmethod
-    def _queues_param(queues: Sequence[str]) -> Any:
-        return json.dumps(list(queues))
+    def _list_param(values: Sequence[str]) -> Any:
+        """A list of texts as one parameter: JSON text, which SQLite's json_each reads."""
+        return json.dumps(list(values))
 
     @staticmethod
     def _dialect(sql: str) -> str:
@@ -2263,7 +2282,7 @@ class _SqlStore:
             params["queue"] = queues[0]
         elif queues is not None:
             suffix = "_in"
-            params["queues"] = self._queues_param(queues)
+            params["queues"] = self._list_param(queues)
 
         unreadable: list[tuple[Any, str]] = []  # (id, error) of the rows failed as no task
 
@@ -2373,52 +2392,46 @@ class _SqlStore:
     def failed_tasks(
         self, queue: str | None = None, limit: int = DEFAULT_FAILED_LIMIT
     ) -> list[dict[str, Any]]:
+        _check_operation(queue=queue, limit=limit)
         name, params = ("failed", {"limit": limit}) if queue is None else (
             "failed_in", {"limit": limit, "queue": queue})  # fmt: skip
         rows = self._transaction(lambda execute: execute(name, params).fetchall(), write=False)
         return [_failed_entry(*row) for row in rows]
 
     def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        ids = _check_operation(ids=ids, queue=queue)
         params: dict[str, Any] = {"now": time.time(), "queue": queue}
         if ids is None:
             name = "retry_all" if queue is None else "retry_all_in"
-
-            def retry_all(execute: Callable[..., Any]) -> int:
-                count = execute(name, params).rowcount
-                if count:
-                    self._notify(execute)  # wake idle workers: there is work for them
-                return count
-
-            return self._transaction(retry_all)
-        name = "retry_id" if queue is None else "retry_id_in"
-        rows = [{**params, "id": task_id} for task_id in dict.fromkeys(ids)]
+        elif not ids:
+            return 0
+        else:
+            name = "retry_ids" if queue is None else "retry_ids_in"
+            params["ids"] = self._list_param(sorted(set(ids)))
 
         def retry(execute: Callable[..., Any]) -> int:
-            count = 0
-            for index in _key_order([row["id"] for row in rows]):  # rows locked in id order
-                count += execute(name, rows[index]).rowcount
+            count = execute(name, params).rowcount
             if count:
-                self._notify(execute)
+                self._notify(execute)  # wake idle workers: there is work for them
             return count
 
-        return self._transaction(retry) if rows else 0
+        return self._transaction(retry)
 
     def cancel_tasks(self, ids: Sequence[str]) -> int:
-        rows = [{"id": task_id} for task_id in dict.fromkeys(ids)]
-        return sum(self._each("cancel", rows, "id"))
+        ids = _check_operation(ids=ids)
+        if not ids:
+            return 0
+        params = {"ids": self._list_param(sorted(set(ids)))}
+        return self._transaction(lambda execute: execute("cancel", params).rowcount)
 
     def task_states(self, ids: Sequence[str]) -> dict[str, str]:
-        wanted = list(dict.fromkeys(ids))
-
-        def read(execute: Callable[..., Any]) -> dict[str, str]:
-            states = {}
-            for task_id in wanted:
-                row = execute("task_state", {"id": task_id}).fetchone()
-                if row is not None:
-                    states[task_id] = row[0]
-            return states
-
-        return self._transaction(read, write=False) if wanted else {}
+        ids = _check_operation(ids=ids)
+        if not ids:
+            return {}
+        params = {"ids": self._list_param(sorted(set(ids)))}
+        rows = self._transaction(lambda execute: execute("task_states", params).fetchall(),
+                                 write=False)  # fmt: skip
+        return dict(rows)
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         self._check_open()
@@ -2794,6 +2807,7 @@ class PostgresStore(_SqlStore):
 
     _TAKE_LOCK = "FOR UPDATE SKIP LOCKED"
     _QUEUE_FILTER = "queue = ANY(:queues)"
+    _IDS_FILTER = "id = ANY(:ids)"
     _DDL = (
         "CREATE SCHEMA IF NOT EXISTS {schema}",
         """CREATE TABLE IF NOT EXISTS {keys} (
@@ -2863,8 +2877,8 @@ class PostgresStore(_SqlStore):
         return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
 
     @staticmethod
-    def _queues_param(queues: Sequence[str]) -> Any:
-        return list(queues)
+    def _list_param(values: Sequence[str]) -> Any:
+        return list(values)  # psycopg sends a text[] array
 
     def _connect(self) -> Any:
         return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)

@@ -48,7 +48,7 @@ def tokens(taken: list[Any]) -> dict[str, int]:
 
 def fail(store: Any, task_ids: list[str], kind: str = "permanent", calls: int = 0) -> None:
     """Take `task_ids` (and nothing else) and settle each as failed."""
-    taken = tokens(store.take_many("w", 100))
+    taken = tokens(store.take_many("w", 10_000))
     assert set(taken) == set(task_ids), taken
     for task_id in task_ids:
         error = f"{kind}: {task_id} broke"
@@ -650,3 +650,37 @@ def test_operating_commands_never_create_a_database(
     line = one_line_error(launcher.run(*command, "--db", str(tmp_path / "none.db")))
     assert "does not exist" in line
     assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda store: store.failed_tasks(limit=0), "limit must be a positive integer"),
+        (lambda store: store.failed_tasks(queue="a,b"), "queue must not contain a comma"),
+        (lambda store: store.retry_tasks("t-1"), "must be a list of task ids"),
+        (lambda store: store.retry_tasks(["t-1", ""]), "a task id must be a non-empty string"),
+        (lambda store: store.retry_tasks(None, queue=" "), "queue must be printable"),
+        (lambda store: store.cancel_tasks(["t\x00"]), "must not contain a NUL character"),
+        (lambda store: store.task_states([3]), "a task id must be a non-empty string"),
+    ],
+)
+def test_operations_refuse_bad_arguments_before_touching_the_store(
+    backend: Backend, call: Any, message: str
+) -> None:
+    store = backend.open()
+    store.enqueue_many([tq.Task("t-1")])
+    fail(store, ["t-1"])
+    with pytest.raises(ValueError, match=message):
+        call(store)
+    assert [row["id"] for row in store.failed_tasks()] == ["t-1"]
+
+
+def test_operations_by_id_take_any_number_of_ids_in_one_call(backend: Backend) -> None:
+    store = backend.open()
+    names = [f"t-{i:04d}" for i in range(1500)]
+    store.enqueue_many([tq.Task(name) for name in names])
+    assert len(store.task_states([*names, "missing"])) == 1500
+    assert store.cancel_tasks(names[:1000]) == 1000
+    fail(store, names[1000:])
+    assert store.retry_tasks([*names, "missing"]) == 500
+    assert set(store.task_states(names).values()) == {"queued"}
