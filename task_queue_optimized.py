@@ -2363,19 +2363,20 @@ class _SqlStore:
         now = time.time()
 
         def read(execute: Callable[..., Any]) -> None:
-            for state, count in execute("task_counts", {}).fetchall():
-                status["tasks"][state] = count
-            oldest = execute("oldest", {}).fetchone()[0]
-            if oldest is not None:
-                status["oldest_queued_seconds"] = round(now - oldest, 3)
-            status["stalled"] = execute("stalled", {"now": now}).fetchone()[0]
+            # The totals are the sums of the queues': one scan for both (status is polled).
             queues: dict[str, dict[str, Any]] = {}
             for name, state, count in execute("queue_counts", {}).fetchall():
                 queues.setdefault(name, _queue_entry())[state] = count
-            for name, oldest in execute("queue_oldest", {}).fetchall():
+                status["tasks"][state] = status["tasks"].get(state, 0) + count
+            oldest = None
+            for name, first in execute("queue_oldest", {}).fetchall():
                 queues.setdefault(name, _queue_entry())["oldest_waiting_age"] = round(
-                    now - oldest, 3
+                    now - first, 3
                 )
+                oldest = first if oldest is None else min(oldest, first)
+            if oldest is not None:
+                status["oldest_queued_seconds"] = round(now - oldest, 3)
+            status["stalled"] = execute("stalled", {"now": now}).fetchone()[0]
             status["queues"] = dict(sorted(queues.items()))
             held = dict(execute("held", {}).fetchall())
             lease = self.lease_seconds
