@@ -684,3 +684,26 @@ def test_operations_by_id_take_any_number_of_ids_in_one_call(backend: Backend) -
     fail(store, names[1000:])
     assert store.retry_tasks([*names, "missing"]) == 500
     assert set(store.task_states(names).values()) == {"queued"}
+
+
+def test_a_task_file_names_its_queue_and_a_bad_one_is_refused_naming_it(tmp_path: Path) -> None:
+    good = write_task_file(
+        tmp_path / "good.json",
+        [{"id": "a", "queue": "mail"}, {"id": "b"}, {"id": "c", "queue": None}],
+    )
+    assert [task.queue for task in tq.load_tasks(good)] == ["mail", "default", "default"]
+    assert [task.queue for task in tq.load_tasks(good, queue="bulk")] == ["mail", "bulk", "bulk"]
+    for bad, problem in [
+        ("", "non-empty"),
+        ("a b", "without whitespace"),
+        ("x,y", "comma"),
+        (7, "string"),
+    ]:
+        path = write_task_file(tmp_path / "bad.json", [{"id": "a"}, {"id": "b", "queue": bad}])
+        with pytest.raises(tq.TaskFileError, match=problem) as caught:
+            tq.load_tasks(path)
+        assert caught.value.index == 1 and caught.value.field == "queue"
+    with pytest.raises(ValueError, match="queues must be a list of queue names"):
+        tq.WorkerPool(lambda task: None, queues="mail")
+    with pytest.raises(ValueError, match="queues must name at least one queue"):
+        tq.WorkerPool(lambda task: None, queues=[])
