@@ -707,3 +707,22 @@ def test_a_task_file_names_its_queue_and_a_bad_one_is_refused_naming_it(tmp_path
         tq.WorkerPool(lambda task: None, queues="mail")
     with pytest.raises(ValueError, match="queues must name at least one queue"):
         tq.WorkerPool(lambda task: None, queues=[])
+
+
+def test_delayed_tasks_are_counted_apart_never_purged_cancelled_and_retried_at_once(
+    backend: Backend,
+) -> None:
+    store = backend.open()
+    store.enqueue_many([tq.Task("later", queue="q"), tq.Task("now", queue="q")], delay=[3600, 0])
+    store.enqueue_many([tq.Task("doomed", queue="q")], delay=3600)
+    queue = store.queue_status()["queues"]["q"]
+    assert (queue["queued"], queue["delayed"]) == (1, 2)
+    assert store.queue_status()["delayed"] == 2
+    assert store.purge_expired(older_than=0) == 0  # a delayed row is never purged
+    assert store.cancel_tasks(["later"]) == 1  # withdrawn before it is due
+    assert store.task_states(["later", "now", "doomed"]) == {"now": "queued", "doomed": "queued"}
+    # A delayed task that failed (say, run early by a durable submit) is retried ready at once.
+    token = store.take_task(tq.Task("doomed", queue="q"), "w", delay=3600)
+    store.settle_many([("doomed", token, FAILED, "boom", "permanent", 0)])
+    assert store.retry_tasks(["doomed"]) == 1
+    assert ids(store.take_many("w", 10, queues=["q"])) == ["doomed", "now"]
