@@ -261,7 +261,8 @@ def test_a_schedule_file_is_read(tmp_path: Path) -> None:
     assert entries[1].timing == tq._Every(60) and entries[1].payload == {}
     task = entries[0].task(at("2026-12-01T03:00"))
     assert (task.id, task.key) == ("nightly-report@2026-12-01T03:00:00Z",) * 2
-    assert task.payload == {"to": "ops"}
+    assert task.payload == {"to": "ops"} and task.queue == "q"
+    assert entries[1].task(at("2026-12-01T03:00")).queue == "default"
 
 
 BAD_SCHEDULES = [
@@ -291,6 +292,7 @@ BAD_SCHEDULES = [
     pytest.param([{"id": "a", "every": 5, "payload": []}], "field 'payload'", id="payload"),
     pytest.param([{"id": "a", "every": 5, "queue": ""}], "field 'queue'", id="queue-empty"),
     pytest.param([{"id": "a", "every": 5, "queue": 3}], "field 'queue'", id="queue-type"),
+    pytest.param([{"id": "a", "every": 5, "queue": "a,b"}], "field 'queue'", id="queue-comma"),
     pytest.param(["a"], "schedule 0: must be an object", id="not-object"),
     pytest.param([], "non-empty JSON array", id="empty"),
     pytest.param({"id": "a", "every": 5}, "non-empty JSON array", id="not-array"),

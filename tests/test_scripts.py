@@ -106,11 +106,23 @@ def test_enqueue_refuses_bad_arguments_before_opening_anything(tmp_path: Path) -
         with pytest.raises(tq.ConfigError, match="memory only"):
             tq.enqueue(generated(1), db=memory)
     db = tmp_path / "q.db"
-    for queue in ("", "a\x00b", 7):
+    for queue in ("", "a\x00b", 7, "a,b", "a b"):
         with pytest.raises(ValueError, match="queue"):
             tq.enqueue(generated(1), db=db, queue=queue)  # type: ignore[arg-type]
     assert not db.exists()
     assert "enqueue" in tq.__all__
+
+
+def test_enqueue_puts_tasks_in_the_queue_asked_unless_they_name_one(queue_db: str) -> None:
+    tasks = [*generated(3), tq.Task("mine", queue="urgent")]
+    assert tq.enqueue(tasks, db=queue_db, queue="reports") == 4
+    queues = status_of(queue_db)["queues"]
+    assert queues["reports"]["queued"] == 3 and queues["urgent"]["queued"] == 1
+    assert "default" not in queues
+    # The same ids in another queue are other tasks: refused, nothing added.
+    with pytest.raises(tq.TaskConflictError):
+        tq.enqueue([*generated(1, prefix="new"), *generated(1)], db=queue_db)
+    assert sum(entry["queued"] for entry in status_of(queue_db)["queues"].values()) == 4
 
 
 def test_enqueue_with_a_delay_and_a_priority(queue_db: str, tmp_path: Path) -> None:
@@ -231,6 +243,21 @@ def test_a_burst_worker_does_not_wait_for_delayed_tasks(launcher: Launcher, queu
     status = status_of(queue_db)
     assert (status["tasks"]["done"], status["tasks"]["queued"], status["delayed"]) == (2, 1, 1)
     assert (snapshot["backlog"], snapshot["oldest_waiting_seconds"]) == (0, None)
+
+
+def test_a_burst_worker_of_one_queue_leaves_the_others_alone(
+    launcher: Launcher, queue_db: str
+) -> None:
+    tq.enqueue(generated(3, prefix="a"), db=queue_db, queue="a")
+    tq.enqueue(generated(2, prefix="b"), db=queue_db, queue="b")
+    proc, snapshot = burst(launcher, queue_db, "--queues", "a")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot["succeeded"] == 3
+    other = snapshot["backlog_by_queue"]["b"]  # not served here, still shown
+    assert other["backlog"] == 2 and other["oldest_waiting_seconds"] >= 0
+    assert snapshot["backlog_by_queue"]["a"] == {"backlog": 0, "oldest_waiting_seconds": None}
+    queues = status_of(queue_db)["queues"]
+    assert (queues["a"]["done"], queues["b"]["queued"]) == (3, 2)
 
 
 def test_a_burst_worker_is_stopped_by_sigterm_like_any_worker(
