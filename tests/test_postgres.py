@@ -559,3 +559,20 @@ def test_a_tasks_table_from_before_delays_is_read_as_is_then_migrated(
         assert store.queue_status()["delayed"] == 1
     finally:
         store.close()
+
+
+@pytest.mark.timeout(120)
+def test_one_worker_starts_a_task_file_by_priority_then_in_file_order(
+    launcher: Launcher, pg_url: str, tmp_path: Path
+) -> None:
+    # More tasks than one enqueue statement holds, ids in no sorted order, a few priorities.
+    count = 1200
+    tasks = [{"id": f"t{(index * 7919) % count:05d}", "priority": (0, 3, -1, 0)[index % 4]}
+             for index in range(count)]  # fmt: skip
+    enqueue(launcher, pg_url, tmp_path / "tasks.json", tasks)
+    proc = launcher.run("worker", "--db", pg_url, "--handler", store_fixtures.RECORD_HANDLER,
+                        "--workers", "1", "--burst", "--json", timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (calls,) = launcher.executions().values()
+    expected = sorted(tasks, key=lambda task: -task["priority"])
+    assert [task_id for task_id, _ in calls] == [task["id"] for task in expected]
