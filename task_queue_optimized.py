@@ -177,6 +177,7 @@ BUSY_TIMEOUT_SECONDS = 30.0
 PG_CONFLICT_RETRIES = 3  # prompt reruns of a transaction PostgreSQL aborted as a deadlock
 PSYCOPG_MIN_VERSION = (3, 2)  # Connection.notifies(timeout=, stop_after=)
 HISTOGRAM_RELATIVE_ERROR = 0.01
+HISTORY_BUCKET_SPAN = 4  # histogram buckets merged into one in the per-minute history (~4% error)
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SQLITE_HEADER = b"SQLite format 3\x00"
 MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
@@ -976,6 +977,15 @@ class Store(Protocol):
       leases of the worker's running tasks (only the ``(task_id, token)`` `entries` when given:
       a row taken by a take whose answer was lost is then left to expire) and record a heartbeat.
       ``queue_status()``, ``wait_for_work``.
+
+    History (what the dashboard charts): one row per minute and worker.
+
+    - ``record_history(worker, minute, counts, latency)``: write the row of `minute` (Unix time
+      // 60) for `worker`, replacing what it held: `counts` maps each of ``succeeded``,
+      ``failed``, ``duplicates`` and ``retries`` to the minute's total so far, `latency` is the
+      minute's latency histogram as JSON text (see `_History`).
+    - ``history(since)``: the rows of every worker from the minute of `since` (Unix time) on, as
+      dicts with ``minute``, ``worker``, the four counts and ``latency``, oldest first.
     """
 
     url: str
@@ -1014,6 +1024,10 @@ class Store(Protocol):
     ) -> int: ...
     def queue_status(self) -> dict[str, Any]: ...
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None: ...
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None: ...
+    def history(self, since: float) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
 
 
@@ -1076,6 +1090,19 @@ def _queue_payload(task: Task) -> str:
     return _canonical_json(task.payload)
 
 
+# The counters of one minute in the history table, in its column order.
+_HISTORY_COUNTS = ("succeeded", "failed", "duplicates", "retries")
+_HISTORY_FIELDS = ("minute", "worker", *_HISTORY_COUNTS, "latency")
+
+
+def _history_row(
+    worker: str, minute: int, counts: Mapping[str, int], latency: str
+) -> dict[str, Any]:
+    row = {"minute": int(minute), "worker": worker, "latency": latency}
+    row.update((name, int(counts.get(name, 0))) for name in _HISTORY_COUNTS)
+    return row
+
+
 def _empty_status() -> dict[str, Any]:
     return {
         "tasks": dict.fromkeys((state.value for state in EntryState), 0),
@@ -1103,6 +1130,7 @@ class MemoryStore:
         self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
+        self._history: dict[tuple[int, str], dict[str, Any]] = {}  # (minute, worker) -> row
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
         self._closed = False
 
@@ -1286,6 +1314,8 @@ class MemoryStore:
                 del self._tasks[task_id]
             for name in [n for n, w in self._workers.items() if w["seen_at"] <= cutoff]:
                 del self._workers[name]
+            for minute, worker in [k for k in self._history if k[0] * 60 <= cutoff]:
+                del self._history[minute, worker]
         return len(old_keys) + len(old_tasks)
 
     def stats(self) -> dict[str, int]:
@@ -1444,6 +1474,19 @@ class MemoryStore:
                 if remaining <= 0 or self._work.wait(min(remaining, 0.25)):
                     return
 
+    # History ------------------------------------------------------------------------------------
+
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None:
+        with self._guard():
+            self._history[int(minute), worker] = _history_row(worker, minute, counts, latency)
+
+    def history(self, since: float) -> list[dict[str, Any]]:
+        first = int(since // 60)
+        with self._guard():
+            return [dict(row) for key, row in sorted(self._history.items()) if key[0] >= first]
+
     def close(self) -> None:
         """Close the store: its contents are gone, and every later call raises `TaskQueueError`."""
         with self._work:
@@ -1451,6 +1494,7 @@ class MemoryStore:
             self._keys.clear()
             self._tasks.clear()
             self._workers.clear()
+            self._history.clear()
             self._work.notify_all()
 
 
@@ -1659,6 +1703,20 @@ class _SqlStore:
         """,
         "workers": "SELECT name, info, seen_at FROM {workers} ORDER BY name",
         "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
+        # One row per minute and worker, replaced whole: a transaction run again writes the same.
+        "history_upsert": """
+            INSERT INTO {history} (minute, worker, succeeded, failed, duplicates, retries,
+                latency)
+            VALUES (:minute, :worker, :succeeded, :failed, :duplicates, :retries, :latency)
+            ON CONFLICT (minute, worker) DO UPDATE SET succeeded = excluded.succeeded,
+                failed = excluded.failed, duplicates = excluded.duplicates,
+                retries = excluded.retries, latency = excluded.latency
+        """,
+        "history": """
+            SELECT minute, worker, succeeded, failed, duplicates, retries, latency
+            FROM {history} WHERE minute >= :since ORDER BY minute, worker
+        """,
+        "purge_history": "DELETE FROM {history} WHERE minute * 60 <= :cutoff",
     }
 
     url: str
@@ -1858,6 +1916,8 @@ class _SqlStore:
 
         def purge(execute: Callable[..., Any]) -> int:
             execute("purge_workers", params)  # heartbeats of workers long gone; not counted
+            if self._has_history(execute):
+                execute("purge_history", params)  # charted minutes, not records: not counted
             return execute("purge_keys", params).rowcount + execute("purge_tasks", params).rowcount
 
         return self._transaction(purge)
@@ -2011,6 +2071,28 @@ class _SqlStore:
         self._check_open()
         stop.wait(timeout)
 
+    # History ------------------------------------------------------------------------------------
+
+    def _has_history(self, execute: Callable[..., Any]) -> bool:
+        """Return whether the history table exists: a database opened only to read or purge may
+        come from a version without it (only an opener that may create adds it)."""
+        return bool(execute("history_exists", {"name": self._names["history"]}).fetchone()[0])
+
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None:
+        params = _history_row(worker, minute, counts, latency)
+        self._transaction(lambda execute: execute("history_upsert", params))
+
+    def history(self, since: float) -> list[dict[str, Any]]:
+        def read(execute: Callable[..., Any]) -> list[Any]:
+            if not self._has_history(execute):
+                return []
+            return execute("history", {"since": int(since // 60)}).fetchall()
+
+        rows = self._transaction(read, write=False)
+        return [dict(zip(_HISTORY_FIELDS, row, strict=True)) for row in rows]
+
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
@@ -2068,7 +2150,15 @@ class SqliteStore(_SqlStore):
         self._init_common(
             lease_seconds,
             ttl_seconds,
-            {"keys": table, "tasks": f"{table}_tasks", "workers": f"{table}_workers"},
+            {
+                "keys": table,
+                "tasks": f"{table}_tasks",
+                "workers": f"{table}_workers",
+                "history": f"{table}_history",
+            },
+        )
+        self._sql["history_exists"] = (
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :name"
         )
         self._conn: sqlite3.Connection | None = self._open()
 
@@ -2102,6 +2192,10 @@ class SqliteStore(_SqlStore):
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
             seen_at REAL NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE IF NOT EXISTS {history} (
+            minute INTEGER NOT NULL, worker TEXT NOT NULL, succeeded INTEGER NOT NULL,
+            failed INTEGER NOT NULL, duplicates INTEGER NOT NULL, retries INTEGER NOT NULL,
+            latency TEXT NOT NULL, PRIMARY KEY (minute, worker)) WITHOUT ROWID""",
     )
 
     def _open(self) -> sqlite3.Connection:
@@ -2144,7 +2238,10 @@ class SqliteStore(_SqlStore):
             # Only an opener that may create migrates: status and purge read an old file as it
             # is (their statements need no namespace column).
             self._migrate_keys(conn)
-        if not {names["keys"], names["tasks"], names["workers"]} <= existing:
+        wanted = {names["keys"], names["tasks"], names["workers"]}
+        if self._create:
+            wanted.add(names["history"])  # a file from before the history table gains it here
+        if not wanted <= existing:
             # Several processes may create the schema at once: one transaction, retried while
             # busy. An existing schema needs no write lock, so opening never waits for a writer.
             conn.execute("BEGIN IMMEDIATE")
@@ -2349,6 +2446,10 @@ class PostgresStore(_SqlStore):
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY, info TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
             seen_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {history} (
+            minute BIGINT NOT NULL, worker TEXT NOT NULL, succeeded BIGINT NOT NULL,
+            failed BIGINT NOT NULL, duplicates BIGINT NOT NULL, retries BIGINT NOT NULL,
+            latency TEXT NOT NULL, PRIMARY KEY (minute, worker))""",
     )
 
     def __init__(
@@ -2372,9 +2473,11 @@ class PostgresStore(_SqlStore):
             lease_seconds,
             ttl_seconds,
             {"schema": schema, "keys": f"{schema}.idempotency", "tasks": f"{schema}.tasks",
-             "tasks_index": "tasks_ready", "workers": f"{schema}.workers"},
+             "tasks_index": "tasks_ready", "workers": f"{schema}.workers",
+             "history": f"{schema}.history"},
         )  # fmt: skip
         self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
+        self._sql["history_exists"] = "SELECT to_regclass(%(name)s) IS NOT NULL"
         self._listener: Any = None
         self._conn: Any = None
         try:
@@ -2438,7 +2541,7 @@ class PostgresStore(_SqlStore):
 
     def _schema_ready(self) -> bool:
         """Return whether the schema holds every table and index, keys scoped by namespace."""
-        names = [self._names[table] for table in ("keys", "tasks", "workers")]
+        names = [self._names[table] for table in ("keys", "tasks", "workers", "history")]
         names += [
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
@@ -3182,6 +3285,77 @@ class _Histogram:
 _SERIES = ("latency", "queue_wait", "service")
 
 
+class _Totals(NamedTuple):
+    """A collector's counters and latency histogram at one moment (see `_History`)."""
+
+    counts: dict[str, int]
+    zeros: int  # latencies below the histogram's floor
+    total: float  # seconds, every latency summed
+    buckets: dict[int, int]  # histogram bucket -> latencies in it
+
+
+_NO_TOTALS = _Totals(dict.fromkeys(_HISTORY_COUNTS, 0), 0, 0.0, {})
+
+
+def _coarse_bucket(index: int) -> int:
+    """The history bucket of a histogram bucket: HISTORY_BUCKET_SPAN of them merged (ceil)."""
+    return -(-index // HISTORY_BUCKET_SPAN)
+
+
+_HISTORY_GAMMA = (
+    (1 + HISTOGRAM_RELATIVE_ERROR) / (1 - HISTOGRAM_RELATIVE_ERROR)
+) ** HISTORY_BUCKET_SPAN
+
+
+def _history_latency(now: _Totals, base: _Totals) -> dict[str, Any]:
+    """The latency histogram of what finished between `base` and `now`, in history buckets."""
+    buckets: dict[int, int] = {}
+    for index, count in now.buckets.items():
+        count -= base.buckets.get(index, 0)
+        if count:
+            coarse = _coarse_bucket(index)
+            buckets[coarse] = buckets.get(coarse, 0) + count
+    return {
+        "zeros": now.zeros - base.zeros,
+        "sum": round(now.total - base.total, 6),
+        "buckets": {str(index): count for index, count in sorted(buckets.items())},
+    }
+
+
+def _merge_latency(latencies: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge history latency histograms; return count, mean and percentiles in milliseconds.
+
+    Percentiles are nearest-rank over the merged buckets, within about 4% of the exact ones.
+    """
+    zeros, total = 0, 0.0
+    buckets: dict[int, int] = {}
+    for latency in latencies:
+        zeros += int(latency.get("zeros", 0))
+        total += float(latency.get("sum", 0.0))
+        for index, count in latency.get("buckets", {}).items():
+            buckets[int(index)] = buckets.get(int(index), 0) + int(count)
+    count = zeros + sum(buckets.values())
+    summary: dict[str, Any] = {
+        "count": count,
+        "mean": round(total / count * 1000, 3) if count else None,
+    }
+    for p in (50, 95, 99):
+        summary[f"p{p}"] = None
+        if not count:
+            continue
+        rank = max(1, math.ceil(round(p * count / 100, 9)))
+        seen = zeros
+        value = 0.0
+        if rank > seen:
+            for index in sorted(buckets):
+                seen += buckets[index]
+                if seen >= rank:
+                    value = 2 * _HISTORY_GAMMA**index / (_HISTORY_GAMMA + 1)
+                    break
+        summary[f"p{p}"] = round(value * 1000, 3)
+    return summary
+
+
 class Outcome(NamedTuple):
     """One finished submission, as `MetricsCollector.record_outcomes` counts it."""
 
@@ -3354,6 +3528,18 @@ class MetricsCollector:
             self._counts["rejected"] += 1
 
     # Reading ------------------------------------------------------------------------------------
+
+    def _history_totals(self) -> _Totals:
+        """Return the counters the history keeps and the latency histogram, as they stand."""
+        with self._lock:
+            latency = self._series["latency"]
+            # A copy of at most a few thousand ints, taken once per heartbeat, never per task.
+            return _Totals(
+                {name: self._counts[name] for name in _HISTORY_COUNTS},
+                latency.zeros,
+                latency.total,
+                dict(latency._buckets),
+            )
 
     def percentile(self, p: float, series: str = "latency") -> float:
         """Return the `p`-th percentile (0-100) of a series, in seconds; 0.0 when empty.
@@ -3889,6 +4075,55 @@ class _Scheduler:
                 logger.exception("scheduled callback for %r raised", item)
 
 
+class _History:
+    """Write a durable pool's per-minute counts to the store's history table.
+
+    The counts come from the pool's `MetricsCollector` (the hot path records nothing more): each
+    flush reads its totals, and what changed since the last flush goes to the row of the current
+    minute, which the flush rewrites whole (a retried write is harmless, and several workers add
+    up because each writes its own row). What finished between the last flush of a minute and
+    the first of the next counts in the next: a minute is exact to within one flush interval.
+    Only the lease keeper's thread calls `flush`, so nothing here needs a lock.
+    """
+
+    def __init__(self, totals: Callable[[], _Totals], store: Store, worker: str) -> None:
+        self._totals = totals
+        self._store = store
+        self._worker = worker
+        self._minute: int | None = None
+        # The totals at the last write (what earlier users of a shared collector counted is not
+        # ours): a failed write loses nothing, its counts go to the next minute's row.
+        self._flushed = totals()
+        self._base = self._flushed  # the totals at the start of `_minute`
+        self._written: dict[str, Any] | None = None  # the row last written for `_minute`
+
+    def flush(self) -> None:
+        """Write the current minute's row if it changed since the last flush.
+
+        Raises:
+            Exception: the store's error; the next flush writes what this one could not.
+        """
+        now = self._totals()
+        minute = int(time.time() // 60)
+        if minute != self._minute:
+            self._minute, self._base, self._written = minute, self._flushed, None
+        base = self._base
+        counts = {name: now.counts[name] - base.counts[name] for name in _HISTORY_COUNTS}
+        latency = _history_latency(now, base)
+        row = {**counts, "latency": latency}
+        if row == self._written or (self._written is None and not any(counts.values())):
+            return  # nothing new: an idle worker writes nothing
+        self._store.record_history(self._worker, minute, counts, json.dumps(latency))
+        self._written, self._flushed = row, now
+
+
+class _NoHistory:
+    """The history of a pool that keeps none (not durable)."""
+
+    def flush(self) -> None:
+        pass
+
+
 class _LeaseKeeper:
     """One thread that renews the pool's claims every third of the lease, until stopped."""
 
@@ -3907,6 +4142,7 @@ class _LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._pool._heartbeat()
+            self._pool._record_history()
             held = self._pool._held_claims()
             if not held:
                 continue
@@ -3921,6 +4157,8 @@ class _LeaseKeeper:
                 lost = len(set(held) & set(self._pool._held_claims())) - renewed
                 if lost > 0:
                     logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
+        # The pool has stopped: its last minute's counts go to the history before the store closes.
+        self._pool._record_history()
 
 
 def _is_async_handler(handler: Callable[..., Any]) -> bool:
@@ -4441,6 +4679,12 @@ class WorkerPool:
             if thread is not None
         )
         self._scheduler = _Scheduler(self._queue.put_ready, "task-queue-scheduler")
+        # A durable pool's counts per minute go to the store for the dashboard's charts.
+        self._history: _History | _NoHistory = (
+            _History(self._metrics._history_totals, self._store.store, self.worker_name)
+            if durable
+            else _NoHistory()
+        )
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
 
@@ -5167,7 +5411,8 @@ class WorkerPool:
         snap = self._metrics.snapshot()
         info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._workers,
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
-                "failed": snap["failed"], "duplicates": snap["duplicates"]}  # fmt: skip
+                "failed": snap["failed"], "duplicates": snap["duplicates"],
+                "heartbeat_seconds": round(self._store.lease_seconds / 3, 3)}  # fmt: skip
         with self._lock:
             entries = [(job.task.id, job.entry) for job in self._inflight.values()
                        if job.entry is not None]  # fmt: skip
@@ -5179,6 +5424,14 @@ class WorkerPool:
             self._store.store.renew_tasks(self.worker_name, info, entries)
         except Exception as exc:
             logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
+
+    def _record_history(self) -> None:
+        """Write this minute's counts to the store's history (the lease keeper's thread only)."""
+        try:
+            self._history.flush()
+        except Exception as exc:
+            # The counts are kept: the next flush writes them, the database back or not.
+            logger.warning("writing the dashboard history failed: %s", _first_line(exc))
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
