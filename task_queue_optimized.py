@@ -6624,7 +6624,8 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                 raise _HttpError(400, "too many query parameters") from None
             if path == "/metrics" and app.metrics is None:
                 path = ""  # only a worker's server has metrics
-            self._check_access(app, query, path)
+            if path != "/favicon.ico":  # which a browser asks for without the page's token
+                self._check_access(app, query, path)
             name = self._ROUTES.get((method, path))
             if name is None:
                 if any(path == known for _, known in self._ROUTES):

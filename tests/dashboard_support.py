@@ -8,6 +8,7 @@ import http.client
 import json
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -98,7 +99,9 @@ def serving(db: Any, **kwargs: Any) -> Iterator[Dashboard]:
 
 
 def handler(task: tq.Task) -> dict[str, Any]:
-    """Fail the tasks whose payload says so (permanently, with that error), succeed the rest."""
+    """Sleep ``payload["sleep_ms"]``, then fail the tasks whose payload says so (permanently,
+    with that error) and succeed the rest."""
+    time.sleep(task.payload.get("sleep_ms", 0) / 1000)
     if "fail" in task.payload:
         raise tq.PermanentError(task.payload["fail"])
     return {"id": task.id}
