@@ -22,9 +22,10 @@ Command line::
 
     python task_queue_optimized.py --benchmark --workers 8
     python task_queue_optimized.py --task-file sample_tasks_100.json --db progress.db
+    python task_queue_optimized.py dashboard --db progress.db   # http://127.0.0.1:8080/
 
-Sections: defaults, exceptions, records, task files, retry policy, idempotency, metrics,
-processor, queue, pool, configuration, command line.
+Sections: defaults, exceptions, records, task files, retry policy, stores, idempotency, metrics,
+processor, queue, pool, configuration, dashboard, command line.
 """
 
 from __future__ import annotations
