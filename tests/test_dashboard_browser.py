@@ -172,50 +172,104 @@ def test_page_loads_with_no_console_error(browser: Any, queue: Queue) -> None:
         browser.set_window_size(1280, 900)
 
 
+def shown_and_expected(
+    browser: Any, queue: Queue, page: Any, expected: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Return what the page shows (`page(browser)`) and what `/api/status` says it should show
+    (`expected(status)`), once they agree, with the status.
+
+    The two are read a moment apart: a minute that ends, or a worker whose last heartbeat ages
+    out, between them changes the status. Then the page's next refresh (every 5 s) must agree.
+    """
+    for _ in range(4):
+        refreshes = int(browser.execute_script("return document.body.dataset.refreshes"))
+        shown = page(browser)
+        status = queue.status()
+        if shown == expected(status):
+            break
+        wait_refreshed(browser, refreshes + 1)
+    return shown, expected(status), status
+
+
+def chart_bars(browser: Any) -> dict[str, list[list[float]]]:
+    return browser.execute_script(
+        "const bars = {};"
+        "for (const id of ['chart-throughput', 'chart-failures']) {"
+        "  bars[id] = Array.from(document.querySelectorAll('#' + id + ' rect.bar'))"
+        "    .map(bar => [Number(bar.dataset.minute), Number(bar.dataset.count)]);"
+        "}"
+        "return bars;"
+    )
+
+
 def test_charts_draw_the_last_hour_from_the_history(browser: Any, queue: Queue) -> None:
     load(browser, queue.dashboard.base + "/")
-    status = queue.status()
-    for chart, series in (("chart-throughput", "finished"), ("chart-failures", "failed")):
-        bars = browser.execute_script(
-            "return Array.from(document.querySelectorAll(arguments[0] + ' rect.bar'))"
-            ".map(bar => [Number(bar.dataset.count), bar.getBBox().height])",
-            f"#{chart}",
-        )
-        assert len(bars) == tq.DASHBOARD_MINUTES
-        assert [count for count, _ in bars] == status["history"][series]
-        assert sum(count for count, _ in bars) == status["last_hour"][series] > 0
-        assert max(height for _, height in bars) > 50  # the tallest bar fills the chart
+
+    def expected(status: dict[str, Any]) -> dict[str, list[list[float]]]:
+        minutes = status["history"]["minutes"]
+        return {
+            chart: [[m, c] for m, c in zip(minutes, status["history"][series], strict=True)]
+            for chart, series in (("chart-throughput", "finished"), ("chart-failures", "failed"))
+        }
+
+    shown, wanted, status = shown_and_expected(browser, queue, chart_bars, expected)
+    assert shown == wanted
+    assert len(shown["chart-throughput"]) == tq.DASHBOARD_MINUTES
+    assert sum(count for _, count in shown["chart-throughput"]) == status["last_hour"]["finished"]
+    assert sum(count for _, count in shown["chart-failures"]) == status["last_hour"]["failed"] > 0
+    heights = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#chart-throughput rect.bar'))"
+        ".map(bar => bar.getBBox().height)"
+    )
+    assert max(heights) > 50  # the tallest bar fills the chart's height
+
+
+def page_numbers(browser: Any) -> dict[str, Any]:
+    return browser.execute_script(
+        "const text = id => document.getElementById(id).textContent;"
+        "const rows = id => Array.from(document.querySelectorAll('#' + id + ' tr'))"
+        "  .map(row => Array.from(row.cells).map(cell => cell.textContent));"
+        "const numbers = {};"
+        "for (const name of ['queued', 'delayed', 'running', 'failed', 'done', 'stalled']) {"
+        "  numbers[name] = text('count-' + name);"
+        "}"
+        "for (const name of ['hour-finished', 'hour-failed', 'latency-count', 'latency-p50',"
+        "                    'latency-p95', 'latency-p99', 'latency-mean']) {"
+        "  numbers[name] = text(name);"
+        "}"
+        "numbers.queues = rows('queue-rows').map(row => row.slice(0, 6));"
+        "numbers.workers = rows('worker-rows').map(row => row[0]);"
+        "return numbers;"
+    )
+
+
+def numbers_of(status: dict[str, Any]) -> dict[str, Any]:
+    numbers = {name: str(value) for name, value in status["counts"].items()}
+    numbers["hour-finished"] = str(status["last_hour"]["finished"])
+    numbers["hour-failed"] = str(status["last_hour"]["failed"])
+    latency = status["latency_ms"]
+    numbers["latency-count"] = str(latency["count"])
+    for name in ("p50", "p95", "p99", "mean"):
+        numbers[f"latency-{name}"] = f"{latency[name]:.1f} ms"
+    states = ("queued", "delayed", "running", "failed", "done")
+    numbers["queues"] = [
+        [name, *(str(queue[state]) for state in states)]
+        for name, queue in sorted(status["queues"].items())
+    ]
+    numbers["workers"] = [worker["name"] for worker in status["workers"]]
+    return numbers
 
 
 def test_numbers_match_api_status(browser: Any, queue: Queue) -> None:
     load(browser, queue.dashboard.base + "/")
-    status = queue.status()
+    shown, wanted, status = shown_and_expected(browser, queue, page_numbers, numbers_of)
+    assert shown == wanted
     assert status["counts"] == {
         "queued": 3, "delayed": 0, "running": 1, "failed": 2, "done": 40, "stalled": 0,
     }  # fmt: skip
-    for name, value in status["counts"].items():
-        assert text_of(browser, f"count-{name}") == str(value), name
-    assert text_of(browser, "hour-finished") == str(status["last_hour"]["finished"])
-    assert text_of(browser, "hour-failed") == str(status["last_hour"]["failed"])
     latency = status["latency_ms"]
-    assert text_of(browser, "latency-count") == str(latency["count"])
     assert latency["count"] == status["last_hour"]["finished"] + status["last_hour"]["failed"]
-    for name in ("p50", "p95", "p99", "mean"):
-        assert text_of(browser, f"latency-{name}") == f"{latency[name]:.1f} ms"
-    cells = browser.execute_script(
-        "return Array.from(document.querySelectorAll('#queue-rows tr')).map("
-        "row => Array.from(row.cells).map(cell => cell.textContent))"
-    )
-    default = status["queues"]["default"]
-    assert [row[:6] for row in cells] == [
-        ["default", *(str(default[s]) for s in ("queued", "delayed", "running", "failed", "done"))]
-    ]
-    names = browser.execute_script(
-        "return Array.from(document.querySelectorAll('#worker-rows tr'))"
-        ".map(row => row.cells[0].textContent)"
-    )
-    assert names == [w["name"] for w in status["workers"]]
-    assert LIVE_WORKER in names
+    assert LIVE_WORKER in shown["workers"]
 
 
 def test_markup_in_data_shows_as_text(browser: Any, queue: Queue) -> None:
