@@ -6383,6 +6383,40 @@ def _minute_series(
     return {"minutes": minutes, "finished": finished, **series}, latencies
 
 
+def _status_queues(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-queue counts of a `queue_status()`; a store without named queues has one."""
+    queues = raw.get("queues")
+    if queues is not None:
+        return dict(queues)
+    tasks = raw["tasks"]
+    return {
+        "default": {
+            **{state: tasks.get(state, 0) for state in _TASK_STATES},
+            "oldest_waiting_age": raw.get("oldest_queued_seconds"),
+        }
+    }
+
+
+_WORKER_FIELDS = ("host", "pid", "in_flight", "succeeded", "failed", "duplicates")
+
+
+def _live_workers(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The workers of a `queue_status()` whose last heartbeat is within three of their
+    heartbeat intervals (and a second of slack), with the fields the page shows."""
+    live = []
+    for row in rows:
+        beat = row.get("heartbeat_seconds") or DEFAULT_LEASE_SECONDS / 3
+        if row["seen_seconds_ago"] <= 3 * beat + 1:
+            live.append({
+                "name": row["name"],
+                **{name: row.get(name) for name in _WORKER_FIELDS},
+                "threads": row.get("workers"),
+                "seen_seconds_ago": row["seen_seconds_ago"],
+                "live": True,
+            })  # fmt: skip
+    return live
+
+
 class _DashboardApp:
     """What the dashboard serves, over one store that it opens on first use.
 
@@ -6391,6 +6425,7 @@ class _DashboardApp:
         token: required on every request when given.
         metrics: the collector of the worker that serves the page, if one does (adds
             ``/metrics`` and the worker's own figures).
+        owns_store: close the store when the app closes (False for a store the caller gave).
     """
 
     def __init__(
@@ -6435,35 +6470,11 @@ class _DashboardApp:
         now = time.time()
         raw = store.queue_status()
         history, latencies = _minute_series(store.history(now - 60 * DASHBOARD_MINUTES), now)
-        queues = raw.get("queues")
-        if queues is None:
-            # A store without named queues keeps everything in one.
-            tasks = raw["tasks"]
-            queues = {
-                "default": {
-                    **{state: tasks.get(state, 0) for state in _TASK_STATES},
-                    "oldest_waiting_age": raw.get("oldest_queued_seconds"),
-                }
-            }
+        queues = _status_queues(raw)
         counts = {state: sum(q.get(state, 0) for q in queues.values()) for state in _TASK_STATES}
         counts["stalled"] = raw.get("stalled", 0)
         ages = [q["oldest_waiting_age"] for q in queues.values() if q.get("oldest_waiting_age")]
-        workers, gone = [], 0
-        for worker in raw["workers"]:
-            beat = worker.get("heartbeat_seconds") or DEFAULT_LEASE_SECONDS / 3
-            # Live: a heartbeat within the last three (and a second of slack).
-            if worker["seen_seconds_ago"] > 3 * beat + 1:
-                gone += 1
-                continue
-            workers.append(
-                {
-                    "name": worker["name"],
-                    **{name: worker.get(name) for name in _WORKER_FIELDS},
-                    "threads": worker.get("workers"),
-                    "seen_seconds_ago": worker["seen_seconds_ago"],
-                    "live": True,
-                }
-            )
+        workers = _live_workers(raw["workers"])
         status = {
             "database": _redact(store.url),
             "generated_at": round(now, 3),
@@ -6471,7 +6482,7 @@ class _DashboardApp:
             "oldest_waiting_seconds": max(ages, default=None),
             "queues": queues,
             "workers": workers,
-            "workers_not_seen": gone,
+            "workers_not_seen": len(raw["workers"]) - len(workers),
             "history": history,
             "last_hour": {name: sum(history[name]) for name in ("finished", *_HISTORY_COUNTS)},
             "latency_ms": _merge_latency(latencies),
@@ -6495,27 +6506,23 @@ class _DashboardApp:
         }
 
     def retry(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        retry = self._operation("retry_tasks")
         queue = body.get("queue")
         if queue is not None and (not isinstance(queue, str) or _text_problem(queue) is not None):
             raise _HttpError(400, "queue: expected a queue name")
-        if body.get("all") is True:
-            if "ids" in body:
-                raise _HttpError(400, "give either ids or all, not both")
-            return {"retried": retry(None, queue=queue)}
-        return {"retried": retry(_body_ids(body), queue=queue)}
+        if body.get("all") is True and "ids" in body:
+            raise _HttpError(400, "give either ids or all, not both")
+        ids = None if body.get("all") is True else _body_ids(body)
+        return {"retried": self._operation("retry_tasks")(ids, queue=queue)}
 
     def cancel(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return {"cancelled": self._operation("cancel_tasks")(_body_ids(body))}
+        ids = _body_ids(body)
+        return {"cancelled": self._operation("cancel_tasks")(ids)}
 
     def _operation(self, name: str) -> Callable[..., int]:
         operation = getattr(self.store(), name, None)
         if operation is None:
             raise _HttpError(501, f"this store cannot {name.partition('_')[0]} tasks")
         return operation
-
-
-_WORKER_FIELDS = ("host", "pid", "in_flight", "succeeded", "failed", "duplicates")
 
 
 def _query_int(query: Mapping[str, list[str]], name: str, default: int, low: int, high: int) -> int:
