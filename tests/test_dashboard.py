@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 import task_queue_optimized as tq
 from tests import store_fixtures
 from tests.dashboard_support import HOSTILE, Dashboard, drain, make_tasks, serving
-from tests.store_fixtures import one_line_error, wait_until, write_task_file
+from tests.store_fixtures import WAIT, one_line_error, wait_until, write_task_file
 
 backend = store_fixtures.backend
 launcher = store_fixtures.launcher
@@ -88,10 +89,35 @@ def test_history_of_two_workers_adds_up_for_a_dashboard_started_later(
     assert status["latency_ms"]["count"] == 66
 
 
-def test_a_worker_that_finished_nothing_writes_no_history(backend: store_fixtures.Backend) -> None:
-    store = backend.open(lease_seconds=0.3)
-    drain(store, "idle")  # an empty queue, several heartbeats
-    assert store.history(time.time() - 3600) == []
+def test_an_idle_worker_writes_no_history(tmp_path: Path) -> None:
+    heartbeats = threading.Semaphore(0)
+
+    class CountingStore(tq.SqliteStore):
+        def renew_tasks(self, *args: Any, **kwargs: Any) -> int:
+            heartbeats.release()
+            return super().renew_tasks(*args, **kwargs)
+
+    store = CountingStore(str(tmp_path / "q.db"), lease_seconds=0.3)
+    try:
+        pool = tq.WorkerPool(
+            lambda task: None, idempotency=tq.IdempotencyManager(store=store), durable=True
+        )
+        stop = threading.Event()
+        serve = threading.Thread(target=pool.serve, args=(stop,))
+        serve.start()
+        try:
+            for _ in range(4):  # the keeper writes the history after each of its heartbeats
+                assert heartbeats.acquire(timeout=WAIT)
+        finally:
+            stop.set()
+            serve.join(WAIT)
+            pool.shutdown()
+        assert store.history(0) == []
+        store.enqueue_many(make_tasks(["one"]))
+        drain(store, "busy")
+        assert [(row["worker"], row["succeeded"]) for row in store.history(0)] == [("busy", 1)]
+    finally:
+        store.close()
 
 
 def test_history_percentiles_stay_within_five_percent_of_the_exact_ones() -> None:
