@@ -6383,6 +6383,15 @@ def _minute_series(
     return {"minutes": minutes, "finished": finished, **series}, latencies
 
 
+@contextlib.contextmanager
+def _refused_as_bad_request() -> Iterator[None]:
+    """Turn the `ValueError` a store raises for an argument it refuses into a 400."""
+    try:
+        yield
+    except ValueError as exc:
+        raise _HttpError(400, _cut(str(exc), 200)) from None
+
+
 def _status_queues(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The per-queue counts of a `queue_status()`; a store without named queues has one."""
     queues = raw.get("queues")
@@ -6499,11 +6508,9 @@ class _DashboardApp:
         can_retry = hasattr(store, "retry_tasks")
         if lister is None:
             return {"available": False, "can_retry": False, "tasks": []}
-        return {
-            "available": True,
-            "can_retry": can_retry,
-            "tasks": lister(queue=queue, limit=limit),
-        }
+        with _refused_as_bad_request():
+            tasks = lister(queue=queue, limit=limit)
+        return {"available": True, "can_retry": can_retry, "tasks": tasks}
 
     def retry(self, body: Mapping[str, Any]) -> dict[str, Any]:
         queue = body.get("queue")
@@ -6512,11 +6519,15 @@ class _DashboardApp:
         if body.get("all") is True and "ids" in body:
             raise _HttpError(400, "give either ids or all, not both")
         ids = None if body.get("all") is True else _body_ids(body)
-        return {"retried": self._operation("retry_tasks")(ids, queue=queue)}
+        retry = self._operation("retry_tasks")
+        with _refused_as_bad_request():
+            return {"retried": retry(ids, queue=queue)}
 
     def cancel(self, body: Mapping[str, Any]) -> dict[str, Any]:
         ids = _body_ids(body)
-        return {"cancelled": self._operation("cancel_tasks")(ids)}
+        cancel = self._operation("cancel_tasks")
+        with _refused_as_bad_request():
+            return {"cancelled": cancel(ids)}
 
     def _operation(self, name: str) -> Callable[..., int]:
         operation = getattr(self.store(), name, None)
