@@ -49,14 +49,16 @@ def test_status_reports_counts_queues_history_and_latency(
     store.enqueue_many(make_tasks(["bad-1"], fail="no such customer"))
     drain(store, "worker-a")
     store.enqueue_many(make_tasks(["later-1", "later-2"]))
+    store.enqueue_many(make_tasks(["tomorrow"]), delay=86400)
     with dashboard_of(backend, store) as dashboard:
         answer = dashboard.get("/api/status")
         assert answer.status == 200, answer.text
         status = answer.json()
     assert status["counts"] == {
-        "queued": 2, "delayed": 0, "running": 0, "failed": 1, "done": 6, "stalled": 0,
+        "queued": 2, "delayed": 1, "running": 0, "failed": 1, "done": 6, "stalled": 0,
     }  # fmt: skip
     assert status["queues"]["default"]["queued"] == 2
+    assert status["queues"]["default"]["delayed"] == 1
     assert status["oldest_waiting_seconds"] is not None
     assert status["oldest_waiting_seconds"] >= 0
     assert status["last_hour"]["finished"] == 6

@@ -2,8 +2,9 @@
 
 One browser and one queue for the whole module: a SQLite queue that one worker pool drained
 (40 done, 2 failed, one of them with a hostile id) and a second, live pool whose name is markup
-and which holds one gated task while three wait. The page is served by a real dashboard server
-on its own read-only connection. Tests run in file order; the last one changes the queue.
+and which holds one gated task while three wait (and one waits out a delay). The page is served
+by a real dashboard server on its own read-only connection. Tests run in file order; the last
+one changes the queue.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` and selenium (requirements-dev.txt). Without
 them the tests skip, unless ``TQ_REQUIRE_BROWSER`` is set (CI sets it), which fails them instead.
@@ -102,6 +103,7 @@ def queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Queue]:
     stop = threading.Event()
     serve = threading.Thread(target=pool.serve, args=(stop,), kwargs={"prefetch": 1})
     store.enqueue_many(make_tasks(f"report-{i}" for i in range(4)))
+    store.enqueue_many(make_tasks(["nightly-digest"]), delay=3600)
     serve.start()
     try:
         wait_until(lambda: store.queue_status()["tasks"]["running"] == 1, "the gated task")
@@ -265,7 +267,7 @@ def test_numbers_match_api_status(browser: Any, queue: Queue) -> None:
     shown, wanted, status = shown_and_expected(browser, queue, page_numbers, numbers_of)
     assert shown == wanted
     assert status["counts"] == {
-        "queued": 3, "delayed": 0, "running": 1, "failed": 2, "done": 40, "stalled": 0,
+        "queued": 3, "delayed": 1, "running": 1, "failed": 2, "done": 40, "stalled": 0,
     }  # fmt: skip
     latency = status["latency_ms"]
     assert latency["count"] == status["last_hour"]["finished"] + status["last_hour"]["failed"]
