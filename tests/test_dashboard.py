@@ -211,6 +211,29 @@ def test_failed_route_degrades_or_lists(tmp_path: Path) -> None:
         store.close()
 
 
+def test_retry_and_cancel_change_the_store(backend: store_fixtures.Backend) -> None:
+    store = backend.open()
+    store.enqueue_many(make_tasks(["bad-1", "bad-2", "bad-3"], fail="refused"))
+    drain(store, "w")
+    store.enqueue_many(make_tasks(["waiting-1", "waiting-2"]))
+    with dashboard_of(backend, store) as dashboard:
+        csrf = dashboard.csrf()
+        failed = dashboard.get("/api/failed").json()
+        assert failed["available"] and failed["can_retry"]
+        assert sorted(task["id"] for task in failed["tasks"]) == ["bad-1", "bad-2", "bad-3"]
+        answer = dashboard.post("/api/retry", {"ids": ["bad-1", "no-such-task"]}, csrf)
+        assert answer.json() == {"retried": 1}
+        assert store.task_states(["bad-1", "bad-2"]) == {"bad-1": "queued", "bad-2": "failed"}
+        answer = dashboard.post("/api/retry", {"all": True, "queue": "default"}, csrf)
+        assert answer.json() == {"retried": 2}
+        assert dashboard.get("/api/failed").json()["tasks"] == []
+        answer = dashboard.post("/api/cancel", {"ids": ["waiting-1", "bad-3"]}, csrf)
+        assert answer.json() == {"cancelled": 2}
+        assert store.task_states(["waiting-1", "bad-3", "waiting-2"]) == {"waiting-2": "queued"}
+        answer = dashboard.post("/api/retry", {"all": True, "queue": "no such queue!"}, csrf)
+        assert answer.status == 400, answer.text
+
+
 # --- Security ------------------------------------------------------------------------------------
 
 

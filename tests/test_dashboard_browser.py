@@ -330,6 +330,7 @@ def test_retry_button_moves_a_failed_task_back_to_the_queue(browser: Any, queue:
     wait_refreshed(browser, before + 1)
     failed = {task["id"] for task in queue.store.failed_tasks()}
     assert failed == {HOSTILE}
-    assert queue.store.queue_status()["tasks"]["queued"] == 4  # three waiting, and this one
+    assert queue.store.task_states(["charge-card-17"]) == {"charge-card-17": "queued"}
+    assert queue.status()["counts"]["queued"] == 4  # three waiting, and this one
     assert text_of(browser, "count-failed") == "1"
     assert "1 task(s) changed" in text_of(browser, "message")
