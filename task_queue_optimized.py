@@ -2922,6 +2922,10 @@ class SqliteStore(_SqlStore):
         "CREATE INDEX IF NOT EXISTS {tasks}_queue_take ON {tasks} "
         "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))"
     )
+    _HISTORY_DDL = """CREATE TABLE IF NOT EXISTS {history} (
+            minute INTEGER NOT NULL, worker TEXT NOT NULL, succeeded INTEGER NOT NULL,
+            failed INTEGER NOT NULL, duplicates INTEGER NOT NULL, retries INTEGER NOT NULL,
+            latency TEXT NOT NULL, PRIMARY KEY (minute, worker)) WITHOUT ROWID"""
     _DDL = (
         _KEYS_DDL,
         _UNSCOPED_DDL,
@@ -2936,10 +2940,7 @@ class SqliteStore(_SqlStore):
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
             seen_at REAL NOT NULL) WITHOUT ROWID""",
-        """CREATE TABLE IF NOT EXISTS {history} (
-            minute INTEGER NOT NULL, worker TEXT NOT NULL, succeeded INTEGER NOT NULL,
-            failed INTEGER NOT NULL, duplicates INTEGER NOT NULL, retries INTEGER NOT NULL,
-            latency TEXT NOT NULL, PRIMARY KEY (minute, worker)) WITHOUT ROWID""",
+        _HISTORY_DDL,
     )
 
     def _open(self) -> sqlite3.Connection:
@@ -2982,10 +2983,7 @@ class SqliteStore(_SqlStore):
             # Only an opener that may create migrates: status and purge read an old file as it
             # is (their statements need no namespace column).
             self._migrate_keys(conn)
-        wanted = {names["keys"], names["tasks"], names["workers"]}
-        if self._create:
-            wanted.add(names["history"])  # a file from before the history table gains it here
-        if not wanted <= existing:
+        if not {names["keys"], names["tasks"], names["workers"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
             # busy. An existing schema needs no write lock, so opening never waits for a writer.
             conn.execute("BEGIN IMMEDIATE")
@@ -2996,6 +2994,8 @@ class SqliteStore(_SqlStore):
             except BaseException:
                 _rollback(conn)
                 raise
+        elif self._create and names["history"] not in existing:
+            self._add_history(conn)
         if self._create:
             self._migrate_tasks(conn)
         elif not {"priority", "run_at"} <= self._columns(conn, names["tasks"]):
@@ -3012,6 +3012,18 @@ class SqliteStore(_SqlStore):
             self._add_columns(conn)
         elif later:
             self._render_sql(later)  # a reader reads the old layout as it is
+
+    def _add_history(self, conn: sqlite3.Connection) -> None:
+        """Give a file from before the dashboard's history its table (one write transaction;
+        concurrent openers queue on the write lock, and IF NOT EXISTS makes the later ones
+        no-ops)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(self._HISTORY_DDL.format(**self._names))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
 
     @staticmethod
     def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
