@@ -1153,7 +1153,9 @@ class Store(Protocol):
     - ``take_many(worker, limit, max_crashes=None, queues=None)``: lease up to `limit` queued
       tasks of `queues` (None: every queue) that are due, or lease-expired ones, the highest
       priority first and, within a priority, the one ready longest (``coalesce(run_at,
-      enqueued_at)``) first, skipping rows other workers hold; the result is in that order. A
+      enqueued_at)``) first, then the one submitted first (the row's place in submission
+      order, ``seq``: tasks of one enqueue share their enqueue time), skipping rows other
+      workers hold; the result is in that order. A row returned to the queue keeps its place. A
       lease-expired task of those queues whose runs all ended with their worker's death,
       `max_crashes` of them, is failed as crashed instead (error kind ``crashed``). Every run
       that ends otherwise settles its row, so such a row's ``attempts`` counts its crashed runs:
@@ -1188,7 +1190,7 @@ class Store(Protocol):
       ``id, key, queue, attempts, error_kind, error, failed_at`` (a `time.time()` value).
     - ``retry_tasks(ids=None, queue=None)``: failed tasks (those of `ids`, or all of them, only
       those in `queue` when given) go back to ``queued`` with fresh attempts, at the back of their
-      queue; returns how many moved.
+      queue in the order they had among themselves; returns how many moved.
     - ``cancel_tasks(ids)``: delete the queued tasks among `ids`, delayed ones included (running
       ones finish); returns how many were withdrawn.
     - ``task_states(ids)``: id -> state of the tasks of `ids` that exist.
