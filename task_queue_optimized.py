@@ -185,7 +185,7 @@ DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 DEFAULT_METRICS_HOST = "127.0.0.1"  # where a worker serves its metrics: loopback unless told
 ENQUEUE_CHUNK = 500  # tasks per statement batch of enqueue(): memory stays flat for any count
-PLACE_BLOCK = 1024  # places in submission order one PostgreSQL statement draws (>= ENQUEUE_CHUNK)
+_PLACE_BLOCK = 1024  # places in submission order one PostgreSQL statement draws (>= ENQUEUE_CHUNK)
 BACKLOG_REFRESH_SECONDS = 2.0  # how often a worker copies the store's backlog into its metrics
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
@@ -3435,7 +3435,7 @@ class PostgresStore(_SqlStore):
     _HISTORY_EXISTS = "SELECT to_regclass(:name) IS NOT NULL"
     _QUEUE_FILTER = "queue = ANY(:queues)"
     _IDS_FILTER = "id = ANY(:ids)"
-    # Places come from a sequence that steps by PLACE_BLOCK: a statement draws one value, the
+    # Places come from a sequence that steps by _PLACE_BLOCK: a statement draws one value, the
     # first of a block of its own, and numbers its rows within it (a row inserted by an older
     # version takes a block by the column's default). A sequence never waits on another
     # transaction, so concurrent enqueues stay concurrent.
@@ -3444,7 +3444,7 @@ class PostgresStore(_SqlStore):
     _RETRY_PLACE = "nextval('{order}')"
     _DDL = (
         "CREATE SCHEMA IF NOT EXISTS {schema}",
-        "CREATE SEQUENCE IF NOT EXISTS {order} INCREMENT BY " + str(PLACE_BLOCK),
+        "CREATE SEQUENCE IF NOT EXISTS {order} INCREMENT BY " + str(_PLACE_BLOCK),
         """CREATE TABLE IF NOT EXISTS {keys} (
             key TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
             fingerprint TEXT, token BIGINT NOT NULL, output TEXT, error TEXT,
