@@ -3747,8 +3747,9 @@ class PostgresStore(_SqlStore):
         # the previous one's; within a chunk, rows are inserted in id order (see claim_many)
         # and each takes its place by its index in the submission order.
         added = 0
-        for start in range(0, len(rows), ENQUEUE_CHUNK):
-            part = rows[start : start + ENQUEUE_CHUNK]
+        size = min(ENQUEUE_CHUNK, _PLACE_BLOCK)  # a chunk's places stay within its block
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
             chunk = [{**part[index], "seq": index}
                      for index in _key_order([row["id"] for row in part])]  # fmt: skip
             sql = _many_values(self._sql["enqueue"], len(chunk)) if len(chunk) > 1 else None
