@@ -1489,6 +1489,16 @@ class _BufferedCursor:
         return self._rows
 
 
+def _lost_claim(fp: str | None, found: Sequence[Any]) -> Claim:
+    """Return the answer to a claim that lost, from the key's row as ``lookup`` reads it."""
+    state, stored_fp, output, _, lease_expires, _, _ = found
+    if fp is not None and stored_fp is not None and stored_fp != fp:
+        return Claim(ClaimState.CONFLICT)
+    if state == _Row.COMPLETED:
+        return Claim(ClaimState.COMPLETED, output=json.loads(output))
+    return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+
+
 class _SqlStore:
     """The contract in SQL, shared by SQLite and PostgreSQL; subclasses open and run transactions.
 
@@ -1753,15 +1763,9 @@ class _SqlStore:
                         ClaimState.CLAIMED, token=row[0], lease_expires=now + lease
                     )
                     continue
-                if found is None:
-                    continue  # gone again meanwhile (a purge): in progress, asked again later
-                state, stored_fp, output, _, lease_expires, _, _ = found
-                if fp is not None and stored_fp is not None and stored_fp != fp:
-                    claims[index] = Claim(ClaimState.CONFLICT)
-                elif state == _Row.COMPLETED:
-                    claims[index] = Claim(ClaimState.COMPLETED, output=json.loads(output))
-                else:
-                    claims[index] = Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+                if found is not None:
+                    # None: gone again meanwhile (a purge): in progress, asked again later.
+                    claims[index] = _lost_claim(fp, found)
             if any(claim.state is ClaimState.CLAIMED for claim in claims):
                 for task_id, entry in sorted(starts or ()):  # rows locked in id order
                     execute("start", {**params, "id": task_id, "entry": entry})
@@ -2351,6 +2355,102 @@ class PostgresStore(_SqlStore):
             seen_at DOUBLE PRECISION NOT NULL)""",
     )
 
+    # One statement per batch: the rows go in as parallel arrays (unnest), so a batch of any size
+    # costs one round trip where one statement per row costs one each. Each keeps the meaning of
+    # its per-row twin in _SqlStore._SQL (read those first); callers fall back to the per-row
+    # statements for a batch that names a key or task twice, whose rows must act one after the
+    # other. Arrays come in key order, and an insert takes its row locks in its input order.
+    _SET_SQL = {
+        # The claims, and the started runs of the durable rows whose keys they win (see "start":
+        # `won` holds exactly the keys this statement claimed, in this namespace).
+        "claim_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(fps)s::text[], %(tokens)s::bigint[])
+                    WITH ORDINALITY AS v(key, fp, token, ord)
+            ), won AS (
+                INSERT INTO {keys} AS t (key, namespace, state, fingerprint, token,
+                    lease_expires, created_at, updated_at)
+                SELECT v.key, %(ns)s, 'in_progress', v.fp, v.token, %(lease)s, %(now)s, %(now)s
+                FROM v
+                WHERE %(ns)s = ''
+                   OR EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = %(ns)s)
+                   OR NOT EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = '')
+                ORDER BY v.ord
+                ON CONFLICT (key, namespace) DO UPDATE SET
+                    state = 'in_progress', token = excluded.token,
+                    lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
+                    output = NULL, error = NULL,
+                    fingerprint = coalesce(excluded.fingerprint, t.fingerprint)
+                WHERE (t.state = 'failed'
+                       OR (t.state = 'in_progress' AND t.lease_expires <= %(now)s)
+                       OR (t.state = 'completed' AND t.updated_at <= %(expired)s))
+                  AND (excluded.fingerprint IS NULL OR t.fingerprint IS NULL
+                       OR t.fingerprint = excluded.fingerprint)
+                RETURNING t.key, t.token
+            ), started AS (
+                UPDATE {tasks} AS q SET attempts = q.attempts + 1
+                FROM unnest(%(ids)s::text[], %(entries)s::bigint[]) AS s(id, entry)
+                WHERE q.id = s.id AND q.token = s.entry AND q.state = 'running'
+                  AND EXISTS (SELECT 1 FROM won WHERE won.key = q.key)
+            )
+            SELECT key, token FROM won
+        """,
+        "lookup_set": """
+            SELECT key, state, fingerprint, output, error, lease_expires, updated_at, namespace
+            FROM {keys} WHERE key = ANY(%(keys)s::text[]) AND namespace = %(ns)s
+        """,
+        "adopt_set": """
+            UPDATE {keys} AS t SET namespace = %(ns)s
+            WHERE t.key = ANY(%(keys)s::text[]) AND t.namespace = ''
+              AND NOT EXISTS (SELECT 1 FROM {keys} WHERE key = t.key AND namespace = %(ns)s)
+        """,
+        # Completions, and the durable rows of the keys they complete marked done (see
+        # complete_many): one data-modifying statement, so both commit or neither does.
+        "complete_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(outputs)s::text[],
+                                     %(ids)s::text[], %(entries)s::bigint[])
+                    WITH ORDINALITY AS v(key, token, output, id, entry, ord)
+            ), done AS (
+                UPDATE {keys} AS k SET state = 'completed', output = v.output, error = NULL,
+                    lease_expires = NULL, updated_at = %(now)s
+                FROM v WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+                RETURNING v.ord, v.id, v.entry
+            ), settled AS (
+                UPDATE {tasks} AS q SET state = 'done', error = NULL, lease_expires = NULL,
+                    updated_at = %(now)s
+                FROM done WHERE q.id = done.id AND q.token = done.entry AND q.state = 'running'
+            )
+            SELECT ord FROM done
+        """,
+        "renew_set": """
+            UPDATE {keys} AS k SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[]) AS v(key, token)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "release_set": """
+            UPDATE {keys} AS k SET state = 'failed', error = v.error, lease_expires = NULL,
+                updated_at = %(now)s
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(errors)s::text[])
+                AS v(key, token, error)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "settle_set": """
+            UPDATE {tasks} AS q SET state = v.state, error = v.error, lease_expires = NULL,
+                updated_at = %(now)s,
+                token = CASE WHEN v.state = 'queued' THEN NULL ELSE q.token END,
+                worker = CASE WHEN v.state = 'queued' THEN NULL ELSE q.worker END
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[], %(states)s::text[],
+                        %(errors)s::text[]) AS v(id, token, state, error)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+        "renew_entries_set": """
+            UPDATE {tasks} AS q SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[]) AS v(id, token)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+    }
+
     def __init__(
         self,
         url: str,
@@ -2375,6 +2475,7 @@ class PostgresStore(_SqlStore):
              "tasks_index": "tasks_ready", "workers": f"{schema}.workers"},
         )  # fmt: skip
         self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
+        self._sql.update({name: sql.format(**self._names) for name, sql in self._SET_SQL.items()})
         self._listener: Any = None
         self._conn: Any = None
         try:
@@ -2528,6 +2629,142 @@ class PostgresStore(_SqlStore):
     def _notify(self, execute: Callable[..., Any]) -> int:
         execute("notify", {"channel": self._channel})
         return 0
+
+    # Batches in one statement each (see _SET_SQL) ---------------------------------------------
+
+    def claim_many(
+        self,
+        items: Sequence[tuple[str, str | None]],
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
+    ) -> list[Claim]:
+        keys = [key for key, _ in items]
+        if not items or len(set(keys)) < len(keys):
+            return super().claim_many(items, namespace, starts)
+        lease, ttl = self.lease_seconds, self.ttl_seconds
+        order = _key_order(keys)
+        starts = sorted(starts or ())
+
+        def claim_all(execute: Callable[..., Any]) -> list[Claim]:
+            now = time.time()
+            first = _new_token_range(len(items))
+            params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
+                      "ns": namespace, "ids": [task_id for task_id, _ in starts],
+                      "entries": [entry for _, entry in starts]}  # fmt: skip
+
+            def claim(indexes: list[int]) -> dict[str, int]:
+                won = execute("claim_set", {**params, "keys": [keys[i] for i in indexes],
+                                            "fps": [items[i][1] for i in indexes],
+                                            "tokens": [first + i for i in indexes]})  # fmt: skip
+                return dict(won.fetchall())
+
+            def lookup(indexes: list[int]) -> dict[str, Any]:
+                rows = execute("lookup_set", {"keys": [keys[i] for i in indexes], "ns": namespace})
+                return {row[0]: row[1:] for row in rows.fetchall()}
+
+            won = claim(order)
+            lost = [i for i in order if keys[i] not in won]
+            found = lookup(lost) if lost else {}
+            missing = [i for i in lost if keys[i] not in found]
+            if missing:
+                # Keys with a row without a namespace and none in this one (the claim left them
+                # alone): adopt those rows, then claim as usual. Rare: an old database.
+                execute("adopt_set", {"keys": [keys[i] for i in missing], "ns": namespace})
+                won.update(claim(missing))
+                found.update(lookup([i for i in missing if keys[i] not in won]))
+            claims: list[Claim] = []
+            for key, fp in items:
+                if key in won:
+                    claims.append(
+                        Claim(ClaimState.CLAIMED, token=won[key], lease_expires=now + lease)
+                    )
+                elif key in found:
+                    claims.append(_lost_claim(fp, found[key]))
+                else:  # gone again meanwhile (a purge): in progress, asked again later
+                    claims.append(Claim(ClaimState.IN_PROGRESS))
+            return claims
+
+        return self._transaction(claim_all)
+
+    def complete_many(
+        self,
+        items: Sequence[tuple[str, int, str]],
+        settle: Sequence[tuple[int, str, int]] | None = None,
+    ) -> list[bool]:
+        keys = [key for key, _, _ in items]
+        task_ids = [task_id for _, task_id, _ in settle or ()]
+        if not items or len(set(keys)) < len(keys) or len(set(task_ids)) < len(task_ids):
+            return super().complete_many(items, settle)
+        entries = {index: (task_id, entry) for index, task_id, entry in settle or ()}
+        order = _key_order(keys)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order], "outputs": [items[i][2] for i in order],
+                  "ids": [entries.get(i, (None, None))[0] for i in order],
+                  "entries": [entries.get(i, (None, None))[1] for i in order]}  # fmt: skip
+        rows = self._transaction(lambda execute: execute("complete_set", params).fetchall())
+        written = [False] * len(items)
+        for (position,) in rows:
+            written[order[position - 1]] = True  # ordinality counts from 1
+        return written
+
+    def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
+        keys = [key for key, _ in claims]
+        if len(claims) < 2 or len(set(keys)) < len(keys):
+            return super().renew_many(claims)
+        now = time.time()
+        order = _key_order(keys)
+        params = {"now": now, "lease": now + self.lease_seconds, "keys": [keys[i] for i in order],
+                  "tokens": [claims[i][1] for i in order]}  # fmt: skip
+        return self._transaction(lambda execute: execute("renew_set", params).rowcount)
+
+    def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
+        keys = [key for key, _, _ in items]
+        if len(items) < 2 or len(set(keys)) < len(keys):
+            return super().release_many(items)
+        order = _key_order(keys)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order],
+                  "errors": [_storable_text(items[i][2]) for i in order]}  # fmt: skip
+        return self._transaction(lambda execute: execute("release_set", params).rowcount)
+
+    def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
+        ids = [task_id for task_id, _, _, _ in items]
+        if len(items) < 2 or len(set(ids)) < len(ids):
+            return super().settle_many(items)
+        order = _key_order(ids)
+        states = [items[i][2].value for i in order]
+        params = {"now": time.time(), "ids": [ids[i] for i in order],
+                  "tokens": [items[i][1] for i in order], "states": states,
+                  "errors": [_storable_text(items[i][3]) for i in order]}  # fmt: skip
+
+        def settle(execute: Callable[..., Any]) -> int:
+            count = execute("settle_set", params).rowcount
+            if EntryState.QUEUED.value in states:
+                self._notify(execute)  # wake idle workers: there is work for them
+            return count
+
+        return self._transaction(settle)
+
+    def renew_tasks(
+        self,
+        worker: str,
+        info: Mapping[str, Any] | None = None,
+        entries: Sequence[tuple[str, int]] | None = None,
+    ) -> int:
+        ids = [task_id for task_id, _ in entries or ()]
+        if entries is None or len(entries) < 2 or len(set(ids)) < len(ids):
+            return super().renew_tasks(worker, info, entries)
+        now = time.time()
+        order = _key_order(ids)
+        params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
+                  "info": json.dumps(dict(info or {})), "ids": [ids[i] for i in order],
+                  "tokens": [entries[i][1] for i in order]}  # fmt: skip
+
+        def renew(execute: Callable[..., Any]) -> int:
+            execute("heartbeat", params)
+            return execute("renew_entries_set", params).rowcount
+
+        return self._transaction(renew)
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         """Wait for a NOTIFY from an enqueue (or `timeout` seconds) on a listening connection.
