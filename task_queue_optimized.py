@@ -2496,7 +2496,9 @@ class PostgresStore(_SqlStore):
         return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
 
     def _connect(self) -> Any:
-        return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
+        # Autocommit: a batch written by one statement commits with it, in one round trip
+        # (see _statement); every other call opens its transaction explicitly (_transaction).
+        return self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
 
     def _create_schema(self) -> None:
         # DDL on an existing table still locks it (CREATE INDEX IF NOT EXISTS takes a SHARE lock
@@ -2570,7 +2572,15 @@ class PostgresStore(_SqlStore):
                 "(check the URL's ?schema=; enqueue or a worker creates it)"
             )
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor:
+        """Run one statement as its own transaction: BEGIN and COMMIT cost a round trip each, the
+        statement one. A lost connection leaves its outcome as unknown as a lost COMMIT would
+        (the statement is atomic either way), and it is run again like a transaction."""
+        return self._transaction(lambda execute: execute(name, params), alone=True)
+
+    def _transaction(
+        self, body: Callable[[Callable[..., Any]], Any], write: bool = True, *, alone: bool = False
+    ) -> Any:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
@@ -2590,7 +2600,8 @@ class PostgresStore(_SqlStore):
                         continue
                 conn = self._conn
                 try:
-                    with conn.transaction(), conn.cursor() as cursor:
+                    scope = contextlib.nullcontext() if alone else conn.transaction()
+                    with scope, conn.cursor() as cursor:
 
                         def execute(
                             name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]
@@ -2642,49 +2653,54 @@ class PostgresStore(_SqlStore):
         if not items or len(set(keys)) < len(keys):
             return super().claim_many(items, namespace, starts)
         lease, ttl = self.lease_seconds, self.ttl_seconds
-        order = _key_order(keys)
         starts = sorted(starts or ())
+        now = time.time()
+        first = _new_token_range(len(items))
+        params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
+                  "ns": namespace, "ids": [task_id for task_id, _ in starts],
+                  "entries": [entry for _, entry in starts]}  # fmt: skip
 
-        def claim_all(execute: Callable[..., Any]) -> list[Claim]:
-            now = time.time()
-            first = _new_token_range(len(items))
-            params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
-                      "ns": namespace, "ids": [task_id for task_id, _ in starts],
-                      "entries": [entry for _, entry in starts]}  # fmt: skip
+        def claim_params(indexes: list[int]) -> dict[str, Any]:
+            return {**params, "keys": [keys[i] for i in indexes],
+                    "fps": [items[i][1] for i in indexes],
+                    "tokens": [first + i for i in indexes]}  # fmt: skip
 
-            def claim(indexes: list[int]) -> dict[str, int]:
-                won = execute("claim_set", {**params, "keys": [keys[i] for i in indexes],
-                                            "fps": [items[i][1] for i in indexes],
-                                            "tokens": [first + i for i in indexes]})  # fmt: skip
-                return dict(won.fetchall())
+        # The claims commit on their own (the common case: every key won, one round trip). The
+        # keys they lost are looked up, and adopted where they need it, in a transaction of
+        # their own: no key is in both, so that split changes no answer.
+        order = _key_order(keys)
+        won: dict[str, int] = dict(self._statement("claim_set", claim_params(order)).fetchall())
+        lost = [i for i in order if keys[i] not in won]
+        found: dict[str, Any] = {}
 
+        def settle_lost(execute: Callable[..., Any]) -> tuple[dict[str, int], dict[str, Any]]:
             def lookup(indexes: list[int]) -> dict[str, Any]:
                 rows = execute("lookup_set", {"keys": [keys[i] for i in indexes], "ns": namespace})
                 return {row[0]: row[1:] for row in rows.fetchall()}
 
-            won = claim(order)
-            lost = [i for i in order if keys[i] not in won]
-            found = lookup(lost) if lost else {}
+            found = lookup(lost)
             missing = [i for i in lost if keys[i] not in found]
-            if missing:
-                # Keys with a row without a namespace and none in this one (the claim left them
-                # alone): adopt those rows, then claim as usual. Rare: an old database.
-                execute("adopt_set", {"keys": [keys[i] for i in missing], "ns": namespace})
-                won.update(claim(missing))
-                found.update(lookup([i for i in missing if keys[i] not in won]))
-            claims: list[Claim] = []
-            for key, fp in items:
-                if key in won:
-                    claims.append(
-                        Claim(ClaimState.CLAIMED, token=won[key], lease_expires=now + lease)
-                    )
-                elif key in found:
-                    claims.append(_lost_claim(fp, found[key]))
-                else:  # gone again meanwhile (a purge): in progress, asked again later
-                    claims.append(Claim(ClaimState.IN_PROGRESS))
-            return claims
+            if not missing:
+                return {}, found
+            # Keys with a row without a namespace and none in this one (the claim left them
+            # alone): adopt those rows, then claim as usual. Rare: an old database.
+            execute("adopt_set", {"keys": [keys[i] for i in missing], "ns": namespace})
+            adopted = dict(execute("claim_set", claim_params(missing)).fetchall())
+            found.update(lookup([i for i in missing if keys[i] not in adopted]))
+            return adopted, found
 
-        return self._transaction(claim_all)
+        if lost:
+            adopted, found = self._transaction(settle_lost)
+            won.update(adopted)
+        claims: list[Claim] = []
+        for key, fp in items:
+            if key in won:
+                claims.append(Claim(ClaimState.CLAIMED, token=won[key], lease_expires=now + lease))
+            elif key in found:
+                claims.append(_lost_claim(fp, found[key]))
+            else:  # gone again meanwhile (a purge): in progress, asked again later
+                claims.append(Claim(ClaimState.IN_PROGRESS))
+        return claims
 
     def complete_many(
         self,
@@ -2701,7 +2717,7 @@ class PostgresStore(_SqlStore):
                   "tokens": [items[i][1] for i in order], "outputs": [items[i][2] for i in order],
                   "ids": [entries.get(i, (None, None))[0] for i in order],
                   "entries": [entries.get(i, (None, None))[1] for i in order]}  # fmt: skip
-        rows = self._transaction(lambda execute: execute("complete_set", params).fetchall())
+        rows = self._statement("complete_set", params).fetchall()
         written = [False] * len(items)
         for (position,) in rows:
             written[order[position - 1]] = True  # ordinality counts from 1
@@ -2709,27 +2725,27 @@ class PostgresStore(_SqlStore):
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
         keys = [key for key, _ in claims]
-        if len(claims) < 2 or len(set(keys)) < len(keys):
+        if not claims or len(set(keys)) < len(keys):
             return super().renew_many(claims)
         now = time.time()
         order = _key_order(keys)
         params = {"now": now, "lease": now + self.lease_seconds, "keys": [keys[i] for i in order],
                   "tokens": [claims[i][1] for i in order]}  # fmt: skip
-        return self._transaction(lambda execute: execute("renew_set", params).rowcount)
+        return self._statement("renew_set", params).rowcount
 
     def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
         keys = [key for key, _, _ in items]
-        if len(items) < 2 or len(set(keys)) < len(keys):
+        if not items or len(set(keys)) < len(keys):
             return super().release_many(items)
         order = _key_order(keys)
         params = {"now": time.time(), "keys": [keys[i] for i in order],
                   "tokens": [items[i][1] for i in order],
                   "errors": [_storable_text(items[i][2]) for i in order]}  # fmt: skip
-        return self._transaction(lambda execute: execute("release_set", params).rowcount)
+        return self._statement("release_set", params).rowcount
 
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
         ids = [task_id for task_id, _, _, _ in items]
-        if len(items) < 2 or len(set(ids)) < len(ids):
+        if not items or len(set(ids)) < len(ids):
             return super().settle_many(items)
         order = _key_order(ids)
         states = [items[i][2].value for i in order]
@@ -2737,10 +2753,12 @@ class PostgresStore(_SqlStore):
                   "tokens": [items[i][1] for i in order], "states": states,
                   "errors": [_storable_text(items[i][3]) for i in order]}  # fmt: skip
 
+        if EntryState.QUEUED.value not in states:
+            return self._statement("settle_set", params).rowcount
+
         def settle(execute: Callable[..., Any]) -> int:
             count = execute("settle_set", params).rowcount
-            if EntryState.QUEUED.value in states:
-                self._notify(execute)  # wake idle workers: there is work for them
+            self._notify(execute)  # wake idle workers: there is work for them
             return count
 
         return self._transaction(settle)
@@ -2752,7 +2770,7 @@ class PostgresStore(_SqlStore):
         entries: Sequence[tuple[str, int]] | None = None,
     ) -> int:
         ids = [task_id for task_id, _ in entries or ()]
-        if entries is None or len(entries) < 2 or len(set(ids)) < len(ids):
+        if not entries or len(set(ids)) < len(ids):
             return super().renew_tasks(worker, info, entries)
         now = time.time()
         order = _key_order(ids)
