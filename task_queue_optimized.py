@@ -2318,7 +2318,9 @@ class PostgresStore(_SqlStore):
 
     Tasks are taken with ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other's rows;
     an enqueue sends ``NOTIFY``, so idle workers (``LISTEN`` on their own connection) wake within
-    milliseconds instead of polling. A lost connection (a server restart) is reopened with
+    milliseconds instead of polling. A batch of claims, completions (with their queue rows'
+    settlements), renewals, releases or settlements is one statement over arrays, committed on
+    its own: one round trip whatever its size. A lost connection (a server restart) is reopened with
     backoff for up to `reconnect_seconds`, and the interrupted transaction is run again: a
     transaction is all or nothing, and every write is fenced by a token, so a retry can delay a
     task but never complete one twice. A deadlock or serialization failure is run again at once,
