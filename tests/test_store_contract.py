@@ -781,6 +781,32 @@ def test_a_stale_token_in_a_batch_leaves_its_row_alone_and_the_others_act(
     assert store.renew_tasks("w", {}, [("b", entry["b"]), ("e", entry["e"])]) == 1
 
 
+def test_a_batch_counts_handler_calls_and_keeps_error_kinds_row_by_row(backend: Backend) -> None:
+    """Prove the optional calls and error kinds of batch items land on their own rows: the keys'
+    attempts (claims count one, completions and releases add their calls) and the failed tasks'
+    attempts and kinds."""
+    store = backend.open()
+    store.enqueue_many([tq.Task(key) for key in "abcd"])
+    entry = {item.task.id: item.token for item in store.take_many("w", 4)}
+    claims = store.claim_many([(key, None) for key in "abcd"], "ns")
+    token = {key: claim.token for key, claim in zip("abcd", claims, strict=True)}
+    written = store.complete_many(
+        [("a", token["a"], out(1), 2), ("b", token["b"], out(2))],
+        settle=[(0, "a", entry["a"], 2), (1, "b", entry["b"])],
+    )
+    assert written == [True, True]
+    assert store.release_many([("c", token["c"], "x", 3), ("d", token["d"], "y")]) == 2
+    assert [store.lookup(key, "ns")["attempts"] for key in "abcd"] == [3, 1, 4, 1]
+    settled = store.settle_many([("c", entry["c"], FAILED, "x", "transient", 3),
+                                 ("d", entry["d"], FAILED, "y", "permanent", 1)])  # fmt: skip
+    assert settled == 2
+    failed = {row["id"]: row for row in store.failed_tasks()}
+    assert {key: (row["attempts"], row["error_kind"]) for key, row in failed.items()} == {
+        "c": (3, "transient"),
+        "d": (1, "permanent"),
+    }
+
+
 def test_a_claim_batch_counts_started_runs_only_for_the_keys_it_wins(backend: Backend) -> None:
     """Prove a batch's started runs count where its claim won the key with a token that still
     holds the row, and nowhere else (each row is then a crash when its worker dies)."""
