@@ -2027,6 +2027,16 @@ class _BufferedCursor:
         return self._rows
 
 
+def _lost_claim(fp: str | None, found: Sequence[Any]) -> Claim:
+    """Return the answer to a claim that lost, from the key's row as ``lookup`` reads it."""
+    state, stored_fp, output, _, lease_expires, *_ = found
+    if fp is not None and stored_fp is not None and stored_fp != fp:
+        return Claim(ClaimState.CONFLICT)
+    if state == _Row.COMPLETED:
+        return Claim(ClaimState.COMPLETED, output=json.loads(output))
+    return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+
+
 class _SqlStore:
     """The contract in SQL, shared by SQLite and PostgreSQL; subclasses open and run transactions.
 
@@ -2451,15 +2461,9 @@ class _SqlStore:
                         ClaimState.CLAIMED, token=row[0], lease_expires=now + lease
                     )
                     continue
-                if found is None:
-                    continue  # gone again meanwhile (a purge): in progress, asked again later
-                state, stored_fp, output, _, lease_expires, *_ = found
-                if fp is not None and stored_fp is not None and stored_fp != fp:
-                    claims[index] = Claim(ClaimState.CONFLICT)
-                elif state == _Row.COMPLETED:
-                    claims[index] = Claim(ClaimState.COMPLETED, output=json.loads(output))
-                else:
-                    claims[index] = Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+                if found is not None:
+                    # None: gone again meanwhile (a purge): in progress, asked again later.
+                    claims[index] = _lost_claim(fp, found)
             if any(claim.state is ClaimState.CLAIMED for claim in claims):
                 for task_id, entry in sorted(starts or ()):  # rows locked in id order
                     execute("start", {**params, "id": task_id, "entry": entry})
@@ -3347,7 +3351,9 @@ class PostgresStore(_SqlStore):
 
     Tasks are taken with ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other's rows;
     an enqueue sends ``NOTIFY``, so idle workers (``LISTEN`` on their own connection) wake within
-    milliseconds instead of polling. A lost connection (a server restart) is reopened with
+    milliseconds instead of polling. A batch of claims, completions (with their queue rows'
+    settlements), renewals, releases or settlements is one statement over arrays, committed on
+    its own: one round trip whatever its size. A lost connection (a server restart) is reopened with
     backoff for up to `reconnect_seconds`, and the interrupted transaction is run again: a
     transaction is all or nothing, and every write is fenced by a token, so a retry can delay a
     task but never complete one twice. A deadlock or serialization failure is run again at once,
@@ -3400,6 +3406,105 @@ class PostgresStore(_SqlStore):
         "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))",
     )
 
+    # One statement per batch: the rows go in as parallel arrays (unnest), so a batch of any size
+    # costs one round trip where one statement per row costs one each. Each keeps the meaning of
+    # its per-row twin in _SqlStore._SQL (read those first); callers fall back to the per-row
+    # statements for a batch that names a key or task twice, whose rows must act one after the
+    # other. Arrays come in key order, and an insert takes its row locks in its input order.
+    _SET_SQL = {
+        # The claims, and the started runs of the durable rows whose keys they win (see "start":
+        # `won` holds exactly the keys this statement claimed, in this namespace).
+        "claim_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(fps)s::text[], %(tokens)s::bigint[])
+                    WITH ORDINALITY AS v(key, fp, token, ord)
+            ), won AS (
+                INSERT INTO {keys} AS t (key, namespace, state, fingerprint, token,
+                    lease_expires, attempts, created_at, updated_at)
+                SELECT v.key, %(ns)s, 'in_progress', v.fp, v.token, %(lease)s, 1, %(now)s, %(now)s
+                FROM v
+                WHERE %(ns)s = ''
+                   OR EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = %(ns)s)
+                   OR NOT EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = '')
+                ORDER BY v.ord
+                ON CONFLICT (key, namespace) DO UPDATE SET
+                    state = 'in_progress', token = excluded.token,
+                    lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
+                    output = NULL, error = NULL, attempts = t.attempts + 1,
+                    fingerprint = coalesce(excluded.fingerprint, t.fingerprint)
+                WHERE (t.state = 'failed'
+                       OR (t.state = 'in_progress' AND t.lease_expires <= %(now)s)
+                       OR (t.state = 'completed' AND t.updated_at <= %(expired)s))
+                  AND (excluded.fingerprint IS NULL OR t.fingerprint IS NULL
+                       OR t.fingerprint = excluded.fingerprint)
+                RETURNING t.key, t.token
+            ), started AS (
+                UPDATE {tasks} AS q SET attempts = q.attempts + 1
+                FROM unnest(%(ids)s::text[], %(entries)s::bigint[]) AS s(id, entry)
+                WHERE q.id = s.id AND q.token = s.entry AND q.state = 'running'
+                  AND EXISTS (SELECT 1 FROM won WHERE won.key = q.key)
+            )
+            SELECT key, token FROM won
+        """,
+        "lookup_set": """
+            SELECT key, state, fingerprint, output, error, lease_expires, updated_at, namespace
+            FROM {keys} WHERE key = ANY(%(keys)s::text[]) AND namespace = %(ns)s
+        """,
+        "adopt_set": """
+            UPDATE {keys} AS t SET namespace = %(ns)s
+            WHERE t.key = ANY(%(keys)s::text[]) AND t.namespace = ''
+              AND NOT EXISTS (SELECT 1 FROM {keys} WHERE key = t.key AND namespace = %(ns)s)
+        """,
+        # Completions, and the durable rows of the keys they complete marked done (see
+        # complete_many): one data-modifying statement, so both commit or neither does.
+        "complete_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(outputs)s::text[],
+                                     %(calls)s::int[], %(ids)s::text[], %(entries)s::bigint[],
+                                     %(entry_calls)s::int[])
+                    WITH ORDINALITY AS v(key, token, output, calls, id, entry, entry_calls, ord)
+            ), done AS (
+                UPDATE {keys} AS k SET state = 'completed', output = v.output, error = NULL,
+                    lease_expires = NULL, updated_at = %(now)s, attempts = k.attempts + v.calls
+                FROM v WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+                RETURNING v.ord, v.id, v.entry, v.entry_calls
+            ), settled AS (
+                UPDATE {tasks} AS q SET state = 'done', error = NULL, lease_expires = NULL,
+                    updated_at = %(now)s, error_kind = NULL,
+                    attempts = q.attempts + done.entry_calls
+                FROM done WHERE q.id = done.id AND q.token = done.entry AND q.state = 'running'
+            )
+            SELECT ord FROM done
+        """,
+        "renew_set": """
+            UPDATE {keys} AS k SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[]) AS v(key, token)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "release_set": """
+            UPDATE {keys} AS k SET state = 'failed', error = v.error, lease_expires = NULL,
+                updated_at = %(now)s, attempts = k.attempts + v.calls
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(errors)s::text[],
+                        %(calls)s::int[]) AS v(key, token, error, calls)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "settle_set": """
+            UPDATE {tasks} AS q SET state = v.state, error = v.error, lease_expires = NULL,
+                updated_at = %(now)s, error_kind = v.kind, attempts = q.attempts + v.calls,
+                token = CASE WHEN v.state = 'queued' THEN NULL ELSE q.token END,
+                worker = CASE WHEN v.state = 'queued' THEN NULL ELSE q.worker END
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[], %(states)s::text[],
+                        %(errors)s::text[], %(kinds)s::text[], %(calls)s::int[])
+                AS v(id, token, state, error, kind, calls)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+        "renew_entries_set": """
+            UPDATE {tasks} AS q SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[]) AS v(id, token)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+    }
+
     def __init__(
         self,
         url: str,
@@ -3424,7 +3529,6 @@ class PostgresStore(_SqlStore):
              "tasks_index": "tasks_ready", "workers": f"{schema}.workers",
              "history": f"{schema}.history"},
         )  # fmt: skip
-        self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
         self._listener: Any = None
         self._conn: Any = None
         try:
@@ -3440,6 +3544,11 @@ class PostgresStore(_SqlStore):
             self.close()
             raise
 
+    def _render_sql(self, missing: Iterable[tuple[str, str]] = ()) -> None:
+        super()._render_sql(missing)
+        self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
+        self._sql.update({name: sql.format(**self._names) for name, sql in self._SET_SQL.items()})
+
     @staticmethod
     def _dialect(sql: str) -> str:
         return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
@@ -3449,7 +3558,9 @@ class PostgresStore(_SqlStore):
         return list(values)  # psycopg sends a text[] array
 
     def _connect(self) -> Any:
-        return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
+        # Autocommit: a batch written by one statement commits with it, in one round trip
+        # (see _statement); every other call opens its transaction explicitly (_transaction).
+        return self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
 
     def _create_schema(self) -> None:
         # DDL on an existing table still locks it (CREATE INDEX IF NOT EXISTS takes a SHARE lock
@@ -3576,7 +3687,15 @@ class PostgresStore(_SqlStore):
         if scheduled is None:
             self._read_as_legacy()
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor:
+        """Run one statement as its own transaction: BEGIN and COMMIT cost a round trip each, the
+        statement one. A lost connection leaves its outcome as unknown as a lost COMMIT would
+        (the statement is atomic either way), and it is run again like a transaction."""
+        return self._transaction(lambda execute: execute(name, params), alone=True)
+
+    def _transaction(
+        self, body: Callable[[Callable[..., Any]], Any], write: bool = True, *, alone: bool = False
+    ) -> Any:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
@@ -3596,7 +3715,8 @@ class PostgresStore(_SqlStore):
                         continue
                 conn = self._conn
                 try:
-                    with conn.transaction(), conn.cursor() as cursor:
+                    scope = contextlib.nullcontext() if alone else conn.transaction()
+                    with scope, conn.cursor() as cursor:
 
                         def execute(
                             name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]
@@ -3635,6 +3755,158 @@ class PostgresStore(_SqlStore):
     def _notify(self, execute: Callable[..., Any]) -> int:
         execute("notify", {"channel": self._channel})
         return 0
+
+    # Batches in one statement each (see _SET_SQL) ---------------------------------------------
+
+    def claim_many(
+        self,
+        items: Sequence[tuple[str, str | None]],
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
+    ) -> list[Claim]:
+        keys = [key for key, _ in items]
+        if not items or len(set(keys)) < len(keys):
+            return super().claim_many(items, namespace, starts)
+        lease, ttl = self.lease_seconds, self.ttl_seconds
+        starts = sorted(starts or ())
+        now = time.time()
+        first = _new_token_range(len(items))
+        params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
+                  "ns": namespace, "ids": [task_id for task_id, _ in starts],
+                  "entries": [entry for _, entry in starts]}  # fmt: skip
+
+        def claim_params(indexes: list[int]) -> dict[str, Any]:
+            return {**params, "keys": [keys[i] for i in indexes],
+                    "fps": [items[i][1] for i in indexes],
+                    "tokens": [first + i for i in indexes]}  # fmt: skip
+
+        # The claims commit on their own (the common case: every key won, one round trip). The
+        # keys they lost are looked up, and adopted where they need it, in a transaction of
+        # their own: no key is in both, so that split changes no answer.
+        order = _key_order(keys)
+        won: dict[str, int] = dict(self._statement("claim_set", claim_params(order)).fetchall())
+        lost = [i for i in order if keys[i] not in won]
+        found: dict[str, Any] = {}
+
+        def settle_lost(execute: Callable[..., Any]) -> tuple[dict[str, int], dict[str, Any]]:
+            def lookup(indexes: list[int]) -> dict[str, Any]:
+                rows = execute("lookup_set", {"keys": [keys[i] for i in indexes], "ns": namespace})
+                return {row[0]: row[1:] for row in rows.fetchall()}
+
+            found = lookup(lost)
+            missing = [i for i in lost if keys[i] not in found]
+            if not missing:
+                return {}, found
+            # Keys with a row without a namespace and none in this one (the claim left them
+            # alone): adopt those rows, then claim as usual. Rare: an old database.
+            execute("adopt_set", {"keys": [keys[i] for i in missing], "ns": namespace})
+            adopted = dict(execute("claim_set", claim_params(missing)).fetchall())
+            found.update(lookup([i for i in missing if keys[i] not in adopted]))
+            return adopted, found
+
+        if lost:
+            adopted, found = self._transaction(settle_lost)
+            won.update(adopted)
+        claims: list[Claim] = []
+        for key, fp in items:
+            if key in won:
+                claims.append(Claim(ClaimState.CLAIMED, token=won[key], lease_expires=now + lease))
+            elif key in found:
+                claims.append(_lost_claim(fp, found[key]))
+            else:  # gone again meanwhile (a purge): in progress, asked again later
+                claims.append(Claim(ClaimState.IN_PROGRESS))
+        return claims
+
+    def complete_many(
+        self,
+        items: Sequence[tuple[Any, ...]],
+        settle: Sequence[tuple[Any, ...]] | None = None,
+    ) -> list[bool]:
+        keys = [item[0] for item in items]
+        task_ids = [item[1] for item in settle or ()]
+        if not items or len(set(keys)) < len(keys) or len(set(task_ids)) < len(task_ids):
+            return super().complete_many(items, settle)
+        # An item's and a settlement's calls are optional (see _SqlStore.complete_many).
+        entries = {index: (task_id, entry, more[0] if more else 0)
+                   for index, task_id, entry, *more in settle or ()}  # fmt: skip
+        order = _key_order(keys)
+        none = (None, None, 0)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order], "outputs": [items[i][2] for i in order],
+                  "calls": [items[i][3] if len(items[i]) > 3 else 0 for i in order],
+                  "ids": [entries.get(i, none)[0] for i in order],
+                  "entries": [entries.get(i, none)[1] for i in order],
+                  "entry_calls": [entries.get(i, none)[2] for i in order]}  # fmt: skip
+        rows = self._statement("complete_set", params).fetchall()
+        written = [False] * len(items)
+        for (position,) in rows:
+            written[order[position - 1]] = True  # ordinality counts from 1
+        return written
+
+    def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
+        keys = [key for key, _ in claims]
+        if not claims or len(set(keys)) < len(keys):
+            return super().renew_many(claims)
+        now = time.time()
+        order = _key_order(keys)
+        params = {"now": now, "lease": now + self.lease_seconds, "keys": [keys[i] for i in order],
+                  "tokens": [claims[i][1] for i in order]}  # fmt: skip
+        return self._statement("renew_set", params).rowcount
+
+    def release_many(self, items: Sequence[tuple[Any, ...]]) -> int:
+        keys = [item[0] for item in items]
+        if not items or len(set(keys)) < len(keys):
+            return super().release_many(items)
+        order = _key_order(keys)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order],
+                  "errors": [_storable_text(items[i][2]) for i in order],
+                  "calls": [items[i][3] if len(items[i]) > 3 else 0 for i in order]}  # fmt: skip
+        return self._statement("release_set", params).rowcount
+
+    def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int:
+        ids = [item[0] for item in items]
+        if not items or len(set(ids)) < len(ids):
+            return super().settle_many(items)
+        rows = [_settlement(item) for item in items]
+        order = _key_order(ids)
+        states = [rows[i][2].value for i in order]
+        params = {"now": time.time(), "ids": [ids[i] for i in order],
+                  "tokens": [rows[i][1] for i in order], "states": states,
+                  "errors": [_storable_text(rows[i][3]) for i in order],
+                  "kinds": [rows[i][4] for i in order],
+                  "calls": [rows[i][5] for i in order]}  # fmt: skip
+
+        if EntryState.QUEUED.value not in states:
+            return self._statement("settle_set", params).rowcount
+
+        def settle(execute: Callable[..., Any]) -> int:
+            count = execute("settle_set", params).rowcount
+            self._notify(execute)  # wake idle workers: there is work for them
+            return count
+
+        return self._transaction(settle)
+
+    def renew_tasks(
+        self,
+        worker: str,
+        info: Mapping[str, Any] | None = None,
+        entries: Sequence[tuple[str, int]] | None = None,
+    ) -> int:
+        ids = [task_id for task_id, _ in entries or ()]
+        if not entries or len(set(ids)) < len(ids):
+            return super().renew_tasks(worker, info, entries)
+        now = time.time()
+        order = _key_order(ids)
+        params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
+                  "info": json.dumps(dict(info or {})), "ids": [ids[i] for i in order],
+                  "tokens": [entries[i][1] for i in order]}  # fmt: skip
+
+        def renew(execute: Callable[..., Any]) -> int:
+            execute("heartbeat", params)
+            return execute("renew_entries_set", params).rowcount
+
+        return self._transaction(renew)
 
     def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
         # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
