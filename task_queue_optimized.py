@@ -34,9 +34,11 @@ __version__ = "1.0.0"
 import argparse
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook now, so ours runs before it
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import functools
@@ -96,6 +98,8 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
     "MAX_NAMESPACE_BYTES",
+    "MAX_RATE_COUNT",
+    "MAX_RETRY_AFTER",
     "AsyncWorkerPool",
     "Claim",
     "ClaimState",
@@ -126,6 +130,7 @@ __all__ = [
     "TransientError",
     "WorkerPool",
     "console_main",
+    "current_deadline",
     "fingerprint",
     "handler_namespace",
     "load_config",
@@ -171,6 +176,17 @@ MAX_JSON_DEPTH = 64
 MAX_KEY_BYTES = 2048
 MAX_NAMESPACE_BYTES = 512
 MAX_ECHO_CHARS = 80  # most characters of a user's value that an error message repeats
+MAX_RETRY_AFTER = 3600.0  # longest wait a TransientError's retry_after can ask for, seconds
+MAX_RATE_COUNT = 10_000  # most calls one rate limit counts per period (one slot each)
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}  # the periods of a rate limit such as "100/s"
+# A slot of a rate limit is free again this share of its period after the call that used it
+# started, beyond the period itself: room for the moments between the pool's clock reading and
+# the handler's (a thread switch), so that calls the handler itself times keep to the limit.
+RATE_MARGIN = 0.01
+# How long a worker sharing a store's rate limit may take to start the calls of the slots it
+# reserved in one statement (a share of the period, within bounds); a slot stays taken this much
+# longer than the period, so reserving ahead never lets two calls of one slot come closer.
+RATE_HOLD_SHARE, RATE_HOLD_MIN, RATE_HOLD_MAX = 0.02, 0.005, 0.05
 
 DURABILITY_MODES = ("normal", "full")
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -192,7 +208,28 @@ class TaskQueueError(Exception):
 
 
 class TransientError(TaskQueueError):
-    """A failure worth retrying: the same call may succeed later."""
+    """A failure worth retrying: the same call may succeed later.
+
+    Args:
+        message: what went wrong.
+        retry_after: seconds the next attempt must wait at least (a server's ``Retry-After``);
+            the retry policy's own delay applies when it is longer, and its ``max_delay`` does
+            not shorten this one. Values above `MAX_RETRY_AFTER` (an hour) are capped there.
+
+    Raises:
+        ValueError: `retry_after` is not None or a finite number >= 0.
+    """
+
+    def __init__(self, message: object = "", retry_after: float | None = None) -> None:
+        if retry_after is not None:
+            if not (_is_finite_number(retry_after) and retry_after >= 0):
+                raise ValueError(
+                    f"retry_after must be None or a finite number of seconds >= 0, not "
+                    f"{_shown(retry_after)}"
+                )
+            retry_after = min(float(retry_after), MAX_RETRY_AFTER)
+        self.retry_after: float | None = retry_after
+        super().__init__(message)
 
 
 class PermanentError(TaskQueueError):
@@ -307,7 +344,7 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
 _EMPTY_FINGERPRINT = hashlib.sha256(b"{}").hexdigest()
 
 
-_TASK_FIELDS = frozenset({"id", "payload", "idempotency_key"})
+_TASK_FIELDS = frozenset({"id", "payload", "idempotency_key", "group", "timeout_seconds"})
 
 
 def _cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
@@ -366,6 +403,15 @@ def _check_text_field(value: Any, field: str) -> None:
         raise TaskFileError(f"field {field!r} {problem}", field=field)
 
 
+def _checked_timeout(value: Any, field: str) -> float:
+    """Return `value` as an attempt's timeout in seconds, or raise `TaskFileError` naming it."""
+    if not (_is_finite_number(value) and value > 0):
+        raise TaskFileError(
+            f"field {field!r} must be a number of seconds > 0, not {_shown(value)}", field=field
+        )
+    return float(value)
+
+
 def _storable_text(text: str | None) -> str | None:
     """Return `text` as every store can keep it: NUL and lone surrogates written as escapes.
 
@@ -382,15 +428,19 @@ class Task:
     """One unit of work: an id, a JSON payload and an optional idempotency key.
 
     The id and the key must be non-empty strings that every store can keep: no NUL character and
-    no lone surrogate. A payload of None means the empty dict.
+    no lone surrogate. A payload of None means the empty dict. `group` names the rate limit the
+    task's calls count against (`WorkerPool(rate_limits=...)`), with the rules of a key;
+    `timeout` bounds each attempt in seconds, overriding the pool's ``task_timeout``.
 
     Raises:
-        TaskFileError: (a `ValueError`) the id or the key is invalid; the error names the field.
+        TaskFileError: (a `ValueError`) a field is invalid; the error names it.
     """
 
     id: str
     payload: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
     idempotency_key: str | None = None
+    group: str | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         # Checked where every task is built, so one bad task is refused on its own instead of
@@ -400,6 +450,10 @@ class Task:
             _check_text_field(self.idempotency_key, "idempotency_key")
         if self.payload is None:
             object.__setattr__(self, "payload", {})
+        if self.group is not None:
+            _check_text_field(self.group, "group")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", _checked_timeout(self.timeout, "timeout"))
 
     @property
     def key(self) -> str:
@@ -435,7 +489,10 @@ class Task:
         key = mapping.get("idempotency_key")
         if key is not None:
             _check_text_field(key, "idempotency_key")
-        return cls(task_id, payload, key)
+        timeout = mapping.get("timeout_seconds")
+        if timeout is not None:
+            timeout = _checked_timeout(timeout, "timeout_seconds")
+        return cls(task_id, payload, key, group=mapping.get("group"), timeout=timeout)
 
 
 class _TextEnum(str, enum.Enum):
@@ -461,6 +518,7 @@ class ErrorKind(_TextEnum):
     PERMANENT = "permanent"
     CONFLICT = "conflict"
     CRASHED = "crashed"  # its worker died while running it, max_attempts times in a row
+    TIMEOUT = "timeout"  # its last attempt ran past its deadline (task_timeout, timeout_seconds)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -976,6 +1034,17 @@ class Store(Protocol):
       leases of the worker's running tasks (only the ``(task_id, token)`` `entries` when given:
       a row taken by a take whose answer was lost is then left to expire) and record a heartbeat.
       ``queue_status()``, ``wait_for_work``.
+
+    Rate limits (shared by every process on the store):
+
+    - ``take_slots(name, count, period, want, hold)``: a limit of `count` calls per `period`
+      seconds is `count` slots, each holding the time it is free again. Reserve up to `want`
+      free slots of limit `name` in one transaction; each is free again ``hold + period``
+      seconds after the take, so the caller must start the reserved calls within `hold` seconds
+      of `base` for no two calls of one slot to come closer than `period`: at most `count` calls
+      start in any `period`, however many processes take. Returns ``(taken, wait, base)``:
+      `wait` (when fewer than `want` were free) is the seconds until as many more are free, and
+      `base` the `time.monotonic()` instant the hold runs from.
     """
 
     url: str
@@ -1014,6 +1083,9 @@ class Store(Protocol):
     ) -> int: ...
     def queue_status(self) -> dict[str, Any]: ...
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None: ...
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]: ...
     def close(self) -> None: ...
 
 
@@ -1041,7 +1113,9 @@ def _stored_text(value: Any, field: str) -> str:
     return value
 
 
-def _stored_task(task_id: Any, key: Any, payload: Any) -> Task:
+def _stored_task(
+    task_id: Any, key: Any, payload: Any, group: Any = None, timeout: Any = None
+) -> Task:
     """Build the `Task` of a durable-queue row.
 
     Raises:
@@ -1049,6 +1123,10 @@ def _stored_task(task_id: Any, key: Any, payload: Any) -> Task:
     """
     task_id = _stored_text(task_id, "id")
     key = _stored_text(key, "key")
+    if group is not None:
+        group = _stored_text(group, "group")
+    if timeout is not None:
+        timeout = _checked_timeout(timeout, "timeout_seconds")
     try:
         value = _parse_json(_stored_text(payload, "payload"))
     except TaskFileError as exc:
@@ -1059,7 +1137,7 @@ def _stored_task(task_id: Any, key: Any, payload: Any) -> Task:
         raise TaskFileError(
             f"field 'payload' must be a JSON object, not {_json_type(value)}", field="payload"
         )
-    return Task(task_id, value, None if key == task_id else key)
+    return Task(task_id, value, None if key == task_id else key, group=group, timeout=timeout)
 
 
 def _unreadable_error(exc: TaskFileError) -> str:
@@ -1103,6 +1181,7 @@ class MemoryStore:
         self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
+        self._slots: dict[str, list[float]] = {}  # rate limit -> when each slot is free again
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
         self._closed = False
 
@@ -1444,6 +1523,23 @@ class MemoryStore:
                 if remaining <= 0 or self._work.wait(min(remaining, 0.25)):
                     return
 
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]:
+        with self._guard():
+            base = time.monotonic()
+            now = time.time()
+            slots = self._slots.setdefault(name, [])
+            slots.extend([0.0] * (count - len(slots)))
+            free = [index for index in range(count) if slots[index] <= now][:want]
+            for index in free:
+                slots[index] = now + hold + period
+            wait = None
+            if len(free) < want:
+                ahead = sorted(slots[:count])[min(want - len(free), count) - 1]
+                wait = max(ahead - now, 0.0)
+        return len(free), wait, base
+
     def close(self) -> None:
         """Close the store: its contents are gone, and every later call raises `TaskQueueError`."""
         with self._work:
@@ -1451,6 +1547,7 @@ class MemoryStore:
             self._keys.clear()
             self._tasks.clear()
             self._workers.clear()
+            self._slots.clear()
             self._work.notify_all()
 
 
@@ -1501,7 +1598,8 @@ class _SqlStore:
     _TAKE_LOCK = ""  # appended to the take query's row selection (FOR UPDATE SKIP LOCKED)
     # What a take returns of each row (id, key, payload, then the id as the fail statement finds
     # it), and how that statement names the id: SQLite's differ (see SqliteStore).
-    _TAKE_COLUMNS = "id, key, payload, id"
+    _TAKE_COLUMNS = "id, key, payload, id, task_group, timeout_seconds"
+    _CLOCK = ":now"  # the clock rate-limit slots are stamped with (PostgreSQL: the server's)
     _RAW_ID = "id"
     _SQL = {
         # The WHERE leaves a key alone when it has a row without a namespace to adopt first
@@ -1582,8 +1680,9 @@ class _SqlStore:
         """,
         "stats": "SELECT state, count(*) FROM {keys} GROUP BY state",
         "enqueue": """
-            INSERT INTO {tasks} (id, key, payload, state, attempts, enqueued_at, updated_at)
-            VALUES (:id, :key, :payload, 'queued', 0, :now, :now)
+            INSERT INTO {tasks} (id, key, payload, state, attempts, enqueued_at, updated_at,
+                task_group, timeout_seconds)
+            VALUES (:id, :key, :payload, 'queued', 0, :now, :now, :task_group, :timeout)
             ON CONFLICT (id) DO NOTHING
         """,
         # Tasks whose every run so far ended with its worker's death are failed, not run again.
@@ -1620,8 +1719,9 @@ class _SqlStore:
         """,
         "take_task": """
             INSERT INTO {tasks} AS t (id, key, payload, state, token, worker, lease_expires,
-                attempts, enqueued_at, updated_at)
-            VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 0, :now, :now)
+                attempts, enqueued_at, updated_at, task_group, timeout_seconds)
+            VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 0, :now, :now,
+                :task_group, :timeout)
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
                 attempts = CASE WHEN t.state = 'failed' THEN 0 ELSE t.attempts END,
@@ -1658,6 +1758,25 @@ class _SqlStore:
             SELECT count(*) FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
         """,
         "workers": "SELECT name, info, seen_at FROM {workers} ORDER BY name",
+        # Rate limits shared through the store: one row per slot of a limit, each holding the
+        # time it is free again (see take_slots). The rows of a limit are made on first use.
+        "slots_init": """
+            WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n + 1 < :count)
+            INSERT INTO {limits} (name, slot, free_at) SELECT :name, n, 0 FROM s WHERE true
+            ON CONFLICT (name, slot) DO NOTHING
+        """,
+        "take_slots": """
+            UPDATE {limits} SET free_at = {clock} + :extra
+            WHERE name = :name AND slot IN (
+                SELECT slot FROM {limits} WHERE name = :name AND slot < :count
+                    AND free_at <= {clock}
+                LIMIT :want {take_lock})
+            RETURNING slot
+        """,
+        "slots_wait": """
+            SELECT free_at - {clock} FROM {limits} WHERE name = :name AND slot < :count
+            ORDER BY free_at LIMIT 1 OFFSET :skip
+        """,
         "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
     }
 
@@ -1676,7 +1795,8 @@ class _SqlStore:
         self.ttl_seconds = ttl_seconds
         self._names = dict(names)
         fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
-                  "raw_id": self._RAW_ID, **names}  # fmt: skip
+                  "raw_id": self._RAW_ID, "clock": self._CLOCK, **names}  # fmt: skip
+        self._slot_rows: set[tuple[str, int]] = set()  # limits whose slot rows exist (a hint)
         self._sql = {name: self._dialect(sql.format(**fields)) for name, sql in self._SQL.items()}
         self._lock = threading.Lock()  # guards the connection and _closed: one transaction at once
         self._closed = False  # set once by close; a closed store refuses every call
@@ -1874,7 +1994,8 @@ class _SqlStore:
 
     def enqueue_many(self, tasks: Sequence[Task]) -> int:
         now = time.time()
-        rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now} for t in tasks]
+        rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now,
+                 "task_group": t.group, "timeout": t.timeout} for t in tasks]  # fmt: skip
         if not rows:
             return 0
 
@@ -1929,9 +2050,10 @@ class _SqlStore:
             # Each row becomes a task on its own, before the lease commits: one that holds no
             # task fails alone, and the others run, instead of all of them being leased and
             # abandoned (and, leased again and again, failed as crashed).
-            for task_id, key, payload, raw_id in rows:
+            for task_id, key, payload, raw_id, group, timeout in rows:
                 try:
-                    taken.append(QueuedTask(_stored_task(task_id, key, payload), token))
+                    task = _stored_task(task_id, key, payload, group, timeout)
+                    taken.append(QueuedTask(task, token))
                 except TaskFileError as exc:
                     error = _unreadable_error(exc)
                     execute("fail_unreadable", {"raw_id": raw_id, "token": token,
@@ -1949,6 +2071,7 @@ class _SqlStore:
     def take_task(self, task: Task, worker: str) -> int | None:
         now = time.time()
         params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
+                  "task_group": task.group, "timeout": task.timeout,
                   "token": _new_token(), "worker": worker, "lease": now + self.lease_seconds,
                   "now": now}  # fmt: skip
 
@@ -2011,6 +2134,34 @@ class _SqlStore:
         self._check_open()
         stop.wait(timeout)
 
+    # Rate limits --------------------------------------------------------------------------------
+
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]:
+        params: dict[str, Any] = {"name": name, "count": count, "want": want,
+                                  "extra": hold + period}  # fmt: skip
+        made = (name, count) in self._slot_rows
+
+        def take(execute: Callable[..., Any]) -> tuple[int, float | None, float]:
+            if not made:
+                execute("slots_init", params)
+            # Read once the transaction holds its locks (SQLite's write lock is taken at BEGIN):
+            # the hold runs from here, so a take that waited for the lock loses none of it.
+            base = time.monotonic()
+            params["now"] = time.time()
+            taken = len(execute("take_slots", params).fetchall())
+            wait = None
+            if taken < want:
+                skip = min(want - taken, count) - 1
+                row = execute("slots_wait", {**params, "skip": skip}).fetchone()
+                wait = 0.0 if row is None or row[0] is None else max(float(row[0]), 0.0)
+            return taken, wait, base
+
+        result = self._transaction(take)
+        self._slot_rows.add((name, count))
+        return result
+
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
@@ -2068,8 +2219,9 @@ class SqliteStore(_SqlStore):
         self._init_common(
             lease_seconds,
             ttl_seconds,
-            {"keys": table, "tasks": f"{table}_tasks", "workers": f"{table}_workers"},
-        )
+            {"keys": table, "tasks": f"{table}_tasks", "workers": f"{table}_workers",
+             "limits": f"{table}_limits"},
+        )  # fmt: skip
         self._conn: sqlite3.Connection | None = self._open()
 
     _KEYS_DDL = """CREATE TABLE IF NOT EXISTS {keys} (
@@ -2083,9 +2235,16 @@ class SqliteStore(_SqlStore):
     _TAKE_COLUMNS = (
         "CASE typeof(id) WHEN 'text' THEN CAST(id AS BLOB) END, "
         "CASE typeof(key) WHEN 'text' THEN CAST(key AS BLOB) END, "
-        "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB)"
+        "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB), "
+        "CASE typeof(task_group) WHEN 'text' THEN CAST(task_group AS BLOB) END, timeout_seconds"
     )
     _RAW_ID = "CAST(id AS BLOB)"
+    _LIMITS_DDL = """CREATE TABLE IF NOT EXISTS {limits} (
+            name TEXT NOT NULL, slot INTEGER NOT NULL, free_at REAL NOT NULL,
+            PRIMARY KEY (name, slot)) WITHOUT ROWID"""
+    # Columns the tasks table gained after its first release, with their types: an older file
+    # gets them in place (see _migrate_tasks).
+    _TASK_COLUMNS = (("task_group", "TEXT"), ("timeout_seconds", "REAL"))
     # Rows without a namespace, which claims adopt: a partial index keeps finding them cheap.
     _UNSCOPED_DDL = (
         "CREATE INDEX IF NOT EXISTS {keys}_unscoped ON {keys} (key) WHERE namespace = ''"
@@ -2097,11 +2256,12 @@ class SqliteStore(_SqlStore):
             id TEXT PRIMARY KEY NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
             state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
-            updated_at REAL NOT NULL) WITHOUT ROWID""",
+            updated_at REAL NOT NULL, task_group TEXT, timeout_seconds REAL) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS {tasks}_ready ON {tasks} (state, enqueued_at)",
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
             seen_at REAL NOT NULL) WITHOUT ROWID""",
+        _LIMITS_DDL,
     )
 
     def _open(self) -> sqlite3.Connection:
@@ -2144,7 +2304,7 @@ class SqliteStore(_SqlStore):
             # Only an opener that may create migrates: status and purge read an old file as it
             # is (their statements need no namespace column).
             self._migrate_keys(conn)
-        if not {names["keys"], names["tasks"], names["workers"]} <= existing:
+        if not {names["keys"], names["tasks"], names["workers"], names["limits"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
             # busy. An existing schema needs no write lock, so opening never waits for a writer.
             conn.execute("BEGIN IMMEDIATE")
@@ -2155,6 +2315,8 @@ class SqliteStore(_SqlStore):
             except BaseException:
                 _rollback(conn)
                 raise
+        if self._create:
+            self._migrate_tasks(conn)
         keys = names["keys"]
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({keys})")}
         missing = {"key", "state", "fingerprint", "token", "output", "lease_expires"} - columns
@@ -2196,6 +2358,31 @@ class SqliteStore(_SqlStore):
             raise
         conn.execute("COMMIT")
         logger.info("database table %s now scopes keys by handler (namespace)", keys)
+
+    def _migrate_tasks(self, conn: sqlite3.Connection) -> None:
+        """Give a tasks table from an older version the columns it lacks, in place.
+
+        One write transaction that looks again under the lock: concurrent openers queue on it,
+        the first adds the columns and the others find them there. Old rows get NULL (no group,
+        no timeout of their own).
+        """
+        tasks = self._names["tasks"]
+
+        def missing() -> list[tuple[str, str]]:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({tasks})")}
+            return [(name, kind) for name, kind in self._TASK_COLUMNS if name not in have]
+
+        if not missing():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for name, kind in missing():
+                conn.execute(f"ALTER TABLE {tasks} ADD COLUMN {name} {kind}")
+        except BaseException:
+            _rollback(conn)
+            raise
+        conn.execute("COMMIT")
+        logger.info("database table %s now keeps task groups and timeouts", tasks)
 
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         conn = self._conn
@@ -2333,6 +2520,9 @@ class PostgresStore(_SqlStore):
     """
 
     _TAKE_LOCK = "FOR UPDATE SKIP LOCKED"
+    # The server's clock, one reading per statement: workers on machines whose clocks disagree
+    # still share a rate limit exactly.
+    _CLOCK = "extract(epoch FROM statement_timestamp())::float8"
     _DDL = (
         "CREATE SCHEMA IF NOT EXISTS {schema}",
         """CREATE TABLE IF NOT EXISTS {keys} (
@@ -2345,10 +2535,16 @@ class PostgresStore(_SqlStore):
             token BIGINT, worker TEXT, lease_expires DOUBLE PRECISION,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
             enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)""",
+        # Columns added after the table's first release: an older schema gets them in place.
+        "ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS task_group TEXT",
+        "ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS timeout_seconds DOUBLE PRECISION",
         "CREATE INDEX IF NOT EXISTS {tasks_index} ON {tasks} (state, enqueued_at)",
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY, info TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
             seen_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {limits} (
+            name TEXT NOT NULL, slot INTEGER NOT NULL, free_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (name, slot))""",
     )
 
     def __init__(
@@ -2372,7 +2568,8 @@ class PostgresStore(_SqlStore):
             lease_seconds,
             ttl_seconds,
             {"schema": schema, "keys": f"{schema}.idempotency", "tasks": f"{schema}.tasks",
-             "tasks_index": "tasks_ready", "workers": f"{schema}.workers"},
+             "tasks_index": "tasks_ready", "workers": f"{schema}.workers",
+             "limits": f"{schema}.limits"},
         )  # fmt: skip
         self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
         self._listener: Any = None
@@ -2438,7 +2635,7 @@ class PostgresStore(_SqlStore):
 
     def _schema_ready(self) -> bool:
         """Return whether the schema holds every table and index, keys scoped by namespace."""
-        names = [self._names[table] for table in ("keys", "tasks", "workers")]
+        names = [self._names[table] for table in ("keys", "tasks", "workers", "limits")]
         names += [
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
@@ -2447,10 +2644,12 @@ class PostgresStore(_SqlStore):
             found = self._conn.execute(
                 "SELECT " + ", ".join(["to_regclass(%s)"] * len(names)) + ", EXISTS (SELECT 1 "
                 "FROM information_schema.columns WHERE table_schema = %s "
-                "AND table_name = 'idempotency' AND column_name = 'namespace')",
-                [*names, self.schema],
+                "AND table_name = 'idempotency' AND column_name = 'namespace'), EXISTS (SELECT 1 "
+                "FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'tasks' AND column_name = 'timeout_seconds')",
+                [*names, self.schema, self.schema],
             ).fetchone()
-        return None not in found and found[-1]
+        return None not in found and found[-1] and found[-2]
 
     def _check_schema(self) -> None:
         """Refuse a schema that does not hold the tables (reading must never create them).
@@ -3611,7 +3810,54 @@ _live_queues: weakref.WeakSet[TaskQueue] = weakref.WeakSet()  # closed at interp
 
 
 class _WorkQueue(queue.Queue):
-    """A `queue.Queue` that can also take items past its bound (retries, stop sentinels)."""
+    """A `queue.Queue` that can also take items past its bound (retries, stop sentinels).
+
+    Items taken out to wait elsewhere may keep their room: `hold` counts one against the bound
+    (a task waiting for a rate limit's slot), `put_held` brings it back into that room, and
+    `unhold` gives the room up. ``held`` is guarded by ``mutex``.
+    """
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.held = 0
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """`queue.Queue.put`, with the held items counted against the bound."""
+        with self.not_full:
+            if self.maxsize > 0:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while len(self.queue) + self.held >= self.maxsize:
+                    if not block:
+                        raise queue.Full
+                    if deadline is None:
+                        self.not_full.wait()
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise queue.Full
+                    self.not_full.wait(remaining)
+            self.queue.append(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def hold(self) -> None:
+        """Count one item that left the queue against the bound until `put_held` or `unhold`."""
+        with self.mutex:
+            self.held += 1
+
+    def put_held(self, item: Any) -> None:
+        """Put a held item back at the front, in the room it kept."""
+        with self.not_empty:
+            self.held -= 1
+            self.queue.appendleft(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def unhold(self, count: int = 1) -> None:
+        """Give up the room of `count` held items that will not come back."""
+        with self.mutex:
+            self.held -= count
+            self.not_full.notify(count)
 
     def put_unbounded(self, item: Any, *, front: bool = False) -> None:
         """Add `item` without waiting for room: at the front, or at the back."""
@@ -3732,6 +3978,18 @@ class TaskQueue:
         """Put `item` at the front of the queue without waiting for room (a due retry)."""
         self._queue.put_unbounded(item, front=True)
 
+    def hold(self) -> None:
+        """Keep the room of an item taken out to wait elsewhere (see `_WorkQueue.hold`)."""
+        self._queue.hold()
+
+    def put_held(self, item: Any) -> None:
+        """Put a held item back at the front, in the room it kept."""
+        self._queue.put_held(item)
+
+    def unhold(self, count: int = 1) -> None:
+        """Give up the room of `count` held items."""
+        self._queue.unhold(count)
+
     def drain(self) -> list[Any]:
         """Remove and return every item waiting in the queue."""
         return self._queue.drain()
@@ -3823,6 +4081,332 @@ class TaskQueue:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# --- Flow control --------------------------------------------------------------------------------
+#
+# Rate limits and the deadlines of attempts. A limit of N calls per period is N slots: a call
+# takes a free slot, and the slot is free again a period after the call started, so no window of
+# the period ever holds more than N calls (a sliding window, not a token bucket, whose refill
+# lets a window hold a burst and a refill: up to 2N). A pool's limits live in this process
+# (`_LocalLimiter`) or, when its store is shared by other processes, in the store
+# (`_SharedLimiter` over `Store.take_slots`), where every process takes the same slots. A pool
+# gives its tasks their slots through one `_Flow`, or through `_NO_FLOW`, its do-nothing twin,
+# when no limit is set.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rate:
+    """At most `count` calls in any `period` seconds, as written (`text`)."""
+
+    count: int
+    period: float
+    text: str
+
+
+_RATE_PATTERN = re.compile(r"\s*([0-9]+)\s*/\s*([smh])\s*")
+
+
+def _rate_of(value: Any, what: str) -> _Rate:
+    """Parse a rate limit such as ``"100/s"``.
+
+    Raises:
+        ValueError: `value` is not ``N/s``, ``N/m`` or ``N/h`` with N from 1 to `MAX_RATE_COUNT`;
+            the message names `what`.
+    """
+    match = _RATE_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    count = int(match.group(1)) if match and len(match.group(1)) <= 9 else 0
+    if not 1 <= count <= MAX_RATE_COUNT:
+        raise ValueError(
+            f"{what} must be calls per period such as '100/s' (units s, m, h; 1 to "
+            f"{MAX_RATE_COUNT:,} calls), not {_shown(value)}"
+        )
+    assert match is not None
+    return _Rate(count, RATE_UNITS[match.group(2)], f"{count}/{match.group(2)}")
+
+
+def _group_rates(rate_limits: Any, what: str = "rate_limits") -> dict[str, _Rate]:
+    """Parse ``{group: "N/unit"}``.
+
+    Raises:
+        ValueError: it is not a mapping, a group is no valid group name or a rate is invalid.
+    """
+    if not isinstance(rate_limits, Mapping):
+        raise ValueError(f"{what} must be a mapping of group to rate, not {_shown(rate_limits)}")
+    rates = {}
+    for group, rate in rate_limits.items():
+        problem = _text_problem(group)
+        if problem is not None:
+            raise ValueError(f"{what}: a group name {problem}, not {_shown(group)}")
+        rates[group] = _rate_of(rate, f"{what}[{group!r}]")
+    return rates
+
+
+class _Permit:
+    """The right to start one call under one limit: a slot, and when it must be used by."""
+
+    __slots__ = ("limiter", "slot", "use_by")
+
+    def __init__(self, limiter: Any, slot: int, use_by: float) -> None:
+        self.limiter = limiter
+        self.slot = slot
+        self.use_by = use_by  # time.monotonic(); a call started later could break the limit
+
+
+class _LocalLimiter:
+    """A rate limit counted in this process alone.
+
+    Slots sit in a heap by the time they are free again. `acquire` reserves the earliest free
+    one; `used` marks it taken from the moment the call starts (plus `RATE_MARGIN` of the
+    period), so the time between reserving and calling (a claim) costs nothing; `give_back`
+    returns a slot whose call never happened.
+    """
+
+    def __init__(self, rate: _Rate) -> None:
+        self.rate = rate
+        self._reuse = rate.period * (1 + RATE_MARGIN)
+        self._lock = threading.Lock()  # guards _free; arithmetic and heap operations only
+        self._free: list[tuple[float, int]] = [(0.0, slot) for slot in range(rate.count)]
+
+    def acquire(self) -> _Permit | float:
+        """Reserve a slot; return its permit, or the seconds until one may be free."""
+        now = time.monotonic()
+        with self._lock:
+            free = self._free
+            if free and free[0][0] <= now:
+                return _Permit(self, heapq.heappop(free)[1], math.inf)
+            # Every slot reserved and none used yet: they come back within moments.
+            wait = free[0][0] - now if free else self._reuse / self.rate.count
+        return wait
+
+    def used(self, permit: _Permit, now: float) -> None:
+        with self._lock:
+            heapq.heappush(self._free, (now + self._reuse, permit.slot))
+
+    def give_back(self, permit: _Permit) -> None:
+        with self._lock:
+            heapq.heappush(self._free, (0.0, permit.slot))
+
+
+class _SharedLimiter:
+    """A rate limit that every process sharing the store counts together (`Store.take_slots`).
+
+    One statement reserves a batch of slots: as many as the tasks turned away since the last
+    take, plus one (at most `batch`). Reserved slots must be used within half the store's hold
+    (the other half is room for a thread switch before the handler reads the clock), else they
+    are dropped: a dropped slot only lowers the rate, and a used one never comes back to anyone
+    before a period after its call.
+    """
+
+    def __init__(self, store: Store, name: str, rate: _Rate, batch: int) -> None:
+        self.rate = rate
+        self._store = store
+        self._name = name
+        self._batch = max(1, min(batch, rate.count))
+        self._hold = min(RATE_HOLD_MAX, max(RATE_HOLD_MIN, RATE_HOLD_SHARE * rate.period))
+        self._lock = threading.Lock()  # guards _ready and _turned_away; no I/O
+        self._take = threading.Lock()  # one take at a time: the others use what it brought
+        self._ready: collections.deque[float] = collections.deque()  # use-by of reserved slots
+        self._turned_away = 0
+        self._error_noticed: float | None = None  # when a failing take was last logged
+
+    def _pop(self) -> _Permit | None:
+        now = time.monotonic()
+        with self._lock:
+            ready = self._ready
+            while ready and ready[0] < now:
+                ready.popleft()  # unused in time: dropped
+            return _Permit(self, 0, ready.popleft()) if ready else None
+
+    def acquire(self) -> _Permit | float:
+        """Reserve a slot (taking a batch from the store when none is left); return its permit,
+        or the seconds until enough may be free. Blocks for one statement at most."""
+        permit = self._pop()
+        if permit is not None:
+            return permit
+        with self._take:
+            permit = self._pop()  # a take that ended meanwhile may have brought some
+            if permit is not None:
+                return permit
+            with self._lock:
+                want = min(self._batch, 1 + self._turned_away)
+                self._turned_away = 0
+            rate = self.rate
+            try:
+                taken, wait, base = self._store.take_slots(
+                    self._name, rate.count, rate.period, want, self._hold
+                )
+            except Exception as exc:
+                # The store is unreachable: the task waits (a rate is never exceeded by guessing)
+                # and a warning says so once a minute.
+                now = time.monotonic()
+                if self._error_noticed is None or now - self._error_noticed >= 60:
+                    self._error_noticed = now
+                    logger.warning("taking rate-limit slots failed: %s", _first_line(exc))
+                taken, wait, base = 0, _OUTAGE_MAX_BACKOFF / 5, 0.0
+            with self._lock:
+                self._ready.extend([base + self._hold / 2] * taken)
+        permit = self._pop()
+        if permit is not None:
+            return permit
+        with self._lock:
+            self._turned_away += 1
+        return rate.period / rate.count if wait is None else wait + 0.001
+
+    def used(self, permit: _Permit, now: float) -> None:
+        """A slot's call starts: it was counted when the store reserved it."""
+
+    def give_back(self, permit: _Permit) -> None:
+        """A reserved slot goes unused; the store keeps it taken until its time (no statement)."""
+
+
+class _Flow:
+    """The rate limits of one pool: which limits a task's calls count against, and its permits.
+
+    A task takes its permits before its key is claimed (`admit`), so a task that waits for a
+    slot holds no claim and no worker; the permits are spent when its call starts (`start`),
+    right before the handler runs. Retries take new ones: every attempt counts.
+    """
+
+    def __init__(self, overall: Any, groups: Mapping[str, Any]) -> None:
+        self._overall = overall  # the limit of every call, or None
+        self._groups = dict(groups)  # group -> its limit
+
+    def _limiters(self, task: Task) -> list[Any]:
+        found = [] if self._overall is None else [self._overall]
+        group = self._groups.get(task.group) if task.group is not None else None
+        if group is not None:
+            found.append(group)
+        return found
+
+    def admit(self, job: _Job) -> float | None:
+        """Give `job` the permits of its next call; return None, or the seconds to wait first."""
+        if job.permits is not None:
+            return None
+        held: list[_Permit] = []
+        for limiter in self._limiters(job.task):
+            permit = limiter.acquire()
+            if not isinstance(permit, _Permit):
+                for other in held:
+                    other.limiter.give_back(other)
+                return permit
+            held.append(permit)
+        job.permits = held
+        return None
+
+    def admit_all(self, jobs: list[_Job], park: Callable[[_Job, float], None]) -> list[_Job]:
+        """Return the jobs that got their permits; `park` each other one with its wait."""
+        ready = []
+        for job in jobs:
+            wait = self.admit(job)
+            if wait is None:
+                ready.append(job)
+            else:
+                park(job, wait)
+        return ready
+
+    def start(self, job: _Job) -> float | None:
+        """Spend `job`'s permits on the call about to start; return None, or the seconds to wait
+        (its permits lapsed, or it had none, and no slot is free now)."""
+        now = time.monotonic()
+        permits = job.permits
+        if permits is not None and any(permit.use_by < now for permit in permits):
+            self.give_back(job)
+            permits = None
+        if permits is None:
+            wait = self.admit(job)
+            if wait is not None:
+                return wait
+            permits = job.permits or []
+            now = time.monotonic()
+        for permit in permits:
+            permit.limiter.used(permit, now)
+        job.permits = None
+        return None
+
+    def give_back(self, job: _Job) -> None:
+        """Return the permits of a call that will not happen now."""
+        permits, job.permits = job.permits, None
+        for permit in permits or ():
+            permit.limiter.give_back(permit)
+
+
+class _NoFlow:
+    """`_Flow` for a pool without rate limits: every call may start at once."""
+
+    @staticmethod
+    def admit_all(jobs: list[_Job], park: Callable[[_Job, float], None]) -> list[_Job]:
+        return jobs
+
+    @staticmethod
+    def start(job: _Job) -> float | None:
+        return None
+
+    @staticmethod
+    def give_back(job: _Job) -> None:
+        return None
+
+
+_NO_FLOW = _NoFlow()
+
+# The deadline of the attempt running in this thread (a plain handler) or this asyncio task (an
+# async one): each thread, and each asyncio task, has a context of its own.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "task_queue_deadline", default=None
+)
+
+
+def current_deadline() -> float | None:
+    """Return the deadline of the attempt that calls this, as a `time.monotonic()` value.
+
+    None outside a handler, or when the attempt has no timeout (``task_timeout``, a task's
+    ``timeout``). A plain handler cannot be interrupted, so it should bound its own I/O with it,
+    e.g. ``urlopen(url, timeout=max(0.1, current_deadline() - time.monotonic()))``.
+    """
+    return _deadline.get()
+
+
+class _DeadlineExceeded(TimeoutError):
+    """An attempt ran past its deadline: a transient `TimeoutError` for the retry policy."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the attempt ran past its deadline of {timeout:g} s")
+
+
+def _call_with_deadline(handler: Callable[[Task], Any], task: Task, timeout: float) -> Any:
+    """Call a plain handler with its deadline set; its result counts only if it came in time.
+
+    A late return, or a `TimeoutError` raised late (the handler bounded its I/O by the
+    deadline), is the attempt's timeout; any other exception keeps its own meaning.
+    """
+    deadline = time.monotonic() + timeout
+    reset = _deadline.set(deadline)
+    try:
+        output = handler(task)
+    except TimeoutError as exc:
+        if time.monotonic() >= deadline:
+            raise _DeadlineExceeded(timeout) from exc
+        raise
+    finally:
+        _deadline.reset(reset)
+    if time.monotonic() > deadline:
+        raise _DeadlineExceeded(timeout)
+    return output
+
+
+async def _await_with_deadline(handler: Callable[[Task], Any], task: Task, timeout: float) -> Any:
+    """Await an async handler's call, cancelled at its deadline (see `_call_with_deadline`)."""
+    deadline = time.monotonic() + timeout
+    _deadline.set(deadline)  # this asyncio task's own context; wait_for's copies it
+    try:
+        output = await asyncio.wait_for(handler(task), timeout)
+    except (TimeoutError, asyncio.TimeoutError) as exc:  # one class since Python 3.11
+        if time.monotonic() >= deadline:
+            raise _DeadlineExceeded(timeout) from exc
+        raise
+    if time.monotonic() > deadline:  # the handler swallowed its cancellation and returned
+        raise _DeadlineExceeded(timeout)
+    return output
 
 
 # --- Pool ----------------------------------------------------------------------------------------
@@ -4079,9 +4663,11 @@ class _AsyncRunner:
         handler: Callable[[Task], Any],
         limit: int,
         finished: Callable[[_Finished], None],
+        timeout: float | None = None,
     ) -> None:
         self._handler = handler
         self._finished = finished
+        self._timeout = timeout  # seconds per attempt, unless the task has its own
         self._slots = threading.BoundedSemaphore(limit)  # one per call in flight
         self._loop = asyncio.new_event_loop()
         self._calls: set[asyncio.Task[None]] = set()  # owned by the loop thread
@@ -4135,8 +4721,13 @@ class _AsyncRunner:
         began = clock()
         output: Any = None
         error: BaseException | None = None
+        task = job.task
+        timeout = task.timeout if task.timeout is not None else self._timeout
         try:
-            output = await self._handler(job.task)
+            if timeout is None:
+                output = await self._handler(task)
+            else:
+                output = await _await_with_deadline(self._handler, task, timeout)
         except BaseException as exc:  # the handler's failure is the task's, never the loop's
             error = exc
         self._slots.release()
@@ -4173,8 +4764,8 @@ class _Job:
 
     __slots__ = (
         "attempts", "batch", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
-        "followers", "future", "key", "polls", "started_at", "store_failures", "task", "token",
-        "unrecorded",
+        "followers", "future", "held", "key", "permits", "polls", "started_at", "store_failures",
+        "task", "token", "unrecorded",
     )  # fmt: skip
 
     def __init__(
@@ -4202,6 +4793,8 @@ class _Job:
         # A durable pool's success the store could not record yet: (output, its JSON text).
         self.unrecorded: tuple[Any, str] | None = None
         self.store_failures = 0  # store errors in a row while claiming or completing it
+        self.permits: list[_Permit] | None = None  # rate-limit slots reserved for its next call
+        self.held = False  # parked for a rate limit, keeping its room in the queue
 
     def __repr__(self) -> str:
         return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
@@ -4220,7 +4813,8 @@ class _JobOutcome:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = "TimeoutError" if isinstance(exc, _DeadlineExceeded) else type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 def _each_alone(operation: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
@@ -4350,6 +4944,17 @@ class WorkerPool:
         namespace: the scope of this pool's keys; None means `handler_namespace(handler)`. Pools
             (and processes) with one namespace share their keys' outcomes; pools with different
             ones never see each other's. Give one to keep the keys of a handler you rename.
+        rate_limit: at most this many handler calls (every attempt counts) in any period, such
+            as ``"100/s"`` (units ``s``, ``m``, ``h``). Pools on one SQLite file or PostgreSQL
+            database with the same namespace share it, in any number of processes.
+        rate_limits: ``{group: rate}``: the calls of tasks of that group (`Task.group`), on top
+            of `rate_limit`; shared by every pool on the store whatever its handler.
+        task_timeout: seconds each attempt may take (a task's own ``timeout`` wins). An async
+            handler is cancelled at the deadline; a plain one reads it with `current_deadline`,
+            and its attempt, if it ends later, is a transient `TimeoutError`.
+
+    Raises:
+        ValueError: an argument is invalid; the message names it.
     """
 
     def __init__(
@@ -4370,9 +4975,18 @@ class WorkerPool:
         durable: bool = False,
         worker_name: str | None = None,
         namespace: str | None = None,
+        rate_limit: str | None = None,
+        rate_limits: Mapping[str, str] | None = None,
+        task_timeout: float | None = None,
     ) -> None:
         if namespace is not None:
             _check_namespace(namespace)
+        overall_rate = None if rate_limit is None else _rate_of(rate_limit, "rate_limit")
+        group_rates = {} if rate_limits is None else _group_rates(rate_limits)
+        if task_timeout is not None and not (_is_finite_number(task_timeout) and task_timeout > 0):
+            raise ValueError(
+                f"task_timeout must be None or a number of seconds > 0, not {_shown(task_timeout)}"
+            )
         if on_full not in _ON_FULL:
             raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
         if submit_timeout is not None and not submit_timeout >= 0:
@@ -4398,6 +5012,8 @@ class WorkerPool:
             db_path, lease_seconds=lease_seconds, durability=durability
         )
         self._durable = durable
+        self._task_timeout = None if task_timeout is None else float(task_timeout)
+        self._flow = self._make_flow(overall_rate, group_rates)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._lock = threading.Lock()  # guards the attributes below
         self._changed = threading.Condition(self._lock)  # notified whenever _pending drops
@@ -4433,16 +5049,37 @@ class WorkerPool:
         self._store_users += 1  # the committer writes claims and completions
         self._committer = _Committer(self._claim, self._record, self._release_store)
         if is_async:
-            self._runner = _AsyncRunner(self._handler, workers, self._committer.finished)
+            self._runner = _AsyncRunner(
+                self._handler, workers, self._committer.finished, self._task_timeout
+            )
         # Checked on every submit: a set of thread idents is the cheapest test.
         self._own_threads = frozenset(
             thread.ident
             for thread in (self._committer.thread, self._runner and self._runner.thread)
             if thread is not None
         )
-        self._scheduler = _Scheduler(self._queue.put_ready, "task-queue-scheduler")
+        self._scheduler = _Scheduler(self._requeue, "task-queue-scheduler")
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
+
+    def _make_flow(self, overall: _Rate | None, groups: Mapping[str, _Rate]) -> _Flow | _NoFlow:
+        """Build the pool's rate limits: in the store when other processes may share it."""
+        if overall is None and not groups:
+            return _NO_FLOW
+        store = self._store.store
+        shared = isinstance(store, _SqlStore) and not (
+            isinstance(store, SqliteStore) and store.path is None
+        )
+
+        def limiter(name: str, rate: _Rate) -> _LocalLimiter | _SharedLimiter:
+            if shared:
+                return _SharedLimiter(store, name, rate, batch=self._workers)
+            return _LocalLimiter(rate)
+
+        return _Flow(
+            None if overall is None else limiter(f"pool:{self.namespace}", overall),
+            {group: limiter(f"group:{group}", rate) for group, rate in groups.items()},
+        )
 
     # Public surface -----------------------------------------------------------------------------
 
@@ -4836,6 +5473,9 @@ class WorkerPool:
         if fresh:
             self._metrics.record_dequeue(fresh)
         if unclaimed:
+            # A task waits for its rate limit's slot before its claim: unclaimed, cancellable.
+            unclaimed = self._flow.admit_all(unclaimed, self._park_for_rate)
+        if unclaimed:
             owned.extend(self._committer.claim(unclaimed, outcomes))
         if not owned:
             return
@@ -4862,6 +5502,15 @@ class WorkerPool:
         """Start an async handler call for each owned job (blocks while `workers` calls run)."""
         runner = self._runner
         assert runner is not None
+        start = self._flow.start
+        ready = []
+        for job in jobs:
+            wait = start(job)
+            if wait is None:
+                ready.append(job)
+            else:
+                self._hand_off(job, wait)  # claimed: it waits for its slot off the dispatcher
+        jobs = ready
         now = time.perf_counter()
         waits = []
         for job in jobs:
@@ -4949,6 +5598,8 @@ class WorkerPool:
                 job.token = claim.token
                 owned.append(job)
                 continue
+            if job.permits is not None:
+                self._flow.give_back(job)  # answered without a call
             if state is ClaimState.IN_PROGRESS:
                 self._hand_off(job, self._poll_delay(job, claim.lease_expires))
                 held_elsewhere = True
@@ -5004,6 +5655,8 @@ class WorkerPool:
     ) -> list[tuple[_Job, Any, str]]:
         """Run one attempt of each job; return the successes with their outputs as JSON text."""
         handler = self._handler
+        start = self._flow.start
+        task_timeout = self._task_timeout
         clock = time.perf_counter
         done: list[tuple[_Job, Any, str]] = []
         waits: list[float] = []  # a job starts at its first handler call
@@ -5015,6 +5668,12 @@ class WorkerPool:
                 for rest in reversed(jobs[index:]):
                     self._hand_off(rest, None)
                 break
+            wait = start(job)
+            if wait is not None:
+                self._hand_off(job, wait)  # claimed: it waits for its slot off the worker
+                continue
+            task = job.task
+            timeout = task.timeout if task.timeout is not None else task_timeout
             job.attempts += 1
             began = clock()
             if job.started_at is None:
@@ -5024,7 +5683,10 @@ class WorkerPool:
                     self._metrics.record_starts(waits, dequeued=False)
                     waits = []
             try:
-                output = handler(job.task)
+                if timeout is None:
+                    output = handler(task)
+                else:
+                    output = _call_with_deadline(handler, task, timeout)
             except BaseException as exc:
                 busy += clock() - began
                 calls += 1
@@ -5121,9 +5783,19 @@ class WorkerPool:
     def _on_error(self, job: _Job, exc: BaseException, outcomes: list[_JobOutcome]) -> None:
         if self._retry.should_retry(exc, job.attempts):
             self._metrics.record_retry()
-            self._hand_off(job, self._retry.delay(job.attempts))
+            delay = self._retry.delay(job.attempts)
+            # The server said when to come back: at least that long, whatever max_delay says.
+            retry_after = getattr(exc, "retry_after", None)
+            if isinstance(exc, TransientError) and retry_after is not None:
+                delay = max(delay, retry_after)
+            self._hand_off(job, delay)
             return
-        kind = ErrorKind.TRANSIENT if self._retry.is_transient(exc) else ErrorKind.PERMANENT
+        if isinstance(exc, _DeadlineExceeded):
+            kind = ErrorKind.TIMEOUT
+        elif self._retry.is_transient(exc):
+            kind = ErrorKind.TRANSIENT
+        else:
+            kind = ErrorKind.PERMANENT
         outcomes.append(self._fail(job, _describe(exc), kind))
 
     def _fail(self, job: _Job, error: str, kind: ErrorKind) -> _JobOutcome:
@@ -5148,7 +5820,41 @@ class WorkerPool:
         if delay is None:
             self._queue.put_ready(job)
         else:
+            if job.permits is not None:
+                self._flow.give_back(job)  # slots are not kept through a wait
             self._scheduler.schedule(delay, job)
+
+    def _park_for_rate(self, job: _Job, delay: float) -> None:
+        """Park an unclaimed job until its rate limit may have a slot, keeping its queue room.
+
+        A task waiting for a rate limit still waits in the queue, as far as producers are
+        concerned: they feel the limit as backpressure instead of filling memory.
+        """
+        job.batch = None
+        if self._cancelling:
+            self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED)])
+            return
+        job.held = True
+        self._queue.hold()
+        self._scheduler.schedule(delay, job)
+
+    def _requeue(self, job: _Job) -> None:
+        """Put a job whose wait ended back at the front of the queue (the scheduler's callback)."""
+        if job.held:
+            job.held = False
+            self._queue.put_held(job)
+        else:
+            self._queue.put_ready(job)
+
+    def _unhold(self, jobs: Iterable[_Job]) -> None:
+        """Give up the queue room of parked jobs that will not come back."""
+        held = 0
+        for job in jobs:
+            if job.held:
+                job.held = False
+                held += 1
+        if held:
+            self._queue.unhold(held)
 
     def _poll_delay(self, job: _Job, lease_expires: float | None) -> float:
         delay = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
@@ -5194,6 +5900,8 @@ class WorkerPool:
                 job = outcome.job
                 if job.done:
                     continue
+                if job.permits is not None:
+                    self._flow.give_back(job)
                 job.done = True
                 if self._inflight.get(job.key) is job:
                     del self._inflight[job.key]
@@ -5318,10 +6026,9 @@ class WorkerPool:
                 cancelled.append(_JobOutcome(job, TaskStatus.CANCELLED))
             else:
                 self._queue.put_ready(job)  # owned: a retry whose backoff ended runs to the end
-        cancelled.extend(
-            _JobOutcome(job, TaskStatus.CANCELLED)
-            for job in self._scheduler.remove(lambda job: job.token is None)
-        )
+        parked = self._scheduler.remove(lambda job: job.token is None)
+        self._unhold(parked)
+        cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in parked)
         if cancelled:
             self._finish_many(cancelled)
 
@@ -5339,7 +6046,9 @@ class WorkerPool:
         with self._lock:  # followers join under this lock: none can join between check and take
             jobs = [job for job in self._inflight.values() if not job.dequeued and ours(job)]
             cancelled = [job for job in jobs if self._queue.take_back(job)]
-            cancelled += self._scheduler.remove(lambda job: job.token is None and ours(job))
+            parked = self._scheduler.remove(lambda job: job.token is None and ours(job))
+            cancelled += parked
+        self._unhold(parked)
         if cancelled:
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED) for job in cancelled])
 
@@ -5569,6 +6278,35 @@ def _parse_rate(raw: str, source: str) -> float:
     return _parse_float(raw, source, low=0.0, high=1.0, open_low=False)
 
 
+def _parse_rate_limits(raw: str, source: str) -> tuple[str | None, dict[str, str]]:
+    """Parse ``100/s`` and ``GROUP=5/s`` items, separated by commas (a repeated flag's values
+    are joined so): the pool's limit and each group's."""
+    overall: str | None = None
+    groups: dict[str, str] = {}
+    for item in raw.split(","):
+        text = item.strip()
+        group, equals, rate = text.rpartition("=")
+        try:
+            if not equals:
+                if overall is not None:
+                    raise ValueError(f"two limits for every call ({overall}, {text})")
+                overall = _rate_of(text, "a rate limit").text
+                continue
+            group = group.strip()
+            problem = _text_problem(group)
+            if problem is not None:
+                raise ValueError(f"the group of {_shown(text)} {problem}")
+            if group in groups:
+                raise ValueError(f"two limits for group {_shown(group)}")
+            groups[group] = _rate_of(rate, f"the rate of group {_shown(group)}").text
+        except ValueError as exc:
+            raise ConfigError(
+                f"{source}: {exc} (expected RATE or GROUP=RATE, comma-separated, RATE such as "
+                f"100/s), got {_shown(raw)}"
+            ) from None
+    return overall, groups
+
+
 def _parse_path(raw: str, source: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{source}: expected a path, got an empty value")
@@ -5595,6 +6333,7 @@ class _Setting:
     parse: Callable[[str, str], Any]
     default: Any
     help: str
+    repeat: bool = False  # the flag may be given again; its values are joined with commas
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -5629,6 +6368,13 @@ SETTINGS = (
              DEFAULT_LOG_LEVEL, "logging level on stderr"),
     _Setting("max_task_file_bytes", "TQ_MAX_TASK_FILE_BYTES", None, _parse_positive_int,
              DEFAULT_MAX_TASK_FILE_BYTES, "largest task file accepted, bytes"),
+    _Setting("rate_limit", "TQ_RATE_LIMIT", "--rate-limit", _parse_rate_limits, None,
+             "most handler calls per period, every attempt counted: 100/s (units s, m, h) for "
+             "all calls, GROUP=5/s for the tasks of a group; repeat the flag or separate with "
+             "commas; shared by the workers of one database (default: no limit)", repeat=True),
+    _Setting("task_timeout", "TQ_TASK_TIMEOUT", "--task-timeout", _parse_positive_float, None,
+             "seconds each attempt may take, a transient TimeoutError after (a task's "
+             "timeout_seconds wins; default: none)"),
 )  # fmt: skip
 
 
@@ -5670,6 +6416,8 @@ def load_config(
     config: dict[str, Any] = {}
     for setting in SETTINGS:
         raw = flags.get(setting.name) if setting.flag else None
+        if isinstance(raw, list):  # a repeated flag
+            raw = ",".join(raw)
         source = setting.flag
         if raw is None and setting.env in environ:
             raw, source = environ[setting.env], setting.env
@@ -5705,6 +6453,7 @@ def _add_settings(
                 setting.flag,
                 dest=setting.name,
                 metavar=setting.name.upper(),
+                action="append" if setting.repeat else "store",
                 help=f"{setting.help}{note} [{setting.env}{default}]",
             )
 
@@ -5894,6 +6643,13 @@ def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor
     )
 
 
+def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
+    overall, groups = config["rate_limit"] or (None, {})
+    return {"rate_limit": overall, "rate_limits": groups or None,
+            "task_timeout": config["task_timeout"]}  # fmt: skip
+
+
 def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
     return RetryPolicy(
         max_attempts=config["max_attempts"],
@@ -6070,6 +6826,7 @@ def _main(argv: list[str] | None) -> int:
             retry=retry,
             idempotency=store,
             namespace=namespace,
+            **_cli_flow(config),
         )
         outcome = _run_pool(pool, tasks, config, progress)
     snapshot = pool.metrics.snapshot()
@@ -6277,6 +7034,7 @@ def _cmd_worker(argv: list[str]) -> int:
             worker_name=args.name,
             metrics=metrics,
             namespace=namespace,
+            **_cli_flow(config),
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
