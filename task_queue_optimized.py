@@ -186,7 +186,10 @@ RATE_MARGIN = 0.01
 # How long a worker sharing a store's rate limit may take to start the calls of the slots it
 # reserved in one statement (a share of the period, within bounds); a slot stays taken this much
 # longer than the period, so reserving ahead never lets two calls of one slot come closer.
-RATE_HOLD_SHARE, RATE_HOLD_MIN, RATE_HOLD_MAX = 0.02, 0.005, 0.05
+RATE_HOLD_SHARE, RATE_HOLD_MIN, RATE_HOLD_MAX = 0.05, 0.01, 0.25
+# The share of that hold a reserved slot may wait in this process before its call starts; the
+# rest is room for the moment between the pool's clock reading and the handler's.
+RATE_HOLD_USE = 0.8
 
 DURABILITY_MODES = ("normal", "full")
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -4165,6 +4168,8 @@ class _LocalLimiter:
     def __init__(self, rate: _Rate) -> None:
         self.rate = rate
         self._reuse = rate.period * (1 + RATE_MARGIN)
+        # Its waits are exact (the heap knows when each slot is free): no count of who waits.
+        self.start_waiting = self.stop_waiting = lambda: None
         self._lock = threading.Lock()  # guards _free; arithmetic and heap operations only
         self._free: list[tuple[float, int]] = [(0.0, slot) for slot in range(rate.count)]
 
@@ -4179,6 +4184,8 @@ class _LocalLimiter:
             wait = free[0][0] - now if free else self._reuse / self.rate.count
         return wait
 
+    reserve = acquire  # before the claim: the slot counts from the call's start (`used`)
+
     def used(self, permit: _Permit, now: float) -> None:
         with self._lock:
             heapq.heappush(self._free, (now + self._reuse, permit.slot))
@@ -4192,23 +4199,46 @@ class _SharedLimiter:
     """A rate limit that every process sharing the store counts together (`Store.take_slots`).
 
     One statement reserves a batch of slots: as many as the tasks turned away since the last
-    take, plus one (at most `batch`). Reserved slots must be used within half the store's hold
-    (the other half is room for a thread switch before the handler reads the clock), else they
-    are dropped: a dropped slot only lowers the rate, and a used one never comes back to anyone
-    before a period after its call.
+    take, plus one (at most `batch`). Reserved slots must be used within `RATE_HOLD_USE` of the
+    store's hold (the rest is room for a thread switch before the handler reads the clock), else
+    they are dropped: a dropped slot only lowers the rate, and a used one never comes back to
+    anyone before a period after its call.
     """
 
-    def __init__(self, store: Store, name: str, rate: _Rate, batch: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        rate: _Rate,
+        batch: int,
+        wake: Callable[[Any, int], None],
+    ) -> None:
         self.rate = rate
         self._store = store
         self._name = name
         self._batch = max(1, min(batch, rate.count))
+        self._wake = wake  # wake(limiter, n): send up to n tasks parked for it back now
         self._hold = min(RATE_HOLD_MAX, max(RATE_HOLD_MIN, RATE_HOLD_SHARE * rate.period))
-        self._lock = threading.Lock()  # guards _ready and _turned_away; no I/O
+        self._lock = threading.Lock()  # guards _ready and _waiting; no I/O
         self._take = threading.Lock()  # one take at a time: the others use what it brought
         self._ready: collections.deque[float] = collections.deque()  # use-by of reserved slots
-        self._turned_away = 0
+        self._waiting = 0  # tasks parked for this limit: the next take reserves for them too
+        self._not_before = 0.0  # monotonic: the last take saw no free slot before then
         self._error_noticed: float | None = None  # when a failing take was last logged
+
+    def reserve(self) -> float | None:
+        """Before a claim: None when a slot may be free now, else the seconds until one may."""
+        with self._lock:
+            wait = self._not_before - time.monotonic()
+        return wait if wait > 0 else None
+
+    def start_waiting(self) -> None:
+        with self._lock:
+            self._waiting += 1
+
+    def stop_waiting(self) -> None:
+        with self._lock:
+            self._waiting -= 1
 
     def _pop(self) -> _Permit | None:
         now = time.monotonic()
@@ -4228,9 +4258,11 @@ class _SharedLimiter:
             permit = self._pop()  # a take that ended meanwhile may have brought some
             if permit is not None:
                 return permit
+            wait = self.reserve()
+            if wait is not None:
+                return wait  # the last take found none free before then: no statement now
             with self._lock:
-                want = min(self._batch, 1 + self._turned_away)
-                self._turned_away = 0
+                want = min(self._batch, 1 + self._waiting)
             rate = self.rate
             try:
                 taken, wait, base = self._store.take_slots(
@@ -4244,14 +4276,16 @@ class _SharedLimiter:
                     self._error_noticed = now
                     logger.warning("taking rate-limit slots failed: %s", _first_line(exc))
                 taken, wait, base = 0, _OUTAGE_MAX_BACKOFF / 5, 0.0
+            wait = rate.period / rate.count if wait is None else wait + 0.001
             with self._lock:
-                self._ready.extend([base + self._hold / 2] * taken)
+                self._ready.extend([base + self._hold * RATE_HOLD_USE] * taken)
+                self._not_before = 0.0 if taken else time.monotonic() + wait
         permit = self._pop()
+        if taken > 1:
+            self._wake(self, taken - 1)  # the tasks the other slots were taken for: now
         if permit is not None:
             return permit
-        with self._lock:
-            self._turned_away += 1
-        return rate.period / rate.count if wait is None else wait + 0.001
+        return wait
 
     def used(self, permit: _Permit, now: float) -> None:
         """A slot's call starts: it was counted when the store reserved it."""
@@ -4263,9 +4297,12 @@ class _SharedLimiter:
 class _Flow:
     """The rate limits of one pool: which limits a task's calls count against, and its permits.
 
-    A task takes its permits before its key is claimed (`admit`), so a task that waits for a
-    slot holds no claim and no worker; the permits are spent when its call starts (`start`),
-    right before the handler runs. Retries take new ones: every attempt counts.
+    Before a task's key is claimed (`admit`), each of its limits either reserves a slot (a limit
+    in this process) or says whether a slot may be free now (a limit in the store, which is only
+    taken at the call: a claim can take longer than a reserved slot may wait); a task that must
+    wait is parked, holding no claim and no worker. Right before the handler runs (`start`), the
+    call takes its remaining slots and spends them all. Retries take new ones: every attempt
+    counts.
     """
 
     def __init__(self, overall: Any, groups: Mapping[str, Any]) -> None:
@@ -4279,23 +4316,38 @@ class _Flow:
             found.append(group)
         return found
 
+    def _wait(self, job: _Job, limiter: Any, held: list[_Permit], wait: float) -> float:
+        """Give back `held` and note that `job` waits for `limiter`; return the wait."""
+        for permit in held:
+            permit.limiter.give_back(permit)
+        job.permits = None
+        limiter.start_waiting()
+        job.waits_on = limiter
+        return wait
+
+    def _stop_waiting(self, job: _Job) -> None:
+        if job.waits_on is not None:
+            job.waits_on.stop_waiting()
+            job.waits_on = None
+
     def admit(self, job: _Job) -> float | None:
-        """Give `job` the permits of its next call; return None, or the seconds to wait first."""
+        """Reserve what `job`'s next call needs before its claim; return None, or the seconds
+        to wait first."""
         if job.permits is not None:
             return None
+        self._stop_waiting(job)
         held: list[_Permit] = []
         for limiter in self._limiters(job.task):
-            permit = limiter.acquire()
-            if not isinstance(permit, _Permit):
-                for other in held:
-                    other.limiter.give_back(other)
-                return permit
-            held.append(permit)
+            permit = limiter.reserve()
+            if isinstance(permit, float):
+                return self._wait(job, limiter, held, permit)
+            if permit is not None:
+                held.append(permit)
         job.permits = held
         return None
 
     def admit_all(self, jobs: list[_Job], park: Callable[[_Job, float], None]) -> list[_Job]:
-        """Return the jobs that got their permits; `park` each other one with its wait."""
+        """Return the jobs admitted; `park` each other one with its wait."""
         ready = []
         for job in jobs:
             wait = self.admit(job)
@@ -4306,29 +4358,52 @@ class _Flow:
         return ready
 
     def start(self, job: _Job) -> float | None:
-        """Spend `job`'s permits on the call about to start; return None, or the seconds to wait
-        (its permits lapsed, or it had none, and no slot is free now)."""
-        now = time.monotonic()
-        permits = job.permits
-        if permits is not None and any(permit.use_by < now for permit in permits):
-            self.give_back(job)
-            permits = None
-        if permits is None:
-            wait = self.admit(job)
-            if wait is not None:
-                return wait
-            permits = job.permits or []
-            now = time.monotonic()
-        for permit in permits:
-            permit.limiter.used(permit, now)
-        job.permits = None
+        """Take every slot the call about to start still needs; return None, or the seconds to
+        wait (a slot it needs is not free now). `begin` spends them."""
+        self._stop_waiting(job)
+        held = job.permits or []
+        reserved = {id(permit.limiter) for permit in held}
+        for limiter in self._limiters(job.task):
+            if id(limiter) in reserved:
+                continue
+            permit = limiter.acquire()
+            if isinstance(permit, float):
+                return self._wait(job, limiter, held, permit)
+            held.append(permit)
+        job.permits = held
         return None
 
+    def begin(self, job: _Job) -> bool:
+        """Spend `job`'s slots as its call begins, in the thread that makes the call (an async
+        call's: the loop, where it may begin well after `start`); False, with the slots given
+        back, when one was held past its use-by and the call must not begin now."""
+        now = time.monotonic()
+        permits, job.permits = job.permits or [], None
+        if any(permit.use_by < now for permit in permits):
+            for permit in permits:
+                permit.limiter.give_back(permit)
+            return False
+        for permit in permits:
+            permit.limiter.used(permit, now)
+        return True
+
+    @staticmethod
+    def lease_ahead(quick: int) -> int:
+        """How many quick durable tasks a worker may lease ahead: none past its floor, since a
+        rate, not the tasks' cost, paces them, and rows leased here wait while other workers
+        that share the limit could run them."""
+        return 0
+
     def give_back(self, job: _Job) -> None:
-        """Return the permits of a call that will not happen now."""
+        """Return the slots reserved for a call that will not happen now."""
         permits, job.permits = job.permits, None
         for permit in permits or ():
             permit.limiter.give_back(permit)
+
+    def forget(self, job: _Job) -> None:
+        """Let go of a finished job: its slots, and its place among a limit's waiting tasks."""
+        self.give_back(job)
+        self._stop_waiting(job)
 
 
 class _NoFlow:
@@ -4343,8 +4418,18 @@ class _NoFlow:
         return None
 
     @staticmethod
+    def begin(job: _Job) -> bool:
+        return True
+
+    @staticmethod
     def give_back(job: _Job) -> None:
         return None
+
+    forget = give_back
+
+    @staticmethod
+    def lease_ahead(quick: int) -> int:
+        return quick
 
 
 _NO_FLOW = _NoFlow()
@@ -4444,6 +4529,21 @@ class _Scheduler:
             heapq.heapify(keep)
             self._heap = keep
         return removed
+
+    def wake(
+        self, predicate: Callable[[Any], bool], count: int, first: Callable[[Any], Any]
+    ) -> None:
+        """Hand up to `count` waiting items for which `predicate` is true to the callback now,
+        in the order of ``first(item)``, then the earliest due."""
+        with self._cond:
+            matching = [entry for entry in self._heap if predicate(entry[2])]
+            chosen = sorted(matching, key=lambda entry: (first(entry[2]), entry[:2]))[:count]
+            if chosen:
+                gone = {entry[1] for entry in chosen}
+                self._heap = [entry for entry in self._heap if entry[1] not in gone]
+                heapq.heapify(self._heap)
+        for entry in chosen:
+            self._callback(entry[2])
 
     def stop(self, wait: bool = True) -> None:
         """Stop the thread; items still waiting are dropped."""
@@ -4664,10 +4764,14 @@ class _AsyncRunner:
         limit: int,
         finished: Callable[[_Finished], None],
         timeout: float | None = None,
+        begin: Callable[[_Job], bool] = _NO_FLOW.begin,
+        restart: Callable[[_Job], None] | None = None,
     ) -> None:
         self._handler = handler
         self._finished = finished
         self._timeout = timeout  # seconds per attempt, unless the task has its own
+        self._begin = begin  # spends the call's rate-limit slots as it begins (see _Flow.begin)
+        self._restart = restart  # takes back a call whose slots lapsed before it could begin
         self._slots = threading.BoundedSemaphore(limit)  # one per call in flight
         self._loop = asyncio.new_event_loop()
         self._calls: set[asyncio.Task[None]] = set()  # owned by the loop thread
@@ -4723,6 +4827,11 @@ class _AsyncRunner:
         error: BaseException | None = None
         task = job.task
         timeout = task.timeout if task.timeout is not None else self._timeout
+        if not self._begin(job):
+            self._slots.release()
+            assert self._restart is not None
+            self._restart(job)
+            return
         try:
             if timeout is None:
                 output = await self._handler(task)
@@ -4765,7 +4874,7 @@ class _Job:
     __slots__ = (
         "attempts", "batch", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
         "followers", "future", "held", "key", "permits", "polls", "started_at", "store_failures",
-        "task", "token", "unrecorded",
+        "task", "token", "unrecorded", "waits_on",
     )  # fmt: skip
 
     def __init__(
@@ -4795,6 +4904,7 @@ class _Job:
         self.store_failures = 0  # store errors in a row while claiming or completing it
         self.permits: list[_Permit] | None = None  # rate-limit slots reserved for its next call
         self.held = False  # parked for a rate limit, keeping its room in the queue
+        self.waits_on: Any = None  # the rate limit it is parked for, if any
 
     def __repr__(self) -> str:
         return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
@@ -4901,6 +5011,12 @@ def _check_namespace(namespace: Any, source: str = "namespace") -> str:
     if problem is not None:
         raise ValueError(f"{source} {problem}, not {_shown(namespace)}")
     return namespace
+
+
+def _unstarted(job: _Job) -> bool:
+    """Whether a parked job has not begun running: it holds no claim (queued, polling another
+    owner's claim), or it waits for a rate limit before its first call. Cancellation takes it."""
+    return job.token is None or (job.attempts == 0 and job.waits_on is not None)
 
 
 _ON_FULL = ("block", "reject")
@@ -5050,7 +5166,12 @@ class WorkerPool:
         self._committer = _Committer(self._claim, self._record, self._release_store)
         if is_async:
             self._runner = _AsyncRunner(
-                self._handler, workers, self._committer.finished, self._task_timeout
+                self._handler,
+                workers,
+                self._committer.finished,
+                self._task_timeout,
+                begin=self._flow.begin,
+                restart=self._restart_call,
             )
         # Checked on every submit: a set of thread idents is the cheapest test.
         self._own_threads = frozenset(
@@ -5073,7 +5194,7 @@ class WorkerPool:
 
         def limiter(name: str, rate: _Rate) -> _LocalLimiter | _SharedLimiter:
             if shared:
-                return _SharedLimiter(store, name, rate, batch=self._workers)
+                return _SharedLimiter(store, name, rate, self._workers, self._wake_waiting)
             return _LocalLimiter(rate)
 
         return _Flow(
@@ -5287,7 +5408,7 @@ class WorkerPool:
         PREFETCH_BUDGET_SECONDS of their work (at most MAX_PREFETCH), so that one take feeds many
         quick tasks while slow ones stay in the store for other workers to take."""
         quick = int(self._workers * PREFETCH_BUDGET_SECONDS / self._per_call)
-        return max(2 * self._workers, min(MAX_PREFETCH, quick))
+        return max(2 * self._workers, min(MAX_PREFETCH, self._flow.lease_ahead(quick)))
 
     def _serve(self, stop: threading.Event, prefetch: int | None, poll_interval: float) -> None:
         store = self._store.store
@@ -5655,7 +5776,7 @@ class WorkerPool:
     ) -> list[tuple[_Job, Any, str]]:
         """Run one attempt of each job; return the successes with their outputs as JSON text."""
         handler = self._handler
-        start = self._flow.start
+        start, begin = self._flow.start, self._flow.begin
         task_timeout = self._task_timeout
         clock = time.perf_counter
         done: list[tuple[_Job, Any, str]] = []
@@ -5669,6 +5790,8 @@ class WorkerPool:
                     self._hand_off(rest, None)
                 break
             wait = start(job)
+            if wait is None and not begin(job):
+                wait = 0.0  # its slot lapsed on the way (a thread switch): take another
             if wait is not None:
                 self._hand_off(job, wait)  # claimed: it waits for its slot off the worker
                 continue
@@ -5846,6 +5969,20 @@ class WorkerPool:
         else:
             self._queue.put_ready(job)
 
+    def _restart_call(self, job: _Job) -> None:
+        """Take back an async call that could not begin (its slots lapsed on the way to the
+        loop): it was counted as an attempt, and goes back for new slots (the loop calls this)."""
+        job.attempts -= 1
+        self._hand_off(job, 0.0)
+
+    def _wake_waiting(self, limiter: Any, count: int) -> None:
+        """Send up to `count` tasks parked for `limiter` back to the queue now: a take brought
+        slots for them, which must be used within moments (claimed ones first: they need no
+        claim before their call)."""
+        self._scheduler.wake(
+            lambda job: job.waits_on is limiter, count, first=lambda job: job.token is None
+        )
+
     def _unhold(self, jobs: Iterable[_Job]) -> None:
         """Give up the queue room of parked jobs that will not come back."""
         held = 0
@@ -5900,8 +6037,8 @@ class WorkerPool:
                 job = outcome.job
                 if job.done:
                     continue
-                if job.permits is not None:
-                    self._flow.give_back(job)
+                if job.permits is not None or job.waits_on is not None:
+                    self._flow.forget(job)
                 job.done = True
                 if self._inflight.get(job.key) is job:
                     del self._inflight[job.key]
@@ -6019,18 +6156,34 @@ class WorkerPool:
             raise escaped
 
     def _cancel_waiting(self) -> None:
-        """Cancel the jobs that have not claimed their key: queued ones and those polling."""
+        """Cancel the jobs that have not started: queued ones, those polling another owner's
+        claim, and those waiting for a rate limit before their first call."""
         cancelled = []
         for job in self._queue.drain():
             if job.token is None:
                 cancelled.append(_JobOutcome(job, TaskStatus.CANCELLED))
             else:
                 self._queue.put_ready(job)  # owned: a retry whose backoff ended runs to the end
-        parked = self._scheduler.remove(lambda job: job.token is None)
-        self._unhold(parked)
+        parked = self._scheduler.remove(_unstarted)
+        self._withdraw(parked)
         cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in parked)
         if cancelled:
             self._finish_many(cancelled)
+
+    def _withdraw(self, parked: list[_Job]) -> None:
+        """Undo what parked jobs about to be cancelled hold: queue room, and the claims of those
+        that waited for a rate limit after their claim (released: a rerun takes them at once)."""
+        self._unhold(parked)
+        claims = []
+        for job in parked:
+            if job.token is not None:
+                claims.append((job.key, job.token, "cancelled before its first call"))
+                job.token = None
+        if claims:
+            try:
+                self._store.store.release_many(claims)
+            except Exception:
+                logger.exception("releasing %d claims failed; their leases expire", len(claims))
 
     def _in_own_thread(self) -> bool:
         """Return whether the caller is the committer (done-callbacks run there) or the loop."""
@@ -6046,9 +6199,9 @@ class WorkerPool:
         with self._lock:  # followers join under this lock: none can join between check and take
             jobs = [job for job in self._inflight.values() if not job.dequeued and ours(job)]
             cancelled = [job for job in jobs if self._queue.take_back(job)]
-            parked = self._scheduler.remove(lambda job: job.token is None and ours(job))
+            parked = self._scheduler.remove(lambda job: _unstarted(job) and ours(job))
             cancelled += parked
-        self._unhold(parked)
+        self._withdraw(parked)
         if cancelled:
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED) for job in cancelled])
 
