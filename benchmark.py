@@ -1643,6 +1643,125 @@ def run_async_pool(count: int, in_flight: int, latency_ms: float, repeat: int = 
     return Run("async-pool", in_flight, name, repeat, metrics, count, ceiling)
 
 
+# --- Unused features -----------------------------------------------------------------------------
+#
+# Delays and priorities must cost nothing measurable when no task uses them. The reference is the
+# module from before them, a copy given by path (``git show REV:task_queue_optimized.py > FILE``),
+# loaded beside this one: both run the same no-op workload in turn, in one process, so that the
+# machine's noise hits both alike.
+
+UNUSED_COST_TASKS = 20_000  # no-op tasks per run
+UNUSED_COST_VARIANTS = ("baseline", "current", "current-priority")
+
+
+def load_module_copy(path: str, name: str = "task_queue_baseline") -> Any:
+    """Import another copy of task_queue_optimized.py from `path` under `name`.
+
+    Raises:
+        UsageError: the file is missing or does not define a WorkerPool.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"--unused-cost {path}: no such file")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"--unused-cost {path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    if not hasattr(module, "WorkerPool"):
+        raise UsageError(f"--unused-cost {path}: defines no WorkerPool")
+    return module
+
+
+def _noop_throughput(
+    module: Any, count: int, workers: int, priority: int | None
+) -> tuple[float, float]:
+    """Run `count` no-op tasks through `module.WorkerPool.iter_results` (an in-memory store, so
+    that the pool's own path weighs most), `priority` set on every task when not None.
+
+    Returns:
+        Tasks per second, and this process's CPU microseconds per task (all threads): on a
+        shared machine the CPU a task costs varies far less than the wall time it takes.
+    """
+    tasks = [module.Task(f"noop-{index:07d}") for index in range(count)]
+    pool = module.WorkerPool(lambda task: None, workers=workers)
+    try:
+        # The priority variant goes through the same loop, each task with its schedule.
+        schedule = None if priority is None else {task.id: (0.0, priority) for task in tasks}
+        began, cpu = time.perf_counter(), time.process_time()
+        records = (
+            pool.iter_results(tasks) if schedule is None else pool._iter_results(tasks, schedule)
+        )
+        for _ in records:
+            pass
+        elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
+    finally:
+        pool.shutdown(wait=True)
+    return count / elapsed, cpu / count * 1e6
+
+
+def run_unused_cost(baseline_path: str, count: int, workers: int, repeat: int) -> dict[str, Any]:
+    """Measure no-op pool throughput of the baseline module and of this one, interleaved.
+
+    Variants: ``baseline`` and ``current`` (neither sets a delay or priority: the path every
+    existing caller takes) and ``current-priority`` (every task submitted with priority 1: the
+    heap path, for scale).
+
+    Returns:
+        Per variant its throughputs and CPU microseconds per task with their medians, and
+        ``current_vs_baseline``: the baseline's median CPU per task over the current one's, and
+        the same ratio of throughputs (1.0 means no cost; the target is >= 0.98).
+    """
+    baseline = load_module_copy(baseline_path)
+    modules = {"baseline": (baseline, None), "current": (tq, None), "current-priority": (tq, 1)}
+    results: dict[str, list[float]] = {name: [] for name in UNUSED_COST_VARIANTS}
+    cpu: dict[str, list[float]] = {name: [] for name in UNUSED_COST_VARIANTS}
+    _noop_throughput(tq, min(count, 2000), workers, None)  # warm up imports and caches
+    _noop_throughput(baseline, min(count, 2000), workers, None)
+    for index in range(repeat):
+        # Alternate which runs first, so that neither always follows the other.
+        order = UNUSED_COST_VARIANTS if index % 2 == 0 else UNUSED_COST_VARIANTS[::-1]
+        for name in order:
+            module, priority = modules[name]
+            throughput, cpu_per_task = _noop_throughput(module, count, workers, priority)
+            results[name].append(throughput)
+            cpu[name].append(cpu_per_task)
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+    return {
+        "tasks": count,
+        "workers": workers,
+        "repeat": repeat,
+        "baseline": os.path.abspath(baseline_path),
+        "throughput": {name: [round(v, 1) for v in values] for name, values in results.items()},
+        "median": {name: round(value, 1) for name, value in medians.items()},
+        "cpu_us_per_task": {name: [round(v, 2) for v in values] for name, values in cpu.items()},
+        "cpu_median": {name: round(value, 2) for name, value in cpu_medians.items()},
+        "current_vs_baseline": {
+            "cpu": round(cpu_medians["baseline"] / cpu_medians["current"], 4),
+            "throughput": round(medians["current"] / medians["baseline"], 4),
+        },
+    }
+
+
+def _unused_cost_mode(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Run and print the unused-features comparison."""
+    count = args.tasks or UNUSED_COST_TASKS
+    workers = _parse_workers(args.workers)[0]
+    result = run_unused_cost(args.unused_cost, count, workers, args.repeat)
+    print(f"no-op pool throughput, {count:,} tasks x{workers}, median of {args.repeat} "
+          f"(tasks/s): baseline {result['median']['baseline']:,.0f}  current "
+          f"{result['median']['current']:,.0f}  current with priority 1 "
+          f"{result['median']['current-priority']:,.0f}")  # fmt: skip
+    cpu = result["cpu_median"]
+    print(f"CPU per task (us): baseline {cpu['baseline']:.2f}  current {cpu['current']:.2f}  "
+          f"current with priority 1 {cpu['current-priority']:.2f}")  # fmt: skip
+    ratio = result["current_vs_baseline"]
+    print(f"current vs baseline (1.0 = no cost; target >= 0.98): by CPU per task "
+          f"{ratio['cpu']:.4f}, by throughput {ratio['throughput']:.4f}")  # fmt: skip
+    report["unused_cost"] = result
+
+
 # --- Durable peers -------------------------------------------------------------------------------
 
 # The durable comparison (--db postgresql://... without --processes): each contender drains a
@@ -2830,6 +2949,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "SQLite file (and in PostgreSQL with --db postgresql://...)",
     )
     what.add_argument(
+        "--unused-cost",
+        metavar="BASELINE.py",
+        help="no-op pool throughput of this module vs BASELINE.py (the module before delays and "
+        "priorities), interleaved; --tasks per run (default "
+        f"{UNUSED_COST_TASKS:,}), first --workers, --repeat runs",
+    )
+    what.add_argument(
         "--suite",
         action="store_true",
         help="run targets 1 to 9 (their own workloads), and 10 to 13 with --db postgresql://...",
@@ -2963,6 +3089,8 @@ def _check_args(args: argparse.Namespace) -> None:
             tq._rate_of(args.rate_limit, "--rate-limit")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if args.unused_cost is not None:
+        modes.append("unused-cost")
     if args.processes is not None:
         modes.append("processes")
     if len(modes) > 1:
@@ -2975,6 +3103,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--peers runs beside the comparison runs and --suite, not --rate")
     if args.quick and not args.suite:
         raise UsageError("--quick only applies to --suite")
+    if args.unused_cost is not None and (args.db is not None or args.task_file is not None):
+        raise UsageError("--unused-cost runs its own no-op workload: no --db or --task-file")
+    if args.unused_cost is not None and not os.path.isfile(args.unused_cost):
+        raise UsageError(f"--unused-cost {args.unused_cost}: no such file")
     if (args.suite or args.smoke) and (args.task_file is not None or args.tasks is not None):
         raise UsageError("--suite and --smoke run their own workloads: no --task-file or --tasks")
     if args.task_file is not None and args.tasks is not None:
@@ -3163,6 +3295,8 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
 def _mode(args: argparse.Namespace) -> str:
     if args.smoke:
         return "smoke"
+    if args.unused_cost is not None:
+        return "unused-cost"
     if args.suite:
         return "suite"
     if args.processes is not None:
@@ -3443,7 +3577,7 @@ def _main(argv: Sequence[str]) -> int:
     if mode == "smoke":
         count, latency = SMOKE_COMPARISON["tasks"], SMOKE_COMPARISON["latency_ms"]
         workload = synthetic_workload(count, latency, seed=args.seed)
-    elif mode not in ("suite", "scale-out", "durable", "rate-limit"):
+    elif mode not in ("suite", "scale-out", "durable", "rate-limit", "unused-cost"):
         workload = _workload(args)  # before anything prints: a bad task file is a usage error
     report = _report(args, argv, mode)
     # --smoke runs the peers where Huey happens to be installed, without a word where it is not.
@@ -3464,6 +3598,8 @@ def _main(argv: Sequence[str]) -> int:
         runs += _durable_mode(args, settings, report)
     if mode == "rate-limit":
         runs += _rate_limit_mode(args, report)
+    if mode == "unused-cost":
+        _unused_cost_mode(args, report)
     report["runs"] = [run.to_dict() for run in runs]
     write_report(args.report, report)
     print(f"report written to {args.report}")

@@ -98,8 +98,10 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
     "MAX_NAMESPACE_BYTES",
+    "MAX_PRIORITY",
     "MAX_RATE_COUNT",
     "MAX_RETRY_AFTER",
+    "MIN_PRIORITY",
     "AsyncWorkerPool",
     "Claim",
     "ClaimState",
@@ -190,6 +192,9 @@ RATE_HOLD_SHARE, RATE_HOLD_MIN, RATE_HOLD_MAX = 0.05, 0.01, 0.25
 # The share of that hold a reserved slot may wait in this process before its call starts; the
 # rest is room for the moment between the pool's clock reading and the handler's.
 RATE_HOLD_USE = 0.8
+# Priorities: higher starts first among ready tasks. A small closed range keeps task files
+# portable and an index on the column compact.
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 
 DURABILITY_MODES = ("normal", "full")
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -347,7 +352,12 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
 _EMPTY_FINGERPRINT = hashlib.sha256(b"{}").hexdigest()
 
 
-_TASK_FIELDS = frozenset({"id", "payload", "idempotency_key", "group", "timeout_seconds"})
+# A task file's fields that say when and in which order a task runs, not what it is: the
+# commands that read a file apply them (see `_load_task_entries`); a `Task` does not carry them.
+_SCHEDULE_FIELDS = frozenset({"delay_seconds", "priority"})
+_TASK_FIELDS = (
+    frozenset({"id", "payload", "idempotency_key", "group", "timeout_seconds"}) | _SCHEDULE_FIELDS
+)
 
 
 def _cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
@@ -426,6 +436,58 @@ def _storable_text(text: str | None) -> str | None:
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
+def _check_delay(value: Any, name: str = "delay") -> float:
+    """Return `value` as a delay in seconds: a finite number >= 0.
+
+    Raises:
+        TypeError: `value` is not a number (a bool is not one).
+        ValueError: `value` is negative, NaN or infinite.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {_shown(value)}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {_shown(value)}")
+    return seconds
+
+
+def _check_priority(value: Any, name: str = "priority") -> int:
+    """Return `value` as a priority: an integer from `MIN_PRIORITY` to `MAX_PRIORITY`.
+
+    Raises:
+        TypeError: `value` is not an integer (a bool is not one).
+        ValueError: `value` is out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, not {_shown(value)}")
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise ValueError(
+            f"{name} must be from {MIN_PRIORITY} to {MAX_PRIORITY}, not {_shown(value)}"
+        )
+    return int(value)
+
+
+def _schedule_of(mapping: Mapping[str, Any]) -> tuple[float, int]:
+    """Return the ``(delay_seconds, priority)`` of a task object; absent or null means 0.
+
+    Raises:
+        TaskFileError: a field is of the wrong type or out of range; the error names it.
+    """
+    delay, priority = mapping.get("delay_seconds"), mapping.get("priority")
+    try:
+        delay = 0.0 if delay is None else _check_delay(delay, "field 'delay_seconds'")
+    except (TypeError, ValueError) as exc:
+        raise TaskFileError(str(exc), field="delay_seconds") from None
+    try:
+        priority = 0 if priority is None else _check_priority(priority, "field 'priority'")
+    except (TypeError, ValueError) as exc:
+        raise TaskFileError(str(exc), field="priority") from None
+    return delay, priority
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Task:
     """One unit of work: an id, a JSON payload and an optional idempotency key.
@@ -468,6 +530,8 @@ class Task:
         """Build a task from a parsed JSON object.
 
         ``"payload": null`` means the empty payload, as ``"idempotency_key": null`` means no key.
+        The fields ``"delay_seconds"`` and ``"priority"`` are checked here but belong to the
+        submission, not to the task: ``task-queue enqueue`` and a ``--task-file`` run apply them.
 
         Raises:
             TaskFileError: a field is missing, unknown or of the wrong type; the error names it.
@@ -495,6 +559,7 @@ class Task:
         timeout = mapping.get("timeout_seconds")
         if timeout is not None:
             timeout = _checked_timeout(timeout, "timeout_seconds")
+        _schedule_of(mapping)
         return cls(task_id, payload, key, group=mapping.get("group"), timeout=timeout)
 
 
@@ -737,8 +802,19 @@ def _max_task_file_bytes() -> int:
     return _parse_positive_int(raw, "TQ_MAX_TASK_FILE_BYTES")
 
 
+class _TaskEntry(NamedTuple):
+    """One task of a task file with the scheduling fields that came with it."""
+
+    task: Task
+    delay: float = 0.0  # "delay_seconds"
+    priority: int = 0
+
+
 def load_tasks(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> list[Task]:
     """Read and validate a task file (section 3.10 of the contract).
+
+    The fields ``"delay_seconds"`` and ``"priority"`` are validated, not returned: a `Task` does
+    not carry them (see `WorkerPool.submit`).
 
     Args:
         path: a UTF-8 JSON file: a list of task objects, or ``{"tasks": [...]}``.
@@ -753,6 +829,13 @@ def load_tasks(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
             file and, where they apply, the line and column or the task's index and field.
         ConfigError: ``TQ_MAX_TASK_FILE_BYTES`` is invalid.
     """
+    return [entry.task for entry in _load_task_entries(path, max_bytes=max_bytes)]
+
+
+def _load_task_entries(
+    path: str | os.PathLike[str], *, max_bytes: int | None = None
+) -> list[_TaskEntry]:
+    """Read and validate a task file as `load_tasks` does; return each task with its schedule."""
     name = os.fspath(path)
     limit = _max_task_file_bytes() if max_bytes is None else max_bytes
     data = _read_task_file(name, limit)
@@ -799,7 +882,7 @@ def _read_task_file(name: str, limit: int) -> bytes:
     return data
 
 
-def _tasks_from_document(document: Any, name: str) -> list[Task]:
+def _tasks_from_document(document: Any, name: str) -> list[_TaskEntry]:
     if isinstance(document, dict):
         extra = sorted(set(document) - {"tasks"})
         if extra or "tasks" not in document:
@@ -815,11 +898,12 @@ def _tasks_from_document(document: Any, name: str) -> list[Task]:
             f"{_json_type(document)}",
             path=name,
         )
-    tasks: list[Task] = []
+    tasks: list[_TaskEntry] = []
     first_index: dict[str, int] = {}
     for index, item in enumerate(document):
         try:
             task = Task.from_dict(item)
+            delay, priority = _schedule_of(item)
         except TaskFileError as exc:
             raise exc.located(name, index) from None
         if task.id in first_index:
@@ -830,7 +914,7 @@ def _tasks_from_document(document: Any, name: str) -> list[Task]:
                 field="id",
             )
         first_index[task.id] = index
-        tasks.append(task)
+        tasks.append(_TaskEntry(task, delay, priority))
     return tasks
 
 
@@ -942,10 +1026,12 @@ class Claim:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueuedTask:
-    """A task taken from the durable queue, with the token that fences its settlement."""
+    """A task taken from the durable queue, with the token that fences its settlement and the
+    priority it was enqueued with."""
 
     task: Task
     token: int
+    priority: int = 0
 
 
 class _Row(_TextEnum):
@@ -1017,11 +1103,16 @@ class Store(Protocol):
     Durable queue: one row per task id, ``queued``, ``running`` (a lease, a token and the worker's
     name), ``done`` or ``failed``.
 
-    - ``enqueue_many(tasks)``: insert new ids as queued, all or nothing, and return how many were
-      new. An id already stored with the same key and payload is left alone; with another key or
-      payload it raises `TaskConflictError` and nothing is inserted.
-    - ``take_many(worker, limit, max_crashes=None)``: lease up to `limit` queued or lease-expired
-      tasks, oldest first, skipping rows other workers hold; a lease-expired task whose runs all
+    - ``enqueue_many(tasks, delay=0.0, priority=0)``: insert new ids as queued, all or nothing,
+      and return how many were new. `delay` (seconds) and `priority` are one value for every
+      task or a sequence of one per task; a delayed row stores its due time ``run_at`` (NULL
+      when there is no delay) and waits, still ``queued``, until then. An id already stored with
+      the same key and payload is left alone; with another key or payload it raises
+      `TaskConflictError` and nothing is inserted.
+    - ``take_many(worker, limit, max_crashes=None)``: lease up to `limit` queued tasks that are
+      due, or lease-expired ones, the highest priority first and, within a priority, the one
+      ready longest (``coalesce(run_at, enqueued_at)``) first, skipping rows other workers hold;
+      the result is in that order. A lease-expired task whose runs all
       ended with their worker's death, `max_crashes` of them, is failed as crashed instead. A
       task's ``attempts`` counts the runs started since it was submitted (see ``claim_many``):
       a take alone counts nothing, so a task leased but never started (prefetched by a worker that
@@ -1029,9 +1120,12 @@ class Store(Protocol):
       Each row is read back on its own: one that is no task (an id or key no store can keep,
       a payload that is not a JSON object) is failed alone, in the same transaction, with a
       ``permanent`` error naming the field, and the others are returned.
-    - ``take_task(task, worker)``: persist one task as running for this worker (None when it is
-      done, or running elsewhere; `TaskConflictError` when the id is stored with another key or
-      payload, changing nothing).
+    - ``take_task(task, worker, delay=0.0, priority=0)``: persist one task as running for this
+      worker (None when it is done, or running elsewhere; `TaskConflictError` when the id is
+      stored with another key or payload, changing nothing). With a delay the row stores its due
+      time, so that another worker takes it over after this one's lease only once it is due.
+    - ``next_run_at()``: the earliest due time (a `time.time()` value) of a queued task still
+      waiting out its delay, or None: an idle worker waits for work until then at the latest.
     - ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
       the queue, where the token still owns it. ``renew_tasks(worker, info, entries)``: extend the
       leases of the worker's running tasks (only the ``(task_id, token)`` `entries` when given:
@@ -1072,11 +1166,20 @@ class Store(Protocol):
     def live_claims(self, namespace: str) -> list[tuple[int, float]]: ...
     def purge_expired(self, older_than: float | None = None) -> int: ...
     def stats(self) -> dict[str, int]: ...
-    def enqueue_many(self, tasks: Sequence[Task]) -> int: ...
+    def enqueue_many(
+        self,
+        tasks: Sequence[Task],
+        *,
+        delay: float | Sequence[float] = 0.0,
+        priority: int | Sequence[int] = 0,
+    ) -> int: ...
     def take_many(
         self, worker: str, limit: int, max_crashes: int | None = None
     ) -> list[QueuedTask]: ...
-    def take_task(self, task: Task, worker: str) -> int | None: ...
+    def take_task(
+        self, task: Task, worker: str, *, delay: float = 0.0, priority: int = 0
+    ) -> int | None: ...
+    def next_run_at(self) -> float | None: ...
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int: ...
     def renew_tasks(
         self,
@@ -1157,9 +1260,57 @@ def _queue_payload(task: Task) -> str:
     return _canonical_json(task.payload)
 
 
+def _spread(value: Any, count: int, check: Callable[[Any, str], Any], name: str) -> list[Any]:
+    """Return `value` checked, once per task: one value for all, or a list or tuple of `count`."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} values for {count} tasks")
+        return [check(item, name) for item in value]
+    return [check(value, name)] * count
+
+
+def _schedules(
+    tasks: Sequence[Task], delay: Any, priority: Any, now: float
+) -> list[tuple[float | None, int]]:
+    """Return the ``(run_at, priority)`` of each task enqueued at `now` (see `Store`).
+
+    Raises:
+        TypeError, ValueError: `delay` or `priority` is invalid or of the wrong length.
+    """
+    count = len(tasks)
+    delays = _spread(delay, count, _check_delay, "delay")
+    priorities = _spread(priority, count, _check_priority, "priority")
+    return [(now + d if d else None, p) for d, p in zip(delays, priorities, strict=True)]
+
+
+def _schedule_one(delay: Any, priority: Any, now: float) -> tuple[float | None, int]:
+    """Return the ``(run_at, priority)`` of one task submitted at `now`.
+
+    Raises:
+        TypeError, ValueError: `delay` or `priority` is invalid.
+    """
+    seconds = _check_delay(delay)
+    return (now + seconds if seconds else None), _check_priority(priority)
+
+
+def _ready_time(value: Any) -> float:
+    """Return a stored ready time, or 0.0 for a value no time can be (a row written by hand)."""
+    if isinstance(value, float):
+        return value
+    return float(value) if type(value) is int else 0.0
+
+
+def _stored_priority(value: Any) -> int:
+    """Return a stored priority, or 0 for a value no priority can be (a row written by hand)."""
+    if type(value) is int and MIN_PRIORITY <= value <= MAX_PRIORITY:
+        return value
+    return 0
+
+
 def _empty_status() -> dict[str, Any]:
     return {
         "tasks": dict.fromkeys((state.value for state in EntryState), 0),
+        "delayed": 0,  # of the queued tasks, those still waiting out their delay
         "oldest_queued_seconds": None,
         "stalled": 0,
         "workers": [],
@@ -1385,8 +1536,15 @@ class MemoryStore:
         if stored.key != task.key or _queue_payload(stored) != _queue_payload(task):
             raise TaskConflictError(task.id)
 
-    def enqueue_many(self, tasks: Sequence[Task]) -> int:
+    def enqueue_many(
+        self,
+        tasks: Sequence[Task],
+        *,
+        delay: float | Sequence[float] = 0.0,
+        priority: int | Sequence[int] = 0,
+    ) -> int:
         added = 0
+        schedules = _schedules(tasks, delay, priority, 0.0)  # due times from the enqueue's now
         with self._guard():
             # Every task is checked before any is added: the batch is all or nothing.
             seen: dict[str, Task] = {}
@@ -1395,23 +1553,36 @@ class MemoryStore:
                 self._check_same(task, row["task"] if row is not None else seen.get(task.id, task))
                 seen.setdefault(task.id, task)
             now = time.time()
-            for task in tasks:
+            for task, (wait, rank) in zip(tasks, schedules, strict=True):
                 if task.id in self._tasks:
                     continue
                 self._tasks[task.id] = {
                     "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
                     "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
-                    "updated_at": now,
+                    "updated_at": now, "priority": rank,
+                    "run_at": None if wait is None else now + wait,
                 }  # fmt: skip
                 added += 1
             if added:
                 self._work.notify_all()
         return added
 
-    def _takeable(self, row: dict[str, Any], now: float) -> bool:
-        return row["state"] in (EntryState.QUEUED, EntryState.FAILED) or (
-            row["state"] == EntryState.RUNNING and row["lease_expires"] <= now
+    def _takeable(self, row: dict[str, Any], now: float, scheduled: bool = True) -> bool:
+        """Return whether a take may lease `row`; with `scheduled`, only once it is due (a
+        submission's take_task brings its own due time instead)."""
+        if row["state"] == EntryState.FAILED:
+            return True
+        due = not scheduled or row["run_at"] is None or row["run_at"] <= now
+        return due and (
+            row["state"] == EntryState.QUEUED
+            or (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now)
         )
+
+    @staticmethod
+    def _rank(row: dict[str, Any]) -> tuple[int, float]:
+        # Highest priority first; within one, ready longest first (see Store.take_many).
+        run_at = row["run_at"]
+        return -row["priority"], row["enqueued_at"] if run_at is None else run_at
 
     def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
         token = _new_token()
@@ -1437,13 +1608,17 @@ class MemoryStore:
             ready = sorted(
                 (row for row in self._tasks.values()
                  if row["state"] != EntryState.FAILED and self._takeable(row, now)),
-                key=lambda row: row["enqueued_at"],
+                key=self._rank,
             )  # fmt: skip
             for row in ready[:limit]:
-                taken.append(QueuedTask(row["task"], self._lease(row, worker, now)))
+                lease = self._lease(row, worker, now)
+                taken.append(QueuedTask(row["task"], lease, row["priority"]))
         return taken
 
-    def take_task(self, task: Task, worker: str) -> int | None:
+    def take_task(
+        self, task: Task, worker: str, *, delay: float = 0.0, priority: int = 0
+    ) -> int | None:
+        wait, rank = _schedule_one(delay, priority, 0.0)  # the due time from the take's now
         with self._guard():
             now = time.time()
             row = self._tasks.get(task.id)
@@ -1453,11 +1628,21 @@ class MemoryStore:
                 self._tasks[task.id] = row = {
                     "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
                     "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
-                    "updated_at": now,
+                    "updated_at": now, "priority": rank, "run_at": None,
                 }  # fmt: skip
-            if not self._takeable(row, now):
+            # This submission's schedule replaces the stored one.
+            if not self._takeable(row, now, scheduled=False):
                 return None
+            row.update(priority=rank, run_at=None if wait is None else now + wait)
             return self._lease(row, worker, now)
+
+    def next_run_at(self) -> float | None:
+        with self._guard():
+            now = time.time()
+            due = [row["run_at"] for row in self._tasks.values()
+                   if row["state"] == EntryState.QUEUED and row["run_at"] is not None
+                   and row["run_at"] > now]  # fmt: skip
+        return min(due, default=None)
 
     def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
         count = 0
@@ -1505,8 +1690,10 @@ class MemoryStore:
             queued = []
             for row in self._tasks.values():
                 status["tasks"][row["state"].value] += 1
-                if row["state"] == EntryState.QUEUED:
-                    queued.append(row["enqueued_at"])
+                if row["state"] == EntryState.QUEUED and (row["run_at"] or 0) > now:
+                    status["delayed"] += 1
+                elif row["state"] == EntryState.QUEUED:
+                    queued.append(row["enqueued_at"] if row["run_at"] is None else row["run_at"])
                 elif row["state"] == EntryState.RUNNING and row["lease_expires"] <= now:
                     status["stalled"] += 1
             if queued:
@@ -1600,8 +1787,12 @@ class _SqlStore:
     _DDL: tuple[str, ...] = ()
     _TAKE_LOCK = ""  # appended to the take query's row selection (FOR UPDATE SKIP LOCKED)
     # What a take returns of each row (id, key, payload, then the id as the fail statement finds
-    # it), and how that statement names the id: SQLite's differ (see SqliteStore).
-    _TAKE_COLUMNS = "id, key, payload, id, task_group, timeout_seconds"
+    # it, its priority and since when it is ready, its group and timeout), and how that
+    # statement names the id: SQLite's differ (see SqliteStore).
+    _TAKE_COLUMNS = (
+        "id, key, payload, id, priority, coalesce(run_at, enqueued_at), task_group, "
+        "timeout_seconds"
+    )  # fmt: skip
     _CLOCK = ":now"  # the clock rate-limit slots are stamped with (PostgreSQL: the server's)
     _RAW_ID = "id"
     _SQL = {
@@ -1684,8 +1875,9 @@ class _SqlStore:
         "stats": "SELECT state, count(*) FROM {keys} GROUP BY state",
         "enqueue": """
             INSERT INTO {tasks} (id, key, payload, state, attempts, enqueued_at, updated_at,
-                task_group, timeout_seconds)
-            VALUES (:id, :key, :payload, 'queued', 0, :now, :now, :task_group, :timeout)
+                priority, run_at, task_group, timeout_seconds)
+            VALUES (:id, :key, :payload, 'queued', 0, :now, :now, :priority, :run_at,
+                :task_group, :timeout)
             ON CONFLICT (id) DO NOTHING
         """,
         # Tasks whose every run so far ended with its worker's death are failed, not run again.
@@ -1696,13 +1888,17 @@ class _SqlStore:
                 SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
                     AND attempts >= :max_crashes {take_lock})
         """,
-        # Two takes, each served by the (state, enqueued_at) index with no sort of the backlog:
-        # first running tasks whose lease expired (a dead worker's), then the oldest queued ones.
+        # Two takes, each served by an index with no sort of the backlog: first running tasks
+        # whose lease expired (a dead worker's; by the (state, enqueued_at) index), then the
+        # queued ones that are due, by the take index (state, priority DESC, ready time): the
+        # highest priority first, and within it the one ready longest. A delayed task's ready
+        # time is its due time, so that among due tasks the index range ends at "now".
         "take_expired": """
             UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
                 lease_expires = :lease, updated_at = :now
             WHERE id IN (
                 SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
+                    AND (run_at IS NULL OR run_at <= :now)
                 LIMIT :limit {take_lock})
             RETURNING {take_columns}
         """,
@@ -1710,8 +1906,9 @@ class _SqlStore:
             UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
                 lease_expires = :lease, updated_at = :now
             WHERE id IN (
-                SELECT id FROM {tasks} WHERE state = 'queued'
-                ORDER BY enqueued_at LIMIT :limit {take_lock})
+                SELECT id FROM {tasks}
+                WHERE state = 'queued' AND coalesce(run_at, enqueued_at) <= :now
+                ORDER BY priority DESC, coalesce(run_at, enqueued_at) LIMIT :limit {take_lock})
             RETURNING {take_columns}
         """,
         # A row just taken that holds no task (see _stored_task) fails on its own.
@@ -1720,15 +1917,18 @@ class _SqlStore:
                 updated_at = :now
             WHERE {raw_id} = :raw_id AND token = :token AND state = 'running'
         """,
+        # A submission's schedule replaces a stored one: the worker that submits it holds it.
         "take_task": """
             INSERT INTO {tasks} AS t (id, key, payload, state, token, worker, lease_expires,
-                attempts, enqueued_at, updated_at, task_group, timeout_seconds)
+                attempts, enqueued_at, updated_at, priority, run_at, task_group,
+                timeout_seconds)
             VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 0, :now, :now,
-                :task_group, :timeout)
+                :priority, :run_at, :task_group, :timeout)
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
                 attempts = CASE WHEN t.state = 'failed' THEN 0 ELSE t.attempts END,
-                updated_at = excluded.updated_at
+                updated_at = excluded.updated_at, priority = excluded.priority,
+                run_at = excluded.run_at
             WHERE (t.state IN ('queued', 'failed')
                    OR (t.state = 'running' AND t.lease_expires <= :now))
               AND t.key = excluded.key AND t.payload = excluded.payload
@@ -1756,7 +1956,17 @@ class _SqlStore:
             ON CONFLICT (name) DO UPDATE SET info = excluded.info, seen_at = excluded.seen_at
         """,
         "task_counts": "SELECT state, count(*) FROM {tasks} GROUP BY state",
-        "oldest": "SELECT min(enqueued_at) FROM {tasks} WHERE state = 'queued'",
+        # Since when the longest-waiting due task is ready, and the delayed ones (see Store).
+        "oldest": """
+            SELECT min(coalesce(run_at, enqueued_at)) FROM {tasks}
+            WHERE state = 'queued' AND coalesce(run_at, enqueued_at) <= :now
+        """,
+        "delayed": "SELECT count(*) FROM {tasks} WHERE state = 'queued' AND run_at > :now",
+        # By the partial index of delayed rows: one probe however long the backlog.
+        "next_run_at": """
+            SELECT min(run_at) FROM {tasks}
+            WHERE state = 'queued' AND run_at IS NOT NULL AND run_at > :now
+        """,
         "stalled": """
             SELECT count(*) FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
         """,
@@ -1783,6 +1993,24 @@ class _SqlStore:
         "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
     }
 
+    # The take's index and the partial index of delayed rows (see _SQL), made by _migrate_tasks
+    # once the tasks table has the columns: a table from before delays and priorities gets them
+    # first. Ties within one ready time fall to the table's own order.
+    _SCHEDULE_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "run_at": "{real}"}
+    _SCHEDULE_DDL = (
+        "CREATE INDEX IF NOT EXISTS {take_index} ON {tasks} "
+        "(state, priority DESC, (coalesce(run_at, enqueued_at)))",
+        "CREATE INDEX IF NOT EXISTS {delayed_index} ON {tasks} (state, run_at) "
+        "WHERE run_at IS NOT NULL",
+    )
+    # Statements for a tasks table from before delays, read as it is by a command that may not
+    # migrate it (status): it holds no delayed task.
+    _LEGACY_SQL = {
+        "oldest": "SELECT min(enqueued_at) FROM {tasks} WHERE state = 'queued'",
+        "delayed": "SELECT 0",
+        "next_run_at": "SELECT NULL",
+    }
+
     url: str
     lease_seconds: float
     ttl_seconds: float | None
@@ -1807,6 +2035,11 @@ class _SqlStore:
     @staticmethod
     def _dialect(sql: str) -> str:
         return sql
+
+    def _read_as_legacy(self) -> None:
+        """Read a tasks table without the delay and priority columns as it is (see _LEGACY_SQL)."""
+        for name, sql in self._LEGACY_SQL.items():
+            self._sql[name] = self._dialect(sql.format(**self._names))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1995,10 +2228,18 @@ class _SqlStore:
 
     # Durable queue ------------------------------------------------------------------------------
 
-    def enqueue_many(self, tasks: Sequence[Task]) -> int:
+    def enqueue_many(
+        self,
+        tasks: Sequence[Task],
+        *,
+        delay: float | Sequence[float] = 0.0,
+        priority: int | Sequence[int] = 0,
+    ) -> int:
         now = time.time()
         rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now,
-                 "task_group": t.group, "timeout": t.timeout} for t in tasks]  # fmt: skip
+                 "run_at": run_at, "priority": rank, "task_group": t.group, "timeout": t.timeout}
+                for t, (run_at, rank) in zip(tasks, _schedules(tasks, delay, priority, now),
+                                             strict=True)]  # fmt: skip
         if not rows:
             return 0
 
@@ -2049,14 +2290,16 @@ class _SqlStore:
             rows = execute("take_expired", params).fetchall()
             if len(rows) < limit:
                 rows += execute("take", {**params, "limit": limit - len(rows)}).fetchall()
+            # RETURNING keeps no order: put the rows in the take's (see Store.take_many).
+            rows.sort(key=lambda row: (-_stored_priority(row[4]), _ready_time(row[5])))
             taken = []
             # Each row becomes a task on its own, before the lease commits: one that holds no
             # task fails alone, and the others run, instead of all of them being leased and
             # abandoned (and, leased again and again, failed as crashed).
-            for task_id, key, payload, raw_id, group, timeout in rows:
+            for task_id, key, payload, raw_id, rank, _, group, timeout in rows:
                 try:
                     task = _stored_task(task_id, key, payload, group, timeout)
-                    taken.append(QueuedTask(task, token))
+                    taken.append(QueuedTask(task, token, _stored_priority(rank)))
                 except TaskFileError as exc:
                     error = _unreadable_error(exc)
                     execute("fail_unreadable", {"raw_id": raw_id, "token": token,
@@ -2071,12 +2314,15 @@ class _SqlStore:
             logger.warning("task %r failed: %s", raw_id, error)
         return taken
 
-    def take_task(self, task: Task, worker: str) -> int | None:
+    def take_task(
+        self, task: Task, worker: str, *, delay: float = 0.0, priority: int = 0
+    ) -> int | None:
         now = time.time()
+        run_at, rank = _schedule_one(delay, priority, now)
         params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
                   "task_group": task.group, "timeout": task.timeout,
                   "token": _new_token(), "worker": worker, "lease": now + self.lease_seconds,
-                  "now": now}  # fmt: skip
+                  "now": now, "run_at": run_at, "priority": rank}  # fmt: skip
 
         def take(execute: Callable[..., Any]) -> Any:
             row = execute("take_task", params).fetchone()
@@ -2121,7 +2367,8 @@ class _SqlStore:
         def read(execute: Callable[..., Any]) -> None:
             for state, count in execute("task_counts", {}).fetchall():
                 status["tasks"][state] = count
-            oldest = execute("oldest", {}).fetchone()[0]
+            status["delayed"] = execute("delayed", {"now": now}).fetchone()[0]
+            oldest = execute("oldest", {"now": now}).fetchone()[0]
             if oldest is not None:
                 status["oldest_queued_seconds"] = round(now - oldest, 3)
             status["stalled"] = execute("stalled", {"now": now}).fetchone()[0]
@@ -2132,6 +2379,13 @@ class _SqlStore:
 
         self._transaction(read, write=False)
         return status
+
+    def next_run_at(self) -> float | None:
+        params = {"now": time.time()}
+        row = self._transaction(
+            lambda execute: execute("next_run_at", params).fetchone(), write=False
+        )
+        return None if row is None else row[0]
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         self._check_open()
@@ -2239,6 +2493,7 @@ class SqliteStore(_SqlStore):
         "CASE typeof(id) WHEN 'text' THEN CAST(id AS BLOB) END, "
         "CASE typeof(key) WHEN 'text' THEN CAST(key AS BLOB) END, "
         "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB), "
+        "priority, coalesce(run_at, enqueued_at), "
         "CASE typeof(task_group) WHEN 'text' THEN CAST(task_group AS BLOB) END, timeout_seconds"
     )
     _RAW_ID = "CAST(id AS BLOB)"
@@ -2246,7 +2501,7 @@ class SqliteStore(_SqlStore):
             name TEXT NOT NULL, slot INTEGER NOT NULL, free_at REAL NOT NULL,
             PRIMARY KEY (name, slot)) WITHOUT ROWID"""
     # Columns the tasks table gained after its first release, with their types: an older file
-    # gets them in place (see _migrate_tasks).
+    # gets them in place (see _migrate_task_columns).
     _TASK_COLUMNS = (("task_group", "TEXT"), ("timeout_seconds", "REAL"))
     # Rows without a namespace, which claims adopt: a partial index keeps finding them cheap.
     _UNSCOPED_DDL = (
@@ -2259,7 +2514,8 @@ class SqliteStore(_SqlStore):
             id TEXT PRIMARY KEY NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
             state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
-            updated_at REAL NOT NULL, task_group TEXT, timeout_seconds REAL) WITHOUT ROWID""",
+            updated_at REAL NOT NULL, priority INTEGER NOT NULL DEFAULT 0, run_at REAL,
+            task_group TEXT, timeout_seconds REAL) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS {tasks}_ready ON {tasks} (state, enqueued_at)",
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
@@ -2320,6 +2576,9 @@ class SqliteStore(_SqlStore):
                 raise
         if self._create:
             self._migrate_tasks(conn)
+            self._migrate_task_columns(conn)
+        elif not {"priority", "run_at"} <= self._columns(conn, names["tasks"]):
+            self._read_as_legacy()
         keys = names["keys"]
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({keys})")}
         missing = {"key", "state", "fingerprint", "token", "output", "lease_expires"} - columns
@@ -2327,6 +2586,43 @@ class SqliteStore(_SqlStore):
             raise sqlite3.DatabaseError(
                 f"table {keys!r} exists with another layout (no {', '.join(sorted(missing))})"
             )
+
+    @staticmethod
+    def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+    def _migrate_tasks(self, conn: sqlite3.Connection) -> None:
+        """Give a tasks table from before delays and priorities its ``priority`` and ``run_at``
+        columns and the indexes on them, in place (a new table has the columns already).
+
+        One write transaction, as in `_migrate_keys`; a table that has the indexes needs no
+        write lock. Old rows get priority 0 and no due time: they are ready, in the old order.
+        """
+        tasks = self._names["tasks"]
+        wanted = {f"{tasks}_take", f"{tasks}_delayed"}
+        fields = {**self._names, "real": "REAL", "take_index": f"{tasks}_take",
+                  "delayed_index": f"{tasks}_delayed"}  # fmt: skip
+
+        def ready() -> bool:
+            found = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+            return wanted <= {row[0] for row in found}
+
+        if ready():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not ready():
+                columns = self._columns(conn, tasks)
+                for column, kind in self._SCHEDULE_COLUMNS.items():
+                    if column not in columns:
+                        kind = kind.format(**fields)
+                        conn.execute(f"ALTER TABLE {tasks} ADD COLUMN {column} {kind}")
+                for ddl in self._SCHEDULE_DDL:
+                    conn.execute(ddl.format(**fields))
+        except BaseException:
+            _rollback(conn)
+            raise
+        conn.execute("COMMIT")
 
     def _migrate_keys(self, conn: sqlite3.Connection) -> None:
         """Give a keys table from before namespaces its ``namespace`` column, in place.
@@ -2362,8 +2658,8 @@ class SqliteStore(_SqlStore):
         conn.execute("COMMIT")
         logger.info("database table %s now scopes keys by handler (namespace)", keys)
 
-    def _migrate_tasks(self, conn: sqlite3.Connection) -> None:
-        """Give a tasks table from an older version the columns it lacks, in place.
+    def _migrate_task_columns(self, conn: sqlite3.Connection) -> None:
+        """Give a tasks table from before groups and timeouts the columns it lacks, in place.
 
         One write transaction that looks again under the lock: concurrent openers queue on it,
         the first adds the columns and the others find them there. Old rows get NULL (no group,
@@ -2537,7 +2833,8 @@ class PostgresStore(_SqlStore):
             id TEXT PRIMARY KEY, key TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL,
             token BIGINT, worker TEXT, lease_expires DOUBLE PRECISION,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
-            enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)""",
+            enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0, run_at DOUBLE PRECISION)""",
         # Columns added after the table's first release: an older schema gets them in place.
         "ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS task_group TEXT",
         "ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS timeout_seconds DOUBLE PRECISION",
@@ -2609,6 +2906,7 @@ class PostgresStore(_SqlStore):
             for ddl in self._DDL:
                 self._conn.execute(ddl.format(**self._names))
             self._migrate_keys()
+            self._migrate_tasks()
 
     def _migrate_keys(self) -> None:
         """Give a keys table from before namespaces its ``namespace`` column, in place.
@@ -2636,12 +2934,27 @@ class PostgresStore(_SqlStore):
             f"CREATE INDEX IF NOT EXISTS idempotency_unscoped ON {keys} (key) WHERE namespace = ''"
         )
 
+    def _migrate_tasks(self) -> None:
+        """Give a tasks table from before delays and priorities its ``priority`` and ``run_at``
+        columns and the indexes on them, in place, under the schema's advisory lock (see
+        `_migrate_keys`). Old rows get priority 0 and no due time: they are ready, in the old
+        order."""
+        conn, tasks = self._conn, self._names["tasks"]
+        for column, kind in self._SCHEDULE_COLUMNS.items():
+            kind = kind.format(real="DOUBLE PRECISION")
+            conn.execute(f"ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS {column} {kind}")
+        fields = {**self._names, "take_index": "tasks_take", "delayed_index": "tasks_delayed"}
+        for ddl in self._SCHEDULE_DDL:
+            conn.execute(ddl.format(**fields))
+
     def _schema_ready(self) -> bool:
         """Return whether the schema holds every table and index, keys scoped by namespace."""
         names = [self._names[table] for table in ("keys", "tasks", "workers", "limits")]
         names += [
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
+            f"{self.schema}.tasks_take",
+            f"{self.schema}.tasks_delayed",
         ]
         with self._conn.transaction():
             found = self._conn.execute(
@@ -2670,6 +2983,14 @@ class PostgresStore(_SqlStore):
                 f"database {_redact(self.url)}: schema {self.schema!r} holds no task queue "
                 "(check the URL's ?schema=; enqueue or a worker creates it)"
             )
+        with self._conn.transaction():
+            scheduled = self._conn.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'tasks' AND column_name = 'run_at'",
+                (self.schema,),
+            ).fetchone()
+        if scheduled is None:
+            self._read_as_legacy()
 
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         psycopg = self._psycopg
@@ -3813,23 +4134,40 @@ _live_queues: weakref.WeakSet[TaskQueue] = weakref.WeakSet()  # closed at interp
 
 
 class _WorkQueue(queue.Queue):
-    """A `queue.Queue` that can also take items past its bound (retries, stop sentinels).
+    """A `queue.Queue` with priorities that can also take items past its bound (retries, stop
+    sentinels).
+
+    Priority 0, the default, lives in the deque `queue.Queue` keeps, as it always did: the path
+    without priorities costs nothing more. Other priorities wait in a heap keyed by ``(-priority,
+    order)``, so that a higher priority leaves first and equal ones leave in the order they came
+    (``order`` counts up for items put at the back, and down for items put at the front). An item
+    leaves the heap before the deque's head when its priority is above 0, or when the deque holds
+    nothing but stop sentinels; a sentinel leaves last. Both are guarded by ``self.mutex``.
 
     Items taken out to wait elsewhere may keep their room: `hold` counts one against the bound
     (a task waiting for a rate limit's slot), `put_held` brings it back into that room, and
-    `unhold` gives the room up. ``held`` is guarded by ``mutex``.
+    `unhold` gives the room up. ``held`` is guarded by ``self.mutex`` too.
     """
 
-    def __init__(self, maxsize: int = 0) -> None:
-        super().__init__(maxsize)
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._ranked: list[tuple[int, int, Any]] = []  # heap of (-priority, order, item)
+        self._order = itertools.count(1)
         self.held = 0
+
+    def _qsize(self) -> int:
+        return len(self.queue) + len(self._ranked)
+
+    def _full(self) -> bool:
+        # Called with the mutex held: the waiting items and the held ones fill the bound.
+        return self._qsize() + self.held >= self.maxsize
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """`queue.Queue.put`, with the held items counted against the bound."""
         with self.not_full:
             if self.maxsize > 0:
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while len(self.queue) + self.held >= self.maxsize:
+                while self._full():
                     if not block:
                         raise queue.Full
                     if deadline is None:
@@ -3848,11 +4186,14 @@ class _WorkQueue(queue.Queue):
         with self.mutex:
             self.held += 1
 
-    def put_held(self, item: Any) -> None:
-        """Put a held item back at the front, in the room it kept."""
-        with self.not_empty:
+    def put_held(self, item: Any, priority: int = 0) -> None:
+        """Put a held item back at the front of its priority, in the room it kept."""
+        with self.not_empty:  # shares self.mutex: the room passes from held to waiting at once
             self.held -= 1
-            self.queue.appendleft(item)
+            if priority:
+                heapq.heappush(self._ranked, (-priority, -next(self._order), item))
+            else:
+                self.queue.appendleft(item)
             self.unfinished_tasks += 1
             self.not_empty.notify()
 
@@ -3862,10 +4203,47 @@ class _WorkQueue(queue.Queue):
             self.held -= count
             self.not_full.notify(count)
 
-    def put_unbounded(self, item: Any, *, front: bool = False) -> None:
-        """Add `item` without waiting for room: at the front, or at the back."""
+    def _get(self) -> Any:
+        ranked = self._ranked
+        if ranked:
+            waiting = self.queue
+            if ranked[0][0] < 0 or not waiting or waiting[0] is _STOP:
+                return heapq.heappop(ranked)[2]
+        return self.queue.popleft()
+
+    def put_ranked(
+        self, item: Any, priority: int, block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Put `item` with a priority other than 0 as `put` puts an item (waiting for room).
+
+        Raises:
+            queue.Full: no room came in time.
+        """
+        with self.not_full:
+            if not block:
+                if self._full():
+                    raise queue.Full
+            elif timeout is None:
+                while self._full():
+                    self.not_full.wait()
+            else:
+                deadline = time.monotonic() + timeout
+                while self._full():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0.0:
+                        raise queue.Full
+                    self.not_full.wait(remaining)
+            heapq.heappush(self._ranked, (-priority, next(self._order), item))
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def put_unbounded(self, item: Any, *, front: bool = False, priority: int = 0) -> None:
+        """Add `item` without waiting for room: at the front, or at the back, of its priority."""
         with self.not_empty:  # shares self.mutex
-            if front:
+            if priority:
+                order = next(self._order)
+                heapq.heappush(self._ranked, (-priority, -order if front else order, item))
+            elif front:
                 self.queue.appendleft(item)
             else:
                 self.queue.append(item)
@@ -3875,15 +4253,25 @@ class _WorkQueue(queue.Queue):
     def get_many(self, limit: int) -> list[Any]:
         """Wait for an item, then take up to `limit` items at once (a stop sentinel alone)."""
         with self.not_empty:
-            while not self.queue:
+            while not self.queue and not self._ranked:
                 self.not_empty.wait()
-            waiting = self.queue
-            items = [waiting.popleft()]
-            if items[0] is not _STOP:
-                while len(items) < limit and waiting and waiting[0] is not _STOP:
-                    items.append(waiting.popleft())
+            if self._ranked:
+                items = self._get_ranked(limit)
+            else:
+                waiting = self.queue
+                items = [waiting.popleft()]
+                if items[0] is not _STOP:
+                    while len(items) < limit and waiting and waiting[0] is not _STOP:
+                        items.append(waiting.popleft())
             self.not_full.notify(len(items))
             return items
+
+    def _get_ranked(self, limit: int) -> list[Any]:
+        # Called with the mutex held while the heap holds an item, so the first is no sentinel.
+        items: list[Any] = []
+        while len(items) < limit and (self._ranked or (self.queue and self.queue[0] is not _STOP)):
+            items.append(self._get())
+        return items
 
     def take_back(self, item: Any) -> bool:
         """Remove `item` itself (not an equal one) if it still waits; return whether it did."""
@@ -3893,22 +4281,39 @@ class _WorkQueue(queue.Queue):
                     del self.queue[index]
                     self.not_full.notify()
                     return True
+            for index, entry in enumerate(self._ranked):
+                if entry[2] is item:
+                    self._ranked[index] = self._ranked[-1]
+                    self._ranked.pop()
+                    heapq.heapify(self._ranked)
+                    self.not_full.notify()
+                    return True
         return False
 
     def drain(self) -> list[Any]:
-        """Remove and return every waiting item; stop sentinels stay where they are."""
+        """Remove and return every waiting item, in the order they would have left; stop
+        sentinels stay where they are."""
         with self.mutex:
+            ranked = sorted(self._ranked, key=lambda entry: entry[:2])
+            self._ranked.clear()
             items = [item for item in self.queue if item is not _STOP]
             stops = len(self.queue) - len(items)
             self.queue.clear()
             self.queue.extend([_STOP] * stops)
             self.not_full.notify_all()
-        return items
+        above = [item for key, _, item in ranked if key < 0]
+        return above + items + [item for key, _, item in ranked if key > 0]
+
+    def waiting_items(self) -> int:
+        """Return how many items wait, stop sentinels not counted."""
+        with self.mutex:
+            return len(self._ranked) + sum(1 for item in self.queue if item is not _STOP)
 
 
 class TaskQueue:
     """A bounded queue of waiting items served by `workers` loops on a `ThreadPoolExecutor`.
 
+    Items leave the highest priority first, in the order they came within one (see `submit`).
     Each loop takes an item and calls ``process(item)``; an exception from `process` is logged and
     the loop goes on. At most `maxsize` items wait; `submit` blocks or raises `QueueFullError`
     when the queue stays full.
@@ -3949,20 +4354,30 @@ class TaskQueue:
             self._executor.submit(self._run_loop)
         _live_queues.add(self)
 
-    def submit(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+    def submit(
+        self, item: Any, block: bool = True, timeout: float | None = None, *, priority: int = 0
+    ) -> None:
         """Put `item` in the queue.
 
         Args:
             block: wait for room (up to `timeout` seconds, None: forever); False raises at once.
+            priority: from `MIN_PRIORITY` to `MAX_PRIORITY`; a higher one leaves the queue first,
+                equal ones in the order they came.
 
         Raises:
             QueueFullError: the queue stayed full.
             PoolClosedError: the queue is closed.
+            TypeError, ValueError: `priority` is not an integer in range.
         """
+        if priority or priority.__class__ is not int:
+            _check_priority(priority)
         if self._closed:
             raise PoolClosedError()
         try:
-            self._queue.put(item, block, timeout)
+            if priority:
+                self._queue.put_ranked(item, priority, block, timeout)
+            else:
+                self._queue.put(item, block, timeout)
         except queue.Full:
             raise QueueFullError(self.maxsize) from None
         if self._closed and self._queue.take_back(item):
@@ -3973,21 +4388,21 @@ class TaskQueue:
         """Remove `item` itself if it still waits in the queue; return whether it did."""
         return self._queue.take_back(item)
 
-    def put_overflow(self, item: Any) -> None:
-        """Put `item` at the back of the queue without waiting for room."""
-        self._queue.put_unbounded(item)
+    def put_overflow(self, item: Any, priority: int = 0) -> None:
+        """Put `item` at the back of its priority without waiting for room."""
+        self._queue.put_unbounded(item, priority=priority)
 
-    def put_ready(self, item: Any) -> None:
-        """Put `item` at the front of the queue without waiting for room (a due retry)."""
-        self._queue.put_unbounded(item, front=True)
+    def put_ready(self, item: Any, priority: int = 0) -> None:
+        """Put `item` at the front of its priority without waiting for room (a due retry)."""
+        self._queue.put_unbounded(item, front=True, priority=priority)
 
     def hold(self) -> None:
         """Keep the room of an item taken out to wait elsewhere (see `_WorkQueue.hold`)."""
         self._queue.hold()
 
-    def put_held(self, item: Any) -> None:
-        """Put a held item back at the front, in the room it kept."""
-        self._queue.put_held(item)
+    def put_held(self, item: Any, priority: int = 0) -> None:
+        """Put a held item back at the front of its priority, in the room it kept."""
+        self._queue.put_held(item, priority)
 
     def unhold(self, count: int = 1) -> None:
         """Give up the room of `count` held items."""
@@ -4001,8 +4416,7 @@ class TaskQueue:
         """Return the number of waiting items (approximate while others run)."""
         if not self._closed:
             return self._queue.qsize()
-        with self._queue.mutex:
-            return sum(1 for item in self._queue.queue if item is not _STOP)
+        return self._queue.waiting_items()
 
     @property
     def closed(self) -> bool:
@@ -4500,8 +4914,8 @@ async def _await_with_deadline(handler: Callable[[Task], Any], task: Task, timeo
 class _Scheduler:
     """One thread that hands items back to a callback after a delay.
 
-    The pool parks tasks here while they wait out a retry backoff or poll another owner's claim,
-    so no worker thread sits idle in a sleep.
+    The pool parks tasks here while they wait out a submission's delay or a retry backoff, or poll
+    another owner's claim, so no worker thread (and no queue slot) is held while they wait.
     """
 
     def __init__(self, callback: Callable[[Any], None], name: str) -> None:
@@ -4561,6 +4975,8 @@ class _Scheduler:
                         timeout = self._heap[0][0] - time.monotonic()
                         if timeout <= 0:
                             break
+                        # A delay of years is fine; a wait past the lock's limit is not.
+                        timeout = min(timeout, threading.TIMEOUT_MAX)
                     else:
                         timeout = None
                     self._cond.wait(timeout)
@@ -4872,9 +5288,9 @@ class _Job:
     """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
 
     __slots__ = (
-        "attempts", "batch", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
-        "followers", "future", "held", "key", "permits", "polls", "started_at", "store_failures",
-        "task", "token", "unrecorded", "waits_on",
+        "attempts", "batch", "delayed", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
+        "followers", "future", "held", "key", "permits", "polls", "priority", "started_at",
+        "store_failures", "task", "token", "unrecorded", "waits_on",
     )  # fmt: skip
 
     def __init__(
@@ -4884,8 +5300,11 @@ class _Job:
         future: concurrent.futures.Future,
         now: float,
         entry: int | None = None,
+        priority: int = 0,
     ) -> None:
         self.task = task
+        self.priority = priority  # its place among the ready jobs (see _WorkQueue)
+        self.delayed = False  # waiting out the submission's delay in the scheduler
         self.entry = entry  # the token of its durable-queue row, in a durable pool
         self.key = task.key
         self.fingerprint = fp
@@ -5179,7 +5598,7 @@ class WorkerPool:
             for thread in (self._committer.thread, self._runner and self._runner.thread)
             if thread is not None
         )
-        self._scheduler = _Scheduler(self._requeue, "task-queue-scheduler")
+        self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
 
@@ -5216,22 +5635,38 @@ class WorkerPool:
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, task: Task) -> concurrent.futures.Future:
+    def submit(
+        self, task: Task, *, delay: float = 0.0, priority: int = 0
+    ) -> concurrent.futures.Future:
         """Accept `task` and return a future that resolves to its `TaskRecord`.
 
-        Blocks while the queue is full when ``on_full="block"``.
+        Blocks while the queue is full when ``on_full="block"``; a delayed task takes no queue
+        slot, so it never blocks.
+
+        Args:
+            delay: seconds before the task may start. It waits off the queue and off the workers
+                (a durable pool stores its due time: any worker runs it then if this process
+                dies); `shutdown` waits for it to fall due and run, unless ``cancel_pending``.
+            priority: from `MIN_PRIORITY` to `MAX_PRIORITY`: among ready tasks, a higher priority
+                starts first; equal priorities start in the order they became ready. A submission
+                that joins one of its key already in flight shares that one's place.
 
         Raises:
             QueueFullError: the queue stayed full (at once with ``on_full="reject"``).
             PoolClosedError: the pool is shut down.
+            TypeError, ValueError: `delay` or `priority` is not a number in range (see above).
         """
-        return self._submit(task)
+        return self._submit(task, delay=delay, priority=priority)
 
-    def _submit(self, task: Task, *, probe: bool = False) -> concurrent.futures.Future:
+    def _submit(
+        self, task: Task, *, probe: bool = False, delay: float = 0.0, priority: int = 0
+    ) -> concurrent.futures.Future:
         """Submit `task`; with `probe`, raise QueueFullError at once instead of waiting for room
         (and count no rejection): `AsyncWorkerPool` then waits for room off its event loop."""
         if not isinstance(task, Task):
             raise TypeError(f"submit() takes a Task, not {type(task).__name__}")
+        if delay or priority or type(delay) is not float or type(priority) is not int:
+            delay, priority = _check_delay(delay), _check_priority(priority)
         now = time.perf_counter()
         try:
             fp = fingerprint(task.payload)
@@ -5239,8 +5674,10 @@ class WorkerPool:
             return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
         if not self._durable:
             if probe:
-                return self._accept(task, fp, now, None, block=False, probe=True)
-            return self._accept(task, fp, now, None)
+                return self._accept(
+                    task, fp, now, None, block=False, probe=True, delay=delay, priority=priority
+                )
+            return self._accept(task, fp, now, None, delay=delay, priority=priority)
         with self._lock:
             if self._closed:
                 raise PoolClosedError()
@@ -5249,7 +5686,9 @@ class WorkerPool:
             # Persisted before submit returns; None when the task is done or another worker has it
             # (the key's claim then decides what this submission reports).
             try:
-                entry = self._store.store.take_task(task, self.worker_name)
+                entry = self._store.store.take_task(
+                    task, self.worker_name, delay=delay, priority=priority
+                )
             except TaskConflictError as exc:
                 # The stored task is another one: running either would run what was not asked.
                 return self._refuse(task, now, str(exc), ErrorKind.CONFLICT.value)
@@ -5258,7 +5697,7 @@ class WorkerPool:
                 # raises only QueueFullError and PoolClosedError) and may submit again.
                 error = f"the durable queue could not record the task: {_describe(exc)}"
                 return self._refuse(task, now, error, ErrorKind.TRANSIENT.value)
-            return self._accept(task, fp, now, entry)
+            return self._accept(task, fp, now, entry, delay=delay, priority=priority)
         finally:
             self._release_store()
 
@@ -5272,8 +5711,11 @@ class WorkerPool:
         block: bool | None = None,
         timeout: float | None = None,
         probe: bool = False,
+        delay: float = 0.0,
+        priority: int = 0,
     ) -> concurrent.futures.Future:
-        """Track `task` and put it in the queue; return its future.
+        """Track `task` and put it in the queue, or in the scheduler for `delay` seconds; return
+        its future.
 
         `block` and `timeout` override the pool's ``on_full`` policy (``serve`` always waits for
         room: the rows it feeds in are leased to this pool already).
@@ -5288,7 +5730,7 @@ class WorkerPool:
             if closed:
                 pass
             elif leader is None:
-                job = _Job(task, fp, future, now, entry)
+                job = _Job(task, fp, future, now, entry, priority)
                 self._inflight[job.key] = job
                 self._pending += 1
             elif leader.fingerprint == fp:
@@ -5304,13 +5746,17 @@ class WorkerPool:
             self._metrics.record_enqueue(queued=False)
             return future
         try:
-            if self._in_own_thread():
+            if delay:
+                # It takes a queue slot when it falls due (see _due), never blocking then.
+                job.delayed = True
+                self._scheduler.schedule(delay, job)
+            elif self._in_own_thread():
                 # A done-callback (on the committer) or an async handler (on the event loop)
                 # submitting more work: waiting for room there would wait for the very thread
                 # that makes room. It goes in past the bound instead.
-                self._queue.put_overflow(job)
+                self._queue.put_overflow(job, priority)
             else:
-                self._queue.submit(job, block=block, timeout=timeout)
+                self._queue.submit(job, block=block, timeout=timeout, priority=priority)
         except BaseException as exc:
             # Refused (QueueFullError), or interrupted while waiting for room (KeyboardInterrupt,
             # SystemExit, a pool closed meanwhile): a job in no queue must not stay counted, or
@@ -5325,7 +5771,7 @@ class WorkerPool:
                 reason = f"the submission this one joined was interrupted: {_describe(exc)}"
             self._abandon(job, reason)
             raise
-        self._metrics.record_enqueue()
+        self._metrics.record_enqueue(queued=not delay)
         return future
 
     def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
@@ -5342,6 +5788,13 @@ class WorkerPool:
         an exception, closing the generator) cancels this loop's submissions that are still
         queued, as `Executor.map` does; those already running finish.
         """
+        return self._iter_results(tasks, None)
+
+    def _iter_results(
+        self, tasks: Iterable[Task], schedule: Mapping[str, tuple[float, int]] | None
+    ) -> Iterator[TaskRecord]:
+        """`iter_results`, submitting the tasks whose id `schedule` holds with its ``(delay,
+        priority)`` (a task file's fields)."""
         done: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
         window = self._queue.maxsize + self._workers
         ours: set[concurrent.futures.Future] = set()  # submitted and not yet yielded
@@ -5358,7 +5811,11 @@ class WorkerPool:
                     yield collect()
                 while True:
                     try:
-                        future = self.submit(task)
+                        if schedule is None or task.id not in schedule:
+                            future = self.submit(task)
+                        else:
+                            delay, priority = schedule[task.id]
+                            future = self.submit(task, delay=delay, priority=priority)
                         break
                     except QueueFullError:
                         # With on_full="reject" the queue may be full of this very iteration's
@@ -5388,7 +5845,9 @@ class WorkerPool:
 
         Keeps at most `prefetch` tasks leased from the store, so workers on other machines share
         the work (default: twice the workers, or up to ``MAX_PREFETCH`` when tasks are quick).
-        Idle, it waits for an enqueue (PostgreSQL LISTEN/NOTIFY) or `poll_interval` seconds.
+        Idle, it waits for an enqueue (PostgreSQL LISTEN/NOTIFY), for the earliest delayed task
+        to fall due, or `poll_interval` seconds, whichever comes first. Tasks start highest
+        priority first, and a delayed one not before its due time.
         Returns when `stop` is set; `shutdown` then drains or cancels what this pool holds.
 
         Raises:
@@ -5443,14 +5902,15 @@ class WorkerPool:
                 outage_noticed = None
             backoff = 0.05
             if not leased:
-                store.wait_for_work(poll_interval, stop)
+                store.wait_for_work(self._idle_wait(store, poll_interval), stop)
                 continue
             for position, item in enumerate(leased):
                 try:
                     fp = fingerprint(item.task.payload)
                     # Wait for room whatever on_full says: these rows are leased to this pool
                     # already, and a refusal would strand the rest of them.
-                    self._accept(item.task, fp, time.perf_counter(), item.token, block=True)
+                    self._accept(item.task, fp, time.perf_counter(), item.token, block=True,
+                                 priority=item.priority)  # fmt: skip
                 except BaseException as exc:
                     # _accept gave this row back; the rest go back too, for any worker to take.
                     rest = leased[position + 1 :]
@@ -5458,6 +5918,19 @@ class WorkerPool:
                     if isinstance(exc, PoolClosedError):
                         return
                     raise
+
+    @staticmethod
+    def _idle_wait(store: Store, poll_interval: float) -> float:
+        """Seconds an idle worker waits for work: `poll_interval`, or until the earliest delayed
+        task falls due, whichever comes first (an enqueue may wake it sooner)."""
+        try:
+            due = store.next_run_at()
+        except Exception:
+            return poll_interval  # the take that follows reports an outage
+        if due is None:
+            return poll_interval
+        # Just past the due time, so that the take finds the task due by the store's clock.
+        return min(poll_interval, max(due - time.time(), 0.0) + 0.001)
 
     def _return_entries(self, entries: Iterable[tuple[str, int | None]]) -> None:
         """Give durable-queue rows this pool took but will not run back to the queue."""
@@ -5485,10 +5958,11 @@ class WorkerPool:
         Args:
             wait: block until every accepted task has finished and the threads have stopped
                 (ignored when called from a handler or a done-callback, which would wait for
-                itself).
-            cancel_pending: resolve queued tasks, and tasks polling another process's claim, as
-                cancelled (their keys stay unclaimed); running tasks, including those waiting out
-                a retry backoff, always finish.
+                itself). A delayed task counts as accepted: it runs when it falls due.
+            cancel_pending: resolve queued tasks, delayed tasks still waiting, and tasks polling
+                another process's claim, as cancelled (their keys stay unclaimed; a durable row
+                goes back to the queue with its due time); running tasks, including those waiting
+                out a retry backoff, always finish.
         """
         if wait and (self._queue.in_worker() or self._in_own_thread()):
             # Called from a handler or a done-callback: waiting would wait for itself.
@@ -5941,11 +6415,28 @@ class WorkerPool:
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED)])
             return
         if delay is None:
-            self._queue.put_ready(job)
+            self._queue.put_ready(job, job.priority)
         else:
             if job.permits is not None:
                 self._flow.give_back(job)  # slots are not kept through a wait
             self._scheduler.schedule(delay, job)
+
+    def _due(self, job: _Job) -> None:
+        """Put a job whose wait ended back in the queue, past the bound (the scheduler's thread).
+
+        A submission whose delay ended joins the back of its priority, as if submitted now; a
+        retry or a poll goes to the front of its priority: it has started already; a task that
+        waited for a rate limit goes to the front of its priority, into the room it kept.
+        """
+        if job.delayed:
+            job.delayed = False
+            self._metrics.record_queued()
+            self._queue.put_overflow(job, job.priority)
+        elif job.held:
+            job.held = False
+            self._queue.put_held(job, job.priority)
+        else:
+            self._queue.put_ready(job, job.priority)
 
     def _park_for_rate(self, job: _Job, delay: float) -> None:
         """Park an unclaimed job until its rate limit may have a slot, keeping its queue room.
@@ -5960,14 +6451,6 @@ class WorkerPool:
         job.held = True
         self._queue.hold()
         self._scheduler.schedule(delay, job)
-
-    def _requeue(self, job: _Job) -> None:
-        """Put a job whose wait ended back at the front of the queue (the scheduler's callback)."""
-        if job.held:
-            job.held = False
-            self._queue.put_held(job)
-        else:
-            self._queue.put_ready(job)
 
     def _restart_call(self, job: _Job) -> None:
         """Take back an async call that could not begin (its slots lapsed on the way to the
@@ -6063,7 +6546,8 @@ class WorkerPool:
             )  # fmt: skip
             service = now - job.started_at if started else None
             latency = now - job.enqueued_at
-            counted.append(Outcome(status, kind, latency, service, started, not job.dequeued))
+            queued = not job.dequeued and not job.delayed
+            counted.append(Outcome(status, kind, latency, service, started, queued))
             resolved.append((job.future, record))
             if job.entry is not None:
                 settle.append((job.task.id, job.entry, status, outcome.error))
@@ -6122,7 +6606,7 @@ class WorkerPool:
             followers, job.followers = job.followers, []
             if followers and not self._closed:
                 task, future, enqueued_at, entry = followers.pop(0)
-                heir = _Job(task, job.fingerprint, future, enqueued_at, entry)
+                heir = _Job(task, job.fingerprint, future, enqueued_at, entry, job.priority)
                 heir.followers, followers = followers, []
                 self._inflight[heir.key] = heir  # the pending count passes to the heir
             else:
@@ -6132,7 +6616,7 @@ class WorkerPool:
             stop = idle and self._closed
         if heir is not None:
             self._metrics.record_queued()
-            self._queue.put_overflow(heir)
+            self._queue.put_overflow(heir, heir.priority)
             self._return_entries([(job.task.id, job.entry)])
             return
         now = time.perf_counter()
@@ -6163,7 +6647,8 @@ class WorkerPool:
             if job.token is None:
                 cancelled.append(_JobOutcome(job, TaskStatus.CANCELLED))
             else:
-                self._queue.put_ready(job)  # owned: a retry whose backoff ended runs to the end
+                # Owned: a retry whose backoff ended runs to the end.
+                self._queue.put_ready(job, job.priority)
         parked = self._scheduler.remove(_unstarted)
         self._withdraw(parked)
         cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in parked)
@@ -6278,16 +6763,18 @@ class AsyncWorkerPool:
     def closed(self) -> bool:
         return self._pool.closed
 
-    async def submit(self, task: Task) -> TaskRecord:
+    async def submit(self, task: Task, *, delay: float = 0.0, priority: int = 0) -> TaskRecord:
         """Submit `task` and return its record once it has finished.
 
         Waits for room without blocking the loop when the queue is full (``on_full="block"``).
+        `delay` and `priority` are `WorkerPool.submit`'s.
 
         Raises:
             QueueFullError: the queue stayed full (at once with ``on_full="reject"``).
             PoolClosedError: the pool is shut down.
+            TypeError, ValueError: `delay` or `priority` is not a number in range.
         """
-        return await asyncio.wrap_future(await self._enter(task))
+        return await asyncio.wrap_future(await self._enter(task, delay, priority))
 
     async def run(self, tasks: Iterable[Task] | AsyncIterable[Task]) -> list[TaskRecord]:
         """Submit every task and return their records in input order."""
@@ -6341,17 +6828,19 @@ class AsyncWorkerPool:
     def __repr__(self) -> str:
         return f"<AsyncWorkerPool of {self._pool!r}>"
 
-    async def _enter(self, task: Task) -> concurrent.futures.Future:
+    async def _enter(
+        self, task: Task, delay: float = 0.0, priority: int = 0
+    ) -> concurrent.futures.Future:
         """Submit `task`; wait for room, or for a durable take, on a thread."""
         pool = self._pool
         if not pool._durable:
             try:
-                return pool._submit(task, probe=True)
+                return pool._submit(task, probe=True, delay=delay, priority=priority)
             except QueueFullError:
                 if not pool._block:
                     pool.metrics.record_rejection()
                     raise
-        return await asyncio.to_thread(pool.submit, task)
+        return await asyncio.to_thread(pool.submit, task, delay=delay, priority=priority)
 
     @staticmethod
     async def _collect(
@@ -6875,13 +7364,22 @@ class _RunOutcome:
         return self.total - sum(self.counts.values())
 
 
-def _run_pool(pool: WorkerPool, tasks: list[Task], config: dict[str, Any], progress: _Progress):
+def _run_pool(
+    pool: WorkerPool,
+    entries: list[_TaskEntry],
+    config: dict[str, Any],
+    progress: _Progress,
+) -> _RunOutcome:
     counts = dict.fromkeys(TaskStatus, 0)
     errors: list[str] = []
-    outcome = _RunOutcome(len(tasks), counts, errors)
+    outcome = _RunOutcome(len(entries), counts, errors)
+    tasks = [entry.task for entry in entries]
+    # A task file's delays and priorities; None when it has none (the plain path).
+    schedule = {entry.task.id: (entry.delay, entry.priority) for entry in entries
+                if entry.delay or entry.priority} or None  # fmt: skip
     with _Interrupts(pool, config["lease_seconds"]) as interrupts:
         try:
-            for record in pool.iter_results(tasks):
+            for record in pool._iter_results(tasks, schedule):
                 counts[record.status] += 1
                 if record.status is TaskStatus.FAILED and len(errors) < 5:
                     errors.append(f"{record.task_id}: {record.error}")
@@ -6949,13 +7447,13 @@ def _main(argv: list[str] | None) -> int:
     count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
     seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
     if args.task_file is not None:
-        tasks = load_tasks(args.task_file, max_bytes=config["max_task_file_bytes"])
+        entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
     else:
-        tasks = _synthetic_tasks(count)
+        entries = [_TaskEntry(task) for task in _synthetic_tasks(count)]
     _check_output_path(args.metrics_out, "--metrics-out")
     handler, namespace = _cli_handler(args, config, seed)
     retry = _cli_retry(config)
-    progress = _Progress(len(tasks), args.progress)
+    progress = _Progress(len(entries), args.progress)
     with contextlib.ExitStack() as stack:
         if args.benchmark:
             # A benchmark measures real work: a fresh database each run unless --db is explicit.
@@ -6981,7 +7479,7 @@ def _main(argv: list[str] | None) -> int:
             namespace=namespace,
             **_cli_flow(config),
         )
-        outcome = _run_pool(pool, tasks, config, progress)
+        outcome = _run_pool(pool, entries, config, progress)
     snapshot = pool.metrics.snapshot()
     try:
         pool.metrics.export(args.metrics_out)
@@ -6992,7 +7490,7 @@ def _main(argv: list[str] | None) -> int:
     if args.json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
-        print(_format_summary(snapshot, len(tasks)))
+        print(_format_summary(snapshot, len(entries)))
         print(f"  metrics written to {args.metrics_out}")
     for line in outcome.errors:
         print(f"failed: {line}", file=sys.stderr)
@@ -7043,11 +7541,16 @@ def _cmd_enqueue(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
-    tasks = load_tasks(args.task_file, max_bytes=config["max_task_file_bytes"])
+    entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
+    tasks = [entry.task for entry in entries]
     store = _open_cli_store(config)
     try:
         # One transaction for the whole file: a task the database refuses leaves nothing behind.
-        added = store.enqueue_many(tasks)
+        added = store.enqueue_many(
+            tasks,
+            delay=[entry.delay for entry in entries],
+            priority=[entry.priority for entry in entries],
+        )
     except TaskConflictError as exc:
         raise ConfigError(f"{args.task_file}: {exc}; nothing was enqueued") from None
     except _database_errors() as exc:
@@ -7212,7 +7715,8 @@ def _cmd_worker(argv: list[str]) -> int:
 def _cmd_status(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "status",
-        "Show the durable queue: tasks by state, the oldest waiting task, stalled claims, "
+        "Show the durable queue: tasks by state (and how many queued ones wait out a delay), "
+        "the oldest waiting task, stalled claims, "
         "workers and their heartbeats.",
         _STORE_SETTINGS,
     )
@@ -7234,7 +7738,7 @@ def _cmd_status(argv: list[str]) -> int:
     print("  tasks   " + "  ".join(f"{state} {count}" for state, count in tasks.items()))
     print("  keys    " + "  ".join(f"{state} {count}" for state, count in status["keys"].items()))
     print(f"  oldest queued task waiting {'-' if oldest is None else f'{oldest:.1f} s'}  "
-          f"stalled claims {status['stalled']}")  # fmt: skip
+          f"delayed {status['delayed']}  stalled claims {status['stalled']}")  # fmt: skip
     for worker in status["workers"]:
         print(f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago  "
               f"in flight {worker.get('in_flight', '?')}  succeeded "

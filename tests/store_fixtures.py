@@ -75,8 +75,17 @@ def record(task):
             raise RuntimeError(f"gate {gate} never opened")
         time.sleep(0.01)
     return {"id": task.id}
+
+
+def stamped(task):
+    """record(task), after appending "task_id time.time()" to a file named after the process."""
+    path = os.path.join(os.environ["HANDLER_LOG_DIR"], f"{os.getpid()}.starts")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(f"{task.id} {time.time()!r}\\n")
+    return record(task)
 '''
 RECORD_HANDLER = f"{HANDLER_MODULE}:record"
+STAMPED_HANDLER = f"{HANDLER_MODULE}:stamped"  # record, and when each call began
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
@@ -407,6 +416,15 @@ class Launcher:
             lines = path.read_text(encoding="utf-8").splitlines()
             calls[int(path.stem)] = [tuple(line.split(" ", 1)) for line in lines]  # type: ignore[misc]
         return calls
+
+    def starts(self) -> dict[str, list[float]]:
+        """Return when the stamped handler began each call: task id -> `time.time()` values."""
+        began: dict[str, list[float]] = {}
+        for path in sorted(self.logs.glob("*.starts")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                task_id, stamp = line.rsplit(" ", 1)
+                began.setdefault(task_id, []).append(float(stamp))
+        return began
 
     def calls_by_key(self) -> Counter[str]:
         """Return how many times the handler ran for each key, over every process."""

@@ -510,3 +510,57 @@ def test_an_inner_task_raising_system_exit_fails_its_call_and_the_loop_goes_on(
     assert records["t5"].status is tq.TaskStatus.FAILED
     assert {r.status for k, r in records.items() if k != "t5"} == {tq.TaskStatus.SUCCEEDED}
     assert after.status is tq.TaskStatus.SUCCEEDED
+
+
+@pytest.mark.timeout(30)
+def test_an_async_handler_starts_the_waiting_tasks_highest_priority_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Among the tasks waiting in the queue, a higher priority starts first, then submission
+    order; one dispatcher, so that only the one task it holds waits outside the queue."""
+    monkeypatch.setattr(tq, "ASYNC_DISPATCHERS", 1)
+    gate = threading.Event()
+    order: list[str] = []
+
+    async def handler(task: tq.Task) -> None:
+        order.append(task.id)  # the loop thread only
+        if task.id == "blocker":
+            await wait_for_event(gate)
+
+    pool = tq.WorkerPool(handler, workers=1)
+    try:
+        pool.submit(tq.Task("blocker"))
+        wait_until(lambda: order == ["blocker"], "the blocker to start")
+        pool.submit(tq.Task("held"))  # the dispatcher takes it and waits for the slot
+        wait_until(lambda: pool._queue.qsize() == 0, "the dispatcher to hold a task")
+        submitted = [("p0", 0), ("p5", 5), ("n3", -3), ("top", 1000), ("p5b", 5), ("p0b", 0)]
+        for name, priority in submitted:
+            pool.submit(tq.Task(name), priority=priority)
+        gate.set()
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+    expected = [name for name, _ in sorted(submitted, key=lambda item: -item[1])]
+    assert order == ["blocker", "held", *expected]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("handler", [sleeping, lambda task: task.id], ids=["async", "plain"])
+def test_async_pool_submit_takes_a_delay_and_a_priority(handler: Any) -> None:
+    """A delayed submission starts no sooner than its delay; bad values raise at the await."""
+
+    async def main() -> tuple[tq.TaskRecord, tq.TaskRecord]:
+        async with tq.AsyncWorkerPool(handler, workers=2) as pool:
+            delayed, ready = await asyncio.gather(
+                pool.submit(tq.Task("delayed"), delay=0.2, priority=-1),
+                pool.submit(tq.Task("ready"), priority=7),
+            )
+            with pytest.raises(ValueError, match=r"^delay must be "):
+                await pool.submit(tq.Task("bad"), delay=-1.0)
+            with pytest.raises(TypeError, match=r"^priority must be "):
+                await pool.submit(tq.Task("bad"), priority=2.5)
+        return delayed, ready
+
+    delayed, ready = asyncio.run(main())
+    assert (delayed.status, ready.status) == (tq.TaskStatus.SUCCEEDED, tq.TaskStatus.SUCCEEDED)
+    assert delayed.queue_wait is not None and delayed.queue_wait >= 0.2

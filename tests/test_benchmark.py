@@ -436,6 +436,9 @@ def test_scale_out_on_postgres_drops_its_schemas(tmp_path: Path) -> None:
         (["--db", "x.db", "--processes", "1", "--workers", "2,4"], ["--workers"]),
         (["--smoke", "--db", "x.db", "--processes", "1"], ["--smoke", "--processes"]),
         (["--db", "postgresql://postgres@127.0.0.1:1/test", "--processes", "1"], ["postgresql://"]),
+        (["--unused-cost", "missing.py"], ["--unused-cost", "missing.py"]),
+        (["--unused-cost", "base.py", "--suite"], ["--suite", "--unused-cost"]),
+        (["--unused-cost", "base.py", "--task-file", "t.json"], ["--unused-cost", "--task-file"]),
     ],
 )
 def test_user_error_exits_2_with_one_line(
@@ -446,6 +449,24 @@ def test_user_error_exits_2_with_one_line(
     assert_user_error(proc, *words)
     assert proc.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unused_cost_compares_this_module_with_a_copy(tmp_path: Path) -> None:
+    """Prove --unused-cost runs both modules in turn and reports medians and their ratios."""
+    baseline = tmp_path / "base.py"
+    baseline.write_bytes((REPO / "task_queue_optimized.py").read_bytes())
+    report = tmp_path / "report.json"
+    args = ["--unused-cost", str(baseline), "--tasks", "300", "--workers", "2", "--repeat", "2"]
+    proc = run_benchmark([*args, "--report", str(report)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "current vs baseline" in proc.stdout
+    result = json.loads(report.read_text(encoding="utf-8"))["unused_cost"]
+    assert (result["tasks"], result["workers"], result["repeat"]) == (300, 2, 2)
+    for variant in ("baseline", "current", "current-priority"):
+        assert len(result["throughput"][variant]) == 2
+        assert is_finite_number(result["median"][variant]) and result["median"][variant] > 0
+        assert is_finite_number(result["cpu_median"][variant])
+    assert all(is_finite_number(value) for value in result["current_vs_baseline"].values())
 
 
 def test_plot_without_matplotlib_is_a_clear_user_error(tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ import logging
 import socket
 import sqlite3
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from tests.store_fixtures import (
 
 # Fixtures shared with the other store tests (pytest finds them by these module names).
 launcher = store_fixtures.launcher
+backend = store_fixtures.backend
 
 
 def status_of(db: Path | str) -> dict[str, Any]:
@@ -743,3 +746,211 @@ def test_serve_runs_what_others_enqueue_until_stopped(tmp_path: Path) -> None:
     assert not server.is_alive()
     assert Counter(seen) == Counter([f"t{i}" for i in range(50)] + ["late"])
     assert pool.metrics.snapshot()["succeeded"] == 51
+
+
+# --- Delays and priorities -----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Yield the URL of a new durable queue: a SQLite file, then a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "queue.db")
+        return
+    store_fixtures.require_postgres()
+    url = store_fixtures.new_schema_url()
+    yield url
+    store_fixtures.drop_schema(url)
+
+
+def next_run_at(url: str) -> float | None:
+    store = tq.open_store(url)
+    try:
+        return store.next_run_at()
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_delayed_task_survives_a_worker_restart_and_runs_once_due(
+    launcher: Launcher, tmp_path: Path, queue_url: str
+) -> None:
+    file = write_task_file(
+        tmp_path / "tasks.json", [{"id": "later", "delay_seconds": 6}, {"id": "now"}]
+    )
+    enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", queue_url)
+    assert enqueued.returncode == 0, enqueued.stderr
+    due = next_run_at(queue_url)
+    assert due is not None
+    first = launcher.worker(queue_url, handler=store_fixtures.STAMPED_HANDLER)
+    wait_until(lambda: status_of(queue_url)["tasks"]["done"] == 1, "the ready task", procs=[first])
+    first.kill()  # no drain: whatever it held in memory is gone
+    assert time.time() < due, "the first worker outlived the delay: the restart proved nothing"
+    assert status_of(queue_url)["delayed"] == 1
+    assert set(launcher.starts()) == {"now"}
+    second = launcher.worker(queue_url, handler=store_fixtures.STAMPED_HANDLER)
+    wait_until(
+        lambda: status_of(queue_url)["tasks"]["done"] == 2, "the delayed task", procs=[second]
+    )
+    assert second.terminate() == 143
+    (started,) = launcher.starts()["later"]
+    assert started >= due  # by the clocks of two processes on one machine
+    assert launcher.calls_by_key() == Counter({"now": 1, "later": 1})
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_runs_the_queue_highest_priority_first(
+    launcher: Launcher, tmp_path: Path, queue_url: str
+) -> None:
+    priorities = [0, 5, -3, 1000, 5, -1000, 1, 0]
+    rows = [{"id": f"t{i}", "priority": p} for i, p in enumerate(priorities)]
+    file = write_task_file(tmp_path / "tasks.json", rows)
+    enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", queue_url)
+    assert enqueued.returncode == 0, enqueued.stderr
+    worker = launcher.worker(queue_url, "--workers", "1")
+    wait_until(lambda: done_count_of(queue_url) == len(rows), "every task", procs=[worker])
+    assert worker.terminate() == 143
+    (calls,) = launcher.executions().values()
+    # One enqueue gives the tasks one enqueue time: among equal priorities the order is the
+    # store's, so only the priorities' order is checked.
+    ran = [priorities[int(task_id[1:])] for task_id, _ in calls]
+    assert ran == sorted(priorities, reverse=True)
+
+
+def done_count_of(url: str) -> int:
+    return status_of(url)["tasks"]["done"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("delay_seconds", -1), ("delay_seconds", "soon"), ("priority", 1001), ("priority", True)],
+)
+def test_enqueue_of_a_bad_delay_or_priority_exits_2_and_creates_no_database(
+    launcher: Launcher, tmp_path: Path, field: str, value: Any
+) -> None:
+    db = tmp_path / "queue.db"
+    file = write_task_file(tmp_path / "tasks.json", [{"id": "ok"}, {"id": "bad", field: value}])
+    line = one_line_error(launcher.run("enqueue", "--task-file", str(file), "--db", str(db)))
+    assert f"task 1: field '{field}' must be " in line
+    assert not db.exists()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_worker_wakes_when_the_earliest_delayed_task_falls_due(
+    backend: store_fixtures.Backend,
+) -> None:
+    """No NOTIFY and no poll: the worker's wait ends at the due time, by its own clock."""
+    store = backend.open()
+    store.enqueue_many([tq.Task("later")], delay=1.0)  # before the worker listens: unheard
+    due = store.next_run_at()
+    assert due is not None
+    takes: list[float] = []
+    take_many = store.take_many
+
+    def counted(*args: Any, **kwargs: Any) -> list[tq.QueuedTask]:
+        takes.append(time.time())
+        return take_many(*args, **kwargs)
+
+    store.take_many = counted  # type: ignore[method-assign]
+    started: dict[str, float] = {}
+    ran = threading.Event()
+
+    def handler(task: tq.Task) -> None:
+        started[task.id] = time.time()
+        ran.set()
+
+    pool = tq.WorkerPool(
+        handler, workers=1, idempotency=tq.IdempotencyManager(store=store), durable=True
+    )
+    stop = threading.Event()
+    # A poll interval far past the test's timeout: only the due time can end the idle wait.
+    serving = threading.Thread(target=pool.serve, args=(stop,), kwargs={"poll_interval": 600.0})
+    serving.start()
+    try:
+        assert ran.wait(WAIT), "the idle worker slept past the due time"
+    finally:
+        stop.set()
+        serving.join(WAIT)
+        pool.shutdown(wait=True)
+    assert started["later"] >= due
+    # One take before the due time, one at it, one more that finds the queue empty: no loop.
+    assert len(takes) <= 4, takes
+    assert sum(1 for when in takes if when < due) <= 2, (takes, due)
+
+
+def test_a_delayed_durable_submission_cancelled_at_shutdown_keeps_its_due_time(
+    backend: store_fixtures.Backend,
+) -> None:
+    mine, other = backend.stores(2)
+    calls: list[str] = []
+    pool = tq.WorkerPool(
+        lambda task: calls.append(task.id),
+        workers=1,
+        idempotency=tq.IdempotencyManager(store=mine),
+        durable=True,
+    )
+    before = time.time()
+    future = pool.submit(tq.Task("later"), delay=2.0, priority=4)
+    pool.shutdown(wait=True, cancel_pending=True)  # at once, not in two seconds
+    assert future.result(0).status is tq.TaskStatus.CANCELLED
+    assert calls == []
+    due = other.next_run_at()
+    assert due is not None and due >= before + 2.0
+    if time.time() < due:
+        assert other.queue_status()["delayed"] == 1
+        assert other.take_many("other", 5) == []
+    (taken,) = wait_until(lambda: other.take_many("other", 5), "the task to fall due")
+    assert time.time() >= due
+    assert (taken.task.id, taken.priority) == ("later", 4)
+
+
+# A tasks table as versions before delays and priorities made it (no priority, no run_at).
+LEGACY_SQLITE_TASKS = """CREATE TABLE idempotency_tasks (
+    id TEXT PRIMARY KEY NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
+    state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
+    updated_at REAL NOT NULL) WITHOUT ROWID"""
+
+
+def task_columns(db: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[1] for row in conn.execute("PRAGMA table_info(idempotency_tasks)")]
+
+
+def test_a_tasks_table_from_before_delays_is_read_as_is_then_migrated(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    db = tmp_path / "queue.db"
+    tq.open_store(str(db)).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("DROP TABLE idempotency_tasks")
+        conn.execute(LEGACY_SQLITE_TASKS)
+        conn.execute(
+            "CREATE INDEX idempotency_tasks_ready ON idempotency_tasks (state, enqueued_at)"
+        )
+        conn.executemany(
+            "INSERT INTO idempotency_tasks (id, key, payload, state, attempts, enqueued_at, "
+            "updated_at) VALUES (?, ?, '{}', 'queued', 0, ?, ?)",
+            [("old-2", "old-2", 2.0, 2.0), ("old-1", "old-1", 1.0, 1.0)],
+        )
+        conn.commit()
+    before = db.read_bytes()
+    proc = launcher.run("status", "--db", str(db), "--json", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert (status["tasks"]["queued"], status["delayed"]) == (2, 0)
+    assert db.read_bytes() == before  # a reader writes nothing
+    store = tq.open_store(str(db))  # an opener that may create migrates in place
+    try:
+        assert {"priority", "run_at"} <= set(task_columns(db))
+        store.enqueue_many([tq.Task("new-high")], priority=1)
+        store.enqueue_many([tq.Task("new-later")], delay=3600)
+        taken = store.take_many("w", 10)
+        assert [(item.task.id, item.priority) for item in taken] == [
+            ("new-high", 1),
+            ("old-1", 0),
+            ("old-2", 0),
+        ]
+        assert store.queue_status()["delayed"] == 1
+    finally:
+        store.close()

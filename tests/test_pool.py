@@ -974,3 +974,210 @@ class TestGaugesAndEdges:
         assert not waiting.is_alive()
         assert future.result(WAIT).status is tq.TaskStatus.SUCCEEDED
         assert [thread.name for thread in own if thread.is_alive()] == []
+
+
+class _StartOrder:
+    """A handler that records the order and the `time.monotonic()` of its calls; the call of
+    `blocker` waits for `gate`, so that the only worker stays busy while a test submits."""
+
+    def __init__(self, blocker: str = "blocker") -> None:
+        self.blocker = blocker
+        self.gate = threading.Event()
+        self.blocking = threading.Event()
+        self._lock = threading.Lock()  # guards order and started
+        self.order: list[str] = []
+        self.started: dict[str, float] = {}
+
+    def __call__(self, task: tq.Task) -> None:
+        with self._lock:
+            self.order.append(task.id)
+            self.started[task.id] = time.monotonic()
+        if task.id == self.blocker:
+            self.blocking.set()
+            if not self.gate.wait(WAIT):
+                raise RuntimeError("test gate never opened")
+
+
+class TestPriorities:
+    """A higher priority starts first among ready tasks; equal ones keep submission order."""
+
+    def test_start_order_follows_priority_then_submission(self, make_pool: Callable) -> None:
+        handler = _StartOrder()
+        pool = make_pool(handler, workers=1)
+        blocker = pool.submit(tq.Task("blocker"))
+        assert handler.blocking.wait(WAIT)
+        # Three rounds of five priorities, each round in a different order of submission.
+        rounds = [(0, 5, -3, 1000, 1), (5, -1000, 0, 1, -3), (1, 0, 5, -3, 1000)]
+        submitted = []
+        for index, priorities in enumerate(rounds):
+            for priority in priorities:
+                name = f"p{priority}-{index}"
+                submitted.append((name, priority))
+                pool.submit(tq.Task(name), priority=priority)
+        handler.gate.set()
+        pool.shutdown(wait=True)
+        assert blocker.result(WAIT).status is tq.TaskStatus.SUCCEEDED
+        expected = [name for name, _ in sorted(submitted, key=lambda item: -item[1])]
+        assert handler.order == ["blocker", *expected]
+
+    def test_a_full_queue_refuses_whatever_the_priority(self, make_pool: Callable) -> None:
+        handler = _StartOrder()
+        pool = make_pool(handler, workers=1, queue_size=2, on_full="reject")
+        pool.submit(tq.Task("blocker"))
+        assert handler.blocking.wait(WAIT)
+        pool.submit(tq.Task("low"), priority=-5)
+        pool.submit(tq.Task("high"), priority=5)
+        with pytest.raises(tq.QueueFullError):
+            pool.submit(tq.Task("higher"), priority=1000)
+        assert pool.metrics.snapshot()["rejected"] == 1
+        handler.gate.set()
+        pool.shutdown(wait=True)
+        assert handler.order == ["blocker", "high", "low"]
+
+    @pytest.mark.parametrize("batches", [False, True], ids=["one-at-a-time", "batches"])
+    def test_task_queue_puts_a_ready_item_at_the_front_of_its_own_priority(
+        self, batches: bool
+    ) -> None:
+        order: list[str] = []
+        gate, blocking = threading.Event(), threading.Event()
+
+        def process(item: str) -> None:
+            if item == "blocker":
+                blocking.set()
+                assert gate.wait(WAIT)
+            order.append(item)
+
+        def process_many(items: list[str]) -> None:
+            for item in items:
+                process(item)
+
+        queue = tq.TaskQueue(
+            process,
+            workers=1,
+            maxsize=20,
+            process_many=process_many if batches else None,
+            batch_limit=lambda: 64,
+        )
+        queue.submit("blocker")
+        assert blocking.wait(WAIT)
+        queue.submit("a3", priority=3)
+        queue.submit("b3", priority=3)
+        queue.submit("z0")
+        queue.submit("h7", priority=7)
+        queue.submit("n-1", priority=-1)
+        queue.put_ready("r3", priority=3)  # a due retry: the front of priority 3
+        queue.put_ready("r0")  # the front of priority 0
+        queue.put_overflow("o3", priority=3)  # past the bound, at the back of priority 3
+        assert queue.qsize() == 8
+        gate.set()
+        queue.close(wait=True)  # the stop sentinels leave after every item, priority -1 too
+        assert order == ["blocker", "h7", "r3", "a3", "b3", "o3", "r0", "z0", "n-1"]
+
+    def test_take_back_and_drain_see_items_of_every_priority(self) -> None:
+        gate, blocking = threading.Event(), threading.Event()
+
+        def process(item: str) -> None:
+            blocking.set()
+            assert gate.wait(WAIT)
+
+        queue = tq.TaskQueue(process, workers=1, maxsize=5)
+        queue.submit("blocker")
+        assert blocking.wait(WAIT)
+        for name, priority in (("a", 1), ("b", 0), ("c", -1), ("d", 1)):
+            queue.submit(name, priority=priority)
+        assert queue.take_back("d") and not queue.take_back("d")
+        assert queue.drain() == ["a", "b", "c"]
+        assert queue.qsize() == 0
+        gate.set()
+        queue.close(wait=True)
+
+    @pytest.mark.parametrize(
+        ("value", "error"),
+        [(1001, ValueError), (-1001, ValueError), (True, TypeError), (1.0, TypeError),
+         ("1", TypeError), (None, TypeError)],
+    )  # fmt: skip
+    def test_a_bad_priority_is_refused_and_nothing_is_accepted(
+        self, make_pool: Callable, value: Any, error: type[Exception]
+    ) -> None:
+        pool = make_pool(lambda task: None, workers=1)
+        with pytest.raises(error, match=r"^priority must be ") as info:
+            pool.submit(tq.Task("t"), priority=value)
+        assert "\n" not in str(info.value)
+        assert pool.metrics.snapshot()["submitted"] == 0
+
+
+class TestDelays:
+    """A delayed task starts no sooner than its delay, holding no worker and no queue slot."""
+
+    def test_a_delayed_task_holds_no_worker_and_no_queue_slot(self, make_pool: Callable) -> None:
+        handler = _StartOrder()
+        pool = make_pool(handler, workers=1, queue_size=1, on_full="reject")
+        late = pool.submit(tq.Task("late"), delay=3600.0)
+        pool.submit(tq.Task("blocker"))  # the one worker takes it: the delayed task holds none
+        assert handler.blocking.wait(WAIT)
+        pool.submit(tq.Task("queued"))  # the one queue slot: the delayed task holds none
+        with pytest.raises(tq.QueueFullError):
+            pool.submit(tq.Task("refused"))
+        handler.gate.set()
+        wait_until(lambda: handler.order == ["blocker", "queued"], "the two ready tasks to run")
+        assert pool.metrics.snapshot()["queue_depth"] == 0
+        pool.shutdown(wait=True, cancel_pending=True)
+        assert late.result(WAIT).status is tq.TaskStatus.CANCELLED
+        assert handler.order == ["blocker", "queued"]
+        snapshot = pool.metrics.snapshot()
+        assert (snapshot["cancelled"], snapshot["queue_depth"], snapshot["in_flight"]) == (1, 0, 0)
+
+    def test_shutdown_waits_for_a_delayed_task_which_starts_after_its_delay(
+        self, make_pool: Callable
+    ) -> None:
+        handler = _StartOrder()
+        pool = make_pool(handler, workers=2)
+        delay = 0.3
+        submitted = time.monotonic()
+        future = pool.submit(tq.Task("later"), delay=delay, priority=2)
+        pool.submit(tq.Task("now"))
+        pool.shutdown(wait=True)  # returns once the delayed task has run
+        record = future.result(0)
+        assert record.status is tq.TaskStatus.SUCCEEDED
+        assert sorted(handler.order) == ["later", "now"]
+        assert handler.started["later"] - submitted >= delay
+        assert record.queue_wait is not None and record.queue_wait >= delay
+
+    def test_a_due_task_joins_the_back_of_its_priority(self, make_pool: Callable) -> None:
+        handler = _StartOrder()
+        pool = make_pool(handler, workers=1)
+        pool.submit(tq.Task("blocker"))
+        assert handler.blocking.wait(WAIT)
+        pool.submit(tq.Task("early"), priority=1)
+        pool.submit(tq.Task("delayed"), delay=0.05, priority=1)
+        # Observe the scheduler hand the delayed task to the queue, behind "early".
+        wait_until(lambda: pool._queue.qsize() == 2, "the delayed task to fall due")
+        pool.submit(tq.Task("late"), priority=1)
+        pool.submit(tq.Task("high"), priority=2)
+        handler.gate.set()
+        pool.shutdown(wait=True)
+        assert handler.order == ["blocker", "high", "early", "delayed", "late"]
+
+    def test_cancel_pending_cancels_a_waiting_delayed_task_at_once(
+        self, make_pool: Callable
+    ) -> None:
+        handler = _StartOrder()
+        pool = make_pool(handler, workers=1)
+        waiting = pool.submit(tq.Task("waiting"), delay=3600.0)
+        pool.shutdown(wait=True, cancel_pending=True)  # cancels instead of waiting an hour
+        assert waiting.result(0).status is tq.TaskStatus.CANCELLED
+        assert handler.order == []
+
+    @pytest.mark.parametrize(
+        ("value", "error"),
+        [(-0.5, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+         (10**400, ValueError), (True, TypeError), ("1", TypeError), (None, TypeError)],
+    )  # fmt: skip
+    def test_a_bad_delay_is_refused_and_nothing_is_accepted(
+        self, make_pool: Callable, value: Any, error: type[Exception]
+    ) -> None:
+        pool = make_pool(lambda task: None, workers=1)
+        with pytest.raises(error, match=r"^delay must be ") as info:
+            pool.submit(tq.Task("t"), delay=value)
+        assert "\n" not in str(info.value)
+        assert pool.metrics.snapshot()["submitted"] == 0

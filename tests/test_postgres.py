@@ -506,3 +506,56 @@ def test_opening_a_complete_schema_takes_no_lock_writers_would_wait_on(pg_url: s
             writer.rollback()
             opener.join(WAIT)
     assert failures == []
+
+
+# A tasks table as versions before delays and priorities made it (no priority, no run_at).
+LEGACY_TASKS = """CREATE TABLE {schema}.tasks (
+    id TEXT PRIMARY KEY, key TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL,
+    token BIGINT, worker TEXT, lease_expires DOUBLE PRECISION,
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+    enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)"""
+
+
+def task_columns(schema: str) -> set[str]:
+    rows = pg_rows(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = 'tasks'",
+        (schema,),
+    )
+    return {name for (name,) in rows}
+
+
+@pytest.mark.timeout(60)
+def test_a_tasks_table_from_before_delays_is_read_as_is_then_migrated(
+    launcher: Launcher, pg_url: str
+) -> None:
+    tq.open_store(pg_url).close()
+    schema = schema_of(pg_url)
+    store_fixtures.pg_execute(f"DROP TABLE {schema}.tasks")
+    store_fixtures.pg_execute(LEGACY_TASKS.format(schema=schema))
+    store_fixtures.pg_execute(f"CREATE INDEX tasks_ready ON {schema}.tasks (state, enqueued_at)")
+    for task_id, enqueued_at in (("old-2", 2.0), ("old-1", 1.0)):
+        store_fixtures.pg_execute(
+            f"INSERT INTO {schema}.tasks (id, key, payload, state, attempts, enqueued_at, "
+            "updated_at) VALUES (%s, %s, '{}', 'queued', 0, %s, %s)",
+            (task_id, task_id, enqueued_at, enqueued_at),
+        )
+    proc = launcher.run("status", "--db", pg_url, "--json", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert (status["tasks"]["queued"], status["delayed"]) == (2, 0)
+    assert "run_at" not in task_columns(schema)  # a reader writes nothing
+    store = tq.open_store(pg_url)  # an opener that may create migrates in place
+    try:
+        assert {"priority", "run_at"} <= task_columns(schema)
+        store.enqueue_many([tq.Task("new-high")], priority=1)
+        store.enqueue_many([tq.Task("new-later")], delay=3600)
+        taken = store.take_many("w", 10)
+        assert [(item.task.id, item.priority) for item in taken] == [
+            ("new-high", 1),
+            ("old-1", 0),
+            ("old-2", 0),
+        ]
+        assert store.queue_status()["delayed"] == 1
+    finally:
+        store.close()

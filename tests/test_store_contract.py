@@ -721,6 +721,7 @@ def test_queue_status_reports_counts_oldest_and_stalled(backend: Backend) -> Non
     empty = store.queue_status()
     assert empty == {
         "tasks": {"queued": 0, "running": 0, "done": 0, "failed": 0},
+        "delayed": 0,
         "oldest_queued_seconds": None,
         "stalled": 0,
         "workers": [],
@@ -735,6 +736,106 @@ def test_queue_status_reports_counts_oldest_and_stalled(backend: Backend) -> Non
     status = store.queue_status()
     assert status["oldest_queued_seconds"] is None
     assert status["tasks"] == {"queued": 0, "running": 2, "done": 0, "failed": 0}
+
+
+# --- Delays and priorities -----------------------------------------------------------------------
+
+
+def test_take_many_takes_the_highest_priority_first_then_submission_order(
+    backend: Backend,
+) -> None:
+    first, second = backend.stores(2)
+    submitted = [("a", 0), ("b", 5), ("c", -1), ("d", 5), ("e", 0), ("f", 1000), ("g", -1000)]
+    for name, priority in submitted:  # one enqueue each: each its own enqueue time
+        first.enqueue_many([tq.Task(name)], priority=priority)
+    expected = [name for name, _ in sorted(submitted, key=lambda item: -item[1])]
+    taken = first.take_many("w1", 3) + second.take_many("w2", 10)
+    assert [item.task.id for item in taken] == expected
+    assert [item.priority for item in taken] == sorted((p for _, p in submitted), reverse=True)
+
+
+def test_one_enqueue_may_give_each_task_its_own_priority_and_delay(backend: Backend) -> None:
+    store = backend.open()
+    added = store.enqueue_many(
+        [tq.Task("low"), tq.Task("high"), tq.Task("later")],
+        priority=[-1, 7, 1000],
+        delay=(0, 0.0, 3600),
+    )
+    assert added == 3
+    assert [(item.task.id, item.priority) for item in store.take_many("w", 10)] == [
+        ("high", 7),
+        ("low", -1),
+    ]
+    assert task_counts(store) == {"queued": 1, "running": 2, "done": 0, "failed": 0}
+    assert store.queue_status()["delayed"] == 1
+
+
+def test_a_delayed_task_is_taken_only_once_it_is_due(backend: Backend) -> None:
+    producer, taker = backend.stores(2)
+    assert producer.next_run_at() is None
+    before = time.time()
+    producer.enqueue_many([tq.Task("later")], delay=0.5, priority=9)
+    producer.enqueue_many([tq.Task("now")])
+    due = taker.next_run_at()
+    assert due is not None and due >= before + 0.5
+    status = taker.queue_status()
+    assert (status["tasks"]["queued"], status["delayed"]) == (2, 1)
+    assert [item.task.id for item in taker.take_many("w", 10)] == ["now"]
+    (later,) = wait_until(lambda: taker.take_many("w", 10), "the delayed task to fall due")
+    assert time.time() >= due  # taken no sooner than its due time
+    assert (later.task.id, later.priority) == ("later", 9)
+    assert taker.next_run_at() is None
+    assert taker.queue_status()["delayed"] == 0
+
+
+def test_a_delayed_task_returned_to_the_queue_keeps_its_place(backend: Backend) -> None:
+    store = backend.open()
+    store.enqueue_many([tq.Task("first")], delay=0.2)
+    store.enqueue_many([tq.Task("second")], delay=0.4)
+    (taken,) = wait_until(lambda: store.take_many("w", 1), "the first task to fall due")
+    assert taken.task.id == "first"
+    assert store.settle_many([("first", taken.token, QUEUED, None)]) == 1
+    due = store.next_run_at()  # the second task's, unless it is due already
+    if due is not None:
+        wait_until(lambda: time.time() >= due, "the second task to fall due")
+    assert [item.task.id for item in store.take_many("w", 5)] == ["first", "second"]
+
+
+def test_take_task_with_a_delay_is_taken_over_only_once_due(backend: Backend) -> None:
+    if not backend.shared:
+        pytest.skip("memory:// has no second process to take over")
+    holder = backend.open(lease_seconds=SHORT_LEASE)
+    rival = backend.open()
+    before = time.time()
+    assert holder.take_task(tq.Task("t"), "holder", delay=1.0, priority=3) is not None
+    wait_until(lambda: rival.queue_status()["stalled"] == 1, "the holder's lease to run out")
+    assert time.time() < before + 1.0, "the lease outlived the delay: nothing was checked"
+    assert rival.take_many("rival", 5) == []  # its lease ran out, but it is not due yet
+    (taken,) = wait_until(lambda: rival.take_many("rival", 5), "the task to fall due")
+    assert time.time() >= before + 1.0
+    assert (taken.task.id, taken.priority) == ("t", 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"delay": -1}, ValueError), ({"delay": float("nan")}, ValueError),
+     ({"delay": "1"}, TypeError), ({"priority": 1001}, ValueError),
+     ({"priority": True}, TypeError), ({"priority": [1]}, ValueError),
+     ({"delay": [0, -1]}, ValueError), ({"priority": (0, 2.5)}, TypeError)],
+)  # fmt: skip
+def test_enqueue_many_refuses_a_bad_delay_or_priority_and_adds_nothing(
+    backend: Backend, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    store = backend.open()
+    rule = r"^(delay|priority) (must be|has \d+ values for 2 tasks)"
+    with pytest.raises(error, match=rule) as info:
+        store.enqueue_many([tq.Task("a"), tq.Task("b")], **kwargs)
+    assert "\n" not in str(info.value)
+    assert sum(task_counts(store).values()) == 0
+    if not any(isinstance(value, (list, tuple)) for value in kwargs.values()):
+        with pytest.raises(error, match=rule):
+            store.take_task(tq.Task("a"), "w", **kwargs)
+        assert sum(task_counts(store).values()) == 0
 
 
 def test_concurrent_takers_never_get_the_same_task(backend: Backend) -> None:

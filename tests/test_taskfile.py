@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import task_queue_optimized
 from task_queue_optimized import Task, TaskFileError, load_tasks
 
 pytestmark = pytest.mark.timeout(10)
@@ -267,7 +268,7 @@ BAD_TASKS = [
     pytest.param({"id": "a", "idempotency_key": 5}, "idempotency_key", id="int-key"),
     pytest.param({"id": "a", "idempotency_key": ""}, "idempotency_key", id="empty-key"),
     pytest.param({"id": "a", "idempotency_key": {}}, "idempotency_key", id="object-key"),
-    pytest.param({"id": "a", "priority": 1}, "priority", id="unknown-field"),
+    pytest.param({"id": "a", "retries": 1}, "retries", id="unknown-field"),
 ]
 
 
@@ -311,6 +312,62 @@ def test_from_dict_rejects_non_mapping(task: object) -> None:
     """Prove Task.from_dict raises TaskFileError for something that is not an object."""
     with pytest.raises(TaskFileError):
         Task.from_dict(task)  # type: ignore[arg-type]
+
+
+BAD_SCHEDULES = [
+    pytest.param({"id": "a", "delay_seconds": -1}, "delay_seconds", id="negative-delay"),
+    pytest.param({"id": "a", "delay_seconds": "5"}, "delay_seconds", id="string-delay"),
+    pytest.param({"id": "a", "delay_seconds": True}, "delay_seconds", id="bool-delay"),
+    pytest.param({"id": "a", "delay_seconds": [1]}, "delay_seconds", id="list-delay"),
+    pytest.param({"id": "a", "delay_seconds": 10**400}, "delay_seconds", id="huge-int-delay"),
+    pytest.param({"id": "a", "priority": 1001}, "priority", id="priority-above-range"),
+    pytest.param({"id": "a", "priority": -1001}, "priority", id="priority-below-range"),
+    pytest.param({"id": "a", "priority": 1.5}, "priority", id="fractional-priority"),
+    pytest.param({"id": "a", "priority": 1.0}, "priority", id="float-priority"),
+    pytest.param({"id": "a", "priority": True}, "priority", id="bool-priority"),
+    pytest.param({"id": "a", "priority": "1"}, "priority", id="string-priority"),
+]
+
+
+@pytest.mark.parametrize(("task", "field"), BAD_SCHEDULES)
+def test_a_bad_delay_or_priority_names_the_task_the_field_and_the_rule(
+    tmp_path: Path, task: dict, field: str
+) -> None:
+    """Prove a delay or priority of the wrong type or out of range is refused, saying why."""
+    path = _write(tmp_path, json.dumps({"tasks": [GOOD, task]}))
+    err = _load_error(path)
+    assert (err.index, err.field) == (1, field)
+    assert re.search(rf"task 1: field '{field}' must be ", str(err)), str(err)
+    with pytest.raises(TaskFileError, match=rf"field '{field}' must be "):
+        Task.from_dict(task)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5], ids=["nan", "inf", "neg"])
+def test_from_dict_rejects_a_delay_json_files_cannot_spell(value: float) -> None:
+    """Prove a non-finite or negative delay given to Task.from_dict names 'delay_seconds'."""
+    with pytest.raises(TaskFileError) as info:
+        Task.from_dict({"id": "a", "delay_seconds": value})
+    assert info.value.field == "delay_seconds"
+    assert "field 'delay_seconds' must be" in str(info.value)
+
+
+def test_delay_and_priority_are_read_with_each_task(tmp_path: Path) -> None:
+    """Prove a file's delay_seconds and priority come back with their task (null means 0)."""
+    tasks = [
+        {"id": "a", "delay_seconds": 2.5, "priority": -1000},
+        {"id": "b", "priority": 1000, "delay_seconds": 0},
+        {"id": "c", "delay_seconds": None, "priority": None},
+        {"id": "d", "delay_seconds": 3},
+    ]
+    path = _write(tmp_path, json.dumps(tasks))
+    entries = task_queue_optimized._load_task_entries(path)
+    assert [tuple(entry) for entry in entries] == [
+        (Task("a"), 2.5, -1000),
+        (Task("b"), 0.0, 1000),
+        (Task("c"), 0.0, 0),
+        (Task("d"), 3.0, 0),
+    ]
+    assert load_tasks(path) == [Task("a"), Task("b"), Task("c"), Task("d")]
 
 
 def test_from_dict_accepts_a_full_task() -> None:
