@@ -402,18 +402,21 @@ def test_bad_task_fields_are_refused_naming_the_field(kwargs: Any, field: str) -
 
 
 @pytest.mark.parametrize(
-    ("value", "field"),
-    [({"group": 7}, "group"), ({"group": ""}, "group"), ({"timeout_seconds": 0}, "timeout_seconds"),
-     ({"timeout_seconds": "1"}, "timeout_seconds"), ({"timeout_seconds": True}, "timeout_seconds")],
+    ("value", "reason"),
+    [({"group": 7}, "field 'group' must be a non-empty string"),
+     ({"group": ""}, "field 'group' must be a non-empty string"),
+     ({"timeout_seconds": 0}, "field 'timeout_seconds' must be a number of seconds > 0"),
+     ({"timeout_seconds": "1"}, "field 'timeout_seconds' must be a number of seconds > 0"),
+     ({"timeout_seconds": True}, "field 'timeout_seconds' must be a number of seconds > 0")],
 )  # fmt: skip
 def test_bad_task_file_fields_exit_2_naming_task_and_field(
-    tmp_path: Path, value: dict[str, Any], field: str
+    tmp_path: Path, value: dict[str, Any], reason: str
 ) -> None:
     path = write_tasks(tmp_path / "tasks.json", [{"id": "a"}, {"id": "b", **value}])
     before = tree_bytes(tmp_path)
     proc = run_cli(["--task-file", str(path), "--db", str(tmp_path / "p.db")], tmp_path)
     line = one_line_error(proc)
-    assert "task 1" in line and repr(field) in line
+    assert "task 1" in line and reason in line
     assert tree_bytes(tmp_path) == before
 
 
@@ -424,26 +427,29 @@ def test_task_file_groups_and_timeouts_are_read() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "named"),
+    ("args", "env", "named", "reason"),
     [
-        (["--rate-limit", "5/d"], {}, "--rate-limit"),
-        (["--rate-limit", "github=5/s", "--rate-limit", "github=1/s"], {}, "--rate-limit"),
-        (["--rate-limit", "5/s", "--rate-limit", "6/s"], {}, "--rate-limit"),
-        (["--rate-limit", "=5/s"], {}, "--rate-limit"),
-        (["--task-timeout", "0"], {}, "--task-timeout"),
-        (["--task-timeout", "soon"], {}, "--task-timeout"),
-        ([], {"TQ_RATE_LIMIT": "lots"}, "TQ_RATE_LIMIT"),
-        ([], {"TQ_TASK_TIMEOUT": "-3"}, "TQ_TASK_TIMEOUT"),
+        (["--rate-limit", "5/d"], {}, "--rate-limit", "calls per period such as '100/s'"),
+        (["--rate-limit", "api=5/s", "--rate-limit", "api=1/s"], {}, "--rate-limit",
+         "two limits for group 'api'"),
+        (["--rate-limit", "5/s", "--rate-limit", "6/s"], {}, "--rate-limit",
+         "two limits for every call"),
+        (["--rate-limit", "=5/s"], {}, "--rate-limit", "must be a non-empty string"),
+        (["--task-timeout", "0"], {}, "--task-timeout", "expected a number > 0"),
+        (["--task-timeout", "soon"], {}, "--task-timeout", "expected a number > 0"),
+        ([], {"TQ_RATE_LIMIT": "lots"}, "TQ_RATE_LIMIT", "calls per period such as '100/s'"),
+        ([], {"TQ_TASK_TIMEOUT": "-3"}, "TQ_TASK_TIMEOUT", "expected a number > 0"),
     ],
-)
+)  # fmt: skip
 def test_bad_flags_and_variables_exit_2_and_touch_nothing(
-    tmp_path: Path, args: list[str], env: dict[str, str], named: str
+    tmp_path: Path, args: list[str], env: dict[str, str], named: str, reason: str
 ) -> None:
     tasks = write_tasks(tmp_path / "tasks.json", [{"id": "a"}])
     before = tree_bytes(tmp_path)
     for command in (["--task-file", str(tasks)], ["worker"]):
         proc = run_cli([*command, "--db", str(tmp_path / "p.db"), *args], tmp_path, env)
-        assert named in one_line_error(proc)
+        line = one_line_error(proc)
+        assert named in line and reason in line
     assert tree_bytes(tmp_path) == before
 
 
