@@ -83,6 +83,7 @@ __all__ = [
     "DEFAULT_CLAIM_POLL_INTERVAL",
     "DEFAULT_DB_FILE",
     "DEFAULT_DURABILITY",
+    "DEFAULT_FAILED_LIMIT",
     "DEFAULT_JITTER_MS",
     "DEFAULT_LATENCY_MS",
     "DEFAULT_LEASE_SECONDS",
@@ -92,6 +93,7 @@ __all__ = [
     "DEFAULT_MAX_TASK_FILE_BYTES",
     "DEFAULT_METRICS_FILE",
     "DEFAULT_MULTIPLIER",
+    "DEFAULT_QUEUE",
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_TASKS",
     "DEFAULT_WORKERS",
@@ -110,6 +112,7 @@ __all__ = [
     "ErrorKind",
     "IdempotencyConflictError",
     "IdempotencyManager",
+    "KeyState",
     "MemoryStore",
     "MetricsCollector",
     "Outcome",
@@ -161,6 +164,8 @@ DEFAULT_MAX_TASK_FILE_BYTES = 64 * 1024 * 1024
 DEFAULT_DB_FILE = "task_queue.db"
 DEFAULT_METRICS_FILE = "metrics.json"
 DEFAULT_TASKS = 100
+DEFAULT_QUEUE = "default"  # the named queue of a task that names none
+DEFAULT_FAILED_LIMIT = 100  # failed tasks `failed_tasks` and ``task-queue failed`` list at once
 DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
@@ -205,6 +210,7 @@ IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SQLITE_HEADER = b"SQLite format 3\x00"
 MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NOT_FINISHED = 3  # ``task-queue result``: the key is unknown or has not finished
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -356,7 +362,8 @@ _EMPTY_FINGERPRINT = hashlib.sha256(b"{}").hexdigest()
 # commands that read a file apply them (see `_load_task_entries`); a `Task` does not carry them.
 _SCHEDULE_FIELDS = frozenset({"delay_seconds", "priority"})
 _TASK_FIELDS = (
-    frozenset({"id", "payload", "idempotency_key", "group", "timeout_seconds"}) | _SCHEDULE_FIELDS
+    frozenset({"id", "payload", "idempotency_key", "queue", "group", "timeout_seconds"})
+    | _SCHEDULE_FIELDS
 )
 
 
@@ -425,6 +432,28 @@ def _checked_timeout(value: Any, field: str) -> float:
     return float(value)
 
 
+def _queue_problem(value: Any) -> str | None:
+    """Return why `value` cannot name a queue, or None when it can.
+
+    A key's rules (`_text_problem`), and printable with no whitespace and no comma: a queue name
+    is typed on command lines, where ``--queues a,b`` separates names by commas.
+    """
+    problem = _text_problem(value)
+    if problem is None and not (value.isprintable() and not any(c.isspace() for c in value)):
+        problem = "must be printable, without whitespace"
+    if problem is None and "," in value:
+        problem = "must not contain a comma"
+    return problem
+
+
+def _check_queue_name(value: Any, source: str) -> str:
+    """Return `value` if it can name a queue; else raise ValueError naming `source`."""
+    problem = _queue_problem(value)
+    if problem is not None:
+        raise ValueError(f"{source} {problem}, not {_shown(value)}")
+    return value
+
+
 def _storable_text(text: str | None) -> str | None:
     """Return `text` as every store can keep it: NUL and lone surrogates written as escapes.
 
@@ -490,12 +519,14 @@ def _schedule_of(mapping: Mapping[str, Any]) -> tuple[float, int]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Task:
-    """One unit of work: an id, a JSON payload and an optional idempotency key.
+    """One unit of work: an id, a JSON payload, an optional idempotency key and a named queue.
 
     The id and the key must be non-empty strings that every store can keep: no NUL character and
-    no lone surrogate. A payload of None means the empty dict. `group` names the rate limit the
-    task's calls count against (`WorkerPool(rate_limits=...)`), with the rules of a key;
-    `timeout` bounds each attempt in seconds, overriding the pool's ``task_timeout``.
+    no lone surrogate. A payload of None means the empty dict. The queue (default ``"default"``)
+    is where the durable queue keeps the task; workers choose the queues they serve. Its name
+    follows the key's rules and is printable, without whitespace or commas. `group` names the
+    rate limit the task's calls count against (`WorkerPool(rate_limits=...)`), with the rules of
+    a key; `timeout` bounds each attempt in seconds, overriding the pool's ``task_timeout``.
 
     Raises:
         TaskFileError: (a `ValueError`) a field is invalid; the error names it.
@@ -504,6 +535,7 @@ class Task:
     id: str
     payload: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
     idempotency_key: str | None = None
+    queue: str = DEFAULT_QUEUE
     group: str | None = None
     timeout: float | None = None
 
@@ -513,6 +545,10 @@ class Task:
         _check_text_field(self.id, "id")
         if self.idempotency_key is not None:
             _check_text_field(self.idempotency_key, "idempotency_key")
+        if self.queue != DEFAULT_QUEUE:
+            problem = _queue_problem(self.queue)
+            if problem is not None:
+                raise TaskFileError(f"field 'queue' {problem}", field="queue")
         if self.payload is None:
             object.__setattr__(self, "payload", {})
         if self.group is not None:
@@ -526,10 +562,11 @@ class Task:
         return self.idempotency_key or self.id
 
     @classmethod
-    def from_dict(cls, mapping: Any) -> Task:
+    def from_dict(cls, mapping: Any, *, queue: str = DEFAULT_QUEUE) -> Task:
         """Build a task from a parsed JSON object.
 
         ``"payload": null`` means the empty payload, as ``"idempotency_key": null`` means no key.
+        `queue` is the queue of a task whose object names none (``"queue": null`` names none).
         The fields ``"delay_seconds"`` and ``"priority"`` are checked here but belong to the
         submission, not to the task: ``task-queue enqueue`` and a ``--task-file`` run apply them.
 
@@ -560,7 +597,15 @@ class Task:
         if timeout is not None:
             timeout = _checked_timeout(timeout, "timeout_seconds")
         _schedule_of(mapping)
-        return cls(task_id, payload, key, group=mapping.get("group"), timeout=timeout)
+        named = mapping.get("queue")
+        return cls(
+            task_id,
+            payload,
+            key,
+            queue if named is None else named,
+            group=mapping.get("group"),
+            timeout=timeout,
+        )
 
 
 class _TextEnum(str, enum.Enum):
@@ -810,7 +855,9 @@ class _TaskEntry(NamedTuple):
     priority: int = 0
 
 
-def load_tasks(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> list[Task]:
+def load_tasks(
+    path: str | os.PathLike[str], *, max_bytes: int | None = None, queue: str = DEFAULT_QUEUE
+) -> list[Task]:
     """Read and validate a task file (section 3.10 of the contract).
 
     The fields ``"delay_seconds"`` and ``"priority"`` are validated, not returned: a `Task` does
@@ -820,6 +867,7 @@ def load_tasks(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
         path: a UTF-8 JSON file: a list of task objects, or ``{"tasks": [...]}``.
         max_bytes: the size cap, checked before parsing; default ``TQ_MAX_TASK_FILE_BYTES`` or
             64 MiB.
+        queue: the queue of the tasks that name none (a task's own ``"queue"`` wins).
 
     Returns:
         The tasks, in file order.
@@ -829,11 +877,11 @@ def load_tasks(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
             file and, where they apply, the line and column or the task's index and field.
         ConfigError: ``TQ_MAX_TASK_FILE_BYTES`` is invalid.
     """
-    return [entry.task for entry in _load_task_entries(path, max_bytes=max_bytes)]
+    return [entry.task for entry in _load_task_entries(path, max_bytes=max_bytes, queue=queue)]
 
 
 def _load_task_entries(
-    path: str | os.PathLike[str], *, max_bytes: int | None = None
+    path: str | os.PathLike[str], *, max_bytes: int | None = None, queue: str = DEFAULT_QUEUE
 ) -> list[_TaskEntry]:
     """Read and validate a task file as `load_tasks` does; return each task with its schedule."""
     name = os.fspath(path)
@@ -857,7 +905,7 @@ def _load_task_entries(
         document = _parse_json(text)
     except TaskFileError as exc:
         raise exc.located(name) from None
-    return _tasks_from_document(document, name)
+    return _tasks_from_document(document, name, queue)
 
 
 def _read_task_file(name: str, limit: int) -> bytes:
@@ -882,7 +930,7 @@ def _read_task_file(name: str, limit: int) -> bytes:
     return data
 
 
-def _tasks_from_document(document: Any, name: str) -> list[_TaskEntry]:
+def _tasks_from_document(document: Any, name: str, queue: str = DEFAULT_QUEUE) -> list[_TaskEntry]:
     if isinstance(document, dict):
         extra = sorted(set(document) - {"tasks"})
         if extra or "tasks" not in document:
@@ -902,7 +950,7 @@ def _tasks_from_document(document: Any, name: str) -> list[_TaskEntry]:
     first_index: dict[str, int] = {}
     for index, item in enumerate(document):
         try:
-            task = Task.from_dict(item)
+            task = Task.from_dict(item, queue=queue)
             delay, priority = _schedule_of(item)
         except TaskFileError as exc:
             raise exc.located(name, index) from None
@@ -1025,6 +1073,30 @@ class Claim:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class KeyState:
+    """What became of one idempotency key (`IdempotencyManager.get`).
+
+    `state` is ``"completed"`` (`output` holds the cached output), ``"failed"`` (`error` holds the
+    last error; a later submission runs it again) or ``"in_progress"`` (claimed, running or
+    held by a lease); `attempts` counts the handler calls made for the key (a run cut short by
+    its process's death counts one); `updated_at` is a `time.time()` value; `namespace` is the
+    handler that owns the key.
+    """
+
+    key: str
+    state: str
+    output: Any = None
+    error: str | None = None
+    attempts: int = 0
+    updated_at: float | None = None
+    namespace: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the state as a JSON-compatible dict (``task-queue result --json``)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class QueuedTask:
     """A task taken from the durable queue, with the token that fences its settlement and the
     priority it was enqueued with."""
@@ -1091,45 +1163,71 @@ class Store(Protocol):
       a legacy key owns it, whichever process wrote that row and whenever. `starts` lists the
       ``(task_id, entry_token)`` of durable-queue rows about to run: in the same transaction, each
       one still held by that token whose key this call claims counts one started run.
-    - ``complete_many([(key, token, output_json)])``, ``renew_many([(key, token)])``,
-      ``release_many([(key, token, error)])``: each acts only where the token still owns the key
-      (fencing; tokens are unique, so they need no namespace); the batch is one transaction,
-      committed before the call returns.
+    - ``complete_many([(key, token, output_json, calls)])``, ``renew_many([(key, token)])``,
+      ``release_many([(key, token, error, calls)])``: each acts only where the token still owns
+      the key (fencing; tokens are unique, so they need no namespace); the batch is one
+      transaction, committed before the call returns. A key row's ``attempts`` counts handler
+      calls as a task row's does: one at each claim won, and `calls` (a run's retries; may be
+      left out: 0) when the run completes or releases the key.
     - ``lookup(key, namespace=None)`` (None: the key in any namespace, a completed row first),
       ``mark_processed(key, output_json, namespace="")``, ``purge_expired``, ``stats``.
     - ``live_claims(namespace)``: ``(token, lease_expires)`` of the live claims of `namespace`
       (and of ``""``), for telling a user what a run waits for.
 
-    Durable queue: one row per task id, ``queued``, ``running`` (a lease, a token and the worker's
-    name), ``done`` or ``failed``.
+    Durable queue: one row per task id, in a named queue (`Task.queue`), ``queued``, ``running``
+    (a lease, a token and the worker's name), ``done`` or ``failed`` (with its error and error
+    kind). A row's ``attempts`` counts handler calls: the first call of a run when the run starts
+    (see ``claim_many``), the others (retries) when the run settles; a run cut short by its
+    worker's death counts one.
 
     - ``enqueue_many(tasks, delay=0.0, priority=0)``: insert new ids as queued, all or nothing,
       and return how many were new. `delay` (seconds) and `priority` are one value for every
       task or a sequence of one per task; a delayed row stores its due time ``run_at`` (NULL
       when there is no delay) and waits, still ``queued``, until then. An id already stored with
-      the same key and payload is left alone; with another key or payload it raises
+      the same key, payload and queue is left alone; with another one it raises
       `TaskConflictError` and nothing is inserted.
-    - ``take_many(worker, limit, max_crashes=None)``: lease up to `limit` queued tasks that are
-      due, or lease-expired ones, the highest priority first and, within a priority, the one
-      ready longest (``coalesce(run_at, enqueued_at)``) first, skipping rows other workers hold;
-      the result is in that order. A lease-expired task whose runs all
-      ended with their worker's death, `max_crashes` of them, is failed as crashed instead. A
-      task's ``attempts`` counts the runs started since it was submitted (see ``claim_many``):
-      a take alone counts nothing, so a task leased but never started (prefetched by a worker that
-      died, returned unrun) is simply taken again; a failed task submitted again starts afresh.
+    - ``take_many(worker, limit, max_crashes=None, queues=None)``: lease up to `limit` queued
+      tasks of `queues` (None: every queue) that are due, or lease-expired ones, the highest
+      priority first and, within a priority, the one ready longest (``coalesce(run_at,
+      enqueued_at)``) first, skipping rows other workers hold; the result is in that order. A
+      lease-expired task of those queues whose runs all ended with their worker's death,
+      `max_crashes` of them, is failed as crashed instead (error kind ``crashed``). Every run
+      that ends otherwise settles its row, so such a row's ``attempts`` counts its crashed runs:
+      a take alone counts nothing, so a task leased but never started (prefetched by a worker
+      that died, returned unrun) is simply taken again; a failed task submitted again starts
+      afresh.
       Each row is read back on its own: one that is no task (an id or key no store can keep,
       a payload that is not a JSON object) is failed alone, in the same transaction, with a
       ``permanent`` error naming the field, and the others are returned.
     - ``take_task(task, worker, delay=0.0, priority=0)``: persist one task as running for this
       worker (None when it is done, or running elsewhere; `TaskConflictError` when the id is
-      stored with another key or payload, changing nothing). With a delay the row stores its due
-      time, so that another worker takes it over after this one's lease only once it is due.
+      stored with another key, payload or queue, changing nothing). With a delay the row stores
+      its due time, so that another worker takes it over after this one's lease only once it is
+      due.
     - ``next_run_at()``: the earliest due time (a `time.time()` value) of a queued task still
       waiting out its delay, or None: an idle worker waits for work until then at the latest.
-    - ``settle_many([(task_id, token, state, error)])``: record a final state, or return a task to
-      the queue, where the token still owns it. ``renew_tasks(worker, info, entries)``: extend the
+    - ``settle_many([(task_id, token, state, error, error_kind, calls)])`` (the last two may be
+      left out: None and 0): record a final state, or return a task to the queue, where the token
+      still owns it; `calls` are handler calls to add to ``attempts`` (a run's retries).
+      ``complete_many``'s `settle` items are ``(index, task_id, entry_token, calls)`` alike (calls
+      may be left out). ``renew_tasks(worker, info, entries)``: extend the
       leases of the worker's running tasks (only the ``(task_id, token)`` `entries` when given:
       a row taken by a take whose answer was lost is then left to expire) and record a heartbeat.
+      ``queue_status()``: counts by state, by queue (``queues``: name -> ``queued``, ``delayed``,
+      ``running``, ``failed``, ``done``, ``oldest_waiting_age``), stalled rows and the workers'
+      heartbeats (each with the rows it holds, ``running``, and ``alive``: whether its heartbeat
+      is younger than its lease). ``wait_for_work``.
+
+    Operating the queue:
+
+    - ``failed_tasks(queue=None, limit=100)``: failed tasks, newest failure first, as dicts with
+      ``id, key, queue, attempts, error_kind, error, failed_at`` (a `time.time()` value).
+    - ``retry_tasks(ids=None, queue=None)``: failed tasks (those of `ids`, or all of them, only
+      those in `queue` when given) go back to ``queued`` with fresh attempts, at the back of their
+      queue; returns how many moved.
+    - ``cancel_tasks(ids)``: delete the queued tasks among `ids`, delayed ones included (running
+      ones finish); returns how many were withdrawn.
+    - ``task_states(ids)``: id -> state of the tasks of `ids` that exist.
       ``queue_status()``, ``wait_for_work``.
 
     Rate limits (shared by every process on the store):
@@ -1156,11 +1254,11 @@ class Store(Protocol):
     ) -> list[Claim]: ...
     def complete_many(
         self,
-        items: Sequence[tuple[str, int, str]],
-        settle: Sequence[tuple[int, str, int]] | None = None,
+        items: Sequence[tuple[Any, ...]],
+        settle: Sequence[tuple[Any, ...]] | None = None,
     ) -> list[bool]: ...
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int: ...
-    def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int: ...
+    def release_many(self, items: Sequence[tuple[Any, ...]]) -> int: ...
     def lookup(self, key: str, namespace: str | None = None) -> dict[str, Any] | None: ...
     def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None: ...
     def live_claims(self, namespace: str) -> list[tuple[int, float]]: ...
@@ -1174,13 +1272,17 @@ class Store(Protocol):
         priority: int | Sequence[int] = 0,
     ) -> int: ...
     def take_many(
-        self, worker: str, limit: int, max_crashes: int | None = None
+        self,
+        worker: str,
+        limit: int,
+        max_crashes: int | None = None,
+        queues: Sequence[str] | None = None,
     ) -> list[QueuedTask]: ...
     def take_task(
         self, task: Task, worker: str, *, delay: float = 0.0, priority: int = 0
     ) -> int | None: ...
     def next_run_at(self) -> float | None: ...
-    def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int: ...
+    def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int: ...
     def renew_tasks(
         self,
         worker: str,
@@ -1189,6 +1291,12 @@ class Store(Protocol):
     ) -> int: ...
     def queue_status(self) -> dict[str, Any]: ...
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None: ...
+    def failed_tasks(
+        self, queue: str | None = None, limit: int = DEFAULT_FAILED_LIMIT
+    ) -> list[dict[str, Any]]: ...
+    def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int: ...
+    def cancel_tasks(self, ids: Sequence[str]) -> int: ...
+    def task_states(self, ids: Sequence[str]) -> dict[str, str]: ...
     def take_slots(
         self, name: str, count: int, period: float, want: int, hold: float
     ) -> tuple[int, float | None, float]: ...
@@ -1199,6 +1307,85 @@ def _crash_error(crashes: int) -> str:
     """The error of a task failed because its worker died while running it `crashes` times."""
     times = "once" if crashes == 1 else f"{crashes} times in a row"
     return f"{ErrorKind.CRASHED.value}: the worker running it died {times}"
+
+
+def _settlement(item: Sequence[Any]) -> tuple[str, int, EntryState, str | None, str | None, int]:
+    """Return a `settle_many` item with its optional error kind and calls filled in."""
+    task_id, token, state, error, *rest = item
+    kind = rest[0] if rest else None
+    calls = rest[1] if len(rest) > 1 else 0
+    return task_id, token, state, error, None if kind is None else str(kind), calls
+
+
+def _queue_names(queues: Iterable[str] | None, source: str = "queues") -> tuple[str, ...] | None:
+    """Return the queue names of `queues` in order, each once; None means every queue.
+
+    Raises:
+        ValueError: a name is not a queue name, or there is none.
+    """
+    if queues is None:
+        return None
+    if isinstance(queues, str):
+        raise ValueError(f"{source} must be a list of queue names, not the string {_shown(queues)}")
+    where = f"{source}: a queue name"
+    names = tuple(dict.fromkeys(_check_queue_name(name, where) for name in queues))
+    if not names:
+        raise ValueError(f"{source} must name at least one queue (None: every queue)")
+    return names
+
+
+def _check_task_ids(ids: Any, source: str = "ids") -> list[str]:
+    """Return `ids` as a list of task ids.
+
+    Raises:
+        ValueError: `ids` is a string, or holds something no task id can be.
+    """
+    if isinstance(ids, str):
+        raise ValueError(f"{source} must be a list of task ids, not the string {_shown(ids)}")
+    checked = list(ids)
+    for task_id in checked:
+        problem = _text_problem(task_id)
+        if problem is not None:
+            raise ValueError(f"{source}: a task id {problem}, not {_shown(task_id)}")
+    return checked
+
+
+def _check_operation(
+    ids: Any = None, queue: Any = None, limit: Any = DEFAULT_FAILED_LIMIT
+) -> list[str] | None:
+    """Check the arguments of `failed_tasks`, `retry_tasks`, `cancel_tasks` and `task_states`
+    before any store is touched (the same answer from every store); return `ids` as a list.
+
+    Raises:
+        ValueError: an id, the queue name or the limit is invalid; the error names it.
+    """
+    if queue is not None:
+        _check_queue_name(queue, "queue")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, not {_shown(limit)}")
+    return None if ids is None else _check_task_ids(ids)
+
+
+def _worker_entry(name: str, info: Mapping[str, Any], seen_ago: float, running: int,
+                  lease_seconds: float) -> dict[str, Any]:  # fmt: skip
+    """One worker of `queue_status`: its heartbeat, the rows it holds, and whether it lives.
+
+    A worker renews its leases and heartbeat every third of its lease (its heartbeat carries
+    the lease, else the reader's own is assumed): one silent for longer than a lease is gone.
+    """
+    lease = info.get("lease_seconds")
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
+        lease = lease_seconds
+    return {"name": name, "seen_seconds_ago": round(seen_ago, 3), **info, "running": running,
+            "alive": seen_ago <= lease}  # fmt: skip
+
+
+def _queue_entry() -> dict[str, Any]:
+    entry: dict[str, Any] = {"queued": 0, "delayed": 0}
+    entry.update(dict.fromkeys((EntryState.RUNNING.value, EntryState.FAILED.value,
+                                EntryState.DONE.value), 0))  # fmt: skip
+    entry["oldest_waiting_age"] = None
+    return entry
 
 
 def _stored_text(value: Any, field: str) -> str:
@@ -1220,7 +1407,12 @@ def _stored_text(value: Any, field: str) -> str:
 
 
 def _stored_task(
-    task_id: Any, key: Any, payload: Any, group: Any = None, timeout: Any = None
+    task_id: Any,
+    key: Any,
+    payload: Any,
+    queue: Any = DEFAULT_QUEUE,
+    group: Any = None,
+    timeout: Any = None,
 ) -> Task:
     """Build the `Task` of a durable-queue row.
 
@@ -1229,6 +1421,7 @@ def _stored_task(
     """
     task_id = _stored_text(task_id, "id")
     key = _stored_text(key, "key")
+    queue = _stored_text(queue, "queue")
     if group is not None:
         group = _stored_text(group, "group")
     if timeout is not None:
@@ -1243,7 +1436,9 @@ def _stored_task(
         raise TaskFileError(
             f"field 'payload' must be a JSON object, not {_json_type(value)}", field="payload"
         )
-    return Task(task_id, value, None if key == task_id else key, group=group, timeout=timeout)
+    return Task(
+        task_id, value, None if key == task_id else key, queue, group=group, timeout=timeout
+    )
 
 
 def _unreadable_error(exc: TaskFileError) -> str:
@@ -1307,6 +1502,13 @@ def _stored_priority(value: Any) -> int:
     return 0
 
 
+def _failed_entry(task_id: str, key: str, queue: str, attempts: int, kind: str | None,
+                  error: str | None, failed_at: float) -> dict[str, Any]:  # fmt: skip
+    """One element of `failed_tasks` (and of ``task-queue failed --json``)."""
+    return {"id": task_id, "key": key, "queue": queue, "attempts": attempts, "error_kind": kind,
+            "error": error, "failed_at": failed_at}  # fmt: skip
+
+
 def _empty_status() -> dict[str, Any]:
     return {
         "tasks": dict.fromkeys((state.value for state in EntryState), 0),
@@ -1314,6 +1516,7 @@ def _empty_status() -> dict[str, Any]:
         "oldest_queued_seconds": None,
         "stalled": 0,
         "workers": [],
+        "queues": {},
     }
 
 
@@ -1391,6 +1594,7 @@ class MemoryStore:
                         "error": None,
                         "lease_expires": lease,
                         "updated_at": now,
+                        "attempts": 1 if row is None else row.get("attempts", 0) + 1,
                     }
                     claims.append(Claim(ClaimState.CLAIMED, token=token, lease_expires=lease))
                 elif not agrees:
@@ -1421,19 +1625,20 @@ class MemoryStore:
 
     def complete_many(
         self,
-        items: Sequence[tuple[str, int, str]],
-        settle: Sequence[tuple[int, str, int]] | None = None,
+        items: Sequence[tuple[Any, ...]],
+        settle: Sequence[tuple[Any, ...]] | None = None,
     ) -> list[bool]:
         results = []
         with self._guard():
             now = time.time()
-            for key, token, text in items:
+            for key, token, text, *calls in items:
                 row = self._owned(key, token)
                 if row is not None:
                     row.update(state=_Row.COMPLETED, output=text, error=None, lease_expires=None,
-                               updated_at=now)  # fmt: skip
+                               updated_at=now,
+                               attempts=row["attempts"] + (calls[0] if calls else 0))  # fmt: skip
                 results.append(row is not None)
-            for index, task_id, entry in settle or ():
+            for index, task_id, entry, *calls in settle or ():
                 task = self._tasks.get(task_id)
                 if (
                     results[index]
@@ -1441,8 +1646,9 @@ class MemoryStore:
                     and task["token"] == entry
                     and (task["state"] == EntryState.RUNNING)
                 ):
-                    task.update(state=EntryState.DONE, error=None, lease_expires=None,
-                                updated_at=now)  # fmt: skip
+                    task.update(state=EntryState.DONE, error=None, error_kind=None,
+                                lease_expires=None, updated_at=now,
+                                attempts=task["attempts"] + (calls[0] if calls else 0))  # fmt: skip
         return results
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
@@ -1456,15 +1662,16 @@ class MemoryStore:
                     count += 1
         return count
 
-    def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
+    def release_many(self, items: Sequence[tuple[Any, ...]]) -> int:
         count = 0
         with self._guard():
             now = time.time()
-            for key, token, error in items:
+            for key, token, error, *calls in items:
                 row = self._owned(key, token)
                 if row is not None:
                     row.update(state=_Row.FAILED, error=_storable_text(error), lease_expires=None,
-                               updated_at=now)  # fmt: skip
+                               updated_at=now,
+                               attempts=row["attempts"] + (calls[0] if calls else 0))  # fmt: skip
                     count += 1
         return count
 
@@ -1482,7 +1689,9 @@ class MemoryStore:
     def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None:
         with self._guard():
             rows = self._keys.setdefault(key, {})
-            row = rows.setdefault(namespace, {"fingerprint": None, "token": _new_token()})
+            row = rows.setdefault(
+                namespace, {"fingerprint": None, "token": _new_token(), "attempts": 0}
+            )
             row.update(state=_Row.COMPLETED, output=output_json, error=None, lease_expires=None,
                        updated_at=time.time())  # fmt: skip
 
@@ -1533,8 +1742,19 @@ class MemoryStore:
     # Durable queue ------------------------------------------------------------------------------
 
     def _check_same(self, task: Task, stored: Task) -> None:
-        if stored.key != task.key or _queue_payload(stored) != _queue_payload(task):
+        if (stored.key != task.key or stored.queue != task.queue
+                or _queue_payload(stored) != _queue_payload(task)):  # fmt: skip
             raise TaskConflictError(task.id)
+
+    @staticmethod
+    def _new_row(
+        task: Task, now: float, priority: int = 0, run_at: float | None = None
+    ) -> dict[str, Any]:
+        return {
+            "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
+            "lease_expires": None, "attempts": 0, "error": None, "error_kind": None,
+            "enqueued_at": now, "updated_at": now, "priority": priority, "run_at": run_at,
+        }  # fmt: skip
 
     def enqueue_many(
         self,
@@ -1556,12 +1776,9 @@ class MemoryStore:
             for task, (wait, rank) in zip(tasks, schedules, strict=True):
                 if task.id in self._tasks:
                     continue
-                self._tasks[task.id] = {
-                    "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
-                    "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
-                    "updated_at": now, "priority": rank,
-                    "run_at": None if wait is None else now + wait,
-                }  # fmt: skip
+                self._tasks[task.id] = self._new_row(
+                    task, now, rank, None if wait is None else now + wait
+                )
                 added += 1
             if added:
                 self._work.notify_all()
@@ -1594,19 +1811,26 @@ class MemoryStore:
         return token
 
     def take_many(
-        self, worker: str, limit: int, max_crashes: int | None = None
+        self,
+        worker: str,
+        limit: int,
+        max_crashes: int | None = None,
+        queues: Sequence[str] | None = None,
     ) -> list[QueuedTask]:
         taken = []
         with self._guard():
             now = time.time()
+            rows = [row for row in self._tasks.values()
+                    if queues is None or row["task"].queue in queues]  # fmt: skip
             if max_crashes is not None:
-                for row in self._tasks.values():
+                for row in rows:
                     if (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now
                             and row["attempts"] >= max_crashes):  # fmt: skip
                         row.update(state=EntryState.FAILED, error=_crash_error(max_crashes),
-                                   lease_expires=None, updated_at=now)  # fmt: skip
+                                   error_kind=ErrorKind.CRASHED.value, lease_expires=None,
+                                   updated_at=now)  # fmt: skip
             ready = sorted(
-                (row for row in self._tasks.values()
+                (row for row in rows
                  if row["state"] != EntryState.FAILED and self._takeable(row, now)),
                 key=self._rank,
             )  # fmt: skip
@@ -1625,11 +1849,7 @@ class MemoryStore:
             if row is not None:
                 self._check_same(task, row["task"])
             else:
-                self._tasks[task.id] = row = {
-                    "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
-                    "lease_expires": None, "attempts": 0, "error": None, "enqueued_at": now,
-                    "updated_at": now, "priority": rank, "run_at": None,
-                }  # fmt: skip
+                self._tasks[task.id] = row = self._new_row(task, now, rank)
             # This submission's schedule replaces the stored one.
             if not self._takeable(row, now, scheduled=False):
                 return None
@@ -1644,16 +1864,17 @@ class MemoryStore:
                    and row["run_at"] > now]  # fmt: skip
         return min(due, default=None)
 
-    def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
+    def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int:
         count = 0
         with self._guard():
             now = time.time()
-            for task_id, token, state, error in items:
+            for task_id, token, state, error, kind, calls in map(_settlement, items):
                 row = self._tasks.get(task_id)
                 if row is None or row["token"] != token or row["state"] != EntryState.RUNNING:
                     continue
-                row.update(state=state, error=_storable_text(error), lease_expires=None,
-                           updated_at=now)  # fmt: skip
+                row.update(state=state, error=_storable_text(error), error_kind=kind,
+                           lease_expires=None, updated_at=now,
+                           attempts=row["attempts"] + calls)  # fmt: skip
                 if state == EntryState.QUEUED:  # returned to the queue, for any worker
                     row.update(token=None, worker=None)
                 count += 1
@@ -1688,21 +1909,91 @@ class MemoryStore:
         with self._guard():
             now = time.time()
             queued = []
+            held: dict[str, int] = {}
+            queues: dict[str, dict[str, Any]] = {}
             for row in self._tasks.values():
-                status["tasks"][row["state"].value] += 1
+                state = row["state"].value
+                status["tasks"][state] += 1
+                entry = queues.setdefault(row["task"].queue, _queue_entry())
                 if row["state"] == EntryState.QUEUED and (row["run_at"] or 0) > now:
                     status["delayed"] += 1
+                    entry["delayed"] += 1
                 elif row["state"] == EntryState.QUEUED:
-                    queued.append(row["enqueued_at"] if row["run_at"] is None else row["run_at"])
-                elif row["state"] == EntryState.RUNNING and row["lease_expires"] <= now:
-                    status["stalled"] += 1
+                    ready = row["enqueued_at"] if row["run_at"] is None else row["run_at"]
+                    queued.append(ready)
+                    entry["queued"] += 1
+                    oldest = entry["oldest_waiting_age"]
+                    age = now - ready
+                    entry["oldest_waiting_age"] = age if oldest is None else max(oldest, age)
+                else:
+                    entry[state] += 1
+                    if row["state"] == EntryState.RUNNING:
+                        held[row["worker"]] = held.get(row["worker"], 0) + 1
+                        if row["lease_expires"] <= now:
+                            status["stalled"] += 1
             if queued:
                 status["oldest_queued_seconds"] = round(now - min(queued), 3)
+            for entry in queues.values():
+                if entry["oldest_waiting_age"] is not None:
+                    entry["oldest_waiting_age"] = round(entry["oldest_waiting_age"], 3)
+            status["queues"] = dict(sorted(queues.items()))
+            lease = self.lease_seconds
             status["workers"] = [
-                {"name": name, "seen_seconds_ago": round(now - w["seen_at"], 3), **w["info"]}
+                _worker_entry(name, w["info"], now - w["seen_at"], held.get(name, 0), lease)
                 for name, w in sorted(self._workers.items())
             ]
         return status
+
+    # Operating the queue ------------------------------------------------------------------------
+
+    def failed_tasks(
+        self, queue: str | None = None, limit: int = DEFAULT_FAILED_LIMIT
+    ) -> list[dict[str, Any]]:
+        _check_operation(queue=queue, limit=limit)
+        with self._guard():
+            rows = [row for row in self._tasks.values() if row["state"] == EntryState.FAILED
+                    and (queue is None or row["task"].queue == queue)]  # fmt: skip
+            rows.sort(key=lambda row: (-row["updated_at"], row["task"].id))
+            return [
+                _failed_entry(row["task"].id, row["task"].key, row["task"].queue,
+                              row["attempts"], row["error_kind"], row["error"], row["updated_at"])
+                for row in rows[:limit]
+            ]  # fmt: skip
+
+    def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        ids = _check_operation(ids=ids, queue=queue)
+        count = 0
+        with self._guard():
+            now = time.time()
+            rows = self._tasks.values() if ids is None else filter(None, map(self._tasks.get, ids))
+            for row in rows:
+                if row["state"] != EntryState.FAILED:
+                    continue
+                if queue is None or row["task"].queue == queue:
+                    row.update(state=EntryState.QUEUED, token=None, worker=None, attempts=0,
+                               error=None, error_kind=None, enqueued_at=now, updated_at=now,
+                               run_at=None)  # fmt: skip
+                    count += 1
+            if count:
+                self._work.notify_all()
+        return count
+
+    def cancel_tasks(self, ids: Sequence[str]) -> int:
+        ids = _check_operation(ids=ids)
+        count = 0
+        with self._guard():
+            for task_id in ids:
+                row = self._tasks.get(task_id)
+                if row is not None and row["state"] == EntryState.QUEUED:
+                    del self._tasks[task_id]
+                    count += 1
+        return count
+
+    def task_states(self, ids: Sequence[str]) -> dict[str, str]:
+        ids = _check_operation(ids=ids)
+        with self._guard():
+            return {task_id: self._tasks[task_id]["state"].value for task_id in ids
+                    if task_id in self._tasks}  # fmt: skip
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         deadline = time.monotonic() + timeout
@@ -1756,6 +2047,7 @@ def _public_row(row: dict[str, Any], namespace: str = "") -> dict[str, Any]:
         "error": row.get("error"),
         "lease_expires": row.get("lease_expires"),
         "updated_at": row.get("updated_at"),
+        "attempts": row.get("attempts", 0),
     }
 
 
@@ -1787,28 +2079,32 @@ class _SqlStore:
     _DDL: tuple[str, ...] = ()
     _TAKE_LOCK = ""  # appended to the take query's row selection (FOR UPDATE SKIP LOCKED)
     # What a take returns of each row (id, key, payload, then the id as the fail statement finds
-    # it, its priority and since when it is ready, its group and timeout), and how that
-    # statement names the id: SQLite's differ (see SqliteStore).
+    # it, its priority and since when it is ready, then its queue, group and timeout), and how
+    # that statement names the id: SQLite's differ (see SqliteStore).
     _TAKE_COLUMNS = (
-        "id, key, payload, id, priority, coalesce(run_at, enqueued_at), task_group, "
+        "id, key, payload, id, priority, coalesce(run_at, enqueued_at), queue, task_group, "
         "timeout_seconds"
     )  # fmt: skip
     _CLOCK = ":now"  # the clock rate-limit slots are stamped with (PostgreSQL: the server's)
     _RAW_ID = "id"
+    # How a take names the queues it serves, and a statement the ids it acts on (the `queues`
+    # and `ids` parameters: a list, see `_list_param`).
+    _QUEUE_FILTER = "queue IN (SELECT value FROM json_each(:queues))"
+    _IDS_FILTER = "id IN (SELECT value FROM json_each(:ids))"
     _SQL = {
         # The WHERE leaves a key alone when it has a row without a namespace to adopt first
         # (two primary-key probes): claim_many then adopts it and claims again.
         "claim": """
-            INSERT INTO {keys} AS t
-                (key, namespace, state, fingerprint, token, lease_expires, created_at, updated_at)
-            SELECT :key, :ns, 'in_progress', :fp, :token, :lease, :now, :now
+            INSERT INTO {keys} AS t (key, namespace, state, fingerprint, token, lease_expires,
+                attempts, created_at, updated_at)
+            SELECT :key, :ns, 'in_progress', :fp, :token, :lease, 1, :now, :now
             WHERE :ns = ''
                OR EXISTS (SELECT 1 FROM {keys} WHERE key = :key AND namespace = :ns)
                OR NOT EXISTS (SELECT 1 FROM {keys} WHERE key = :key AND namespace = '')
             ON CONFLICT (key, namespace) DO UPDATE SET
                 state = 'in_progress', token = excluded.token,
                 lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
-                output = NULL, error = NULL,
+                output = NULL, error = NULL, attempts = t.attempts + 1,
                 fingerprint = coalesce(excluded.fingerprint, t.fingerprint)
             WHERE (t.state = 'failed'
                    OR (t.state = 'in_progress' AND t.lease_expires <= :now)
@@ -1818,11 +2114,13 @@ class _SqlStore:
             RETURNING token
         """,
         "lookup": """
-            SELECT state, fingerprint, output, error, lease_expires, updated_at, namespace
+            SELECT state, fingerprint, output, error, lease_expires, updated_at, namespace,
+                {key_attempts}
             FROM {keys} WHERE key = :key AND namespace = :ns
         """,
         "lookup_any": """
-            SELECT state, fingerprint, output, error, lease_expires, updated_at, namespace
+            SELECT state, fingerprint, output, error, lease_expires, updated_at, namespace,
+                {key_attempts}
             FROM {keys} WHERE key = :key
             ORDER BY state = 'completed' DESC, updated_at DESC LIMIT 1
         """,
@@ -1847,7 +2145,7 @@ class _SqlStore:
         """,
         "complete": """
             UPDATE {keys} SET state = 'completed', output = :output, error = NULL,
-                lease_expires = NULL, updated_at = :now
+                lease_expires = NULL, updated_at = :now, attempts = attempts + :calls
             WHERE key = :key AND token = :token AND state = 'in_progress'
         """,
         "renew": """
@@ -1856,7 +2154,7 @@ class _SqlStore:
         """,
         "release": """
             UPDATE {keys} SET state = 'failed', error = :error, lease_expires = NULL,
-                updated_at = :now
+                updated_at = :now, attempts = attempts + :calls
             WHERE key = :key AND token = :token AND state = 'in_progress'
         """,
         "mark": """
@@ -1874,31 +2172,33 @@ class _SqlStore:
         """,
         "stats": "SELECT state, count(*) FROM {keys} GROUP BY state",
         "enqueue": """
-            INSERT INTO {tasks} (id, key, payload, state, attempts, enqueued_at, updated_at,
-                priority, run_at, task_group, timeout_seconds)
-            VALUES (:id, :key, :payload, 'queued', 0, :now, :now, :priority, :run_at,
+            INSERT INTO {tasks} (id, key, payload, queue, state, attempts, enqueued_at,
+                updated_at, priority, run_at, task_group, timeout_seconds)
+            VALUES (:id, :key, :payload, :queue, 'queued', 0, :now, :now, :priority, :run_at,
                 :task_group, :timeout)
             ON CONFLICT (id) DO NOTHING
         """,
         # Tasks whose every run so far ended with its worker's death are failed, not run again.
+        # A worker fails only those of the queues it serves (`{in_queues}`: see _render_sql).
         "fail_crashed": """
-            UPDATE {tasks} SET state = 'failed', error = :crash_error, lease_expires = NULL,
-                updated_at = :now
+            UPDATE {tasks} SET state = 'failed', error = :crash_error, error_kind = 'crashed',
+                lease_expires = NULL, updated_at = :now
             WHERE id IN (
                 SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
-                    AND attempts >= :max_crashes {take_lock})
+                    AND attempts >= :max_crashes {in_queues} {take_lock})
         """,
         # Two takes, each served by an index with no sort of the backlog: first running tasks
         # whose lease expired (a dead worker's; by the (state, enqueued_at) index), then the
         # queued ones that are due, by the take index (state, priority DESC, ready time): the
         # highest priority first, and within it the one ready longest. A delayed task's ready
-        # time is its due time, so that among due tasks the index range ends at "now".
+        # time is its due time, so that among due tasks the index range ends at "now". A worker
+        # of one named queue has the index (state, queue, priority DESC, ready time).
         "take_expired": """
             UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
                 lease_expires = :lease, updated_at = :now
             WHERE id IN (
                 SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
-                    AND (run_at IS NULL OR run_at <= :now)
+                    AND (run_at IS NULL OR run_at <= :now) {in_queues}
                 LIMIT :limit {take_lock})
             RETURNING {take_columns}
         """,
@@ -1907,23 +2207,23 @@ class _SqlStore:
                 lease_expires = :lease, updated_at = :now
             WHERE id IN (
                 SELECT id FROM {tasks}
-                WHERE state = 'queued' AND coalesce(run_at, enqueued_at) <= :now
+                WHERE state = 'queued' AND coalesce(run_at, enqueued_at) <= :now {in_queues}
                 ORDER BY priority DESC, coalesce(run_at, enqueued_at) LIMIT :limit {take_lock})
             RETURNING {take_columns}
         """,
         # A row just taken that holds no task (see _stored_task) fails on its own.
         "fail_unreadable": """
-            UPDATE {tasks} SET state = 'failed', error = :error, lease_expires = NULL,
-                updated_at = :now
+            UPDATE {tasks} SET state = 'failed', error = :error, error_kind = 'permanent',
+                lease_expires = NULL, updated_at = :now
             WHERE {raw_id} = :raw_id AND token = :token AND state = 'running'
         """,
         # A submission's schedule replaces a stored one: the worker that submits it holds it.
         "take_task": """
-            INSERT INTO {tasks} AS t (id, key, payload, state, token, worker, lease_expires,
-                attempts, enqueued_at, updated_at, priority, run_at, task_group,
+            INSERT INTO {tasks} AS t (id, key, payload, queue, state, token, worker,
+                lease_expires, attempts, enqueued_at, updated_at, priority, run_at, task_group,
                 timeout_seconds)
-            VALUES (:id, :key, :payload, 'running', :token, :worker, :lease, 0, :now, :now,
-                :priority, :run_at, :task_group, :timeout)
+            VALUES (:id, :key, :payload, :queue, 'running', :token, :worker, :lease, 0, :now,
+                :now, :priority, :run_at, :task_group, :timeout)
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
                 attempts = CASE WHEN t.state = 'failed' THEN 0 ELSE t.attempts END,
@@ -1932,12 +2232,13 @@ class _SqlStore:
             WHERE (t.state IN ('queued', 'failed')
                    OR (t.state = 'running' AND t.lease_expires <= :now))
               AND t.key = excluded.key AND t.payload = excluded.payload
+              AND t.queue = excluded.queue
             RETURNING token
         """,
-        "task_entry": "SELECT key, payload FROM {tasks} WHERE id = :id",
+        "task_entry": "SELECT key, payload, queue FROM {tasks} WHERE id = :id",
         "settle": """
             UPDATE {tasks} SET state = :state, error = :error, lease_expires = NULL,
-                updated_at = :now,
+                updated_at = :now, error_kind = :kind, attempts = attempts + :calls,
                 token = CASE WHEN :state = 'queued' THEN NULL ELSE token END,
                 worker = CASE WHEN :state = 'queued' THEN NULL ELSE worker END
             WHERE id = :id AND token = :token AND state = 'running'
@@ -1991,6 +2292,67 @@ class _SqlStore:
             ORDER BY free_at LIMIT 1 OFFSET :skip
         """,
         "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
+        # Operating the queue. The reads name the columns through {queue_col} and {kind_col}: a
+        # reader leaves a database from before named queues as it is (see _render_sql).
+        "queue_counts": """
+            SELECT {queue_col}, state, count(*) FROM {tasks} GROUP BY 1, 2
+        """,
+        # Since when each queue's longest-waiting due task is ready, and its delayed ones.
+        "queue_oldest": """
+            SELECT {queue_col}, min(coalesce(run_at, enqueued_at)) FROM {tasks}
+            WHERE state = 'queued' AND coalesce(run_at, enqueued_at) <= :now GROUP BY 1
+        """,
+        "queue_delayed": """
+            SELECT {queue_col}, count(*) FROM {tasks} WHERE state = 'queued' AND run_at > :now
+            GROUP BY 1
+        """,
+        "held": "SELECT worker, count(*) FROM {tasks} WHERE state = 'running' GROUP BY worker",
+        "failed": """
+            SELECT id, key, {queue_col}, attempts, {kind_col}, error, updated_at FROM {tasks}
+            WHERE state = 'failed' ORDER BY updated_at DESC, id LIMIT :limit
+        """,
+        "failed_in": """
+            SELECT id, key, {queue_col}, attempts, {kind_col}, error, updated_at FROM {tasks}
+            WHERE state = 'failed' AND {queue_col} = :queue
+            ORDER BY updated_at DESC, id LIMIT :limit
+        """,
+        # A retried task goes to the back of its queue, with fresh attempts.
+        "retry_all": """
+            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
+                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
+                run_at = NULL
+            WHERE state = 'failed'
+        """,
+        "retry_all_in": """
+            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
+                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
+                run_at = NULL
+            WHERE state = 'failed' AND queue = :queue
+        """,
+        # By ids: one statement for any number of them (`{ids_filter}`: see _ids_param).
+        "retry_ids": """
+            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
+                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
+                run_at = NULL
+            WHERE state = 'failed' AND {ids_filter}
+        """,
+        "retry_ids_in": """
+            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
+                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
+                run_at = NULL
+            WHERE state = 'failed' AND queue = :queue AND {ids_filter}
+        """,
+        "cancel": "DELETE FROM {tasks} WHERE state = 'queued' AND {ids_filter}",
+        "task_states": "SELECT id, state FROM {tasks} WHERE {ids_filter}",
+    }
+    # Columns added to the tables after their first layout, and what a reader of a database
+    # from before them reads instead (see _render_sql).
+    _LATER_COLUMNS = {
+        ("tasks", "queue"): ("queue_col", "queue", f"'{DEFAULT_QUEUE}'"),
+        ("tasks", "error_kind"): ("kind_col", "error_kind", "NULL"),
+        ("keys", "attempts"): ("key_attempts", "attempts", "0"),
+        ("tasks", "task_group"): ("group_col", "task_group", "NULL"),
+        ("tasks", "timeout_seconds"): ("timeout_col", "timeout_seconds", "NULL"),
     }
 
     # The take's index and the partial index of delayed rows (see _SQL), made by _migrate_tasks
@@ -2009,6 +2371,9 @@ class _SqlStore:
         "oldest": "SELECT min(enqueued_at) FROM {tasks} WHERE state = 'queued'",
         "delayed": "SELECT 0",
         "next_run_at": "SELECT NULL",
+        "queue_oldest": "SELECT {queue_col}, min(enqueued_at) FROM {tasks} WHERE state = 'queued' "
+        "GROUP BY 1",
+        "queue_delayed": "SELECT NULL, 0 WHERE 1 = 0",
     }
 
     url: str
@@ -2025,12 +2390,40 @@ class _SqlStore:
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
         self._names = dict(names)
-        fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
-                  "raw_id": self._RAW_ID, "clock": self._CLOCK, **names}  # fmt: skip
         self._slot_rows: set[tuple[str, int]] = set()  # limits whose slot rows exist (a hint)
-        self._sql = {name: self._dialect(sql.format(**fields)) for name, sql in self._SQL.items()}
+        self._schedule_legacy = False  # a tasks table from before delays, read as it is
+        self._render_sql()
         self._lock = threading.Lock()  # guards the connection and _closed: one transaction at once
         self._closed = False  # set once by close; a closed store refuses every call
+
+    def _render_sql(self, missing: Iterable[tuple[str, str]] = ()) -> None:
+        """Build the statements; `missing` lists ``(table, column)`` pairs a database from an
+        older version lacks, which the reads then take as their default (a reader must leave
+        such a database as it is; an opener that may write adds them first)."""
+        fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
+                  "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER, "clock": self._CLOCK,
+                  **self._names}  # fmt: skip
+        gone = set(missing)
+        for pair, (field, column, default) in self._LATER_COLUMNS.items():
+            fields[field] = default if pair in gone else column
+        sql = {}
+        for name, text in self._SQL.items():
+            if "{in_queues}" in text:
+                # A variant for every queue, one for a worker of one queue (an equality, so the
+                # queue's take index serves the take in order), one for several.
+                sql[name + "_in"] = text.format(**fields, in_queues="AND " + self._QUEUE_FILTER)
+                sql[name + "_in_one"] = text.format(**fields, in_queues="AND queue = :queue")
+                text = text.replace("{in_queues}", "")
+            sql[name] = text.format(**fields)
+        if self._schedule_legacy:
+            sql.update((name, text.format(**fields)) for name, text in self._LEGACY_SQL.items())
+        self._fields = fields
+        self._sql = {name: self._dialect(text) for name, text in sql.items()}
+
+    @staticmethod
+    def _list_param(values: Sequence[str]) -> Any:
+        """A list of texts as one parameter: JSON text, which SQLite's json_each reads."""
+        return json.dumps(list(values))
 
     @staticmethod
     def _dialect(sql: str) -> str:
@@ -2038,8 +2431,9 @@ class _SqlStore:
 
     def _read_as_legacy(self) -> None:
         """Read a tasks table without the delay and priority columns as it is (see _LEGACY_SQL)."""
+        self._schedule_legacy = True
         for name, sql in self._LEGACY_SQL.items():
-            self._sql[name] = self._dialect(sql.format(**self._names))
+            self._sql[name] = self._dialect(sql.format(**self._fields))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -2111,7 +2505,7 @@ class _SqlStore:
                     continue
                 if found is None:
                     continue  # gone again meanwhile (a purge): in progress, asked again later
-                state, stored_fp, output, _, lease_expires, _, _ = found
+                state, stored_fp, output, _, lease_expires, *_ = found
                 if fp is not None and stored_fp is not None and stored_fp != fp:
                     claims[index] = Claim(ClaimState.CONFLICT)
                 elif state == _Row.COMPLETED:
@@ -2148,11 +2542,12 @@ class _SqlStore:
 
     def complete_many(
         self,
-        items: Sequence[tuple[str, int, str]],
-        settle: Sequence[tuple[int, str, int]] | None = None,
+        items: Sequence[tuple[Any, ...]],
+        settle: Sequence[tuple[Any, ...]] | None = None,
     ) -> list[bool]:
         now = time.time()
-        rows = [{"key": k, "token": t, "output": o, "now": now} for k, t, o in items]
+        rows = [{"key": k, "token": t, "output": o, "now": now, "calls": calls[0] if calls else 0}
+                for k, t, o, *calls in items]  # fmt: skip
         if not settle:
             return [count == 1 for count in self._each("complete", rows)]
 
@@ -2163,9 +2558,12 @@ class _SqlStore:
                                      strict=True):  # fmt: skip
                 written[index] = result.rowcount == 1
             # The durable rows of the completed keys are done in the same transaction.
-            done = sorted((task_id, entry) for index, task_id, entry in settle if written[index])
+            done = sorted((task_id, entry, more[0] if more else 0)
+                          for index, task_id, entry, *more in settle
+                          if written[index])  # fmt: skip
             execute("settle", [{"id": task_id, "token": entry, "state": EntryState.DONE.value,
-                                "error": None, "now": now} for task_id, entry in done])  # fmt: skip
+                                "error": None, "kind": None, "calls": calls, "now": now}
+                               for task_id, entry, calls in done])  # fmt: skip
             return written
 
         return self._transaction(run)
@@ -2176,9 +2574,10 @@ class _SqlStore:
         rows = [{"key": k, "token": t, "lease": lease, "now": now} for k, t in claims]
         return sum(self._each("renew", rows))
 
-    def release_many(self, items: Sequence[tuple[str, int, str | None]]) -> int:
+    def release_many(self, items: Sequence[tuple[Any, ...]]) -> int:
         now = time.time()
-        rows = [{"key": k, "token": t, "error": _storable_text(e), "now": now} for k, t, e in items]
+        rows = [{"key": k, "token": t, "error": _storable_text(e), "now": now,
+                 "calls": calls[0] if calls else 0} for k, t, e, *calls in items]  # fmt: skip
         return sum(self._each("release", rows))
 
     def lookup(self, key: str, namespace: str | None = None) -> dict[str, Any] | None:
@@ -2187,10 +2586,10 @@ class _SqlStore:
         row = self._transaction(lambda execute: execute(name, params).fetchone(), write=False)
         if row is None:
             return None
-        state, fp, output, error, lease_expires, updated_at, found_in = row
+        state, fp, output, error, lease_expires, updated_at, found_in, attempts = row
         return _public_row(
             {"state": state, "fingerprint": fp, "output": output, "error": error,
-             "lease_expires": lease_expires, "updated_at": updated_at},
+             "lease_expires": lease_expires, "updated_at": updated_at, "attempts": attempts},
             found_in,
         )  # fmt: skip
 
@@ -2236,8 +2635,9 @@ class _SqlStore:
         priority: int | Sequence[int] = 0,
     ) -> int:
         now = time.time()
-        rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "now": now,
-                 "run_at": run_at, "priority": rank, "task_group": t.group, "timeout": t.timeout}
+        rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "queue": t.queue,
+                 "now": now, "run_at": run_at, "priority": rank, "task_group": t.group,
+                 "timeout": t.timeout}
                 for t, (run_at, rank) in zip(tasks, _schedules(tasks, delay, priority, now),
                                              strict=True)]  # fmt: skip
         if not rows:
@@ -2266,39 +2666,50 @@ class _SqlStore:
             TaskConflictError: the stored task differs.
         """
         stored = execute("task_entry", {"id": row["id"]}).fetchone()
-        if stored is not None and tuple(stored) != (row["key"], row["payload"]):
+        if stored is not None and tuple(stored) != (row["key"], row["payload"], row["queue"]):
             raise TaskConflictError(row["id"])
 
     def _notify(self, execute: Callable[..., Any]) -> int:
         return 0  # PostgresStore wakes idle workers here
 
     def take_many(
-        self, worker: str, limit: int, max_crashes: int | None = None
+        self,
+        worker: str,
+        limit: int,
+        max_crashes: int | None = None,
+        queues: Sequence[str] | None = None,
     ) -> list[QueuedTask]:
         now = time.time()
         token = _new_token()  # one token for the batch: it fences each row all the same
         params = {"token": token, "worker": worker, "lease": now + self.lease_seconds,
                   "now": now, "limit": limit}  # fmt: skip
+        suffix = ""
+        if queues is not None and len(queues) == 1:
+            suffix = "_in_one"
+            params["queue"] = queues[0]
+        elif queues is not None:
+            suffix = "_in"
+            params["queues"] = self._list_param(queues)
 
         unreadable: list[tuple[Any, str]] = []  # (id, error) of the rows failed as no task
 
         def take(execute: Callable[..., Any]) -> list[QueuedTask]:
             unreadable.clear()  # a transaction run again starts over
             if max_crashes is not None:
-                execute("fail_crashed", {**params, "max_crashes": max_crashes,
-                                         "crash_error": _crash_error(max_crashes)})  # fmt: skip
-            rows = execute("take_expired", params).fetchall()
+                execute("fail_crashed" + suffix, {**params, "max_crashes": max_crashes,
+                        "crash_error": _crash_error(max_crashes)})  # fmt: skip
+            rows = execute("take_expired" + suffix, params).fetchall()
             if len(rows) < limit:
-                rows += execute("take", {**params, "limit": limit - len(rows)}).fetchall()
+                rows += execute("take" + suffix, {**params, "limit": limit - len(rows)}).fetchall()
             # RETURNING keeps no order: put the rows in the take's (see Store.take_many).
             rows.sort(key=lambda row: (-_stored_priority(row[4]), _ready_time(row[5])))
             taken = []
             # Each row becomes a task on its own, before the lease commits: one that holds no
             # task fails alone, and the others run, instead of all of them being leased and
             # abandoned (and, leased again and again, failed as crashed).
-            for task_id, key, payload, raw_id, rank, _, group, timeout in rows:
+            for task_id, key, payload, raw_id, rank, _, name, group, timeout in rows:
                 try:
-                    task = _stored_task(task_id, key, payload, group, timeout)
+                    task = _stored_task(task_id, key, payload, name, group, timeout)
                     taken.append(QueuedTask(task, token, _stored_priority(rank)))
                 except TaskFileError as exc:
                     error = _unreadable_error(exc)
@@ -2320,9 +2731,10 @@ class _SqlStore:
         now = time.time()
         run_at, rank = _schedule_one(delay, priority, now)
         params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
-                  "task_group": task.group, "timeout": task.timeout,
-                  "token": _new_token(), "worker": worker, "lease": now + self.lease_seconds,
-                  "now": now, "run_at": run_at, "priority": rank}  # fmt: skip
+                  "queue": task.queue, "token": _new_token(), "worker": worker,
+                  "lease": now + self.lease_seconds, "now": now, "run_at": run_at,
+                  "priority": rank, "task_group": task.group,
+                  "timeout": task.timeout}  # fmt: skip
 
         def take(execute: Callable[..., Any]) -> Any:
             row = execute("take_task", params).fetchone()
@@ -2333,10 +2745,11 @@ class _SqlStore:
         row = self._transaction(take)
         return None if row is None else row[0]
 
-    def settle_many(self, items: Sequence[tuple[str, int, EntryState, str | None]]) -> int:
+    def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int:
         now = time.time()
-        rows = [{"id": i, "token": t, "state": s.value, "error": _storable_text(e), "now": now}
-                for i, t, s, e in items]  # fmt: skip
+        rows = [{"id": i, "token": t, "state": s.value, "error": _storable_text(e), "kind": k,
+                 "calls": c, "now": now}
+                for i, t, s, e, k, c in map(_settlement, items)]  # fmt: skip
         return sum(self._each("settle", rows, "id"))
 
     def renew_tasks(
@@ -2365,15 +2778,31 @@ class _SqlStore:
         now = time.time()
 
         def read(execute: Callable[..., Any]) -> None:
-            for state, count in execute("task_counts", {}).fetchall():
-                status["tasks"][state] = count
-            status["delayed"] = execute("delayed", {"now": now}).fetchone()[0]
-            oldest = execute("oldest", {"now": now}).fetchone()[0]
+            # The totals are the sums of the queues': one scan for both (status is polled).
+            queues: dict[str, dict[str, Any]] = {}
+            for name, state, count in execute("queue_counts", {}).fetchall():
+                queues.setdefault(name, _queue_entry())[state] = count
+                status["tasks"][state] = status["tasks"].get(state, 0) + count
+            # A queue's "queued" are the tasks ready to run; its delayed ones wait apart.
+            for name, count in execute("queue_delayed", {"now": now}).fetchall():
+                entry = queues.setdefault(name, _queue_entry())
+                entry["delayed"] = count
+                entry["queued"] -= count
+                status["delayed"] += count
+            oldest = None
+            for name, first in execute("queue_oldest", {"now": now}).fetchall():
+                queues.setdefault(name, _queue_entry())["oldest_waiting_age"] = round(
+                    now - first, 3
+                )
+                oldest = first if oldest is None else min(oldest, first)
             if oldest is not None:
                 status["oldest_queued_seconds"] = round(now - oldest, 3)
             status["stalled"] = execute("stalled", {"now": now}).fetchone()[0]
+            status["queues"] = dict(sorted(queues.items()))
+            held = dict(execute("held", {}).fetchall())
+            lease = self.lease_seconds
             status["workers"] = [
-                {"name": name, "seen_seconds_ago": round(now - seen_at, 3), **json.loads(info)}
+                _worker_entry(name, json.loads(info), now - seen_at, held.get(name, 0), lease)
                 for name, info, seen_at in execute("workers", {}).fetchall()
             ]
 
@@ -2386,6 +2815,52 @@ class _SqlStore:
             lambda execute: execute("next_run_at", params).fetchone(), write=False
         )
         return None if row is None else row[0]
+
+    # Operating the queue ------------------------------------------------------------------------
+
+    def failed_tasks(
+        self, queue: str | None = None, limit: int = DEFAULT_FAILED_LIMIT
+    ) -> list[dict[str, Any]]:
+        _check_operation(queue=queue, limit=limit)
+        name, params = ("failed", {"limit": limit}) if queue is None else (
+            "failed_in", {"limit": limit, "queue": queue})  # fmt: skip
+        rows = self._transaction(lambda execute: execute(name, params).fetchall(), write=False)
+        return [_failed_entry(*row) for row in rows]
+
+    def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        ids = _check_operation(ids=ids, queue=queue)
+        params: dict[str, Any] = {"now": time.time(), "queue": queue}
+        if ids is None:
+            name = "retry_all" if queue is None else "retry_all_in"
+        elif not ids:
+            return 0
+        else:
+            name = "retry_ids" if queue is None else "retry_ids_in"
+            params["ids"] = self._list_param(sorted(set(ids)))
+
+        def retry(execute: Callable[..., Any]) -> int:
+            count = execute(name, params).rowcount
+            if count:
+                self._notify(execute)  # wake idle workers: there is work for them
+            return count
+
+        return self._transaction(retry)
+
+    def cancel_tasks(self, ids: Sequence[str]) -> int:
+        ids = _check_operation(ids=ids)
+        if not ids:
+            return 0
+        params = {"ids": self._list_param(sorted(set(ids)))}
+        return self._transaction(lambda execute: execute("cancel", params).rowcount)
+
+    def task_states(self, ids: Sequence[str]) -> dict[str, str]:
+        ids = _check_operation(ids=ids)
+        if not ids:
+            return {}
+        params = {"ids": self._list_param(sorted(set(ids)))}
+        rows = self._transaction(lambda execute: execute("task_states", params).fetchall(),
+                                 write=False)  # fmt: skip
+        return dict(rows)
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         self._check_open()
@@ -2418,6 +2893,16 @@ class _SqlStore:
         result = self._transaction(take)
         self._slot_rows.add((name, count))
         return result
+
+
+# How `ALTER TABLE ... ADD COLUMN` declares each later column (see `_SqlStore._LATER_COLUMNS`).
+_LATER_COLUMN_DDL = {
+    "queue": "TEXT NOT NULL DEFAULT '{default}'",
+    "error_kind": "TEXT",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "task_group": "TEXT",
+    "timeout_seconds": "DOUBLE PRECISION",
+}
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -2485,6 +2970,7 @@ class SqliteStore(_SqlStore):
             key TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
             fingerprint TEXT, token INTEGER NOT NULL, output TEXT, error TEXT, lease_expires REAL,
             created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (key, namespace)) WITHOUT ROWID"""
     # Text columns of a taken row come as UTF-8 bytes, and a value stored as another type as
     # NULL: a row that holds no text (written by hand or by an older version) must fail alone
@@ -2494,18 +2980,20 @@ class SqliteStore(_SqlStore):
         "CASE typeof(key) WHEN 'text' THEN CAST(key AS BLOB) END, "
         "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB), "
         "priority, coalesce(run_at, enqueued_at), "
+        "CASE typeof(queue) WHEN 'text' THEN CAST(queue AS BLOB) END, "
         "CASE typeof(task_group) WHEN 'text' THEN CAST(task_group AS BLOB) END, timeout_seconds"
     )
     _RAW_ID = "CAST(id AS BLOB)"
     _LIMITS_DDL = """CREATE TABLE IF NOT EXISTS {limits} (
             name TEXT NOT NULL, slot INTEGER NOT NULL, free_at REAL NOT NULL,
             PRIMARY KEY (name, slot)) WITHOUT ROWID"""
-    # Columns the tasks table gained after its first release, with their types: an older file
-    # gets them in place (see _migrate_task_columns).
-    _TASK_COLUMNS = (("task_group", "TEXT"), ("timeout_seconds", "REAL"))
     # Rows without a namespace, which claims adopt: a partial index keeps finding them cheap.
     _UNSCOPED_DDL = (
         "CREATE INDEX IF NOT EXISTS {keys}_unscoped ON {keys} (key) WHERE namespace = ''"
+    )
+    _QUEUE_INDEX_DDL = (
+        "CREATE INDEX IF NOT EXISTS {tasks}_queue_take ON {tasks} "
+        "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))"
     )
     _DDL = (
         _KEYS_DDL,
@@ -2515,8 +3003,10 @@ class SqliteStore(_SqlStore):
             state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
             updated_at REAL NOT NULL, priority INTEGER NOT NULL DEFAULT 0, run_at REAL,
-            task_group TEXT, timeout_seconds REAL) WITHOUT ROWID""",
+            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
+            timeout_seconds DOUBLE PRECISION) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS {tasks}_ready ON {tasks} (state, enqueued_at)",
+        _QUEUE_INDEX_DDL,
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
             seen_at REAL NOT NULL) WITHOUT ROWID""",
@@ -2576,7 +3066,6 @@ class SqliteStore(_SqlStore):
                 raise
         if self._create:
             self._migrate_tasks(conn)
-            self._migrate_task_columns(conn)
         elif not {"priority", "run_at"} <= self._columns(conn, names["tasks"]):
             self._read_as_legacy()
         keys = names["keys"]
@@ -2586,6 +3075,11 @@ class SqliteStore(_SqlStore):
             raise sqlite3.DatabaseError(
                 f"table {keys!r} exists with another layout (no {', '.join(sorted(missing))})"
             )
+        later = self._missing_columns(conn)
+        if later and self._create:
+            self._add_columns(conn)
+        elif later:
+            self._render_sql(later)  # a reader reads the old layout as it is
 
     @staticmethod
     def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -2658,30 +3152,34 @@ class SqliteStore(_SqlStore):
         conn.execute("COMMIT")
         logger.info("database table %s now scopes keys by handler (namespace)", keys)
 
-    def _migrate_task_columns(self, conn: sqlite3.Connection) -> None:
-        """Give a tasks table from before groups and timeouts the columns it lacks, in place.
+    def _missing_columns(self, conn: sqlite3.Connection) -> set[tuple[str, str]]:
+        """Return the later columns (see `_LATER_COLUMNS`) the database's tables lack."""
+        missing = set()
+        for table, column in self._LATER_COLUMNS:
+            name = self._names[table]
+            if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({name})")}:
+                missing.add((table, column))
+        return missing
 
-        One write transaction that looks again under the lock: concurrent openers queue on it,
-        the first adds the columns and the others find them there. Old rows get NULL (no group,
-        no timeout of their own).
+    def _add_columns(self, conn: sqlite3.Connection) -> None:
+        """Give tables from before named queues (or task groups and timeouts) their later
+        columns and index, in place.
+
+        One write transaction: concurrent openers queue on the write lock, the first one adds
+        the columns and the others find them there. Old tasks are in the queue ``default``, with
+        no group and no timeout of their own.
         """
-        tasks = self._names["tasks"]
-
-        def missing() -> list[tuple[str, str]]:
-            have = {row[1] for row in conn.execute(f"PRAGMA table_info({tasks})")}
-            return [(name, kind) for name, kind in self._TASK_COLUMNS if name not in have]
-
-        if not missing():
-            return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for name, kind in missing():
-                conn.execute(f"ALTER TABLE {tasks} ADD COLUMN {name} {kind}")
+            for table, column in sorted(self._missing_columns(conn)):
+                ddl = _LATER_COLUMN_DDL[column].format(default=DEFAULT_QUEUE)
+                conn.execute(f"ALTER TABLE {self._names[table]} ADD COLUMN {column} {ddl}")
+            conn.execute(self._QUEUE_INDEX_DDL.format(**self._names))
         except BaseException:
             _rollback(conn)
             raise
         conn.execute("COMMIT")
-        logger.info("database table %s now keeps task groups and timeouts", tasks)
+        logger.info("database tables %s now hold named queues", self._names["tasks"])
 
     def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
         conn = self._conn
@@ -2819,6 +3317,8 @@ class PostgresStore(_SqlStore):
     """
 
     _TAKE_LOCK = "FOR UPDATE SKIP LOCKED"
+    _QUEUE_FILTER = "queue = ANY(:queues)"
+    _IDS_FILTER = "id = ANY(:ids)"
     # The server's clock, one reading per statement: workers on machines whose clocks disagree
     # still share a rate limit exactly.
     _CLOCK = "extract(epoch FROM statement_timestamp())::float8"
@@ -2828,16 +3328,16 @@ class PostgresStore(_SqlStore):
             key TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
             fingerprint TEXT, token BIGINT NOT NULL, output TEXT, error TEXT,
             lease_expires DOUBLE PRECISION, created_at DOUBLE PRECISION NOT NULL,
-            updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (key, namespace))""",
+            updated_at DOUBLE PRECISION NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (key, namespace))""",
         """CREATE TABLE IF NOT EXISTS {tasks} (
             id TEXT PRIMARY KEY, key TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL,
             token BIGINT, worker TEXT, lease_expires DOUBLE PRECISION,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
             enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
-            priority INTEGER NOT NULL DEFAULT 0, run_at DOUBLE PRECISION)""",
-        # Columns added after the table's first release: an older schema gets them in place.
-        "ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS task_group TEXT",
-        "ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS timeout_seconds DOUBLE PRECISION",
+            priority INTEGER NOT NULL DEFAULT 0, run_at DOUBLE PRECISION,
+            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
+            timeout_seconds DOUBLE PRECISION)""",
         "CREATE INDEX IF NOT EXISTS {tasks_index} ON {tasks} (state, enqueued_at)",
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY, info TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
@@ -2845,6 +3345,12 @@ class PostgresStore(_SqlStore):
         """CREATE TABLE IF NOT EXISTS {limits} (
             name TEXT NOT NULL, slot INTEGER NOT NULL, free_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (name, slot))""",
+    )
+    _QUEUE_INDEX = "tasks_queue_take"
+    # Run once the later columns exist (a schema from an older version gets them first).
+    _LATER_DDL = (
+        "CREATE INDEX IF NOT EXISTS " + _QUEUE_INDEX + " ON {tasks} "
+        "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))",
     )
 
     def __init__(
@@ -2891,6 +3397,10 @@ class PostgresStore(_SqlStore):
     def _dialect(sql: str) -> str:
         return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
 
+    @staticmethod
+    def _list_param(values: Sequence[str]) -> Any:
+        return list(values)  # psycopg sends a text[] array
+
     def _connect(self) -> Any:
         return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
 
@@ -2907,6 +3417,14 @@ class PostgresStore(_SqlStore):
                 self._conn.execute(ddl.format(**self._names))
             self._migrate_keys()
             self._migrate_tasks()
+            for (table, column), missing in self._later_columns().items():
+                if missing:
+                    ddl = _LATER_COLUMN_DDL[column].format(default=DEFAULT_QUEUE)
+                    self._conn.execute(
+                        f"ALTER TABLE {self._names[table]} ADD COLUMN IF NOT EXISTS {column} {ddl}"
+                    )
+            for ddl in self._LATER_DDL:
+                self._conn.execute(ddl.format(**self._names))
 
     def _migrate_keys(self) -> None:
         """Give a keys table from before namespaces its ``namespace`` column, in place.
@@ -2934,6 +3452,22 @@ class PostgresStore(_SqlStore):
             f"CREATE INDEX IF NOT EXISTS idempotency_unscoped ON {keys} (key) WHERE namespace = ''"
         )
 
+    def _later_columns(self) -> dict[tuple[str, str], bool]:
+        """Return, for each later column (see `_LATER_COLUMNS`), whether the schema lacks it."""
+        tables = {"keys": "idempotency", "tasks": "tasks"}
+        found = {
+            (table, column)
+            for table, column in self._conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = %s",
+                (self.schema,),
+            ).fetchall()
+        }
+        return {
+            (table, column): (tables[table], column) not in found
+            for table, column in self._LATER_COLUMNS
+        }
+
     def _migrate_tasks(self) -> None:
         """Give a tasks table from before delays and priorities its ``priority`` and ``run_at``
         columns and the indexes on them, in place, under the schema's advisory lock (see
@@ -2948,11 +3482,12 @@ class PostgresStore(_SqlStore):
             conn.execute(ddl.format(**fields))
 
     def _schema_ready(self) -> bool:
-        """Return whether the schema holds every table and index, keys scoped by namespace."""
+        """Return whether the schema holds every table, index and column of this version."""
         names = [self._names[table] for table in ("keys", "tasks", "workers", "limits")]
         names += [
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
+            f"{self.schema}.{self._QUEUE_INDEX}",
             f"{self.schema}.tasks_take",
             f"{self.schema}.tasks_delayed",
         ]
@@ -2960,12 +3495,11 @@ class PostgresStore(_SqlStore):
             found = self._conn.execute(
                 "SELECT " + ", ".join(["to_regclass(%s)"] * len(names)) + ", EXISTS (SELECT 1 "
                 "FROM information_schema.columns WHERE table_schema = %s "
-                "AND table_name = 'idempotency' AND column_name = 'namespace'), EXISTS (SELECT 1 "
-                "FROM information_schema.columns WHERE table_schema = %s "
-                "AND table_name = 'tasks' AND column_name = 'timeout_seconds')",
-                [*names, self.schema, self.schema],
+                "AND table_name = 'idempotency' AND column_name = 'namespace')",
+                [*names, self.schema],
             ).fetchone()
-        return None not in found and found[-1] and found[-2]
+            later = self._later_columns()
+        return None not in found and found[-1] and not any(later.values())
 
     def _check_schema(self) -> None:
         """Refuse a schema that does not hold the tables (reading must never create them).
@@ -2984,11 +3518,14 @@ class PostgresStore(_SqlStore):
                 "(check the URL's ?schema=; enqueue or a worker creates it)"
             )
         with self._conn.transaction():
+            missing = [pair for pair, gone in self._later_columns().items() if gone]
             scheduled = self._conn.execute(
                 "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
                 "AND table_name = 'tasks' AND column_name = 'run_at'",
                 (self.schema,),
             ).fetchone()
+        if missing:
+            self._render_sql(missing)  # a reader reads the old layout as it is
         if scheduled is None:
             self._read_as_legacy()
 
@@ -3512,9 +4049,12 @@ class IdempotencyManager:
         """Complete many owned keys in one transaction (group commit).
 
         Args:
-            items: ``(key, token, output_json)`` triples; the output is already JSON text.
-            settle: ``(index, task_id, entry_token)`` of durable-queue rows to mark done in the
-                same transaction, each only if the completion of ``items[index]`` was written.
+            items: ``(key, token, output_json)`` triples, the output already JSON text; a fourth
+                element, the run's retries (handler calls after its first), adds to the key's
+                attempts.
+            settle: ``(index, task_id, entry_token[, retries])`` of durable-queue rows to mark
+                done in the same transaction, each only if the completion of ``items[index]`` was
+                written.
 
         Returns:
             For each item, whether it was written (False: a stale token, nothing written).
@@ -3523,7 +4063,7 @@ class IdempotencyManager:
             ValueError: a key or token is invalid, or an output is not text (nothing is touched).
         """
         items = list(items)
-        for key, token, text in items:
+        for key, token, text, *_ in items:
             _check_key(key)
             _check_token(token)
             if not isinstance(text, str):
@@ -3541,13 +4081,18 @@ class IdempotencyManager:
         claims = [(_check_key(key), _check_token(token)) for key, token in claims]
         return self._check_open().renew_many(claims)
 
-    def release(self, key: str, token: int, error: str | None = None) -> bool:
-        """Give up a key you own: it becomes claimable again and counts as failed until then."""
+    def release(self, key: str, token: int, error: str | None = None, *, retries: int = 0) -> bool:
+        """Give up a key you own: it becomes claimable again and counts as failed until then.
+
+        `retries` (handler calls of this run after its first) add to the key's attempts.
+        """
         _check_key(key)
         _check_token(token)
         if error is not None and not isinstance(error, str):
             raise ValueError(f"error must be a string or None, not {error!r}")
-        return self._check_open().release_many([(key, token, error)]) == 1
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
+        return self._check_open().release_many([(key, token, error, retries)]) == 1
 
     def lookup(self, key: str, *, namespace: str | None = None) -> dict[str, Any] | None:
         """Return the stored row of `key` as a dict, or None.
@@ -3558,6 +4103,21 @@ class IdempotencyManager:
         if namespace is not None:
             _check_key_namespace(namespace)
         return self._check_open().lookup(key, namespace)
+
+    def get(self, key: str, *, namespace: str | None = None) -> KeyState | None:
+        """Return what became of `key`, or None when no handler has taken it.
+
+        With ``namespace=None`` the key of any handler, a completed one first.
+
+        Raises:
+            ValueError: the key or namespace cannot be stored (nothing is touched).
+        """
+        row = self.lookup(key, namespace=namespace)
+        if row is None:
+            return None
+        return KeyState(key=key, state=row["state"], output=row["output"], error=row["error"],
+                        attempts=row["attempts"], updated_at=row["updated_at"],
+                        namespace=row["namespace"])  # fmt: skip
 
     # Simple surface -----------------------------------------------------------------------------
 
@@ -5432,6 +5992,11 @@ def _check_namespace(namespace: Any, source: str = "namespace") -> str:
     return namespace
 
 
+def _retries(calls: int) -> int:
+    """The handler calls of a run after its first: the first was counted when the run started."""
+    return max(calls - 1, 0)
+
+
 def _unstarted(job: _Job) -> bool:
     """Whether a parked job has not begun running: it holds no claim (queued, polling another
     owner's claim), or it waits for a rate limit before its first call. Cancellation takes it."""
@@ -5479,6 +6044,8 @@ class WorkerPool:
         namespace: the scope of this pool's keys; None means `handler_namespace(handler)`. Pools
             (and processes) with one namespace share their keys' outcomes; pools with different
             ones never see each other's. Give one to keep the keys of a handler you rename.
+        queues: the named queues `serve` takes tasks from; None means every queue. (A durable
+            `submit` keeps each task in its own `Task.queue` and runs it here all the same.)
         rate_limit: at most this many handler calls (every attempt counts) in any period, such
             as ``"100/s"`` (units ``s``, ``m``, ``h``). Pools on one SQLite file or PostgreSQL
             database with the same namespace share it, in any number of processes.
@@ -5510,12 +6077,14 @@ class WorkerPool:
         durable: bool = False,
         worker_name: str | None = None,
         namespace: str | None = None,
+        queues: Iterable[str] | None = None,
         rate_limit: str | None = None,
         rate_limits: Mapping[str, str] | None = None,
         task_timeout: float | None = None,
     ) -> None:
         if namespace is not None:
             _check_namespace(namespace)
+        self.queues = _queue_names(queues)
         overall_rate = None if rate_limit is None else _rate_of(rate_limit, "rate_limit")
         group_rates = {} if rate_limits is None else _group_rates(rate_limits)
         if task_timeout is not None and not (_is_finite_number(task_timeout) and task_timeout > 0):
@@ -5741,7 +6310,7 @@ class WorkerPool:
         if leader is not None:
             if leader.fingerprint != fp:
                 error = str(IdempotencyConflictError(task.key))
-                self._settle([(task.id, entry, TaskStatus.FAILED, error)])
+                self._settle([(task.id, entry, TaskStatus.FAILED, error, ErrorKind.CONFLICT, 0)])
                 return self._refuse(task, now, error, ErrorKind.CONFLICT.value)
             self._metrics.record_enqueue(queued=False)
             return future
@@ -5885,7 +6454,12 @@ class WorkerPool:
             if stop.is_set() or self._closed:
                 break
             try:
-                leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
+                if self.queues is None:
+                    leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
+                else:
+                    leased = store.take_many(
+                        self.worker_name, room, self._retry.max_attempts, queues=self.queues
+                    )
             except Exception as exc:
                 # The database stayed unreachable past the store's own retries (a server down
                 # longer than its reconnect window, a file locked or gone): a worker keeps
@@ -5936,11 +6510,15 @@ class WorkerPool:
         """Give durable-queue rows this pool took but will not run back to the queue."""
         self._settle([(task_id, entry, TaskStatus.CANCELLED, None) for task_id, entry in entries])
 
-    def _settle(self, items: Iterable[tuple[str, int | None, TaskStatus, str | None]]) -> None:
-        """Record final states in the durable queue (cancelled ones go back to the queue)."""
+    def _settle(self, items: Iterable[tuple[Any, ...]]) -> None:
+        """Record final states in the durable queue (cancelled ones go back to the queue).
+
+        Each item is ``(task_id, entry, status, error[, error_kind, retries])``: `retries` are the
+        run's handler calls after its first, which its start counted (see `Store`).
+        """
         rows = [
-            (task_id, entry, _ENTRY_STATE[status], error)
-            for task_id, entry, status, error in items
+            (task_id, entry, _ENTRY_STATE[status], error, *rest)
+            for task_id, entry, status, error, *rest in items
             if entry is not None
         ]
         if not rows:
@@ -6309,11 +6887,14 @@ class WorkerPool:
         """Commit the successes in one transaction, before any of their futures resolves."""
         if not done:
             return
-        # A durable job's row is marked done in the completion's own transaction.
-        items = [((job.key, job.token, text), job.task.id, job.entry) for job, _, text in done]
+        # A durable job's row is marked done in the completion's own transaction; both count
+        # the run's retries (its first call was counted when it started).
+        items = [((job.key, job.token, text, _retries(job.attempts)), job.task.id, job.entry)
+                 for job, _, text in done]  # fmt: skip
 
         def complete(batch: list[Any]) -> list[bool]:
-            settle = [(index, task_id, entry) for index, (_, task_id, entry) in enumerate(batch)
+            settle = [(index, task_id, entry, item[3])
+                      for index, (item, task_id, entry) in enumerate(batch)
                       if entry is not None]  # fmt: skip
             return self._store.complete_many([item for item, _, _ in batch], settle=settle)
 
@@ -6400,7 +6981,7 @@ class WorkerPool:
         token, job.token = job.token, None
         if token is not None:
             try:
-                self._store.release(job.key, token, error)
+                self._store.release(job.key, token, error, retries=_retries(job.attempts))
             except Exception:
                 # The failure stands; the claim's lease expires and a rerun takes the key then.
                 logger.exception("releasing the claim on %r failed", job.key)
@@ -6493,7 +7074,9 @@ class WorkerPool:
         snap = self._metrics.snapshot()
         info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._workers,
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
-                "failed": snap["failed"], "duplicates": snap["duplicates"]}  # fmt: skip
+                "failed": snap["failed"], "duplicates": snap["duplicates"],
+                "lease_seconds": self._store.lease_seconds,
+                "queues": None if self.queues is None else list(self.queues)}  # fmt: skip
         with self._lock:
             entries = [(job.task.id, job.entry) for job in self._inflight.values()
                        if job.entry is not None]  # fmt: skip
@@ -6550,14 +7133,15 @@ class WorkerPool:
             counted.append(Outcome(status, kind, latency, service, started, queued))
             resolved.append((job.future, record))
             if job.entry is not None:
-                settle.append((job.task.id, job.entry, status, outcome.error))
+                settle.append((job.task.id, job.entry, status, outcome.error, kind,
+                               _retries(job.attempts)))  # fmt: skip
             for task, future, enqueued_at, entry in followers:
                 follower = self._follower_record(record, task, enqueued_at, now)
                 latency = now - enqueued_at
                 counted.append(Outcome(follower.status, kind, latency, None, False, False))
                 resolved.append((future, follower))
                 if entry is not None:
-                    settle.append((task.id, entry, follower.status, follower.error))
+                    settle.append((task.id, entry, follower.status, follower.error, kind, 0))
         if settle:
             self._settle(settle)
         self._metrics.record_outcomes(counted)
@@ -7142,8 +7726,8 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
         "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
         "above that names a TQ_ variable can also be set in the environment or in ./.env. "
-        "The durable queue has subcommands: enqueue, worker, status and purge "
-        "(task-queue SUBCOMMAND --help).",
+        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
+        "result and purge (task-queue SUBCOMMAND --help).",
     )
     mode = parser.add_argument_group("what to run")
     mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
@@ -7533,15 +8117,46 @@ def _open_cli_store(config: Mapping[str, Any], *, create: bool = True) -> Store:
     )
 
 
+def _cli_queue(raw: str, flag: str) -> str:
+    """Return the queue name a flag gives, or raise ConfigError naming the flag."""
+    try:
+        return _check_queue_name(raw, flag)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _cli_queues(raw: str | None) -> tuple[str, ...] | None:
+    """Return the queues ``--queues a,b`` names (None: every queue), or raise ConfigError."""
+    if raw is None:
+        return None
+    names = raw.split(",")
+    if any(not name.strip() for name in names):
+        raise ConfigError(f"--queues: expected queue names separated by commas, got {_shown(raw)}")
+    try:
+        return _queue_names([name.strip() for name in names], "--queues")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _cmd_enqueue(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "enqueue", "Persist the tasks of a file in the durable queue and return.", _STORE_SETTINGS
     )
     parser.add_argument("--task-file", metavar="FILE", required=True, help="JSON task file")
+    parser.add_argument(
+        "--queue",
+        metavar="NAME",
+        default=DEFAULT_QUEUE,
+        help=f"queue of the tasks that name none (default {DEFAULT_QUEUE}; a task's own "
+        '"queue" field wins)',
+    )
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
-    entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
+    queue = _cli_queue(args.queue, "--queue")
+    entries = _load_task_entries(
+        args.task_file, max_bytes=config["max_task_file_bytes"], queue=queue
+    )
     tasks = [entry.task for entry in entries]
     store = _open_cli_store(config)
     try:
@@ -7661,12 +8276,18 @@ def _cmd_worker(argv: list[str]) -> int:
     parser.add_argument(
         "--metrics-port", metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics"
     )
+    parser.add_argument(
+        "--queues",
+        metavar="A,B",
+        help="the named queues to take tasks from, separated by commas (default: every queue)",
+    )
     parser.add_argument("--json", action="store_true", help="print the final snapshot as JSON")
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
     if args.name is not None and _text_problem(args.name) is not None:
         raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
+    queues = _cli_queues(args.queues)
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
     handler, namespace = _cli_handler(args, config, None)
@@ -7690,12 +8311,15 @@ def _cmd_worker(argv: list[str]) -> int:
             worker_name=args.name,
             metrics=metrics,
             namespace=namespace,
+            queues=queues,
             **_cli_flow(config),
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
+            served = "every queue" if queues is None else "queues " + ", ".join(queues)
             print(
-                f"worker {pool.worker_name} serving {_redact(manager.store.url)}", file=sys.stderr
+                f"worker {pool.worker_name} serving {served} of {_redact(manager.store.url)}",
+                file=sys.stderr,
             )
             try:
                 pool.serve(stop, prefetch=prefetch)
@@ -7739,11 +8363,33 @@ def _cmd_status(argv: list[str]) -> int:
     print("  keys    " + "  ".join(f"{state} {count}" for state, count in status["keys"].items()))
     print(f"  oldest queued task waiting {'-' if oldest is None else f'{oldest:.1f} s'}  "
           f"delayed {status['delayed']}  stalled claims {status['stalled']}")  # fmt: skip
+    for name, counts in status["queues"].items():
+        age = counts["oldest_waiting_age"]
+        print(f"  queue {name}  " + "  ".join(f"{state} {counts[state]}" for state in _QUEUE_STATES)
+              + f"  oldest waiting {'-' if age is None else f'{age:.1f} s'}")  # fmt: skip
     for worker in status["workers"]:
-        print(f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago  "
-              f"in flight {worker.get('in_flight', '?')}  succeeded "
-              f"{worker.get('succeeded', '?')}")  # fmt: skip
+        print(_worker_line(worker))
     return EXIT_OK
+
+
+_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
+
+
+def _worker_line(worker: Mapping[str, Any]) -> str:
+    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
+    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
+    if worker.get("alive", True):
+        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
+                f"{worker.get('succeeded', '?')}")  # fmt: skip
+    held = worker.get("running", 0)
+    lease = worker.get("lease_seconds")
+    gone = f"{head}: gone (no heartbeat for longer than its lease"
+    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
+    if not held:
+        return f"{gone}; it holds no tasks"
+    tasks = "task returns" if held == 1 else "tasks return"
+    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
+            "for any worker to take")  # fmt: skip
 
 
 def _cmd_purge(argv: list[str]) -> int:
@@ -7769,10 +8415,232 @@ def _cmd_purge(argv: list[str]) -> int:
     return EXIT_OK
 
 
+# Subcommands: operating the queue ----------------------------------------------------------------
+
+
+def _open_cli_writer(config: Mapping[str, Any]) -> Store:
+    """Open an existing durable queue to change it (upgraded to this version's layout).
+
+    Raises:
+        ConfigError: as `_open_cli_store` with ``create=False``: a command that changes tasks
+            never creates a database.
+    """
+    _open_cli_store(config, create=False).close()
+    return _open_cli_store(config)
+
+
+def _cli_ids(ids: list[str]) -> list[str]:
+    """Return the task ids of the command line, each once, or raise ConfigError naming one."""
+    try:
+        return list(dict.fromkeys(_check_task_ids(ids, "task id")))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _counted(count: int, noun: str) -> str:
+    """Return "1 failed task" or "3 failed tasks"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _cmd_failed(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "failed", "List failed tasks of the durable queue, the newest failure first.",
+        _STORE_SETTINGS,
+    )  # fmt: skip
+    parser.add_argument("--queue", metavar="NAME", help="only the tasks of this queue")
+    parser.add_argument(
+        "--limit",
+        metavar="N",
+        default=str(DEFAULT_FAILED_LIMIT),
+        help=f"most tasks listed (default {DEFAULT_FAILED_LIMIT})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON array of objects with the keys id, key, queue, attempts, error_kind, "
+        "error and failed_at (seconds since the epoch)",
+    )
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    queue = None if args.queue is None else _cli_queue(args.queue, "--queue")
+    limit = _parse_positive_int(args.limit, "--limit")
+    store = _open_cli_store(config, create=False)
+    try:
+        failed = store.failed_tasks(queue, limit)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(failed)
+        return EXIT_OK
+    where = "" if queue is None else f" in queue {queue}"
+    if not failed:
+        print(f"no failed tasks{where} in {_redact(store.url)}")
+        return EXIT_OK
+    print(f"{_counted(len(failed), 'failed task')}{where}, the newest first (at most {limit}):")
+    for row in failed:
+        key = "" if row["key"] == row["id"] else f"  key {row['key']}"
+        print(f"  {row['id']}{key}  queue {row['queue']}  {row['error_kind'] or '-'}  attempts "
+              f"{row['attempts']}  failed {_when(row['failed_at'])}  "
+              f"{_cut(row['error'] or '', 200)}")  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_retry(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "retry",
+        "Put failed tasks back in their queue with fresh attempts. Exit 0 when every task named "
+        "was retried, 1 when some id was not found or not failed.",
+        _STORE_SETTINGS,
+    )
+    parser.add_argument("ids", nargs="*", metavar="ID", help="ids of failed tasks")
+    parser.add_argument("--all", action="store_true", help="every failed task")
+    parser.add_argument("--queue", metavar="NAME", help="with --all: only the tasks of this queue")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    if args.all and args.ids:
+        raise ConfigError("give the ids of failed tasks or --all, not both")
+    if not args.all and not args.ids:
+        raise ConfigError("nothing to retry: give the ids of failed tasks, or --all")
+    if args.queue is not None and not args.all:
+        raise ConfigError("--queue goes with --all (ids name their tasks already)")
+    queue = None if args.queue is None else _cli_queue(args.queue, "--queue")
+    ids = _cli_ids(args.ids)
+    store = _open_cli_writer(config)
+    try:
+        before = {} if args.all else store.task_states(ids)
+        retried = store.retry_tasks(None if args.all else ids, queue)
+    finally:
+        store.close()
+    missing = [task_id for task_id in ids if task_id not in before]
+    not_failed = {task_id: state for task_id, state in before.items() if state != "failed"}
+    if args.json:
+        _print_json({"retried": retried, "not_found": missing, "not_failed": not_failed})
+    else:
+        where = "" if queue is None else f" of queue {queue}"
+        back = "its queue" if retried == 1 else "their queue"
+        print(f"retried {_counted(retried, 'failed task')}{where}: back in {back} with fresh "
+              "attempts")  # fmt: skip
+        for task_id in missing:
+            print(f"not found: {task_id}", file=sys.stderr)
+        for task_id, state in not_failed.items():
+            print(f"not retried: {task_id} is {state}, not failed", file=sys.stderr)
+    return EXIT_FAILED if missing or not_failed else EXIT_OK
+
+
+def _cmd_cancel(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "cancel",
+        "Withdraw queued tasks from the durable queue; running tasks finish. Exit 0 when every "
+        "task named was withdrawn, 1 when some id was not found, is running or has finished.",
+        _STORE_SETTINGS,
+    )
+    parser.add_argument("ids", nargs="+", metavar="ID", help="ids of queued tasks")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    ids = _cli_ids(args.ids)
+    store = _open_cli_writer(config)
+    try:
+        before = store.task_states(ids)
+        store.cancel_tasks(ids)
+        # A queued task a worker took meanwhile is running now: read what became of each.
+        after = store.task_states([i for i, state in before.items() if state == "queued"])
+    finally:
+        store.close()
+    now = {**before, **after}
+    cancelled = [i for i in ids if before.get(i) == "queued" and i not in after]
+    running = [i for i in ids if i not in cancelled and now.get(i) in ("running", "queued")]
+    finished = {i: now[i] for i in ids if now.get(i) in ("done", "failed")}
+    missing = [i for i in ids if i not in before]
+    if args.json:
+        _print_json({"cancelled": cancelled, "running": running, "finished": finished,
+                     "not_found": missing})  # fmt: skip
+    else:
+        print(f"cancelled {len(cancelled)} of {len(ids)} tasks")
+        for task_id in running:
+            print(f"not cancelled: {task_id} is running; it finishes", file=sys.stderr)
+        for task_id, state in finished.items():
+            print(f"not cancelled: {task_id} has finished ({state})", file=sys.stderr)
+        for task_id in missing:
+            print(f"not found: {task_id}", file=sys.stderr)
+    return EXIT_OK if len(cancelled) == len(ids) else EXIT_FAILED
+
+
+def _cmd_result(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "result",
+        "Show what became of an idempotency key: its state and cached output. Exit 0 when "
+        "completed, 1 when failed, 3 when unknown or not finished.",
+        _STORE_SETTINGS,
+    )
+    parser.add_argument("key", metavar="KEY", help="the idempotency key (a task's id by default)")
+    parser.add_argument(
+        "--namespace", metavar="NAME", help="the handler that owns the key (default: any)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print an object with the keys key, state, output, error, attempts, updated_at "
+        "and namespace (state 'unknown' for a key no handler has taken)",
+    )
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    try:
+        _check_key(args.key)
+        if args.namespace is not None:
+            _check_namespace(args.namespace, "--namespace")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    manager = IdempotencyManager(store=_open_cli_store(config, create=False))
+    try:
+        state = manager.get(args.key, namespace=args.namespace)
+    finally:
+        manager.store.close()
+    code = {"completed": EXIT_OK, "failed": EXIT_FAILED}.get(state and state.state,
+                                                             EXIT_NOT_FINISHED)  # fmt: skip
+    if args.json:
+        unknown = KeyState(args.key, "unknown", namespace="")
+        _print_json((state or unknown).to_dict())
+        return code
+    if state is None:
+        print(f"{args.key}: unknown (no handler has taken this key yet)")
+    elif state.state == "completed":
+        calls = _counted(state.attempts, "handler call")
+        print(f"{args.key}: completed {_when(state.updated_at)} after {calls} (handler "
+              f"{state.namespace or '-'})")  # fmt: skip
+        print(json.dumps(state.output))
+    elif state.state == "failed":
+        print(f"{args.key}: failed {_when(state.updated_at)} after "
+              f"{_counted(state.attempts, 'handler call')} (handler {state.namespace or '-'}): "
+              f"{state.error}")  # fmt: skip
+    else:
+        print(f"{args.key}: in progress (claimed {_when(state.updated_at)}, not finished)")
+    return code
+
+
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "enqueue": _cmd_enqueue,
     "worker": _cmd_worker,
     "status": _cmd_status,
+    "failed": _cmd_failed,
+    "retry": _cmd_retry,
+    "cancel": _cmd_cancel,
+    "result": _cmd_result,
     "purge": _cmd_purge,
 }
 

@@ -725,6 +725,7 @@ def test_queue_status_reports_counts_oldest_and_stalled(backend: Backend) -> Non
         "oldest_queued_seconds": None,
         "stalled": 0,
         "workers": [],
+        "queues": {},
     }
     store.enqueue_many([tq.Task("a"), tq.Task("b")])
     status = store.queue_status()
