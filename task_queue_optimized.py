@@ -3053,7 +3053,11 @@ class SqliteStore(_SqlStore):
             # Only an opener that may create migrates: status and purge read an old file as it
             # is (their statements need no namespace column).
             self._migrate_keys(conn)
-        if not {names["keys"], names["tasks"], names["workers"], names["limits"]} <= existing:
+        if self._create and names["limits"] not in existing:
+            # Alone, not with the other DDL, whose indexes an older tasks table cannot take
+            # before its later columns are added (below); IF NOT EXISTS makes racing openers safe.
+            conn.execute(self._LIMITS_DDL.format(**names))
+        if not {names["keys"], names["tasks"], names["workers"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
             # busy. An existing schema needs no write lock, so opening never waits for a writer.
             conn.execute("BEGIN IMMEDIATE")
