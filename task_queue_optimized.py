@@ -22,9 +22,16 @@ Command line::
 
     python task_queue_optimized.py --benchmark --workers 8
     python task_queue_optimized.py --task-file sample_tasks_100.json --db progress.db
+    python task_queue_optimized.py dashboard --db progress.db   # http://127.0.0.1:8080/
 
-Sections: defaults, exceptions, records, task files, retry policy, idempotency, metrics,
-processor, queue, pool, configuration, command line.
+Periodic tasks and scripts::
+
+    task-queue worker --schedule schedule.json   # [{"id": "nightly", "cron": "0 3 * * *"}]
+    task-queue worker --burst                     # run the queue dry, exit 0 or 1
+    enqueue(tasks, db="postgresql://app@db/app")  # all or nothing, from code
+
+Sections: defaults, exceptions, records, task files, retry policy, stores, idempotency,
+metrics, processor, queue, pool, periodic tasks, configuration, dashboard, command line.
 """
 
 from __future__ import annotations
@@ -40,13 +47,17 @@ import concurrent.futures.thread  # registers its exit hook now, so ours runs be
 import contextlib
 import contextvars
 import dataclasses
+import datetime
 import enum
 import functools
 import hashlib
 import heapq
+import hmac
+import http
 import http.server
 import importlib
 import inspect
+import ipaddress
 import itertools
 import json
 import json.scanner
@@ -81,6 +92,8 @@ __all__ = [
     "DEFAULT_BASE_DELAY",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_CLAIM_POLL_INTERVAL",
+    "DEFAULT_DASHBOARD_HOST",
+    "DEFAULT_DASHBOARD_PORT",
     "DEFAULT_DB_FILE",
     "DEFAULT_DURABILITY",
     "DEFAULT_FAILED_LIMIT",
@@ -92,11 +105,16 @@ __all__ = [
     "DEFAULT_MAX_DELAY",
     "DEFAULT_MAX_TASK_FILE_BYTES",
     "DEFAULT_METRICS_FILE",
+    "DEFAULT_METRICS_HOST",
     "DEFAULT_MULTIPLIER",
     "DEFAULT_QUEUE",
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_TASKS",
     "DEFAULT_WORKERS",
+    "ENQUEUE_CHUNK",
+    "MAX_DASHBOARD_BODY_BYTES",
+    "MAX_DASHBOARD_IDS",
+    "MAX_DASHBOARD_QUERY_FIELDS",
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
     "MAX_NAMESPACE_BYTES",
@@ -136,12 +154,14 @@ __all__ = [
     "WorkerPool",
     "console_main",
     "current_deadline",
+    "enqueue",
     "fingerprint",
     "handler_namespace",
     "load_config",
     "load_tasks",
     "main",
     "open_store",
+    "serve_dashboard",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,6 +188,9 @@ DEFAULT_QUEUE = "default"  # the named queue of a task that names none
 DEFAULT_FAILED_LIMIT = 100  # failed tasks `failed_tasks` and ``task-queue failed`` list at once
 DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
+DEFAULT_METRICS_HOST = "127.0.0.1"  # where a worker serves its metrics: loopback unless told
+ENQUEUE_CHUNK = 500  # tasks per statement batch of enqueue(): memory stays flat for any count
+BACKLOG_REFRESH_SECONDS = 2.0  # how often a worker copies the store's backlog into its metrics
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
 MAX_COMPLETION_BATCH = 512  # most requests the committer takes in one round
@@ -206,6 +229,17 @@ BUSY_TIMEOUT_SECONDS = 30.0
 PG_CONFLICT_RETRIES = 3  # prompt reruns of a transaction PostgreSQL aborted as a deadlock
 PSYCOPG_MIN_VERSION = (3, 2)  # Connection.notifies(timeout=, stop_after=)
 HISTOGRAM_RELATIVE_ERROR = 0.01
+DEFAULT_DASHBOARD_HOST = "127.0.0.1"
+DEFAULT_DASHBOARD_PORT = 8080
+DASHBOARD_MINUTES = 60  # minutes the dashboard's charts show
+DASHBOARD_FAILED_LIMIT = 100  # failed tasks the page lists
+DASHBOARD_REQUEST_TIMEOUT = 30.0  # seconds a dashboard connection may stay silent
+MAX_DASHBOARD_IDS = 1000  # most task ids one dashboard request names
+MAX_DASHBOARD_BODY_BYTES = 64 * 1024
+MAX_DASHBOARD_QUERY_FIELDS = 20
+MIN_DASHBOARD_TOKEN_CHARS = 16
+DASHBOARD_TOKEN_ENV = "TQ_DASHBOARD_TOKEN"
+HISTORY_BUCKET_SPAN = 4  # histogram buckets merged into one in the per-minute history (~4% error)
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SQLITE_HEADER = b"SQLite format 3\x00"
 MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
@@ -1240,6 +1274,15 @@ class Store(Protocol):
       start in any `period`, however many processes take. Returns ``(taken, wait, base)``:
       `wait` (when fewer than `want` were free) is the seconds until as many more are free, and
       `base` the `time.monotonic()` instant the hold runs from.
+
+    History (what the dashboard charts): one row per minute and worker.
+
+    - ``record_history(worker, minute, counts, latency)``: write the row of `minute` (Unix time
+      // 60) for `worker`, replacing what it held: `counts` maps each of ``succeeded``,
+      ``failed``, ``duplicates`` and ``retries`` to the minute's total so far, `latency` is the
+      minute's latency histogram as JSON text (see `_History`).
+    - ``history(since)``: the rows of every worker from the minute of `since` (Unix time) on, as
+      dicts with ``minute``, ``worker``, the four counts and ``latency``, oldest first.
     """
 
     url: str
@@ -1300,6 +1343,10 @@ class Store(Protocol):
     def take_slots(
         self, name: str, count: int, period: float, want: int, hold: float
     ) -> tuple[int, float | None, float]: ...
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None: ...
+    def history(self, since: float) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
 
 
@@ -1455,6 +1502,19 @@ def _queue_payload(task: Task) -> str:
     return _canonical_json(task.payload)
 
 
+# The counters of one minute in the history table, in its column order.
+_HISTORY_COUNTS = ("succeeded", "failed", "duplicates", "retries")
+_HISTORY_FIELDS = ("minute", "worker", *_HISTORY_COUNTS, "latency")
+
+
+def _history_row(
+    worker: str, minute: int, counts: Mapping[str, int], latency: str
+) -> dict[str, Any]:
+    row = {"minute": int(minute), "worker": worker, "latency": latency}
+    row.update((name, int(counts.get(name, 0))) for name in _HISTORY_COUNTS)
+    return row
+
+
 def _spread(value: Any, count: int, check: Callable[[Any, str], Any], name: str) -> list[Any]:
     """Return `value` checked, once per task: one value for all, or a list or tuple of `count`."""
     if isinstance(value, (list, tuple)):
@@ -1539,6 +1599,7 @@ class MemoryStore:
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
         self._slots: dict[str, list[float]] = {}  # rate limit -> when each slot is free again
+        self._history: dict[tuple[int, str], dict[str, Any]] = {}  # (minute, worker) -> row
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
         self._closed = False
 
@@ -1728,6 +1789,8 @@ class MemoryStore:
                 del self._tasks[task_id]
             for name in [n for n, w in self._workers.items() if w["seen_at"] <= cutoff]:
                 del self._workers[name]
+            for minute, worker in [k for k in self._history if k[0] * 60 <= cutoff]:
+                del self._history[minute, worker]
         return len(old_keys) + len(old_tasks)
 
     def stats(self) -> dict[str, int]:
@@ -2021,6 +2084,19 @@ class MemoryStore:
                 wait = max(ahead - now, 0.0)
         return len(free), wait, base
 
+    # History ------------------------------------------------------------------------------------
+
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None:
+        with self._guard():
+            self._history[int(minute), worker] = _history_row(worker, minute, counts, latency)
+
+    def history(self, since: float) -> list[dict[str, Any]]:
+        first = int(since // 60)
+        with self._guard():
+            return [dict(row) for key, row in sorted(self._history.items()) if key[0] >= first]
+
     def close(self) -> None:
         """Close the store: its contents are gone, and every later call raises `TaskQueueError`."""
         with self._work:
@@ -2029,6 +2105,7 @@ class MemoryStore:
             self._tasks.clear()
             self._workers.clear()
             self._slots.clear()
+            self._history.clear()
             self._work.notify_all()
 
 
@@ -2078,6 +2155,8 @@ class _SqlStore:
 
     _DDL: tuple[str, ...] = ()
     _TAKE_LOCK = ""  # appended to the take query's row selection (FOR UPDATE SKIP LOCKED)
+    # Whether the table named :name exists (the history table: see _has_history).
+    _HISTORY_EXISTS = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :name"
     # What a take returns of each row (id, key, payload, then the id as the fail statement finds
     # it, its priority and since when it is ready, then its queue, group and timeout), and how
     # that statement names the id: SQLite's differ (see SqliteStore).
@@ -2292,6 +2371,21 @@ class _SqlStore:
             ORDER BY free_at LIMIT 1 OFFSET :skip
         """,
         "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
+        # One row per minute and worker, replaced whole: a transaction run again writes the same.
+        "history_upsert": """
+            INSERT INTO {history} (minute, worker, succeeded, failed, duplicates, retries,
+                latency)
+            VALUES (:minute, :worker, :succeeded, :failed, :duplicates, :retries, :latency)
+            ON CONFLICT (minute, worker) DO UPDATE SET succeeded = excluded.succeeded,
+                failed = excluded.failed, duplicates = excluded.duplicates,
+                retries = excluded.retries, latency = excluded.latency
+        """,
+        "history": """
+            SELECT minute, worker, succeeded, failed, duplicates, retries, latency
+            FROM {history} WHERE minute >= :since ORDER BY minute, worker
+        """,
+        "purge_history": "DELETE FROM {history} WHERE minute * 60 <= :cutoff",
+        "history_exists": "{history_exists}",  # each dialect's own (_HISTORY_EXISTS)
         # Operating the queue. The reads name the columns through {queue_col} and {kind_col}: a
         # reader leaves a database from before named queues as it is (see _render_sql).
         "queue_counts": """
@@ -2402,7 +2496,7 @@ class _SqlStore:
         such a database as it is; an opener that may write adds them first)."""
         fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
                   "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER, "clock": self._CLOCK,
-                  **self._names}  # fmt: skip
+                  "history_exists": self._HISTORY_EXISTS, **self._names}  # fmt: skip
         gone = set(missing)
         for pair, (field, column, default) in self._LATER_COLUMNS.items():
             fields[field] = default if pair in gone else column
@@ -2613,6 +2707,8 @@ class _SqlStore:
 
         def purge(execute: Callable[..., Any]) -> int:
             execute("purge_workers", params)  # heartbeats of workers long gone; not counted
+            if self._has_history(execute):
+                execute("purge_history", params)  # charted minutes, not records: not counted
             return execute("purge_keys", params).rowcount + execute("purge_tasks", params).rowcount
 
         return self._transaction(purge)
@@ -2635,25 +2731,95 @@ class _SqlStore:
         priority: int | Sequence[int] = 0,
     ) -> int:
         now = time.time()
-        rows = [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "queue": t.queue,
-                 "now": now, "run_at": run_at, "priority": rank, "task_group": t.group,
-                 "timeout": t.timeout}
-                for t, (run_at, rank) in zip(tasks, _schedules(tasks, delay, priority, now),
-                                             strict=True)]  # fmt: skip
+        rows = self._enqueue_rows(tasks, _schedules(tasks, delay, priority, now), now)
         if not rows:
             return 0
 
         def enqueue(execute: Callable[..., Any]) -> int:
-            added = 0
-            for index in _key_order([row["id"] for row in rows]):  # see claim_many
-                row = rows[index]
-                if execute("enqueue", row).rowcount:
-                    added += 1
-                else:
-                    # Raising rolls the whole batch back: all or nothing.
-                    self._check_same(execute, row)
+            added = self._enqueue_chunk(execute, rows)
             if added:
                 self._notify(execute)  # wake idle workers: there is work for them
+            return added
+
+        return self._transaction(enqueue)
+
+    @staticmethod
+    def _enqueue_rows(
+        tasks: Sequence[Task], schedules: Sequence[tuple[float | None, int]], now: float
+    ) -> list[dict[str, Any]]:
+        """The parameters of the enqueue statement for `tasks`, each with its
+        ``(run_at, priority)`` (see `_schedules`)."""
+        return [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "queue": t.queue,
+                 "now": now, "run_at": run_at, "priority": rank, "task_group": t.group,
+                 "timeout": t.timeout}
+                for t, (run_at, rank) in zip(tasks, schedules, strict=True)]  # fmt: skip
+
+    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+        """Insert `rows` inside the caller's transaction; return how many were new.
+
+        Raises:
+            TaskConflictError: an id is stored with another key or payload (the caller's
+                transaction then rolls back: all or nothing).
+        """
+        added = 0
+        for index in _key_order([row["id"] for row in rows]):  # see claim_many
+            row = rows[index]
+            if execute("enqueue", row).rowcount:
+                added += 1
+            else:
+                self._check_same(execute, row)
+        return added
+
+    def _enqueue_stream(
+        self,
+        tasks: Iterable[Any],
+        queue: str = DEFAULT_QUEUE,
+        delay: float = 0.0,
+        priority: int = 0,
+        chunk_size: int = ENQUEUE_CHUNK,
+    ) -> int:
+        """Insert the tasks of any iterable as queued, all or nothing, `chunk_size` at a time
+        inside one transaction (memory stays flat), with the statements of `enqueue_many`;
+        each waits `delay` seconds from now and has `priority`, and a task in the default queue
+        goes to `queue` (a task that names another queue keeps it).
+
+        The iterable runs inside the transaction, under the store's lock: only a store that no
+        other thread uses may do this (`enqueue` opens its own). An iterable cannot be read
+        twice, so a transaction the backend would run again (a lost connection) fails instead.
+
+        Raises:
+            TaskConflictError: an id is stored with another key or payload; nothing is added.
+            TypeError: an item is not a `Task`; nothing is added.
+            TaskQueueError: the connection was lost midway; nothing is added.
+        """
+        items = iter(tasks)
+        started = False
+
+        def enqueue(execute: Callable[..., Any]) -> int:
+            nonlocal started
+            if started:
+                raise TaskQueueError(
+                    "the database connection was lost during the enqueue; nothing was enqueued"
+                )
+            started = True
+            added = 0
+            now = time.time()
+            schedule = _schedule_one(delay, priority, now)
+            while chunk := list(itertools.islice(items, chunk_size)):
+                for task in chunk:
+                    if not isinstance(task, Task):
+                        raise TypeError(f"expected Task objects, got {type(task).__name__}")
+                if queue != DEFAULT_QUEUE:
+                    chunk = [
+                        dataclasses.replace(task, queue=queue)
+                        if task.queue == DEFAULT_QUEUE
+                        else task
+                        for task in chunk
+                    ]
+                rows = self._enqueue_rows(chunk, [schedule] * len(chunk), now)
+                added += self._enqueue_chunk(execute, rows)
+            if added:
+                self._notify(execute)
             return added
 
         return self._transaction(enqueue)
@@ -2894,6 +3060,28 @@ class _SqlStore:
         self._slot_rows.add((name, count))
         return result
 
+    # History ------------------------------------------------------------------------------------
+
+    def _has_history(self, execute: Callable[..., Any]) -> bool:
+        """Return whether the history table exists: a database opened only to read or purge may
+        come from a version without it (only an opener that may create adds it)."""
+        return bool(execute("history_exists", {"name": self._names["history"]}).fetchone()[0])
+
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None:
+        params = _history_row(worker, minute, counts, latency)
+        self._transaction(lambda execute: execute("history_upsert", params))
+
+    def history(self, since: float) -> list[dict[str, Any]]:
+        def read(execute: Callable[..., Any]) -> list[Any]:
+            if not self._has_history(execute):
+                return []
+            return execute("history", {"since": int(since // 60)}).fetchall()
+
+        rows = self._transaction(read, write=False)
+        return [dict(zip(_HISTORY_FIELDS, row, strict=True)) for row in rows]
+
 
 # How `ALTER TABLE ... ADD COLUMN` declares each later column (see `_SqlStore._LATER_COLUMNS`).
 _LATER_COLUMN_DDL = {
@@ -2961,9 +3149,14 @@ class SqliteStore(_SqlStore):
         self._init_common(
             lease_seconds,
             ttl_seconds,
-            {"keys": table, "tasks": f"{table}_tasks", "workers": f"{table}_workers",
-             "limits": f"{table}_limits"},
-        )  # fmt: skip
+            {
+                "keys": table,
+                "tasks": f"{table}_tasks",
+                "workers": f"{table}_workers",
+                "history": f"{table}_history",
+                "limits": f"{table}_limits",
+            },
+        )
         self._conn: sqlite3.Connection | None = self._open()
 
     _KEYS_DDL = """CREATE TABLE IF NOT EXISTS {keys} (
@@ -2995,6 +3188,10 @@ class SqliteStore(_SqlStore):
         "CREATE INDEX IF NOT EXISTS {tasks}_queue_take ON {tasks} "
         "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))"
     )
+    _HISTORY_DDL = """CREATE TABLE IF NOT EXISTS {history} (
+            minute INTEGER NOT NULL, worker TEXT NOT NULL, succeeded INTEGER NOT NULL,
+            failed INTEGER NOT NULL, duplicates INTEGER NOT NULL, retries INTEGER NOT NULL,
+            latency TEXT NOT NULL, PRIMARY KEY (minute, worker)) WITHOUT ROWID"""
     _DDL = (
         _KEYS_DDL,
         _UNSCOPED_DDL,
@@ -3011,6 +3208,7 @@ class SqliteStore(_SqlStore):
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
             seen_at REAL NOT NULL) WITHOUT ROWID""",
         _LIMITS_DDL,
+        _HISTORY_DDL,
     )
 
     def _open(self) -> sqlite3.Connection:
@@ -3068,6 +3266,8 @@ class SqliteStore(_SqlStore):
             except BaseException:
                 _rollback(conn)
                 raise
+        elif self._create and names["history"] not in existing:
+            self._add_history(conn)
         if self._create:
             self._migrate_tasks(conn)
         elif not {"priority", "run_at"} <= self._columns(conn, names["tasks"]):
@@ -3084,6 +3284,18 @@ class SqliteStore(_SqlStore):
             self._add_columns(conn)
         elif later:
             self._render_sql(later)  # a reader reads the old layout as it is
+
+    def _add_history(self, conn: sqlite3.Connection) -> None:
+        """Give a file from before the dashboard's history its table (one write transaction;
+        concurrent openers queue on the write lock, and IF NOT EXISTS makes the later ones
+        no-ops)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(self._HISTORY_DDL.format(**self._names))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
 
     @staticmethod
     def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -3297,6 +3509,30 @@ def _prepare_database_file(path: str) -> None:
         raise ConfigError(f"database {path}: cannot be written")
 
 
+@functools.lru_cache(maxsize=4)
+def _many_values(sql: str, count: int) -> str | None:
+    """Rewrite a one-row ``INSERT ... VALUES (%(a)s, ...)`` into `count` rows, whose parameters
+    are suffixed ``_0`` ... ``_{count - 1}``; None when `sql` has no such VALUES tuple."""
+    head, values, tail = sql.partition("VALUES")
+    start = tail.find("(")
+    if not values or start < 0:
+        return None
+    depth, end = 0, -1
+    for index, char in enumerate(tail[start:], start):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            end = index
+            break
+    if end < 0:
+        return None
+    row = tail[start : end + 1]
+    rows = ", ".join(
+        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)
+        for index in range(count)
+    )
+    return f"{head}{values} {rows}{tail[end + 1 :]}"
+
+
 class PostgresStore(_SqlStore):
     """The contract in PostgreSQL: workers on many machines share one database.
 
@@ -3321,6 +3557,7 @@ class PostgresStore(_SqlStore):
     """
 
     _TAKE_LOCK = "FOR UPDATE SKIP LOCKED"
+    _HISTORY_EXISTS = "SELECT to_regclass(:name) IS NOT NULL"
     _QUEUE_FILTER = "queue = ANY(:queues)"
     _IDS_FILTER = "id = ANY(:ids)"
     # The server's clock, one reading per statement: workers on machines whose clocks disagree
@@ -3349,6 +3586,10 @@ class PostgresStore(_SqlStore):
         """CREATE TABLE IF NOT EXISTS {limits} (
             name TEXT NOT NULL, slot INTEGER NOT NULL, free_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (name, slot))""",
+        """CREATE TABLE IF NOT EXISTS {history} (
+            minute BIGINT NOT NULL, worker TEXT NOT NULL, succeeded BIGINT NOT NULL,
+            failed BIGINT NOT NULL, duplicates BIGINT NOT NULL, retries BIGINT NOT NULL,
+            latency TEXT NOT NULL, PRIMARY KEY (minute, worker))""",
     )
     _QUEUE_INDEX = "tasks_queue_take"
     # Run once the later columns exist (a schema from an older version gets them first).
@@ -3379,7 +3620,7 @@ class PostgresStore(_SqlStore):
             ttl_seconds,
             {"schema": schema, "keys": f"{schema}.idempotency", "tasks": f"{schema}.tasks",
              "tasks_index": "tasks_ready", "workers": f"{schema}.workers",
-             "limits": f"{schema}.limits"},
+             "history": f"{schema}.history", "limits": f"{schema}.limits"},
         )  # fmt: skip
         self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
         self._listener: Any = None
@@ -3487,7 +3728,7 @@ class PostgresStore(_SqlStore):
 
     def _schema_ready(self) -> bool:
         """Return whether the schema holds every table, index and column of this version."""
-        names = [self._names[table] for table in ("keys", "tasks", "workers", "limits")]
+        names = [self._names[table] for table in ("keys", "tasks", "workers", "history", "limits")]
         names += [
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
@@ -3592,6 +3833,34 @@ class PostgresStore(_SqlStore):
     def _notify(self, execute: Callable[..., Any]) -> int:
         execute("notify", {"channel": self._channel})
         return 0
+
+    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+        # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
+        # INSERT with a VALUES tuple for each row, returning the ids it inserted. Only the rows
+        # it left alone (stored before, or repeated in the chunk) are checked, one by one.
+        ordered = [rows[index] for index in _key_order([row["id"] for row in rows])]
+        added = 0
+        for start in range(0, len(ordered), ENQUEUE_CHUNK):
+            chunk = ordered[start : start + ENQUEUE_CHUNK]
+            sql = _many_values(self._sql["enqueue"], len(chunk)) if len(chunk) > 1 else None
+            if sql is None:
+                added += super()._enqueue_chunk(execute, chunk)
+                continue
+            # The lock is held: one entry serves every size (a full chunk's is kept in turn).
+            self._sql["enqueue_rows"] = sql + " RETURNING id"
+            params = {
+                f"{field}_{index}": value
+                for index, row in enumerate(chunk)
+                for field, value in row.items()
+            }
+            inserted = {row[0] for row in execute("enqueue_rows", params).fetchall()}
+            for row in chunk:
+                if row["id"] in inserted:
+                    inserted.discard(row["id"])  # a repeat of the id later on is checked
+                    added += 1
+                else:
+                    self._check_same(execute, row)
+        return added
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         """Wait for a NOTIFY from an enqueue (or `timeout` seconds) on a listening connection.
@@ -3878,6 +4147,56 @@ def open_store(
         )
     return SqliteStore(text, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds,
                        durability=durability, create=create)  # fmt: skip
+
+
+# Databases that live in one process's memory: nothing enqueued there could reach a worker.
+_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
+
+
+def enqueue(
+    tasks: Iterable[Task],
+    *,
+    db: str | os.PathLike[str],
+    queue: str = DEFAULT_QUEUE,
+    delay: float = 0.0,
+    priority: int = 0,
+    durability: str = DEFAULT_DURABILITY,
+) -> int:
+    """Persist tasks in the durable queue of `db`, all or nothing; return how many were new.
+
+    The code form of ``task-queue enqueue``, with the same statements: the iterable (a list or
+    a generator of any length) is read `ENQUEUE_CHUNK` tasks at a time inside one transaction,
+    so memory stays flat, and a task the database refuses leaves the queue as it was. An id
+    already stored with the same key and payload is left alone (not counted as new).
+
+    Args:
+        tasks: the `Task` objects to enqueue.
+        db: a SQLite path (or ``sqlite:///PATH``) or a ``postgresql://`` URL, as ``--db``.
+        queue: the queue of the tasks.
+        delay: seconds from now before the tasks may start (a finite number >= 0).
+        priority: among ready tasks, a higher one starts first (-1000 to 1000).
+        durability: "normal" or "full" (SQLite; see `IdempotencyManager`).
+
+    Raises:
+        TaskConflictError: an id is stored with another key or payload; nothing was enqueued.
+        ConfigError: `db` cannot be used, or is an in-memory database no worker could see.
+        TypeError: an item is not a `Task`, or `delay` or `priority` is not a number;
+            nothing was enqueued.
+        ValueError: `queue`, `delay`, `priority` or `durability` is invalid.
+    """
+    _check_queue_name(queue, "queue")
+    _schedule_one(delay, priority, 0.0)  # checked before anything is opened
+    if os.fspath(db) in _MEMORY_DATABASES:
+        raise ConfigError(
+            f"database {os.fspath(db)!r} lives in this process's memory only; the durable queue "
+            "needs a file or a postgresql:// URL"
+        )
+    store = open_store(db, durability=durability)
+    try:
+        assert isinstance(store, _SqlStore)  # the in-memory databases are refused above
+        return store._enqueue_stream(tasks, queue, delay, priority)
+    finally:
+        store.close()
 
 
 # --- Idempotency ---------------------------------------------------------------------------------
@@ -4269,6 +4588,77 @@ class _Histogram:
 _SERIES = ("latency", "queue_wait", "service")
 
 
+class _Totals(NamedTuple):
+    """A collector's counters and latency histogram at one moment (see `_History`)."""
+
+    counts: dict[str, int]
+    zeros: int  # latencies below the histogram's floor
+    total: float  # seconds, every latency summed
+    buckets: dict[int, int]  # histogram bucket -> latencies in it
+
+
+_NO_TOTALS = _Totals(dict.fromkeys(_HISTORY_COUNTS, 0), 0, 0.0, {})
+
+
+def _coarse_bucket(index: int) -> int:
+    """The history bucket of a histogram bucket: HISTORY_BUCKET_SPAN of them merged (ceil)."""
+    return -(-index // HISTORY_BUCKET_SPAN)
+
+
+_HISTORY_GAMMA = (
+    (1 + HISTOGRAM_RELATIVE_ERROR) / (1 - HISTOGRAM_RELATIVE_ERROR)
+) ** HISTORY_BUCKET_SPAN
+
+
+def _history_latency(now: _Totals, base: _Totals) -> dict[str, Any]:
+    """The latency histogram of what finished between `base` and `now`, in history buckets."""
+    buckets: dict[int, int] = {}
+    for index, count in now.buckets.items():
+        count -= base.buckets.get(index, 0)
+        if count:
+            coarse = _coarse_bucket(index)
+            buckets[coarse] = buckets.get(coarse, 0) + count
+    return {
+        "zeros": now.zeros - base.zeros,
+        "sum": round(now.total - base.total, 6),
+        "buckets": {str(index): count for index, count in sorted(buckets.items())},
+    }
+
+
+def _merge_latency(latencies: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge history latency histograms; return count, mean and percentiles in milliseconds.
+
+    Percentiles are nearest-rank over the merged buckets, within about 4% of the exact ones.
+    """
+    zeros, total = 0, 0.0
+    buckets: dict[int, int] = {}
+    for latency in latencies:
+        zeros += int(latency.get("zeros", 0))
+        total += float(latency.get("sum", 0.0))
+        for index, count in latency.get("buckets", {}).items():
+            buckets[int(index)] = buckets.get(int(index), 0) + int(count)
+    count = zeros + sum(buckets.values())
+    summary: dict[str, Any] = {
+        "count": count,
+        "mean": round(total / count * 1000, 3) if count else None,
+    }
+    for p in (50, 95, 99):
+        summary[f"p{p}"] = None
+        if not count:
+            continue
+        rank = max(1, math.ceil(round(p * count / 100, 9)))
+        seen = zeros
+        value = 0.0
+        if rank > seen:
+            for index in sorted(buckets):
+                seen += buckets[index]
+                if seen >= rank:
+                    value = 2 * _HISTORY_GAMMA**index / (_HISTORY_GAMMA + 1)
+                    break
+        summary[f"p{p}"] = round(value * 1000, 3)
+    return summary
+
+
 class Outcome(NamedTuple):
     """One finished submission, as `MetricsCollector.record_outcomes` counts it."""
 
@@ -4278,6 +4668,37 @@ class Outcome(NamedTuple):
     service_time: float | None  # seconds, first start to finish
     started: bool  # a worker had taken it (it leaves in_flight)
     queued: bool  # it was still in the queue (it leaves queue_depth)
+
+
+def _backlog_summary(backlog: Mapping[str, tuple[int, float | None]] | None) -> dict[str, Any]:
+    """The snapshot's store gauges: totals (None until measured) and the figures per queue."""
+    if backlog is None:
+        return {"backlog": None, "oldest_waiting_seconds": None, "backlog_by_queue": {}}
+    ages = [age for _, age in backlog.values() if age is not None]
+    return {
+        "backlog": sum(count for count, _ in backlog.values()),
+        "oldest_waiting_seconds": max(ages) if ages else None,
+        "backlog_by_queue": {
+            queue: {"backlog": count, "oldest_waiting_seconds": age}
+            for queue, (count, age) in sorted(backlog.items())
+        },
+    }
+
+
+def _prometheus_label(value: str) -> str:
+    # The exposition format escapes exactly these three in a label value.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labelled(
+    metric: str, kind: str, help_text: str, label: str, samples: Iterable[tuple[str, Any]]
+) -> list[str]:
+    """Lines of one labelled metric family; a family without samples is left out."""
+    rows = [f'{metric}{{{label}="{_prometheus_label(str(name))}"}} '
+            f"{'NaN' if value is None else value}" for name, value in sorted(samples)]  # fmt: skip
+    if not rows:
+        return []
+    return [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", *rows]
 
 
 class MetricsCollector:
@@ -4300,6 +4721,9 @@ class MetricsCollector:
             0,
         )  # fmt: skip
         self._failures_by_kind: dict[str, int] = {}
+        # The durable store's backlog per queue, as (ready tasks, age in seconds of the oldest
+        # waiting one); None until a worker measures it (`record_backlog`).
+        self._backlog: dict[str, tuple[int, float | None]] | None = None
         self._busy = 0.0
         self._first_enqueue: float | None = None
         self._last_finish: float | None = None
@@ -4440,7 +4864,29 @@ class MetricsCollector:
         with self._lock:
             self._counts["rejected"] += 1
 
+    def record_backlog(self, queues: Mapping[str, tuple[int, float | None]]) -> None:
+        """Record the durable store's backlog, replacing the last reading.
+
+        Args:
+            queues: per queue, the tasks ready to run there and the age in seconds of the
+                oldest of them (None when none waits).
+        """
+        with self._lock:
+            self._backlog = dict(queues)
+
     # Reading ------------------------------------------------------------------------------------
+
+    def _history_totals(self) -> _Totals:
+        """Return the counters the history keeps and the latency histogram, as they stand."""
+        with self._lock:
+            latency = self._series["latency"]
+            # A copy of at most a few thousand ints, taken once per heartbeat, never per task.
+            return _Totals(
+                {name: self._counts[name] for name in _HISTORY_COUNTS},
+                latency.zeros,
+                latency.total,
+                dict(latency._buckets),
+            )
 
     def percentile(self, p: float, series: str = "latency") -> float:
         """Return the `p`-th percentile (0-100) of a series, in seconds; 0.0 when empty.
@@ -4461,6 +4907,7 @@ class MetricsCollector:
         with self._lock:
             counts = dict(self._counts)
             failures_by_kind = dict(self._failures_by_kind)
+            backlog = self._backlog
             busy = self._busy
             first, last = self._first_enqueue, self._last_finish
             summaries = {f"{name}_ms": h.summary_ms() for name, h in self._series.items()}
@@ -4487,6 +4934,7 @@ class MetricsCollector:
             "utilization": utilization,
             "busy_seconds": round(busy, 6),
             "failures_by_kind": failures_by_kind,
+            **_backlog_summary(backlog),
             **summaries,
         }
 
@@ -4522,6 +4970,17 @@ class MetricsCollector:
             value = snap[name]
             lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} gauge",
                       f"{prefix}_{name} {'NaN' if value is None else value}"]  # fmt: skip
+        lines += _labelled(f"{prefix}_failures_total", "counter",
+                           "Tasks that failed for good, by error kind.", "kind",
+                           snap["failures_by_kind"].items())  # fmt: skip
+        by_queue = snap["backlog_by_queue"].items()
+        lines += _labelled(f"{prefix}_backlog", "gauge",
+                           "Tasks ready to run in the durable store, by queue.", "queue",
+                           [(queue, row["backlog"]) for queue, row in by_queue])  # fmt: skip
+        lines += _labelled(f"{prefix}_oldest_waiting_seconds", "gauge",
+                           "Age of the oldest task ready to run in the durable store, by queue.",
+                           "queue", [(queue, row["oldest_waiting_seconds"])
+                                     for queue, row in by_queue])  # fmt: skip
         with self._lock:
             series = {
                 name: (h.count, h.total, [(q, h.percentile(q * 100)) for q in (0.5, 0.95, 0.99)])
@@ -5553,6 +6012,55 @@ class _Scheduler:
                 logger.exception("scheduled callback for %r raised", item)
 
 
+class _History:
+    """Write a durable pool's per-minute counts to the store's history table.
+
+    The counts come from the pool's `MetricsCollector` (the hot path records nothing more): each
+    flush reads its totals, and what changed since the last flush goes to the row of the current
+    minute, which the flush rewrites whole (a retried write is harmless, and several workers add
+    up because each writes its own row). What finished between the last flush of a minute and
+    the first of the next counts in the next: a minute is exact to within one flush interval.
+    Only the lease keeper's thread calls `flush`, so nothing here needs a lock.
+    """
+
+    def __init__(self, totals: Callable[[], _Totals], store: Store, worker: str) -> None:
+        self._totals = totals
+        self._store = store
+        self._worker = worker
+        self._minute: int | None = None
+        # The totals at the last write (what earlier users of a shared collector counted is not
+        # ours): a failed write loses nothing, its counts go to the next minute's row.
+        self._flushed = totals()
+        self._base = self._flushed  # the totals at the start of `_minute`
+        self._written: dict[str, Any] | None = None  # the row last written for `_minute`
+
+    def flush(self) -> None:
+        """Write the current minute's row if it changed since the last flush.
+
+        Raises:
+            Exception: the store's error; the next flush writes what this one could not.
+        """
+        now = self._totals()
+        minute = int(time.time() // 60)
+        if minute != self._minute:
+            self._minute, self._base, self._written = minute, self._flushed, None
+        base = self._base
+        counts = {name: now.counts[name] - base.counts[name] for name in _HISTORY_COUNTS}
+        latency = _history_latency(now, base)
+        row = {**counts, "latency": latency}
+        if row == self._written or (self._written is None and not any(counts.values())):
+            return  # nothing new: an idle worker writes nothing
+        self._store.record_history(self._worker, minute, counts, json.dumps(latency))
+        self._written, self._flushed = row, now
+
+
+class _NoHistory:
+    """The history of a pool that keeps none (not durable)."""
+
+    def flush(self) -> None:
+        pass
+
+
 class _LeaseKeeper:
     """One thread that renews the pool's claims every third of the lease, until stopped."""
 
@@ -5571,6 +6079,7 @@ class _LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._pool._heartbeat()
+            self._pool._record_history()
             held = self._pool._held_claims()
             if not held:
                 continue
@@ -5585,6 +6094,8 @@ class _LeaseKeeper:
                 lost = len(set(held) & set(self._pool._held_claims())) - renewed
                 if lost > 0:
                     logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
+        # The pool has stopped: its last minute's counts go to the history before the store closes.
+        self._pool._record_history()
 
 
 def _is_async_handler(handler: Callable[..., Any]) -> bool:
@@ -6172,6 +6683,12 @@ class WorkerPool:
             if thread is not None
         )
         self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
+        # A durable pool's counts per minute go to the store for the dashboard's charts.
+        self._history: _History | _NoHistory = (
+            _History(self._metrics._history_totals, self._store.store, self.worker_name)
+            if durable
+            else _NoHistory()
+        )
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
 
@@ -6413,7 +6930,7 @@ class WorkerPool:
             raise closed
 
     def serve(self, stop: threading.Event, *, prefetch: int | None = None,
-              poll_interval: float = 1.0) -> None:  # fmt: skip
+              poll_interval: float = 1.0, burst: bool = False) -> None:  # fmt: skip
         """Take tasks from the durable queue and run them until `stop` is set.
 
         Keeps at most `prefetch` tasks leased from the store, so workers on other machines share
@@ -6422,6 +6939,9 @@ class WorkerPool:
         to fall due, or `poll_interval` seconds, whichever comes first. Tasks start highest
         priority first, and a delayed one not before its due time.
         Returns when `stop` is set; `shutdown` then drains or cancels what this pool holds.
+        With `burst`, it also returns once the store holds nothing ready to run or running
+        (another worker's running tasks included, which may come back if that worker dies) and
+        this pool has finished everything it took; delayed tasks are not waited for.
 
         Raises:
             TaskQueueError: the pool is not durable.
@@ -6431,7 +6951,7 @@ class WorkerPool:
         with self._lock:
             self._store_users += 1
         try:
-            self._serve(stop, prefetch, poll_interval)
+            self._serve(stop, prefetch, poll_interval, burst)
         finally:
             self._release_store()
 
@@ -6442,7 +6962,9 @@ class WorkerPool:
         quick = int(self._workers * PREFETCH_BUDGET_SECONDS / self._per_call)
         return max(2 * self._workers, min(MAX_PREFETCH, self._flow.lease_ahead(quick)))
 
-    def _serve(self, stop: threading.Event, prefetch: int | None, poll_interval: float) -> None:
+    def _serve(
+        self, stop: threading.Event, prefetch: int | None, poll_interval: float, burst: bool
+    ) -> None:
         store = self._store.store
         self._heartbeat()
         outage_noticed: float | None = None  # when the last "unavailable" warning was logged
@@ -6480,6 +7002,14 @@ class WorkerPool:
                 outage_noticed = None
             backoff = 0.05
             if not leased:
+                if burst:
+                    left = self._burst_left(store, stop)
+                    if left == (0, 0):
+                        return
+                    if left is not None and left[0]:
+                        # Ready rows another worker may be taking: look again in a moment.
+                        store.wait_for_work(min(poll_interval, 0.1), stop)
+                        continue
                 store.wait_for_work(self._idle_wait(store, poll_interval), stop)
                 continue
             for position, item in enumerate(leased):
@@ -6496,6 +7026,27 @@ class WorkerPool:
                     if isinstance(exc, PoolClosedError):
                         return
                     raise
+
+    def _burst_left(self, store: Store, stop: threading.Event) -> tuple[int, int] | None:
+        """Wait until this pool has finished what it took; then return the store's count of
+        tasks ready to run and running (None when the store cannot say now)."""
+        with self._changed:
+            # A running task may fail and leave a retry, or hold a row: the store's view is
+            # final only once this pool holds nothing. Short waits, so a stop is seen.
+            while self._pending and not stop.is_set():
+                self._changed.wait(0.5)
+        if stop.is_set():
+            return None
+        try:
+            status = store.queue_status()
+        except Exception as exc:
+            logger.warning("reading the queue failed (%s); trying again", _first_line(exc))
+            return None
+        # A queue's "queued" are its ready tasks: a burst does not wait for delayed ones.
+        mine = [entry for name, entry in status["queues"].items()
+                if self.queues is None or name in self.queues]  # fmt: skip
+        return (sum(entry[EntryState.QUEUED.value] for entry in mine),
+                sum(entry[EntryState.RUNNING.value] for entry in mine))  # fmt: skip
 
     @staticmethod
     def _idle_wait(store: Store, poll_interval: float) -> float:
@@ -7080,6 +7631,7 @@ class WorkerPool:
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
                 "failed": snap["failed"], "duplicates": snap["duplicates"],
                 "lease_seconds": self._store.lease_seconds,
+                "heartbeat_seconds": round(self._store.lease_seconds / 3, 3),
                 "queues": None if self.queues is None else list(self.queues)}  # fmt: skip
         with self._lock:
             entries = [(job.task.id, job.entry) for job in self._inflight.values()
@@ -7092,6 +7644,14 @@ class WorkerPool:
             self._store.store.renew_tasks(self.worker_name, info, entries)
         except Exception as exc:
             logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
+
+    def _record_history(self) -> None:
+        """Write this minute's counts to the store's history (the lease keeper's thread only)."""
+        try:
+            self._history.flush()
+        except Exception as exc:
+            # The counts are kept: the next flush writes them, the database back or not.
+            logger.warning("writing the dashboard history failed: %s", _first_line(exc))
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -7462,6 +8022,384 @@ else:  # pragma: no cover - Python builds without the hook
     atexit.register(_shutdown_live_pools)
 
 
+# --- Periodic tasks ------------------------------------------------------------------------------
+#
+# `task-queue worker --schedule FILE` turns each slot of each schedule into one durable task whose
+# id (and so its key) is the schedule's id plus the slot time in UTC, such as
+# ``nightly-report@2026-12-01T03:00:00Z``. Every worker carrying the schedule enqueues that same
+# id, and an enqueue leaves an id already stored alone: however many workers carry a schedule, a
+# slot is one row and runs once, with no scheduler process to keep alive and none to elect.
+
+SCHEDULE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+_SCHEDULE_FILE_FIELDS = frozenset({"id", "cron", "every", "payload", "queue"})
+_SLOT_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_CRON_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+    )
+}
+_CRON_DAYS = {name: number for number, name in enumerate(("sun", "mon", "tue", "wed", "thu",
+                                                          "fri", "sat"))}  # fmt: skip
+_CRON_MACROS = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}  # fmt: skip
+# Days a search for the next or latest slot may look through: a valid expression matches at
+# least once in eight years (February 29th skips 2100), so this bound is never the answer.
+_CRON_SEARCH_DAYS = 366 * 9
+_RETRY_ENQUEUE_SECONDS = 5.0  # wait before enqueueing a slot again after the database refused
+_LONGEST_NAP = 60.0  # a periodic thread rereads the clock at least this often (clock changes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CronField:
+    """One of the five fields of a cron expression: its range and the names it accepts."""
+
+    name: str
+    low: int
+    high: int
+    names: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    star_high: int | None = None  # the top of '*' when it differs (day of week: 7 is 0 again)
+
+    def value(self, text: str) -> int:
+        """Return the number `text` names, or raise `ValueError` saying why it names none."""
+        if text.lower() in self.names:
+            return self.names[text.lower()]
+        if not re.fullmatch(r"[0-9]{1,4}", text):
+            kind = "a number or a name" if self.names else "a number"
+            raise ValueError(f"{self.name} {text!r} is not {kind}")
+        number = int(text)
+        if not self.low <= number <= self.high:
+            raise ValueError(f"{self.name} {number} is outside {self.low}-{self.high}")
+        return number
+
+    def values(self, text: str) -> frozenset[int]:
+        """Expand a field: lists (``a,b``), ranges (``a-b``), steps (``*/n``, ``a-b/n``,
+        ``a/n`` = ``a-high/n``) and ``*``.
+
+        Raises:
+            ValueError: an empty item, a value out of range, a backwards range or a bad step.
+        """
+        found: set[int] = set()
+        for item in text.split(","):
+            span, slash, step_text = item.partition("/")
+            step = 1
+            if slash:
+                if not re.fullmatch(r"[0-9]{1,4}", step_text) or int(step_text) == 0:
+                    raise ValueError(f"{self.name} step {step_text!r} is not a positive integer")
+                step = int(step_text)
+            if not span:
+                raise ValueError(f"{self.name} {text!r} has an empty item")
+            if span == "*":
+                first, last = self.low, self.high if self.star_high is None else self.star_high
+            elif "-" in span:
+                start, _, end = span.partition("-")
+                if not start or not end:
+                    raise ValueError(f"{self.name} range {span!r} lacks an end")
+                first, last = self.value(start), self.value(end)
+                if first > last:
+                    raise ValueError(f"{self.name} range {span!r} runs backwards")
+            else:
+                first = self.value(span)
+                last = self.high if slash else first
+            found.update(range(first, last + 1, step))
+        if self.star_high is not None and self.high in found:
+            found = (found - {self.high}) | {self.low}  # day of week 7 is Sunday, 0
+        return frozenset(found)
+
+
+_CRON_FIELDS = (
+    _CronField("minute", 0, 59),
+    _CronField("hour", 0, 23),
+    _CronField("day of month", 1, 31),
+    _CronField("month", 1, 12, _CRON_MONTHS),
+    _CronField("day of week", 0, 7, _CRON_DAYS, star_high=6),
+)
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February 29th exists, sometimes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cron:
+    """A five-field cron expression in UTC: minute, hour, day of month, month, day of week.
+
+    As in cron, when both day fields are restricted (neither starts with ``*``) a day matches if
+    either does; otherwise both must match.
+    """
+
+    expression: str
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  # 0 is Sunday
+    either_day: bool
+
+    @classmethod
+    def parse(cls, expression: str) -> _Cron:
+        """Parse `expression` (five fields, or a macro such as ``@daily``).
+
+        Raises:
+            ValueError: the expression is invalid or never matches; the message says where.
+        """
+        text = _CRON_MACROS.get(expression.strip().lower(), expression)
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}"
+            )
+        minutes, hours, days, months, weekdays = (
+            spec.values(field) for spec, field in zip(_CRON_FIELDS, fields, strict=True)
+        )
+        either_day = not fields[2].startswith("*") and not fields[4].startswith("*")
+        # With the day of week unrestricted, the date alone decides: it must exist somewhere.
+        if not either_day and not any(
+            day <= _MONTH_DAYS[month - 1] for day in days for month in months
+        ):
+            raise ValueError("the day of month never occurs in those months")
+        return cls(expression, tuple(sorted(minutes)), tuple(sorted(hours)), days, months,
+                   weekdays, either_day)  # fmt: skip
+
+    def _day_matches(self, day: datetime.date) -> bool:
+        if day.month not in self.months:
+            return False
+        by_date = day.day in self.days
+        by_weekday = day.isoweekday() % 7 in self.weekdays
+        return (by_date or by_weekday) if self.either_day else (by_date and by_weekday)
+
+    def next_after(self, moment: float) -> float:
+        """Return the first matching minute strictly after `moment` (Unix seconds)."""
+        start = datetime.datetime.fromtimestamp(
+            (math.floor(moment / 60) + 1) * 60, datetime.timezone.utc
+        )
+        day, hour, minute = start.date(), start.hour, start.minute
+        for _ in range(_CRON_SEARCH_DAYS):
+            if self._day_matches(day):
+                for h in self.hours:
+                    for m in self.minutes:
+                        if (h, m) >= (hour, minute):
+                            return _utc_seconds(day, h, m)
+            day += datetime.timedelta(days=1)
+            hour = minute = 0
+        raise ValueError(f"cron {self.expression!r} matches no time")  # excluded by parse
+
+    def latest(self, moment: float) -> float | None:
+        """Return the last matching minute at or before `moment` (Unix seconds)."""
+        start = datetime.datetime.fromtimestamp(math.floor(moment / 60) * 60, datetime.timezone.utc)
+        day, hour, minute = start.date(), start.hour, start.minute
+        for _ in range(_CRON_SEARCH_DAYS):
+            if self._day_matches(day):
+                for h in reversed(self.hours):
+                    for m in reversed(self.minutes):
+                        if (h, m) <= (hour, minute):
+                            return _utc_seconds(day, h, m)
+            if day == datetime.date.min:
+                break
+            day -= datetime.timedelta(days=1)
+            hour, minute = 23, 59
+        return None
+
+
+def _utc_seconds(day: datetime.date, hour: int, minute: int) -> float:
+    moment = datetime.datetime(day.year, day.month, day.day, hour, minute,
+                               tzinfo=datetime.timezone.utc)  # fmt: skip
+    return moment.timestamp()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Every:
+    """Slots every `seconds` seconds, aligned on the Unix epoch so every worker agrees on them."""
+
+    seconds: int
+
+    def next_after(self, moment: float) -> float:
+        return (math.floor(moment / self.seconds) + 1) * self.seconds
+
+    def latest(self, moment: float) -> float | None:
+        return math.floor(moment / self.seconds) * self.seconds
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ScheduleEntry:
+    """One periodic task: its id, when it runs, and the task each slot enqueues."""
+
+    id: str
+    timing: _Cron | _Every
+    payload: dict[str, Any]
+    queue: str = DEFAULT_QUEUE
+
+    def task(self, slot: float) -> Task:
+        """Return the task of the slot at `slot` (Unix seconds): id and key name the slot."""
+        when = datetime.datetime.fromtimestamp(slot, datetime.timezone.utc)
+        return Task(f"{self.id}@{when.strftime(_SLOT_FORMAT)}", self.payload, queue=self.queue)
+
+
+def _schedule_entry(item: Any) -> _ScheduleEntry:
+    """Build one entry of a schedule file.
+
+    Raises:
+        ValueError: the entry is invalid; the message names the field.
+    """
+    if not isinstance(item, dict):
+        raise ValueError(f"must be an object, not {_json_type(item)}")
+    unknown = sorted(set(item) - _SCHEDULE_FILE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field {_shown(unknown[0])}")
+    entry_id = item.get("id")
+    if not isinstance(entry_id, str) or not SCHEDULE_ID_PATTERN.fullmatch(entry_id):
+        raise ValueError(
+            f"field 'id' must be 1-200 letters, digits, '_', '.', ':' or '-' starting with a "
+            f"letter or digit, not {_shown(entry_id)}"
+        )
+    if ("cron" in item) == ("every" in item):
+        raise ValueError("give exactly one of the fields 'cron' and 'every'")
+    timing: _Cron | _Every
+    if "cron" in item:
+        if not isinstance(item["cron"], str):
+            raise ValueError(f"field 'cron' must be a string, not {_json_type(item['cron'])}")
+        try:
+            timing = _Cron.parse(item["cron"])
+        except ValueError as exc:
+            raise ValueError(f"field 'cron' {_shown(item['cron'])}: {exc}") from None
+    else:
+        every = item["every"]
+        whole = isinstance(every, int) or (isinstance(every, float) and every.is_integer())
+        if isinstance(every, bool) or not whole or every < 1:
+            raise ValueError(f"field 'every' must be a whole number of seconds >= 1, not "
+                             f"{_shown(every)}")  # fmt: skip
+        timing = _Every(int(every))
+    payload = item.get("payload")
+    if payload is None:
+        payload = {}
+    elif not isinstance(payload, dict):
+        raise ValueError(f"field 'payload' must be an object, not {_json_type(payload)}")
+    queue_name = item.get("queue", DEFAULT_QUEUE)
+    problem = _queue_problem(queue_name) if isinstance(queue_name, str) else "must be a string"
+    if problem is not None:
+        raise ValueError(f"field 'queue' {problem}, not {_shown(queue_name)}")
+    return _ScheduleEntry(entry_id, timing, payload, queue_name)
+
+
+def _load_schedule(path: str) -> list[_ScheduleEntry]:
+    """Read a schedule file: a JSON array of ``{"id", "cron" | "every", "payload", "queue"}``.
+
+    Raises:
+        ConfigError: the file cannot be read or an entry is invalid; one line naming the file,
+            the entry and the field.
+    """
+    source = f"--schedule {_cut(path)}"
+    try:
+        text = _read_task_file(path, _max_task_file_bytes()).decode("utf-8")
+        _check_depth(text, MAX_JSON_DEPTH)
+        document = _parse_json(text.removeprefix("\ufeff"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not valid UTF-8") from None
+    except TaskFileError as exc:
+        where = f"line {exc.line} column {exc.column}: " if exc.line is not None else ""
+        raise ConfigError(f"{source}: {where}{exc.reason}") from None
+    if not isinstance(document, list) or not document:
+        raise ConfigError(f"{source}: expected a non-empty JSON array of schedules")
+    entries: list[_ScheduleEntry] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(document):
+        try:
+            entry = _schedule_entry(item)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: schedule {index}: {exc}") from None
+        if entry.id in seen:
+            raise ConfigError(
+                f"{source}: schedule {index}: id {entry.id!r} repeats schedule {seen[entry.id]}"
+            )
+        seen[entry.id] = index
+        entries.append(entry)
+    return entries
+
+
+class _Periodic:
+    """Enqueue the slots of a schedule into the durable queue as they come due.
+
+    `due(now)` is the whole policy, kept apart from threads and clocks so it can be tested
+    alone: the first call gives each entry's latest slot (a worker that was down runs the slot
+    it missed last, never the ones before it), later calls each entry's latest slot that is new
+    since the call before (a worker that fell behind skips to the latest slot too). `start`
+    runs it in a thread that sleeps until the next slot: no polling in between.
+
+    Args:
+        entries: the schedules.
+        enqueue: ``enqueue(tasks) -> int``, the durable enqueue (it leaves known ids alone).
+        clock: Unix seconds now; `time.time` outside tests.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[_ScheduleEntry],
+        enqueue: Callable[[list[Task]], int],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._entries = list(entries)
+        self._enqueue = enqueue
+        self._clock = clock
+        self._done: dict[str, float] = {}  # entry id -> the latest slot enqueued; one thread's
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-schedule", daemon=True)
+
+    def due(self, now: float) -> list[Task]:
+        """Return the tasks of the slots due at `now` that were not handed out before."""
+        tasks = []
+        for entry in self._entries:
+            slot = entry.timing.latest(now)
+            if slot is not None and slot > self._done.get(entry.id, -math.inf):
+                tasks.append(entry.task(slot))
+                self._done[entry.id] = slot
+        return tasks
+
+    def next_at(self, now: float) -> float:
+        """Return when the next slot of any entry comes (Unix seconds)."""
+        return min(entry.timing.next_after(now) for entry in self._entries)
+
+    def enqueue_due(self, now: float | None = None) -> bool:
+        """Enqueue the slots due now; return False when the database refused them (logged)."""
+        tasks = self.due(self._clock() if now is None else now)
+        if not tasks:
+            return True
+        try:
+            try:
+                added = self._enqueue(tasks)
+            except TaskConflictError:
+                # Workers disagree on a schedule's payload, and the batch was refused whole:
+                # the other slots go in on their own, and the first enqueue of this one stands.
+                added = 0
+                for task in tasks:
+                    try:
+                        added += self._enqueue([task])
+                    except TaskConflictError as exc:
+                        logger.warning("schedule: %s; the slot enqueued first stands", exc)
+        except Exception as exc:
+            for task in tasks:  # handed out again by the next call
+                self._done.pop(task.id.rpartition("@")[0], None)
+            logger.warning("schedule: enqueueing %s failed (%s); trying again",
+                           ", ".join(t.id for t in tasks), _first_line(exc))  # fmt: skip
+            return False
+        logger.info("schedule: enqueued %d of %s", added, ", ".join(t.id for t in tasks))
+        return True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self._clock()
+            wait = self.next_at(now) - now if self.enqueue_due(now) else _RETRY_ENQUEUE_SECONDS
+            # One Event.wait until the next slot; capped so a changed wall clock is seen.
+            self._stop.wait(min(max(wait, 0.0), _LONGEST_NAP))
+
+
 # --- Configuration -------------------------------------------------------------------------------
 
 
@@ -7543,6 +8481,14 @@ def _parse_path(raw: str, source: str) -> str:
     return raw
 
 
+def _parse_host(raw: str, source: str) -> str:
+    # Whether the address exists is learnt when it is bound, before any database is opened.
+    host = raw.strip()
+    if not host or any(char.isspace() for char in host):
+        raise ConfigError(f"{source}: expected a host name or an IP address, got {_shown(raw)}")
+    return host
+
+
 def _choice(*choices: str, fold: Callable[[str], str] = str.lower) -> Callable[[str, str], str]:
     def parse(raw: str, source: str) -> str:
         value = fold(raw.strip())
@@ -7605,7 +8551,16 @@ SETTINGS = (
     _Setting("task_timeout", "TQ_TASK_TIMEOUT", "--task-timeout", _parse_positive_float, None,
              "seconds each attempt may take, a transient TimeoutError after (a task's "
              "timeout_seconds wins; default: none)"),
+    _Setting("metrics_host", "TQ_METRICS_HOST", "--metrics-host", _parse_host,
+             DEFAULT_METRICS_HOST, "address --metrics-port listens on (0.0.0.0: every "
+             "interface; the metrics are readable by anyone who reaches it)"),
 )  # fmt: skip
+# Settings only `task-queue worker` takes.
+_WORKER_ONLY_SETTINGS = frozenset({"metrics_host"})
+# The flags of the built-in simulator (TaskProcessor): a --handler replaces it.
+_SIMULATOR_FLAGS = {"latency_ms": "--latency-ms", "jitter_ms": "--jitter-ms",
+                    "transient_rate": "--transient-rate",
+                    "permanent_rate": "--permanent-rate"}  # fmt: skip
 
 
 def _read_dotenv(path: str) -> dict[str, str]:
@@ -7659,6 +8614,917 @@ def load_config(
     return config
 
 
+# --- Dashboard -----------------------------------------------------------------------------------
+#
+# One page, served by the standard library's ThreadingHTTPServer: `task-queue dashboard` and the
+# `/` of `worker --metrics-port`. The page is a constant (no file is read, nothing is fetched from
+# elsewhere) and draws itself from two JSON routes, `/api/status` and `/api/failed`; changes are
+# POSTs (`/api/retry`, `/api/cancel`). Safe by default: bound to loopback, where the Host header
+# must name loopback too (a page of another site that rebinds its name to 127.0.0.1 gets
+# nothing); any other address needs a token on every request; every POST carries the CSRF token
+# that only the served page knows; data reaches the page as JSON and becomes text there.
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+# Databases that live in one process's memory: nothing of them outlives the command.
+_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
+_TASK_STATES = ("queued", "delayed", "running", "failed", "done")
+
+_DASHBOARD_PAGE = """\
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="__CSRF__">
+<title>task-queue dashboard</title>
+<style nonce="__NONCE__">
+:root { --bg: #f6f7f9; --panel: #fff; --ink: #1d2430; --muted: #667085; --line: #dde1e7;
+  --ok: #2f7d4f; --bad: #c2412d; --accent: #2d5fc2; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  background: var(--bg); color: var(--ink); }
+header { display: flex; flex-wrap: wrap; gap: .4rem 1rem; align-items: baseline;
+  padding: .8rem 1rem; background: var(--ink); color: #fff; }
+header h1 { font-size: 1.1rem; margin: 0; }
+header .muted { color: #b9c0cc; overflow-wrap: anywhere; }
+main { padding: 1rem; display: grid; gap: 1rem; max-width: 1400px; margin: 0 auto; }
+.cards { display: grid; gap: .6rem; grid-template-columns: repeat(auto-fit, minmax(8.5rem, 1fr)); }
+.card, .panel { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; }
+.card { padding: .6rem .8rem; }
+.card .label { color: var(--muted); font-size: .8rem; text-transform: uppercase;
+  letter-spacing: .04em; }
+.card .value { font-size: 1.6rem; font-weight: 600; font-variant-numeric: tabular-nums; }
+.card.failed .value { color: var(--bad); }
+.grid { display: grid; gap: 1rem;
+  grid-template-columns: repeat(auto-fit, minmax(min(100%, 28rem), 1fr)); }
+.panel { padding: .8rem 1rem; min-width: 0; }
+.panel h2 { font-size: 1rem; margin: 0 0 .5rem; display: flex; gap: .6rem; align-items: baseline;
+  flex-wrap: wrap; }
+.panel h2 small { color: var(--muted); font-weight: normal; }
+svg.chart { width: 100%; height: auto; display: block; }
+svg .bar.ok { fill: var(--ok); }
+svg .bar.bad { fill: var(--bad); }
+svg .axis { stroke: var(--line); stroke-width: 1; }
+svg text { fill: var(--muted); font-size: 11px; }
+dl.latency { display: grid; grid-template-columns: repeat(auto-fit, minmax(6rem, 1fr)); gap: .4rem;
+  margin: 0; }
+dl.latency div { background: var(--bg); border-radius: 6px; padding: .4rem .6rem; }
+dl.latency dt { color: var(--muted); font-size: .8rem; }
+dl.latency dd { margin: 0; font-size: 1.2rem; font-weight: 600;
+  font-variant-numeric: tabular-nums; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .35rem .5rem; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { color: var(--muted); font-weight: 600; font-size: .8rem; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.text { overflow-wrap: anywhere; min-width: 6rem; max-width: 24rem; font-family: ui-monospace,
+  SFMono-Regular, Menlo, monospace; font-size: .85rem; }
+td.stale { color: var(--muted); }
+button { font: inherit; padding: .25rem .7rem; border-radius: 6px; border: 1px solid var(--accent);
+  background: var(--accent); color: #fff; cursor: pointer; }
+button:disabled { background: var(--line); border-color: var(--line); color: var(--muted);
+  cursor: not-allowed; }
+.muted { color: var(--muted); }
+#message { min-height: 1.2em; }
+#message.problem { color: #ffb4a8; }
+</style>
+</head>
+<body>
+<header>
+  <h1>task-queue</h1>
+  <span class="muted" id="database"></span>
+  <span class="muted" id="updated">loading&hellip;</span>
+  <span id="message" role="status"></span>
+</header>
+<main>
+  <section class="cards" aria-label="Tasks by state">
+    <div class="card"><div class="label">Queued</div>
+      <div class="value" id="count-queued">&ndash;</div></div>
+    <div class="card"><div class="label">Delayed</div>
+      <div class="value" id="count-delayed">&ndash;</div></div>
+    <div class="card"><div class="label">Running</div>
+      <div class="value" id="count-running">&ndash;</div></div>
+    <div class="card failed"><div class="label">Failed</div>
+      <div class="value" id="count-failed">&ndash;</div></div>
+    <div class="card"><div class="label">Done</div>
+      <div class="value" id="count-done">&ndash;</div></div>
+    <div class="card"><div class="label">Stalled</div>
+      <div class="value" id="count-stalled">&ndash;</div></div>
+    <div class="card"><div class="label">Oldest waiting</div>
+      <div class="value" id="oldest-waiting">&ndash;</div></div>
+  </section>
+  <section class="grid">
+    <div class="panel">
+      <h2>Throughput
+        <small>tasks finished per minute; last hour <span id="hour-finished">&ndash;</span></small>
+      </h2>
+      <svg class="chart" id="chart-throughput" viewBox="0 0 600 150" role="img"
+        aria-label="Tasks finished per minute"></svg>
+    </div>
+    <div class="panel">
+      <h2>Failures
+        <small>tasks failed per minute; last hour <span id="hour-failed">&ndash;</span></small>
+      </h2>
+      <svg class="chart" id="chart-failures" viewBox="0 0 600 150" role="img"
+        aria-label="Tasks failed per minute"></svg>
+    </div>
+  </section>
+  <section class="grid">
+    <div class="panel">
+      <h2>Latency
+        <small>enqueue to finish, last hour, <span id="latency-count">&ndash;</span> tasks</small>
+      </h2>
+      <dl class="latency">
+        <div><dt>p50</dt><dd id="latency-p50">&ndash;</dd></div>
+        <div><dt>p95</dt><dd id="latency-p95">&ndash;</dd></div>
+        <div><dt>p99</dt><dd id="latency-p99">&ndash;</dd></div>
+        <div><dt>mean</dt><dd id="latency-mean">&ndash;</dd></div>
+      </dl>
+    </div>
+    <div class="panel">
+      <h2>Queues</h2>
+      <div class="scroll"><table>
+        <thead><tr><th>Queue</th><th>Queued</th><th>Delayed</th><th>Running</th><th>Failed</th>
+          <th>Done</th><th>Oldest waiting</th></tr></thead>
+        <tbody id="queue-rows"></tbody>
+      </table></div>
+    </div>
+  </section>
+  <section class="panel">
+    <h2>Workers <small id="workers-note"></small></h2>
+    <div class="scroll"><table>
+      <thead><tr><th>Name</th><th>Host</th><th>PID</th><th>Threads</th><th>Running</th>
+        <th>Succeeded</th><th>Failed</th><th>Last heartbeat</th></tr></thead>
+      <tbody id="worker-rows"></tbody>
+    </table></div>
+  </section>
+  <section class="panel">
+    <h2>Failed tasks <small id="failed-note"></small>
+      <button type="button" id="retry-all" disabled>Retry all</button></h2>
+    <div class="scroll"><table>
+      <thead><tr><th>Id</th><th>Queue</th><th>Key</th><th>Attempts</th><th>Kind</th><th>Error</th>
+        <th>Failed at</th><th></th></tr></thead>
+      <tbody id="failed-rows"></tbody>
+    </table></div>
+  </section>
+</main>
+<script nonce="__NONCE__">
+"use strict";
+(function () {
+  const REFRESH_MS = 5000;
+  const SVG = "http://www.w3.org/2000/svg";
+  const token = new URLSearchParams(window.location.search).get("token");
+  const csrf = document.querySelector('meta[name="csrf-token"]').getAttribute("content");
+  let timer = null;
+  let refreshes = 0;
+
+  function headers(extra) {
+    const sent = { Accept: "application/json" };
+    if (token) sent["X-Dashboard-Token"] = token;
+    return Object.assign(sent, extra || {});
+  }
+
+  async function call(path, body) {
+    const options = { headers: headers(), cache: "no-store", credentials: "same-origin" };
+    if (body !== undefined) {
+      options.method = "POST";
+      options.headers = headers({ "Content-Type": "application/json", "X-CSRF-Token": csrf });
+      options.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, options);
+    const data = await response.json().catch(function () { return {}; });
+    if (!response.ok) throw new Error(data.error || "HTTP " + response.status);
+    return data;
+  }
+
+  // Every value from the server becomes text: textContent, never markup.
+  function cell(tag, value, className) {
+    const node = document.createElement(tag);
+    if (value !== undefined && value !== null) node.textContent = String(value);
+    if (className) node.className = className;
+    return node;
+  }
+
+  function say(text, problem) {
+    const node = document.getElementById("message");
+    node.textContent = text;
+    node.className = problem ? "problem" : "";
+  }
+
+  function setStat(id, value, text) {
+    const node = document.getElementById(id);
+    const missing = value === null || value === undefined;
+    node.dataset.value = missing ? "" : String(value);
+    node.textContent = text !== undefined ? text : (missing ? "\\u2013" : String(value));
+  }
+
+  function age(seconds) {
+    if (seconds === null || seconds === undefined) return "\\u2013";
+    if (seconds < 60) return seconds.toFixed(1) + " s";
+    if (seconds < 3600) return (seconds / 60).toFixed(1) + " min";
+    return (seconds / 3600).toFixed(1) + " h";
+  }
+
+  function millis(value) {
+    return value === null || value === undefined ? "\\u2013" : value.toFixed(1) + " ms";
+  }
+
+  function clock(minute) {
+    return new Date(minute * 60000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function svgNode(tag, attributes, text) {
+    const node = document.createElementNS(SVG, tag);
+    for (const name of Object.keys(attributes)) node.setAttribute(name, String(attributes[name]));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function drawBars(svg, minutes, values, kind) {
+    const width = 600, height = 150, left = 40, bottom = 18, top = 8;
+    const max = Math.max(1, ...values);
+    const step = (width - left) / Math.max(values.length, 1);
+    const nodes = [
+      svgNode("line", { x1: left, y1: top, x2: left, y2: height - bottom, class: "axis" }),
+      svgNode("line", { x1: left, y1: height - bottom, x2: width, y2: height - bottom,
+        class: "axis" }),
+      svgNode("text", { x: left - 5, y: top + 8, "text-anchor": "end" }, String(max)),
+      svgNode("text", { x: left - 5, y: height - bottom, "text-anchor": "end" }, "0"),
+    ];
+    if (minutes.length) {
+      nodes.push(svgNode("text", { x: left, y: height - 4 }, clock(minutes[0])));
+      const end = clock(minutes[minutes.length - 1]);
+      nodes.push(svgNode("text", { x: width, y: height - 4, "text-anchor": "end" }, end));
+    }
+    values.forEach(function (value, index) {
+      const barHeight = (height - bottom - top) * value / max;
+      const bar = svgNode("rect", {
+        x: (left + index * step + 0.5).toFixed(1), y: (height - bottom - barHeight).toFixed(1),
+        width: Math.max(step - 1, 1).toFixed(1), height: barHeight.toFixed(1),
+        class: "bar " + kind, "data-count": value, "data-minute": minutes[index],
+      });
+      bar.appendChild(svgNode("title", {}, clock(minutes[index]) + ": " + value));
+      nodes.push(bar);
+    });
+    svg.replaceChildren.apply(svg, nodes);
+  }
+
+  function replaceRows(id, rows) {
+    const body = document.getElementById(id);
+    body.replaceChildren.apply(body, rows);
+  }
+
+  function row(values) {
+    const tr = document.createElement("tr");
+    for (const [value, className] of values) tr.appendChild(cell("td", value, className));
+    return tr;
+  }
+
+  function renderStatus(status) {
+    document.getElementById("database").textContent = status.database;
+    for (const name of ["queued", "delayed", "running", "failed", "done", "stalled"]) {
+      setStat("count-" + name, status.counts[name]);
+    }
+    setStat("oldest-waiting", status.oldest_waiting_seconds, age(status.oldest_waiting_seconds));
+    const history = status.history;
+    drawBars(document.getElementById("chart-throughput"), history.minutes, history.finished, "ok");
+    drawBars(document.getElementById("chart-failures"), history.minutes, history.failed, "bad");
+    setStat("hour-finished", status.last_hour.finished);
+    setStat("hour-failed", status.last_hour.failed);
+    const latency = status.latency_ms;
+    for (const name of ["p50", "p95", "p99", "mean"]) {
+      setStat("latency-" + name, latency[name], millis(latency[name]));
+    }
+    setStat("latency-count", latency.count);
+    const queues = Object.keys(status.queues).sort().map(function (name) {
+      const q = status.queues[name];
+      const tr = row([[name, "text"], [q.queued, "num"], [q.delayed, "num"], [q.running, "num"],
+        [q.failed, "num"], [q.done, "num"], [age(q.oldest_waiting_age), "num"]]);
+      tr.dataset.queue = name;
+      return tr;
+    });
+    replaceRows("queue-rows", queues);
+    const workers = status.workers.map(function (w) {
+      const tr = row([[w.name, "text"], [w.host, "text"], [w.pid, "num"], [w.threads, "num"],
+        [w.running !== undefined && w.running !== null ? w.running : w.in_flight, "num"],
+        [w.succeeded, "num"], [w.failed, "num"],
+        [age(w.seen_seconds_ago) + " ago", w.live ? "num" : "num stale"]]);
+      tr.dataset.worker = w.name;
+      return tr;
+    });
+    replaceRows("worker-rows", workers);
+    const gone = status.workers_not_seen;
+    document.getElementById("workers-note").textContent =
+      status.workers.length + " live" + (gone ? ", " + gone + " not seen for a while" : "");
+  }
+
+  function renderFailed(failed) {
+    const retryAll = document.getElementById("retry-all");
+    retryAll.disabled = !failed.can_retry || failed.tasks.length === 0;
+    document.getElementById("failed-note").textContent = failed.available
+      ? failed.tasks.length + " shown" : "this store cannot list failed tasks";
+    const rows = failed.tasks.map(function (task) {
+      const when = task.failed_at ? new Date(task.failed_at * 1000).toLocaleString() : "";
+      const tr = row([[task.id, "text id"], [task.queue, "text"], [task.key, "text"],
+        [task.attempts, "num"], [task.error_kind, ""], [task.error, "text error"], [when, ""]]);
+      const button = cell("button", "Retry", "retry");
+      button.type = "button";
+      button.disabled = !failed.can_retry;
+      button.addEventListener("click", function () {
+        change("/api/retry", { ids: [task.id] }, button);
+      });
+      const last = document.createElement("td");
+      last.appendChild(button);
+      tr.appendChild(last);
+      tr.dataset.id = task.id;
+      return tr;
+    });
+    replaceRows("failed-rows", rows);
+  }
+
+  async function change(path, body, button) {
+    button.disabled = true;
+    try {
+      const answer = await call(path, body);
+      say((answer.retried !== undefined ? answer.retried : answer.cancelled) + " task(s) changed");
+    } catch (error) {
+      say("not changed: " + error.message, true);
+    }
+    refresh();
+  }
+
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      const answers = await Promise.all([call("/api/status"), call("/api/failed")]);
+      renderStatus(answers[0]);
+      renderFailed(answers[1]);
+      refreshes += 1;
+      document.body.dataset.refreshes = String(refreshes);
+      document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    } catch (error) {
+      say("cannot refresh: " + error.message, true);
+    }
+    timer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  document.getElementById("retry-all").addEventListener("click", function (event) {
+    change("/api/retry", { all: true }, event.currentTarget);
+  });
+  refresh();
+})();
+</script>
+</body>
+</html>
+"""
+
+
+class _HttpError(TaskQueueError):
+    """A request the dashboard refuses, with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _is_loopback(host: str) -> bool:
+    """Return whether `host` (a name or an address, IPv6 with or without brackets) is loopback."""
+    name = host.strip().lower().removeprefix("[").removesuffix("]")
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(header: str) -> str:
+    """Return the host part of a Host header (``name:port``, ``[v6]:port``)."""
+    if header.startswith("["):
+        return header[: header.find("]") + 1] if "]" in header else header
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def _check_dashboard_token(token: Any, source: str) -> str:
+    """Return a usable dashboard token, or raise `ConfigError` naming `source`.
+
+    A token travels in a header or a query string, so it is printable ASCII without spaces, and
+    long enough not to be guessed.
+    """
+    if not isinstance(token, str) or not token:
+        raise ConfigError(f"{source}: expected a token, got an empty value")
+    if len(token) < MIN_DASHBOARD_TOKEN_CHARS:
+        raise ConfigError(
+            f"{source}: expected at least {MIN_DASHBOARD_TOKEN_CHARS} characters, got "
+            f"{len(token)} (python -c 'import secrets; print(secrets.token_urlsafe())' makes one)"
+        )
+    if not all("!" <= char <= "~" for char in token):
+        raise ConfigError(f"{source}: expected printable ASCII characters without spaces")
+    return token
+
+
+def _minute_series(
+    rows: Iterable[Mapping[str, Any]], now: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sum the history rows of every worker per minute over the last DASHBOARD_MINUTES minutes;
+    return the series and the latency histograms of those minutes."""
+    last = int(now // 60)
+    minutes = list(range(last - DASHBOARD_MINUTES + 1, last + 1))
+    slot = {minute: index for index, minute in enumerate(minutes)}
+    series = {name: [0] * len(minutes) for name in _HISTORY_COUNTS}
+    latencies = []
+    for row in rows:
+        index = slot.get(int(row["minute"]))
+        if index is None:
+            continue
+        for name in _HISTORY_COUNTS:
+            series[name][index] += int(row[name])
+        with contextlib.suppress(ValueError, TypeError):
+            latencies.append(json.loads(row["latency"]))
+    finished = [ok + dup for ok, dup in zip(series["succeeded"], series["duplicates"], strict=True)]
+    return {"minutes": minutes, "finished": finished, **series}, latencies
+
+
+@contextlib.contextmanager
+def _refused_as_bad_request() -> Iterator[None]:
+    """Turn the `ValueError` a store raises for an argument it refuses into a 400."""
+    try:
+        yield
+    except ValueError as exc:
+        raise _HttpError(400, _cut(str(exc), 200)) from None
+
+
+def _status_queues(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-queue counts of a `queue_status()`; a store without named queues has one."""
+    queues = raw.get("queues")
+    if queues is not None:
+        return dict(queues)
+    tasks = raw["tasks"]
+    delayed = raw.get("delayed", 0)  # counted among the queued rows: waiting out their delay
+    return {
+        "default": {
+            **{state: tasks.get(state, 0) for state in _TASK_STATES},
+            "queued": tasks.get("queued", 0) - delayed,
+            "delayed": delayed,
+            "oldest_waiting_age": raw.get("oldest_queued_seconds"),
+        }
+    }
+
+
+# What the page shows of a worker's heartbeat row (`running`: the task rows it holds).
+_WORKER_FIELDS = ("host", "pid", "in_flight", "running", "succeeded", "failed", "duplicates")
+
+
+def _live_workers(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The workers of a `queue_status()` whose last heartbeat is within three of their
+    heartbeat intervals (and a second of slack), with the fields the page shows."""
+    live = []
+    for row in rows:
+        beat = row.get("heartbeat_seconds") or DEFAULT_LEASE_SECONDS / 3
+        if row["seen_seconds_ago"] <= 3 * beat + 1:
+            live.append({
+                "name": row["name"],
+                **{name: row.get(name) for name in _WORKER_FIELDS},
+                "threads": row.get("workers"),
+                "seen_seconds_ago": row["seen_seconds_ago"],
+                "live": True,
+            })  # fmt: skip
+    return live
+
+
+class _DashboardApp:
+    """What the dashboard serves, over one store that it opens on first use.
+
+    Args:
+        open_store: returns the store to read (called once, on the first request that needs it).
+        token: required on every request when given.
+        metrics: the collector of the worker that serves the page, if one does (adds
+            ``/metrics`` and the worker's own figures).
+        owns_store: close the store when the app closes (False for a store the caller gave).
+    """
+
+    def __init__(
+        self,
+        open_store: Callable[[], Store],
+        *,
+        token: str | None = None,
+        metrics: MetricsCollector | None = None,
+        owns_store: bool = True,
+    ) -> None:
+        self._open_store = open_store
+        self._owns_store = owns_store
+        self.token = token
+        self.metrics = metrics
+        # Random per server start and embedded in the page: a POST that carries it comes from a
+        # page this server served, which another site can neither read nor forge.
+        self.csrf = secrets.token_urlsafe(32)
+        self._lock = threading.Lock()  # guards _store and _closed (opened once, closed once)
+        self._store: Store | None = None
+        self._closed = False
+
+    def store(self) -> Store:
+        with self._lock:
+            if self._closed:
+                raise _HttpError(503, "the dashboard is shutting down")
+            if self._store is None:
+                self._store = self._open_store()
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            store, self._store = self._store, None
+        if store is not None and self._owns_store:
+            store.close()
+
+    def page(self, nonce: str) -> bytes:
+        return _DASHBOARD_PAGE.replace("__NONCE__", nonce).replace("__CSRF__", self.csrf).encode()
+
+    def status(self) -> dict[str, Any]:
+        store = self.store()
+        now = time.time()
+        raw = store.queue_status()
+        history, latencies = _minute_series(store.history(now - 60 * DASHBOARD_MINUTES), now)
+        queues = _status_queues(raw)
+        counts = {state: sum(q.get(state, 0) for q in queues.values()) for state in _TASK_STATES}
+        counts["stalled"] = raw.get("stalled", 0)
+        ages = [q["oldest_waiting_age"] for q in queues.values() if q.get("oldest_waiting_age")]
+        workers = _live_workers(raw["workers"])
+        status = {
+            "database": _redact(store.url),
+            "generated_at": round(now, 3),
+            "counts": counts,
+            "oldest_waiting_seconds": max(ages, default=None),
+            "queues": queues,
+            "workers": workers,
+            "workers_not_seen": len(raw["workers"]) - len(workers),
+            "history": history,
+            "last_hour": {name: sum(history[name]) for name in ("finished", *_HISTORY_COUNTS)},
+            "latency_ms": _merge_latency(latencies),
+        }
+        if self.metrics is not None:
+            status["this_worker"] = self.metrics.snapshot()
+        return status
+
+    def failed(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        store = self.store()
+        limit = _query_int(query, "limit", DASHBOARD_FAILED_LIMIT, 1, MAX_DASHBOARD_IDS)
+        queue = _query_text(query, "queue")
+        lister = getattr(store, "failed_tasks", None)
+        can_retry = hasattr(store, "retry_tasks")
+        if lister is None:
+            return {"available": False, "can_retry": False, "tasks": []}
+        with _refused_as_bad_request():
+            tasks = lister(queue=queue, limit=limit)
+        return {"available": True, "can_retry": can_retry, "tasks": tasks}
+
+    def retry(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        queue = body.get("queue")
+        if queue is not None and (not isinstance(queue, str) or _text_problem(queue) is not None):
+            raise _HttpError(400, "queue: expected a queue name")
+        if body.get("all") is True and "ids" in body:
+            raise _HttpError(400, "give either ids or all, not both")
+        ids = None if body.get("all") is True else _body_ids(body)
+        retry = self._operation("retry_tasks")
+        with _refused_as_bad_request():
+            return {"retried": retry(ids, queue=queue)}
+
+    def cancel(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        ids = _body_ids(body)
+        cancel = self._operation("cancel_tasks")
+        with _refused_as_bad_request():
+            return {"cancelled": cancel(ids)}
+
+    def _operation(self, name: str) -> Callable[..., int]:
+        operation = getattr(self.store(), name, None)
+        if operation is None:
+            raise _HttpError(501, f"this store cannot {name.partition('_')[0]} tasks")
+        return operation
+
+
+def _query_int(query: Mapping[str, list[str]], name: str, default: int, low: int, high: int) -> int:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[-1])
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise _HttpError(400, f"{name}: expected an integer from {low} to {high}")
+    return value
+
+
+def _query_text(query: Mapping[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if not values or not values[-1]:
+        return None
+    if _text_problem(values[-1]) is not None:
+        raise _HttpError(400, f"{name}: {_text_problem(values[-1])}")
+    return values[-1]
+
+
+def _body_ids(body: Mapping[str, Any]) -> list[str]:
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_DASHBOARD_IDS:
+        raise _HttpError(400, f"ids: expected a list of 1 to {MAX_DASHBOARD_IDS} task ids")
+    for task_id in ids:
+        if not isinstance(task_id, str) or _text_problem(task_id) is not None:
+            raise _HttpError(400, "ids: every task id must be a non-empty string")
+    return ids
+
+
+def _security_headers(csp: str) -> list[tuple[str, str]]:
+    return [
+        ("Content-Security-Policy", csp),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+        ("Cross-Origin-Resource-Policy", "same-origin"),
+        ("Cache-Control", "no-store"),
+    ]
+
+
+# Everything but the page: no script, no style, no frame.
+_DATA_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+
+def _page_csp(nonce: str) -> str:
+    return (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+
+
+class _DashboardHandler(http.server.BaseHTTPRequestHandler):
+    """One request to the dashboard (``server.app`` is the `_DashboardApp`)."""
+
+    server_version = "task-queue"
+    timeout = DASHBOARD_REQUEST_TIMEOUT  # an idle or slow client does not hold a thread longer
+
+    # Routes: (method, path) -> handler method name.
+    _ROUTES = {
+        ("GET", "/"): "_get_page",
+        ("GET", "/api/status"): "_get_status",
+        ("GET", "/api/failed"): "_get_failed",
+        ("GET", "/favicon.ico"): "_get_icon",
+        ("GET", "/metrics"): "_get_metrics",
+        ("POST", "/api/retry"): "_post_retry",
+        ("POST", "/api/cancel"): "_post_cancel",
+    }
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        app: _DashboardApp = self.server.app  # type: ignore[attr-defined]
+        try:
+            # The request target is a path, never a URL to parse: "//x" is a path too.
+            path, _, query_text = self.path.partition("#")[0].partition("?")
+            try:
+                query = urllib.parse.parse_qs(
+                    query_text, keep_blank_values=True, max_num_fields=MAX_DASHBOARD_QUERY_FIELDS
+                )
+            except ValueError:
+                raise _HttpError(400, "too many query parameters") from None
+            if path == "/metrics" and app.metrics is None:
+                path = ""  # only a worker's server has metrics
+            if path != "/favicon.ico":  # which a browser asks for without the page's token
+                self._check_access(app, query, path)
+            name = self._ROUTES.get((method, path))
+            if name is None:
+                if any(path == known for _, known in self._ROUTES):
+                    allowed = sorted(m for m, known in self._ROUTES if known == path)
+                    raise _HttpError(405, f"{method} is not allowed here; use {', '.join(allowed)}")
+                raise _HttpError(404, "no such page")
+            getattr(self, name)(app, query)
+        except _HttpError as exc:
+            self._send_json(exc.status, {"error": exc.message})
+        except ConfigError as exc:
+            # The store could not be opened (the worker has not created it yet, say).
+            self._send_json(503, {"error": str(exc)})
+        except OSError:
+            pass  # the client went away mid-answer; nothing to tell it
+        except Exception as exc:
+            if isinstance(exc, _database_errors()):
+                logger.warning("dashboard: the database failed: %s", _first_line(exc))
+                self._send_json(503, {"error": "the database is unavailable; try again"})
+                return
+            logger.exception("dashboard: %s %s failed", method, _cut(self.path))
+            self._send_json(500, {"error": "internal error (see the server's log)"})
+
+    def _check_access(self, app: _DashboardApp, query: Mapping[str, list[str]], path: str) -> None:
+        if app.token is not None:
+            given = self.headers.get("X-Dashboard-Token")
+            if given is None:
+                scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+                given = value.strip() if scheme.lower() == "bearer" else None
+            if given is None and query.get("token"):
+                given = query["token"][-1]
+            if given is None or not hmac.compare_digest(
+                given.encode("utf-8", "replace"), app.token.encode()
+            ):
+                raise _HttpError(
+                    401,
+                    "a valid token is needed: ?token=, X-Dashboard-Token or Authorization: Bearer",
+                )
+            return
+        if path == "/metrics":
+            return  # scraped as before: numbers only, and changes nothing
+        host = self.headers.get("Host")
+        if not host or not _is_loopback(_host_of(host)):
+            # Bound to loopback without a token: a name that is not loopback is another site's
+            # page reaching this port through a rebound DNS name.
+            raise _HttpError(403, "the Host header must name this machine's loopback address")
+
+    def _check_post(self, app: _DashboardApp) -> dict[str, Any]:
+        """Return the JSON object of a POST that carries the page's CSRF token."""
+        kind = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        if kind != "application/json":
+            raise _HttpError(415, "send the request body as application/json")
+        given = self.headers.get("X-CSRF-Token") or ""
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), app.csrf.encode()):
+            raise _HttpError(403, "missing or wrong X-CSRF-Token: reload the page")
+        origin = self.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
+            raise _HttpError(403, "cross-origin requests are refused")
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            raise _HttpError(411, "a Content-Length header is needed") from None
+        if not 0 <= length <= MAX_DASHBOARD_BODY_BYTES:
+            raise _HttpError(413, f"the body may hold at most {MAX_DASHBOARD_BODY_BYTES} bytes")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise _HttpError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _HttpError(400, "the body must be a JSON object")
+        return body
+
+    # Routes -------------------------------------------------------------------------------------
+
+    def _get_page(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        nonce = secrets.token_urlsafe(16)
+        self._send(200, app.page(nonce), "text/html; charset=utf-8", _page_csp(nonce))
+
+    def _get_status(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.status())
+
+    def _get_failed(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.failed(query))
+
+    def _get_icon(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send(204, b"", "image/x-icon")  # no icon: a browser's request is not an error
+
+    def _get_metrics(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        body = app.metrics.to_prometheus().encode()  # type: ignore[union-attr]
+        self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    def _post_retry(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.retry(self._check_post(app)))
+
+    def _post_cancel(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.cancel(self._check_post(app)))
+
+    # Answers ------------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, kind: str, csp: str = _DATA_CSP) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in _security_headers(csp):
+            self.send_header(name, value)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="task-queue"')
+        self.end_headers()
+        if self.command != "HEAD" and status >= 200 and status not in (204, 304):
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, document: Any) -> None:
+        body = json.dumps(document, default=str, separators=(",", ":")).encode()
+        self._send(status, body, "application/json")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The base class answers malformed requests (a bad request line, headers too long) here
+        # with an HTML page; the dashboard answers JSON, with its headers, like everywhere else.
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
+
+    def version_string(self) -> str:
+        return self.server_version  # the name, not the Python version behind it
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("dashboard: " + format, *args)
+
+
+class _DashboardServer(http.server.ThreadingHTTPServer):
+    """The dashboard's server; closing it closes the store its app opened."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, app: _DashboardApp) -> None:
+        self.app = app
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host.removeprefix("[").removesuffix("]"), port), _DashboardHandler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.app.close()
+
+
+def _bind_dashboard(host: str, port: int, app: _DashboardApp, flag: str) -> _DashboardServer:
+    """Bind the dashboard's server (not serving yet).
+
+    Raises:
+        ConfigError: the address cannot be bound; the message names `flag`.
+    """
+    try:
+        return _DashboardServer(host, port, app)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"{flag} {_cut(f'{host}:{port}')}: cannot listen: {reason}") from None
+
+
+def serve_dashboard(
+    db: str | os.PathLike[str] | Store,
+    *,
+    host: str = DEFAULT_DASHBOARD_HOST,
+    port: int = DEFAULT_DASHBOARD_PORT,
+    token: str | None = None,
+) -> http.server.ThreadingHTTPServer:
+    """Bind the dashboard's HTTP server for a store; the caller serves it.
+
+    Run ``server.serve_forever()`` (in a thread of its own, say), then ``server.shutdown()`` and
+    ``server.server_close()``, which closes the store if this function opened it. The page is at
+    ``http://HOST:PORT/`` (``server.server_address`` tells the port when `port` is 0).
+
+    Args:
+        db: a database URL or path, opened to read (it must exist), or an open `Store`, which
+            stays open.
+        host: the address to listen on; anything but loopback needs `token`.
+        port: the TCP port; 0 picks a free one.
+        token: required on every request (``?token=``, ``X-Dashboard-Token`` or ``Authorization:
+            Bearer``), at least MIN_DASHBOARD_TOKEN_CHARS printable characters.
+
+    Raises:
+        ConfigError: a host other than loopback without a token, a bad token, an address that
+            cannot be bound, or a database that cannot be opened.
+    """
+    if token is not None:
+        _check_dashboard_token(token, "token")
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError("host: expected an address to listen on, got an empty value")
+    if token is None and not _is_loopback(host):
+        raise ConfigError(
+            f"host {_shown(host)} is not loopback: give a token (--token or TQ_DASHBOARD_TOKEN) "
+            "that every request must carry"
+        )
+    if isinstance(db, (str, os.PathLike)):
+        url = os.fspath(db)
+        if url in _MEMORY_DATABASES:
+            raise ConfigError(
+                f"database {url!r} lives in one process's memory only: give a file or a "
+                "postgresql:// URL, or an open store"
+            )
+        store = open_store(url, create=False)
+        app = _DashboardApp(lambda: store, token=token)
+    else:
+        app = _DashboardApp(lambda: db, token=token, owns_store=False)
+        store = None
+    try:
+        return _bind_dashboard(host, port, app, "host")
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+
+
 # --- Command line --------------------------------------------------------------------------------
 
 
@@ -7667,6 +9533,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:  # type: ignore[override]
         raise ConfigError(f"{message} (see --help)")
+
+
+_METAVARS = {"metrics_host": "HOST"}
 
 
 def _add_settings(
@@ -7682,19 +9551,19 @@ def _add_settings(
             group.add_argument(
                 setting.flag,
                 dest=setting.name,
-                metavar=setting.name.upper(),
+                metavar=_METAVARS.get(setting.name, setting.name.upper()),
                 action="append" if setting.repeat else "store",
                 help=f"{setting.help}{note} [{setting.env}{default}]",
             )
 
 
-def _add_handler_arguments(group: Any) -> None:
+def _add_handler_arguments(group: Any, simulator_flags: str = "are ignored") -> None:
     group.add_argument(
         "--handler",
         metavar="MODULE:FUNCTION",
         help="handler to import (default: the built-in simulator, TaskProcessor); with a "
         "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
-        "--permanent-rate) are ignored",
+        f"--permanent-rate) {simulator_flags}",
     )
     group.add_argument(
         "--namespace",
@@ -7704,12 +9573,28 @@ def _add_handler_arguments(group: Any) -> None:
     )
 
 
-def _cli_handler(args: argparse.Namespace, config: Mapping[str, Any], seed: int | None) -> Any:
+def _cli_handler(
+    args: argparse.Namespace,
+    config: Mapping[str, Any],
+    seed: int | None,
+    refuse_simulator_flags: bool = False,
+) -> Any:
     """Return the handler and the namespace the command line asks for.
 
     Raises:
-        ConfigError: the handler cannot be imported, or the namespace is empty.
+        ConfigError: the handler cannot be imported, the namespace is empty, or (with
+            `refuse_simulator_flags`) the simulator's flags are given beside a handler, which
+            they would not configure.
     """
+    if args.handler is not None and refuse_simulator_flags:
+        given = [flag for name, flag in _SIMULATOR_FLAGS.items()
+                 if getattr(args, name, None) is not None]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} the built-in "
+                f"simulator, which --handler {_cut(args.handler)} replaces: drop "
+                f"{'it' if len(given) == 1 else 'them'}"
+            )
     namespace = args.namespace
     if namespace is not None:
         try:
@@ -7731,7 +9616,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
         "above that names a TQ_ variable can also be set in the environment or in ./.env. "
         "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
-        "result and purge (task-queue SUBCOMMAND --help).",
+        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
     )
     mode = parser.add_argument_group("what to run")
     mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
@@ -7747,6 +9632,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_handler_arguments(mode)
     _add_settings(
         parser.add_argument_group("configuration"),
+        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
         notes={
             "db_path": "; also :memory: or memory://, which keep nothing after the run; "
             "--benchmark uses a fresh temporary one unless --db is given"
@@ -7979,10 +9865,6 @@ def _run_pool(
         pool.shutdown(wait=True)
         outcome.signum = interrupts.signum
     return outcome
-
-
-# Databases that live in one process's memory: nothing of them outlives the command.
-_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
 
 
 def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
@@ -8227,38 +10109,88 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
     return handler
 
 
-def _serve_metrics(metrics: MetricsCollector, port: int) -> http.server.ThreadingHTTPServer:
-    """Serve ``GET /metrics`` in the Prometheus text format on 127.0.0.1:`port`."""
+def _serve_metrics(
+    metrics: MetricsCollector, host: str, port: int, config: Mapping[str, Any]
+) -> _DashboardServer:
+    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            body = metrics.to_prometheus().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            logger.debug("metrics: " + format, *args)
-
+    The dashboard reads the queue through a connection of its own, opened on its first request,
+    so that a page left open never waits on (or holds up) the worker's transactions. Off
+    loopback, ``/metrics`` answers every scraper while the page and its API answer only requests
+    that name a loopback address (the worker takes no token; ``task-queue dashboard --host
+    --token`` is the way to show the page to other machines).
+    """
+    app = _DashboardApp(functools.partial(_open_cli_store, config, create=False), metrics=metrics)
     try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    except OSError as exc:
-        raise ConfigError(f"--metrics-port {port}: {exc.strerror or exc}") from None
-    server.daemon_threads = True
+        server = _DashboardServer(host, port, app)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
     threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
     return server
 
 
-def _parse_port(raw: str) -> int:
-    port = _parse_int(raw, "--metrics-port", 0)
+def _parse_port(raw: str, flag: str = "--metrics-port") -> int:
+    port = _parse_int(raw, flag, 0)
     if port > 65535:
-        raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {_shown(raw)}")
+        raise ConfigError(f"{flag}: expected a port number up to 65535, got {_shown(raw)}")
     return port
+
+
+class _BacklogGauge:
+    """A thread that copies the durable store's backlog into a worker's metrics.
+
+    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
+    waits on the database; `stop` takes one last reading for the final snapshot.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: MetricsCollector,
+        queues: Iterable[str] | None = None,
+        interval: float = BACKLOG_REFRESH_SECONDS,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._queues = None if queues is None else tuple(queues)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            status = self._store.queue_status()
+        except Exception as exc:
+            # The worker's own loop reports an outage; the gauges keep their last reading.
+            logger.debug("reading the backlog failed: %s", _first_line(exc))
+            return
+        self._metrics.record_backlog(_status_backlog(status, self._queues))
+
+    def _run(self) -> None:
+        self.refresh()
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+
+def _status_backlog(
+    status: Mapping[str, Any], queues: Iterable[str] | None = None
+) -> dict[str, tuple[int, float | None]]:
+    """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
+    been ready), every queue of the store, and the `queues` a worker serves even when empty."""
+    backlog = {name: (0, None) for name in (queues or (DEFAULT_QUEUE,))}
+    for name, entry in status["queues"].items():
+        backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
+    return backlog
 
 
 def _cmd_worker(argv: list[str]) -> int:
@@ -8271,14 +10203,17 @@ def _cmd_worker(argv: list[str]) -> int:
     parser.add_argument(
         "--name", help="worker name in status (default HOST:PID:ID, unique to each worker)"
     )
-    _add_handler_arguments(parser)
+    _add_handler_arguments(parser, "are refused (exit 2); their TQ_ variables are ignored")
     parser.add_argument(
         "--prefetch",
         metavar="N",
         help=f"tasks leased at once (default 2 x workers, up to {MAX_PREFETCH} for quick tasks)",
     )
     parser.add_argument(
-        "--metrics-port", metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics"
+        "--metrics-port",
+        metavar="PORT",
+        help="serve Prometheus metrics on HOST:PORT/metrics and the dashboard at / "
+        "(HOST: --metrics-host)",
     )
     parser.add_argument(
         "--queues",
@@ -8286,6 +10221,20 @@ def _cmd_worker(argv: list[str]) -> int:
         help="the named queues to take tasks from, separated by commas (default: every queue)",
     )
     parser.add_argument("--json", action="store_true", help="print the final snapshot as JSON")
+    parser.add_argument(
+        "--schedule",
+        metavar="FILE",
+        help='periodic tasks: a JSON array of {"id", "cron": "M H DOM MON DOW" (UTC) or '
+        '"every": SECONDS, "payload", "queue"}; each slot runs once across every worker '
+        "carrying the schedule, and a worker that was down runs only the latest slot it missed",
+    )
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="exit once the queue holds nothing ready or running (delayed tasks are not waited "
+        "for): 0 when every task this worker finished succeeded or was a duplicate, 1 when some "
+        "failed; with --schedule, only the latest slot of each schedule is enqueued first",
+    )
     args = parser.parse_args(argv)
     config = load_config(vars(args), os.environ, ".env")
     _configure_logging(config["log_level"])
@@ -8294,16 +10243,22 @@ def _cmd_worker(argv: list[str]) -> int:
     queues = _cli_queues(args.queues)
     prefetch = _parse_positive_int(args.prefetch, "--prefetch") if args.prefetch else None
     port = _parse_port(args.metrics_port) if args.metrics_port else None
-    handler, namespace = _cli_handler(args, config, None)
+    handler, namespace = _cli_handler(args, config, None, refuse_simulator_flags=True)
+    schedule = _load_schedule(args.schedule) if args.schedule is not None else None
     metrics = MetricsCollector(config["workers"], config["queue_size"])
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
-    server = _serve_metrics(metrics, port) if port is not None else None
+    server = None
+    if port is not None:
+        server = _serve_metrics(metrics, config["metrics_host"], port, config)
     try:
         manager = IdempotencyManager(store=_open_cli_store(config))
     except BaseException:
         if server is not None:
             server.shutdown()
+            server.server_close()
         raise
+    gauge = _BacklogGauge(manager.store, metrics, queues)
+    periodic = _Periodic(schedule, manager.store.enqueue_many) if schedule else None
     try:
         pool = WorkerPool(
             handler,
@@ -8326,18 +10281,29 @@ def _cmd_worker(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             try:
-                pool.serve(stop, prefetch=prefetch)
+                gauge.start()
+                if periodic is not None and args.burst:
+                    periodic.enqueue_due()  # the latest slots, once: a burst takes no later ones
+                elif periodic is not None:
+                    periodic.start()
+                pool.serve(stop, prefetch=prefetch, burst=args.burst)
             finally:
+                if periodic is not None:
+                    periodic.stop()
                 # Whatever ended serving, running jobs finish before the store closes below.
                 pool.shutdown(wait=True, cancel_pending=True)
+                gauge.stop()
         if server is not None:
             server.shutdown()
+            server.server_close()
     finally:
         manager.store.close()
     snapshot = pool.metrics.snapshot()
     print(json.dumps(snapshot, indent=2, sort_keys=True) if args.json
           else _format_summary(snapshot, snapshot["submitted"]))  # fmt: skip
-    return EXIT_SIGNAL[interrupts.signum] if interrupts.signum is not None else EXIT_OK
+    if interrupts.signum is not None:
+        return EXIT_SIGNAL[interrupts.signum]
+    return EXIT_FAILED if args.burst and snapshot["failed"] else EXIT_OK
 
 
 def _cmd_status(argv: list[str]) -> int:
@@ -8637,6 +10603,110 @@ def _cmd_result(argv: list[str]) -> int:
     return code
 
 
+def _dashboard_token(flag: str | None) -> str | None:
+    """Return the dashboard token: --token, then TQ_DASHBOARD_TOKEN, then ./.env, else None.
+
+    Raises:
+        ConfigError: the token is empty, short or not printable ASCII; the message names where
+            it came from.
+    """
+    if flag is not None:
+        return _check_dashboard_token(flag, "--token")
+    if DASHBOARD_TOKEN_ENV in os.environ:
+        return _check_dashboard_token(os.environ[DASHBOARD_TOKEN_ENV], DASHBOARD_TOKEN_ENV)
+    from_file = _read_dotenv(".env")
+    if DASHBOARD_TOKEN_ENV in from_file:
+        source = f"{DASHBOARD_TOKEN_ENV} (in .env)"
+        return _check_dashboard_token(from_file[DASHBOARD_TOKEN_ENV], source)
+    return None
+
+
+def _cmd_dashboard(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "dashboard",
+        "Serve a live page of the durable queue: throughput and failures over the last hour, "
+        "queues, workers and their heartbeats, latency percentiles, and the failed tasks with a "
+        "retry button. Stops on SIGINT or SIGTERM.",
+        ("db_path", "log_level"),
+    )
+    parser.add_argument(
+        "--host",
+        metavar="ADDRESS",
+        help=f"address to listen on (default {DEFAULT_DASHBOARD_HOST}); an address other than "
+        "loopback needs --token",
+    )
+    parser.add_argument(
+        "--port", metavar="PORT", help=f"TCP port (default {DEFAULT_DASHBOARD_PORT}; 0: any free)"
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"secret every request must carry (?token=, X-Dashboard-Token or Authorization: "
+        f"Bearer), at least {MIN_DASHBOARD_TOKEN_CHARS} printable characters "
+        f"[{DASHBOARD_TOKEN_ENV}]",
+    )
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    port = DEFAULT_DASHBOARD_PORT if args.port is None else _parse_port(args.port, "--port")
+    host = DEFAULT_DASHBOARD_HOST if args.host is None else args.host
+    if not host.strip():
+        raise ConfigError("--host: expected an address to listen on, got an empty value")
+    token = _dashboard_token(args.token)
+    if token is None and not _is_loopback(host):
+        raise ConfigError(
+            f"--host {_shown(host)} is not a loopback address: give --token (or "
+            f"{DASHBOARD_TOKEN_ENV}), which every request must then carry"
+        )
+    app = _DashboardApp(functools.partial(_open_cli_store, config, create=False), token=token)
+    # Bind first: a port in use is a user error that must not touch the database.
+    server = _bind_dashboard(host, port, app, "--host/--port")
+    try:
+        store = app.store()  # opened now, so a wrong --db is an error at once
+        bound_host, bound_port = server.server_address[:2]
+        shown_host = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+        print(
+            f"dashboard of {_redact(store.url)} at http://{shown_host}:{bound_port}/"
+            + (" (every request needs the token)" if token else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        signum = _serve_until_signal(server)
+    finally:
+        server.server_close()
+    return EXIT_SIGNAL[signum]
+
+
+def _serve_until_signal(server: http.server.HTTPServer) -> int:
+    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
+
+    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
+    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
+    that serves.
+    """
+    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    received: list[int] = []
+
+    def watch() -> None:
+        signum = signals.get()
+        if signum is not None:
+            received.append(signum)
+            server.shutdown()
+
+    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
+    watcher.start()
+    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
+                for signum in EXIT_SIGNAL}  # fmt: skip
+    try:
+        server.serve_forever()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signals.put(None)
+        watcher.join()
+    return received[0]
+
+
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "enqueue": _cmd_enqueue,
     "worker": _cmd_worker,
@@ -8646,6 +10716,7 @@ _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "cancel": _cmd_cancel,
     "result": _cmd_result,
     "purge": _cmd_purge,
+    "dashboard": _cmd_dashboard,
 }
 
 

@@ -552,8 +552,13 @@ def test_help_describes_each_command_s_database_and_flags(command: list[str]) ->
     assert "default task_queue.db" in db_help and "default None" not in db_help, db_help
     assert ("benchmark" in db_help) is (command == []), db_help
     assert ("memory://" in db_help) is (command == []), db_help  # subcommands refuse it
-    if command in ([], ["worker"]):
-        assert "--latency-ms, --jitter-ms, --transient-rate, --permanent-rate) are ignored" in text
+    simulator = "--latency-ms, --jitter-ms, --transient-rate, --permanent-rate) are"
+    if command == []:
+        assert f"{simulator} ignored" in text
+    if command == ["worker"]:
+        assert f"{simulator} refused (exit 2)" in text
+        assert "--metrics-host HOST" in text and "TQ_METRICS_HOST" in text
+        assert "--schedule FILE" in text and "--burst" in text
     if command == []:
         assert "Every flag above that names a TQ_ variable" in text
     if command == ["worker"]:
