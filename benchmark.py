@@ -25,6 +25,7 @@ Example::
     python benchmark.py --task-file sample_tasks_100.json --workers 8
     python benchmark.py --tasks 1000 --latency-ms 30 --workers 1,2,4,8,16 --repeat 3 --plot b.png
     python benchmark.py --rate 66.7 --tasks 1000 --latency-ms 30 --workers 8
+    python benchmark.py --rate-limit 100/s --repeat 3 --db postgresql://postgres@127.0.0.1/test
     python benchmark.py --suite --quick
     python benchmark.py --smoke --report /tmp/report.json
     python benchmark.py --db postgresql://postgres@127.0.0.1:5432/test --processes 1,2,4
@@ -1483,6 +1484,85 @@ def run_store_noop(
 
 
 # --- Async ---------------------------------------------------------------------------------------
+
+
+# --- Rate limits ---------------------------------------------------------------------------------
+
+
+def run_rate_limit(
+    rate: str, tasks: int, workers: int, database: Database | None, repeat: int = 0
+) -> Run:
+    """Run `tasks` no-op calls through a pool limited to `rate`; judge the limit by its calls.
+
+    Each call records `time.monotonic()` as it starts. `busiest_window` is the most calls any
+    half-open window of one period holds (the limit allows `count`); `steady_rate` is the calls
+    after the first window's burst over the time they took, against `count / period`.
+
+    Args:
+        database: None keeps the limit in process (``memory://``); a SQLite or PostgreSQL
+            database keeps it in the store, as workers sharing it do (a fresh one per run).
+    """
+    limit = tq._rate_of(rate, "--rate-limit")
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def handler(task: tq.Task) -> None:
+        now = time.monotonic()
+        with lock:
+            starts.append(now)
+
+    work = [tq.Task(f"rate-{index:06d}") for index in range(tasks)]
+    with contextlib.ExitStack() as stack:
+        if database is None:
+            url, system = "memory://", "pool-rate-memory"
+        else:
+            url, _ = stack.enter_context(fresh_database(database, tq.DEFAULT_DURABILITY))
+            system = f"pool-rate-{database.backend}"
+        pool = tq.WorkerPool(handler, workers=workers, db_path=url, rate_limit=rate)
+        try:
+            for _ in pool.iter_results(work):
+                pass
+        finally:
+            pool.shutdown(wait=True)
+    starts.sort()
+    busiest, first = 0, 0
+    for last, now in enumerate(starts):
+        while starts[first] <= now - limit.period:
+            first += 1
+        busiest = max(busiest, last - first + 1)
+    span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
+    steady = (len(starts) - limit.count) / span if span > 0 and len(starts) > limit.count else None
+    target = limit.count / limit.period
+    run = Run(system, workers, f"{tasks} no-op calls at {limit.text}", repeat,
+              pool.metrics.snapshot(), len(starts), None)  # fmt: skip
+    run.extra["rate_limit"] = {
+        "limit": limit.text,
+        "calls": len(starts),
+        "busiest_window": busiest,
+        "busiest_over_limit": busiest / limit.count,
+        "steady_rate": _rounded(steady),
+        "target_rate": target,
+        "steady_over_target": _rounded(None if steady is None else steady / target),
+    }
+    return run
+
+
+def rate_limit_table(runs: Sequence[Run], ranged: bool) -> str:
+    rows = []
+    for group in _grouped(runs):
+        stats = [run.extra["rate_limit"] for run in group]
+        rows.append([
+            group[0].system,
+            stats[0]["limit"],
+            str(stats[0]["calls"]),
+            _cell([s["busiest_window"] for s in stats], ".0f", ranged),
+            _cell([s["busiest_over_limit"] for s in stats], ".3f", ranged),
+            _cell([s["steady_rate"] for s in stats], ".2f", ranged),
+            _cell([s["steady_over_target"] for s in stats], ".3f", ranged),
+        ])  # fmt: skip
+    headers = ["system", "limit", "calls", "busiest window", "/ limit", "steady calls/s",
+               "/ target"]  # fmt: skip
+    return _table(headers, rows)
 
 
 def async_pool_available() -> bool:
@@ -2953,6 +3033,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="open loop: Poisson arrivals at R tasks/s, latency from arrival",
     )
     what.add_argument(
+        "--rate-limit",
+        metavar="N/UNIT",
+        help="how close a rate limit holds to its target: no-op calls (--tasks, default six "
+        "periods' worth) through a pool limited to N/UNIT, the limit kept in process and in a "
+        "SQLite file (and in PostgreSQL with --db postgresql://...)",
+    )
+    what.add_argument(
         "--unused-cost",
         metavar="BASELINE.py",
         help="no-op pool throughput of this module vs BASELINE.py (the module before delays and "
@@ -3096,6 +3183,12 @@ def _check_args(args: argparse.Namespace) -> None:
     modes = [name for name in ("suite", "smoke") if getattr(args, name)]
     if args.rate is not None:
         modes.append("rate")
+    if args.rate_limit is not None:
+        modes.append("rate-limit")
+        try:
+            tq._rate_of(args.rate_limit, "--rate-limit")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.unused_cost is not None:
         modes.append("unused-cost")
     if args.processes is not None:
@@ -3108,7 +3201,7 @@ def _check_args(args: argparse.Namespace) -> None:
         _check_concurrency_args(args)
     elif args.processes is not None:
         _check_scale_args(args)
-    elif args.db is not None:
+    elif args.db is not None and args.rate_limit is None:
         _check_durable_args(args)
     if args.peers and args.rate is not None:
         raise UsageError("--peers runs beside the comparison runs and --suite, not --rate")
@@ -3301,6 +3394,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
             "base_delay": args.base_delay,
             "durability": args.durability,
             "rate": args.rate,
+            "rate_limit": args.rate_limit,
             "quick": args.quick,
             "peers": args.peers,
             "db": None if args.db is None else _redact_url(args.db),
@@ -3329,6 +3423,8 @@ def _mode(args: argparse.Namespace) -> str:
         return "suite"
     if args.processes is not None:
         return "scale-out"
+    if args.rate_limit is not None:
+        return "rate-limit"
     if args.db is not None:
         return "durable"
     return "open-loop" if args.rate is not None else "compare"
@@ -3576,6 +3672,30 @@ def _concurrency_mode(
     return runs
 
 
+def _rate_limit_mode(args: argparse.Namespace, report: dict) -> list[Run]:
+    """Run and print the rate-limit runs; return them."""
+    limit = tq._rate_of(args.rate_limit, "--rate-limit")
+    tasks = args.tasks or 6 * limit.count
+    workers = _parse_workers(args.workers)[0]
+    databases: list[Database | None] = [None, Database("sqlite", tempfile.gettempdir(), "")]
+    if args.db is not None:
+        databases.append(parse_database(args.db))
+    runs = [
+        run_rate_limit(args.rate_limit, tasks, workers, database, index)
+        for index in range(args.repeat)
+        for database in databases
+    ]
+    text = (f"rate limit {limit.text}: {tasks} no-op calls, {workers} workers; busiest window: "
+            "most call starts in any window of one period; steady: the calls after the first "
+            "window's burst over the time they took")  # fmt: skip
+    if args.repeat > 1:
+        text += f"; {args.repeat} repeats: median (min-max)"
+    print(text)
+    print(rate_limit_table(runs, ranged=args.repeat > 1))
+    report["rate_limit"] = [run.extra["rate_limit"] | {"system": run.system} for run in runs]
+    return runs
+
+
 def _durable_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
     """Run and print the durable comparison; return its runs."""
     with _sigterm_as_interrupt():
@@ -3603,7 +3723,7 @@ def _main(argv: Sequence[str]) -> int:
     if mode == "smoke":
         count, latency = SMOKE_COMPARISON["tasks"], SMOKE_COMPARISON["latency_ms"]
         workload = synthetic_workload(count, latency, seed=args.seed)
-    elif mode not in ("suite", "scale-out", "durable", "concurrency", "unused-cost"):
+    elif mode not in ("suite", "scale-out", "durable", "concurrency", "rate-limit", "unused-cost"):
         workload = _workload(args)  # before anything prints: a bad task file is a usage error
     report = _report(args, argv, mode)
     # --smoke runs the peers where Huey happens to be installed, without a word where it is not.
@@ -3624,6 +3744,8 @@ def _main(argv: Sequence[str]) -> int:
         runs += _durable_mode(args, settings, report)
     if mode == "concurrency":
         runs += _concurrency_mode(args, argv, settings, report)
+    if mode == "rate-limit":
+        runs += _rate_limit_mode(args, report)
     if mode == "unused-cost":
         _unused_cost_mode(args, report)
     report["runs"] = [run.to_dict() for run in runs]

@@ -276,6 +276,25 @@ def test_open_loop_mode(tmp_path: Path) -> None:
         assert loop["latency_from_arrival_ms"]["count"] == 30
 
 
+def test_rate_limit_mode_judges_the_limit_by_its_calls(tmp_path: Path) -> None:
+    """Prove --rate-limit runs the limit in process and in a SQLite file, never over it."""
+    report = tmp_path / "r.json"
+    proc = run_benchmark(
+        ["--rate-limit", "20/s", "--tasks", "45", "--workers", "4", "--report", str(report)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text(encoding="utf-8"))
+    assert data["configuration"]["mode"] == "rate-limit"
+    assert sorted(run["system"] for run in data["runs"]) == ["pool-rate-memory", "pool-rate-sqlite"]
+    for run in data["runs"]:
+        limit = run["rate_limit"]
+        assert limit["calls"] == 45 and limit["limit"] == "20/s"
+        assert limit["busiest_window"] <= 20  # the limit held
+        assert is_finite_number(limit["steady_rate"]) and limit["target_rate"] == 20
+    assert_user_error(run_benchmark(["--rate-limit", "fast"], tmp_path), "--rate-limit")
+
+
 def test_peers_without_huey_print_one_line_and_go_on(tmp_path: Path) -> None:
     """Prove --peers without Huey says so in one line and runs the rest."""
     if importlib.util.find_spec("huey") is not None:
