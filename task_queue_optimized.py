@@ -41,9 +41,11 @@ __version__ = "1.0.0"
 import argparse
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook now, so ours runs before it
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import enum
@@ -117,6 +119,8 @@ __all__ = [
     "MAX_KEY_BYTES",
     "MAX_NAMESPACE_BYTES",
     "MAX_PRIORITY",
+    "MAX_RATE_COUNT",
+    "MAX_RETRY_AFTER",
     "MIN_PRIORITY",
     "AsyncWorkerPool",
     "Claim",
@@ -149,6 +153,7 @@ __all__ = [
     "TransientError",
     "WorkerPool",
     "console_main",
+    "current_deadline",
     "enqueue",
     "fingerprint",
     "handler_namespace",
@@ -202,6 +207,20 @@ MAX_JSON_DEPTH = 64
 MAX_KEY_BYTES = 2048
 MAX_NAMESPACE_BYTES = 512
 MAX_ECHO_CHARS = 80  # most characters of a user's value that an error message repeats
+MAX_RETRY_AFTER = 3600.0  # longest wait a TransientError's retry_after can ask for, seconds
+MAX_RATE_COUNT = 10_000  # most calls one rate limit counts per period (one slot each)
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}  # the periods of a rate limit such as "100/s"
+# A slot of a rate limit is free again this share of its period after the call that used it
+# started, beyond the period itself: room for the moments between the pool's clock reading and
+# the handler's (a thread switch), so that calls the handler itself times keep to the limit.
+RATE_MARGIN = 0.01
+# How long a worker sharing a store's rate limit may take to start the calls of the slots it
+# reserved in one statement (a share of the period, within bounds); a slot stays taken this much
+# longer than the period, so reserving ahead never lets two calls of one slot come closer.
+RATE_HOLD_SHARE, RATE_HOLD_MIN, RATE_HOLD_MAX = 0.05, 0.01, 0.25
+# The share of that hold a reserved slot may wait in this process before its call starts; the
+# rest is room for the moment between the pool's clock reading and the handler's.
+RATE_HOLD_USE = 0.8
 # Priorities: higher starts first among ready tasks. A small closed range keeps task files
 # portable and an index on the column compact.
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
@@ -238,7 +257,28 @@ class TaskQueueError(Exception):
 
 
 class TransientError(TaskQueueError):
-    """A failure worth retrying: the same call may succeed later."""
+    """A failure worth retrying: the same call may succeed later.
+
+    Args:
+        message: what went wrong.
+        retry_after: seconds the next attempt must wait at least (a server's ``Retry-After``);
+            the retry policy's own delay applies when it is longer, and its ``max_delay`` does
+            not shorten this one. Values above `MAX_RETRY_AFTER` (an hour) are capped there.
+
+    Raises:
+        ValueError: `retry_after` is not None or a finite number >= 0.
+    """
+
+    def __init__(self, message: object = "", retry_after: float | None = None) -> None:
+        if retry_after is not None:
+            if not (_is_finite_number(retry_after) and retry_after >= 0):
+                raise ValueError(
+                    f"retry_after must be None or a finite number of seconds >= 0, not "
+                    f"{_shown(retry_after)}"
+                )
+            retry_after = min(float(retry_after), MAX_RETRY_AFTER)
+        self.retry_after: float | None = retry_after
+        super().__init__(message)
 
 
 class PermanentError(TaskQueueError):
@@ -356,7 +396,10 @@ _EMPTY_FINGERPRINT = hashlib.sha256(b"{}").hexdigest()
 # A task file's fields that say when and in which order a task runs, not what it is: the
 # commands that read a file apply them (see `_load_task_entries`); a `Task` does not carry them.
 _SCHEDULE_FIELDS = frozenset({"delay_seconds", "priority"})
-_TASK_FIELDS = frozenset({"id", "payload", "idempotency_key", "queue"}) | _SCHEDULE_FIELDS
+_TASK_FIELDS = (
+    frozenset({"id", "payload", "idempotency_key", "queue", "group", "timeout_seconds"})
+    | _SCHEDULE_FIELDS
+)
 
 
 def _cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
@@ -413,6 +456,15 @@ def _check_text_field(value: Any, field: str) -> None:
     problem = _text_problem(value)
     if problem is not None:
         raise TaskFileError(f"field {field!r} {problem}", field=field)
+
+
+def _checked_timeout(value: Any, field: str) -> float:
+    """Return `value` as an attempt's timeout in seconds, or raise `TaskFileError` naming it."""
+    if not (_is_finite_number(value) and value > 0):
+        raise TaskFileError(
+            f"field {field!r} must be a number of seconds > 0, not {_shown(value)}", field=field
+        )
+    return float(value)
 
 
 def _queue_problem(value: Any) -> str | None:
@@ -507,16 +559,20 @@ class Task:
     The id and the key must be non-empty strings that every store can keep: no NUL character and
     no lone surrogate. A payload of None means the empty dict. The queue (default ``"default"``)
     is where the durable queue keeps the task; workers choose the queues they serve. Its name
-    follows the key's rules and is printable, without whitespace or commas.
+    follows the key's rules and is printable, without whitespace or commas. `group` names the
+    rate limit the task's calls count against (`WorkerPool(rate_limits=...)`), with the rules of
+    a key; `timeout` bounds each attempt in seconds, overriding the pool's ``task_timeout``.
 
     Raises:
-        TaskFileError: (a `ValueError`) the id or the key is invalid; the error names the field.
+        TaskFileError: (a `ValueError`) a field is invalid; the error names it.
     """
 
     id: str
     payload: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
     idempotency_key: str | None = None
     queue: str = DEFAULT_QUEUE
+    group: str | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         # Checked where every task is built, so one bad task is refused on its own instead of
@@ -530,6 +586,10 @@ class Task:
                 raise TaskFileError(f"field 'queue' {problem}", field="queue")
         if self.payload is None:
             object.__setattr__(self, "payload", {})
+        if self.group is not None:
+            _check_text_field(self.group, "group")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", _checked_timeout(self.timeout, "timeout"))
 
     @property
     def key(self) -> str:
@@ -568,9 +628,19 @@ class Task:
         key = mapping.get("idempotency_key")
         if key is not None:
             _check_text_field(key, "idempotency_key")
+        timeout = mapping.get("timeout_seconds")
+        if timeout is not None:
+            timeout = _checked_timeout(timeout, "timeout_seconds")
         _schedule_of(mapping)
         named = mapping.get("queue")
-        return cls(task_id, payload, key, queue if named is None else named)
+        return cls(
+            task_id,
+            payload,
+            key,
+            queue if named is None else named,
+            group=mapping.get("group"),
+            timeout=timeout,
+        )
 
 
 class _TextEnum(str, enum.Enum):
@@ -596,6 +666,7 @@ class ErrorKind(_TextEnum):
     PERMANENT = "permanent"
     CONFLICT = "conflict"
     CRASHED = "crashed"  # its worker died while running it, max_attempts times in a row
+    TIMEOUT = "timeout"  # its last attempt ran past its deadline (task_timeout, timeout_seconds)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1194,6 +1265,18 @@ class Store(Protocol):
     - ``cancel_tasks(ids)``: delete the queued tasks among `ids`, delayed ones included (running
       ones finish); returns how many were withdrawn.
     - ``task_states(ids)``: id -> state of the tasks of `ids` that exist.
+      ``queue_status()``, ``wait_for_work``.
+
+    Rate limits (shared by every process on the store):
+
+    - ``take_slots(name, count, period, want, hold)``: a limit of `count` calls per `period`
+      seconds is `count` slots, each holding the time it is free again. Reserve up to `want`
+      free slots of limit `name` in one transaction; each is free again ``hold + period``
+      seconds after the take, so the caller must start the reserved calls within `hold` seconds
+      of `base` for no two calls of one slot to come closer than `period`: at most `count` calls
+      start in any `period`, however many processes take. Returns ``(taken, wait, base)``:
+      `wait` (when fewer than `want` were free) is the seconds until as many more are free, and
+      `base` the `time.monotonic()` instant the hold runs from.
 
     History (what the dashboard charts): one row per minute and worker.
 
@@ -1260,6 +1343,9 @@ class Store(Protocol):
     def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int: ...
     def cancel_tasks(self, ids: Sequence[str]) -> int: ...
     def task_states(self, ids: Sequence[str]) -> dict[str, str]: ...
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]: ...
     def record_history(
         self, worker: str, minute: int, counts: Mapping[str, int], latency: str
     ) -> None: ...
@@ -1370,7 +1456,14 @@ def _stored_text(value: Any, field: str) -> str:
     return value
 
 
-def _stored_task(task_id: Any, key: Any, payload: Any, queue: Any = DEFAULT_QUEUE) -> Task:
+def _stored_task(
+    task_id: Any,
+    key: Any,
+    payload: Any,
+    queue: Any = DEFAULT_QUEUE,
+    group: Any = None,
+    timeout: Any = None,
+) -> Task:
     """Build the `Task` of a durable-queue row.
 
     Raises:
@@ -1379,6 +1472,10 @@ def _stored_task(task_id: Any, key: Any, payload: Any, queue: Any = DEFAULT_QUEU
     task_id = _stored_text(task_id, "id")
     key = _stored_text(key, "key")
     queue = _stored_text(queue, "queue")
+    if group is not None:
+        group = _stored_text(group, "group")
+    if timeout is not None:
+        timeout = _checked_timeout(timeout, "timeout_seconds")
     try:
         value = _parse_json(_stored_text(payload, "payload"))
     except TaskFileError as exc:
@@ -1389,7 +1486,9 @@ def _stored_task(task_id: Any, key: Any, payload: Any, queue: Any = DEFAULT_QUEU
         raise TaskFileError(
             f"field 'payload' must be a JSON object, not {_json_type(value)}", field="payload"
         )
-    return Task(task_id, value, None if key == task_id else key, queue)
+    return Task(
+        task_id, value, None if key == task_id else key, queue, group=group, timeout=timeout
+    )
 
 
 def _unreadable_error(exc: TaskFileError) -> str:
@@ -1507,6 +1606,7 @@ class MemoryStore:
         self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
+        self._slots: dict[str, list[float]] = {}  # rate limit -> when each slot is free again
         self._history: dict[tuple[int, str], dict[str, Any]] = {}  # (minute, worker) -> row
         self._places = itertools.count(1)  # a task row's "seq": its place in submission order
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
@@ -1978,6 +2078,23 @@ class MemoryStore:
                 if remaining <= 0 or self._work.wait(min(remaining, 0.25)):
                     return
 
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]:
+        with self._guard():
+            base = time.monotonic()
+            now = time.time()
+            slots = self._slots.setdefault(name, [])
+            slots.extend([0.0] * (count - len(slots)))
+            free = [index for index in range(count) if slots[index] <= now][:want]
+            for index in free:
+                slots[index] = now + hold + period
+            wait = None
+            if len(free) < want:
+                ahead = sorted(slots[:count])[min(want - len(free), count) - 1]
+                wait = max(ahead - now, 0.0)
+        return len(free), wait, base
+
     # History ------------------------------------------------------------------------------------
 
     def record_history(
@@ -1998,6 +2115,7 @@ class MemoryStore:
             self._keys.clear()
             self._tasks.clear()
             self._workers.clear()
+            self._slots.clear()
             self._history.clear()
             self._work.notify_all()
 
@@ -2038,6 +2156,16 @@ class _BufferedCursor:
         return self._rows
 
 
+def _lost_claim(fp: str | None, found: Sequence[Any]) -> Claim:
+    """Return the answer to a claim that lost, from the key's row as ``lookup`` reads it."""
+    state, stored_fp, output, _, lease_expires, *_ = found
+    if fp is not None and stored_fp is not None and stored_fp != fp:
+        return Claim(ClaimState.CONFLICT)
+    if state == _Row.COMPLETED:
+        return Claim(ClaimState.COMPLETED, output=json.loads(output))
+    return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+
+
 # The retry statements (see _SqlStore._SQL), for the failed rows `where` picks.
 _RETRY = """
     UPDATE {{tasks}} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
@@ -2063,9 +2191,14 @@ class _SqlStore:
     # Whether the table named :name exists (the history table: see _has_history).
     _HISTORY_EXISTS = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :name"
     # What a take returns of each row (id, key, payload, then the id as the fail statement finds
-    # it, its priority and since when it is ready, then its queue), and how that statement names
-    # the id: SQLite's differ (see SqliteStore).
-    _TAKE_COLUMNS = "id, key, payload, id, priority, coalesce(run_at, enqueued_at), queue, seq"
+    # it, its priority and since when it is ready, then its queue, group and timeout, then its
+    # place in submission order), and how that statement names the id: SQLite's differ (see
+    # SqliteStore).
+    _TAKE_COLUMNS = (
+        "id, key, payload, id, priority, coalesce(run_at, enqueued_at), queue, task_group, "
+        "timeout_seconds, seq"
+    )  # fmt: skip
+    _CLOCK = ":now"  # the clock rate-limit slots are stamped with (PostgreSQL: the server's)
     _RAW_ID = "id"
     # A row's place in submission order, its "seq" (see _place_rows): the first place of a
     # statement ({place}), what a statement must say before it to have one ({place_with}), and
@@ -2163,9 +2296,9 @@ class _SqlStore:
         # {place}) plus the row's index in its batch (`:seq`).
         "enqueue": """
             {place_with}INSERT INTO {tasks} (id, key, payload, queue, state, attempts,
-                enqueued_at, updated_at, priority, run_at, seq)
+                enqueued_at, updated_at, priority, run_at, task_group, timeout_seconds, seq)
             VALUES (:id, :key, :payload, :queue, 'queued', 0, :now, :now, :priority, :run_at,
-                {place} + :seq)
+                :task_group, :timeout, {place} + :seq)
             ON CONFLICT (id) DO NOTHING
         """,
         # Tasks whose every run so far ended with its worker's death are failed, not run again.
@@ -2213,9 +2346,10 @@ class _SqlStore:
         # A submission's schedule replaces a stored one: the worker that submits it holds it.
         "take_task": """
             {place_with}INSERT INTO {tasks} AS t (id, key, payload, queue, state, token, worker,
-                lease_expires, attempts, enqueued_at, updated_at, priority, run_at, seq)
+                lease_expires, attempts, enqueued_at, updated_at, priority, run_at, task_group,
+                timeout_seconds, seq)
             VALUES (:id, :key, :payload, :queue, 'running', :token, :worker, :lease, 0, :now,
-                :now, :priority, :run_at, {place})
+                :now, :priority, :run_at, :task_group, :timeout, {place})
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
                 attempts = CASE WHEN t.state = 'failed' THEN 0 ELSE t.attempts END,
@@ -2264,6 +2398,25 @@ class _SqlStore:
             SELECT count(*) FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
         """,
         "workers": "SELECT name, info, seen_at FROM {workers} ORDER BY name",
+        # Rate limits shared through the store: one row per slot of a limit, each holding the
+        # time it is free again (see take_slots). The rows of a limit are made on first use.
+        "slots_init": """
+            WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n + 1 < :count)
+            INSERT INTO {limits} (name, slot, free_at) SELECT :name, n, 0 FROM s WHERE true
+            ON CONFLICT (name, slot) DO NOTHING
+        """,
+        "take_slots": """
+            UPDATE {limits} SET free_at = {clock} + :extra
+            WHERE name = :name AND slot IN (
+                SELECT slot FROM {limits} WHERE name = :name AND slot < :count
+                    AND free_at <= {clock}
+                LIMIT :want {take_lock})
+            RETURNING slot
+        """,
+        "slots_wait": """
+            SELECT free_at - {clock} FROM {limits} WHERE name = :name AND slot < :count
+            ORDER BY free_at LIMIT 1 OFFSET :skip
+        """,
         "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
         # One row per minute and worker, replaced whole: a transaction run again writes the same.
         "history_upsert": """
@@ -2320,6 +2473,8 @@ class _SqlStore:
         ("tasks", "queue"): ("queue_col", "queue", f"'{DEFAULT_QUEUE}'"),
         ("tasks", "error_kind"): ("kind_col", "error_kind", "NULL"),
         ("keys", "attempts"): ("key_attempts", "attempts", "0"),
+        ("tasks", "task_group"): ("group_col", "task_group", "NULL"),
+        ("tasks", "timeout_seconds"): ("timeout_col", "timeout_seconds", "NULL"),
     }
 
     # The take's index and the partial index of delayed rows (see _SQL), made by _migrate_tasks
@@ -2359,6 +2514,7 @@ class _SqlStore:
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
         self._names = dict(names)
+        self._slot_rows: set[tuple[str, int]] = set()  # limits whose slot rows exist (a hint)
         self._schedule_legacy = False  # a tasks table from before delays, read as it is
         self._render_sql()
         self._lock = threading.Lock()  # guards the connection and _closed: one transaction at once
@@ -2369,7 +2525,7 @@ class _SqlStore:
         older version lacks, which the reads then take as their default (a reader must leave
         such a database as it is; an opener that may write adds them first)."""
         fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
-                  "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER,
+                  "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER, "clock": self._CLOCK,
                   "history_exists": self._HISTORY_EXISTS,
                   "place_with": self._PLACE_WITH.format(**self._names),
                   "place": self._PLACE.format(**self._names),
@@ -2475,15 +2631,9 @@ class _SqlStore:
                         ClaimState.CLAIMED, token=row[0], lease_expires=now + lease
                     )
                     continue
-                if found is None:
-                    continue  # gone again meanwhile (a purge): in progress, asked again later
-                state, stored_fp, output, _, lease_expires, *_ = found
-                if fp is not None and stored_fp is not None and stored_fp != fp:
-                    claims[index] = Claim(ClaimState.CONFLICT)
-                elif state == _Row.COMPLETED:
-                    claims[index] = Claim(ClaimState.COMPLETED, output=json.loads(output))
-                else:
-                    claims[index] = Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+                if found is not None:
+                    # None: gone again meanwhile (a purge): in progress, asked again later.
+                    claims[index] = _lost_claim(fp, found)
             if any(claim.state is ClaimState.CLAIMED for claim in claims):
                 for task_id, entry in sorted(starts or ()):  # rows locked in id order
                     execute("start", {**params, "id": task_id, "entry": entry})
@@ -2628,7 +2778,8 @@ class _SqlStore:
         """The parameters of the enqueue statement for `tasks`, each with its
         ``(run_at, priority)`` (see `_schedules`)."""
         return [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "queue": t.queue,
-                 "now": now, "run_at": run_at, "priority": rank, "seq": index}
+                 "now": now, "run_at": run_at, "priority": rank, "task_group": t.group,
+                 "timeout": t.timeout, "seq": index}
                 for index, (t, (run_at, rank))
                 in enumerate(zip(tasks, schedules, strict=True))]  # fmt: skip
 
@@ -2752,14 +2903,14 @@ class _SqlStore:
                 rows += execute("take" + suffix, {**params, "limit": limit - len(rows)}).fetchall()
             # RETURNING keeps no order: put the rows in the take's (see Store.take_many).
             rows.sort(key=lambda row: (-_stored_priority(row[4]), _ready_time(row[5]),
-                                       _stored_place(row[7])))  # fmt: skip
+                                       _stored_place(row[9])))  # fmt: skip
             taken = []
             # Each row becomes a task on its own, before the lease commits: one that holds no
             # task fails alone, and the others run, instead of all of them being leased and
             # abandoned (and, leased again and again, failed as crashed).
-            for task_id, key, payload, raw_id, rank, _, name, _ in rows:
+            for task_id, key, payload, raw_id, rank, _, name, group, timeout, _ in rows:
                 try:
-                    task = _stored_task(task_id, key, payload, name)
+                    task = _stored_task(task_id, key, payload, name, group, timeout)
                     taken.append(QueuedTask(task, token, _stored_priority(rank)))
                 except TaskFileError as exc:
                     error = _unreadable_error(exc)
@@ -2783,7 +2934,8 @@ class _SqlStore:
         params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
                   "queue": task.queue, "token": _new_token(), "worker": worker,
                   "lease": now + self.lease_seconds, "now": now, "run_at": run_at,
-                  "priority": rank}  # fmt: skip
+                  "priority": rank, "task_group": task.group,
+                  "timeout": task.timeout}  # fmt: skip
 
         def take(execute: Callable[..., Any]) -> Any:
             row = execute("take_task", params).fetchone()
@@ -2918,6 +3070,34 @@ class _SqlStore:
         self._check_open()
         stop.wait(timeout)
 
+    # Rate limits --------------------------------------------------------------------------------
+
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]:
+        params: dict[str, Any] = {"name": name, "count": count, "want": want,
+                                  "extra": hold + period}  # fmt: skip
+        made = (name, count) in self._slot_rows
+
+        def take(execute: Callable[..., Any]) -> tuple[int, float | None, float]:
+            if not made:
+                execute("slots_init", params)
+            # Read once the transaction holds its locks (SQLite's write lock is taken at BEGIN):
+            # the hold runs from here, so a take that waited for the lock loses none of it.
+            base = time.monotonic()
+            params["now"] = time.time()
+            taken = len(execute("take_slots", params).fetchall())
+            wait = None
+            if taken < want:
+                skip = min(want - taken, count) - 1
+                row = execute("slots_wait", {**params, "skip": skip}).fetchone()
+                wait = 0.0 if row is None or row[0] is None else max(float(row[0]), 0.0)
+            return taken, wait, base
+
+        result = self._transaction(take)
+        self._slot_rows.add((name, count))
+        return result
+
     # History ------------------------------------------------------------------------------------
 
     def _has_history(self, execute: Callable[..., Any]) -> bool:
@@ -2946,6 +3126,8 @@ _LATER_COLUMN_DDL = {
     "queue": "TEXT NOT NULL DEFAULT '{default}'",
     "error_kind": "TEXT",
     "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "task_group": "TEXT",
+    "timeout_seconds": "DOUBLE PRECISION",
 }
 
 
@@ -3010,6 +3192,7 @@ class SqliteStore(_SqlStore):
                 "tasks": f"{table}_tasks",
                 "workers": f"{table}_workers",
                 "history": f"{table}_history",
+                "limits": f"{table}_limits",
                 "order": f"{table}_tasks_order",
             },
         )
@@ -3029,9 +3212,14 @@ class SqliteStore(_SqlStore):
         "CASE typeof(key) WHEN 'text' THEN CAST(key AS BLOB) END, "
         "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB), "
         "priority, coalesce(run_at, enqueued_at), "
-        "CASE typeof(queue) WHEN 'text' THEN CAST(queue AS BLOB) END, seq"
+        "CASE typeof(queue) WHEN 'text' THEN CAST(queue AS BLOB) END, "
+        "CASE typeof(task_group) WHEN 'text' THEN CAST(task_group AS BLOB) END, timeout_seconds, "
+        "seq"
     )
     _RAW_ID = "CAST(id AS BLOB)"
+    _LIMITS_DDL = """CREATE TABLE IF NOT EXISTS {limits} (
+            name TEXT NOT NULL, slot INTEGER NOT NULL, free_at REAL NOT NULL,
+            PRIMARY KEY (name, slot)) WITHOUT ROWID"""
     # Rows without a namespace, which claims adopt: a partial index keeps finding them cheap.
     _UNSCOPED_DDL = (
         "CREATE INDEX IF NOT EXISTS {keys}_unscoped ON {keys} (key) WHERE namespace = ''"
@@ -3057,12 +3245,14 @@ class SqliteStore(_SqlStore):
             state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
             updated_at REAL NOT NULL, priority INTEGER NOT NULL DEFAULT 0, run_at REAL,
-            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, seq INTEGER) WITHOUT ROWID""",
+            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
+            timeout_seconds DOUBLE PRECISION, seq INTEGER) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS {tasks}_ready ON {tasks} (state, enqueued_at)",
         _QUEUE_INDEX_DDL,
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
             seen_at REAL NOT NULL) WITHOUT ROWID""",
+        _LIMITS_DDL,
         _HISTORY_DDL,
     )
 
@@ -3106,6 +3296,10 @@ class SqliteStore(_SqlStore):
             # Only an opener that may create migrates: status and purge read an old file as it
             # is (their statements need no namespace column).
             self._migrate_keys(conn)
+        if self._create and names["limits"] not in existing:
+            # Alone, not with the other DDL, whose indexes an older tasks table cannot take
+            # before its later columns are added (below); IF NOT EXISTS makes racing openers safe.
+            conn.execute(self._LIMITS_DDL.format(**names))
         if not {names["keys"], names["tasks"], names["workers"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
             # busy. An existing schema needs no write lock, so opening never waits for a writer.
@@ -3255,10 +3449,12 @@ class SqliteStore(_SqlStore):
         return missing
 
     def _add_columns(self, conn: sqlite3.Connection) -> None:
-        """Give tables from before named queues their later columns and index, in place.
+        """Give tables from before named queues (or task groups and timeouts) their later
+        columns and index, in place.
 
         One write transaction: concurrent openers queue on the write lock, the first one adds
-        the columns and the others find them there. Old tasks are in the queue ``default``.
+        the columns and the others find them there. Old tasks are in the queue ``default``, with
+        no group and no timeout of their own.
         """
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -3413,7 +3609,9 @@ class PostgresStore(_SqlStore):
 
     Tasks are taken with ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other's rows;
     an enqueue sends ``NOTIFY``, so idle workers (``LISTEN`` on their own connection) wake within
-    milliseconds instead of polling. A lost connection (a server restart) is reopened with
+    milliseconds instead of polling. A batch of claims, completions (with their queue rows'
+    settlements), renewals, releases or settlements is one statement over arrays, committed on
+    its own: one round trip whatever its size. A lost connection (a server restart) is reopened with
     backoff for up to `reconnect_seconds`, and the interrupted transaction is run again: a
     transaction is all or nothing, and every write is fenced by a token, so a retry can delay a
     task but never complete one twice. A deadlock or serialization failure is run again at once,
@@ -3435,6 +3633,9 @@ class PostgresStore(_SqlStore):
     _HISTORY_EXISTS = "SELECT to_regclass(:name) IS NOT NULL"
     _QUEUE_FILTER = "queue = ANY(:queues)"
     _IDS_FILTER = "id = ANY(:ids)"
+    # The server's clock, one reading per statement: workers on machines whose clocks disagree
+    # still share a rate limit exactly.
+    _CLOCK = "extract(epoch FROM statement_timestamp())::float8"
     # Places come from a sequence that steps by _PLACE_BLOCK: a statement draws one value, the
     # first of a block of its own, and numbers its rows within it (a row inserted by an older
     # version takes a block by the column's default). A sequence never waits on another
@@ -3457,12 +3658,15 @@ class PostgresStore(_SqlStore):
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
             enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
             priority INTEGER NOT NULL DEFAULT 0, run_at DOUBLE PRECISION,
-            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT,
-            seq BIGINT NOT NULL DEFAULT nextval('{order}'))""",
+            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
+            timeout_seconds DOUBLE PRECISION, seq BIGINT NOT NULL DEFAULT nextval('{order}'))""",
         "CREATE INDEX IF NOT EXISTS {tasks_index} ON {tasks} (state, enqueued_at)",
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY, info TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
             seen_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {limits} (
+            name TEXT NOT NULL, slot INTEGER NOT NULL, free_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (name, slot))""",
         """CREATE TABLE IF NOT EXISTS {history} (
             minute BIGINT NOT NULL, worker TEXT NOT NULL, succeeded BIGINT NOT NULL,
             failed BIGINT NOT NULL, duplicates BIGINT NOT NULL, retries BIGINT NOT NULL,
@@ -3474,6 +3678,105 @@ class PostgresStore(_SqlStore):
         "CREATE INDEX IF NOT EXISTS " + _QUEUE_INDEX + " ON {tasks} "
         "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)), seq)",
     )
+
+    # One statement per batch: the rows go in as parallel arrays (unnest), so a batch of any size
+    # costs one round trip where one statement per row costs one each. Each keeps the meaning of
+    # its per-row twin in _SqlStore._SQL (read those first); callers fall back to the per-row
+    # statements for a batch that names a key or task twice, whose rows must act one after the
+    # other. Arrays come in key order, and an insert takes its row locks in its input order.
+    _SET_SQL = {
+        # The claims, and the started runs of the durable rows whose keys they win (see "start":
+        # `won` holds exactly the keys this statement claimed, in this namespace).
+        "claim_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(fps)s::text[], %(tokens)s::bigint[])
+                    WITH ORDINALITY AS v(key, fp, token, ord)
+            ), won AS (
+                INSERT INTO {keys} AS t (key, namespace, state, fingerprint, token,
+                    lease_expires, attempts, created_at, updated_at)
+                SELECT v.key, %(ns)s, 'in_progress', v.fp, v.token, %(lease)s, 1, %(now)s, %(now)s
+                FROM v
+                WHERE %(ns)s = ''
+                   OR EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = %(ns)s)
+                   OR NOT EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = '')
+                ORDER BY v.ord
+                ON CONFLICT (key, namespace) DO UPDATE SET
+                    state = 'in_progress', token = excluded.token,
+                    lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
+                    output = NULL, error = NULL, attempts = t.attempts + 1,
+                    fingerprint = coalesce(excluded.fingerprint, t.fingerprint)
+                WHERE (t.state = 'failed'
+                       OR (t.state = 'in_progress' AND t.lease_expires <= %(now)s)
+                       OR (t.state = 'completed' AND t.updated_at <= %(expired)s))
+                  AND (excluded.fingerprint IS NULL OR t.fingerprint IS NULL
+                       OR t.fingerprint = excluded.fingerprint)
+                RETURNING t.key, t.token
+            ), started AS (
+                UPDATE {tasks} AS q SET attempts = q.attempts + 1
+                FROM unnest(%(ids)s::text[], %(entries)s::bigint[]) AS s(id, entry)
+                WHERE q.id = s.id AND q.token = s.entry AND q.state = 'running'
+                  AND EXISTS (SELECT 1 FROM won WHERE won.key = q.key)
+            )
+            SELECT key, token FROM won
+        """,
+        "lookup_set": """
+            SELECT key, state, fingerprint, output, error, lease_expires, updated_at, namespace
+            FROM {keys} WHERE key = ANY(%(keys)s::text[]) AND namespace = %(ns)s
+        """,
+        "adopt_set": """
+            UPDATE {keys} AS t SET namespace = %(ns)s
+            WHERE t.key = ANY(%(keys)s::text[]) AND t.namespace = ''
+              AND NOT EXISTS (SELECT 1 FROM {keys} WHERE key = t.key AND namespace = %(ns)s)
+        """,
+        # Completions, and the durable rows of the keys they complete marked done (see
+        # complete_many): one data-modifying statement, so both commit or neither does.
+        "complete_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(outputs)s::text[],
+                                     %(calls)s::int[], %(ids)s::text[], %(entries)s::bigint[],
+                                     %(entry_calls)s::int[])
+                    WITH ORDINALITY AS v(key, token, output, calls, id, entry, entry_calls, ord)
+            ), done AS (
+                UPDATE {keys} AS k SET state = 'completed', output = v.output, error = NULL,
+                    lease_expires = NULL, updated_at = %(now)s, attempts = k.attempts + v.calls
+                FROM v WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+                RETURNING v.ord, v.id, v.entry, v.entry_calls
+            ), settled AS (
+                UPDATE {tasks} AS q SET state = 'done', error = NULL, lease_expires = NULL,
+                    updated_at = %(now)s, error_kind = NULL,
+                    attempts = q.attempts + done.entry_calls
+                FROM done WHERE q.id = done.id AND q.token = done.entry AND q.state = 'running'
+            )
+            SELECT ord FROM done
+        """,
+        "renew_set": """
+            UPDATE {keys} AS k SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[]) AS v(key, token)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "release_set": """
+            UPDATE {keys} AS k SET state = 'failed', error = v.error, lease_expires = NULL,
+                updated_at = %(now)s, attempts = k.attempts + v.calls
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(errors)s::text[],
+                        %(calls)s::int[]) AS v(key, token, error, calls)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "settle_set": """
+            UPDATE {tasks} AS q SET state = v.state, error = v.error, lease_expires = NULL,
+                updated_at = %(now)s, error_kind = v.kind, attempts = q.attempts + v.calls,
+                token = CASE WHEN v.state = 'queued' THEN NULL ELSE q.token END,
+                worker = CASE WHEN v.state = 'queued' THEN NULL ELSE q.worker END
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[], %(states)s::text[],
+                        %(errors)s::text[], %(kinds)s::text[], %(calls)s::int[])
+                AS v(id, token, state, error, kind, calls)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+        "renew_entries_set": """
+            UPDATE {tasks} AS q SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[]) AS v(id, token)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+    }
 
     def __init__(
         self,
@@ -3497,9 +3800,9 @@ class PostgresStore(_SqlStore):
             ttl_seconds,
             {"schema": schema, "keys": f"{schema}.idempotency", "tasks": f"{schema}.tasks",
              "tasks_index": "tasks_ready", "workers": f"{schema}.workers",
-             "history": f"{schema}.history", "order": f"{schema}.tasks_order"},
+             "history": f"{schema}.history", "limits": f"{schema}.limits",
+             "order": f"{schema}.tasks_order"},
         )  # fmt: skip
-        self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
         self._listener: Any = None
         self._conn: Any = None
         try:
@@ -3515,6 +3818,11 @@ class PostgresStore(_SqlStore):
             self.close()
             raise
 
+    def _render_sql(self, missing: Iterable[tuple[str, str]] = ()) -> None:
+        super()._render_sql(missing)
+        self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
+        self._sql.update({name: sql.format(**self._names) for name, sql in self._SET_SQL.items()})
+
     @staticmethod
     def _dialect(sql: str) -> str:
         return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
@@ -3524,7 +3832,9 @@ class PostgresStore(_SqlStore):
         return list(values)  # psycopg sends a text[] array
 
     def _connect(self) -> Any:
-        return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
+        # Autocommit: a batch written by one statement commits with it, in one round trip
+        # (see _statement); every other call opens its transaction explicitly (_transaction).
+        return self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
 
     def _create_schema(self) -> None:
         # DDL on an existing table still locks it (CREATE INDEX IF NOT EXISTS takes a SHARE lock
@@ -3632,7 +3942,7 @@ class PostgresStore(_SqlStore):
 
     def _schema_ready(self) -> bool:
         """Return whether the schema holds every table, index and column of this version."""
-        names = [self._names[table] for table in ("keys", "tasks", "workers", "history")]
+        names = [self._names[table] for table in ("keys", "tasks", "workers", "history", "limits")]
         names += [
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
@@ -3679,7 +3989,15 @@ class PostgresStore(_SqlStore):
         if scheduled is None:
             self._read_as_legacy()
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor:
+        """Run one statement as its own transaction: BEGIN and COMMIT cost a round trip each, the
+        statement one. A lost connection leaves its outcome as unknown as a lost COMMIT would
+        (the statement is atomic either way), and it is run again like a transaction."""
+        return self._transaction(lambda execute: execute(name, params), alone=True)
+
+    def _transaction(
+        self, body: Callable[[Callable[..., Any]], Any], write: bool = True, *, alone: bool = False
+    ) -> Any:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
@@ -3699,7 +4017,8 @@ class PostgresStore(_SqlStore):
                         continue
                 conn = self._conn
                 try:
-                    with conn.transaction(), conn.cursor() as cursor:
+                    scope = contextlib.nullcontext() if alone else conn.transaction()
+                    with scope, conn.cursor() as cursor:
 
                         def execute(
                             name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]
@@ -3738,6 +4057,158 @@ class PostgresStore(_SqlStore):
     def _notify(self, execute: Callable[..., Any]) -> int:
         execute("notify", {"channel": self._channel})
         return 0
+
+    # Batches in one statement each (see _SET_SQL) ---------------------------------------------
+
+    def claim_many(
+        self,
+        items: Sequence[tuple[str, str | None]],
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
+    ) -> list[Claim]:
+        keys = [key for key, _ in items]
+        if not items or len(set(keys)) < len(keys):
+            return super().claim_many(items, namespace, starts)
+        lease, ttl = self.lease_seconds, self.ttl_seconds
+        starts = sorted(starts or ())
+        now = time.time()
+        first = _new_token_range(len(items))
+        params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
+                  "ns": namespace, "ids": [task_id for task_id, _ in starts],
+                  "entries": [entry for _, entry in starts]}  # fmt: skip
+
+        def claim_params(indexes: list[int]) -> dict[str, Any]:
+            return {**params, "keys": [keys[i] for i in indexes],
+                    "fps": [items[i][1] for i in indexes],
+                    "tokens": [first + i for i in indexes]}  # fmt: skip
+
+        # The claims commit on their own (the common case: every key won, one round trip). The
+        # keys they lost are looked up, and adopted where they need it, in a transaction of
+        # their own: no key is in both, so that split changes no answer.
+        order = _key_order(keys)
+        won: dict[str, int] = dict(self._statement("claim_set", claim_params(order)).fetchall())
+        lost = [i for i in order if keys[i] not in won]
+        found: dict[str, Any] = {}
+
+        def settle_lost(execute: Callable[..., Any]) -> tuple[dict[str, int], dict[str, Any]]:
+            def lookup(indexes: list[int]) -> dict[str, Any]:
+                rows = execute("lookup_set", {"keys": [keys[i] for i in indexes], "ns": namespace})
+                return {row[0]: row[1:] for row in rows.fetchall()}
+
+            found = lookup(lost)
+            missing = [i for i in lost if keys[i] not in found]
+            if not missing:
+                return {}, found
+            # Keys with a row without a namespace and none in this one (the claim left them
+            # alone): adopt those rows, then claim as usual. Rare: an old database.
+            execute("adopt_set", {"keys": [keys[i] for i in missing], "ns": namespace})
+            adopted = dict(execute("claim_set", claim_params(missing)).fetchall())
+            found.update(lookup([i for i in missing if keys[i] not in adopted]))
+            return adopted, found
+
+        if lost:
+            adopted, found = self._transaction(settle_lost)
+            won.update(adopted)
+        claims: list[Claim] = []
+        for key, fp in items:
+            if key in won:
+                claims.append(Claim(ClaimState.CLAIMED, token=won[key], lease_expires=now + lease))
+            elif key in found:
+                claims.append(_lost_claim(fp, found[key]))
+            else:  # gone again meanwhile (a purge): in progress, asked again later
+                claims.append(Claim(ClaimState.IN_PROGRESS))
+        return claims
+
+    def complete_many(
+        self,
+        items: Sequence[tuple[Any, ...]],
+        settle: Sequence[tuple[Any, ...]] | None = None,
+    ) -> list[bool]:
+        keys = [item[0] for item in items]
+        task_ids = [item[1] for item in settle or ()]
+        if not items or len(set(keys)) < len(keys) or len(set(task_ids)) < len(task_ids):
+            return super().complete_many(items, settle)
+        # An item's and a settlement's calls are optional (see _SqlStore.complete_many).
+        entries = {index: (task_id, entry, more[0] if more else 0)
+                   for index, task_id, entry, *more in settle or ()}  # fmt: skip
+        order = _key_order(keys)
+        none = (None, None, 0)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order], "outputs": [items[i][2] for i in order],
+                  "calls": [items[i][3] if len(items[i]) > 3 else 0 for i in order],
+                  "ids": [entries.get(i, none)[0] for i in order],
+                  "entries": [entries.get(i, none)[1] for i in order],
+                  "entry_calls": [entries.get(i, none)[2] for i in order]}  # fmt: skip
+        rows = self._statement("complete_set", params).fetchall()
+        written = [False] * len(items)
+        for (position,) in rows:
+            written[order[position - 1]] = True  # ordinality counts from 1
+        return written
+
+    def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
+        keys = [key for key, _ in claims]
+        if not claims or len(set(keys)) < len(keys):
+            return super().renew_many(claims)
+        now = time.time()
+        order = _key_order(keys)
+        params = {"now": now, "lease": now + self.lease_seconds, "keys": [keys[i] for i in order],
+                  "tokens": [claims[i][1] for i in order]}  # fmt: skip
+        return self._statement("renew_set", params).rowcount
+
+    def release_many(self, items: Sequence[tuple[Any, ...]]) -> int:
+        keys = [item[0] for item in items]
+        if not items or len(set(keys)) < len(keys):
+            return super().release_many(items)
+        order = _key_order(keys)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order],
+                  "errors": [_storable_text(items[i][2]) for i in order],
+                  "calls": [items[i][3] if len(items[i]) > 3 else 0 for i in order]}  # fmt: skip
+        return self._statement("release_set", params).rowcount
+
+    def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int:
+        ids = [item[0] for item in items]
+        if not items or len(set(ids)) < len(ids):
+            return super().settle_many(items)
+        rows = [_settlement(item) for item in items]
+        order = _key_order(ids)
+        states = [rows[i][2].value for i in order]
+        params = {"now": time.time(), "ids": [ids[i] for i in order],
+                  "tokens": [rows[i][1] for i in order], "states": states,
+                  "errors": [_storable_text(rows[i][3]) for i in order],
+                  "kinds": [rows[i][4] for i in order],
+                  "calls": [rows[i][5] for i in order]}  # fmt: skip
+
+        if EntryState.QUEUED.value not in states:
+            return self._statement("settle_set", params).rowcount
+
+        def settle(execute: Callable[..., Any]) -> int:
+            count = execute("settle_set", params).rowcount
+            self._notify(execute)  # wake idle workers: there is work for them
+            return count
+
+        return self._transaction(settle)
+
+    def renew_tasks(
+        self,
+        worker: str,
+        info: Mapping[str, Any] | None = None,
+        entries: Sequence[tuple[str, int]] | None = None,
+    ) -> int:
+        ids = [task_id for task_id, _ in entries or ()]
+        if not entries or len(set(ids)) < len(ids):
+            return super().renew_tasks(worker, info, entries)
+        now = time.time()
+        order = _key_order(ids)
+        params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
+                  "info": json.dumps(dict(info or {})), "ids": [ids[i] for i in order],
+                  "tokens": [entries[i][1] for i in order]}  # fmt: skip
+
+        def renew(execute: Callable[..., Any]) -> int:
+            execute("heartbeat", params)
+            return execute("renew_entries_set", params).rowcount
+
+        return self._transaction(renew)
 
     def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
         # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
@@ -5076,15 +5547,65 @@ class _WorkQueue(queue.Queue):
     (``order`` counts up for items put at the back, and down for items put at the front). An item
     leaves the heap before the deque's head when its priority is above 0, or when the deque holds
     nothing but stop sentinels; a sentinel leaves last. Both are guarded by ``self.mutex``.
+
+    Items taken out to wait elsewhere may keep their room: `hold` counts one against the bound
+    (a task waiting for a rate limit's slot), `put_held` brings it back into that room, and
+    `unhold` gives the room up. ``held`` is guarded by ``self.mutex`` too.
     """
 
     def _init(self, maxsize: int) -> None:
         super()._init(maxsize)
         self._ranked: list[tuple[int, int, Any]] = []  # heap of (-priority, order, item)
         self._order = itertools.count(1)
+        self.held = 0
 
     def _qsize(self) -> int:
         return len(self.queue) + len(self._ranked)
+
+    def _full(self) -> bool:
+        # Called with the mutex held: the waiting items and the held ones fill the bound.
+        return self._qsize() + self.held >= self.maxsize
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """`queue.Queue.put`, with the held items counted against the bound."""
+        with self.not_full:
+            if self.maxsize > 0:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self._full():
+                    if not block:
+                        raise queue.Full
+                    if deadline is None:
+                        self.not_full.wait()
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise queue.Full
+                    self.not_full.wait(remaining)
+            self.queue.append(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def hold(self) -> None:
+        """Count one item that left the queue against the bound until `put_held` or `unhold`."""
+        with self.mutex:
+            self.held += 1
+
+    def put_held(self, item: Any, priority: int = 0) -> None:
+        """Put a held item back at the front of its priority, in the room it kept."""
+        with self.not_empty:  # shares self.mutex: the room passes from held to waiting at once
+            self.held -= 1
+            if priority:
+                heapq.heappush(self._ranked, (-priority, -next(self._order), item))
+            else:
+                self.queue.appendleft(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def unhold(self, count: int = 1) -> None:
+        """Give up the room of `count` held items that will not come back."""
+        with self.mutex:
+            self.held -= count
+            self.not_full.notify(count)
 
     def _get(self) -> Any:
         ranked = self._ranked
@@ -5104,14 +5625,14 @@ class _WorkQueue(queue.Queue):
         """
         with self.not_full:
             if not block:
-                if self._qsize() >= self.maxsize:
+                if self._full():
                     raise queue.Full
             elif timeout is None:
-                while self._qsize() >= self.maxsize:
+                while self._full():
                     self.not_full.wait()
             else:
                 deadline = time.monotonic() + timeout
-                while self._qsize() >= self.maxsize:
+                while self._full():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0.0:
                         raise queue.Full
@@ -5279,6 +5800,18 @@ class TaskQueue:
         """Put `item` at the front of its priority without waiting for room (a due retry)."""
         self._queue.put_unbounded(item, front=True, priority=priority)
 
+    def hold(self) -> None:
+        """Keep the room of an item taken out to wait elsewhere (see `_WorkQueue.hold`)."""
+        self._queue.hold()
+
+    def put_held(self, item: Any, priority: int = 0) -> None:
+        """Put a held item back at the front of its priority, in the room it kept."""
+        self._queue.put_held(item, priority)
+
+    def unhold(self, count: int = 1) -> None:
+        """Give up the room of `count` held items."""
+        self._queue.unhold(count)
+
     def drain(self) -> list[Any]:
         """Remove and return every item waiting in the queue."""
         return self._queue.drain()
@@ -5371,6 +5904,414 @@ class TaskQueue:
         self.close()
 
 
+# --- Flow control --------------------------------------------------------------------------------
+#
+# Rate limits and the deadlines of attempts. A limit of N calls per period is N slots: a call
+# takes a free slot, and the slot is free again a period after the call started, so no window of
+# the period ever holds more than N calls (a sliding window, not a token bucket, whose refill
+# lets a window hold a burst and a refill: up to 2N). A pool's limits live in this process
+# (`_LocalLimiter`) or, when its store is shared by other processes, in the store
+# (`_SharedLimiter` over `Store.take_slots`), where every process takes the same slots. A pool
+# gives its tasks their slots through one `_Flow`, or through `_NO_FLOW`, its do-nothing twin,
+# when no limit is set.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rate:
+    """At most `count` calls in any `period` seconds, as written (`text`)."""
+
+    count: int
+    period: float
+    text: str
+
+
+_RATE_PATTERN = re.compile(r"\s*([0-9]+)\s*/\s*([smh])\s*")
+
+
+def _rate_of(value: Any, what: str) -> _Rate:
+    """Parse a rate limit such as ``"100/s"``.
+
+    Raises:
+        ValueError: `value` is not ``N/s``, ``N/m`` or ``N/h`` with N from 1 to `MAX_RATE_COUNT`;
+            the message names `what`.
+    """
+    match = _RATE_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    count = int(match.group(1)) if match and len(match.group(1)) <= 9 else 0
+    if not 1 <= count <= MAX_RATE_COUNT:
+        raise ValueError(
+            f"{what} must be calls per period such as '100/s' (units s, m, h; 1 to "
+            f"{MAX_RATE_COUNT:,} calls), not {_shown(value)}"
+        )
+    assert match is not None
+    return _Rate(count, RATE_UNITS[match.group(2)], f"{count}/{match.group(2)}")
+
+
+def _group_rates(rate_limits: Any, what: str = "rate_limits") -> dict[str, _Rate]:
+    """Parse ``{group: "N/unit"}``.
+
+    Raises:
+        ValueError: it is not a mapping, a group is no valid group name or a rate is invalid.
+    """
+    if not isinstance(rate_limits, Mapping):
+        raise ValueError(f"{what} must be a mapping of group to rate, not {_shown(rate_limits)}")
+    rates = {}
+    for group, rate in rate_limits.items():
+        problem = _text_problem(group)
+        if problem is not None:
+            raise ValueError(f"{what}: a group name {problem}, not {_shown(group)}")
+        rates[group] = _rate_of(rate, f"{what}[{group!r}]")
+    return rates
+
+
+class _Permit:
+    """The right to start one call under one limit: a slot, and when it must be used by."""
+
+    __slots__ = ("limiter", "slot", "use_by")
+
+    def __init__(self, limiter: Any, slot: int, use_by: float) -> None:
+        self.limiter = limiter
+        self.slot = slot
+        self.use_by = use_by  # time.monotonic(); a call started later could break the limit
+
+
+class _LocalLimiter:
+    """A rate limit counted in this process alone.
+
+    Slots sit in a heap by the time they are free again. `acquire` reserves the earliest free
+    one; `used` marks it taken from the moment the call starts (plus `RATE_MARGIN` of the
+    period), so the time between reserving and calling (a claim) costs nothing; `give_back`
+    returns a slot whose call never happened.
+    """
+
+    def __init__(self, rate: _Rate) -> None:
+        self.rate = rate
+        self._reuse = rate.period * (1 + RATE_MARGIN)
+        # Its waits are exact (the heap knows when each slot is free): no count of who waits.
+        self.start_waiting = self.stop_waiting = lambda: None
+        self._lock = threading.Lock()  # guards _free; arithmetic and heap operations only
+        self._free: list[tuple[float, int]] = [(0.0, slot) for slot in range(rate.count)]
+
+    def acquire(self) -> _Permit | float:
+        """Reserve a slot; return its permit, or the seconds until one may be free."""
+        now = time.monotonic()
+        with self._lock:
+            free = self._free
+            if free and free[0][0] <= now:
+                return _Permit(self, heapq.heappop(free)[1], math.inf)
+            # Every slot reserved and none used yet: they come back within moments.
+            wait = free[0][0] - now if free else self._reuse / self.rate.count
+        return wait
+
+    reserve = acquire  # before the claim: the slot counts from the call's start (`used`)
+
+    def used(self, permit: _Permit, now: float) -> None:
+        with self._lock:
+            heapq.heappush(self._free, (now + self._reuse, permit.slot))
+
+    def give_back(self, permit: _Permit) -> None:
+        with self._lock:
+            heapq.heappush(self._free, (0.0, permit.slot))
+
+
+class _SharedLimiter:
+    """A rate limit that every process sharing the store counts together (`Store.take_slots`).
+
+    One statement reserves a batch of slots: as many as the tasks turned away since the last
+    take, plus one (at most `batch`). Reserved slots must be used within `RATE_HOLD_USE` of the
+    store's hold (the rest is room for a thread switch before the handler reads the clock), else
+    they are dropped: a dropped slot only lowers the rate, and a used one never comes back to
+    anyone before a period after its call.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        rate: _Rate,
+        batch: int,
+        wake: Callable[[Any, int], None],
+    ) -> None:
+        self.rate = rate
+        self._store = store
+        self._name = name
+        self._batch = max(1, min(batch, rate.count))
+        self._wake = wake  # wake(limiter, n): send up to n tasks parked for it back now
+        self._hold = min(RATE_HOLD_MAX, max(RATE_HOLD_MIN, RATE_HOLD_SHARE * rate.period))
+        self._lock = threading.Lock()  # guards _ready and _waiting; no I/O
+        self._take = threading.Lock()  # one take at a time: the others use what it brought
+        self._ready: collections.deque[float] = collections.deque()  # use-by of reserved slots
+        self._waiting = 0  # tasks parked for this limit: the next take reserves for them too
+        self._not_before = 0.0  # monotonic: the last take saw no free slot before then
+        self._error_noticed: float | None = None  # when a failing take was last logged
+
+    def reserve(self) -> float | None:
+        """Before a claim: None when a slot may be free now, else the seconds until one may."""
+        with self._lock:
+            wait = self._not_before - time.monotonic()
+        return wait if wait > 0 else None
+
+    def start_waiting(self) -> None:
+        with self._lock:
+            self._waiting += 1
+
+    def stop_waiting(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def _pop(self) -> _Permit | None:
+        now = time.monotonic()
+        with self._lock:
+            ready = self._ready
+            while ready and ready[0] < now:
+                ready.popleft()  # unused in time: dropped
+            return _Permit(self, 0, ready.popleft()) if ready else None
+
+    def acquire(self) -> _Permit | float:
+        """Reserve a slot (taking a batch from the store when none is left); return its permit,
+        or the seconds until enough may be free. Blocks for one statement at most."""
+        permit = self._pop()
+        if permit is not None:
+            return permit
+        with self._take:
+            permit = self._pop()  # a take that ended meanwhile may have brought some
+            if permit is not None:
+                return permit
+            wait = self.reserve()
+            if wait is not None:
+                return wait  # the last take found none free before then: no statement now
+            with self._lock:
+                want = min(self._batch, 1 + self._waiting)
+            rate = self.rate
+            try:
+                taken, wait, base = self._store.take_slots(
+                    self._name, rate.count, rate.period, want, self._hold
+                )
+            except Exception as exc:
+                # The store is unreachable: the task waits (a rate is never exceeded by guessing)
+                # and a warning says so once a minute.
+                now = time.monotonic()
+                if self._error_noticed is None or now - self._error_noticed >= 60:
+                    self._error_noticed = now
+                    logger.warning("taking rate-limit slots failed: %s", _first_line(exc))
+                taken, wait, base = 0, _OUTAGE_MAX_BACKOFF / 5, 0.0
+            wait = rate.period / rate.count if wait is None else wait + 0.001
+            with self._lock:
+                self._ready.extend([base + self._hold * RATE_HOLD_USE] * taken)
+                self._not_before = 0.0 if taken else time.monotonic() + wait
+        permit = self._pop()
+        if taken > 1:
+            self._wake(self, taken - 1)  # the tasks the other slots were taken for: now
+        if permit is not None:
+            return permit
+        return wait
+
+    def used(self, permit: _Permit, now: float) -> None:
+        """A slot's call starts: it was counted when the store reserved it."""
+
+    def give_back(self, permit: _Permit) -> None:
+        """A reserved slot goes unused; the store keeps it taken until its time (no statement)."""
+
+
+class _Flow:
+    """The rate limits of one pool: which limits a task's calls count against, and its permits.
+
+    Before a task's key is claimed (`admit`), each of its limits either reserves a slot (a limit
+    in this process) or says whether a slot may be free now (a limit in the store, which is only
+    taken at the call: a claim can take longer than a reserved slot may wait); a task that must
+    wait is parked, holding no claim and no worker. Right before the handler runs (`start`), the
+    call takes its remaining slots and spends them all. Retries take new ones: every attempt
+    counts.
+    """
+
+    def __init__(self, overall: Any, groups: Mapping[str, Any]) -> None:
+        self._overall = overall  # the limit of every call, or None
+        self._groups = dict(groups)  # group -> its limit
+
+    def _limiters(self, task: Task) -> list[Any]:
+        found = [] if self._overall is None else [self._overall]
+        group = self._groups.get(task.group) if task.group is not None else None
+        if group is not None:
+            found.append(group)
+        return found
+
+    def _wait(self, job: _Job, limiter: Any, held: list[_Permit], wait: float) -> float:
+        """Give back `held` and note that `job` waits for `limiter`; return the wait."""
+        for permit in held:
+            permit.limiter.give_back(permit)
+        job.permits = None
+        limiter.start_waiting()
+        job.waits_on = limiter
+        return wait
+
+    def _stop_waiting(self, job: _Job) -> None:
+        if job.waits_on is not None:
+            job.waits_on.stop_waiting()
+            job.waits_on = None
+
+    def admit(self, job: _Job) -> float | None:
+        """Reserve what `job`'s next call needs before its claim; return None, or the seconds
+        to wait first."""
+        if job.permits is not None:
+            return None
+        self._stop_waiting(job)
+        held: list[_Permit] = []
+        for limiter in self._limiters(job.task):
+            permit = limiter.reserve()
+            if isinstance(permit, float):
+                return self._wait(job, limiter, held, permit)
+            if permit is not None:
+                held.append(permit)
+        job.permits = held
+        return None
+
+    def admit_all(self, jobs: list[_Job], park: Callable[[_Job, float], None]) -> list[_Job]:
+        """Return the jobs admitted; `park` each other one with its wait."""
+        ready = []
+        for job in jobs:
+            wait = self.admit(job)
+            if wait is None:
+                ready.append(job)
+            else:
+                park(job, wait)
+        return ready
+
+    def start(self, job: _Job) -> float | None:
+        """Take every slot the call about to start still needs; return None, or the seconds to
+        wait (a slot it needs is not free now). `begin` spends them."""
+        self._stop_waiting(job)
+        held = job.permits or []
+        reserved = {id(permit.limiter) for permit in held}
+        for limiter in self._limiters(job.task):
+            if id(limiter) in reserved:
+                continue
+            permit = limiter.acquire()
+            if isinstance(permit, float):
+                return self._wait(job, limiter, held, permit)
+            held.append(permit)
+        job.permits = held
+        return None
+
+    def begin(self, job: _Job) -> bool:
+        """Spend `job`'s slots as its call begins, in the thread that makes the call (an async
+        call's: the loop, where it may begin well after `start`); False, with the slots given
+        back, when one was held past its use-by and the call must not begin now."""
+        now = time.monotonic()
+        permits, job.permits = job.permits or [], None
+        if any(permit.use_by < now for permit in permits):
+            for permit in permits:
+                permit.limiter.give_back(permit)
+            return False
+        for permit in permits:
+            permit.limiter.used(permit, now)
+        return True
+
+    @staticmethod
+    def lease_ahead(quick: int) -> int:
+        """How many quick durable tasks a worker may lease ahead: none past its floor, since a
+        rate, not the tasks' cost, paces them, and rows leased here wait while other workers
+        that share the limit could run them."""
+        return 0
+
+    def give_back(self, job: _Job) -> None:
+        """Return the slots reserved for a call that will not happen now."""
+        permits, job.permits = job.permits, None
+        for permit in permits or ():
+            permit.limiter.give_back(permit)
+
+    def forget(self, job: _Job) -> None:
+        """Let go of a finished job: its slots, and its place among a limit's waiting tasks."""
+        self.give_back(job)
+        self._stop_waiting(job)
+
+
+class _NoFlow:
+    """`_Flow` for a pool without rate limits: every call may start at once."""
+
+    @staticmethod
+    def admit_all(jobs: list[_Job], park: Callable[[_Job, float], None]) -> list[_Job]:
+        return jobs
+
+    @staticmethod
+    def start(job: _Job) -> float | None:
+        return None
+
+    @staticmethod
+    def begin(job: _Job) -> bool:
+        return True
+
+    @staticmethod
+    def give_back(job: _Job) -> None:
+        return None
+
+    forget = give_back
+
+    @staticmethod
+    def lease_ahead(quick: int) -> int:
+        return quick
+
+
+_NO_FLOW = _NoFlow()
+
+# The deadline of the attempt running in this thread (a plain handler) or this asyncio task (an
+# async one): each thread, and each asyncio task, has a context of its own.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "task_queue_deadline", default=None
+)
+
+
+def current_deadline() -> float | None:
+    """Return the deadline of the attempt that calls this, as a `time.monotonic()` value.
+
+    None outside a handler, or when the attempt has no timeout (``task_timeout``, a task's
+    ``timeout``). A plain handler cannot be interrupted, so it should bound its own I/O with it,
+    e.g. ``urlopen(url, timeout=max(0.1, current_deadline() - time.monotonic()))``.
+    """
+    return _deadline.get()
+
+
+class _DeadlineExceeded(TimeoutError):
+    """An attempt ran past its deadline: a transient `TimeoutError` for the retry policy."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the attempt ran past its deadline of {timeout:g} s")
+
+
+def _call_with_deadline(handler: Callable[[Task], Any], task: Task, timeout: float) -> Any:
+    """Call a plain handler with its deadline set; its result counts only if it came in time.
+
+    A late return, or a `TimeoutError` raised late (the handler bounded its I/O by the
+    deadline), is the attempt's timeout; any other exception keeps its own meaning.
+    """
+    deadline = time.monotonic() + timeout
+    reset = _deadline.set(deadline)
+    try:
+        output = handler(task)
+    except TimeoutError as exc:
+        if time.monotonic() >= deadline:
+            raise _DeadlineExceeded(timeout) from exc
+        raise
+    finally:
+        _deadline.reset(reset)
+    if time.monotonic() > deadline:
+        raise _DeadlineExceeded(timeout)
+    return output
+
+
+async def _await_with_deadline(handler: Callable[[Task], Any], task: Task, timeout: float) -> Any:
+    """Await an async handler's call, cancelled at its deadline (see `_call_with_deadline`)."""
+    deadline = time.monotonic() + timeout
+    _deadline.set(deadline)  # this asyncio task's own context; wait_for's copies it
+    try:
+        output = await asyncio.wait_for(handler(task), timeout)
+    except (TimeoutError, asyncio.TimeoutError) as exc:  # one class since Python 3.11
+        if time.monotonic() >= deadline:
+            raise _DeadlineExceeded(timeout) from exc
+        raise
+    if time.monotonic() > deadline:  # the handler swallowed its cancellation and returned
+        raise _DeadlineExceeded(timeout)
+    return output
+
+
 # --- Pool ----------------------------------------------------------------------------------------
 
 
@@ -5406,6 +6347,21 @@ class _Scheduler:
             heapq.heapify(keep)
             self._heap = keep
         return removed
+
+    def wake(
+        self, predicate: Callable[[Any], bool], count: int, first: Callable[[Any], Any]
+    ) -> None:
+        """Hand up to `count` waiting items for which `predicate` is true to the callback now,
+        in the order of ``first(item)``, then the earliest due."""
+        with self._cond:
+            matching = [entry for entry in self._heap if predicate(entry[2])]
+            chosen = sorted(matching, key=lambda entry: (first(entry[2]), entry[:2]))[:count]
+            if chosen:
+                gone = {entry[1] for entry in chosen}
+                self._heap = [entry for entry in self._heap if entry[1] not in gone]
+                heapq.heapify(self._heap)
+        for entry in chosen:
+            self._callback(entry[2])
 
     def stop(self, wait: bool = True) -> None:
         """Stop the thread; items still waiting are dropped."""
@@ -5679,9 +6635,15 @@ class _AsyncRunner:
         handler: Callable[[Task], Any],
         limit: int,
         finished: Callable[[_Finished], None],
+        timeout: float | None = None,
+        begin: Callable[[_Job], bool] = _NO_FLOW.begin,
+        restart: Callable[[_Job], None] | None = None,
     ) -> None:
         self._handler = handler
         self._finished = finished
+        self._timeout = timeout  # seconds per attempt, unless the task has its own
+        self._begin = begin  # spends the call's rate-limit slots as it begins (see _Flow.begin)
+        self._restart = restart  # takes back a call whose slots lapsed before it could begin
         self._slots = threading.BoundedSemaphore(limit)  # one per call in flight
         self._loop = asyncio.new_event_loop()
         self._calls: set[asyncio.Task[None]] = set()  # owned by the loop thread
@@ -5735,8 +6697,18 @@ class _AsyncRunner:
         began = clock()
         output: Any = None
         error: BaseException | None = None
+        task = job.task
+        timeout = task.timeout if task.timeout is not None else self._timeout
+        if not self._begin(job):
+            self._slots.release()
+            assert self._restart is not None
+            self._restart(job)
+            return
         try:
-            output = await self._handler(job.task)
+            if timeout is None:
+                output = await self._handler(task)
+            else:
+                output = await _await_with_deadline(self._handler, task, timeout)
         except BaseException as exc:  # the handler's failure is the task's, never the loop's
             error = exc
         self._slots.release()
@@ -5773,8 +6745,8 @@ class _Job:
 
     __slots__ = (
         "attempts", "batch", "delayed", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
-        "followers", "future", "key", "polls", "priority", "started_at", "store_failures", "task",
-        "token", "unrecorded",
+        "followers", "future", "held", "key", "permits", "polls", "priority", "started_at",
+        "store_failures", "task", "token", "unrecorded", "waits_on",
     )  # fmt: skip
 
     def __init__(
@@ -5805,6 +6777,9 @@ class _Job:
         # A durable pool's success the store could not record yet: (output, its JSON text).
         self.unrecorded: tuple[Any, str] | None = None
         self.store_failures = 0  # store errors in a row while claiming or completing it
+        self.permits: list[_Permit] | None = None  # rate-limit slots reserved for its next call
+        self.held = False  # parked for a rate limit, keeping its room in the queue
+        self.waits_on: Any = None  # the rate limit it is parked for, if any
 
     def __repr__(self) -> str:
         return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
@@ -5823,7 +6798,8 @@ class _JobOutcome:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = "TimeoutError" if isinstance(exc, _DeadlineExceeded) else type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 def _each_alone(operation: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
@@ -5917,6 +6893,12 @@ def _retries(calls: int) -> int:
     return max(calls - 1, 0)
 
 
+def _unstarted(job: _Job) -> bool:
+    """Whether a parked job has not begun running: it holds no claim (queued, polling another
+    owner's claim), or it waits for a rate limit before its first call. Cancellation takes it."""
+    return job.token is None or (job.attempts == 0 and job.waits_on is not None)
+
+
 _ON_FULL = ("block", "reject")
 # What a submission's outcome makes of its durable-queue row: cancelled work goes back to the queue.
 _ENTRY_STATE = {
@@ -5960,6 +6942,17 @@ class WorkerPool:
             ones never see each other's. Give one to keep the keys of a handler you rename.
         queues: the named queues `serve` takes tasks from; None means every queue. (A durable
             `submit` keeps each task in its own `Task.queue` and runs it here all the same.)
+        rate_limit: at most this many handler calls (every attempt counts) in any period, such
+            as ``"100/s"`` (units ``s``, ``m``, ``h``). Pools on one SQLite file or PostgreSQL
+            database with the same namespace share it, in any number of processes.
+        rate_limits: ``{group: rate}``: the calls of tasks of that group (`Task.group`), on top
+            of `rate_limit`; shared by every pool on the store whatever its handler.
+        task_timeout: seconds each attempt may take (a task's own ``timeout`` wins). An async
+            handler is cancelled at the deadline; a plain one reads it with `current_deadline`,
+            and its attempt, if it ends later, is a transient `TimeoutError`.
+
+    Raises:
+        ValueError: an argument is invalid; the message names it.
     """
 
     def __init__(
@@ -5981,10 +6974,19 @@ class WorkerPool:
         worker_name: str | None = None,
         namespace: str | None = None,
         queues: Iterable[str] | None = None,
+        rate_limit: str | None = None,
+        rate_limits: Mapping[str, str] | None = None,
+        task_timeout: float | None = None,
     ) -> None:
         if namespace is not None:
             _check_namespace(namespace)
         self.queues = _queue_names(queues)
+        overall_rate = None if rate_limit is None else _rate_of(rate_limit, "rate_limit")
+        group_rates = {} if rate_limits is None else _group_rates(rate_limits)
+        if task_timeout is not None and not (_is_finite_number(task_timeout) and task_timeout > 0):
+            raise ValueError(
+                f"task_timeout must be None or a number of seconds > 0, not {_shown(task_timeout)}"
+            )
         if on_full not in _ON_FULL:
             raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
         if submit_timeout is not None and not submit_timeout >= 0:
@@ -6010,6 +7012,8 @@ class WorkerPool:
             db_path, lease_seconds=lease_seconds, durability=durability
         )
         self._durable = durable
+        self._task_timeout = None if task_timeout is None else float(task_timeout)
+        self._flow = self._make_flow(overall_rate, group_rates)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._lock = threading.Lock()  # guards the attributes below
         self._changed = threading.Condition(self._lock)  # notified whenever _pending drops
@@ -6045,7 +7049,14 @@ class WorkerPool:
         self._store_users += 1  # the committer writes claims and completions
         self._committer = _Committer(self._claim, self._record, self._release_store)
         if is_async:
-            self._runner = _AsyncRunner(self._handler, workers, self._committer.finished)
+            self._runner = _AsyncRunner(
+                self._handler,
+                workers,
+                self._committer.finished,
+                self._task_timeout,
+                begin=self._flow.begin,
+                restart=self._restart_call,
+            )
         # Checked on every submit: a set of thread idents is the cheapest test.
         self._own_threads = frozenset(
             thread.ident
@@ -6061,6 +7072,25 @@ class WorkerPool:
         )
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
+
+    def _make_flow(self, overall: _Rate | None, groups: Mapping[str, _Rate]) -> _Flow | _NoFlow:
+        """Build the pool's rate limits: in the store when other processes may share it."""
+        if overall is None and not groups:
+            return _NO_FLOW
+        store = self._store.store
+        shared = isinstance(store, _SqlStore) and not (
+            isinstance(store, SqliteStore) and store.path is None
+        )
+
+        def limiter(name: str, rate: _Rate) -> _LocalLimiter | _SharedLimiter:
+            if shared:
+                return _SharedLimiter(store, name, rate, self._workers, self._wake_waiting)
+            return _LocalLimiter(rate)
+
+        return _Flow(
+            None if overall is None else limiter(f"pool:{self.namespace}", overall),
+            {group: limiter(f"group:{group}", rate) for group, rate in groups.items()},
+        )
 
     # Public surface -----------------------------------------------------------------------------
 
@@ -6311,7 +7341,7 @@ class WorkerPool:
         PREFETCH_BUDGET_SECONDS of their work (at most MAX_PREFETCH), so that one take feeds many
         quick tasks while slow ones stay in the store for other workers to take."""
         quick = int(self._workers * PREFETCH_BUDGET_SECONDS / self._per_call)
-        return max(2 * self._workers, min(MAX_PREFETCH, quick))
+        return max(2 * self._workers, min(MAX_PREFETCH, self._flow.lease_ahead(quick)))
 
     def _serve(
         self, stop: threading.Event, prefetch: int | None, poll_interval: float, burst: bool
@@ -6552,6 +7582,9 @@ class WorkerPool:
         if fresh:
             self._metrics.record_dequeue(fresh)
         if unclaimed:
+            # A task waits for its rate limit's slot before its claim: unclaimed, cancellable.
+            unclaimed = self._flow.admit_all(unclaimed, self._park_for_rate)
+        if unclaimed:
             owned.extend(self._committer.claim(unclaimed, outcomes))
         if not owned:
             return
@@ -6578,6 +7611,15 @@ class WorkerPool:
         """Start an async handler call for each owned job (blocks while `workers` calls run)."""
         runner = self._runner
         assert runner is not None
+        start = self._flow.start
+        ready = []
+        for job in jobs:
+            wait = start(job)
+            if wait is None:
+                ready.append(job)
+            else:
+                self._hand_off(job, wait)  # claimed: it waits for its slot off the dispatcher
+        jobs = ready
         now = time.perf_counter()
         waits = []
         for job in jobs:
@@ -6665,6 +7707,8 @@ class WorkerPool:
                 job.token = claim.token
                 owned.append(job)
                 continue
+            if job.permits is not None:
+                self._flow.give_back(job)  # answered without a call
             if state is ClaimState.IN_PROGRESS:
                 self._hand_off(job, self._poll_delay(job, claim.lease_expires))
                 held_elsewhere = True
@@ -6720,6 +7764,8 @@ class WorkerPool:
     ) -> list[tuple[_Job, Any, str]]:
         """Run one attempt of each job; return the successes with their outputs as JSON text."""
         handler = self._handler
+        start, begin = self._flow.start, self._flow.begin
+        task_timeout = self._task_timeout
         clock = time.perf_counter
         done: list[tuple[_Job, Any, str]] = []
         waits: list[float] = []  # a job starts at its first handler call
@@ -6731,6 +7777,14 @@ class WorkerPool:
                 for rest in reversed(jobs[index:]):
                     self._hand_off(rest, None)
                 break
+            wait = start(job)
+            if wait is None and not begin(job):
+                wait = 0.0  # its slot lapsed on the way (a thread switch): take another
+            if wait is not None:
+                self._hand_off(job, wait)  # claimed: it waits for its slot off the worker
+                continue
+            task = job.task
+            timeout = task.timeout if task.timeout is not None else task_timeout
             job.attempts += 1
             began = clock()
             if job.started_at is None:
@@ -6740,7 +7794,10 @@ class WorkerPool:
                     self._metrics.record_starts(waits, dequeued=False)
                     waits = []
             try:
-                output = handler(job.task)
+                if timeout is None:
+                    output = handler(task)
+                else:
+                    output = _call_with_deadline(handler, task, timeout)
             except BaseException as exc:
                 busy += clock() - began
                 calls += 1
@@ -6840,9 +7897,19 @@ class WorkerPool:
     def _on_error(self, job: _Job, exc: BaseException, outcomes: list[_JobOutcome]) -> None:
         if self._retry.should_retry(exc, job.attempts):
             self._metrics.record_retry()
-            self._hand_off(job, self._retry.delay(job.attempts))
+            delay = self._retry.delay(job.attempts)
+            # The server said when to come back: at least that long, whatever max_delay says.
+            retry_after = getattr(exc, "retry_after", None)
+            if isinstance(exc, TransientError) and retry_after is not None:
+                delay = max(delay, retry_after)
+            self._hand_off(job, delay)
             return
-        kind = ErrorKind.TRANSIENT if self._retry.is_transient(exc) else ErrorKind.PERMANENT
+        if isinstance(exc, _DeadlineExceeded):
+            kind = ErrorKind.TIMEOUT
+        elif self._retry.is_transient(exc):
+            kind = ErrorKind.TRANSIENT
+        else:
+            kind = ErrorKind.PERMANENT
         outcomes.append(self._fail(job, _describe(exc), kind))
 
     def _fail(self, job: _Job, error: str, kind: ErrorKind) -> _JobOutcome:
@@ -6867,20 +7934,64 @@ class WorkerPool:
         if delay is None:
             self._queue.put_ready(job, job.priority)
         else:
+            if job.permits is not None:
+                self._flow.give_back(job)  # slots are not kept through a wait
             self._scheduler.schedule(delay, job)
 
     def _due(self, job: _Job) -> None:
         """Put a job whose wait ended back in the queue, past the bound (the scheduler's thread).
 
         A submission whose delay ended joins the back of its priority, as if submitted now; a
-        retry or a poll goes to the front of its priority: it has started already.
+        retry or a poll goes to the front of its priority: it has started already; a task that
+        waited for a rate limit goes to the front of its priority, into the room it kept.
         """
         if job.delayed:
             job.delayed = False
             self._metrics.record_queued()
             self._queue.put_overflow(job, job.priority)
+        elif job.held:
+            job.held = False
+            self._queue.put_held(job, job.priority)
         else:
             self._queue.put_ready(job, job.priority)
+
+    def _park_for_rate(self, job: _Job, delay: float) -> None:
+        """Park an unclaimed job until its rate limit may have a slot, keeping its queue room.
+
+        A task waiting for a rate limit still waits in the queue, as far as producers are
+        concerned: they feel the limit as backpressure instead of filling memory.
+        """
+        job.batch = None
+        if self._cancelling:
+            self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED)])
+            return
+        job.held = True
+        self._queue.hold()
+        self._scheduler.schedule(delay, job)
+
+    def _restart_call(self, job: _Job) -> None:
+        """Take back an async call that could not begin (its slots lapsed on the way to the
+        loop): it was counted as an attempt, and goes back for new slots (the loop calls this)."""
+        job.attempts -= 1
+        self._hand_off(job, 0.0)
+
+    def _wake_waiting(self, limiter: Any, count: int) -> None:
+        """Send up to `count` tasks parked for `limiter` back to the queue now: a take brought
+        slots for them, which must be used within moments (claimed ones first: they need no
+        claim before their call)."""
+        self._scheduler.wake(
+            lambda job: job.waits_on is limiter, count, first=lambda job: job.token is None
+        )
+
+    def _unhold(self, jobs: Iterable[_Job]) -> None:
+        """Give up the queue room of parked jobs that will not come back."""
+        held = 0
+        for job in jobs:
+            if job.held:
+                job.held = False
+                held += 1
+        if held:
+            self._queue.unhold(held)
 
     def _poll_delay(self, job: _Job, lease_expires: float | None) -> float:
         delay = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
@@ -6937,6 +8048,8 @@ class WorkerPool:
                 job = outcome.job
                 if job.done:
                     continue
+                if job.permits is not None or job.waits_on is not None:
+                    self._flow.forget(job)
                 job.done = True
                 if self._inflight.get(job.key) is job:
                     del self._inflight[job.key]
@@ -7056,7 +8169,8 @@ class WorkerPool:
             raise escaped
 
     def _cancel_waiting(self) -> None:
-        """Cancel the jobs that have not claimed their key: queued ones and those polling."""
+        """Cancel the jobs that have not started: queued ones, those polling another owner's
+        claim, and those waiting for a rate limit before their first call."""
         cancelled = []
         for job in self._queue.drain():
             if job.token is None:
@@ -7064,12 +8178,26 @@ class WorkerPool:
             else:
                 # Owned: a retry whose backoff ended runs to the end.
                 self._queue.put_ready(job, job.priority)
-        cancelled.extend(
-            _JobOutcome(job, TaskStatus.CANCELLED)
-            for job in self._scheduler.remove(lambda job: job.token is None)
-        )
+        parked = self._scheduler.remove(_unstarted)
+        self._withdraw(parked)
+        cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in parked)
         if cancelled:
             self._finish_many(cancelled)
+
+    def _withdraw(self, parked: list[_Job]) -> None:
+        """Undo what parked jobs about to be cancelled hold: queue room, and the claims of those
+        that waited for a rate limit after their claim (released: a rerun takes them at once)."""
+        self._unhold(parked)
+        claims = []
+        for job in parked:
+            if job.token is not None:
+                claims.append((job.key, job.token, "cancelled before its first call"))
+                job.token = None
+        if claims:
+            try:
+                self._store.store.release_many(claims)
+            except Exception:
+                logger.exception("releasing %d claims failed; their leases expire", len(claims))
 
     def _in_own_thread(self) -> bool:
         """Return whether the caller is the committer (done-callbacks run there) or the loop."""
@@ -7085,7 +8213,9 @@ class WorkerPool:
         with self._lock:  # followers join under this lock: none can join between check and take
             jobs = [job for job in self._inflight.values() if not job.dequeued and ours(job)]
             cancelled = [job for job in jobs if self._queue.take_back(job)]
-            cancelled += self._scheduler.remove(lambda job: job.token is None and ours(job))
+            parked = self._scheduler.remove(lambda job: _unstarted(job) and ours(job))
+            cancelled += parked
+        self._withdraw(parked)
         if cancelled:
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED) for job in cancelled])
 
@@ -7697,6 +8827,35 @@ def _parse_rate(raw: str, source: str) -> float:
     return _parse_float(raw, source, low=0.0, high=1.0, open_low=False)
 
 
+def _parse_rate_limits(raw: str, source: str) -> tuple[str | None, dict[str, str]]:
+    """Parse ``100/s`` and ``GROUP=5/s`` items, separated by commas (a repeated flag's values
+    are joined so): the pool's limit and each group's."""
+    overall: str | None = None
+    groups: dict[str, str] = {}
+    for item in raw.split(","):
+        text = item.strip()
+        group, equals, rate = text.rpartition("=")
+        try:
+            if not equals:
+                if overall is not None:
+                    raise ValueError(f"two limits for every call ({overall}, {text})")
+                overall = _rate_of(text, "a rate limit").text
+                continue
+            group = group.strip()
+            problem = _text_problem(group)
+            if problem is not None:
+                raise ValueError(f"the group of {_shown(text)} {problem}")
+            if group in groups:
+                raise ValueError(f"two limits for group {_shown(group)}")
+            groups[group] = _rate_of(rate, f"the rate of group {_shown(group)}").text
+        except ValueError as exc:
+            raise ConfigError(
+                f"{source}: {exc} (expected RATE or GROUP=RATE, comma-separated, RATE such as "
+                f"100/s), got {_shown(raw)}"
+            ) from None
+    return overall, groups
+
+
 def _parse_path(raw: str, source: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{source}: expected a path, got an empty value")
@@ -7731,6 +8890,7 @@ class _Setting:
     parse: Callable[[str, str], Any]
     default: Any
     help: str
+    repeat: bool = False  # the flag may be given again; its values are joined with commas
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -7765,6 +8925,13 @@ SETTINGS = (
              DEFAULT_LOG_LEVEL, "logging level on stderr"),
     _Setting("max_task_file_bytes", "TQ_MAX_TASK_FILE_BYTES", None, _parse_positive_int,
              DEFAULT_MAX_TASK_FILE_BYTES, "largest task file accepted, bytes"),
+    _Setting("rate_limit", "TQ_RATE_LIMIT", "--rate-limit", _parse_rate_limits, None,
+             "most handler calls per period, every attempt counted: 100/s (units s, m, h) for "
+             "all calls, GROUP=5/s for the tasks of a group; repeat the flag or separate with "
+             "commas; shared by the workers of one database (default: no limit)", repeat=True),
+    _Setting("task_timeout", "TQ_TASK_TIMEOUT", "--task-timeout", _parse_positive_float, None,
+             "seconds each attempt may take, a transient TimeoutError after (a task's "
+             "timeout_seconds wins; default: none)"),
     _Setting("metrics_host", "TQ_METRICS_HOST", "--metrics-host", _parse_host,
              DEFAULT_METRICS_HOST, "address --metrics-port listens on (0.0.0.0: every "
              "interface; the metrics are readable by anyone who reaches it)"),
@@ -7815,6 +8982,8 @@ def load_config(
     config: dict[str, Any] = {}
     for setting in SETTINGS:
         raw = flags.get(setting.name) if setting.flag else None
+        if isinstance(raw, list):  # a repeated flag
+            raw = ",".join(raw)
         source = setting.flag
         if raw is None and setting.env in environ:
             raw, source = environ[setting.env], setting.env
@@ -8764,6 +9933,7 @@ def _add_settings(
                 setting.flag,
                 dest=setting.name,
                 metavar=_METAVARS.get(setting.name, setting.name.upper()),
+                action="append" if setting.repeat else "store",
                 help=f"{setting.help}{note} [{setting.env}{default}]",
             )
 
@@ -8970,6 +10140,13 @@ def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor
     )
 
 
+def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
+    overall, groups = config["rate_limit"] or (None, {})
+    return {"rate_limit": overall, "rate_limits": groups or None,
+            "task_timeout": config["task_timeout"]}  # fmt: skip
+
+
 def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
     return RetryPolicy(
         max_attempts=config["max_attempts"],
@@ -9151,6 +10328,7 @@ def _main(argv: list[str] | None) -> int:
             retry=retry,
             idempotency=store,
             namespace=namespace,
+            **_cli_flow(config),
         )
         outcome = _run_pool(pool, entries, config, progress)
     snapshot = pool.metrics.snapshot()
@@ -9474,6 +10652,7 @@ def _cmd_worker(argv: list[str]) -> int:
             metrics=metrics,
             namespace=namespace,
             queues=queues,
+            **_cli_flow(config),
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
