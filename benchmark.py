@@ -25,6 +25,7 @@ Example::
     python benchmark.py --task-file sample_tasks_100.json --workers 8
     python benchmark.py --tasks 1000 --latency-ms 30 --workers 1,2,4,8,16 --repeat 3 --plot b.png
     python benchmark.py --rate 66.7 --tasks 1000 --latency-ms 30 --workers 8
+    python benchmark.py --rate-limit 100/s --repeat 3 --db postgresql://postgres@127.0.0.1/test
     python benchmark.py --suite --quick
     python benchmark.py --smoke --report /tmp/report.json
     python benchmark.py --db postgresql://postgres@127.0.0.1:5432/test --processes 1,2,4
@@ -163,6 +164,12 @@ SMOKE_SIZES = SuiteSizes(
     wide_tasks=200, async_in_flight=50, async_tasks=200, thresholds=False,
 )  # fmt: skip
 SMOKE_COMPARISON: dict[str, Any] = {"tasks": 40, "latency_ms": 2.0, "workers": [1, 4]}
+# --concurrency-plot: the concurrency levels without --workers, and the tasks of each level's run
+# (--tasks overrides): CONCURRENCY_ROUNDS tasks per worker, at least CONCURRENCY_MIN_TASKS.
+CONCURRENCY_LEVELS = (1, 4, 16, 64, 256, 1024)
+CONCURRENCY_ROUNDS = 8
+CONCURRENCY_MIN_TASKS = 64
+CONCURRENCY_SYSTEMS = ("pool", "raw-executor-bare", "async-pool", "plain-asyncio")
 
 
 class UsageError(Exception):
@@ -1477,6 +1484,85 @@ def run_store_noop(
 
 
 # --- Async ---------------------------------------------------------------------------------------
+
+
+# --- Rate limits ---------------------------------------------------------------------------------
+
+
+def run_rate_limit(
+    rate: str, tasks: int, workers: int, database: Database | None, repeat: int = 0
+) -> Run:
+    """Run `tasks` no-op calls through a pool limited to `rate`; judge the limit by its calls.
+
+    Each call records `time.monotonic()` as it starts. `busiest_window` is the most calls any
+    half-open window of one period holds (the limit allows `count`); `steady_rate` is the calls
+    after the first window's burst over the time they took, against `count / period`.
+
+    Args:
+        database: None keeps the limit in process (``memory://``); a SQLite or PostgreSQL
+            database keeps it in the store, as workers sharing it do (a fresh one per run).
+    """
+    limit = tq._rate_of(rate, "--rate-limit")
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def handler(task: tq.Task) -> None:
+        now = time.monotonic()
+        with lock:
+            starts.append(now)
+
+    work = [tq.Task(f"rate-{index:06d}") for index in range(tasks)]
+    with contextlib.ExitStack() as stack:
+        if database is None:
+            url, system = "memory://", "pool-rate-memory"
+        else:
+            url, _ = stack.enter_context(fresh_database(database, tq.DEFAULT_DURABILITY))
+            system = f"pool-rate-{database.backend}"
+        pool = tq.WorkerPool(handler, workers=workers, db_path=url, rate_limit=rate)
+        try:
+            for _ in pool.iter_results(work):
+                pass
+        finally:
+            pool.shutdown(wait=True)
+    starts.sort()
+    busiest, first = 0, 0
+    for last, now in enumerate(starts):
+        while starts[first] <= now - limit.period:
+            first += 1
+        busiest = max(busiest, last - first + 1)
+    span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
+    steady = (len(starts) - limit.count) / span if span > 0 and len(starts) > limit.count else None
+    target = limit.count / limit.period
+    run = Run(system, workers, f"{tasks} no-op calls at {limit.text}", repeat,
+              pool.metrics.snapshot(), len(starts), None)  # fmt: skip
+    run.extra["rate_limit"] = {
+        "limit": limit.text,
+        "calls": len(starts),
+        "busiest_window": busiest,
+        "busiest_over_limit": busiest / limit.count,
+        "steady_rate": _rounded(steady),
+        "target_rate": target,
+        "steady_over_target": _rounded(None if steady is None else steady / target),
+    }
+    return run
+
+
+def rate_limit_table(runs: Sequence[Run], ranged: bool) -> str:
+    rows = []
+    for group in _grouped(runs):
+        stats = [run.extra["rate_limit"] for run in group]
+        rows.append([
+            group[0].system,
+            stats[0]["limit"],
+            str(stats[0]["calls"]),
+            _cell([s["busiest_window"] for s in stats], ".0f", ranged),
+            _cell([s["busiest_over_limit"] for s in stats], ".3f", ranged),
+            _cell([s["steady_rate"] for s in stats], ".2f", ranged),
+            _cell([s["steady_over_target"] for s in stats], ".3f", ranged),
+        ])  # fmt: skip
+    headers = ["system", "limit", "calls", "busiest window", "/ limit", "steady calls/s",
+               "/ target"]  # fmt: skip
+    return _table(headers, rows)
 
 
 def async_pool_available() -> bool:
@@ -2801,6 +2887,91 @@ def plot(path: str, runs: Sequence[Run], title: str) -> None:
     plt.close(fig)
 
 
+def concurrency_tasks(level: int, tasks: int | None) -> int:
+    """Return the tasks of one --concurrency-plot run at `level` workers or coroutines."""
+    return tasks or max(CONCURRENCY_MIN_TASKS, CONCURRENCY_ROUNDS * level)
+
+
+def run_concurrency(
+    levels: Sequence[int], latency_ms: float, tasks: int | None, settings: Settings, repeat: int
+) -> list[Run]:
+    """At each level, run `latency_ms` sleeps through the pool and a bare ThreadPoolExecutor
+    (``time.sleep``), and through AsyncWorkerPool and a plain asyncio loop (``asyncio.sleep``),
+    with that many workers or coroutines in flight."""
+    latency = latency_ms / 1000.0
+
+    def sleep(task: tq.Task) -> None:
+        time.sleep(latency)
+
+    runs: list[Run] = []
+    for index in range(repeat):
+        for level in levels:
+            count = concurrency_tasks(level, tasks)
+            work = synthetic_workload(count, latency_ms, prefix=f"c{level}")
+            runs.append(run_pool(work, level, settings, index, handler=sleep))
+            runs.append(raw_executor_bare(work, level, index, handler=sleep))
+            if async_pool_available():
+                runs.append(run_async_pool(count, level, latency_ms, index))
+            runs.append(run_plain_asyncio(count, level, latency_ms, index))
+    return runs
+
+
+def concurrency_table(runs: Sequence[Run], ranged: bool) -> str:
+    """Return throughput and efficiency per level and system (medians; min-max with repeats)."""
+    rows = []
+    for group in sorted(_grouped(runs), key=lambda g: (g[0].workers, g[0].system)):
+        rows.append([
+            str(group[0].workers),
+            group[0].system,
+            f"{group[0].metrics['submitted']:,}",
+            _cell([r.throughput for r in group], ",.1f", ranged),
+            _cell([r.ceiling for r in group], ",.1f", False),
+            _cell([r.efficiency for r in group], ".3f", ranged),
+        ])  # fmt: skip
+    headers = ["concurrency", "system", "tasks", "throughput/s", "ceiling/s", "efficiency"]
+    return _table(headers, rows, left=2)
+
+
+def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
+    """Draw throughput and efficiency against concurrency, one line per system, to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    fig, (ax_tp, ax_eff) = plt.subplots(1, 2, figsize=(10, 4))
+    levels = sorted({run.workers for run in runs})
+    ceilings = {run.workers: run.ceiling for run in runs if run.ceiling}
+    ax_tp.plot(levels, [ceilings.get(level) for level in levels], "k--", lw=1,
+               label="ceiling (concurrency / latency)")  # fmt: skip
+    for index, system in enumerate(CONCURRENCY_SYSTEMS):
+        groups = sorted((g for g in _grouped(runs) if g[0].system == system),
+                        key=lambda g: g[0].workers)  # fmt: skip
+        if not groups:
+            continue
+        xs = [g[0].workers for g in groups]
+        tp = [statistics.median(r.throughput for r in g) for g in groups]
+        eff = [statistics.median(r.efficiency or 0.0 for r in g) for g in groups]
+        ax_tp.plot(xs, tp, "o-", color=f"C{index}", label=system)
+        ax_eff.plot(xs, eff, "o-", color=f"C{index}", label=system)
+    ax_tp.set(title="throughput", xlabel="workers or coroutines in flight", ylabel="tasks / s",
+              yscale="log")  # fmt: skip
+    ax_eff.set(title="efficiency (throughput / ceiling)", xlabel="workers or coroutines in flight",
+               ylim=(0, 1.05))  # fmt: skip
+    for axis in (ax_tp, ax_eff):
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_locator(FixedLocator(levels))
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 # --- Command line --------------------------------------------------------------------------------
 
 
@@ -2860,6 +3031,13 @@ def _build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="R",
         help="open loop: Poisson arrivals at R tasks/s, latency from arrival",
+    )
+    what.add_argument(
+        "--rate-limit",
+        metavar="N/UNIT",
+        help="how close a rate limit holds to its target: no-op calls (--tasks, default six "
+        "periods' worth) through a pool limited to N/UNIT, the limit kept in process and in a "
+        "SQLite file (and in PostgreSQL with --db postgresql://...)",
     )
     what.add_argument(
         "--unused-cost",
@@ -2962,6 +3140,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--plot", metavar="FILE.png", help="draw the comparison (matplotlib)")
     output.add_argument(
+        "--concurrency-plot",
+        metavar="FILE.png",
+        help="instead of the comparison: throughput against concurrency of the pool, a bare "
+        "ThreadPoolExecutor, AsyncWorkerPool and plain asyncio on --latency-ms sleeps, at each "
+        f"--workers count (default {','.join(map(str, CONCURRENCY_LEVELS))}; tasks per run: "
+        f"--tasks, default max({CONCURRENCY_MIN_TASKS}, {CONCURRENCY_ROUNDS} x count)), "
+        "drawn to FILE.png (matplotlib)",
+    )
+    output.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -2996,15 +3183,25 @@ def _check_args(args: argparse.Namespace) -> None:
     modes = [name for name in ("suite", "smoke") if getattr(args, name)]
     if args.rate is not None:
         modes.append("rate")
+    if args.rate_limit is not None:
+        modes.append("rate-limit")
+        try:
+            tq._rate_of(args.rate_limit, "--rate-limit")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.unused_cost is not None:
         modes.append("unused-cost")
     if args.processes is not None:
         modes.append("processes")
+    if args.concurrency_plot is not None:
+        modes.append("concurrency-plot")
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
-    if args.processes is not None:
+    if args.concurrency_plot is not None:
+        _check_concurrency_args(args)
+    elif args.processes is not None:
         _check_scale_args(args)
-    elif args.db is not None:
+    elif args.db is not None and args.rate_limit is None:
         _check_durable_args(args)
     if args.peers and args.rate is not None:
         raise UsageError("--peers runs beside the comparison runs and --suite, not --rate")
@@ -3043,6 +3240,22 @@ def _check_args(args: argparse.Namespace) -> None:
             )
         _check_output(args.plot, "--plot")
     _check_output(args.report, "--report")
+
+
+def _check_concurrency_args(args: argparse.Namespace) -> None:
+    """Reject what --concurrency-plot cannot run with, or cannot draw without."""
+    for flag, given in (("--db", args.db is not None), ("--peers", args.peers),
+                        ("--task-file", args.task_file is not None),
+                        ("--plot", args.plot is not None)):  # fmt: skip
+        if given:
+            raise UsageError(f"--concurrency-plot runs its own sleeps: no {flag}")
+    if not (math.isfinite(args.latency_ms) and args.latency_ms > 0):
+        raise UsageError("--latency-ms must be > 0 with --concurrency-plot (it draws a ceiling)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(
+            "--concurrency-plot needs matplotlib, which is not installed: pip install matplotlib"
+        )
+    _check_output(args.concurrency_plot, "--concurrency-plot")
 
 
 def _check_durable_args(args: argparse.Namespace) -> None:
@@ -3181,6 +3394,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
             "base_delay": args.base_delay,
             "durability": args.durability,
             "rate": args.rate,
+            "rate_limit": args.rate_limit,
             "quick": args.quick,
             "peers": args.peers,
             "db": None if args.db is None else _redact_url(args.db),
@@ -3199,6 +3413,8 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
 
 
 def _mode(args: argparse.Namespace) -> str:
+    if args.concurrency_plot is not None:
+        return "concurrency"
     if args.smoke:
         return "smoke"
     if args.unused_cost is not None:
@@ -3207,6 +3423,8 @@ def _mode(args: argparse.Namespace) -> str:
         return "suite"
     if args.processes is not None:
         return "scale-out"
+    if args.rate_limit is not None:
+        return "rate-limit"
     if args.db is not None:
         return "durable"
     return "open-loop" if args.rate is not None else "compare"
@@ -3430,6 +3648,54 @@ def _durable_report(results: DurableResults) -> dict[str, Any]:
     }
 
 
+def _concurrency_mode(
+    args: argparse.Namespace, argv: Sequence[str], settings: Settings, report: dict
+) -> list[Run]:
+    """Run, print and draw throughput against concurrency; return the runs."""
+    given = any(arg == "--workers" or arg.startswith("--workers=") for arg in argv)
+    levels = _parse_workers(args.workers) if given else list(CONCURRENCY_LEVELS)
+    runs = run_concurrency(levels, args.latency_ms, args.tasks, settings, args.repeat)
+    title = (f"sleeps of {args.latency_ms:g} ms, {CONCURRENCY_ROUNDS} per worker (at least "
+             f"{CONCURRENCY_MIN_TASKS})" if args.tasks is None else
+             f"{args.tasks:,} sleeps of {args.latency_ms:g} ms per run")  # fmt: skip
+    if args.repeat > 1:
+        title += f"; {args.repeat} repeats: median"
+    print(f"concurrency: {title}")
+    print(concurrency_table(runs, ranged=args.repeat > 1))
+    summary = [{"system": g[0].system, "workers": g[0].workers, "runs": len(g),
+                "throughput_per_second": _spread(r.throughput for r in g),
+                "efficiency": _spread(r.efficiency for r in g)}
+               for g in _grouped(runs)]  # fmt: skip
+    report["concurrency"] = {"levels": levels, "title": title, "summary": summary}
+    plot_concurrency(args.concurrency_plot, runs, title)
+    print(f"plot written to {args.concurrency_plot}")
+    return runs
+
+
+def _rate_limit_mode(args: argparse.Namespace, report: dict) -> list[Run]:
+    """Run and print the rate-limit runs; return them."""
+    limit = tq._rate_of(args.rate_limit, "--rate-limit")
+    tasks = args.tasks or 6 * limit.count
+    workers = _parse_workers(args.workers)[0]
+    databases: list[Database | None] = [None, Database("sqlite", tempfile.gettempdir(), "")]
+    if args.db is not None:
+        databases.append(parse_database(args.db))
+    runs = [
+        run_rate_limit(args.rate_limit, tasks, workers, database, index)
+        for index in range(args.repeat)
+        for database in databases
+    ]
+    text = (f"rate limit {limit.text}: {tasks} no-op calls, {workers} workers; busiest window: "
+            "most call starts in any window of one period; steady: the calls after the first "
+            "window's burst over the time they took")  # fmt: skip
+    if args.repeat > 1:
+        text += f"; {args.repeat} repeats: median (min-max)"
+    print(text)
+    print(rate_limit_table(runs, ranged=args.repeat > 1))
+    report["rate_limit"] = [run.extra["rate_limit"] | {"system": run.system} for run in runs]
+    return runs
+
+
 def _durable_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
     """Run and print the durable comparison; return its runs."""
     with _sigterm_as_interrupt():
@@ -3457,7 +3723,7 @@ def _main(argv: Sequence[str]) -> int:
     if mode == "smoke":
         count, latency = SMOKE_COMPARISON["tasks"], SMOKE_COMPARISON["latency_ms"]
         workload = synthetic_workload(count, latency, seed=args.seed)
-    elif mode not in ("suite", "scale-out", "durable", "unused-cost"):
+    elif mode not in ("suite", "scale-out", "durable", "concurrency", "rate-limit", "unused-cost"):
         workload = _workload(args)  # before anything prints: a bad task file is a usage error
     report = _report(args, argv, mode)
     # --smoke runs the peers where Huey happens to be installed, without a word where it is not.
@@ -3476,6 +3742,10 @@ def _main(argv: Sequence[str]) -> int:
         runs += _scale_mode(args, settings, report)
     if mode == "durable":
         runs += _durable_mode(args, settings, report)
+    if mode == "concurrency":
+        runs += _concurrency_mode(args, argv, settings, report)
+    if mode == "rate-limit":
+        runs += _rate_limit_mode(args, report)
     if mode == "unused-cost":
         _unused_cost_mode(args, report)
     report["runs"] = [run.to_dict() for run in runs]

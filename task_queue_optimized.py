@@ -22,6 +22,7 @@ Command line::
 
     python task_queue_optimized.py --benchmark --workers 8
     python task_queue_optimized.py --task-file sample_tasks_100.json --db progress.db
+    python task_queue_optimized.py dashboard --db progress.db   # http://127.0.0.1:8080/
 
 Periodic tasks and scripts::
 
@@ -30,7 +31,7 @@ Periodic tasks and scripts::
     enqueue(tasks, db="postgresql://app@db/app")  # all or nothing, from code
 
 Sections: defaults, exceptions, records, task files, retry policy, stores, idempotency,
-metrics, processor, queue, pool, periodic tasks, configuration, command line.
+metrics, processor, queue, pool, periodic tasks, configuration, dashboard, command line.
 """
 
 from __future__ import annotations
@@ -40,18 +41,23 @@ __version__ = "1.0.0"
 import argparse
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook now, so ours runs before it
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import enum
 import functools
 import hashlib
 import heapq
+import hmac
+import http
 import http.server
 import importlib
 import inspect
+import ipaddress
 import itertools
 import json
 import json.scanner
@@ -86,6 +92,8 @@ __all__ = [
     "DEFAULT_BASE_DELAY",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_CLAIM_POLL_INTERVAL",
+    "DEFAULT_DASHBOARD_HOST",
+    "DEFAULT_DASHBOARD_PORT",
     "DEFAULT_DB_FILE",
     "DEFAULT_DURABILITY",
     "DEFAULT_FAILED_LIMIT",
@@ -104,10 +112,15 @@ __all__ = [
     "DEFAULT_TASKS",
     "DEFAULT_WORKERS",
     "ENQUEUE_CHUNK",
+    "MAX_DASHBOARD_BODY_BYTES",
+    "MAX_DASHBOARD_IDS",
+    "MAX_DASHBOARD_QUERY_FIELDS",
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
     "MAX_NAMESPACE_BYTES",
     "MAX_PRIORITY",
+    "MAX_RATE_COUNT",
+    "MAX_RETRY_AFTER",
     "MIN_PRIORITY",
     "AsyncWorkerPool",
     "Claim",
@@ -140,6 +153,7 @@ __all__ = [
     "TransientError",
     "WorkerPool",
     "console_main",
+    "current_deadline",
     "enqueue",
     "fingerprint",
     "handler_namespace",
@@ -147,6 +161,7 @@ __all__ = [
     "load_tasks",
     "main",
     "open_store",
+    "serve_dashboard",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,6 +206,20 @@ MAX_JSON_DEPTH = 64
 MAX_KEY_BYTES = 2048
 MAX_NAMESPACE_BYTES = 512
 MAX_ECHO_CHARS = 80  # most characters of a user's value that an error message repeats
+MAX_RETRY_AFTER = 3600.0  # longest wait a TransientError's retry_after can ask for, seconds
+MAX_RATE_COUNT = 10_000  # most calls one rate limit counts per period (one slot each)
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}  # the periods of a rate limit such as "100/s"
+# A slot of a rate limit is free again this share of its period after the call that used it
+# started, beyond the period itself: room for the moments between the pool's clock reading and
+# the handler's (a thread switch), so that calls the handler itself times keep to the limit.
+RATE_MARGIN = 0.01
+# How long a worker sharing a store's rate limit may take to start the calls of the slots it
+# reserved in one statement (a share of the period, within bounds); a slot stays taken this much
+# longer than the period, so reserving ahead never lets two calls of one slot come closer.
+RATE_HOLD_SHARE, RATE_HOLD_MIN, RATE_HOLD_MAX = 0.05, 0.01, 0.25
+# The share of that hold a reserved slot may wait in this process before its call starts; the
+# rest is room for the moment between the pool's clock reading and the handler's.
+RATE_HOLD_USE = 0.8
 # Priorities: higher starts first among ready tasks. A small closed range keeps task files
 # portable and an index on the column compact.
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
@@ -200,6 +229,17 @@ BUSY_TIMEOUT_SECONDS = 30.0
 PG_CONFLICT_RETRIES = 3  # prompt reruns of a transaction PostgreSQL aborted as a deadlock
 PSYCOPG_MIN_VERSION = (3, 2)  # Connection.notifies(timeout=, stop_after=)
 HISTOGRAM_RELATIVE_ERROR = 0.01
+DEFAULT_DASHBOARD_HOST = "127.0.0.1"
+DEFAULT_DASHBOARD_PORT = 8080
+DASHBOARD_MINUTES = 60  # minutes the dashboard's charts show
+DASHBOARD_FAILED_LIMIT = 100  # failed tasks the page lists
+DASHBOARD_REQUEST_TIMEOUT = 30.0  # seconds a dashboard connection may stay silent
+MAX_DASHBOARD_IDS = 1000  # most task ids one dashboard request names
+MAX_DASHBOARD_BODY_BYTES = 64 * 1024
+MAX_DASHBOARD_QUERY_FIELDS = 20
+MIN_DASHBOARD_TOKEN_CHARS = 16
+DASHBOARD_TOKEN_ENV = "TQ_DASHBOARD_TOKEN"
+HISTORY_BUCKET_SPAN = 4  # histogram buckets merged into one in the per-minute history (~4% error)
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SQLITE_HEADER = b"SQLite format 3\x00"
 MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
@@ -216,7 +256,28 @@ class TaskQueueError(Exception):
 
 
 class TransientError(TaskQueueError):
-    """A failure worth retrying: the same call may succeed later."""
+    """A failure worth retrying: the same call may succeed later.
+
+    Args:
+        message: what went wrong.
+        retry_after: seconds the next attempt must wait at least (a server's ``Retry-After``);
+            the retry policy's own delay applies when it is longer, and its ``max_delay`` does
+            not shorten this one. Values above `MAX_RETRY_AFTER` (an hour) are capped there.
+
+    Raises:
+        ValueError: `retry_after` is not None or a finite number >= 0.
+    """
+
+    def __init__(self, message: object = "", retry_after: float | None = None) -> None:
+        if retry_after is not None:
+            if not (_is_finite_number(retry_after) and retry_after >= 0):
+                raise ValueError(
+                    f"retry_after must be None or a finite number of seconds >= 0, not "
+                    f"{_shown(retry_after)}"
+                )
+            retry_after = min(float(retry_after), MAX_RETRY_AFTER)
+        self.retry_after: float | None = retry_after
+        super().__init__(message)
 
 
 class PermanentError(TaskQueueError):
@@ -334,7 +395,10 @@ _EMPTY_FINGERPRINT = hashlib.sha256(b"{}").hexdigest()
 # A task file's fields that say when and in which order a task runs, not what it is: the
 # commands that read a file apply them (see `_load_task_entries`); a `Task` does not carry them.
 _SCHEDULE_FIELDS = frozenset({"delay_seconds", "priority"})
-_TASK_FIELDS = frozenset({"id", "payload", "idempotency_key", "queue"}) | _SCHEDULE_FIELDS
+_TASK_FIELDS = (
+    frozenset({"id", "payload", "idempotency_key", "queue", "group", "timeout_seconds"})
+    | _SCHEDULE_FIELDS
+)
 
 
 def _cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
@@ -391,6 +455,15 @@ def _check_text_field(value: Any, field: str) -> None:
     problem = _text_problem(value)
     if problem is not None:
         raise TaskFileError(f"field {field!r} {problem}", field=field)
+
+
+def _checked_timeout(value: Any, field: str) -> float:
+    """Return `value` as an attempt's timeout in seconds, or raise `TaskFileError` naming it."""
+    if not (_is_finite_number(value) and value > 0):
+        raise TaskFileError(
+            f"field {field!r} must be a number of seconds > 0, not {_shown(value)}", field=field
+        )
+    return float(value)
 
 
 def _queue_problem(value: Any) -> str | None:
@@ -485,16 +558,20 @@ class Task:
     The id and the key must be non-empty strings that every store can keep: no NUL character and
     no lone surrogate. A payload of None means the empty dict. The queue (default ``"default"``)
     is where the durable queue keeps the task; workers choose the queues they serve. Its name
-    follows the key's rules and is printable, without whitespace or commas.
+    follows the key's rules and is printable, without whitespace or commas. `group` names the
+    rate limit the task's calls count against (`WorkerPool(rate_limits=...)`), with the rules of
+    a key; `timeout` bounds each attempt in seconds, overriding the pool's ``task_timeout``.
 
     Raises:
-        TaskFileError: (a `ValueError`) the id or the key is invalid; the error names the field.
+        TaskFileError: (a `ValueError`) a field is invalid; the error names it.
     """
 
     id: str
     payload: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
     idempotency_key: str | None = None
     queue: str = DEFAULT_QUEUE
+    group: str | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         # Checked where every task is built, so one bad task is refused on its own instead of
@@ -508,6 +585,10 @@ class Task:
                 raise TaskFileError(f"field 'queue' {problem}", field="queue")
         if self.payload is None:
             object.__setattr__(self, "payload", {})
+        if self.group is not None:
+            _check_text_field(self.group, "group")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", _checked_timeout(self.timeout, "timeout"))
 
     @property
     def key(self) -> str:
@@ -546,9 +627,19 @@ class Task:
         key = mapping.get("idempotency_key")
         if key is not None:
             _check_text_field(key, "idempotency_key")
+        timeout = mapping.get("timeout_seconds")
+        if timeout is not None:
+            timeout = _checked_timeout(timeout, "timeout_seconds")
         _schedule_of(mapping)
         named = mapping.get("queue")
-        return cls(task_id, payload, key, queue if named is None else named)
+        return cls(
+            task_id,
+            payload,
+            key,
+            queue if named is None else named,
+            group=mapping.get("group"),
+            timeout=timeout,
+        )
 
 
 class _TextEnum(str, enum.Enum):
@@ -574,6 +665,7 @@ class ErrorKind(_TextEnum):
     PERMANENT = "permanent"
     CONFLICT = "conflict"
     CRASHED = "crashed"  # its worker died while running it, max_attempts times in a row
+    TIMEOUT = "timeout"  # its last attempt ran past its deadline (task_timeout, timeout_seconds)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1170,6 +1262,27 @@ class Store(Protocol):
     - ``cancel_tasks(ids)``: delete the queued tasks among `ids`, delayed ones included (running
       ones finish); returns how many were withdrawn.
     - ``task_states(ids)``: id -> state of the tasks of `ids` that exist.
+      ``queue_status()``, ``wait_for_work``.
+
+    Rate limits (shared by every process on the store):
+
+    - ``take_slots(name, count, period, want, hold)``: a limit of `count` calls per `period`
+      seconds is `count` slots, each holding the time it is free again. Reserve up to `want`
+      free slots of limit `name` in one transaction; each is free again ``hold + period``
+      seconds after the take, so the caller must start the reserved calls within `hold` seconds
+      of `base` for no two calls of one slot to come closer than `period`: at most `count` calls
+      start in any `period`, however many processes take. Returns ``(taken, wait, base)``:
+      `wait` (when fewer than `want` were free) is the seconds until as many more are free, and
+      `base` the `time.monotonic()` instant the hold runs from.
+
+    History (what the dashboard charts): one row per minute and worker.
+
+    - ``record_history(worker, minute, counts, latency)``: write the row of `minute` (Unix time
+      // 60) for `worker`, replacing what it held: `counts` maps each of ``succeeded``,
+      ``failed``, ``duplicates`` and ``retries`` to the minute's total so far, `latency` is the
+      minute's latency histogram as JSON text (see `_History`).
+    - ``history(since)``: the rows of every worker from the minute of `since` (Unix time) on, as
+      dicts with ``minute``, ``worker``, the four counts and ``latency``, oldest first.
     """
 
     url: str
@@ -1227,6 +1340,13 @@ class Store(Protocol):
     def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int: ...
     def cancel_tasks(self, ids: Sequence[str]) -> int: ...
     def task_states(self, ids: Sequence[str]) -> dict[str, str]: ...
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]: ...
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None: ...
+    def history(self, since: float) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
 
 
@@ -1333,7 +1453,14 @@ def _stored_text(value: Any, field: str) -> str:
     return value
 
 
-def _stored_task(task_id: Any, key: Any, payload: Any, queue: Any = DEFAULT_QUEUE) -> Task:
+def _stored_task(
+    task_id: Any,
+    key: Any,
+    payload: Any,
+    queue: Any = DEFAULT_QUEUE,
+    group: Any = None,
+    timeout: Any = None,
+) -> Task:
     """Build the `Task` of a durable-queue row.
 
     Raises:
@@ -1342,6 +1469,10 @@ def _stored_task(task_id: Any, key: Any, payload: Any, queue: Any = DEFAULT_QUEU
     task_id = _stored_text(task_id, "id")
     key = _stored_text(key, "key")
     queue = _stored_text(queue, "queue")
+    if group is not None:
+        group = _stored_text(group, "group")
+    if timeout is not None:
+        timeout = _checked_timeout(timeout, "timeout_seconds")
     try:
         value = _parse_json(_stored_text(payload, "payload"))
     except TaskFileError as exc:
@@ -1352,7 +1483,9 @@ def _stored_task(task_id: Any, key: Any, payload: Any, queue: Any = DEFAULT_QUEU
         raise TaskFileError(
             f"field 'payload' must be a JSON object, not {_json_type(value)}", field="payload"
         )
-    return Task(task_id, value, None if key == task_id else key, queue)
+    return Task(
+        task_id, value, None if key == task_id else key, queue, group=group, timeout=timeout
+    )
 
 
 def _unreadable_error(exc: TaskFileError) -> str:
@@ -1367,6 +1500,19 @@ def _key_order(keys: Sequence[str]) -> list[int]:
 
 def _queue_payload(task: Task) -> str:
     return _canonical_json(task.payload)
+
+
+# The counters of one minute in the history table, in its column order.
+_HISTORY_COUNTS = ("succeeded", "failed", "duplicates", "retries")
+_HISTORY_FIELDS = ("minute", "worker", *_HISTORY_COUNTS, "latency")
+
+
+def _history_row(
+    worker: str, minute: int, counts: Mapping[str, int], latency: str
+) -> dict[str, Any]:
+    row = {"minute": int(minute), "worker": worker, "latency": latency}
+    row.update((name, int(counts.get(name, 0))) for name in _HISTORY_COUNTS)
+    return row
 
 
 def _spread(value: Any, count: int, check: Callable[[Any, str], Any], name: str) -> list[Any]:
@@ -1452,6 +1598,8 @@ class MemoryStore:
         self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
+        self._slots: dict[str, list[float]] = {}  # rate limit -> when each slot is free again
+        self._history: dict[tuple[int, str], dict[str, Any]] = {}  # (minute, worker) -> row
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
         self._closed = False
 
@@ -1641,6 +1789,8 @@ class MemoryStore:
                 del self._tasks[task_id]
             for name in [n for n, w in self._workers.items() if w["seen_at"] <= cutoff]:
                 del self._workers[name]
+            for minute, worker in [k for k in self._history if k[0] * 60 <= cutoff]:
+                del self._history[minute, worker]
         return len(old_keys) + len(old_tasks)
 
     def stats(self) -> dict[str, int]:
@@ -1917,6 +2067,36 @@ class MemoryStore:
                 if remaining <= 0 or self._work.wait(min(remaining, 0.25)):
                     return
 
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]:
+        with self._guard():
+            base = time.monotonic()
+            now = time.time()
+            slots = self._slots.setdefault(name, [])
+            slots.extend([0.0] * (count - len(slots)))
+            free = [index for index in range(count) if slots[index] <= now][:want]
+            for index in free:
+                slots[index] = now + hold + period
+            wait = None
+            if len(free) < want:
+                ahead = sorted(slots[:count])[min(want - len(free), count) - 1]
+                wait = max(ahead - now, 0.0)
+        return len(free), wait, base
+
+    # History ------------------------------------------------------------------------------------
+
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None:
+        with self._guard():
+            self._history[int(minute), worker] = _history_row(worker, minute, counts, latency)
+
+    def history(self, since: float) -> list[dict[str, Any]]:
+        first = int(since // 60)
+        with self._guard():
+            return [dict(row) for key, row in sorted(self._history.items()) if key[0] >= first]
+
     def close(self) -> None:
         """Close the store: its contents are gone, and every later call raises `TaskQueueError`."""
         with self._work:
@@ -1924,6 +2104,8 @@ class MemoryStore:
             self._keys.clear()
             self._tasks.clear()
             self._workers.clear()
+            self._slots.clear()
+            self._history.clear()
             self._work.notify_all()
 
 
@@ -1963,6 +2145,16 @@ class _BufferedCursor:
         return self._rows
 
 
+def _lost_claim(fp: str | None, found: Sequence[Any]) -> Claim:
+    """Return the answer to a claim that lost, from the key's row as ``lookup`` reads it."""
+    state, stored_fp, output, _, lease_expires, *_ = found
+    if fp is not None and stored_fp is not None and stored_fp != fp:
+        return Claim(ClaimState.CONFLICT)
+    if state == _Row.COMPLETED:
+        return Claim(ClaimState.COMPLETED, output=json.loads(output))
+    return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+
+
 class _SqlStore:
     """The contract in SQL, shared by SQLite and PostgreSQL; subclasses open and run transactions.
 
@@ -1973,10 +2165,16 @@ class _SqlStore:
 
     _DDL: tuple[str, ...] = ()
     _TAKE_LOCK = ""  # appended to the take query's row selection (FOR UPDATE SKIP LOCKED)
+    # Whether the table named :name exists (the history table: see _has_history).
+    _HISTORY_EXISTS = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :name"
     # What a take returns of each row (id, key, payload, then the id as the fail statement finds
-    # it, its priority and since when it is ready, then its queue), and how that statement names
-    # the id: SQLite's differ (see SqliteStore).
-    _TAKE_COLUMNS = "id, key, payload, id, priority, coalesce(run_at, enqueued_at), queue"
+    # it, its priority and since when it is ready, then its queue, group and timeout), and how
+    # that statement names the id: SQLite's differ (see SqliteStore).
+    _TAKE_COLUMNS = (
+        "id, key, payload, id, priority, coalesce(run_at, enqueued_at), queue, task_group, "
+        "timeout_seconds"
+    )  # fmt: skip
+    _CLOCK = ":now"  # the clock rate-limit slots are stamped with (PostgreSQL: the server's)
     _RAW_ID = "id"
     # How a take names the queues it serves, and a statement the ids it acts on (the `queues`
     # and `ids` parameters: a list, see `_list_param`).
@@ -2064,8 +2262,9 @@ class _SqlStore:
         "stats": "SELECT state, count(*) FROM {keys} GROUP BY state",
         "enqueue": """
             INSERT INTO {tasks} (id, key, payload, queue, state, attempts, enqueued_at,
-                updated_at, priority, run_at)
-            VALUES (:id, :key, :payload, :queue, 'queued', 0, :now, :now, :priority, :run_at)
+                updated_at, priority, run_at, task_group, timeout_seconds)
+            VALUES (:id, :key, :payload, :queue, 'queued', 0, :now, :now, :priority, :run_at,
+                :task_group, :timeout)
             ON CONFLICT (id) DO NOTHING
         """,
         # Tasks whose every run so far ended with its worker's death are failed, not run again.
@@ -2110,9 +2309,10 @@ class _SqlStore:
         # A submission's schedule replaces a stored one: the worker that submits it holds it.
         "take_task": """
             INSERT INTO {tasks} AS t (id, key, payload, queue, state, token, worker,
-                lease_expires, attempts, enqueued_at, updated_at, priority, run_at)
+                lease_expires, attempts, enqueued_at, updated_at, priority, run_at, task_group,
+                timeout_seconds)
             VALUES (:id, :key, :payload, :queue, 'running', :token, :worker, :lease, 0, :now,
-                :now, :priority, :run_at)
+                :now, :priority, :run_at, :task_group, :timeout)
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
                 attempts = CASE WHEN t.state = 'failed' THEN 0 ELSE t.attempts END,
@@ -2161,7 +2361,41 @@ class _SqlStore:
             SELECT count(*) FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
         """,
         "workers": "SELECT name, info, seen_at FROM {workers} ORDER BY name",
+        # Rate limits shared through the store: one row per slot of a limit, each holding the
+        # time it is free again (see take_slots). The rows of a limit are made on first use.
+        "slots_init": """
+            WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n + 1 < :count)
+            INSERT INTO {limits} (name, slot, free_at) SELECT :name, n, 0 FROM s WHERE true
+            ON CONFLICT (name, slot) DO NOTHING
+        """,
+        "take_slots": """
+            UPDATE {limits} SET free_at = {clock} + :extra
+            WHERE name = :name AND slot IN (
+                SELECT slot FROM {limits} WHERE name = :name AND slot < :count
+                    AND free_at <= {clock}
+                LIMIT :want {take_lock})
+            RETURNING slot
+        """,
+        "slots_wait": """
+            SELECT free_at - {clock} FROM {limits} WHERE name = :name AND slot < :count
+            ORDER BY free_at LIMIT 1 OFFSET :skip
+        """,
         "purge_workers": "DELETE FROM {workers} WHERE seen_at <= :cutoff",
+        # One row per minute and worker, replaced whole: a transaction run again writes the same.
+        "history_upsert": """
+            INSERT INTO {history} (minute, worker, succeeded, failed, duplicates, retries,
+                latency)
+            VALUES (:minute, :worker, :succeeded, :failed, :duplicates, :retries, :latency)
+            ON CONFLICT (minute, worker) DO UPDATE SET succeeded = excluded.succeeded,
+                failed = excluded.failed, duplicates = excluded.duplicates,
+                retries = excluded.retries, latency = excluded.latency
+        """,
+        "history": """
+            SELECT minute, worker, succeeded, failed, duplicates, retries, latency
+            FROM {history} WHERE minute >= :since ORDER BY minute, worker
+        """,
+        "purge_history": "DELETE FROM {history} WHERE minute * 60 <= :cutoff",
+        "history_exists": "{history_exists}",  # each dialect's own (_HISTORY_EXISTS)
         # Operating the queue. The reads name the columns through {queue_col} and {kind_col}: a
         # reader leaves a database from before named queues as it is (see _render_sql).
         "queue_counts": """
@@ -2221,6 +2455,8 @@ class _SqlStore:
         ("tasks", "queue"): ("queue_col", "queue", f"'{DEFAULT_QUEUE}'"),
         ("tasks", "error_kind"): ("kind_col", "error_kind", "NULL"),
         ("keys", "attempts"): ("key_attempts", "attempts", "0"),
+        ("tasks", "task_group"): ("group_col", "task_group", "NULL"),
+        ("tasks", "timeout_seconds"): ("timeout_col", "timeout_seconds", "NULL"),
     }
 
     # The take's index and the partial index of delayed rows (see _SQL), made by _migrate_tasks
@@ -2258,6 +2494,7 @@ class _SqlStore:
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
         self._names = dict(names)
+        self._slot_rows: set[tuple[str, int]] = set()  # limits whose slot rows exist (a hint)
         self._schedule_legacy = False  # a tasks table from before delays, read as it is
         self._render_sql()
         self._lock = threading.Lock()  # guards the connection and _closed: one transaction at once
@@ -2268,8 +2505,8 @@ class _SqlStore:
         older version lacks, which the reads then take as their default (a reader must leave
         such a database as it is; an opener that may write adds them first)."""
         fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
-                  "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER,
-                  **self._names}  # fmt: skip
+                  "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER, "clock": self._CLOCK,
+                  "history_exists": self._HISTORY_EXISTS, **self._names}  # fmt: skip
         gone = set(missing)
         for pair, (field, column, default) in self._LATER_COLUMNS.items():
             fields[field] = default if pair in gone else column
@@ -2370,15 +2607,9 @@ class _SqlStore:
                         ClaimState.CLAIMED, token=row[0], lease_expires=now + lease
                     )
                     continue
-                if found is None:
-                    continue  # gone again meanwhile (a purge): in progress, asked again later
-                state, stored_fp, output, _, lease_expires, *_ = found
-                if fp is not None and stored_fp is not None and stored_fp != fp:
-                    claims[index] = Claim(ClaimState.CONFLICT)
-                elif state == _Row.COMPLETED:
-                    claims[index] = Claim(ClaimState.COMPLETED, output=json.loads(output))
-                else:
-                    claims[index] = Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
+                if found is not None:
+                    # None: gone again meanwhile (a purge): in progress, asked again later.
+                    claims[index] = _lost_claim(fp, found)
             if any(claim.state is ClaimState.CLAIMED for claim in claims):
                 for task_id, entry in sorted(starts or ()):  # rows locked in id order
                     execute("start", {**params, "id": task_id, "entry": entry})
@@ -2480,6 +2711,8 @@ class _SqlStore:
 
         def purge(execute: Callable[..., Any]) -> int:
             execute("purge_workers", params)  # heartbeats of workers long gone; not counted
+            if self._has_history(execute):
+                execute("purge_history", params)  # charted minutes, not records: not counted
             return execute("purge_keys", params).rowcount + execute("purge_tasks", params).rowcount
 
         return self._transaction(purge)
@@ -2521,7 +2754,8 @@ class _SqlStore:
         """The parameters of the enqueue statement for `tasks`, each with its
         ``(run_at, priority)`` (see `_schedules`)."""
         return [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "queue": t.queue,
-                 "now": now, "run_at": run_at, "priority": rank}
+                 "now": now, "run_at": run_at, "priority": rank, "task_group": t.group,
+                 "timeout": t.timeout}
                 for t, (run_at, rank) in zip(tasks, schedules, strict=True)]  # fmt: skip
 
     def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
@@ -2643,9 +2877,9 @@ class _SqlStore:
             # Each row becomes a task on its own, before the lease commits: one that holds no
             # task fails alone, and the others run, instead of all of them being leased and
             # abandoned (and, leased again and again, failed as crashed).
-            for task_id, key, payload, raw_id, rank, _, name in rows:
+            for task_id, key, payload, raw_id, rank, _, name, group, timeout in rows:
                 try:
-                    task = _stored_task(task_id, key, payload, name)
+                    task = _stored_task(task_id, key, payload, name, group, timeout)
                     taken.append(QueuedTask(task, token, _stored_priority(rank)))
                 except TaskFileError as exc:
                     error = _unreadable_error(exc)
@@ -2669,7 +2903,8 @@ class _SqlStore:
         params = {"id": task.id, "key": task.key, "payload": _queue_payload(task),
                   "queue": task.queue, "token": _new_token(), "worker": worker,
                   "lease": now + self.lease_seconds, "now": now, "run_at": run_at,
-                  "priority": rank}  # fmt: skip
+                  "priority": rank, "task_group": task.group,
+                  "timeout": task.timeout}  # fmt: skip
 
         def take(execute: Callable[..., Any]) -> Any:
             row = execute("take_task", params).fetchone()
@@ -2801,12 +3036,64 @@ class _SqlStore:
         self._check_open()
         stop.wait(timeout)
 
+    # Rate limits --------------------------------------------------------------------------------
+
+    def take_slots(
+        self, name: str, count: int, period: float, want: int, hold: float
+    ) -> tuple[int, float | None, float]:
+        params: dict[str, Any] = {"name": name, "count": count, "want": want,
+                                  "extra": hold + period}  # fmt: skip
+        made = (name, count) in self._slot_rows
+
+        def take(execute: Callable[..., Any]) -> tuple[int, float | None, float]:
+            if not made:
+                execute("slots_init", params)
+            # Read once the transaction holds its locks (SQLite's write lock is taken at BEGIN):
+            # the hold runs from here, so a take that waited for the lock loses none of it.
+            base = time.monotonic()
+            params["now"] = time.time()
+            taken = len(execute("take_slots", params).fetchall())
+            wait = None
+            if taken < want:
+                skip = min(want - taken, count) - 1
+                row = execute("slots_wait", {**params, "skip": skip}).fetchone()
+                wait = 0.0 if row is None or row[0] is None else max(float(row[0]), 0.0)
+            return taken, wait, base
+
+        result = self._transaction(take)
+        self._slot_rows.add((name, count))
+        return result
+
+    # History ------------------------------------------------------------------------------------
+
+    def _has_history(self, execute: Callable[..., Any]) -> bool:
+        """Return whether the history table exists: a database opened only to read or purge may
+        come from a version without it (only an opener that may create adds it)."""
+        return bool(execute("history_exists", {"name": self._names["history"]}).fetchone()[0])
+
+    def record_history(
+        self, worker: str, minute: int, counts: Mapping[str, int], latency: str
+    ) -> None:
+        params = _history_row(worker, minute, counts, latency)
+        self._transaction(lambda execute: execute("history_upsert", params))
+
+    def history(self, since: float) -> list[dict[str, Any]]:
+        def read(execute: Callable[..., Any]) -> list[Any]:
+            if not self._has_history(execute):
+                return []
+            return execute("history", {"since": int(since // 60)}).fetchall()
+
+        rows = self._transaction(read, write=False)
+        return [dict(zip(_HISTORY_FIELDS, row, strict=True)) for row in rows]
+
 
 # How `ALTER TABLE ... ADD COLUMN` declares each later column (see `_SqlStore._LATER_COLUMNS`).
 _LATER_COLUMN_DDL = {
     "queue": "TEXT NOT NULL DEFAULT '{default}'",
     "error_kind": "TEXT",
     "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "task_group": "TEXT",
+    "timeout_seconds": "DOUBLE PRECISION",
 }
 
 
@@ -2866,7 +3153,13 @@ class SqliteStore(_SqlStore):
         self._init_common(
             lease_seconds,
             ttl_seconds,
-            {"keys": table, "tasks": f"{table}_tasks", "workers": f"{table}_workers"},
+            {
+                "keys": table,
+                "tasks": f"{table}_tasks",
+                "workers": f"{table}_workers",
+                "history": f"{table}_history",
+                "limits": f"{table}_limits",
+            },
         )
         self._conn: sqlite3.Connection | None = self._open()
 
@@ -2884,9 +3177,13 @@ class SqliteStore(_SqlStore):
         "CASE typeof(key) WHEN 'text' THEN CAST(key AS BLOB) END, "
         "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB), "
         "priority, coalesce(run_at, enqueued_at), "
-        "CASE typeof(queue) WHEN 'text' THEN CAST(queue AS BLOB) END"
+        "CASE typeof(queue) WHEN 'text' THEN CAST(queue AS BLOB) END, "
+        "CASE typeof(task_group) WHEN 'text' THEN CAST(task_group AS BLOB) END, timeout_seconds"
     )
     _RAW_ID = "CAST(id AS BLOB)"
+    _LIMITS_DDL = """CREATE TABLE IF NOT EXISTS {limits} (
+            name TEXT NOT NULL, slot INTEGER NOT NULL, free_at REAL NOT NULL,
+            PRIMARY KEY (name, slot)) WITHOUT ROWID"""
     # Rows without a namespace, which claims adopt: a partial index keeps finding them cheap.
     _UNSCOPED_DDL = (
         "CREATE INDEX IF NOT EXISTS {keys}_unscoped ON {keys} (key) WHERE namespace = ''"
@@ -2895,6 +3192,10 @@ class SqliteStore(_SqlStore):
         "CREATE INDEX IF NOT EXISTS {tasks}_queue_take ON {tasks} "
         "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))"
     )
+    _HISTORY_DDL = """CREATE TABLE IF NOT EXISTS {history} (
+            minute INTEGER NOT NULL, worker TEXT NOT NULL, succeeded INTEGER NOT NULL,
+            failed INTEGER NOT NULL, duplicates INTEGER NOT NULL, retries INTEGER NOT NULL,
+            latency TEXT NOT NULL, PRIMARY KEY (minute, worker)) WITHOUT ROWID"""
     _DDL = (
         _KEYS_DDL,
         _UNSCOPED_DDL,
@@ -2903,12 +3204,15 @@ class SqliteStore(_SqlStore):
             state TEXT NOT NULL, token INTEGER, worker TEXT, lease_expires REAL,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
             updated_at REAL NOT NULL, priority INTEGER NOT NULL DEFAULT 0, run_at REAL,
-            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT) WITHOUT ROWID""",
+            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
+            timeout_seconds DOUBLE PRECISION) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS {tasks}_ready ON {tasks} (state, enqueued_at)",
         _QUEUE_INDEX_DDL,
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY NOT NULL, info TEXT NOT NULL, started_at REAL NOT NULL,
             seen_at REAL NOT NULL) WITHOUT ROWID""",
+        _LIMITS_DDL,
+        _HISTORY_DDL,
     )
 
     def _open(self) -> sqlite3.Connection:
@@ -2951,6 +3255,10 @@ class SqliteStore(_SqlStore):
             # Only an opener that may create migrates: status and purge read an old file as it
             # is (their statements need no namespace column).
             self._migrate_keys(conn)
+        if self._create and names["limits"] not in existing:
+            # Alone, not with the other DDL, whose indexes an older tasks table cannot take
+            # before its later columns are added (below); IF NOT EXISTS makes racing openers safe.
+            conn.execute(self._LIMITS_DDL.format(**names))
         if not {names["keys"], names["tasks"], names["workers"]} <= existing:
             # Several processes may create the schema at once: one transaction, retried while
             # busy. An existing schema needs no write lock, so opening never waits for a writer.
@@ -2962,6 +3270,8 @@ class SqliteStore(_SqlStore):
             except BaseException:
                 _rollback(conn)
                 raise
+        elif self._create and names["history"] not in existing:
+            self._add_history(conn)
         if self._create:
             self._migrate_tasks(conn)
         elif not {"priority", "run_at"} <= self._columns(conn, names["tasks"]):
@@ -2978,6 +3288,18 @@ class SqliteStore(_SqlStore):
             self._add_columns(conn)
         elif later:
             self._render_sql(later)  # a reader reads the old layout as it is
+
+    def _add_history(self, conn: sqlite3.Connection) -> None:
+        """Give a file from before the dashboard's history its table (one write transaction;
+        concurrent openers queue on the write lock, and IF NOT EXISTS makes the later ones
+        no-ops)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(self._HISTORY_DDL.format(**self._names))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
 
     @staticmethod
     def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -3060,10 +3382,12 @@ class SqliteStore(_SqlStore):
         return missing
 
     def _add_columns(self, conn: sqlite3.Connection) -> None:
-        """Give tables from before named queues their later columns and index, in place.
+        """Give tables from before named queues (or task groups and timeouts) their later
+        columns and index, in place.
 
         One write transaction: concurrent openers queue on the write lock, the first one adds
-        the columns and the others find them there. Old tasks are in the queue ``default``.
+        the columns and the others find them there. Old tasks are in the queue ``default``, with
+        no group and no timeout of their own.
         """
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -3218,7 +3542,9 @@ class PostgresStore(_SqlStore):
 
     Tasks are taken with ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other's rows;
     an enqueue sends ``NOTIFY``, so idle workers (``LISTEN`` on their own connection) wake within
-    milliseconds instead of polling. A lost connection (a server restart) is reopened with
+    milliseconds instead of polling. A batch of claims, completions (with their queue rows'
+    settlements), renewals, releases or settlements is one statement over arrays, committed on
+    its own: one round trip whatever its size. A lost connection (a server restart) is reopened with
     backoff for up to `reconnect_seconds`, and the interrupted transaction is run again: a
     transaction is all or nothing, and every write is fenced by a token, so a retry can delay a
     task but never complete one twice. A deadlock or serialization failure is run again at once,
@@ -3237,8 +3563,12 @@ class PostgresStore(_SqlStore):
     """
 
     _TAKE_LOCK = "FOR UPDATE SKIP LOCKED"
+    _HISTORY_EXISTS = "SELECT to_regclass(:name) IS NOT NULL"
     _QUEUE_FILTER = "queue = ANY(:queues)"
     _IDS_FILTER = "id = ANY(:ids)"
+    # The server's clock, one reading per statement: workers on machines whose clocks disagree
+    # still share a rate limit exactly.
+    _CLOCK = "extract(epoch FROM statement_timestamp())::float8"
     _DDL = (
         "CREATE SCHEMA IF NOT EXISTS {schema}",
         """CREATE TABLE IF NOT EXISTS {keys} (
@@ -3253,11 +3583,19 @@ class PostgresStore(_SqlStore):
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
             enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
             priority INTEGER NOT NULL DEFAULT 0, run_at DOUBLE PRECISION,
-            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT)""",
+            queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
+            timeout_seconds DOUBLE PRECISION)""",
         "CREATE INDEX IF NOT EXISTS {tasks_index} ON {tasks} (state, enqueued_at)",
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY, info TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
             seen_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {limits} (
+            name TEXT NOT NULL, slot INTEGER NOT NULL, free_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (name, slot))""",
+        """CREATE TABLE IF NOT EXISTS {history} (
+            minute BIGINT NOT NULL, worker TEXT NOT NULL, succeeded BIGINT NOT NULL,
+            failed BIGINT NOT NULL, duplicates BIGINT NOT NULL, retries BIGINT NOT NULL,
+            latency TEXT NOT NULL, PRIMARY KEY (minute, worker))""",
     )
     _QUEUE_INDEX = "tasks_queue_take"
     # Run once the later columns exist (a schema from an older version gets them first).
@@ -3265,6 +3603,105 @@ class PostgresStore(_SqlStore):
         "CREATE INDEX IF NOT EXISTS " + _QUEUE_INDEX + " ON {tasks} "
         "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))",
     )
+
+    # One statement per batch: the rows go in as parallel arrays (unnest), so a batch of any size
+    # costs one round trip where one statement per row costs one each. Each keeps the meaning of
+    # its per-row twin in _SqlStore._SQL (read those first); callers fall back to the per-row
+    # statements for a batch that names a key or task twice, whose rows must act one after the
+    # other. Arrays come in key order, and an insert takes its row locks in its input order.
+    _SET_SQL = {
+        # The claims, and the started runs of the durable rows whose keys they win (see "start":
+        # `won` holds exactly the keys this statement claimed, in this namespace).
+        "claim_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(fps)s::text[], %(tokens)s::bigint[])
+                    WITH ORDINALITY AS v(key, fp, token, ord)
+            ), won AS (
+                INSERT INTO {keys} AS t (key, namespace, state, fingerprint, token,
+                    lease_expires, attempts, created_at, updated_at)
+                SELECT v.key, %(ns)s, 'in_progress', v.fp, v.token, %(lease)s, 1, %(now)s, %(now)s
+                FROM v
+                WHERE %(ns)s = ''
+                   OR EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = %(ns)s)
+                   OR NOT EXISTS (SELECT 1 FROM {keys} WHERE key = v.key AND namespace = '')
+                ORDER BY v.ord
+                ON CONFLICT (key, namespace) DO UPDATE SET
+                    state = 'in_progress', token = excluded.token,
+                    lease_expires = excluded.lease_expires, updated_at = excluded.updated_at,
+                    output = NULL, error = NULL, attempts = t.attempts + 1,
+                    fingerprint = coalesce(excluded.fingerprint, t.fingerprint)
+                WHERE (t.state = 'failed'
+                       OR (t.state = 'in_progress' AND t.lease_expires <= %(now)s)
+                       OR (t.state = 'completed' AND t.updated_at <= %(expired)s))
+                  AND (excluded.fingerprint IS NULL OR t.fingerprint IS NULL
+                       OR t.fingerprint = excluded.fingerprint)
+                RETURNING t.key, t.token
+            ), started AS (
+                UPDATE {tasks} AS q SET attempts = q.attempts + 1
+                FROM unnest(%(ids)s::text[], %(entries)s::bigint[]) AS s(id, entry)
+                WHERE q.id = s.id AND q.token = s.entry AND q.state = 'running'
+                  AND EXISTS (SELECT 1 FROM won WHERE won.key = q.key)
+            )
+            SELECT key, token FROM won
+        """,
+        "lookup_set": """
+            SELECT key, state, fingerprint, output, error, lease_expires, updated_at, namespace
+            FROM {keys} WHERE key = ANY(%(keys)s::text[]) AND namespace = %(ns)s
+        """,
+        "adopt_set": """
+            UPDATE {keys} AS t SET namespace = %(ns)s
+            WHERE t.key = ANY(%(keys)s::text[]) AND t.namespace = ''
+              AND NOT EXISTS (SELECT 1 FROM {keys} WHERE key = t.key AND namespace = %(ns)s)
+        """,
+        # Completions, and the durable rows of the keys they complete marked done (see
+        # complete_many): one data-modifying statement, so both commit or neither does.
+        "complete_set": """
+            WITH v AS (
+                SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(outputs)s::text[],
+                                     %(calls)s::int[], %(ids)s::text[], %(entries)s::bigint[],
+                                     %(entry_calls)s::int[])
+                    WITH ORDINALITY AS v(key, token, output, calls, id, entry, entry_calls, ord)
+            ), done AS (
+                UPDATE {keys} AS k SET state = 'completed', output = v.output, error = NULL,
+                    lease_expires = NULL, updated_at = %(now)s, attempts = k.attempts + v.calls
+                FROM v WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+                RETURNING v.ord, v.id, v.entry, v.entry_calls
+            ), settled AS (
+                UPDATE {tasks} AS q SET state = 'done', error = NULL, lease_expires = NULL,
+                    updated_at = %(now)s, error_kind = NULL,
+                    attempts = q.attempts + done.entry_calls
+                FROM done WHERE q.id = done.id AND q.token = done.entry AND q.state = 'running'
+            )
+            SELECT ord FROM done
+        """,
+        "renew_set": """
+            UPDATE {keys} AS k SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[]) AS v(key, token)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "release_set": """
+            UPDATE {keys} AS k SET state = 'failed', error = v.error, lease_expires = NULL,
+                updated_at = %(now)s, attempts = k.attempts + v.calls
+            FROM unnest(%(keys)s::text[], %(tokens)s::bigint[], %(errors)s::text[],
+                        %(calls)s::int[]) AS v(key, token, error, calls)
+            WHERE k.key = v.key AND k.token = v.token AND k.state = 'in_progress'
+        """,
+        "settle_set": """
+            UPDATE {tasks} AS q SET state = v.state, error = v.error, lease_expires = NULL,
+                updated_at = %(now)s, error_kind = v.kind, attempts = q.attempts + v.calls,
+                token = CASE WHEN v.state = 'queued' THEN NULL ELSE q.token END,
+                worker = CASE WHEN v.state = 'queued' THEN NULL ELSE q.worker END
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[], %(states)s::text[],
+                        %(errors)s::text[], %(kinds)s::text[], %(calls)s::int[])
+                AS v(id, token, state, error, kind, calls)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+        "renew_entries_set": """
+            UPDATE {tasks} AS q SET lease_expires = %(lease)s, updated_at = %(now)s
+            FROM unnest(%(ids)s::text[], %(tokens)s::bigint[]) AS v(id, token)
+            WHERE q.id = v.id AND q.token = v.token AND q.state = 'running'
+        """,
+    }
 
     def __init__(
         self,
@@ -3287,9 +3724,9 @@ class PostgresStore(_SqlStore):
             lease_seconds,
             ttl_seconds,
             {"schema": schema, "keys": f"{schema}.idempotency", "tasks": f"{schema}.tasks",
-             "tasks_index": "tasks_ready", "workers": f"{schema}.workers"},
+             "tasks_index": "tasks_ready", "workers": f"{schema}.workers",
+             "history": f"{schema}.history", "limits": f"{schema}.limits"},
         )  # fmt: skip
-        self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
         self._listener: Any = None
         self._conn: Any = None
         try:
@@ -3305,6 +3742,11 @@ class PostgresStore(_SqlStore):
             self.close()
             raise
 
+    def _render_sql(self, missing: Iterable[tuple[str, str]] = ()) -> None:
+        super()._render_sql(missing)
+        self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
+        self._sql.update({name: sql.format(**self._names) for name, sql in self._SET_SQL.items()})
+
     @staticmethod
     def _dialect(sql: str) -> str:
         return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
@@ -3314,7 +3756,9 @@ class PostgresStore(_SqlStore):
         return list(values)  # psycopg sends a text[] array
 
     def _connect(self) -> Any:
-        return self._psycopg.connect(self._dsn, autocommit=False, connect_timeout=10)
+        # Autocommit: a batch written by one statement commits with it, in one round trip
+        # (see _statement); every other call opens its transaction explicitly (_transaction).
+        return self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
 
     def _create_schema(self) -> None:
         # DDL on an existing table still locks it (CREATE INDEX IF NOT EXISTS takes a SHARE lock
@@ -3395,7 +3839,7 @@ class PostgresStore(_SqlStore):
 
     def _schema_ready(self) -> bool:
         """Return whether the schema holds every table, index and column of this version."""
-        names = [self._names[table] for table in ("keys", "tasks", "workers")]
+        names = [self._names[table] for table in ("keys", "tasks", "workers", "history", "limits")]
         names += [
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
@@ -3441,7 +3885,15 @@ class PostgresStore(_SqlStore):
         if scheduled is None:
             self._read_as_legacy()
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor:
+        """Run one statement as its own transaction: BEGIN and COMMIT cost a round trip each, the
+        statement one. A lost connection leaves its outcome as unknown as a lost COMMIT would
+        (the statement is atomic either way), and it is run again like a transaction."""
+        return self._transaction(lambda execute: execute(name, params), alone=True)
+
+    def _transaction(
+        self, body: Callable[[Callable[..., Any]], Any], write: bool = True, *, alone: bool = False
+    ) -> Any:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
@@ -3461,7 +3913,8 @@ class PostgresStore(_SqlStore):
                         continue
                 conn = self._conn
                 try:
-                    with conn.transaction(), conn.cursor() as cursor:
+                    scope = contextlib.nullcontext() if alone else conn.transaction()
+                    with scope, conn.cursor() as cursor:
 
                         def execute(
                             name: str, params: Mapping[str, Any] | list[Mapping[str, Any]]
@@ -3500,6 +3953,158 @@ class PostgresStore(_SqlStore):
     def _notify(self, execute: Callable[..., Any]) -> int:
         execute("notify", {"channel": self._channel})
         return 0
+
+    # Batches in one statement each (see _SET_SQL) ---------------------------------------------
+
+    def claim_many(
+        self,
+        items: Sequence[tuple[str, str | None]],
+        namespace: str = "",
+        starts: Sequence[tuple[str, int]] | None = None,
+    ) -> list[Claim]:
+        keys = [key for key, _ in items]
+        if not items or len(set(keys)) < len(keys):
+            return super().claim_many(items, namespace, starts)
+        lease, ttl = self.lease_seconds, self.ttl_seconds
+        starts = sorted(starts or ())
+        now = time.time()
+        first = _new_token_range(len(items))
+        params = {"now": now, "lease": now + lease, "expired": now - ttl if ttl else -1e300,
+                  "ns": namespace, "ids": [task_id for task_id, _ in starts],
+                  "entries": [entry for _, entry in starts]}  # fmt: skip
+
+        def claim_params(indexes: list[int]) -> dict[str, Any]:
+            return {**params, "keys": [keys[i] for i in indexes],
+                    "fps": [items[i][1] for i in indexes],
+                    "tokens": [first + i for i in indexes]}  # fmt: skip
+
+        # The claims commit on their own (the common case: every key won, one round trip). The
+        # keys they lost are looked up, and adopted where they need it, in a transaction of
+        # their own: no key is in both, so that split changes no answer.
+        order = _key_order(keys)
+        won: dict[str, int] = dict(self._statement("claim_set", claim_params(order)).fetchall())
+        lost = [i for i in order if keys[i] not in won]
+        found: dict[str, Any] = {}
+
+        def settle_lost(execute: Callable[..., Any]) -> tuple[dict[str, int], dict[str, Any]]:
+            def lookup(indexes: list[int]) -> dict[str, Any]:
+                rows = execute("lookup_set", {"keys": [keys[i] for i in indexes], "ns": namespace})
+                return {row[0]: row[1:] for row in rows.fetchall()}
+
+            found = lookup(lost)
+            missing = [i for i in lost if keys[i] not in found]
+            if not missing:
+                return {}, found
+            # Keys with a row without a namespace and none in this one (the claim left them
+            # alone): adopt those rows, then claim as usual. Rare: an old database.
+            execute("adopt_set", {"keys": [keys[i] for i in missing], "ns": namespace})
+            adopted = dict(execute("claim_set", claim_params(missing)).fetchall())
+            found.update(lookup([i for i in missing if keys[i] not in adopted]))
+            return adopted, found
+
+        if lost:
+            adopted, found = self._transaction(settle_lost)
+            won.update(adopted)
+        claims: list[Claim] = []
+        for key, fp in items:
+            if key in won:
+                claims.append(Claim(ClaimState.CLAIMED, token=won[key], lease_expires=now + lease))
+            elif key in found:
+                claims.append(_lost_claim(fp, found[key]))
+            else:  # gone again meanwhile (a purge): in progress, asked again later
+                claims.append(Claim(ClaimState.IN_PROGRESS))
+        return claims
+
+    def complete_many(
+        self,
+        items: Sequence[tuple[Any, ...]],
+        settle: Sequence[tuple[Any, ...]] | None = None,
+    ) -> list[bool]:
+        keys = [item[0] for item in items]
+        task_ids = [item[1] for item in settle or ()]
+        if not items or len(set(keys)) < len(keys) or len(set(task_ids)) < len(task_ids):
+            return super().complete_many(items, settle)
+        # An item's and a settlement's calls are optional (see _SqlStore.complete_many).
+        entries = {index: (task_id, entry, more[0] if more else 0)
+                   for index, task_id, entry, *more in settle or ()}  # fmt: skip
+        order = _key_order(keys)
+        none = (None, None, 0)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order], "outputs": [items[i][2] for i in order],
+                  "calls": [items[i][3] if len(items[i]) > 3 else 0 for i in order],
+                  "ids": [entries.get(i, none)[0] for i in order],
+                  "entries": [entries.get(i, none)[1] for i in order],
+                  "entry_calls": [entries.get(i, none)[2] for i in order]}  # fmt: skip
+        rows = self._statement("complete_set", params).fetchall()
+        written = [False] * len(items)
+        for (position,) in rows:
+            written[order[position - 1]] = True  # ordinality counts from 1
+        return written
+
+    def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
+        keys = [key for key, _ in claims]
+        if not claims or len(set(keys)) < len(keys):
+            return super().renew_many(claims)
+        now = time.time()
+        order = _key_order(keys)
+        params = {"now": now, "lease": now + self.lease_seconds, "keys": [keys[i] for i in order],
+                  "tokens": [claims[i][1] for i in order]}  # fmt: skip
+        return self._statement("renew_set", params).rowcount
+
+    def release_many(self, items: Sequence[tuple[Any, ...]]) -> int:
+        keys = [item[0] for item in items]
+        if not items or len(set(keys)) < len(keys):
+            return super().release_many(items)
+        order = _key_order(keys)
+        params = {"now": time.time(), "keys": [keys[i] for i in order],
+                  "tokens": [items[i][1] for i in order],
+                  "errors": [_storable_text(items[i][2]) for i in order],
+                  "calls": [items[i][3] if len(items[i]) > 3 else 0 for i in order]}  # fmt: skip
+        return self._statement("release_set", params).rowcount
+
+    def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int:
+        ids = [item[0] for item in items]
+        if not items or len(set(ids)) < len(ids):
+            return super().settle_many(items)
+        rows = [_settlement(item) for item in items]
+        order = _key_order(ids)
+        states = [rows[i][2].value for i in order]
+        params = {"now": time.time(), "ids": [ids[i] for i in order],
+                  "tokens": [rows[i][1] for i in order], "states": states,
+                  "errors": [_storable_text(rows[i][3]) for i in order],
+                  "kinds": [rows[i][4] for i in order],
+                  "calls": [rows[i][5] for i in order]}  # fmt: skip
+
+        if EntryState.QUEUED.value not in states:
+            return self._statement("settle_set", params).rowcount
+
+        def settle(execute: Callable[..., Any]) -> int:
+            count = execute("settle_set", params).rowcount
+            self._notify(execute)  # wake idle workers: there is work for them
+            return count
+
+        return self._transaction(settle)
+
+    def renew_tasks(
+        self,
+        worker: str,
+        info: Mapping[str, Any] | None = None,
+        entries: Sequence[tuple[str, int]] | None = None,
+    ) -> int:
+        ids = [task_id for task_id, _ in entries or ()]
+        if not entries or len(set(ids)) < len(ids):
+            return super().renew_tasks(worker, info, entries)
+        now = time.time()
+        order = _key_order(ids)
+        params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
+                  "info": json.dumps(dict(info or {})), "ids": [ids[i] for i in order],
+                  "tokens": [entries[i][1] for i in order]}  # fmt: skip
+
+        def renew(execute: Callable[..., Any]) -> int:
+            execute("heartbeat", params)
+            return execute("renew_entries_set", params).rowcount
+
+        return self._transaction(renew)
 
     def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
         # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
@@ -4255,6 +4860,77 @@ class _Histogram:
 _SERIES = ("latency", "queue_wait", "service")
 
 
+class _Totals(NamedTuple):
+    """A collector's counters and latency histogram at one moment (see `_History`)."""
+
+    counts: dict[str, int]
+    zeros: int  # latencies below the histogram's floor
+    total: float  # seconds, every latency summed
+    buckets: dict[int, int]  # histogram bucket -> latencies in it
+
+
+_NO_TOTALS = _Totals(dict.fromkeys(_HISTORY_COUNTS, 0), 0, 0.0, {})
+
+
+def _coarse_bucket(index: int) -> int:
+    """The history bucket of a histogram bucket: HISTORY_BUCKET_SPAN of them merged (ceil)."""
+    return -(-index // HISTORY_BUCKET_SPAN)
+
+
+_HISTORY_GAMMA = (
+    (1 + HISTOGRAM_RELATIVE_ERROR) / (1 - HISTOGRAM_RELATIVE_ERROR)
+) ** HISTORY_BUCKET_SPAN
+
+
+def _history_latency(now: _Totals, base: _Totals) -> dict[str, Any]:
+    """The latency histogram of what finished between `base` and `now`, in history buckets."""
+    buckets: dict[int, int] = {}
+    for index, count in now.buckets.items():
+        count -= base.buckets.get(index, 0)
+        if count:
+            coarse = _coarse_bucket(index)
+            buckets[coarse] = buckets.get(coarse, 0) + count
+    return {
+        "zeros": now.zeros - base.zeros,
+        "sum": round(now.total - base.total, 6),
+        "buckets": {str(index): count for index, count in sorted(buckets.items())},
+    }
+
+
+def _merge_latency(latencies: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge history latency histograms; return count, mean and percentiles in milliseconds.
+
+    Percentiles are nearest-rank over the merged buckets, within about 4% of the exact ones.
+    """
+    zeros, total = 0, 0.0
+    buckets: dict[int, int] = {}
+    for latency in latencies:
+        zeros += int(latency.get("zeros", 0))
+        total += float(latency.get("sum", 0.0))
+        for index, count in latency.get("buckets", {}).items():
+            buckets[int(index)] = buckets.get(int(index), 0) + int(count)
+    count = zeros + sum(buckets.values())
+    summary: dict[str, Any] = {
+        "count": count,
+        "mean": round(total / count * 1000, 3) if count else None,
+    }
+    for p in (50, 95, 99):
+        summary[f"p{p}"] = None
+        if not count:
+            continue
+        rank = max(1, math.ceil(round(p * count / 100, 9)))
+        seen = zeros
+        value = 0.0
+        if rank > seen:
+            for index in sorted(buckets):
+                seen += buckets[index]
+                if seen >= rank:
+                    value = 2 * _HISTORY_GAMMA**index / (_HISTORY_GAMMA + 1)
+                    break
+        summary[f"p{p}"] = round(value * 1000, 3)
+    return summary
+
+
 class Outcome(NamedTuple):
     """One finished submission, as `MetricsCollector.record_outcomes` counts it."""
 
@@ -4471,6 +5147,18 @@ class MetricsCollector:
             self._backlog = dict(queues)
 
     # Reading ------------------------------------------------------------------------------------
+
+    def _history_totals(self) -> _Totals:
+        """Return the counters the history keeps and the latency histogram, as they stand."""
+        with self._lock:
+            latency = self._series["latency"]
+            # A copy of at most a few thousand ints, taken once per heartbeat, never per task.
+            return _Totals(
+                {name: self._counts[name] for name in _HISTORY_COUNTS},
+                latency.zeros,
+                latency.total,
+                dict(latency._buckets),
+            )
 
     def percentile(self, p: float, series: str = "latency") -> float:
         """Return the `p`-th percentile (0-100) of a series, in seconds; 0.0 when empty.
@@ -4750,15 +5438,65 @@ class _WorkQueue(queue.Queue):
     (``order`` counts up for items put at the back, and down for items put at the front). An item
     leaves the heap before the deque's head when its priority is above 0, or when the deque holds
     nothing but stop sentinels; a sentinel leaves last. Both are guarded by ``self.mutex``.
+
+    Items taken out to wait elsewhere may keep their room: `hold` counts one against the bound
+    (a task waiting for a rate limit's slot), `put_held` brings it back into that room, and
+    `unhold` gives the room up. ``held`` is guarded by ``self.mutex`` too.
     """
 
     def _init(self, maxsize: int) -> None:
         super()._init(maxsize)
         self._ranked: list[tuple[int, int, Any]] = []  # heap of (-priority, order, item)
         self._order = itertools.count(1)
+        self.held = 0
 
     def _qsize(self) -> int:
         return len(self.queue) + len(self._ranked)
+
+    def _full(self) -> bool:
+        # Called with the mutex held: the waiting items and the held ones fill the bound.
+        return self._qsize() + self.held >= self.maxsize
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """`queue.Queue.put`, with the held items counted against the bound."""
+        with self.not_full:
+            if self.maxsize > 0:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self._full():
+                    if not block:
+                        raise queue.Full
+                    if deadline is None:
+                        self.not_full.wait()
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise queue.Full
+                    self.not_full.wait(remaining)
+            self.queue.append(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def hold(self) -> None:
+        """Count one item that left the queue against the bound until `put_held` or `unhold`."""
+        with self.mutex:
+            self.held += 1
+
+    def put_held(self, item: Any, priority: int = 0) -> None:
+        """Put a held item back at the front of its priority, in the room it kept."""
+        with self.not_empty:  # shares self.mutex: the room passes from held to waiting at once
+            self.held -= 1
+            if priority:
+                heapq.heappush(self._ranked, (-priority, -next(self._order), item))
+            else:
+                self.queue.appendleft(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def unhold(self, count: int = 1) -> None:
+        """Give up the room of `count` held items that will not come back."""
+        with self.mutex:
+            self.held -= count
+            self.not_full.notify(count)
 
     def _get(self) -> Any:
         ranked = self._ranked
@@ -4778,14 +5516,14 @@ class _WorkQueue(queue.Queue):
         """
         with self.not_full:
             if not block:
-                if self._qsize() >= self.maxsize:
+                if self._full():
                     raise queue.Full
             elif timeout is None:
-                while self._qsize() >= self.maxsize:
+                while self._full():
                     self.not_full.wait()
             else:
                 deadline = time.monotonic() + timeout
-                while self._qsize() >= self.maxsize:
+                while self._full():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0.0:
                         raise queue.Full
@@ -4953,6 +5691,18 @@ class TaskQueue:
         """Put `item` at the front of its priority without waiting for room (a due retry)."""
         self._queue.put_unbounded(item, front=True, priority=priority)
 
+    def hold(self) -> None:
+        """Keep the room of an item taken out to wait elsewhere (see `_WorkQueue.hold`)."""
+        self._queue.hold()
+
+    def put_held(self, item: Any, priority: int = 0) -> None:
+        """Put a held item back at the front of its priority, in the room it kept."""
+        self._queue.put_held(item, priority)
+
+    def unhold(self, count: int = 1) -> None:
+        """Give up the room of `count` held items."""
+        self._queue.unhold(count)
+
     def drain(self) -> list[Any]:
         """Remove and return every item waiting in the queue."""
         return self._queue.drain()
@@ -5045,6 +5795,414 @@ class TaskQueue:
         self.close()
 
 
+# --- Flow control --------------------------------------------------------------------------------
+#
+# Rate limits and the deadlines of attempts. A limit of N calls per period is N slots: a call
+# takes a free slot, and the slot is free again a period after the call started, so no window of
+# the period ever holds more than N calls (a sliding window, not a token bucket, whose refill
+# lets a window hold a burst and a refill: up to 2N). A pool's limits live in this process
+# (`_LocalLimiter`) or, when its store is shared by other processes, in the store
+# (`_SharedLimiter` over `Store.take_slots`), where every process takes the same slots. A pool
+# gives its tasks their slots through one `_Flow`, or through `_NO_FLOW`, its do-nothing twin,
+# when no limit is set.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rate:
+    """At most `count` calls in any `period` seconds, as written (`text`)."""
+
+    count: int
+    period: float
+    text: str
+
+
+_RATE_PATTERN = re.compile(r"\s*([0-9]+)\s*/\s*([smh])\s*")
+
+
+def _rate_of(value: Any, what: str) -> _Rate:
+    """Parse a rate limit such as ``"100/s"``.
+
+    Raises:
+        ValueError: `value` is not ``N/s``, ``N/m`` or ``N/h`` with N from 1 to `MAX_RATE_COUNT`;
+            the message names `what`.
+    """
+    match = _RATE_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    count = int(match.group(1)) if match and len(match.group(1)) <= 9 else 0
+    if not 1 <= count <= MAX_RATE_COUNT:
+        raise ValueError(
+            f"{what} must be calls per period such as '100/s' (units s, m, h; 1 to "
+            f"{MAX_RATE_COUNT:,} calls), not {_shown(value)}"
+        )
+    assert match is not None
+    return _Rate(count, RATE_UNITS[match.group(2)], f"{count}/{match.group(2)}")
+
+
+def _group_rates(rate_limits: Any, what: str = "rate_limits") -> dict[str, _Rate]:
+    """Parse ``{group: "N/unit"}``.
+
+    Raises:
+        ValueError: it is not a mapping, a group is no valid group name or a rate is invalid.
+    """
+    if not isinstance(rate_limits, Mapping):
+        raise ValueError(f"{what} must be a mapping of group to rate, not {_shown(rate_limits)}")
+    rates = {}
+    for group, rate in rate_limits.items():
+        problem = _text_problem(group)
+        if problem is not None:
+            raise ValueError(f"{what}: a group name {problem}, not {_shown(group)}")
+        rates[group] = _rate_of(rate, f"{what}[{group!r}]")
+    return rates
+
+
+class _Permit:
+    """The right to start one call under one limit: a slot, and when it must be used by."""
+
+    __slots__ = ("limiter", "slot", "use_by")
+
+    def __init__(self, limiter: Any, slot: int, use_by: float) -> None:
+        self.limiter = limiter
+        self.slot = slot
+        self.use_by = use_by  # time.monotonic(); a call started later could break the limit
+
+
+class _LocalLimiter:
+    """A rate limit counted in this process alone.
+
+    Slots sit in a heap by the time they are free again. `acquire` reserves the earliest free
+    one; `used` marks it taken from the moment the call starts (plus `RATE_MARGIN` of the
+    period), so the time between reserving and calling (a claim) costs nothing; `give_back`
+    returns a slot whose call never happened.
+    """
+
+    def __init__(self, rate: _Rate) -> None:
+        self.rate = rate
+        self._reuse = rate.period * (1 + RATE_MARGIN)
+        # Its waits are exact (the heap knows when each slot is free): no count of who waits.
+        self.start_waiting = self.stop_waiting = lambda: None
+        self._lock = threading.Lock()  # guards _free; arithmetic and heap operations only
+        self._free: list[tuple[float, int]] = [(0.0, slot) for slot in range(rate.count)]
+
+    def acquire(self) -> _Permit | float:
+        """Reserve a slot; return its permit, or the seconds until one may be free."""
+        now = time.monotonic()
+        with self._lock:
+            free = self._free
+            if free and free[0][0] <= now:
+                return _Permit(self, heapq.heappop(free)[1], math.inf)
+            # Every slot reserved and none used yet: they come back within moments.
+            wait = free[0][0] - now if free else self._reuse / self.rate.count
+        return wait
+
+    reserve = acquire  # before the claim: the slot counts from the call's start (`used`)
+
+    def used(self, permit: _Permit, now: float) -> None:
+        with self._lock:
+            heapq.heappush(self._free, (now + self._reuse, permit.slot))
+
+    def give_back(self, permit: _Permit) -> None:
+        with self._lock:
+            heapq.heappush(self._free, (0.0, permit.slot))
+
+
+class _SharedLimiter:
+    """A rate limit that every process sharing the store counts together (`Store.take_slots`).
+
+    One statement reserves a batch of slots: as many as the tasks turned away since the last
+    take, plus one (at most `batch`). Reserved slots must be used within `RATE_HOLD_USE` of the
+    store's hold (the rest is room for a thread switch before the handler reads the clock), else
+    they are dropped: a dropped slot only lowers the rate, and a used one never comes back to
+    anyone before a period after its call.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        rate: _Rate,
+        batch: int,
+        wake: Callable[[Any, int], None],
+    ) -> None:
+        self.rate = rate
+        self._store = store
+        self._name = name
+        self._batch = max(1, min(batch, rate.count))
+        self._wake = wake  # wake(limiter, n): send up to n tasks parked for it back now
+        self._hold = min(RATE_HOLD_MAX, max(RATE_HOLD_MIN, RATE_HOLD_SHARE * rate.period))
+        self._lock = threading.Lock()  # guards _ready and _waiting; no I/O
+        self._take = threading.Lock()  # one take at a time: the others use what it brought
+        self._ready: collections.deque[float] = collections.deque()  # use-by of reserved slots
+        self._waiting = 0  # tasks parked for this limit: the next take reserves for them too
+        self._not_before = 0.0  # monotonic: the last take saw no free slot before then
+        self._error_noticed: float | None = None  # when a failing take was last logged
+
+    def reserve(self) -> float | None:
+        """Before a claim: None when a slot may be free now, else the seconds until one may."""
+        with self._lock:
+            wait = self._not_before - time.monotonic()
+        return wait if wait > 0 else None
+
+    def start_waiting(self) -> None:
+        with self._lock:
+            self._waiting += 1
+
+    def stop_waiting(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def _pop(self) -> _Permit | None:
+        now = time.monotonic()
+        with self._lock:
+            ready = self._ready
+            while ready and ready[0] < now:
+                ready.popleft()  # unused in time: dropped
+            return _Permit(self, 0, ready.popleft()) if ready else None
+
+    def acquire(self) -> _Permit | float:
+        """Reserve a slot (taking a batch from the store when none is left); return its permit,
+        or the seconds until enough may be free. Blocks for one statement at most."""
+        permit = self._pop()
+        if permit is not None:
+            return permit
+        with self._take:
+            permit = self._pop()  # a take that ended meanwhile may have brought some
+            if permit is not None:
+                return permit
+            wait = self.reserve()
+            if wait is not None:
+                return wait  # the last take found none free before then: no statement now
+            with self._lock:
+                want = min(self._batch, 1 + self._waiting)
+            rate = self.rate
+            try:
+                taken, wait, base = self._store.take_slots(
+                    self._name, rate.count, rate.period, want, self._hold
+                )
+            except Exception as exc:
+                # The store is unreachable: the task waits (a rate is never exceeded by guessing)
+                # and a warning says so once a minute.
+                now = time.monotonic()
+                if self._error_noticed is None or now - self._error_noticed >= 60:
+                    self._error_noticed = now
+                    logger.warning("taking rate-limit slots failed: %s", _first_line(exc))
+                taken, wait, base = 0, _OUTAGE_MAX_BACKOFF / 5, 0.0
+            wait = rate.period / rate.count if wait is None else wait + 0.001
+            with self._lock:
+                self._ready.extend([base + self._hold * RATE_HOLD_USE] * taken)
+                self._not_before = 0.0 if taken else time.monotonic() + wait
+        permit = self._pop()
+        if taken > 1:
+            self._wake(self, taken - 1)  # the tasks the other slots were taken for: now
+        if permit is not None:
+            return permit
+        return wait
+
+    def used(self, permit: _Permit, now: float) -> None:
+        """A slot's call starts: it was counted when the store reserved it."""
+
+    def give_back(self, permit: _Permit) -> None:
+        """A reserved slot goes unused; the store keeps it taken until its time (no statement)."""
+
+
+class _Flow:
+    """The rate limits of one pool: which limits a task's calls count against, and its permits.
+
+    Before a task's key is claimed (`admit`), each of its limits either reserves a slot (a limit
+    in this process) or says whether a slot may be free now (a limit in the store, which is only
+    taken at the call: a claim can take longer than a reserved slot may wait); a task that must
+    wait is parked, holding no claim and no worker. Right before the handler runs (`start`), the
+    call takes its remaining slots and spends them all. Retries take new ones: every attempt
+    counts.
+    """
+
+    def __init__(self, overall: Any, groups: Mapping[str, Any]) -> None:
+        self._overall = overall  # the limit of every call, or None
+        self._groups = dict(groups)  # group -> its limit
+
+    def _limiters(self, task: Task) -> list[Any]:
+        found = [] if self._overall is None else [self._overall]
+        group = self._groups.get(task.group) if task.group is not None else None
+        if group is not None:
+            found.append(group)
+        return found
+
+    def _wait(self, job: _Job, limiter: Any, held: list[_Permit], wait: float) -> float:
+        """Give back `held` and note that `job` waits for `limiter`; return the wait."""
+        for permit in held:
+            permit.limiter.give_back(permit)
+        job.permits = None
+        limiter.start_waiting()
+        job.waits_on = limiter
+        return wait
+
+    def _stop_waiting(self, job: _Job) -> None:
+        if job.waits_on is not None:
+            job.waits_on.stop_waiting()
+            job.waits_on = None
+
+    def admit(self, job: _Job) -> float | None:
+        """Reserve what `job`'s next call needs before its claim; return None, or the seconds
+        to wait first."""
+        if job.permits is not None:
+            return None
+        self._stop_waiting(job)
+        held: list[_Permit] = []
+        for limiter in self._limiters(job.task):
+            permit = limiter.reserve()
+            if isinstance(permit, float):
+                return self._wait(job, limiter, held, permit)
+            if permit is not None:
+                held.append(permit)
+        job.permits = held
+        return None
+
+    def admit_all(self, jobs: list[_Job], park: Callable[[_Job, float], None]) -> list[_Job]:
+        """Return the jobs admitted; `park` each other one with its wait."""
+        ready = []
+        for job in jobs:
+            wait = self.admit(job)
+            if wait is None:
+                ready.append(job)
+            else:
+                park(job, wait)
+        return ready
+
+    def start(self, job: _Job) -> float | None:
+        """Take every slot the call about to start still needs; return None, or the seconds to
+        wait (a slot it needs is not free now). `begin` spends them."""
+        self._stop_waiting(job)
+        held = job.permits or []
+        reserved = {id(permit.limiter) for permit in held}
+        for limiter in self._limiters(job.task):
+            if id(limiter) in reserved:
+                continue
+            permit = limiter.acquire()
+            if isinstance(permit, float):
+                return self._wait(job, limiter, held, permit)
+            held.append(permit)
+        job.permits = held
+        return None
+
+    def begin(self, job: _Job) -> bool:
+        """Spend `job`'s slots as its call begins, in the thread that makes the call (an async
+        call's: the loop, where it may begin well after `start`); False, with the slots given
+        back, when one was held past its use-by and the call must not begin now."""
+        now = time.monotonic()
+        permits, job.permits = job.permits or [], None
+        if any(permit.use_by < now for permit in permits):
+            for permit in permits:
+                permit.limiter.give_back(permit)
+            return False
+        for permit in permits:
+            permit.limiter.used(permit, now)
+        return True
+
+    @staticmethod
+    def lease_ahead(quick: int) -> int:
+        """How many quick durable tasks a worker may lease ahead: none past its floor, since a
+        rate, not the tasks' cost, paces them, and rows leased here wait while other workers
+        that share the limit could run them."""
+        return 0
+
+    def give_back(self, job: _Job) -> None:
+        """Return the slots reserved for a call that will not happen now."""
+        permits, job.permits = job.permits, None
+        for permit in permits or ():
+            permit.limiter.give_back(permit)
+
+    def forget(self, job: _Job) -> None:
+        """Let go of a finished job: its slots, and its place among a limit's waiting tasks."""
+        self.give_back(job)
+        self._stop_waiting(job)
+
+
+class _NoFlow:
+    """`_Flow` for a pool without rate limits: every call may start at once."""
+
+    @staticmethod
+    def admit_all(jobs: list[_Job], park: Callable[[_Job, float], None]) -> list[_Job]:
+        return jobs
+
+    @staticmethod
+    def start(job: _Job) -> float | None:
+        return None
+
+    @staticmethod
+    def begin(job: _Job) -> bool:
+        return True
+
+    @staticmethod
+    def give_back(job: _Job) -> None:
+        return None
+
+    forget = give_back
+
+    @staticmethod
+    def lease_ahead(quick: int) -> int:
+        return quick
+
+
+_NO_FLOW = _NoFlow()
+
+# The deadline of the attempt running in this thread (a plain handler) or this asyncio task (an
+# async one): each thread, and each asyncio task, has a context of its own.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "task_queue_deadline", default=None
+)
+
+
+def current_deadline() -> float | None:
+    """Return the deadline of the attempt that calls this, as a `time.monotonic()` value.
+
+    None outside a handler, or when the attempt has no timeout (``task_timeout``, a task's
+    ``timeout``). A plain handler cannot be interrupted, so it should bound its own I/O with it,
+    e.g. ``urlopen(url, timeout=max(0.1, current_deadline() - time.monotonic()))``.
+    """
+    return _deadline.get()
+
+
+class _DeadlineExceeded(TimeoutError):
+    """An attempt ran past its deadline: a transient `TimeoutError` for the retry policy."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the attempt ran past its deadline of {timeout:g} s")
+
+
+def _call_with_deadline(handler: Callable[[Task], Any], task: Task, timeout: float) -> Any:
+    """Call a plain handler with its deadline set; its result counts only if it came in time.
+
+    A late return, or a `TimeoutError` raised late (the handler bounded its I/O by the
+    deadline), is the attempt's timeout; any other exception keeps its own meaning.
+    """
+    deadline = time.monotonic() + timeout
+    reset = _deadline.set(deadline)
+    try:
+        output = handler(task)
+    except TimeoutError as exc:
+        if time.monotonic() >= deadline:
+            raise _DeadlineExceeded(timeout) from exc
+        raise
+    finally:
+        _deadline.reset(reset)
+    if time.monotonic() > deadline:
+        raise _DeadlineExceeded(timeout)
+    return output
+
+
+async def _await_with_deadline(handler: Callable[[Task], Any], task: Task, timeout: float) -> Any:
+    """Await an async handler's call, cancelled at its deadline (see `_call_with_deadline`)."""
+    deadline = time.monotonic() + timeout
+    _deadline.set(deadline)  # this asyncio task's own context; wait_for's copies it
+    try:
+        output = await asyncio.wait_for(handler(task), timeout)
+    except (TimeoutError, asyncio.TimeoutError) as exc:  # one class since Python 3.11
+        if time.monotonic() >= deadline:
+            raise _DeadlineExceeded(timeout) from exc
+        raise
+    if time.monotonic() > deadline:  # the handler swallowed its cancellation and returned
+        raise _DeadlineExceeded(timeout)
+    return output
+
+
 # --- Pool ----------------------------------------------------------------------------------------
 
 
@@ -5081,6 +6239,21 @@ class _Scheduler:
             self._heap = keep
         return removed
 
+    def wake(
+        self, predicate: Callable[[Any], bool], count: int, first: Callable[[Any], Any]
+    ) -> None:
+        """Hand up to `count` waiting items for which `predicate` is true to the callback now,
+        in the order of ``first(item)``, then the earliest due."""
+        with self._cond:
+            matching = [entry for entry in self._heap if predicate(entry[2])]
+            chosen = sorted(matching, key=lambda entry: (first(entry[2]), entry[:2]))[:count]
+            if chosen:
+                gone = {entry[1] for entry in chosen}
+                self._heap = [entry for entry in self._heap if entry[1] not in gone]
+                heapq.heapify(self._heap)
+        for entry in chosen:
+            self._callback(entry[2])
+
     def stop(self, wait: bool = True) -> None:
         """Stop the thread; items still waiting are dropped."""
         with self._cond:
@@ -5111,6 +6284,55 @@ class _Scheduler:
                 logger.exception("scheduled callback for %r raised", item)
 
 
+class _History:
+    """Write a durable pool's per-minute counts to the store's history table.
+
+    The counts come from the pool's `MetricsCollector` (the hot path records nothing more): each
+    flush reads its totals, and what changed since the last flush goes to the row of the current
+    minute, which the flush rewrites whole (a retried write is harmless, and several workers add
+    up because each writes its own row). What finished between the last flush of a minute and
+    the first of the next counts in the next: a minute is exact to within one flush interval.
+    Only the lease keeper's thread calls `flush`, so nothing here needs a lock.
+    """
+
+    def __init__(self, totals: Callable[[], _Totals], store: Store, worker: str) -> None:
+        self._totals = totals
+        self._store = store
+        self._worker = worker
+        self._minute: int | None = None
+        # The totals at the last write (what earlier users of a shared collector counted is not
+        # ours): a failed write loses nothing, its counts go to the next minute's row.
+        self._flushed = totals()
+        self._base = self._flushed  # the totals at the start of `_minute`
+        self._written: dict[str, Any] | None = None  # the row last written for `_minute`
+
+    def flush(self) -> None:
+        """Write the current minute's row if it changed since the last flush.
+
+        Raises:
+            Exception: the store's error; the next flush writes what this one could not.
+        """
+        now = self._totals()
+        minute = int(time.time() // 60)
+        if minute != self._minute:
+            self._minute, self._base, self._written = minute, self._flushed, None
+        base = self._base
+        counts = {name: now.counts[name] - base.counts[name] for name in _HISTORY_COUNTS}
+        latency = _history_latency(now, base)
+        row = {**counts, "latency": latency}
+        if row == self._written or (self._written is None and not any(counts.values())):
+            return  # nothing new: an idle worker writes nothing
+        self._store.record_history(self._worker, minute, counts, json.dumps(latency))
+        self._written, self._flushed = row, now
+
+
+class _NoHistory:
+    """The history of a pool that keeps none (not durable)."""
+
+    def flush(self) -> None:
+        pass
+
+
 class _LeaseKeeper:
     """One thread that renews the pool's claims every third of the lease, until stopped."""
 
@@ -5129,6 +6351,7 @@ class _LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._pool._heartbeat()
+            self._pool._record_history()
             held = self._pool._held_claims()
             if not held:
                 continue
@@ -5143,6 +6366,8 @@ class _LeaseKeeper:
                 lost = len(set(held) & set(self._pool._held_claims())) - renewed
                 if lost > 0:
                     logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
+        # The pool has stopped: its last minute's counts go to the history before the store closes.
+        self._pool._record_history()
 
 
 def _is_async_handler(handler: Callable[..., Any]) -> bool:
@@ -5301,9 +6526,15 @@ class _AsyncRunner:
         handler: Callable[[Task], Any],
         limit: int,
         finished: Callable[[_Finished], None],
+        timeout: float | None = None,
+        begin: Callable[[_Job], bool] = _NO_FLOW.begin,
+        restart: Callable[[_Job], None] | None = None,
     ) -> None:
         self._handler = handler
         self._finished = finished
+        self._timeout = timeout  # seconds per attempt, unless the task has its own
+        self._begin = begin  # spends the call's rate-limit slots as it begins (see _Flow.begin)
+        self._restart = restart  # takes back a call whose slots lapsed before it could begin
         self._slots = threading.BoundedSemaphore(limit)  # one per call in flight
         self._loop = asyncio.new_event_loop()
         self._calls: set[asyncio.Task[None]] = set()  # owned by the loop thread
@@ -5357,8 +6588,18 @@ class _AsyncRunner:
         began = clock()
         output: Any = None
         error: BaseException | None = None
+        task = job.task
+        timeout = task.timeout if task.timeout is not None else self._timeout
+        if not self._begin(job):
+            self._slots.release()
+            assert self._restart is not None
+            self._restart(job)
+            return
         try:
-            output = await self._handler(job.task)
+            if timeout is None:
+                output = await self._handler(task)
+            else:
+                output = await _await_with_deadline(self._handler, task, timeout)
         except BaseException as exc:  # the handler's failure is the task's, never the loop's
             error = exc
         self._slots.release()
@@ -5395,8 +6636,8 @@ class _Job:
 
     __slots__ = (
         "attempts", "batch", "delayed", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
-        "followers", "future", "key", "polls", "priority", "started_at", "store_failures", "task",
-        "token", "unrecorded",
+        "followers", "future", "held", "key", "permits", "polls", "priority", "started_at",
+        "store_failures", "task", "token", "unrecorded", "waits_on",
     )  # fmt: skip
 
     def __init__(
@@ -5427,6 +6668,9 @@ class _Job:
         # A durable pool's success the store could not record yet: (output, its JSON text).
         self.unrecorded: tuple[Any, str] | None = None
         self.store_failures = 0  # store errors in a row while claiming or completing it
+        self.permits: list[_Permit] | None = None  # rate-limit slots reserved for its next call
+        self.held = False  # parked for a rate limit, keeping its room in the queue
+        self.waits_on: Any = None  # the rate limit it is parked for, if any
 
     def __repr__(self) -> str:
         return f"<job {self.task.id!r} key={self.key!r} attempts={self.attempts}>"
@@ -5445,7 +6689,8 @@ class _JobOutcome:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = "TimeoutError" if isinstance(exc, _DeadlineExceeded) else type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 def _each_alone(operation: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
@@ -5539,6 +6784,12 @@ def _retries(calls: int) -> int:
     return max(calls - 1, 0)
 
 
+def _unstarted(job: _Job) -> bool:
+    """Whether a parked job has not begun running: it holds no claim (queued, polling another
+    owner's claim), or it waits for a rate limit before its first call. Cancellation takes it."""
+    return job.token is None or (job.attempts == 0 and job.waits_on is not None)
+
+
 _ON_FULL = ("block", "reject")
 # What a submission's outcome makes of its durable-queue row: cancelled work goes back to the queue.
 _ENTRY_STATE = {
@@ -5582,6 +6833,17 @@ class WorkerPool:
             ones never see each other's. Give one to keep the keys of a handler you rename.
         queues: the named queues `serve` takes tasks from; None means every queue. (A durable
             `submit` keeps each task in its own `Task.queue` and runs it here all the same.)
+        rate_limit: at most this many handler calls (every attempt counts) in any period, such
+            as ``"100/s"`` (units ``s``, ``m``, ``h``). Pools on one SQLite file or PostgreSQL
+            database with the same namespace share it, in any number of processes.
+        rate_limits: ``{group: rate}``: the calls of tasks of that group (`Task.group`), on top
+            of `rate_limit`; shared by every pool on the store whatever its handler.
+        task_timeout: seconds each attempt may take (a task's own ``timeout`` wins). An async
+            handler is cancelled at the deadline; a plain one reads it with `current_deadline`,
+            and its attempt, if it ends later, is a transient `TimeoutError`.
+
+    Raises:
+        ValueError: an argument is invalid; the message names it.
     """
 
     def __init__(
@@ -5603,10 +6865,19 @@ class WorkerPool:
         worker_name: str | None = None,
         namespace: str | None = None,
         queues: Iterable[str] | None = None,
+        rate_limit: str | None = None,
+        rate_limits: Mapping[str, str] | None = None,
+        task_timeout: float | None = None,
     ) -> None:
         if namespace is not None:
             _check_namespace(namespace)
         self.queues = _queue_names(queues)
+        overall_rate = None if rate_limit is None else _rate_of(rate_limit, "rate_limit")
+        group_rates = {} if rate_limits is None else _group_rates(rate_limits)
+        if task_timeout is not None and not (_is_finite_number(task_timeout) and task_timeout > 0):
+            raise ValueError(
+                f"task_timeout must be None or a number of seconds > 0, not {_shown(task_timeout)}"
+            )
         if on_full not in _ON_FULL:
             raise ValueError(f"on_full must be one of {_ON_FULL}, not {on_full!r}")
         if submit_timeout is not None and not submit_timeout >= 0:
@@ -5632,6 +6903,8 @@ class WorkerPool:
             db_path, lease_seconds=lease_seconds, durability=durability
         )
         self._durable = durable
+        self._task_timeout = None if task_timeout is None else float(task_timeout)
+        self._flow = self._make_flow(overall_rate, group_rates)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._lock = threading.Lock()  # guards the attributes below
         self._changed = threading.Condition(self._lock)  # notified whenever _pending drops
@@ -5667,7 +6940,14 @@ class WorkerPool:
         self._store_users += 1  # the committer writes claims and completions
         self._committer = _Committer(self._claim, self._record, self._release_store)
         if is_async:
-            self._runner = _AsyncRunner(self._handler, workers, self._committer.finished)
+            self._runner = _AsyncRunner(
+                self._handler,
+                workers,
+                self._committer.finished,
+                self._task_timeout,
+                begin=self._flow.begin,
+                restart=self._restart_call,
+            )
         # Checked on every submit: a set of thread idents is the cheapest test.
         self._own_threads = frozenset(
             thread.ident
@@ -5675,8 +6955,33 @@ class WorkerPool:
             if thread is not None
         )
         self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
+        # A durable pool's counts per minute go to the store for the dashboard's charts.
+        self._history: _History | _NoHistory = (
+            _History(self._metrics._history_totals, self._store.store, self.worker_name)
+            if durable
+            else _NoHistory()
+        )
         self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
+
+    def _make_flow(self, overall: _Rate | None, groups: Mapping[str, _Rate]) -> _Flow | _NoFlow:
+        """Build the pool's rate limits: in the store when other processes may share it."""
+        if overall is None and not groups:
+            return _NO_FLOW
+        store = self._store.store
+        shared = isinstance(store, _SqlStore) and not (
+            isinstance(store, SqliteStore) and store.path is None
+        )
+
+        def limiter(name: str, rate: _Rate) -> _LocalLimiter | _SharedLimiter:
+            if shared:
+                return _SharedLimiter(store, name, rate, self._workers, self._wake_waiting)
+            return _LocalLimiter(rate)
+
+        return _Flow(
+            None if overall is None else limiter(f"pool:{self.namespace}", overall),
+            {group: limiter(f"group:{group}", rate) for group, rate in groups.items()},
+        )
 
     # Public surface -----------------------------------------------------------------------------
 
@@ -5927,7 +7232,7 @@ class WorkerPool:
         PREFETCH_BUDGET_SECONDS of their work (at most MAX_PREFETCH), so that one take feeds many
         quick tasks while slow ones stay in the store for other workers to take."""
         quick = int(self._workers * PREFETCH_BUDGET_SECONDS / self._per_call)
-        return max(2 * self._workers, min(MAX_PREFETCH, quick))
+        return max(2 * self._workers, min(MAX_PREFETCH, self._flow.lease_ahead(quick)))
 
     def _serve(
         self, stop: threading.Event, prefetch: int | None, poll_interval: float, burst: bool
@@ -6168,6 +7473,9 @@ class WorkerPool:
         if fresh:
             self._metrics.record_dequeue(fresh)
         if unclaimed:
+            # A task waits for its rate limit's slot before its claim: unclaimed, cancellable.
+            unclaimed = self._flow.admit_all(unclaimed, self._park_for_rate)
+        if unclaimed:
             owned.extend(self._committer.claim(unclaimed, outcomes))
         if not owned:
             return
@@ -6194,6 +7502,15 @@ class WorkerPool:
         """Start an async handler call for each owned job (blocks while `workers` calls run)."""
         runner = self._runner
         assert runner is not None
+        start = self._flow.start
+        ready = []
+        for job in jobs:
+            wait = start(job)
+            if wait is None:
+                ready.append(job)
+            else:
+                self._hand_off(job, wait)  # claimed: it waits for its slot off the dispatcher
+        jobs = ready
         now = time.perf_counter()
         waits = []
         for job in jobs:
@@ -6281,6 +7598,8 @@ class WorkerPool:
                 job.token = claim.token
                 owned.append(job)
                 continue
+            if job.permits is not None:
+                self._flow.give_back(job)  # answered without a call
             if state is ClaimState.IN_PROGRESS:
                 self._hand_off(job, self._poll_delay(job, claim.lease_expires))
                 held_elsewhere = True
@@ -6336,6 +7655,8 @@ class WorkerPool:
     ) -> list[tuple[_Job, Any, str]]:
         """Run one attempt of each job; return the successes with their outputs as JSON text."""
         handler = self._handler
+        start, begin = self._flow.start, self._flow.begin
+        task_timeout = self._task_timeout
         clock = time.perf_counter
         done: list[tuple[_Job, Any, str]] = []
         waits: list[float] = []  # a job starts at its first handler call
@@ -6347,6 +7668,14 @@ class WorkerPool:
                 for rest in reversed(jobs[index:]):
                     self._hand_off(rest, None)
                 break
+            wait = start(job)
+            if wait is None and not begin(job):
+                wait = 0.0  # its slot lapsed on the way (a thread switch): take another
+            if wait is not None:
+                self._hand_off(job, wait)  # claimed: it waits for its slot off the worker
+                continue
+            task = job.task
+            timeout = task.timeout if task.timeout is not None else task_timeout
             job.attempts += 1
             began = clock()
             if job.started_at is None:
@@ -6356,7 +7685,10 @@ class WorkerPool:
                     self._metrics.record_starts(waits, dequeued=False)
                     waits = []
             try:
-                output = handler(job.task)
+                if timeout is None:
+                    output = handler(task)
+                else:
+                    output = _call_with_deadline(handler, task, timeout)
             except BaseException as exc:
                 busy += clock() - began
                 calls += 1
@@ -6456,9 +7788,19 @@ class WorkerPool:
     def _on_error(self, job: _Job, exc: BaseException, outcomes: list[_JobOutcome]) -> None:
         if self._retry.should_retry(exc, job.attempts):
             self._metrics.record_retry()
-            self._hand_off(job, self._retry.delay(job.attempts))
+            delay = self._retry.delay(job.attempts)
+            # The server said when to come back: at least that long, whatever max_delay says.
+            retry_after = getattr(exc, "retry_after", None)
+            if isinstance(exc, TransientError) and retry_after is not None:
+                delay = max(delay, retry_after)
+            self._hand_off(job, delay)
             return
-        kind = ErrorKind.TRANSIENT if self._retry.is_transient(exc) else ErrorKind.PERMANENT
+        if isinstance(exc, _DeadlineExceeded):
+            kind = ErrorKind.TIMEOUT
+        elif self._retry.is_transient(exc):
+            kind = ErrorKind.TRANSIENT
+        else:
+            kind = ErrorKind.PERMANENT
         outcomes.append(self._fail(job, _describe(exc), kind))
 
     def _fail(self, job: _Job, error: str, kind: ErrorKind) -> _JobOutcome:
@@ -6483,20 +7825,64 @@ class WorkerPool:
         if delay is None:
             self._queue.put_ready(job, job.priority)
         else:
+            if job.permits is not None:
+                self._flow.give_back(job)  # slots are not kept through a wait
             self._scheduler.schedule(delay, job)
 
     def _due(self, job: _Job) -> None:
         """Put a job whose wait ended back in the queue, past the bound (the scheduler's thread).
 
         A submission whose delay ended joins the back of its priority, as if submitted now; a
-        retry or a poll goes to the front of its priority: it has started already.
+        retry or a poll goes to the front of its priority: it has started already; a task that
+        waited for a rate limit goes to the front of its priority, into the room it kept.
         """
         if job.delayed:
             job.delayed = False
             self._metrics.record_queued()
             self._queue.put_overflow(job, job.priority)
+        elif job.held:
+            job.held = False
+            self._queue.put_held(job, job.priority)
         else:
             self._queue.put_ready(job, job.priority)
+
+    def _park_for_rate(self, job: _Job, delay: float) -> None:
+        """Park an unclaimed job until its rate limit may have a slot, keeping its queue room.
+
+        A task waiting for a rate limit still waits in the queue, as far as producers are
+        concerned: they feel the limit as backpressure instead of filling memory.
+        """
+        job.batch = None
+        if self._cancelling:
+            self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED)])
+            return
+        job.held = True
+        self._queue.hold()
+        self._scheduler.schedule(delay, job)
+
+    def _restart_call(self, job: _Job) -> None:
+        """Take back an async call that could not begin (its slots lapsed on the way to the
+        loop): it was counted as an attempt, and goes back for new slots (the loop calls this)."""
+        job.attempts -= 1
+        self._hand_off(job, 0.0)
+
+    def _wake_waiting(self, limiter: Any, count: int) -> None:
+        """Send up to `count` tasks parked for `limiter` back to the queue now: a take brought
+        slots for them, which must be used within moments (claimed ones first: they need no
+        claim before their call)."""
+        self._scheduler.wake(
+            lambda job: job.waits_on is limiter, count, first=lambda job: job.token is None
+        )
+
+    def _unhold(self, jobs: Iterable[_Job]) -> None:
+        """Give up the queue room of parked jobs that will not come back."""
+        held = 0
+        for job in jobs:
+            if job.held:
+                job.held = False
+                held += 1
+        if held:
+            self._queue.unhold(held)
 
     def _poll_delay(self, job: _Job, lease_expires: float | None) -> float:
         delay = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
@@ -6517,6 +7903,7 @@ class WorkerPool:
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
                 "failed": snap["failed"], "duplicates": snap["duplicates"],
                 "lease_seconds": self._store.lease_seconds,
+                "heartbeat_seconds": round(self._store.lease_seconds / 3, 3),
                 "queues": None if self.queues is None else list(self.queues)}  # fmt: skip
         with self._lock:
             entries = [(job.task.id, job.entry) for job in self._inflight.values()
@@ -6529,6 +7916,14 @@ class WorkerPool:
             self._store.store.renew_tasks(self.worker_name, info, entries)
         except Exception as exc:
             logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
+
+    def _record_history(self) -> None:
+        """Write this minute's counts to the store's history (the lease keeper's thread only)."""
+        try:
+            self._history.flush()
+        except Exception as exc:
+            # The counts are kept: the next flush writes them, the database back or not.
+            logger.warning("writing the dashboard history failed: %s", _first_line(exc))
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -6544,6 +7939,8 @@ class WorkerPool:
                 job = outcome.job
                 if job.done:
                     continue
+                if job.permits is not None or job.waits_on is not None:
+                    self._flow.forget(job)
                 job.done = True
                 if self._inflight.get(job.key) is job:
                     del self._inflight[job.key]
@@ -6663,7 +8060,8 @@ class WorkerPool:
             raise escaped
 
     def _cancel_waiting(self) -> None:
-        """Cancel the jobs that have not claimed their key: queued ones and those polling."""
+        """Cancel the jobs that have not started: queued ones, those polling another owner's
+        claim, and those waiting for a rate limit before their first call."""
         cancelled = []
         for job in self._queue.drain():
             if job.token is None:
@@ -6671,12 +8069,26 @@ class WorkerPool:
             else:
                 # Owned: a retry whose backoff ended runs to the end.
                 self._queue.put_ready(job, job.priority)
-        cancelled.extend(
-            _JobOutcome(job, TaskStatus.CANCELLED)
-            for job in self._scheduler.remove(lambda job: job.token is None)
-        )
+        parked = self._scheduler.remove(_unstarted)
+        self._withdraw(parked)
+        cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in parked)
         if cancelled:
             self._finish_many(cancelled)
+
+    def _withdraw(self, parked: list[_Job]) -> None:
+        """Undo what parked jobs about to be cancelled hold: queue room, and the claims of those
+        that waited for a rate limit after their claim (released: a rerun takes them at once)."""
+        self._unhold(parked)
+        claims = []
+        for job in parked:
+            if job.token is not None:
+                claims.append((job.key, job.token, "cancelled before its first call"))
+                job.token = None
+        if claims:
+            try:
+                self._store.store.release_many(claims)
+            except Exception:
+                logger.exception("releasing %d claims failed; their leases expire", len(claims))
 
     def _in_own_thread(self) -> bool:
         """Return whether the caller is the committer (done-callbacks run there) or the loop."""
@@ -6692,7 +8104,9 @@ class WorkerPool:
         with self._lock:  # followers join under this lock: none can join between check and take
             jobs = [job for job in self._inflight.values() if not job.dequeued and ours(job)]
             cancelled = [job for job in jobs if self._queue.take_back(job)]
-            cancelled += self._scheduler.remove(lambda job: job.token is None and ours(job))
+            parked = self._scheduler.remove(lambda job: _unstarted(job) and ours(job))
+            cancelled += parked
+        self._withdraw(parked)
         if cancelled:
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED) for job in cancelled])
 
@@ -7304,6 +8718,35 @@ def _parse_rate(raw: str, source: str) -> float:
     return _parse_float(raw, source, low=0.0, high=1.0, open_low=False)
 
 
+def _parse_rate_limits(raw: str, source: str) -> tuple[str | None, dict[str, str]]:
+    """Parse ``100/s`` and ``GROUP=5/s`` items, separated by commas (a repeated flag's values
+    are joined so): the pool's limit and each group's."""
+    overall: str | None = None
+    groups: dict[str, str] = {}
+    for item in raw.split(","):
+        text = item.strip()
+        group, equals, rate = text.rpartition("=")
+        try:
+            if not equals:
+                if overall is not None:
+                    raise ValueError(f"two limits for every call ({overall}, {text})")
+                overall = _rate_of(text, "a rate limit").text
+                continue
+            group = group.strip()
+            problem = _text_problem(group)
+            if problem is not None:
+                raise ValueError(f"the group of {_shown(text)} {problem}")
+            if group in groups:
+                raise ValueError(f"two limits for group {_shown(group)}")
+            groups[group] = _rate_of(rate, f"the rate of group {_shown(group)}").text
+        except ValueError as exc:
+            raise ConfigError(
+                f"{source}: {exc} (expected RATE or GROUP=RATE, comma-separated, RATE such as "
+                f"100/s), got {_shown(raw)}"
+            ) from None
+    return overall, groups
+
+
 def _parse_path(raw: str, source: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{source}: expected a path, got an empty value")
@@ -7338,6 +8781,7 @@ class _Setting:
     parse: Callable[[str, str], Any]
     default: Any
     help: str
+    repeat: bool = False  # the flag may be given again; its values are joined with commas
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -7372,6 +8816,13 @@ SETTINGS = (
              DEFAULT_LOG_LEVEL, "logging level on stderr"),
     _Setting("max_task_file_bytes", "TQ_MAX_TASK_FILE_BYTES", None, _parse_positive_int,
              DEFAULT_MAX_TASK_FILE_BYTES, "largest task file accepted, bytes"),
+    _Setting("rate_limit", "TQ_RATE_LIMIT", "--rate-limit", _parse_rate_limits, None,
+             "most handler calls per period, every attempt counted: 100/s (units s, m, h) for "
+             "all calls, GROUP=5/s for the tasks of a group; repeat the flag or separate with "
+             "commas; shared by the workers of one database (default: no limit)", repeat=True),
+    _Setting("task_timeout", "TQ_TASK_TIMEOUT", "--task-timeout", _parse_positive_float, None,
+             "seconds each attempt may take, a transient TimeoutError after (a task's "
+             "timeout_seconds wins; default: none)"),
     _Setting("metrics_host", "TQ_METRICS_HOST", "--metrics-host", _parse_host,
              DEFAULT_METRICS_HOST, "address --metrics-port listens on (0.0.0.0: every "
              "interface; the metrics are readable by anyone who reaches it)"),
@@ -7422,6 +8873,8 @@ def load_config(
     config: dict[str, Any] = {}
     for setting in SETTINGS:
         raw = flags.get(setting.name) if setting.flag else None
+        if isinstance(raw, list):  # a repeated flag
+            raw = ",".join(raw)
         source = setting.flag
         if raw is None and setting.env in environ:
             raw, source = environ[setting.env], setting.env
@@ -7431,6 +8884,917 @@ def load_config(
     if config["transient_rate"] + config["permanent_rate"] > 1.0:
         raise ConfigError("--transient-rate + --permanent-rate must be at most 1")
     return config
+
+
+# --- Dashboard -----------------------------------------------------------------------------------
+#
+# One page, served by the standard library's ThreadingHTTPServer: `task-queue dashboard` and the
+# `/` of `worker --metrics-port`. The page is a constant (no file is read, nothing is fetched from
+# elsewhere) and draws itself from two JSON routes, `/api/status` and `/api/failed`; changes are
+# POSTs (`/api/retry`, `/api/cancel`). Safe by default: bound to loopback, where the Host header
+# must name loopback too (a page of another site that rebinds its name to 127.0.0.1 gets
+# nothing); any other address needs a token on every request; every POST carries the CSRF token
+# that only the served page knows; data reaches the page as JSON and becomes text there.
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+# Databases that live in one process's memory: nothing of them outlives the command.
+_MEMORY_DATABASES = (MEMORY_DATABASE, f"sqlite:///{MEMORY_DATABASE}", "memory://")
+_TASK_STATES = ("queued", "delayed", "running", "failed", "done")
+
+_DASHBOARD_PAGE = """\
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="__CSRF__">
+<title>task-queue dashboard</title>
+<style nonce="__NONCE__">
+:root { --bg: #f6f7f9; --panel: #fff; --ink: #1d2430; --muted: #667085; --line: #dde1e7;
+  --ok: #2f7d4f; --bad: #c2412d; --accent: #2d5fc2; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  background: var(--bg); color: var(--ink); }
+header { display: flex; flex-wrap: wrap; gap: .4rem 1rem; align-items: baseline;
+  padding: .8rem 1rem; background: var(--ink); color: #fff; }
+header h1 { font-size: 1.1rem; margin: 0; }
+header .muted { color: #b9c0cc; overflow-wrap: anywhere; }
+main { padding: 1rem; display: grid; gap: 1rem; max-width: 1400px; margin: 0 auto; }
+.cards { display: grid; gap: .6rem; grid-template-columns: repeat(auto-fit, minmax(8.5rem, 1fr)); }
+.card, .panel { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; }
+.card { padding: .6rem .8rem; }
+.card .label { color: var(--muted); font-size: .8rem; text-transform: uppercase;
+  letter-spacing: .04em; }
+.card .value { font-size: 1.6rem; font-weight: 600; font-variant-numeric: tabular-nums; }
+.card.failed .value { color: var(--bad); }
+.grid { display: grid; gap: 1rem;
+  grid-template-columns: repeat(auto-fit, minmax(min(100%, 28rem), 1fr)); }
+.panel { padding: .8rem 1rem; min-width: 0; }
+.panel h2 { font-size: 1rem; margin: 0 0 .5rem; display: flex; gap: .6rem; align-items: baseline;
+  flex-wrap: wrap; }
+.panel h2 small { color: var(--muted); font-weight: normal; }
+svg.chart { width: 100%; height: auto; display: block; }
+svg .bar.ok { fill: var(--ok); }
+svg .bar.bad { fill: var(--bad); }
+svg .axis { stroke: var(--line); stroke-width: 1; }
+svg text { fill: var(--muted); font-size: 11px; }
+dl.latency { display: grid; grid-template-columns: repeat(auto-fit, minmax(6rem, 1fr)); gap: .4rem;
+  margin: 0; }
+dl.latency div { background: var(--bg); border-radius: 6px; padding: .4rem .6rem; }
+dl.latency dt { color: var(--muted); font-size: .8rem; }
+dl.latency dd { margin: 0; font-size: 1.2rem; font-weight: 600;
+  font-variant-numeric: tabular-nums; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .35rem .5rem; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { color: var(--muted); font-weight: 600; font-size: .8rem; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.text { overflow-wrap: anywhere; min-width: 6rem; max-width: 24rem; font-family: ui-monospace,
+  SFMono-Regular, Menlo, monospace; font-size: .85rem; }
+td.stale { color: var(--muted); }
+button { font: inherit; padding: .25rem .7rem; border-radius: 6px; border: 1px solid var(--accent);
+  background: var(--accent); color: #fff; cursor: pointer; }
+button:disabled { background: var(--line); border-color: var(--line); color: var(--muted);
+  cursor: not-allowed; }
+.muted { color: var(--muted); }
+#message { min-height: 1.2em; }
+#message.problem { color: #ffb4a8; }
+</style>
+</head>
+<body>
+<header>
+  <h1>task-queue</h1>
+  <span class="muted" id="database"></span>
+  <span class="muted" id="updated">loading&hellip;</span>
+  <span id="message" role="status"></span>
+</header>
+<main>
+  <section class="cards" aria-label="Tasks by state">
+    <div class="card"><div class="label">Queued</div>
+      <div class="value" id="count-queued">&ndash;</div></div>
+    <div class="card"><div class="label">Delayed</div>
+      <div class="value" id="count-delayed">&ndash;</div></div>
+    <div class="card"><div class="label">Running</div>
+      <div class="value" id="count-running">&ndash;</div></div>
+    <div class="card failed"><div class="label">Failed</div>
+      <div class="value" id="count-failed">&ndash;</div></div>
+    <div class="card"><div class="label">Done</div>
+      <div class="value" id="count-done">&ndash;</div></div>
+    <div class="card"><div class="label">Stalled</div>
+      <div class="value" id="count-stalled">&ndash;</div></div>
+    <div class="card"><div class="label">Oldest waiting</div>
+      <div class="value" id="oldest-waiting">&ndash;</div></div>
+  </section>
+  <section class="grid">
+    <div class="panel">
+      <h2>Throughput
+        <small>tasks finished per minute; last hour <span id="hour-finished">&ndash;</span></small>
+      </h2>
+      <svg class="chart" id="chart-throughput" viewBox="0 0 600 150" role="img"
+        aria-label="Tasks finished per minute"></svg>
+    </div>
+    <div class="panel">
+      <h2>Failures
+        <small>tasks failed per minute; last hour <span id="hour-failed">&ndash;</span></small>
+      </h2>
+      <svg class="chart" id="chart-failures" viewBox="0 0 600 150" role="img"
+        aria-label="Tasks failed per minute"></svg>
+    </div>
+  </section>
+  <section class="grid">
+    <div class="panel">
+      <h2>Latency
+        <small>enqueue to finish, last hour, <span id="latency-count">&ndash;</span> tasks</small>
+      </h2>
+      <dl class="latency">
+        <div><dt>p50</dt><dd id="latency-p50">&ndash;</dd></div>
+        <div><dt>p95</dt><dd id="latency-p95">&ndash;</dd></div>
+        <div><dt>p99</dt><dd id="latency-p99">&ndash;</dd></div>
+        <div><dt>mean</dt><dd id="latency-mean">&ndash;</dd></div>
+      </dl>
+    </div>
+    <div class="panel">
+      <h2>Queues</h2>
+      <div class="scroll"><table>
+        <thead><tr><th>Queue</th><th>Queued</th><th>Delayed</th><th>Running</th><th>Failed</th>
+          <th>Done</th><th>Oldest waiting</th></tr></thead>
+        <tbody id="queue-rows"></tbody>
+      </table></div>
+    </div>
+  </section>
+  <section class="panel">
+    <h2>Workers <small id="workers-note"></small></h2>
+    <div class="scroll"><table>
+      <thead><tr><th>Name</th><th>Host</th><th>PID</th><th>Threads</th><th>Running</th>
+        <th>Succeeded</th><th>Failed</th><th>Last heartbeat</th></tr></thead>
+      <tbody id="worker-rows"></tbody>
+    </table></div>
+  </section>
+  <section class="panel">
+    <h2>Failed tasks <small id="failed-note"></small>
+      <button type="button" id="retry-all" disabled>Retry all</button></h2>
+    <div class="scroll"><table>
+      <thead><tr><th>Id</th><th>Queue</th><th>Key</th><th>Attempts</th><th>Kind</th><th>Error</th>
+        <th>Failed at</th><th></th></tr></thead>
+      <tbody id="failed-rows"></tbody>
+    </table></div>
+  </section>
+</main>
+<script nonce="__NONCE__">
+"use strict";
+(function () {
+  const REFRESH_MS = 5000;
+  const SVG = "http://www.w3.org/2000/svg";
+  const token = new URLSearchParams(window.location.search).get("token");
+  const csrf = document.querySelector('meta[name="csrf-token"]').getAttribute("content");
+  let timer = null;
+  let refreshes = 0;
+
+  function headers(extra) {
+    const sent = { Accept: "application/json" };
+    if (token) sent["X-Dashboard-Token"] = token;
+    return Object.assign(sent, extra || {});
+  }
+
+  async function call(path, body) {
+    const options = { headers: headers(), cache: "no-store", credentials: "same-origin" };
+    if (body !== undefined) {
+      options.method = "POST";
+      options.headers = headers({ "Content-Type": "application/json", "X-CSRF-Token": csrf });
+      options.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, options);
+    const data = await response.json().catch(function () { return {}; });
+    if (!response.ok) throw new Error(data.error || "HTTP " + response.status);
+    return data;
+  }
+
+  // Every value from the server becomes text: textContent, never markup.
+  function cell(tag, value, className) {
+    const node = document.createElement(tag);
+    if (value !== undefined && value !== null) node.textContent = String(value);
+    if (className) node.className = className;
+    return node;
+  }
+
+  function say(text, problem) {
+    const node = document.getElementById("message");
+    node.textContent = text;
+    node.className = problem ? "problem" : "";
+  }
+
+  function setStat(id, value, text) {
+    const node = document.getElementById(id);
+    const missing = value === null || value === undefined;
+    node.dataset.value = missing ? "" : String(value);
+    node.textContent = text !== undefined ? text : (missing ? "\\u2013" : String(value));
+  }
+
+  function age(seconds) {
+    if (seconds === null || seconds === undefined) return "\\u2013";
+    if (seconds < 60) return seconds.toFixed(1) + " s";
+    if (seconds < 3600) return (seconds / 60).toFixed(1) + " min";
+    return (seconds / 3600).toFixed(1) + " h";
+  }
+
+  function millis(value) {
+    return value === null || value === undefined ? "\\u2013" : value.toFixed(1) + " ms";
+  }
+
+  function clock(minute) {
+    return new Date(minute * 60000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function svgNode(tag, attributes, text) {
+    const node = document.createElementNS(SVG, tag);
+    for (const name of Object.keys(attributes)) node.setAttribute(name, String(attributes[name]));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function drawBars(svg, minutes, values, kind) {
+    const width = 600, height = 150, left = 40, bottom = 18, top = 8;
+    const max = Math.max(1, ...values);
+    const step = (width - left) / Math.max(values.length, 1);
+    const nodes = [
+      svgNode("line", { x1: left, y1: top, x2: left, y2: height - bottom, class: "axis" }),
+      svgNode("line", { x1: left, y1: height - bottom, x2: width, y2: height - bottom,
+        class: "axis" }),
+      svgNode("text", { x: left - 5, y: top + 8, "text-anchor": "end" }, String(max)),
+      svgNode("text", { x: left - 5, y: height - bottom, "text-anchor": "end" }, "0"),
+    ];
+    if (minutes.length) {
+      nodes.push(svgNode("text", { x: left, y: height - 4 }, clock(minutes[0])));
+      const end = clock(minutes[minutes.length - 1]);
+      nodes.push(svgNode("text", { x: width, y: height - 4, "text-anchor": "end" }, end));
+    }
+    values.forEach(function (value, index) {
+      const barHeight = (height - bottom - top) * value / max;
+      const bar = svgNode("rect", {
+        x: (left + index * step + 0.5).toFixed(1), y: (height - bottom - barHeight).toFixed(1),
+        width: Math.max(step - 1, 1).toFixed(1), height: barHeight.toFixed(1),
+        class: "bar " + kind, "data-count": value, "data-minute": minutes[index],
+      });
+      bar.appendChild(svgNode("title", {}, clock(minutes[index]) + ": " + value));
+      nodes.push(bar);
+    });
+    svg.replaceChildren.apply(svg, nodes);
+  }
+
+  function replaceRows(id, rows) {
+    const body = document.getElementById(id);
+    body.replaceChildren.apply(body, rows);
+  }
+
+  function row(values) {
+    const tr = document.createElement("tr");
+    for (const [value, className] of values) tr.appendChild(cell("td", value, className));
+    return tr;
+  }
+
+  function renderStatus(status) {
+    document.getElementById("database").textContent = status.database;
+    for (const name of ["queued", "delayed", "running", "failed", "done", "stalled"]) {
+      setStat("count-" + name, status.counts[name]);
+    }
+    setStat("oldest-waiting", status.oldest_waiting_seconds, age(status.oldest_waiting_seconds));
+    const history = status.history;
+    drawBars(document.getElementById("chart-throughput"), history.minutes, history.finished, "ok");
+    drawBars(document.getElementById("chart-failures"), history.minutes, history.failed, "bad");
+    setStat("hour-finished", status.last_hour.finished);
+    setStat("hour-failed", status.last_hour.failed);
+    const latency = status.latency_ms;
+    for (const name of ["p50", "p95", "p99", "mean"]) {
+      setStat("latency-" + name, latency[name], millis(latency[name]));
+    }
+    setStat("latency-count", latency.count);
+    const queues = Object.keys(status.queues).sort().map(function (name) {
+      const q = status.queues[name];
+      const tr = row([[name, "text"], [q.queued, "num"], [q.delayed, "num"], [q.running, "num"],
+        [q.failed, "num"], [q.done, "num"], [age(q.oldest_waiting_age), "num"]]);
+      tr.dataset.queue = name;
+      return tr;
+    });
+    replaceRows("queue-rows", queues);
+    const workers = status.workers.map(function (w) {
+      const tr = row([[w.name, "text"], [w.host, "text"], [w.pid, "num"], [w.threads, "num"],
+        [w.running !== undefined && w.running !== null ? w.running : w.in_flight, "num"],
+        [w.succeeded, "num"], [w.failed, "num"],
+        [age(w.seen_seconds_ago) + " ago", w.live ? "num" : "num stale"]]);
+      tr.dataset.worker = w.name;
+      return tr;
+    });
+    replaceRows("worker-rows", workers);
+    const gone = status.workers_not_seen;
+    document.getElementById("workers-note").textContent =
+      status.workers.length + " live" + (gone ? ", " + gone + " not seen for a while" : "");
+  }
+
+  function renderFailed(failed) {
+    const retryAll = document.getElementById("retry-all");
+    retryAll.disabled = !failed.can_retry || failed.tasks.length === 0;
+    document.getElementById("failed-note").textContent = failed.available
+      ? failed.tasks.length + " shown" : "this store cannot list failed tasks";
+    const rows = failed.tasks.map(function (task) {
+      const when = task.failed_at ? new Date(task.failed_at * 1000).toLocaleString() : "";
+      const tr = row([[task.id, "text id"], [task.queue, "text"], [task.key, "text"],
+        [task.attempts, "num"], [task.error_kind, ""], [task.error, "text error"], [when, ""]]);
+      const button = cell("button", "Retry", "retry");
+      button.type = "button";
+      button.disabled = !failed.can_retry;
+      button.addEventListener("click", function () {
+        change("/api/retry", { ids: [task.id] }, button);
+      });
+      const last = document.createElement("td");
+      last.appendChild(button);
+      tr.appendChild(last);
+      tr.dataset.id = task.id;
+      return tr;
+    });
+    replaceRows("failed-rows", rows);
+  }
+
+  async function change(path, body, button) {
+    button.disabled = true;
+    try {
+      const answer = await call(path, body);
+      say((answer.retried !== undefined ? answer.retried : answer.cancelled) + " task(s) changed");
+    } catch (error) {
+      say("not changed: " + error.message, true);
+    }
+    refresh();
+  }
+
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      const answers = await Promise.all([call("/api/status"), call("/api/failed")]);
+      renderStatus(answers[0]);
+      renderFailed(answers[1]);
+      refreshes += 1;
+      document.body.dataset.refreshes = String(refreshes);
+      document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    } catch (error) {
+      say("cannot refresh: " + error.message, true);
+    }
+    timer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  document.getElementById("retry-all").addEventListener("click", function (event) {
+    change("/api/retry", { all: true }, event.currentTarget);
+  });
+  refresh();
+})();
+</script>
+</body>
+</html>
+"""
+
+
+class _HttpError(TaskQueueError):
+    """A request the dashboard refuses, with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _is_loopback(host: str) -> bool:
+    """Return whether `host` (a name or an address, IPv6 with or without brackets) is loopback."""
+    name = host.strip().lower().removeprefix("[").removesuffix("]")
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(header: str) -> str:
+    """Return the host part of a Host header (``name:port``, ``[v6]:port``)."""
+    if header.startswith("["):
+        return header[: header.find("]") + 1] if "]" in header else header
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def _check_dashboard_token(token: Any, source: str) -> str:
+    """Return a usable dashboard token, or raise `ConfigError` naming `source`.
+
+    A token travels in a header or a query string, so it is printable ASCII without spaces, and
+    long enough not to be guessed.
+    """
+    if not isinstance(token, str) or not token:
+        raise ConfigError(f"{source}: expected a token, got an empty value")
+    if len(token) < MIN_DASHBOARD_TOKEN_CHARS:
+        raise ConfigError(
+            f"{source}: expected at least {MIN_DASHBOARD_TOKEN_CHARS} characters, got "
+            f"{len(token)} (python -c 'import secrets; print(secrets.token_urlsafe())' makes one)"
+        )
+    if not all("!" <= char <= "~" for char in token):
+        raise ConfigError(f"{source}: expected printable ASCII characters without spaces")
+    return token
+
+
+def _minute_series(
+    rows: Iterable[Mapping[str, Any]], now: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sum the history rows of every worker per minute over the last DASHBOARD_MINUTES minutes;
+    return the series and the latency histograms of those minutes."""
+    last = int(now // 60)
+    minutes = list(range(last - DASHBOARD_MINUTES + 1, last + 1))
+    slot = {minute: index for index, minute in enumerate(minutes)}
+    series = {name: [0] * len(minutes) for name in _HISTORY_COUNTS}
+    latencies = []
+    for row in rows:
+        index = slot.get(int(row["minute"]))
+        if index is None:
+            continue
+        for name in _HISTORY_COUNTS:
+            series[name][index] += int(row[name])
+        with contextlib.suppress(ValueError, TypeError):
+            latencies.append(json.loads(row["latency"]))
+    finished = [ok + dup for ok, dup in zip(series["succeeded"], series["duplicates"], strict=True)]
+    return {"minutes": minutes, "finished": finished, **series}, latencies
+
+
+@contextlib.contextmanager
+def _refused_as_bad_request() -> Iterator[None]:
+    """Turn the `ValueError` a store raises for an argument it refuses into a 400."""
+    try:
+        yield
+    except ValueError as exc:
+        raise _HttpError(400, _cut(str(exc), 200)) from None
+
+
+def _status_queues(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-queue counts of a `queue_status()`; a store without named queues has one."""
+    queues = raw.get("queues")
+    if queues is not None:
+        return dict(queues)
+    tasks = raw["tasks"]
+    delayed = raw.get("delayed", 0)  # counted among the queued rows: waiting out their delay
+    return {
+        "default": {
+            **{state: tasks.get(state, 0) for state in _TASK_STATES},
+            "queued": tasks.get("queued", 0) - delayed,
+            "delayed": delayed,
+            "oldest_waiting_age": raw.get("oldest_queued_seconds"),
+        }
+    }
+
+
+# What the page shows of a worker's heartbeat row (`running`: the task rows it holds).
+_WORKER_FIELDS = ("host", "pid", "in_flight", "running", "succeeded", "failed", "duplicates")
+
+
+def _live_workers(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The workers of a `queue_status()` whose last heartbeat is within three of their
+    heartbeat intervals (and a second of slack), with the fields the page shows."""
+    live = []
+    for row in rows:
+        beat = row.get("heartbeat_seconds") or DEFAULT_LEASE_SECONDS / 3
+        if row["seen_seconds_ago"] <= 3 * beat + 1:
+            live.append({
+                "name": row["name"],
+                **{name: row.get(name) for name in _WORKER_FIELDS},
+                "threads": row.get("workers"),
+                "seen_seconds_ago": row["seen_seconds_ago"],
+                "live": True,
+            })  # fmt: skip
+    return live
+
+
+class _DashboardApp:
+    """What the dashboard serves, over one store that it opens on first use.
+
+    Args:
+        open_store: returns the store to read (called once, on the first request that needs it).
+        token: required on every request when given.
+        metrics: the collector of the worker that serves the page, if one does (adds
+            ``/metrics`` and the worker's own figures).
+        owns_store: close the store when the app closes (False for a store the caller gave).
+    """
+
+    def __init__(
+        self,
+        open_store: Callable[[], Store],
+        *,
+        token: str | None = None,
+        metrics: MetricsCollector | None = None,
+        owns_store: bool = True,
+    ) -> None:
+        self._open_store = open_store
+        self._owns_store = owns_store
+        self.token = token
+        self.metrics = metrics
+        # Random per server start and embedded in the page: a POST that carries it comes from a
+        # page this server served, which another site can neither read nor forge.
+        self.csrf = secrets.token_urlsafe(32)
+        self._lock = threading.Lock()  # guards _store and _closed (opened once, closed once)
+        self._store: Store | None = None
+        self._closed = False
+
+    def store(self) -> Store:
+        with self._lock:
+            if self._closed:
+                raise _HttpError(503, "the dashboard is shutting down")
+            if self._store is None:
+                self._store = self._open_store()
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            store, self._store = self._store, None
+        if store is not None and self._owns_store:
+            store.close()
+
+    def page(self, nonce: str) -> bytes:
+        return _DASHBOARD_PAGE.replace("__NONCE__", nonce).replace("__CSRF__", self.csrf).encode()
+
+    def status(self) -> dict[str, Any]:
+        store = self.store()
+        now = time.time()
+        raw = store.queue_status()
+        history, latencies = _minute_series(store.history(now - 60 * DASHBOARD_MINUTES), now)
+        queues = _status_queues(raw)
+        counts = {state: sum(q.get(state, 0) for q in queues.values()) for state in _TASK_STATES}
+        counts["stalled"] = raw.get("stalled", 0)
+        ages = [q["oldest_waiting_age"] for q in queues.values() if q.get("oldest_waiting_age")]
+        workers = _live_workers(raw["workers"])
+        status = {
+            "database": _redact(store.url),
+            "generated_at": round(now, 3),
+            "counts": counts,
+            "oldest_waiting_seconds": max(ages, default=None),
+            "queues": queues,
+            "workers": workers,
+            "workers_not_seen": len(raw["workers"]) - len(workers),
+            "history": history,
+            "last_hour": {name: sum(history[name]) for name in ("finished", *_HISTORY_COUNTS)},
+            "latency_ms": _merge_latency(latencies),
+        }
+        if self.metrics is not None:
+            status["this_worker"] = self.metrics.snapshot()
+        return status
+
+    def failed(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        store = self.store()
+        limit = _query_int(query, "limit", DASHBOARD_FAILED_LIMIT, 1, MAX_DASHBOARD_IDS)
+        queue = _query_text(query, "queue")
+        lister = getattr(store, "failed_tasks", None)
+        can_retry = hasattr(store, "retry_tasks")
+        if lister is None:
+            return {"available": False, "can_retry": False, "tasks": []}
+        with _refused_as_bad_request():
+            tasks = lister(queue=queue, limit=limit)
+        return {"available": True, "can_retry": can_retry, "tasks": tasks}
+
+    def retry(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        queue = body.get("queue")
+        if queue is not None and (not isinstance(queue, str) or _text_problem(queue) is not None):
+            raise _HttpError(400, "queue: expected a queue name")
+        if body.get("all") is True and "ids" in body:
+            raise _HttpError(400, "give either ids or all, not both")
+        ids = None if body.get("all") is True else _body_ids(body)
+        retry = self._operation("retry_tasks")
+        with _refused_as_bad_request():
+            return {"retried": retry(ids, queue=queue)}
+
+    def cancel(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        ids = _body_ids(body)
+        cancel = self._operation("cancel_tasks")
+        with _refused_as_bad_request():
+            return {"cancelled": cancel(ids)}
+
+    def _operation(self, name: str) -> Callable[..., int]:
+        operation = getattr(self.store(), name, None)
+        if operation is None:
+            raise _HttpError(501, f"this store cannot {name.partition('_')[0]} tasks")
+        return operation
+
+
+def _query_int(query: Mapping[str, list[str]], name: str, default: int, low: int, high: int) -> int:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[-1])
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise _HttpError(400, f"{name}: expected an integer from {low} to {high}")
+    return value
+
+
+def _query_text(query: Mapping[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if not values or not values[-1]:
+        return None
+    if _text_problem(values[-1]) is not None:
+        raise _HttpError(400, f"{name}: {_text_problem(values[-1])}")
+    return values[-1]
+
+
+def _body_ids(body: Mapping[str, Any]) -> list[str]:
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_DASHBOARD_IDS:
+        raise _HttpError(400, f"ids: expected a list of 1 to {MAX_DASHBOARD_IDS} task ids")
+    for task_id in ids:
+        if not isinstance(task_id, str) or _text_problem(task_id) is not None:
+            raise _HttpError(400, "ids: every task id must be a non-empty string")
+    return ids
+
+
+def _security_headers(csp: str) -> list[tuple[str, str]]:
+    return [
+        ("Content-Security-Policy", csp),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+        ("Cross-Origin-Resource-Policy", "same-origin"),
+        ("Cache-Control", "no-store"),
+    ]
+
+
+# Everything but the page: no script, no style, no frame.
+_DATA_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+
+def _page_csp(nonce: str) -> str:
+    return (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+
+
+class _DashboardHandler(http.server.BaseHTTPRequestHandler):
+    """One request to the dashboard (``server.app`` is the `_DashboardApp`)."""
+
+    server_version = "task-queue"
+    timeout = DASHBOARD_REQUEST_TIMEOUT  # an idle or slow client does not hold a thread longer
+
+    # Routes: (method, path) -> handler method name.
+    _ROUTES = {
+        ("GET", "/"): "_get_page",
+        ("GET", "/api/status"): "_get_status",
+        ("GET", "/api/failed"): "_get_failed",
+        ("GET", "/favicon.ico"): "_get_icon",
+        ("GET", "/metrics"): "_get_metrics",
+        ("POST", "/api/retry"): "_post_retry",
+        ("POST", "/api/cancel"): "_post_cancel",
+    }
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        app: _DashboardApp = self.server.app  # type: ignore[attr-defined]
+        try:
+            # The request target is a path, never a URL to parse: "//x" is a path too.
+            path, _, query_text = self.path.partition("#")[0].partition("?")
+            try:
+                query = urllib.parse.parse_qs(
+                    query_text, keep_blank_values=True, max_num_fields=MAX_DASHBOARD_QUERY_FIELDS
+                )
+            except ValueError:
+                raise _HttpError(400, "too many query parameters") from None
+            if path == "/metrics" and app.metrics is None:
+                path = ""  # only a worker's server has metrics
+            if path != "/favicon.ico":  # which a browser asks for without the page's token
+                self._check_access(app, query, path)
+            name = self._ROUTES.get((method, path))
+            if name is None:
+                if any(path == known for _, known in self._ROUTES):
+                    allowed = sorted(m for m, known in self._ROUTES if known == path)
+                    raise _HttpError(405, f"{method} is not allowed here; use {', '.join(allowed)}")
+                raise _HttpError(404, "no such page")
+            getattr(self, name)(app, query)
+        except _HttpError as exc:
+            self._send_json(exc.status, {"error": exc.message})
+        except ConfigError as exc:
+            # The store could not be opened (the worker has not created it yet, say).
+            self._send_json(503, {"error": str(exc)})
+        except OSError:
+            pass  # the client went away mid-answer; nothing to tell it
+        except Exception as exc:
+            if isinstance(exc, _database_errors()):
+                logger.warning("dashboard: the database failed: %s", _first_line(exc))
+                self._send_json(503, {"error": "the database is unavailable; try again"})
+                return
+            logger.exception("dashboard: %s %s failed", method, _cut(self.path))
+            self._send_json(500, {"error": "internal error (see the server's log)"})
+
+    def _check_access(self, app: _DashboardApp, query: Mapping[str, list[str]], path: str) -> None:
+        if app.token is not None:
+            given = self.headers.get("X-Dashboard-Token")
+            if given is None:
+                scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+                given = value.strip() if scheme.lower() == "bearer" else None
+            if given is None and query.get("token"):
+                given = query["token"][-1]
+            if given is None or not hmac.compare_digest(
+                given.encode("utf-8", "replace"), app.token.encode()
+            ):
+                raise _HttpError(
+                    401,
+                    "a valid token is needed: ?token=, X-Dashboard-Token or Authorization: Bearer",
+                )
+            return
+        if path == "/metrics":
+            return  # scraped as before: numbers only, and changes nothing
+        host = self.headers.get("Host")
+        if not host or not _is_loopback(_host_of(host)):
+            # Bound to loopback without a token: a name that is not loopback is another site's
+            # page reaching this port through a rebound DNS name.
+            raise _HttpError(403, "the Host header must name this machine's loopback address")
+
+    def _check_post(self, app: _DashboardApp) -> dict[str, Any]:
+        """Return the JSON object of a POST that carries the page's CSRF token."""
+        kind = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        if kind != "application/json":
+            raise _HttpError(415, "send the request body as application/json")
+        given = self.headers.get("X-CSRF-Token") or ""
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), app.csrf.encode()):
+            raise _HttpError(403, "missing or wrong X-CSRF-Token: reload the page")
+        origin = self.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
+            raise _HttpError(403, "cross-origin requests are refused")
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            raise _HttpError(411, "a Content-Length header is needed") from None
+        if not 0 <= length <= MAX_DASHBOARD_BODY_BYTES:
+            raise _HttpError(413, f"the body may hold at most {MAX_DASHBOARD_BODY_BYTES} bytes")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise _HttpError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _HttpError(400, "the body must be a JSON object")
+        return body
+
+    # Routes -------------------------------------------------------------------------------------
+
+    def _get_page(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        nonce = secrets.token_urlsafe(16)
+        self._send(200, app.page(nonce), "text/html; charset=utf-8", _page_csp(nonce))
+
+    def _get_status(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.status())
+
+    def _get_failed(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.failed(query))
+
+    def _get_icon(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send(204, b"", "image/x-icon")  # no icon: a browser's request is not an error
+
+    def _get_metrics(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        body = app.metrics.to_prometheus().encode()  # type: ignore[union-attr]
+        self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    def _post_retry(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.retry(self._check_post(app)))
+
+    def _post_cancel(self, app: _DashboardApp, query: Mapping[str, list[str]]) -> None:
+        self._send_json(200, app.cancel(self._check_post(app)))
+
+    # Answers ------------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, kind: str, csp: str = _DATA_CSP) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in _security_headers(csp):
+            self.send_header(name, value)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="task-queue"')
+        self.end_headers()
+        if self.command != "HEAD" and status >= 200 and status not in (204, 304):
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, document: Any) -> None:
+        body = json.dumps(document, default=str, separators=(",", ":")).encode()
+        self._send(status, body, "application/json")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The base class answers malformed requests (a bad request line, headers too long) here
+        # with an HTML page; the dashboard answers JSON, with its headers, like everywhere else.
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
+
+    def version_string(self) -> str:
+        return self.server_version  # the name, not the Python version behind it
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("dashboard: " + format, *args)
+
+
+class _DashboardServer(http.server.ThreadingHTTPServer):
+    """The dashboard's server; closing it closes the store its app opened."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, app: _DashboardApp) -> None:
+        self.app = app
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host.removeprefix("[").removesuffix("]"), port), _DashboardHandler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.app.close()
+
+
+def _bind_dashboard(host: str, port: int, app: _DashboardApp, flag: str) -> _DashboardServer:
+    """Bind the dashboard's server (not serving yet).
+
+    Raises:
+        ConfigError: the address cannot be bound; the message names `flag`.
+    """
+    try:
+        return _DashboardServer(host, port, app)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"{flag} {_cut(f'{host}:{port}')}: cannot listen: {reason}") from None
+
+
+def serve_dashboard(
+    db: str | os.PathLike[str] | Store,
+    *,
+    host: str = DEFAULT_DASHBOARD_HOST,
+    port: int = DEFAULT_DASHBOARD_PORT,
+    token: str | None = None,
+) -> http.server.ThreadingHTTPServer:
+    """Bind the dashboard's HTTP server for a store; the caller serves it.
+
+    Run ``server.serve_forever()`` (in a thread of its own, say), then ``server.shutdown()`` and
+    ``server.server_close()``, which closes the store if this function opened it. The page is at
+    ``http://HOST:PORT/`` (``server.server_address`` tells the port when `port` is 0).
+
+    Args:
+        db: a database URL or path, opened to read (it must exist), or an open `Store`, which
+            stays open.
+        host: the address to listen on; anything but loopback needs `token`.
+        port: the TCP port; 0 picks a free one.
+        token: required on every request (``?token=``, ``X-Dashboard-Token`` or ``Authorization:
+            Bearer``), at least MIN_DASHBOARD_TOKEN_CHARS printable characters.
+
+    Raises:
+        ConfigError: a host other than loopback without a token, a bad token, an address that
+            cannot be bound, or a database that cannot be opened.
+    """
+    if token is not None:
+        _check_dashboard_token(token, "token")
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError("host: expected an address to listen on, got an empty value")
+    if token is None and not _is_loopback(host):
+        raise ConfigError(
+            f"host {_shown(host)} is not loopback: give a token (--token or TQ_DASHBOARD_TOKEN) "
+            "that every request must carry"
+        )
+    if isinstance(db, (str, os.PathLike)):
+        url = os.fspath(db)
+        if url in _MEMORY_DATABASES:
+            raise ConfigError(
+                f"database {url!r} lives in one process's memory only: give a file or a "
+                "postgresql:// URL, or an open store"
+            )
+        store = open_store(url, create=False)
+        app = _DashboardApp(lambda: store, token=token)
+    else:
+        app = _DashboardApp(lambda: db, token=token, owns_store=False)
+        store = None
+    try:
+        return _bind_dashboard(host, port, app, "host")
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -7460,6 +9824,7 @@ def _add_settings(
                 setting.flag,
                 dest=setting.name,
                 metavar=_METAVARS.get(setting.name, setting.name.upper()),
+                action="append" if setting.repeat else "store",
                 help=f"{setting.help}{note} [{setting.env}{default}]",
             )
 
@@ -7523,7 +9888,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
         "above that names a TQ_ variable can also be set in the environment or in ./.env. "
         "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
-        "result and purge (task-queue SUBCOMMAND --help).",
+        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
     )
     mode = parser.add_argument_group("what to run")
     mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
@@ -7664,6 +10029,13 @@ def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor
         permanent_error_rate=config["permanent_rate"],
         seed=seed,
     )
+
+
+def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
+    overall, groups = config["rate_limit"] or (None, {})
+    return {"rate_limit": overall, "rate_limits": groups or None,
+            "task_timeout": config["task_timeout"]}  # fmt: skip
 
 
 def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
@@ -7847,6 +10219,7 @@ def _main(argv: list[str] | None) -> int:
             retry=retry,
             idempotency=store,
             namespace=namespace,
+            **_cli_flow(config),
         )
         outcome = _run_pool(pool, entries, config, progress)
     snapshot = pool.metrics.snapshot()
@@ -8009,40 +10382,30 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
 
 
 def _serve_metrics(
-    metrics: MetricsCollector, host: str, port: int
-) -> http.server.ThreadingHTTPServer:
-    """Serve ``GET /metrics`` in the Prometheus text format on `host`:`port`."""
+    metrics: MetricsCollector, host: str, port: int, config: Mapping[str, Any]
+) -> _DashboardServer:
+    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            body = metrics.to_prometheus().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            logger.debug("metrics: " + format, *args)
-
+    The dashboard reads the queue through a connection of its own, opened on its first request,
+    so that a page left open never waits on (or holds up) the worker's transactions. Off
+    loopback, ``/metrics`` answers every scraper while the page and its API answer only requests
+    that name a loopback address (the worker takes no token; ``task-queue dashboard --host
+    --token`` is the way to show the page to other machines).
+    """
+    app = _DashboardApp(functools.partial(_open_cli_store, config, create=False), metrics=metrics)
     try:
-        server = http.server.ThreadingHTTPServer((host, port), Handler)
-    except OSError as exc:
-        raise ConfigError(
-            f"--metrics-host {_cut(host)} --metrics-port {port}: {exc.strerror or exc}"
-        ) from None
-    server.daemon_threads = True
+        server = _DashboardServer(host, port, app)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
     threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
     return server
 
 
-def _parse_port(raw: str) -> int:
-    port = _parse_int(raw, "--metrics-port", 0)
+def _parse_port(raw: str, flag: str = "--metrics-port") -> int:
+    port = _parse_int(raw, flag, 0)
     if port > 65535:
-        raise ConfigError(f"--metrics-port: expected a port number up to 65535, got {_shown(raw)}")
+        raise ConfigError(f"{flag}: expected a port number up to 65535, got {_shown(raw)}")
     return port
 
 
@@ -8121,7 +10484,8 @@ def _cmd_worker(argv: list[str]) -> int:
     parser.add_argument(
         "--metrics-port",
         metavar="PORT",
-        help="serve Prometheus metrics on HOST:PORT/metrics (HOST: --metrics-host)",
+        help="serve Prometheus metrics on HOST:PORT/metrics and the dashboard at / "
+        "(HOST: --metrics-host)",
     )
     parser.add_argument(
         "--queues",
@@ -8157,12 +10521,13 @@ def _cmd_worker(argv: list[str]) -> int:
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
     server = None
     if port is not None:
-        server = _serve_metrics(metrics, config["metrics_host"], port)
+        server = _serve_metrics(metrics, config["metrics_host"], port, config)
     try:
         manager = IdempotencyManager(store=_open_cli_store(config))
     except BaseException:
         if server is not None:
             server.shutdown()
+            server.server_close()
         raise
     gauge = _BacklogGauge(manager.store, metrics, queues)
     periodic = _Periodic(schedule, manager.store.enqueue_many) if schedule else None
@@ -8178,6 +10543,7 @@ def _cmd_worker(argv: list[str]) -> int:
             metrics=metrics,
             namespace=namespace,
             queues=queues,
+            **_cli_flow(config),
         )
         stop = threading.Event()
         with _Interrupts(pool, config["lease_seconds"], stop) as interrupts:
@@ -8201,6 +10567,7 @@ def _cmd_worker(argv: list[str]) -> int:
                 gauge.stop()
         if server is not None:
             server.shutdown()
+            server.server_close()
     finally:
         manager.store.close()
     snapshot = pool.metrics.snapshot()
@@ -8508,6 +10875,110 @@ def _cmd_result(argv: list[str]) -> int:
     return code
 
 
+def _dashboard_token(flag: str | None) -> str | None:
+    """Return the dashboard token: --token, then TQ_DASHBOARD_TOKEN, then ./.env, else None.
+
+    Raises:
+        ConfigError: the token is empty, short or not printable ASCII; the message names where
+            it came from.
+    """
+    if flag is not None:
+        return _check_dashboard_token(flag, "--token")
+    if DASHBOARD_TOKEN_ENV in os.environ:
+        return _check_dashboard_token(os.environ[DASHBOARD_TOKEN_ENV], DASHBOARD_TOKEN_ENV)
+    from_file = _read_dotenv(".env")
+    if DASHBOARD_TOKEN_ENV in from_file:
+        source = f"{DASHBOARD_TOKEN_ENV} (in .env)"
+        return _check_dashboard_token(from_file[DASHBOARD_TOKEN_ENV], source)
+    return None
+
+
+def _cmd_dashboard(argv: list[str]) -> int:
+    parser = _subcommand_parser(
+        "dashboard",
+        "Serve a live page of the durable queue: throughput and failures over the last hour, "
+        "queues, workers and their heartbeats, latency percentiles, and the failed tasks with a "
+        "retry button. Stops on SIGINT or SIGTERM.",
+        ("db_path", "log_level"),
+    )
+    parser.add_argument(
+        "--host",
+        metavar="ADDRESS",
+        help=f"address to listen on (default {DEFAULT_DASHBOARD_HOST}); an address other than "
+        "loopback needs --token",
+    )
+    parser.add_argument(
+        "--port", metavar="PORT", help=f"TCP port (default {DEFAULT_DASHBOARD_PORT}; 0: any free)"
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"secret every request must carry (?token=, X-Dashboard-Token or Authorization: "
+        f"Bearer), at least {MIN_DASHBOARD_TOKEN_CHARS} printable characters "
+        f"[{DASHBOARD_TOKEN_ENV}]",
+    )
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    port = DEFAULT_DASHBOARD_PORT if args.port is None else _parse_port(args.port, "--port")
+    host = DEFAULT_DASHBOARD_HOST if args.host is None else args.host
+    if not host.strip():
+        raise ConfigError("--host: expected an address to listen on, got an empty value")
+    token = _dashboard_token(args.token)
+    if token is None and not _is_loopback(host):
+        raise ConfigError(
+            f"--host {_shown(host)} is not a loopback address: give --token (or "
+            f"{DASHBOARD_TOKEN_ENV}), which every request must then carry"
+        )
+    app = _DashboardApp(functools.partial(_open_cli_store, config, create=False), token=token)
+    # Bind first: a port in use is a user error that must not touch the database.
+    server = _bind_dashboard(host, port, app, "--host/--port")
+    try:
+        store = app.store()  # opened now, so a wrong --db is an error at once
+        bound_host, bound_port = server.server_address[:2]
+        shown_host = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+        print(
+            f"dashboard of {_redact(store.url)} at http://{shown_host}:{bound_port}/"
+            + (" (every request needs the token)" if token else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        signum = _serve_until_signal(server)
+    finally:
+        server.server_close()
+    return EXIT_SIGNAL[signum]
+
+
+def _serve_until_signal(server: http.server.HTTPServer) -> int:
+    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
+
+    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
+    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
+    that serves.
+    """
+    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    received: list[int] = []
+
+    def watch() -> None:
+        signum = signals.get()
+        if signum is not None:
+            received.append(signum)
+            server.shutdown()
+
+    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
+    watcher.start()
+    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
+                for signum in EXIT_SIGNAL}  # fmt: skip
+    try:
+        server.serve_forever()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signals.put(None)
+        watcher.join()
+    return received[0]
+
+
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "enqueue": _cmd_enqueue,
     "worker": _cmd_worker,
@@ -8517,6 +10988,7 @@ _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "cancel": _cmd_cancel,
     "result": _cmd_result,
     "purge": _cmd_purge,
+    "dashboard": _cmd_dashboard,
 }
 
 

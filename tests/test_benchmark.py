@@ -276,6 +276,25 @@ def test_open_loop_mode(tmp_path: Path) -> None:
         assert loop["latency_from_arrival_ms"]["count"] == 30
 
 
+def test_rate_limit_mode_judges_the_limit_by_its_calls(tmp_path: Path) -> None:
+    """Prove --rate-limit runs the limit in process and in a SQLite file, never over it."""
+    report = tmp_path / "r.json"
+    proc = run_benchmark(
+        ["--rate-limit", "20/s", "--tasks", "45", "--workers", "4", "--report", str(report)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text(encoding="utf-8"))
+    assert data["configuration"]["mode"] == "rate-limit"
+    assert sorted(run["system"] for run in data["runs"]) == ["pool-rate-memory", "pool-rate-sqlite"]
+    for run in data["runs"]:
+        limit = run["rate_limit"]
+        assert limit["calls"] == 45 and limit["limit"] == "20/s"
+        assert limit["busiest_window"] <= 20  # the limit held
+        assert is_finite_number(limit["steady_rate"]) and limit["target_rate"] == 20
+    assert_user_error(run_benchmark(["--rate-limit", "fast"], tmp_path), "--rate-limit")
+
+
 def test_peers_without_huey_print_one_line_and_go_on(tmp_path: Path) -> None:
     """Prove --peers without Huey says so in one line and runs the rest."""
     if importlib.util.find_spec("huey") is not None:
@@ -436,6 +455,13 @@ def test_scale_out_on_postgres_drops_its_schemas(tmp_path: Path) -> None:
         (["--db", "x.db", "--processes", "1", "--workers", "2,4"], ["--workers"]),
         (["--smoke", "--db", "x.db", "--processes", "1"], ["--smoke", "--processes"]),
         (["--db", "postgresql://postgres@127.0.0.1:1/test", "--processes", "1"], ["postgresql://"]),
+        (["--concurrency-plot", "c.png", "--suite"], ["--suite", "--concurrency-plot"]),
+        (["--concurrency-plot", "c.png", "--rate", "5"], ["--rate", "--concurrency-plot"]),
+        (["--concurrency-plot", "c.png", "--db", "x.db"], ["--concurrency-plot", "--db"]),
+        (["--concurrency-plot", "c.png", "--peers"], ["--concurrency-plot", "--peers"]),
+        (["--concurrency-plot", "c.png", "--plot", "p.png"], ["--concurrency-plot", "--plot"]),
+        (["--concurrency-plot", "c.png", "--latency-ms", "0"], ["--latency-ms"]),
+        (["--concurrency-plot", "no/such/folder/c.png"], ["--concurrency-plot"]),
         (["--unused-cost", "missing.py"], ["--unused-cost", "missing.py"]),
         (["--unused-cost", "base.py", "--suite"], ["--suite", "--unused-cost"]),
         (["--unused-cost", "base.py", "--task-file", "t.json"], ["--unused-cost", "--task-file"]),
@@ -476,6 +502,41 @@ def test_plot_without_matplotlib_is_a_clear_user_error(tmp_path: Path) -> None:
     proc = run_benchmark(["--plot", str(tmp_path / "b.png")], tmp_path)
     assert_user_error(proc, "matplotlib")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrency_plot_without_matplotlib_is_a_clear_user_error(tmp_path: Path) -> None:
+    """Prove --concurrency-plot without matplotlib names the missing package and runs nothing."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed")
+    proc = run_benchmark(["--concurrency-plot", str(tmp_path / "c.png")], tmp_path)
+    assert_user_error(proc, "matplotlib")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrency_plot_runs_every_system_at_every_level_and_draws_them(tmp_path: Path) -> None:
+    """Prove --concurrency-plot runs the pool, the bare executor, AsyncWorkerPool and plain
+    asyncio at each --workers count, reports throughput and efficiency, and writes the PNG."""
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "c.png"
+    proc = run_benchmark(
+        ["--concurrency-plot", str(picture), "--workers", "1,3", "--tasks", "6",
+         "--latency-ms", "2", "--report", str(tmp_path / "r.json")],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert picture.read_bytes().startswith(b"\x89PNG")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["configuration"]["mode"] == "concurrency"
+    summary = report["concurrency"]["summary"]
+    systems = {"pool", "raw-executor-bare", "async-pool", "plain-asyncio"}
+    assert {(e["system"], e["workers"]) for e in summary} == {
+        (system, level) for system in systems for level in (1, 3)
+    }
+    for entry in summary:
+        assert entry["throughput_per_second"]["median"] > 0
+        assert 0 < entry["efficiency"]["median"] <= 1.5
+    assert all(run["executed"] == 6 for run in report["runs"])
+    assert "concurrency  system" in proc.stdout
 
 
 # --- Arithmetic ----------------------------------------------------------------------------------

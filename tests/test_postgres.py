@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -557,5 +558,93 @@ def test_a_tasks_table_from_before_delays_is_read_as_is_then_migrated(
             ("old-2", 0),
         ]
         assert store.queue_status()["delayed"] == 1
+    finally:
+        store.close()
+
+
+def statements_sent(store: Any, call: Any) -> int:
+    """Return how many statements with parameters `call` sent on the store's connection, as
+    libpq's protocol trace shows them (a Bind message each; BEGIN and COMMIT have none)."""
+    conn = store._conn
+    with tempfile.TemporaryFile() as trace:
+        conn.pgconn.trace(trace.fileno())
+        try:
+            call()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        return sum(line.split(b"\t")[3:4] == [b"Bind"] for line in trace.read().splitlines())
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_of_any_size_is_one_statement_per_kind_on_the_wire(pg_url: str) -> None:
+    """Prove claims with their started runs, completions with their settlements, renewals,
+    releases, settlements and entry renewals each cost one statement per batch, not per row."""
+    store = tq.open_store(pg_url)
+    try:
+        keys = [f"k{index:03d}" for index in range(40)]
+        store.enqueue_many([tq.Task(key) for key in keys])
+        entry = {item.task.id: item.token for item in store.take_many("w", 40)}
+        claims: list[tq.Claim] = []
+
+        def claim() -> None:
+            claims.extend(store.claim_many([(key, None) for key in keys], "ns",
+                                           starts=sorted(entry.items())))  # fmt: skip
+
+        assert statements_sent(store, claim) == 1
+        assert {c.state for c in claims} == {tq.ClaimState.CLAIMED}
+        token = {key: c.token for key, c in zip(keys, claims, strict=True)}
+        done, released = keys[:30], keys[30:]
+        assert statements_sent(store, lambda: store.renew_many(list(token.items()))) == 1
+        assert statements_sent(store, lambda: store.renew_tasks("w", {}, list(entry.items()))) == 2
+        written: list[bool] = []
+        complete = [(key, token[key], "1") for key in done]
+        settle = [(index, key, entry[key]) for index, key in enumerate(done)]
+        assert statements_sent(
+            store, lambda: written.extend(store.complete_many(complete, settle=settle))
+        ) == 1  # fmt: skip
+        assert written == [True] * 30
+        release = [(key, token[key], "boom") for key in released]
+        assert statements_sent(store, lambda: store.release_many(release)) == 1
+        failed = [(key, entry[key], tq.EntryState.FAILED, "boom") for key in released]
+        assert statements_sent(store, lambda: store.settle_many(failed)) == 1
+        assert store.queue_status()["tasks"] == {
+            "queued": 0,
+            "running": 0,
+            "done": 30,
+            "failed": 10,
+        }
+        assert store.stats()["completed"] == 30 and store.stats()["failed"] == 10
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_row_postgresql_refuses_fails_alone_in_a_batch_and_the_others_are_written(
+    pg_url: str,
+) -> None:
+    """Prove a batch statement that fails on one row (text PostgreSQL cannot store) falls back to
+    one row at a time: the bad row fails alone, the good rows and their settlements commit."""
+    store = tq.open_store(pg_url)
+    try:
+        keys = ["a", "b", "bad", "c"]
+        store.enqueue_many([tq.Task(key) for key in keys])
+        entry = {item.task.id: item.token for item in store.take_many("w", 4)}
+        claims = store.claim_many([(key, None) for key in keys], "ns")
+        items = [((key, claim.token, '"nul \x00"' if key == "bad" else '"ok"'), key, entry[key])
+                 for key, claim in zip(keys, claims, strict=True)]  # fmt: skip
+
+        def complete(batch: list[Any]) -> list[bool]:
+            settle = [(index, task_id, token) for index, (_, task_id, token) in enumerate(batch)]
+            return store.complete_many([item for item, _, _ in batch], settle=settle)
+
+        with pytest.raises(tq._database_errors()):  # the batch as one statement fails whole
+            complete(items)
+        assert store.stats()["completed"] == 0
+        results = tq._each_alone(complete, items)
+        assert results[:2] == [True, True] and results[3] is True
+        assert isinstance(results[2], tq._database_errors())
+        assert store.queue_status()["tasks"] == {"queued": 0, "running": 1, "done": 3, "failed": 0}
+        assert store.lookup("bad", "ns")["state"] == "in_progress"
     finally:
         store.close()

@@ -685,6 +685,160 @@ def test_complete_many_settles_the_rows_of_written_completions_in_one_call(
     assert store.lookup("a", "ns")["state"] == "completed"
 
 
+# --- Batches: each row of a batch acts on its own ---------------------------------------------
+
+
+def other_token(token: int) -> int:
+    """Return a token that differs from `token` (a stale one)."""
+    return token + 1 if token < 2**62 else token - 1
+
+
+def test_a_batch_naming_a_key_twice_acts_once_per_row_in_order(backend: Backend) -> None:
+    """Prove a batch that repeats a key or a task id answers as if its rows ran one by one."""
+    store = backend.open()
+    claims = store.claim_many([("d", None), ("d", None), ("e", None), ("f", None)], "ns")
+    assert [c.state for c in claims] == [CLAIMED, IN_PROGRESS, CLAIMED, CLAIMED]
+    d, e, f = claims[0].token, claims[2].token, claims[3].token
+    assert store.renew_many([("e", e), ("e", e), ("f", f)]) == 3
+    written = store.complete_many([("d", d, out(1)), ("d", d, out(2)), ("e", e, out(3))])
+    assert written == [True, False, True]
+    assert store.lookup("d", "ns")["output"] == 1
+    assert store.release_many([("f", f, "first"), ("f", f, "second")]) == 1
+    assert store.lookup("f", "ns")["error"] == "first"
+    store.enqueue_many([tq.Task("t"), tq.Task("u")])
+    entry = {item.task.id: item.token for item in store.take_many("w", 2)}
+    assert store.renew_tasks("w", {}, [("t", entry["t"]), ("t", entry["t"])]) == 2
+    settled = store.settle_many(
+        [
+            ("t", entry["t"], DONE, None),
+            ("t", entry["t"], FAILED, "late"),
+            ("u", entry["u"], DONE, None),
+        ]
+    )
+    assert settled == 2
+    assert task_counts(store) == {"queued": 0, "running": 0, "done": 2, "failed": 0}
+
+
+def test_a_batch_of_keys_in_every_state_and_namespace_answers_each_key(backend: Backend) -> None:
+    """Prove one claim batch adopts unscoped rows, wins free keys and answers held ones, row by
+    row, with keys stored in other namespaces and without one mixed in."""
+    store = backend.open()
+    store.mark_processed("legacy-done", out("old"))  # rows without a namespace ...
+    (free,) = store.claim_many([("legacy-free", FP1)])
+    assert store.release_many([("legacy-free", free.token, "boom")]) == 1
+    (held,) = store.claim_many([("legacy-held", None)])
+    store.mark_processed("both", out("unscoped"))  # ... and one in both
+    store.mark_processed("both", out("scoped"), "ns")
+    store.mark_processed("mine", out("mine"), "ns")
+    store.mark_processed("elsewhere", out("other"), "other")
+    assert [c.state for c in store.claim_many([("busy", None)], "ns")] == [CLAIMED]
+    keys = ["fresh", "legacy-done", "legacy-free", "legacy-held", "mine", "elsewhere", "busy",
+            "both", "conflict"]  # fmt: skip
+    store.mark_processed("conflict", out("c"), "ns")
+    claims = store.claim_many([(key, FP1 if key == "legacy-free" else None) for key in keys], "ns")
+    answers = {key: (c.state, c.output) for key, c in zip(keys, claims, strict=True)}
+    assert answers == {
+        "fresh": (CLAIMED, None),
+        "legacy-done": (COMPLETED, "old"),
+        "legacy-free": (CLAIMED, None),
+        "legacy-held": (IN_PROGRESS, None),
+        "mine": (COMPLETED, "mine"),
+        "elsewhere": (CLAIMED, None),
+        "busy": (IN_PROGRESS, None),
+        "both": (COMPLETED, "scoped"),
+        "conflict": (COMPLETED, "c"),
+    }
+    # Adopted rows moved into the namespace as they were: the legacy claim's token still owns it.
+    assert store.lookup("legacy-held", "") is None
+    assert store.complete_many([("legacy-held", held.token, out("held"))]) == [True]
+    assert store.lookup("legacy-held", "ns")["output"] == "held"
+    assert store.lookup("both", "")["output"] == "unscoped"  # the namespace had its own row
+    assert store.lookup("elsewhere", "other")["output"] == "other"
+    # A fingerprint that disagrees with the adopted row's is a conflict, in a batch as alone.
+    store.mark_processed("legacy-fp", out(1))
+    (fp_claim,) = store.claim_many([("legacy-fp2", FP1)])
+    assert store.release_many([("legacy-fp2", fp_claim.token, None)]) == 1
+    claims = store.claim_many([("legacy-fp2", FP2), ("new", FP2)], "ns")
+    assert [c.state for c in claims] == [CONFLICT, CLAIMED]
+
+
+def test_a_stale_token_in_a_batch_leaves_its_row_alone_and_the_others_act(
+    backend: Backend,
+) -> None:
+    """Prove fencing holds row by row: a stale token among good ones writes nothing, on every
+    kind of batch (renew, release, complete and settle, settle, started runs)."""
+    store = backend.open()
+    store.enqueue_many([tq.Task(key) for key in "abcde"])
+    entry = {item.task.id: item.token for item in store.take_many("w", 5)}
+    claims = dict(zip("abcde", store.claim_many([(key, None) for key in "abcde"], "ns"),
+                      strict=True))  # fmt: skip
+    token = {key: claim.token for key, claim in claims.items()}
+    assert all(claim.state is CLAIMED for claim in claims.values())
+    assert store.renew_many([("a", token["a"]), ("b", other_token(token["b"])),
+                             ("c", token["c"])]) == 2  # fmt: skip
+    assert store.release_many([("c", token["c"], "x"), ("d", other_token(token["d"]), "y")]) == 1
+    assert store.lookup("c", "ns")["state"] == "failed"
+    assert store.lookup("d", "ns")["state"] == "in_progress"
+    written = store.complete_many(
+        [("a", token["a"], out("A")), ("b", other_token(token["b"]), out("B")),
+         ("d", token["d"], out("D"))],
+        settle=[(0, "a", entry["a"]), (1, "b", entry["b"]), (2, "d", other_token(entry["d"]))],
+    )  # fmt: skip
+    assert written == [True, False, True]
+    # "a" is done; "b" (stale key token) and "d" (stale row token) still run.
+    assert task_counts(store) == {"queued": 0, "running": 4, "done": 1, "failed": 0}
+    settled = store.settle_many([("b", other_token(entry["b"]), DONE, None),
+                                 ("c", entry["c"], FAILED, "x"), ("d", entry["d"], DONE, None),
+                                 ("e", entry["e"], QUEUED, None)])  # fmt: skip
+    assert settled == 3
+    assert task_counts(store) == {"queued": 1, "running": 1, "done": 2, "failed": 1}
+    assert store.renew_tasks("w", {}, [("b", entry["b"]), ("e", entry["e"])]) == 1
+
+
+def test_a_batch_counts_handler_calls_and_keeps_error_kinds_row_by_row(backend: Backend) -> None:
+    """Prove the optional calls and error kinds of batch items land on their own rows: the keys'
+    attempts (claims count one, completions and releases add their calls) and the failed tasks'
+    attempts and kinds."""
+    store = backend.open()
+    store.enqueue_many([tq.Task(key) for key in "abcd"])
+    entry = {item.task.id: item.token for item in store.take_many("w", 4)}
+    claims = store.claim_many([(key, None) for key in "abcd"], "ns")
+    token = {key: claim.token for key, claim in zip("abcd", claims, strict=True)}
+    written = store.complete_many(
+        [("a", token["a"], out(1), 2), ("b", token["b"], out(2))],
+        settle=[(0, "a", entry["a"], 2), (1, "b", entry["b"])],
+    )
+    assert written == [True, True]
+    assert store.release_many([("c", token["c"], "x", 3), ("d", token["d"], "y")]) == 2
+    assert [store.lookup(key, "ns")["attempts"] for key in "abcd"] == [3, 1, 4, 1]
+    settled = store.settle_many([("c", entry["c"], FAILED, "x", "transient", 3),
+                                 ("d", entry["d"], FAILED, "y", "permanent", 1)])  # fmt: skip
+    assert settled == 2
+    failed = {row["id"]: row for row in store.failed_tasks()}
+    assert {key: (row["attempts"], row["error_kind"]) for key, row in failed.items()} == {
+        "c": (3, "transient"),
+        "d": (1, "permanent"),
+    }
+
+
+def test_a_claim_batch_counts_started_runs_only_for_the_keys_it_wins(backend: Backend) -> None:
+    """Prove a batch's started runs count where its claim won the key with a token that still
+    holds the row, and nowhere else (each row is then a crash when its worker dies)."""
+    store = backend.open(lease_seconds=SHORT_LEASE)
+    store.enqueue_many([tq.Task(key) for key in ("won", "stale", "held", "done")])
+    entry = {item.task.id: item.token for item in store.take_many("w", 4)}
+    store.claim_many([("held", None)], "ns")  # another owner runs it
+    store.mark_processed("done", out(1), "ns")
+    keys = ["won", "stale", "held", "done"]
+    starts = [(key, other_token(entry[key]) if key == "stale" else entry[key]) for key in keys]
+    claims = store.claim_many([(key, None) for key in keys], "ns", starts=starts)
+    assert [c.state for c in claims] == [CLAIMED, CLAIMED, IN_PROGRESS, COMPLETED]
+    # The worker dies: with max_crashes=1, only the row whose run started is failed as crashed.
+    wait_until(lambda: store.queue_status()["stalled"] == 4, "the leases to run out")
+    assert ids(store.take_many("w2", 5, 1)) == {"stale", "held", "done"}
+    assert task_counts(store)["failed"] == 1
+
+
 def test_renew_tasks_renews_one_workers_leases_and_records_its_heartbeat(backend: Backend) -> None:
     first, second = backend.stores(2)
     first.enqueue_many([tq.Task(f"t{i}") for i in range(3)])
@@ -1176,3 +1330,39 @@ def test_postgres_url_problems_are_config_errors() -> None:
     with pytest.raises(tq.ConfigError) as excinfo:
         tq.open_store("postgresql://postgres:secret@127.0.0.1:1/test")  # nothing listens
     assert "secret" not in str(excinfo.value)
+
+
+# --- Rate-limit slots ----------------------------------------------------------------------------
+
+
+def test_take_slots_never_hands_out_more_than_the_count_per_period(backend: Backend) -> None:
+    first, second = backend.stores(2)
+    taken, wait, base = first.take_slots("pool:x", 3, 60.0, 2, 0.05)
+    assert (taken, wait) == (2, None)
+    assert base <= time.monotonic()
+    taken, wait, _ = second.take_slots("pool:x", 3, 60.0, 2, 0.05)
+    # One slot was left; the next is free a period (plus the hold) after the first take.
+    assert taken == 1 and wait is not None and 59.0 < wait <= 60.05
+    assert first.take_slots("pool:x", 3, 60.0, 1, 0.05)[0] == 0
+    # Another limit, and a larger count under the same name, have slots of their own.
+    assert second.take_slots("group:api", 1, 60.0, 5, 0.05)[:1] == (1,)
+    assert first.take_slots("pool:x", 4, 60.0, 5, 0.05)[0] == 1
+
+
+def test_take_slots_frees_a_slot_after_its_period_and_hold(backend: Backend) -> None:
+    (store,) = backend.stores(1)
+    assert store.take_slots("pool:y", 1, 0.2, 1, 0.01)[0] == 1
+    taken, wait, _ = store.take_slots("pool:y", 1, 0.2, 1, 0.01)
+    assert taken == 0 and wait is not None
+    time.sleep(wait + 0.01)  # the store's own answer says when: no guess
+    assert store.take_slots("pool:y", 1, 0.2, 1, 0.01)[0] == 1
+
+
+def test_durable_tasks_keep_their_group_and_timeout(backend: Backend) -> None:
+    producer, worker = backend.stores(2)
+    producer.enqueue_many([tq.Task("a", {"n": 1}, group="api", timeout=2.5), tq.Task("b")])
+    taken = {item.task.id: item.task for item in worker.take_many("w", 10)}
+    assert (taken["a"].group, taken["a"].timeout) == ("api", 2.5)
+    assert (taken["b"].group, taken["b"].timeout) == (None, None)
+    token = worker.take_task(tq.Task("c", group="g", timeout=1.0), "w")
+    assert token is not None
