@@ -176,15 +176,17 @@ class TestLeases:
     def test_pool_renews_lease_of_long_task(
         self, tmp_db: str, gated: GatedFactory, make_pool: Callable
     ) -> None:
-        """A handler running past three 0.2 s leases keeps its claim and succeeds."""
+        """A handler running past its first lease keeps its claim and succeeds."""
         handler = gated()
-        pool = make_pool(handler, workers=1, db_path=tmp_db, lease_seconds=0.2)
+        # The pool renews every third of the lease: a lease of 1.5 s leaves a loaded machine a
+        # second to run the renewal (0.2 s left it 0.13 s, which a busy machine overran).
+        pool = make_pool(handler, workers=1, db_path=tmp_db, lease_seconds=1.5)
         future = pool.submit(tq.Task("long", PAYLOAD))
         assert handler.wait_started("long")
         scope = pool.namespace  # the rival runs the same handler
-        with tq.IdempotencyManager(tmp_db, lease_seconds=0.2) as rival:
-            end = time.monotonic() + 0.6
-            while time.monotonic() < end:
+        with tq.IdempotencyManager(tmp_db, lease_seconds=1.5) as rival:
+            end = rival.lookup("long")["lease_expires"] + 0.5  # past the first lease
+            while time.time() < end:
                 assert rival.claim("long", FP, namespace=scope).state == "in_progress"
                 time.sleep(0.03)
             handler.gate.set()
