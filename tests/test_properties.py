@@ -422,11 +422,12 @@ class IdempotencyModelOnFile(IdempotencyModel):
     uses_file = True
 
 
-TestIdempotencyModel = IdempotencyModel.TestCase
+# Each runs for seconds at rest, and for most of a minute on a busy machine.
+TestIdempotencyModel = pytest.mark.timeout(180)(IdempotencyModel.TestCase)
 TestIdempotencyModel.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None, database=None
 )
-TestIdempotencyModelOnFile = IdempotencyModelOnFile.TestCase
+TestIdempotencyModelOnFile = pytest.mark.timeout(180)(IdempotencyModelOnFile.TestCase)
 TestIdempotencyModelOnFile.settings = settings(
     max_examples=30, stateful_step_count=40, deadline=None, database=None
 )
