@@ -212,13 +212,16 @@ def test_lease_is_renewed_while_a_call_runs(tmp_db: str) -> None:
     """A call that outlives several leases keeps its claim: another owner cannot take the key."""
     gate = threading.Event()
     handler = Recorder(gate)
-    other = tq.IdempotencyManager(tmp_db, lease_seconds=0.3)
-    with tq.WorkerPool(handler, workers=4, db_path=tmp_db, lease_seconds=0.3) as pool:
+    # The pool renews every third of the lease: a lease of 1.5 s leaves a loaded machine a
+    # second to run the renewal (0.3 s left it 0.2 s, which a busy machine could overrun).
+    other = tq.IdempotencyManager(tmp_db, lease_seconds=1.5)
+    with tq.WorkerPool(handler, workers=4, db_path=tmp_db, lease_seconds=1.5) as pool:
         future = pool.submit(tq.Task("long"))
         assert handler.started.wait(WAIT)
         checks = []
-        for _ in range(4):  # about four lease periods, each checked against the live claim
-            time.sleep(0.3)
+        end = other.lookup("long")["lease_expires"] + 0.5  # past the first lease
+        while time.time() < end:  # each check against the live claim
+            time.sleep(0.1)
             checks.append(other.claim("long", namespace=pool.namespace).state)
         gate.set()
         record = future.result(WAIT)

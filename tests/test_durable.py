@@ -326,9 +326,11 @@ def test_a_task_that_kills_its_worker_twice_is_failed_as_crashed(
     flags = ("--lease-seconds", "1", "--max-attempts", "2")
     for crash in range(1, 3):
         worker = launcher.worker(str(db), *flags)
+        # The first worker runs "fine" beside "deadly": it dies only once "fine" is recorded
+        # done, or a kill between that call and its commit would run "fine" again (rightly).
         wait_until(
-            lambda crash=crash: launcher.calls_by_key()["deadly"] == crash,
-            f"run {crash} of the deadly task",
+            lambda crash=crash: launcher.calls_by_key()["deadly"] == crash and done_count(db) == 1,
+            f"run {crash} of the deadly task, and the fine one done",
             procs=[worker],
         )
         worker.kill()

@@ -139,8 +139,9 @@ class TestLeases:
 
     @pytest.mark.timeout(15)
     def test_lease_expiry_and_stale_token(self, tmp_db: str) -> None:
-        """After a 0.2 s lease lapses the key is claimable; a stale complete() writes nothing."""
-        with tq.IdempotencyManager(tmp_db, lease_seconds=0.2) as store:
+        """After a lease lapses the key is claimable; a stale complete() writes nothing."""
+        # 1.5 s: the second claim must find the first one live even on a busy machine.
+        with tq.IdempotencyManager(tmp_db, lease_seconds=1.5) as store:
             first = store.claim("k")
             assert first.state == "claimed"
             assert store.claim("k").state == "in_progress"
@@ -176,15 +177,17 @@ class TestLeases:
     def test_pool_renews_lease_of_long_task(
         self, tmp_db: str, gated: GatedFactory, make_pool: Callable
     ) -> None:
-        """A handler running past three 0.2 s leases keeps its claim and succeeds."""
+        """A handler running past its first lease keeps its claim and succeeds."""
         handler = gated()
-        pool = make_pool(handler, workers=1, db_path=tmp_db, lease_seconds=0.2)
+        # The pool renews every third of the lease: a lease of 1.5 s leaves a loaded machine a
+        # second to run the renewal (0.2 s left it 0.13 s, which a busy machine overran).
+        pool = make_pool(handler, workers=1, db_path=tmp_db, lease_seconds=1.5)
         future = pool.submit(tq.Task("long", PAYLOAD))
         assert handler.wait_started("long")
         scope = pool.namespace  # the rival runs the same handler
-        with tq.IdempotencyManager(tmp_db, lease_seconds=0.2) as rival:
-            end = time.monotonic() + 0.6
-            while time.monotonic() < end:
+        with tq.IdempotencyManager(tmp_db, lease_seconds=1.5) as rival:
+            end = rival.lookup("long")["lease_expires"] + 0.5  # past the first lease
+            while time.time() < end:
                 assert rival.claim("long", FP, namespace=scope).state == "in_progress"
                 time.sleep(0.03)
             handler.gate.set()

@@ -131,7 +131,8 @@ def test_status_tells_a_live_worker_from_a_gone_one_and_counts_its_rows(backend:
     store = backend.open(lease_seconds=SHORT_LEASE)
     store.enqueue_many([tq.Task("a"), tq.Task("b"), tq.Task("c")])
     store.take_many("gone", 2)
-    store.renew_tasks("gone", {"in_flight": 2, "lease_seconds": SHORT_LEASE})
+    # Its heartbeat says 1.5 s: long enough that the next reads see it alive on a busy machine.
+    store.renew_tasks("gone", {"in_flight": 2, "lease_seconds": 1.5})
     store.renew_tasks("alive", {"in_flight": 0, "lease_seconds": 3600})
 
     def workers() -> dict[str, dict[str, Any]]:

@@ -277,7 +277,7 @@ def test_frozen_owner_is_taken_over_and_its_late_completion_writes_nothing(
     tmp_db: str, gated: GatedFactory, make_pool: Callable, spawn_python: Callable
 ) -> None:
     """Prove a SIGSTOPped owner loses its key after the lease; its late complete writes nothing."""
-    lease = 0.3
+    lease = 0.3  # the frozen owner's, to run out soon
     child = spawn_python(CHILD_POOL_BLOCKS, tmp_db, str(lease))
     assert child.stdout.readline().strip() == "started"
     # The owner stops renewing, as a frozen VM or a long pause would make it.
@@ -286,8 +286,10 @@ def test_frozen_owner_is_taken_over_and_its_late_completion_writes_nothing(
     assert frozen is not None and frozen["state"] == "in_progress"
 
     handler = gated(output=lambda task: {"by": "B"})
+    # The new owner's lease must outlast its renewals' delays on a busy machine while the old
+    # owner, awake again, polls the key (a renewal every 0.5 s leaves a second of slack).
     pool = make_pool(
-        handler, workers=1, db_path=tmp_db, lease_seconds=lease, claim_poll_interval=0.01,
+        handler, workers=1, db_path=tmp_db, lease_seconds=1.5, claim_poll_interval=0.01,
         namespace="one-handler",
     )  # fmt: skip
     future = pool.submit(tq.Task("k", PAYLOAD))
@@ -324,8 +326,10 @@ def test_frozen_owner_is_taken_over_and_its_late_completion_writes_nothing(
 def test_long_handler_keeps_its_claim_against_another_process(
     tmp_db: str, gated: GatedFactory, make_pool: Callable, spawn_python: Callable
 ) -> None:
-    """Prove renewal keeps a claim for many leases while another process's pool waits on it."""
-    lease = 0.2
+    """Prove renewal keeps a claim for several leases while another process's pool waits on it."""
+    # A renewal every third of the lease: 1.5 s leaves a busy machine a second of slack (0.2 s
+    # left it 0.13 s, and the other pool, polling every 0.01 s, took the key).
+    lease = 1.5
     handler = gated()
     pool = make_pool(
         handler, workers=1, db_path=tmp_db, lease_seconds=lease, namespace="one-handler"
@@ -337,9 +341,9 @@ def test_long_handler_keeps_its_claim_against_another_process(
 
     child = spawn_python(CHILD_POOL_WAITS, tmp_db, str(lease))
     assert child.stdout.readline().strip() == "submitted"
-    # Wait, by the stored lease rather than by a clock, until it was renewed past four leases.
+    # Wait, by the stored lease rather than by a clock, until it was renewed past two leases.
     rows: list[dict[str, Any] | None] = []
-    target = first["lease_expires"] + 4 * lease
+    target = first["lease_expires"] + 2 * lease
     assert _poll(lambda: rows.append(_row(tmp_db, "k")) or rows[-1]["lease_expires"] >= target)
     owners = {(row["state"], row["token"]) for row in rows if row}
     assert owners == {("in_progress", first["token"])}
