@@ -190,6 +190,7 @@ DEFAULT_LOG_LEVEL = "WARNING"
 DEFAULT_CLAIM_POLL_INTERVAL = 0.05
 DEFAULT_METRICS_HOST = "127.0.0.1"  # where a worker serves its metrics: loopback unless told
 ENQUEUE_CHUNK = 500  # tasks per statement batch of enqueue(): memory stays flat for any count
+_PLACE_BLOCK = 1024  # places in submission order one PostgreSQL statement draws (>= ENQUEUE_CHUNK)
 BACKLOG_REFRESH_SECONDS = 2.0  # how often a worker copies the store's backlog into its metrics
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
@@ -1223,7 +1224,9 @@ class Store(Protocol):
     - ``take_many(worker, limit, max_crashes=None, queues=None)``: lease up to `limit` queued
       tasks of `queues` (None: every queue) that are due, or lease-expired ones, the highest
       priority first and, within a priority, the one ready longest (``coalesce(run_at,
-      enqueued_at)``) first, skipping rows other workers hold; the result is in that order. A
+      enqueued_at)``) first, then the one submitted first (the row's place in submission
+      order, ``seq``: tasks of one enqueue share their enqueue time), skipping rows other
+      workers hold; the result is in that order. A row returned to the queue keeps its place. A
       lease-expired task of those queues whose runs all ended with their worker's death,
       `max_crashes` of them, is failed as crashed instead (error kind ``crashed``). Every run
       that ends otherwise settles its row, so such a row's ``attempts`` counts its crashed runs:
@@ -1258,7 +1261,7 @@ class Store(Protocol):
       ``id, key, queue, attempts, error_kind, error, failed_at`` (a `time.time()` value).
     - ``retry_tasks(ids=None, queue=None)``: failed tasks (those of `ids`, or all of them, only
       those in `queue` when given) go back to ``queued`` with fresh attempts, at the back of their
-      queue; returns how many moved.
+      queue in the order they had among themselves; returns how many moved.
     - ``cancel_tasks(ids)``: delete the queued tasks among `ids`, delayed ones included (running
       ones finish); returns how many were withdrawn.
     - ``task_states(ids)``: id -> state of the tasks of `ids` that exist.
@@ -1555,6 +1558,11 @@ def _ready_time(value: Any) -> float:
     return float(value) if type(value) is int else 0.0
 
 
+def _stored_place(value: Any) -> int:
+    """Return a stored place in submission order, or 0 for none (a row an older version wrote)."""
+    return value if type(value) is int else 0
+
+
 def _stored_priority(value: Any) -> int:
     """Return a stored priority, or 0 for a value no priority can be (a row written by hand)."""
     if type(value) is int and MIN_PRIORITY <= value <= MAX_PRIORITY:
@@ -1594,12 +1602,13 @@ class MemoryStore:
         self.url = "memory://"
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
-        self._lock = threading.Lock()  # guards the three dicts below and _closed
+        self._lock = threading.Lock()  # guards the three dicts below, _places and _closed
         self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
         self._tasks: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, dict[str, Any]] = {}
         self._slots: dict[str, list[float]] = {}  # rate limit -> when each slot is free again
         self._history: dict[tuple[int, str], dict[str, Any]] = {}  # (minute, worker) -> row
+        self._places = itertools.count(1)  # a task row's "seq": its place in submission order
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
         self._closed = False
 
@@ -1809,14 +1818,14 @@ class MemoryStore:
                 or _queue_payload(stored) != _queue_payload(task)):  # fmt: skip
             raise TaskConflictError(task.id)
 
-    @staticmethod
     def _new_row(
-        task: Task, now: float, priority: int = 0, run_at: float | None = None
+        self, task: Task, now: float, priority: int = 0, run_at: float | None = None
     ) -> dict[str, Any]:
         return {
             "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
             "lease_expires": None, "attempts": 0, "error": None, "error_kind": None,
             "enqueued_at": now, "updated_at": now, "priority": priority, "run_at": run_at,
+            "seq": next(self._places),
         }  # fmt: skip
 
     def enqueue_many(
@@ -1859,10 +1868,11 @@ class MemoryStore:
         )
 
     @staticmethod
-    def _rank(row: dict[str, Any]) -> tuple[int, float]:
-        # Highest priority first; within one, ready longest first (see Store.take_many).
+    def _rank(row: dict[str, Any]) -> tuple[int, float, int]:
+        # Highest priority first; within one, ready longest first, then submission order (see
+        # Store.take_many).
         run_at = row["run_at"]
-        return -row["priority"], row["enqueued_at"] if run_at is None else run_at
+        return -row["priority"], row["enqueued_at"] if run_at is None else run_at, row["seq"]
 
     def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
         token = _new_token()
@@ -2029,13 +2039,14 @@ class MemoryStore:
         with self._guard():
             now = time.time()
             rows = self._tasks.values() if ids is None else filter(None, map(self._tasks.get, ids))
-            for row in rows:
+            # The retried go to the back, in the order they had among themselves.
+            for row in sorted(rows, key=lambda row: row["seq"]):
                 if row["state"] != EntryState.FAILED:
                     continue
                 if queue is None or row["task"].queue == queue:
                     row.update(state=EntryState.QUEUED, token=None, worker=None, attempts=0,
                                error=None, error_kind=None, enqueued_at=now, updated_at=now,
-                               run_at=None)  # fmt: skip
+                               run_at=None, seq=next(self._places))  # fmt: skip
                     count += 1
             if count:
                 self._work.notify_all()
@@ -2155,6 +2166,18 @@ def _lost_claim(fp: str | None, found: Sequence[Any]) -> Claim:
     return Claim(ClaimState.IN_PROGRESS, lease_expires=lease_expires)
 
 
+# The retry statements (see _SqlStore._SQL), for the failed rows `where` picks.
+_RETRY = """
+    UPDATE {{tasks}} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
+        error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now, run_at = NULL,
+        seq = r.place
+    FROM (SELECT id, {{retry_place}} AS place
+          FROM (SELECT id, seq FROM {{tasks}} WHERE state = 'failed' {where}
+                ORDER BY seq, id) AS f) AS r
+    WHERE {{tasks}}.id = r.id AND {{tasks}}.state = 'failed'
+"""
+
+
 class _SqlStore:
     """The contract in SQL, shared by SQLite and PostgreSQL; subclasses open and run transactions.
 
@@ -2168,14 +2191,23 @@ class _SqlStore:
     # Whether the table named :name exists (the history table: see _has_history).
     _HISTORY_EXISTS = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :name"
     # What a take returns of each row (id, key, payload, then the id as the fail statement finds
-    # it, its priority and since when it is ready, then its queue, group and timeout), and how
-    # that statement names the id: SQLite's differ (see SqliteStore).
+    # it, its priority and since when it is ready, then its queue, group and timeout, then its
+    # place in submission order), and how that statement names the id: SQLite's differ (see
+    # SqliteStore).
     _TAKE_COLUMNS = (
         "id, key, payload, id, priority, coalesce(run_at, enqueued_at), queue, task_group, "
-        "timeout_seconds"
+        "timeout_seconds, seq"
     )  # fmt: skip
     _CLOCK = ":now"  # the clock rate-limit slots are stamped with (PostgreSQL: the server's)
     _RAW_ID = "id"
+    # A row's place in submission order, its "seq" (see _place_rows): the first place of a
+    # statement ({place}), what a statement must say before it to have one ({place_with}), and
+    # a fresh place per row for a retry, drawn in the rows' old order ({retry_place}).
+    # Subclasses define them over their counter, `{order}`.
+    _PLACE_WITH = ""
+    _PLACE = ""
+    _RETRY_PLACE = ""
+    _DIALECT_SQL: dict[str, str] = {}  # statements of one backend only, beside _SQL
     # How a take names the queues it serves, and a statement the ids it acts on (the `queues`
     # and `ids` parameters: a list, see `_list_param`).
     _QUEUE_FILTER = "queue IN (SELECT value FROM json_each(:queues))"
@@ -2260,11 +2292,13 @@ class _SqlStore:
             DELETE FROM {tasks} WHERE state IN ('done', 'failed') AND updated_at <= :cutoff
         """,
         "stats": "SELECT state, count(*) FROM {keys} GROUP BY state",
+        # A row's place in submission order ("seq") is the statement's first place (see
+        # {place}) plus the row's index in its batch (`:seq`).
         "enqueue": """
-            INSERT INTO {tasks} (id, key, payload, queue, state, attempts, enqueued_at,
-                updated_at, priority, run_at, task_group, timeout_seconds)
+            {place_with}INSERT INTO {tasks} (id, key, payload, queue, state, attempts,
+                enqueued_at, updated_at, priority, run_at, task_group, timeout_seconds, seq)
             VALUES (:id, :key, :payload, :queue, 'queued', 0, :now, :now, :priority, :run_at,
-                :task_group, :timeout)
+                :task_group, :timeout, {place} + :seq)
             ON CONFLICT (id) DO NOTHING
         """,
         # Tasks whose every run so far ended with its worker's death are failed, not run again.
@@ -2276,18 +2310,20 @@ class _SqlStore:
                 SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
                     AND attempts >= :max_crashes {in_queues} {take_lock})
         """,
-        # Two takes, each served by an index with no sort of the backlog: first running tasks
-        # whose lease expired (a dead worker's; by the (state, enqueued_at) index), then the
-        # queued ones that are due, by the take index (state, priority DESC, ready time): the
-        # highest priority first, and within it the one ready longest. A delayed task's ready
-        # time is its due time, so that among due tasks the index range ends at "now". A worker
-        # of one named queue has the index (state, queue, priority DESC, ready time).
+        # Two takes, each served by the take index (state, priority DESC, ready time, seq) with
+        # no sort of the backlog: first running tasks whose lease expired (a dead worker's; the
+        # scan reads the running rows, a few per worker), then the queued ones that are due:
+        # the highest priority first, within it the one ready longest, and among those ready
+        # at the same time (one enqueue) the one submitted first. A delayed task's ready time
+        # is its due time, so that among due tasks the index range ends at "now". A worker of
+        # one named queue has the index (state, queue, priority DESC, ready time, seq).
         "take_expired": """
             UPDATE {tasks} SET state = 'running', token = :token, worker = :worker,
                 lease_expires = :lease, updated_at = :now
             WHERE id IN (
                 SELECT id FROM {tasks} WHERE state = 'running' AND lease_expires <= :now
                     AND (run_at IS NULL OR run_at <= :now) {in_queues}
+                ORDER BY priority DESC, coalesce(run_at, enqueued_at), seq
                 LIMIT :limit {take_lock})
             RETURNING {take_columns}
         """,
@@ -2297,7 +2333,8 @@ class _SqlStore:
             WHERE id IN (
                 SELECT id FROM {tasks}
                 WHERE state = 'queued' AND coalesce(run_at, enqueued_at) <= :now {in_queues}
-                ORDER BY priority DESC, coalesce(run_at, enqueued_at) LIMIT :limit {take_lock})
+                ORDER BY priority DESC, coalesce(run_at, enqueued_at), seq
+                LIMIT :limit {take_lock})
             RETURNING {take_columns}
         """,
         # A row just taken that holds no task (see _stored_task) fails on its own.
@@ -2308,11 +2345,11 @@ class _SqlStore:
         """,
         # A submission's schedule replaces a stored one: the worker that submits it holds it.
         "take_task": """
-            INSERT INTO {tasks} AS t (id, key, payload, queue, state, token, worker,
+            {place_with}INSERT INTO {tasks} AS t (id, key, payload, queue, state, token, worker,
                 lease_expires, attempts, enqueued_at, updated_at, priority, run_at, task_group,
-                timeout_seconds)
+                timeout_seconds, seq)
             VALUES (:id, :key, :payload, :queue, 'running', :token, :worker, :lease, 0, :now,
-                :now, :priority, :run_at, :task_group, :timeout)
+                :now, :priority, :run_at, :task_group, :timeout, {place})
             ON CONFLICT (id) DO UPDATE SET state = 'running', token = excluded.token,
                 worker = excluded.worker, lease_expires = excluded.lease_expires,
                 attempts = CASE WHEN t.state = 'failed' THEN 0 ELSE t.attempts END,
@@ -2420,32 +2457,13 @@ class _SqlStore:
             WHERE state = 'failed' AND {queue_col} = :queue
             ORDER BY updated_at DESC, id LIMIT :limit
         """,
-        # A retried task goes to the back of its queue, with fresh attempts.
-        "retry_all": """
-            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
-                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
-                run_at = NULL
-            WHERE state = 'failed'
-        """,
-        "retry_all_in": """
-            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
-                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
-                run_at = NULL
-            WHERE state = 'failed' AND queue = :queue
-        """,
+        # A retried task goes to the back of its queue, with fresh attempts; the retried keep
+        # the order they had among themselves (places drawn in their old order: {retry_place}).
+        "retry_all": _RETRY.format(where=""),
+        "retry_all_in": _RETRY.format(where="AND queue = :queue"),
         # By ids: one statement for any number of them (`{ids_filter}`: see _ids_param).
-        "retry_ids": """
-            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
-                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
-                run_at = NULL
-            WHERE state = 'failed' AND {ids_filter}
-        """,
-        "retry_ids_in": """
-            UPDATE {tasks} SET state = 'queued', token = NULL, worker = NULL, attempts = 0,
-                error = NULL, error_kind = NULL, enqueued_at = :now, updated_at = :now,
-                run_at = NULL
-            WHERE state = 'failed' AND queue = :queue AND {ids_filter}
-        """,
+        "retry_ids": _RETRY.format(where="AND {ids_filter}"),
+        "retry_ids_in": _RETRY.format(where="AND queue = :queue AND {ids_filter}"),
         "cancel": "DELETE FROM {tasks} WHERE state = 'queued' AND {ids_filter}",
         "task_states": "SELECT id, state FROM {tasks} WHERE {ids_filter}",
     }
@@ -2460,15 +2478,17 @@ class _SqlStore:
     }
 
     # The take's index and the partial index of delayed rows (see _SQL), made by _migrate_tasks
-    # once the tasks table has the columns: a table from before delays and priorities gets them
-    # first. Ties within one ready time fall to the table's own order.
+    # once the tasks table has the columns: a table from before delays and priorities, or
+    # before places in submission order, gets them first. The indexes of versions before
+    # places (`_OLD_TAKE_INDEXES`, without seq) are dropped.
     _SCHEDULE_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "run_at": "{real}"}
     _SCHEDULE_DDL = (
         "CREATE INDEX IF NOT EXISTS {take_index} ON {tasks} "
-        "(state, priority DESC, (coalesce(run_at, enqueued_at)))",
+        "(state, priority DESC, (coalesce(run_at, enqueued_at)), seq)",
         "CREATE INDEX IF NOT EXISTS {delayed_index} ON {tasks} (state, run_at) "
         "WHERE run_at IS NOT NULL",
     )
+    _OLD_TAKE_INDEXES = ("tasks_take", "tasks_queue_take")
     # Statements for a tasks table from before delays, read as it is by a command that may not
     # migrate it (status): it holds no delayed task.
     _LEGACY_SQL = {
@@ -2506,12 +2526,16 @@ class _SqlStore:
         such a database as it is; an opener that may write adds them first)."""
         fields = {"take_lock": self._TAKE_LOCK, "take_columns": self._TAKE_COLUMNS,
                   "raw_id": self._RAW_ID, "ids_filter": self._IDS_FILTER, "clock": self._CLOCK,
-                  "history_exists": self._HISTORY_EXISTS, **self._names}  # fmt: skip
+                  "history_exists": self._HISTORY_EXISTS,
+                  "place_with": self._PLACE_WITH.format(**self._names),
+                  "place": self._PLACE.format(**self._names),
+                  "retry_place": self._RETRY_PLACE.format(**self._names),
+                  **self._names}  # fmt: skip
         gone = set(missing)
         for pair, (field, column, default) in self._LATER_COLUMNS.items():
             fields[field] = default if pair in gone else column
         sql = {}
-        for name, text in self._SQL.items():
+        for name, text in {**self._SQL, **self._DIALECT_SQL}.items():
             if "{in_queues}" in text:
                 # A variant for every queue, one for a worker of one queue (an equality, so the
                 # queue's take index serves the take in order), one for several.
@@ -2755,8 +2779,9 @@ class _SqlStore:
         ``(run_at, priority)`` (see `_schedules`)."""
         return [{"id": t.id, "key": t.key, "payload": _queue_payload(t), "queue": t.queue,
                  "now": now, "run_at": run_at, "priority": rank, "task_group": t.group,
-                 "timeout": t.timeout}
-                for t, (run_at, rank) in zip(tasks, schedules, strict=True)]  # fmt: skip
+                 "timeout": t.timeout, "seq": index}
+                for index, (t, (run_at, rank))
+                in enumerate(zip(tasks, schedules, strict=True))]  # fmt: skip
 
     def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
         """Insert `rows` inside the caller's transaction; return how many were new.
@@ -2772,7 +2797,12 @@ class _SqlStore:
                 added += 1
             else:
                 self._check_same(execute, row)
+        self._advance_places(execute, len(rows))
         return added
+
+    def _advance_places(self, execute: Callable[..., Any], count: int) -> None:
+        """Move the counter of places past the `count` a statement batch took from {place}
+        (SqliteStore; on PostgreSQL each statement draws its own from a sequence)."""
 
     def _enqueue_stream(
         self,
@@ -2872,12 +2902,13 @@ class _SqlStore:
             if len(rows) < limit:
                 rows += execute("take" + suffix, {**params, "limit": limit - len(rows)}).fetchall()
             # RETURNING keeps no order: put the rows in the take's (see Store.take_many).
-            rows.sort(key=lambda row: (-_stored_priority(row[4]), _ready_time(row[5])))
+            rows.sort(key=lambda row: (-_stored_priority(row[4]), _ready_time(row[5]),
+                                       _stored_place(row[9])))  # fmt: skip
             taken = []
             # Each row becomes a task on its own, before the lease commits: one that holds no
             # task fails alone, and the others run, instead of all of them being leased and
             # abandoned (and, leased again and again, failed as crashed).
-            for task_id, key, payload, raw_id, rank, _, name, group, timeout in rows:
+            for task_id, key, payload, raw_id, rank, _, name, group, timeout, _ in rows:
                 try:
                     task = _stored_task(task_id, key, payload, name, group, timeout)
                     taken.append(QueuedTask(task, token, _stored_priority(rank)))
@@ -2910,6 +2941,8 @@ class _SqlStore:
             row = execute("take_task", params).fetchone()
             if row is None:
                 self._check_same(execute, params)
+            else:
+                self._advance_places(execute, 1)
             return row
 
         row = self._transaction(take)
@@ -3011,6 +3044,7 @@ class _SqlStore:
         def retry(execute: Callable[..., Any]) -> int:
             count = execute(name, params).rowcount
             if count:
+                self._advance_places(execute, count)
                 self._notify(execute)  # wake idle workers: there is work for them
             return count
 
@@ -3159,6 +3193,7 @@ class SqliteStore(_SqlStore):
                 "workers": f"{table}_workers",
                 "history": f"{table}_history",
                 "limits": f"{table}_limits",
+                "order": f"{table}_tasks_order",
             },
         )
         self._conn: sqlite3.Connection | None = self._open()
@@ -3178,7 +3213,8 @@ class SqliteStore(_SqlStore):
         "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) END, CAST(id AS BLOB), "
         "priority, coalesce(run_at, enqueued_at), "
         "CASE typeof(queue) WHEN 'text' THEN CAST(queue AS BLOB) END, "
-        "CASE typeof(task_group) WHEN 'text' THEN CAST(task_group AS BLOB) END, timeout_seconds"
+        "CASE typeof(task_group) WHEN 'text' THEN CAST(task_group AS BLOB) END, timeout_seconds, "
+        "seq"
     )
     _RAW_ID = "CAST(id AS BLOB)"
     _LIMITS_DDL = """CREATE TABLE IF NOT EXISTS {limits} (
@@ -3189,9 +3225,14 @@ class SqliteStore(_SqlStore):
         "CREATE INDEX IF NOT EXISTS {keys}_unscoped ON {keys} (key) WHERE namespace = ''"
     )
     _QUEUE_INDEX_DDL = (
-        "CREATE INDEX IF NOT EXISTS {tasks}_queue_take ON {tasks} "
-        "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))"
+        "CREATE INDEX IF NOT EXISTS {tasks}_queue_next ON {tasks} "
+        "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)), seq)"
     )
+    # Places come from a one-row counter that an enqueue moves on by the rows it inserted:
+    # SQLite runs one writer at a time, so no two transactions ever draw the same place.
+    _PLACE = "(SELECT next FROM {order})"
+    _RETRY_PLACE = _PLACE + " + row_number() OVER (ORDER BY seq, id) - 1"
+    _DIALECT_SQL = {"advance_places": "UPDATE {order} SET next = next + :count"}
     _HISTORY_DDL = """CREATE TABLE IF NOT EXISTS {history} (
             minute INTEGER NOT NULL, worker TEXT NOT NULL, succeeded INTEGER NOT NULL,
             failed INTEGER NOT NULL, duplicates INTEGER NOT NULL, retries INTEGER NOT NULL,
@@ -3205,7 +3246,7 @@ class SqliteStore(_SqlStore):
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, enqueued_at REAL NOT NULL,
             updated_at REAL NOT NULL, priority INTEGER NOT NULL DEFAULT 0, run_at REAL,
             queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
-            timeout_seconds DOUBLE PRECISION) WITHOUT ROWID""",
+            timeout_seconds DOUBLE PRECISION, seq INTEGER) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS {tasks}_ready ON {tasks} (state, enqueued_at)",
         _QUEUE_INDEX_DDL,
         """CREATE TABLE IF NOT EXISTS {workers} (
@@ -3307,18 +3348,20 @@ class SqliteStore(_SqlStore):
 
     def _migrate_tasks(self, conn: sqlite3.Connection) -> None:
         """Give a tasks table from before delays and priorities its ``priority`` and ``run_at``
-        columns and the indexes on them, in place (a new table has the columns already).
+        columns, one from before places its ``seq`` column and counter, and the indexes on
+        them, in place (a new table has the columns already).
 
         One write transaction, as in `_migrate_keys`; a table that has the indexes needs no
-        write lock. Old rows get priority 0 and no due time: they are ready, in the old order.
+        write lock. Old rows get priority 0 and no due time: they are ready, in the old order
+        (their places follow their enqueue time, then their id, as the old take did).
         """
-        tasks = self._names["tasks"]
-        wanted = {f"{tasks}_take", f"{tasks}_delayed"}
-        fields = {**self._names, "real": "REAL", "take_index": f"{tasks}_take",
+        tasks, order = self._names["tasks"], self._names["order"]
+        wanted = {f"{tasks}_next", f"{tasks}_delayed", order}
+        fields = {**self._names, "real": "REAL", "take_index": f"{tasks}_next",
                   "delayed_index": f"{tasks}_delayed"}  # fmt: skip
 
         def ready() -> bool:
-            found = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+            found = conn.execute("SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")
             return wanted <= {row[0] for row in found}
 
         if ready():
@@ -3327,16 +3370,40 @@ class SqliteStore(_SqlStore):
         try:
             if not ready():
                 columns = self._columns(conn, tasks)
-                for column, kind in self._SCHEDULE_COLUMNS.items():
+                for column, kind in {**self._SCHEDULE_COLUMNS, "seq": "INTEGER"}.items():
                     if column not in columns:
                         kind = kind.format(**fields)
                         conn.execute(f"ALTER TABLE {tasks} ADD COLUMN {column} {kind}")
+                self._number_rows(conn)
+                for old in self._OLD_TAKE_INDEXES:
+                    conn.execute(f"DROP INDEX IF EXISTS {self._names['keys']}_{old}")
                 for ddl in self._SCHEDULE_DDL:
                     conn.execute(ddl.format(**fields))
+                if "queue" in columns:  # else _add_columns adds the column and its index
+                    conn.execute(self._QUEUE_INDEX_DDL.format(**self._names))
         except BaseException:
             _rollback(conn)
             raise
         conn.execute("COMMIT")
+
+    def _number_rows(self, conn: sqlite3.Connection) -> None:
+        """Give the rows without a place one, by enqueue time then id, and make the counter of
+        places start after them (inside `_migrate_tasks`'s transaction)."""
+        tasks, order = self._names["tasks"], self._names["order"]
+        conn.execute(
+            f"UPDATE {tasks} SET seq = r.place FROM (SELECT id, "
+            f"(SELECT coalesce(max(seq), 0) FROM {tasks}) + row_number() OVER "
+            f"(ORDER BY enqueued_at, id) AS place FROM {tasks} WHERE seq IS NULL) AS r "
+            f"WHERE {tasks}.id = r.id"
+        )
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {order} (next INTEGER NOT NULL)")
+        conn.execute(
+            f"INSERT INTO {order} (next) SELECT coalesce(max(seq), 0) + 1 FROM {tasks} "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {order})"
+        )
+
+    def _advance_places(self, execute: Callable[..., Any], count: int) -> None:
+        execute("advance_places", {"count": count})
 
     def _migrate_keys(self, conn: sqlite3.Connection) -> None:
         """Give a keys table from before namespaces its ``namespace`` column, in place.
@@ -3569,8 +3636,16 @@ class PostgresStore(_SqlStore):
     # The server's clock, one reading per statement: workers on machines whose clocks disagree
     # still share a rate limit exactly.
     _CLOCK = "extract(epoch FROM statement_timestamp())::float8"
+    # Places come from a sequence that steps by _PLACE_BLOCK: a statement draws one value, the
+    # first of a block of its own, and numbers its rows within it (a row inserted by an older
+    # version takes a block by the column's default). A sequence never waits on another
+    # transaction, so concurrent enqueues stay concurrent.
+    _PLACE_WITH = "WITH base AS (SELECT nextval('{order}') AS seq) "
+    _PLACE = "(SELECT seq FROM base)"
+    _RETRY_PLACE = "nextval('{order}')"
     _DDL = (
         "CREATE SCHEMA IF NOT EXISTS {schema}",
+        "CREATE SEQUENCE IF NOT EXISTS {order} INCREMENT BY " + str(_PLACE_BLOCK),
         """CREATE TABLE IF NOT EXISTS {keys} (
             key TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
             fingerprint TEXT, token BIGINT NOT NULL, output TEXT, error TEXT,
@@ -3584,7 +3659,7 @@ class PostgresStore(_SqlStore):
             enqueued_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
             priority INTEGER NOT NULL DEFAULT 0, run_at DOUBLE PRECISION,
             queue TEXT NOT NULL DEFAULT 'default', error_kind TEXT, task_group TEXT,
-            timeout_seconds DOUBLE PRECISION)""",
+            timeout_seconds DOUBLE PRECISION, seq BIGINT NOT NULL DEFAULT nextval('{order}'))""",
         "CREATE INDEX IF NOT EXISTS {tasks_index} ON {tasks} (state, enqueued_at)",
         """CREATE TABLE IF NOT EXISTS {workers} (
             name TEXT PRIMARY KEY, info TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
@@ -3597,11 +3672,11 @@ class PostgresStore(_SqlStore):
             failed BIGINT NOT NULL, duplicates BIGINT NOT NULL, retries BIGINT NOT NULL,
             latency TEXT NOT NULL, PRIMARY KEY (minute, worker))""",
     )
-    _QUEUE_INDEX = "tasks_queue_take"
+    _QUEUE_INDEX = "tasks_queue_next"
     # Run once the later columns exist (a schema from an older version gets them first).
     _LATER_DDL = (
         "CREATE INDEX IF NOT EXISTS " + _QUEUE_INDEX + " ON {tasks} "
-        "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))",
+        "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)), seq)",
     )
 
     # One statement per batch: the rows go in as parallel arrays (unnest), so a batch of any size
@@ -3725,7 +3800,8 @@ class PostgresStore(_SqlStore):
             ttl_seconds,
             {"schema": schema, "keys": f"{schema}.idempotency", "tasks": f"{schema}.tasks",
              "tasks_index": "tasks_ready", "workers": f"{schema}.workers",
-             "history": f"{schema}.history", "limits": f"{schema}.limits"},
+             "history": f"{schema}.history", "limits": f"{schema}.limits",
+             "order": f"{schema}.tasks_order"},
         )  # fmt: skip
         self._listener: Any = None
         self._conn: Any = None
@@ -3833,9 +3909,36 @@ class PostgresStore(_SqlStore):
         for column, kind in self._SCHEDULE_COLUMNS.items():
             kind = kind.format(real="DOUBLE PRECISION")
             conn.execute(f"ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS {column} {kind}")
-        fields = {**self._names, "take_index": "tasks_take", "delayed_index": "tasks_delayed"}
+        self._number_rows()
+        conn.execute(
+            "DROP INDEX IF EXISTS "
+            + ", ".join(f"{self.schema}.{old}" for old in self._OLD_TAKE_INDEXES)
+        )
+        fields = {**self._names, "take_index": "tasks_next", "delayed_index": "tasks_delayed"}
         for ddl in self._SCHEDULE_DDL:
             conn.execute(ddl.format(**fields))
+
+    def _number_rows(self) -> None:
+        """Give a tasks table from before places its ``seq`` column, its rows places by
+        enqueue time then id, and the sequence as the column's default (inside
+        `_migrate_tasks`)."""
+        conn, tasks, order = self._conn, self._names["tasks"], self._names["order"]
+        found = conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'tasks' AND column_name = 'seq'",
+            (self.schema,),
+        ).fetchone()
+        if found is not None:
+            return
+        conn.execute(f"ALTER TABLE {tasks} ADD COLUMN seq BIGINT")
+        # nextval runs as the ordered rows come out of the inner query: places in that order.
+        conn.execute(
+            f"UPDATE {tasks} SET seq = r.place FROM (SELECT id, nextval('{order}') AS place "
+            f"FROM (SELECT id FROM {tasks} ORDER BY enqueued_at, id) AS f) AS r "
+            f"WHERE {tasks}.id = r.id"
+        )
+        conn.execute(f"ALTER TABLE {tasks} ALTER COLUMN seq SET DEFAULT nextval('{order}')")
+        conn.execute(f"ALTER TABLE {tasks} ALTER COLUMN seq SET NOT NULL")
 
     def _schema_ready(self) -> bool:
         """Return whether the schema holds every table, index and column of this version."""
@@ -3844,7 +3947,8 @@ class PostgresStore(_SqlStore):
             f"{self.schema}.{self._names['tasks_index']}",
             f"{self.schema}.idempotency_unscoped",
             f"{self.schema}.{self._QUEUE_INDEX}",
-            f"{self.schema}.tasks_take",
+            f"{self.schema}.tasks_next",
+            self._names["order"],
             f"{self.schema}.tasks_delayed",
         ]
         with self._conn.transaction():
@@ -4110,10 +4214,15 @@ class PostgresStore(_SqlStore):
         # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
         # INSERT with a VALUES tuple for each row, returning the ids it inserted. Only the rows
         # it left alone (stored before, or repeated in the chunk) are checked, one by one.
-        ordered = [rows[index] for index in _key_order([row["id"] for row in rows])]
+        # The chunks follow the submission order, so each one's block of places comes after
+        # the previous one's; within a chunk, rows are inserted in id order (see claim_many)
+        # and each takes its place by its index in the submission order.
         added = 0
-        for start in range(0, len(ordered), ENQUEUE_CHUNK):
-            chunk = ordered[start : start + ENQUEUE_CHUNK]
+        size = min(ENQUEUE_CHUNK, _PLACE_BLOCK)  # a chunk's places stay within its block
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            chunk = [{**part[index], "seq": index}
+                     for index in _key_order([row["id"] for row in part])]  # fmt: skip
             sql = _many_values(self._sql["enqueue"], len(chunk)) if len(chunk) > 1 else None
             if sql is None:
                 added += super()._enqueue_chunk(execute, chunk)

@@ -956,3 +956,38 @@ def test_a_tasks_table_from_before_delays_is_read_as_is_then_migrated(
         assert store.queue_status()["delayed"] == 1
     finally:
         store.close()
+
+
+def test_a_tasks_table_from_before_places_is_numbered_in_its_old_order(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    tq.open_store(str(db)).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # the layout of the version before
+        conn.execute("DROP INDEX idempotency_tasks_next")
+        conn.execute("DROP INDEX idempotency_tasks_queue_next")
+        conn.execute("DROP TABLE idempotency_tasks_order")
+        conn.execute("ALTER TABLE idempotency_tasks DROP COLUMN seq")
+        conn.execute(
+            "CREATE INDEX idempotency_tasks_take ON idempotency_tasks "
+            "(state, priority DESC, (coalesce(run_at, enqueued_at)))"
+        )
+        conn.execute(
+            "CREATE INDEX idempotency_tasks_queue_take ON idempotency_tasks "
+            "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))"
+        )
+        conn.executemany(  # one enqueue of the old version: one enqueue time
+            "INSERT INTO idempotency_tasks (id, key, payload, state, attempts, enqueued_at, "
+            "updated_at) VALUES (?, ?, '{}', 'queued', 0, 1.0, 1.0)",
+            [("old-c", "old-c"), ("old-a", "old-a"), ("old-b", "old-b")],
+        )
+        conn.commit()
+    store = tq.open_store(str(db))  # a writer numbers the old rows in the order they had
+    try:
+        store.enqueue_many([tq.Task("new-z"), tq.Task("new-y")])
+        taken = [item.task.id for item in store.take_many("w", 10)]
+        assert taken == ["old-a", "old-b", "old-c", "new-z", "new-y"]
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"idempotency_tasks_next", "idempotency_tasks_queue_next"} <= indexes
+    assert not {"idempotency_tasks_take", "idempotency_tasks_queue_take"} & indexes

@@ -562,6 +562,53 @@ def test_a_tasks_table_from_before_delays_is_read_as_is_then_migrated(
         store.close()
 
 
+@pytest.mark.timeout(120)
+def test_one_worker_starts_a_task_file_by_priority_then_in_file_order(
+    launcher: Launcher, pg_url: str, tmp_path: Path
+) -> None:
+    # More tasks than one enqueue statement holds, ids in no sorted order, a few priorities.
+    count = 1200
+    tasks = [{"id": f"t{(index * 7919) % count:05d}", "priority": (0, 3, -1, 0)[index % 4]}
+             for index in range(count)]  # fmt: skip
+    enqueue(launcher, pg_url, tmp_path / "tasks.json", tasks)
+    proc = launcher.run("worker", "--db", pg_url, "--handler", store_fixtures.RECORD_HANDLER,
+                        "--workers", "1", "--burst", "--json", timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (calls,) = launcher.executions().values()
+    expected = sorted(tasks, key=lambda task: -task["priority"])
+    assert [task_id for task_id, _ in calls] == [task["id"] for task in expected]
+
+
+def test_a_tasks_table_from_before_places_is_numbered_in_its_old_order(pg_url: str) -> None:
+    tq.open_store(pg_url).close()
+    schema = schema_of(pg_url)
+    for ddl in (  # the layout of the version before
+        f"ALTER TABLE {schema}.tasks DROP COLUMN seq",
+        f"DROP SEQUENCE {schema}.tasks_order",
+        f"CREATE INDEX tasks_take ON {schema}.tasks "
+        "(state, priority DESC, (coalesce(run_at, enqueued_at)))",
+        f"CREATE INDEX tasks_queue_take ON {schema}.tasks "
+        "(state, queue, priority DESC, (coalesce(run_at, enqueued_at)))",
+        # One enqueue of the old version: one enqueue time, rows stored in no id order.
+        f"INSERT INTO {schema}.tasks (id, key, payload, state, attempts, enqueued_at, "
+        "updated_at) VALUES ('old-c', 'old-c', '{}', 'queued', 0, 1.0, 1.0), "
+        "('old-a', 'old-a', '{}', 'queued', 0, 1.0, 1.0), "
+        "('old-b', 'old-b', '{}', 'queued', 0, 1.0, 1.0)",
+    ):
+        store_fixtures.pg_execute(ddl)
+    store = tq.open_store(pg_url)  # a writer numbers the old rows by enqueue time, then id
+    try:
+        store.enqueue_many([tq.Task("new-z"), tq.Task("new-y")])
+        taken = [item.task.id for item in store.take_many("w", 10)]
+        assert taken == ["old-a", "old-b", "old-c", "new-z", "new-y"]
+    finally:
+        store.close()
+    indexes = {name for (name,) in pg_rows(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,))}  # fmt: skip
+    assert {"tasks_next", "tasks_queue_next"} <= indexes
+    assert not {"tasks_take", "tasks_queue_take"} & indexes
+
+
 def statements_sent(store: Any, call: Any) -> int:
     """Return how many statements with parameters `call` sent on the store's connection, as
     libpq's protocol trace shows them (a Bind message each; BEGIN and COMMIT have none)."""

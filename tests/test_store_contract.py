@@ -923,6 +923,31 @@ def test_take_many_takes_the_highest_priority_first_then_submission_order(
     assert [item.priority for item in taken] == sorted((p for _, p in submitted), reverse=True)
 
 
+def test_one_enqueue_of_thousands_comes_out_by_priority_then_submission_order(
+    backend: Backend,
+) -> None:
+    count = 2400
+    # Ids in no sorted order (a permutation), so no store can pass by ordering on the id.
+    names = [f"t{(index * 7919) % count:05d}" for index in range(count)]
+    priorities = [(0, 5, -2, 0, 5)[index % 5] for index in range(count)]
+    first, second = backend.stores(2)
+    assert first.enqueue_many([tq.Task(name) for name in names], priority=priorities) == count
+    expected = [names[i] for i in sorted(range(count), key=lambda i: -priorities[i])]
+    taken: list[Any] = []
+    while batch := (first, second)[len(taken) // 300 % 2].take_many("w", 300):
+        taken += batch
+    assert [item.task.id for item in taken] == expected
+    # Returned to the queue, tasks of one enqueue keep their places; retried, they go to the
+    # back of their priority in the order they had.
+    back = [item for item in taken if item.priority == 0][:5]
+    assert first.settle_many([(i.task.id, i.token, QUEUED, None) for i in reversed(back)]) == 5
+    failed = [item for item in taken if item.priority == 5][:5]
+    assert first.settle_many([(i.task.id, i.token, FAILED, "x") for i in failed]) == 5
+    assert first.retry_tasks([item.task.id for item in reversed(failed)]) == 5
+    again = [item.task.id for item in first.take_many("w", 20)]
+    assert again == [item.task.id for item in failed + back]
+
+
 def test_one_enqueue_may_give_each_task_its_own_priority_and_delay(backend: Backend) -> None:
     store = backend.open()
     added = store.enqueue_many(
