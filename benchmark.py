@@ -1375,7 +1375,9 @@ def run_scale_out(
                 if ready is None and len(status["workers"]) >= processes:
                     ready, finished_at_ready = now, finished
                 progress.set(finished)
-                if finished >= tasks:
+                # Stop only workers that have registered: one that has not yet set up its
+                # signal handling would die of the SIGTERM instead of draining.
+                if finished >= tasks and ready is not None:
                     break
                 fleet.check()
                 if now > deadline:
