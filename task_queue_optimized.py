@@ -10286,6 +10286,15 @@ def main(argv: list[str] | None = None) -> int:
         # A database refused a statement (a server error, a full disk): one line, no traceback.
         print(f"error: database: {_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader of stdout went away (``task-queue status | head``): what ran is recorded,
+        # only the rest of the output is lost. Point stdout at /dev/null so that the flush at
+        # exit does not fail a second time, as the signal module's documentation advises.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_FAILED
 
 
 def _main(argv: list[str] | None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 from tests import store_fixtures
 from tests.cli_helpers import (
+    SAMPLE_FILE,
     SCRIPT,
     clean_env,
     make_tasks,
@@ -674,3 +676,24 @@ def test_signal_stops_gracefully_and_rerun_completes(
     assert snapshot["duplicates"] == done
     assert (snapshot["failed"], snapshot["cancelled"]) == (0, 0)
     assert state_counts(db) == {"completed": 200}
+
+
+def test_a_reader_that_went_away_ends_the_output_without_a_traceback(tmp_path: Path) -> None:
+    """Prove `task-queue ... | head` exits 1 with a quiet stderr and the run still recorded."""
+    db = tmp_path / "progress.db"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child starts: its writes fail, every time
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--task-file", str(SAMPLE_FILE), "--db", str(db), *FAST],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert state_counts(db).get("completed") == 95
