@@ -204,6 +204,18 @@ def pg_url() -> Iterator[str]:
     drop_schema(url)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Yield the --db of a durable queue: a SQLite file, then a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "queue.db")
+        return
+    require_postgres()
+    url = new_schema_url()
+    yield url
+    drop_schema(url)
+
+
 # --- The contract's backends ---------------------------------------------------------------------
 
 

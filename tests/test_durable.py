@@ -17,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -753,16 +752,7 @@ def test_serve_runs_what_others_enqueue_until_stopped(tmp_path: Path) -> None:
 # --- Delays and priorities -----------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Yield the URL of a new durable queue: a SQLite file, then a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "queue.db")
-        return
-    store_fixtures.require_postgres()
-    url = store_fixtures.new_schema_url()
-    yield url
-    store_fixtures.drop_schema(url)
+durable_db = store_fixtures.durable_db
 
 
 def next_run_at(url: str) -> float | None:
@@ -775,24 +765,24 @@ def next_run_at(url: str) -> float | None:
 
 @pytest.mark.timeout(90)
 def test_a_delayed_task_survives_a_worker_restart_and_runs_once_due(
-    launcher: Launcher, tmp_path: Path, queue_url: str
+    launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     file = write_task_file(
         tmp_path / "tasks.json", [{"id": "later", "delay_seconds": 6}, {"id": "now"}]
     )
-    enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", queue_url)
+    enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", durable_db)
     assert enqueued.returncode == 0, enqueued.stderr
-    due = next_run_at(queue_url)
+    due = next_run_at(durable_db)
     assert due is not None
-    first = launcher.worker(queue_url, handler=store_fixtures.STAMPED_HANDLER)
-    wait_until(lambda: status_of(queue_url)["tasks"]["done"] == 1, "the ready task", procs=[first])
+    first = launcher.worker(durable_db, handler=store_fixtures.STAMPED_HANDLER)
+    wait_until(lambda: status_of(durable_db)["tasks"]["done"] == 1, "the ready task", procs=[first])
     first.kill()  # no drain: whatever it held in memory is gone
     assert time.time() < due, "the first worker outlived the delay: the restart proved nothing"
-    assert status_of(queue_url)["delayed"] == 1
+    assert status_of(durable_db)["delayed"] == 1
     assert set(launcher.starts()) == {"now"}
-    second = launcher.worker(queue_url, handler=store_fixtures.STAMPED_HANDLER)
+    second = launcher.worker(durable_db, handler=store_fixtures.STAMPED_HANDLER)
     wait_until(
-        lambda: status_of(queue_url)["tasks"]["done"] == 2, "the delayed task", procs=[second]
+        lambda: status_of(durable_db)["tasks"]["done"] == 2, "the delayed task", procs=[second]
     )
     assert second.terminate() == 143
     (started,) = launcher.starts()["later"]
@@ -802,15 +792,15 @@ def test_a_delayed_task_survives_a_worker_restart_and_runs_once_due(
 
 @pytest.mark.timeout(60)
 def test_a_worker_runs_the_queue_highest_priority_first(
-    launcher: Launcher, tmp_path: Path, queue_url: str
+    launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     priorities = [0, 5, -3, 1000, 5, -1000, 1, 0]
     rows = [{"id": f"t{i}", "priority": p} for i, p in enumerate(priorities)]
     file = write_task_file(tmp_path / "tasks.json", rows)
-    enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", queue_url)
+    enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", durable_db)
     assert enqueued.returncode == 0, enqueued.stderr
-    worker = launcher.worker(queue_url, "--workers", "1")
-    wait_until(lambda: done_count_of(queue_url) == len(rows), "every task", procs=[worker])
+    worker = launcher.worker(durable_db, "--workers", "1")
+    wait_until(lambda: done_count_of(durable_db) == len(rows), "every task", procs=[worker])
     assert worker.terminate() == 143
     (calls,) = launcher.executions().values()
     # One enqueue gives the tasks one enqueue time: among equal priorities the order is the

@@ -410,16 +410,7 @@ def test_an_old_postgres_schema_is_read_as_it_is_and_upgraded_by_a_writer(pg_url
 # --- The command line, on SQLite and on PostgreSQL -----------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def queue_db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """Yield the --db of a durable queue: a SQLite file, then a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "queue.db")
-        return
-    store_fixtures.require_postgres()
-    url = store_fixtures.new_schema_url()
-    yield url
-    store_fixtures.drop_schema(url)
+durable_db = store_fixtures.durable_db
 
 
 def run_json(launcher: Launcher, *args: str) -> tuple[int, Any]:
@@ -447,39 +438,41 @@ def enqueue(
     assert proc.returncode == 0, proc.stderr
 
 
-def test_workers_take_only_their_queues(launcher: Launcher, tmp_path: Path, queue_db: str) -> None:
+def test_workers_take_only_their_queues(
+    launcher: Launcher, tmp_path: Path, durable_db: str
+) -> None:
     tasks = [
         {"id": "mail-1"},
         {"id": "mail-2"},
         {"id": "report-1", "queue": "reports"},  # the file's own field wins over --queue
         {"id": "other-1", "queue": "other"},
     ]
-    enqueue(launcher, queue_db, tmp_path / "tasks.json", tasks, "--queue", "mail")
-    code, report = run_json(launcher, "status", "--db", queue_db)
+    enqueue(launcher, durable_db, tmp_path / "tasks.json", tasks, "--queue", "mail")
+    code, report = run_json(launcher, "status", "--db", durable_db)
     assert code == 0
     assert {name: q["queued"] for name, q in report["queues"].items()} == {
         "mail": 2,
         "other": 1,
         "reports": 1,
     }
-    worker = launcher.worker(queue_db, "--queues", "mail,reports", "--name", "mr")
+    worker = launcher.worker(durable_db, "--queues", "mail,reports", "--name", "mr")
     wait_until(
         lambda: (
-            states(queue_db, "mail-1", "mail-2", "report-1")
+            states(durable_db, "mail-1", "mail-2", "report-1")
             == dict.fromkeys(("mail-1", "mail-2", "report-1"), "done")
         ),
         "the mail and report tasks to be done",
         procs=[worker],
     )
-    code, report = run_json(launcher, "status", "--db", queue_db)
+    code, report = run_json(launcher, "status", "--db", durable_db)
     (beat,) = report["workers"]
     assert beat["queues"] == ["mail", "reports"] and beat["alive"] is True
     assert report["queues"]["other"]["queued"] == 1  # never taken by that worker
     assert worker.terminate() == 143
     assert "serving queues mail, reports" in worker.stderr()
-    everything = launcher.worker(queue_db)
+    everything = launcher.worker(durable_db)
     wait_until(
-        lambda: states(queue_db, "other-1") == {"other-1": "done"}, "the rest", procs=[everything]
+        lambda: states(durable_db, "other-1") == {"other-1": "done"}, "the rest", procs=[everything]
     )
     assert everything.terminate() == 143
     assert launcher.calls_by_key() == Counter(
@@ -489,27 +482,30 @@ def test_workers_take_only_their_queues(launcher: Launcher, tmp_path: Path, queu
 
 @pytest.mark.timeout(120)
 def test_a_task_whose_worker_was_killed_is_retried_from_failed_and_completes_once(
-    launcher: Launcher, tmp_path: Path, queue_db: str
+    launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     gate = tmp_path / "gate"  # the handler waits for it: the first run never returns
     enqueue(
-        launcher, queue_db, tmp_path / "tasks.json", [{"id": "job", "payload": {"gate": str(gate)}}]
+        launcher,
+        durable_db,
+        tmp_path / "tasks.json",
+        [{"id": "job", "payload": {"gate": str(gate)}}],
     )
     flags = ("--max-attempts", "1", "--lease-seconds", "1")
-    doomed = launcher.worker(queue_db, *flags, "--name", "doomed")
+    doomed = launcher.worker(durable_db, *flags, "--name", "doomed")
     wait_until(lambda: launcher.calls_by_key()["job"] == 1, "the run to start", procs=[doomed])
     doomed.kill()
     # status shows the killed worker as gone, and what becomes of its task.
     wait_until(
-        lambda: not run_json(launcher, "status", "--db", queue_db)[1]["workers"][0]["alive"],
+        lambda: not run_json(launcher, "status", "--db", durable_db)[1]["workers"][0]["alive"],
         "the killed worker's heartbeat to outlive its lease",
     )
-    text = launcher.run("status", "--db", queue_db)
+    text = launcher.run("status", "--db", durable_db)
     assert "worker doomed" in text.stdout and "gone" in text.stdout
     assert "its 1 running task returns to the queue when the leases expire" in text.stdout
-    survivor = launcher.worker(queue_db, *flags, "--name", "survivor")
+    survivor = launcher.worker(durable_db, *flags, "--name", "survivor")
     failed = wait_until(
-        lambda: run_json(launcher, "failed", "--db", queue_db)[1],
+        lambda: run_json(launcher, "failed", "--db", durable_db)[1],
         "the crash to be failed",
         procs=[survivor],
     )
@@ -519,22 +515,22 @@ def test_a_task_whose_worker_was_killed_is_retried_from_failed_and_completes_onc
     assert row["error_kind"] == "crashed" and row["attempts"] == 1
     assert row["error"] == "crashed: the worker running it died once"
     assert isinstance(row["failed_at"], float) and abs(row["failed_at"] - time.time()) < 120
-    text = launcher.run("failed", "--db", queue_db)
+    text = launcher.run("failed", "--db", durable_db)
     assert text.returncode == 0 and "job" in text.stdout and "crashed" in text.stdout
-    code, key = run_json(launcher, "result", "job", "--db", queue_db)
+    code, key = run_json(launcher, "result", "job", "--db", durable_db)
     assert code == 3 and key["state"] == "in_progress"  # the dead run's claim, never finished
     gate.touch()
-    retried = launcher.run("retry", "job", "--db", queue_db)
+    retried = launcher.run("retry", "job", "--db", durable_db)
     assert retried.returncode == 0, retried.stderr
     assert "retried 1 failed task: back in its queue" in retried.stdout
     wait_until(
-        lambda: states(queue_db, "job") == {"job": "done"}, "the retried run", procs=[survivor]
+        lambda: states(durable_db, "job") == {"job": "done"}, "the retried run", procs=[survivor]
     )
     assert survivor.terminate() == 143
     assert launcher.calls_by_key() == Counter(
         {"job": 2}
     )  # the killed call, then one that completed
-    code, key = run_json(launcher, "result", "job", "--db", queue_db)
+    code, key = run_json(launcher, "result", "job", "--db", durable_db)
     assert code == 0
     assert key == {
         "key": "job",
@@ -546,21 +542,21 @@ def test_a_task_whose_worker_was_killed_is_retried_from_failed_and_completes_onc
         "namespace": "tq_test_handlers.record",
     }
     assert isinstance(key["updated_at"], float)
-    assert run_json(launcher, "failed", "--db", queue_db) == (0, [])
+    assert run_json(launcher, "failed", "--db", durable_db) == (0, [])
 
 
 def test_cancel_lets_a_running_task_finish_and_removes_a_queued_one(
-    launcher: Launcher, tmp_path: Path, queue_db: str
+    launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     gate = tmp_path / "gate"
     enqueue(
-        launcher, queue_db, tmp_path / "a.json", [{"id": "slow", "payload": {"gate": str(gate)}}]
+        launcher, durable_db, tmp_path / "a.json", [{"id": "slow", "payload": {"gate": str(gate)}}]
     )
-    enqueue(launcher, queue_db, tmp_path / "b.json", [{"id": "waiting"}])  # enqueued later
-    worker = launcher.worker(queue_db, "--workers", "1", "--prefetch", "1")
+    enqueue(launcher, durable_db, tmp_path / "b.json", [{"id": "waiting"}])  # enqueued later
+    worker = launcher.worker(durable_db, "--workers", "1", "--prefetch", "1")
     wait_until(lambda: launcher.calls_by_key()["slow"] == 1, "the slow task to run", procs=[worker])
-    assert states(queue_db, "slow", "waiting") == {"slow": "running", "waiting": "queued"}
-    code, outcome = run_json(launcher, "cancel", "slow", "waiting", "missing", "--db", queue_db)
+    assert states(durable_db, "slow", "waiting") == {"slow": "running", "waiting": "queued"}
+    code, outcome = run_json(launcher, "cancel", "slow", "waiting", "missing", "--db", durable_db)
     assert code == 1
     assert outcome == {
         "cancelled": ["waiting"],
@@ -568,23 +564,23 @@ def test_cancel_lets_a_running_task_finish_and_removes_a_queued_one(
         "finished": {},
         "not_found": ["missing"],
     }
-    text = launcher.run("cancel", "slow", "--db", queue_db)
+    text = launcher.run("cancel", "slow", "--db", durable_db)
     assert text.returncode == 1 and "slow is running; it finishes" in text.stderr
     gate.touch()
     wait_until(
-        lambda: states(queue_db, "slow") == {"slow": "done"},
+        lambda: states(durable_db, "slow") == {"slow": "done"},
         "the slow task to finish",
         procs=[worker],
     )
     assert worker.terminate() == 143
     assert launcher.calls_by_key() == Counter({"slow": 1})  # the cancelled one never ran
-    assert states(queue_db, "waiting") == {}
-    done = launcher.run("cancel", "slow", "--db", queue_db)
+    assert states(durable_db, "waiting") == {}
+    done = launcher.run("cancel", "slow", "--db", durable_db)
     assert done.returncode == 1 and "slow has finished (done)" in done.stderr
 
 
-def test_result_answers_by_exit_code(launcher: Launcher, queue_db: str) -> None:
-    manager = tq.IdempotencyManager(queue_db)
+def test_result_answers_by_exit_code(launcher: Launcher, durable_db: str) -> None:
+    manager = tq.IdempotencyManager(durable_db)
     try:
         manager.mark_processed("done-key", {"n": 1})
         failed = manager.claim("failed-key")
@@ -592,13 +588,13 @@ def test_result_answers_by_exit_code(launcher: Launcher, queue_db: str) -> None:
         manager.claim("running-key")
     finally:
         manager.close()
-    text = launcher.run("result", "done-key", "--db", queue_db)
+    text = launcher.run("result", "done-key", "--db", durable_db)
     assert text.returncode == 0 and text.stdout.splitlines()[-1] == '{"n": 1}'
-    code, failed_state = run_json(launcher, "result", "failed-key", "--db", queue_db)
+    code, failed_state = run_json(launcher, "result", "failed-key", "--db", durable_db)
     assert code == 1 and failed_state["state"] == "failed" and failed_state["error"] == "it broke"
     assert failed_state["attempts"] == 1
-    assert run_json(launcher, "result", "running-key", "--db", queue_db)[0] == 3
-    code, unknown = run_json(launcher, "result", "nobody", "--db", queue_db)
+    assert run_json(launcher, "result", "running-key", "--db", durable_db)[0] == 3
+    code, unknown = run_json(launcher, "result", "nobody", "--db", durable_db)
     assert code == 3 and unknown["state"] == "unknown" and unknown["output"] is None
 
 

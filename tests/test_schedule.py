@@ -456,22 +456,19 @@ def slot_calls(launcher: Launcher) -> Counter[str]:
     return Counter(key for key in launcher.calls_by_key().elements() if key.startswith("tick@"))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def queue_db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "postgres":
-        yield request.getfixturevalue("pg_url")
-    else:
-        yield str(tmp_path / "queue.db")
+durable_db = store_fixtures.durable_db
 
 
 @pytest.mark.timeout(120)
 def test_three_workers_with_one_schedule_run_each_slot_once(
-    launcher: Launcher, tmp_path: Path, queue_db: str
+    launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     schedule = write(tmp_path / "s.json", [{"id": "tick", "every": 1, "payload": {"n": 1}}])
     # Three workers, each carrying the schedule: every one of them enqueues every slot.
     workers = [
-        launcher.worker(queue_db, "--schedule", schedule, "--workers", "2", "--lease-seconds", "5")
+        launcher.worker(
+            durable_db, "--schedule", schedule, "--workers", "2", "--lease-seconds", "5"
+        )
         for _ in range(3)
     ]
     # Enough slots that every worker has carried several (they start within a second or two).
@@ -481,7 +478,7 @@ def test_three_workers_with_one_schedule_run_each_slot_once(
     calls = slot_calls(launcher)
     assert calls and set(calls.values()) == {1}, calls
     # The store holds one row per slot, every one done.
-    store = tq.open_store(queue_db)
+    store = tq.open_store(durable_db)
     try:
         status = store.queue_status()
     finally:

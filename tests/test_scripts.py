@@ -38,13 +38,7 @@ def run(task):
 """
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def queue_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A durable queue on each backend: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "postgres":
-        yield request.getfixturevalue("pg_url")
-    else:
-        yield str(tmp_path / "queue.db")
+durable_db = store_fixtures.durable_db
 
 
 def status_of(db: str) -> dict[str, Any]:
@@ -68,37 +62,37 @@ def burst(launcher: Launcher, db: str, *args: str, handler: str = store_fixtures
 # --- enqueue() from code -------------------------------------------------------------------------
 
 
-def test_enqueue_streams_any_iterable_and_counts_only_new_tasks(queue_db: str) -> None:
+def test_enqueue_streams_any_iterable_and_counts_only_new_tasks(durable_db: str) -> None:
     count = 2 * tq.ENQUEUE_CHUNK + 7  # three chunks, the last one short
-    assert tq.enqueue(generated(count), db=queue_db) == count
-    assert tq.enqueue(generated(count + 3), db=queue_db) == 3
-    assert tq.enqueue([], db=queue_db) == 0
-    assert status_of(queue_db)["tasks"]["queued"] == count + 3
+    assert tq.enqueue(generated(count), db=durable_db) == count
+    assert tq.enqueue(generated(count + 3), db=durable_db) == 3
+    assert tq.enqueue([], db=durable_db) == 0
+    assert status_of(durable_db)["tasks"]["queued"] == count + 3
 
 
-def test_enqueue_is_all_or_nothing_across_chunks(queue_db: str) -> None:
-    assert tq.enqueue([tq.Task("t-01100", {"old": True})], db=queue_db) == 1
+def test_enqueue_is_all_or_nothing_across_chunks(durable_db: str) -> None:
+    assert tq.enqueue([tq.Task("t-01100", {"old": True})], db=durable_db) == 1
 
     def conflicting() -> Iterator[tq.Task]:
         yield from generated(1500)  # t-01100 comes back with another payload in chunk 3
 
     with pytest.raises(tq.TaskConflictError, match="t-01100"):
-        tq.enqueue(conflicting(), db=queue_db)
+        tq.enqueue(conflicting(), db=durable_db)
 
     def with_a_stranger() -> Iterator[Any]:
         yield from generated(1200, prefix="u")
         yield {"id": "not-a-task"}
 
     with pytest.raises(TypeError, match="expected Task objects, got dict"):
-        tq.enqueue(with_a_stranger(), db=queue_db)
+        tq.enqueue(with_a_stranger(), db=durable_db)
 
     def broken() -> Iterator[tq.Task]:
         yield from generated(700, prefix="v")
         raise RuntimeError("the producer broke")
 
     with pytest.raises(RuntimeError, match="the producer broke"):
-        tq.enqueue(broken(), db=queue_db)
-    assert status_of(queue_db)["tasks"]["queued"] == 1
+        tq.enqueue(broken(), db=durable_db)
+    assert status_of(durable_db)["tasks"]["queued"] == 1
 
 
 def test_enqueue_refuses_bad_arguments_before_opening_anything(tmp_path: Path) -> None:
@@ -113,23 +107,23 @@ def test_enqueue_refuses_bad_arguments_before_opening_anything(tmp_path: Path) -
     assert "enqueue" in tq.__all__
 
 
-def test_enqueue_puts_tasks_in_the_queue_asked_unless_they_name_one(queue_db: str) -> None:
+def test_enqueue_puts_tasks_in_the_queue_asked_unless_they_name_one(durable_db: str) -> None:
     tasks = [*generated(3), tq.Task("mine", queue="urgent")]
-    assert tq.enqueue(tasks, db=queue_db, queue="reports") == 4
-    queues = status_of(queue_db)["queues"]
+    assert tq.enqueue(tasks, db=durable_db, queue="reports") == 4
+    queues = status_of(durable_db)["queues"]
     assert queues["reports"]["queued"] == 3 and queues["urgent"]["queued"] == 1
     assert "default" not in queues
     # The same ids in another queue are other tasks: refused, nothing added.
     with pytest.raises(tq.TaskConflictError):
-        tq.enqueue([*generated(1, prefix="new"), *generated(1)], db=queue_db)
-    assert sum(entry["queued"] for entry in status_of(queue_db)["queues"].values()) == 4
+        tq.enqueue([*generated(1, prefix="new"), *generated(1)], db=durable_db)
+    assert sum(entry["queued"] for entry in status_of(durable_db)["queues"].values()) == 4
 
 
-def test_enqueue_with_a_delay_and_a_priority(queue_db: str, tmp_path: Path) -> None:
-    assert tq.enqueue(generated(2, prefix="low"), db=queue_db, priority=-5) == 2
-    assert tq.enqueue([tq.Task("high")], db=queue_db, priority=5) == 1
-    assert tq.enqueue([tq.Task("later")], db=queue_db, delay=3600) == 1
-    store = tq.open_store(queue_db)
+def test_enqueue_with_a_delay_and_a_priority(durable_db: str, tmp_path: Path) -> None:
+    assert tq.enqueue(generated(2, prefix="low"), db=durable_db, priority=-5) == 2
+    assert tq.enqueue([tq.Task("high")], db=durable_db, priority=5) == 1
+    assert tq.enqueue([tq.Task("later")], db=durable_db, delay=3600) == 1
+    store = tq.open_store(durable_db)
     try:
         assert store.queue_status()["delayed"] == 1
         taken = [item.task.id for item in store.take_many("w", 10)]
@@ -184,45 +178,45 @@ def test_enqueue_many_over_several_chunks_counts_and_refuses_like_one_row_at_a_t
 # --- Burst workers -------------------------------------------------------------------------------
 
 
-def test_a_burst_worker_drains_the_queue_and_exits_0(launcher: Launcher, queue_db: str) -> None:
-    tq.enqueue(generated(30), db=queue_db)
-    proc, snapshot = burst(launcher, queue_db, "--workers", "4")
+def test_a_burst_worker_drains_the_queue_and_exits_0(launcher: Launcher, durable_db: str) -> None:
+    tq.enqueue(generated(30), db=durable_db)
+    proc, snapshot = burst(launcher, durable_db, "--workers", "4")
     assert proc.returncode == 0, proc.stderr
     assert snapshot["succeeded"] == 30 and snapshot["failed"] == 0
     assert (snapshot["backlog"], snapshot["oldest_waiting_seconds"]) == (0, None)
     assert launcher.calls_by_key() == Counter({f"t-{i:05d}": 1 for i in range(30)})
-    assert status_of(queue_db)["tasks"]["done"] == 30
+    assert status_of(durable_db)["tasks"]["done"] == 30
     # Run again: nothing to do, and it says so at once.
-    proc, snapshot = burst(launcher, queue_db)
+    proc, snapshot = burst(launcher, durable_db)
     assert proc.returncode == 0 and snapshot["submitted"] == 0
 
 
 def test_a_burst_worker_exits_1_when_a_task_it_ran_failed(
-    launcher: Launcher, tmp_path: Path, queue_db: str
+    launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     (tmp_path / "failing.py").write_text(FAILING_HANDLER, encoding="utf-8")
-    tq.enqueue([*generated(5), tq.Task("bad", {"fail": True})], db=queue_db)
-    proc, snapshot = burst(launcher, queue_db, handler="failing:run")
+    tq.enqueue([*generated(5), tq.Task("bad", {"fail": True})], db=durable_db)
+    proc, snapshot = burst(launcher, durable_db, handler="failing:run")
     assert proc.returncode == 1, proc.stderr
     assert (snapshot["succeeded"], snapshot["failed"]) == (5, 1)
     assert snapshot["failures_by_kind"] == {"permanent": 1}
-    status = status_of(queue_db)["tasks"]
+    status = status_of(durable_db)["tasks"]
     assert (status["done"], status["failed"], status["queued"]) == (5, 1, 0)
     # The failure is this worker's to report; the next burst finds nothing and exits 0.
-    proc, snapshot = burst(launcher, queue_db, handler="failing:run")
+    proc, snapshot = burst(launcher, durable_db, handler="failing:run")
     assert proc.returncode == 0 and snapshot["submitted"] == 0
 
 
 @pytest.mark.timeout(90)
 def test_a_burst_worker_waits_for_a_task_another_worker_runs_and_takes_it_if_that_one_dies(
-    launcher: Launcher, tmp_path: Path, queue_db: str
+    launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     gate = tmp_path / "gate"
-    tq.enqueue([tq.Task("long", {"gate": str(gate)})], db=queue_db)
-    first = launcher.worker(queue_db, "--lease-seconds", "1")
+    tq.enqueue([tq.Task("long", {"gate": str(gate)})], db=durable_db)
+    first = launcher.worker(durable_db, "--lease-seconds", "1")
     wait_until(lambda: launcher.calls_by_key()["long"] == 1, "the first worker runs it",
                procs=[first])  # fmt: skip
-    second = launcher.worker(queue_db, "--lease-seconds", "1", "--burst")
+    second = launcher.worker(durable_db, "--lease-seconds", "1", "--burst")
     wait_until(lambda: "serving" in second.stderr(), "the burst worker serves", procs=[second])
     # The task is running elsewhere, not ready: a burst worker that stopped here would lose it.
     first.kill()
@@ -231,32 +225,34 @@ def test_a_burst_worker_waits_for_a_task_another_worker_runs_and_takes_it_if_tha
     runs = launcher.executions()
     assert [task for task, _ in runs[second.pid]] == ["long"]
     assert second.json()["succeeded"] == 1
-    assert status_of(queue_db)["tasks"]["done"] == 1
+    assert status_of(durable_db)["tasks"]["done"] == 1
 
 
-def test_a_burst_worker_does_not_wait_for_delayed_tasks(launcher: Launcher, queue_db: str) -> None:
-    tq.enqueue(generated(2), db=queue_db)
-    tq.enqueue([tq.Task("tomorrow")], db=queue_db, delay=86400)
-    proc, snapshot = burst(launcher, queue_db)
+def test_a_burst_worker_does_not_wait_for_delayed_tasks(
+    launcher: Launcher, durable_db: str
+) -> None:
+    tq.enqueue(generated(2), db=durable_db)
+    tq.enqueue([tq.Task("tomorrow")], db=durable_db, delay=86400)
+    proc, snapshot = burst(launcher, durable_db)
     assert proc.returncode == 0, proc.stderr
     assert snapshot["succeeded"] == 2
-    status = status_of(queue_db)
+    status = status_of(durable_db)
     assert (status["tasks"]["done"], status["tasks"]["queued"], status["delayed"]) == (2, 1, 1)
     assert (snapshot["backlog"], snapshot["oldest_waiting_seconds"]) == (0, None)
 
 
 def test_a_burst_worker_of_one_queue_leaves_the_others_alone(
-    launcher: Launcher, queue_db: str
+    launcher: Launcher, durable_db: str
 ) -> None:
-    tq.enqueue(generated(3, prefix="a"), db=queue_db, queue="a")
-    tq.enqueue(generated(2, prefix="b"), db=queue_db, queue="b")
-    proc, snapshot = burst(launcher, queue_db, "--queues", "a")
+    tq.enqueue(generated(3, prefix="a"), db=durable_db, queue="a")
+    tq.enqueue(generated(2, prefix="b"), db=durable_db, queue="b")
+    proc, snapshot = burst(launcher, durable_db, "--queues", "a")
     assert proc.returncode == 0, proc.stderr
     assert snapshot["succeeded"] == 3
     other = snapshot["backlog_by_queue"]["b"]  # not served here, still shown
     assert other["backlog"] == 2 and other["oldest_waiting_seconds"] >= 0
     assert snapshot["backlog_by_queue"]["a"] == {"backlog": 0, "oldest_waiting_seconds": None}
-    queues = status_of(queue_db)["queues"]
+    queues = status_of(durable_db)["queues"]
     assert (queues["a"]["done"], queues["b"]["queued"]) == (3, 2)
 
 
@@ -305,9 +301,9 @@ def test_prometheus_text_has_failures_by_kind_and_the_backlog_per_queue() -> Non
     assert json.loads(metrics.to_json())["backlog_by_queue"]["default"]["backlog"] == 3
 
 
-def test_the_backlog_gauge_reads_the_store(queue_db: str) -> None:
-    tq.enqueue(generated(4), db=queue_db)
-    store = tq.open_store(queue_db)
+def test_the_backlog_gauge_reads_the_store(durable_db: str) -> None:
+    tq.enqueue(generated(4), db=durable_db)
+    store = tq.open_store(durable_db)
     metrics = tq.MetricsCollector()
     try:
         gauge = tq._BacklogGauge(store, metrics)
