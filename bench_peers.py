@@ -127,7 +127,9 @@ async def pgqueuer_install_and_enqueue(dsn: str, entrypoint: str, count: int) ->
 # --- Dramatiq ------------------------------------------------------------------------------------
 
 
-def dramatiq_setup(url: str, queue: str, counter_path: str | None = None) -> tuple[Any, dict]:
+def dramatiq_setup(
+    url: str, queue: str, counter_path: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Return a RabbitmqBroker on `url` and the two actors on `queue`, by name.
 
     ``confirm_delivery=True``: a send returns once RabbitMQ has taken the message (the producer
@@ -152,7 +154,7 @@ def dramatiq_setup(url: str, queue: str, counter_path: str | None = None) -> tup
 def _ack_middleware(path: str) -> Any:
     from dramatiq.middleware import Middleware
 
-    class CountAcks(Middleware):
+    class CountAcks(Middleware):  # type: ignore[misc]  # Any: an optional extra
         def __init__(self) -> None:
             self.counter: AckCounter | None = None
 

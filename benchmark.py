@@ -76,7 +76,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import task_queue_optimized as tq
 
@@ -323,7 +323,7 @@ class Run:
     @property
     def efficiency(self) -> float | None:
         """Tasks whose handler ran, per second, over the ceiling."""
-        elapsed = self.metrics["elapsed_seconds"]
+        elapsed: float = self.metrics["elapsed_seconds"]
         if not self.ceiling or elapsed <= 0:
             return None
         return self.executed / elapsed / self.ceiling
@@ -331,8 +331,8 @@ class Run:
     @property
     def attempt_efficiency(self) -> float | None:
         """Handler calls (retries included) per second, over the ceiling."""
-        elapsed = self.metrics["elapsed_seconds"]
-        calls = self.metrics.get("handler_calls")
+        elapsed: float = self.metrics["elapsed_seconds"]
+        calls: int | None = self.metrics.get("handler_calls")
         if not self.ceiling or elapsed <= 0 or calls is None:
             return None
         return calls / elapsed / self.ceiling
@@ -786,7 +786,7 @@ class _HueyTracker:
             if first:
                 times[1] = now
         if first:
-            self._metrics.record_start(now - times[0])
+            self._metrics.record_start(now - times[0])  # type: ignore[operator]  # set at enqueue
 
     def on_retrying(self, signal_name: str, task: Any) -> None:
         self._metrics.record_retry()
@@ -1263,7 +1263,7 @@ class _WorkerFleet:
     def _snapshot(self, index: int) -> dict[str, Any] | None:
         try:
             with open(self._path(index, "out"), encoding="utf-8") as handle:
-                return json.load(handle)
+                return cast("dict[str, Any]", json.load(handle))  # a snapshot: an object
         except (OSError, ValueError):
             return None
 
@@ -1628,8 +1628,7 @@ def run_async_pool(count: int, in_flight: int, latency_ms: float, repeat: int = 
     async def drain(path: str) -> tuple[float, int, dict[str, Any]]:
         tasks = [tq.Task(f"async-{index:07d}") for index in range(count)]
         succeeded = 0
-        pool_class: Any = tq.AsyncWorkerPool  # type: ignore[attr-defined]
-        async with pool_class(handler, workers=in_flight, db_path=path) as pool:
+        async with tq.AsyncWorkerPool(handler, workers=in_flight, db_path=path) as pool:
             began = time.perf_counter()
             async for record in pool.iter_results(tasks):
                 if record.status is tq.TaskStatus.SUCCEEDED:
@@ -2817,7 +2816,7 @@ def noop_table(runs: Sequence[Run], ranged: bool) -> str:
 def machine_info() -> dict[str, Any]:
     """Return the cores, platform and Python that the report records."""
     try:
-        usable = len(os.sched_getaffinity(0))
+        usable: int | None = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
     return {
@@ -2980,7 +2979,7 @@ def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors become `UsageError`, reported in one line by `main`."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see --help)")
 
 
@@ -3433,7 +3432,11 @@ def _mode(args: argparse.Namespace) -> str:
 
 
 def _compare_mode(
-    args: argparse.Namespace, workload: Workload, settings: Settings, peers: bool, report: dict
+    args: argparse.Namespace,
+    workload: Workload,
+    settings: Settings,
+    peers: bool,
+    report: dict[str, Any],
 ) -> list[Run]:
     """Run and print the comparison; return its runs."""
     workers = _parse_workers(args.workers)
@@ -3448,7 +3451,7 @@ def _compare_mode(
 
 
 def _open_loop_mode(
-    args: argparse.Namespace, workload: Workload, settings: Settings, report: dict
+    args: argparse.Namespace, workload: Workload, settings: Settings, report: dict[str, Any]
 ) -> list[Run]:
     """Run and print the open-loop runs; return them."""
     report["workload"] = workload.describe()
@@ -3463,13 +3466,15 @@ def _open_loop_mode(
     return runs
 
 
-def _scale_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+def _scale_mode(args: argparse.Namespace, settings: Settings, report: dict[str, Any]) -> list[Run]:
     """Run and print the scale-out runs, then the no-op store comparison; return their runs."""
     with _sigterm_as_interrupt():
         return _run_scale_mode(args, settings, report)
 
 
-def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+def _run_scale_mode(
+    args: argparse.Namespace, settings: Settings, report: dict[str, Any]
+) -> list[Run]:
     database = parse_database(args.db)
     counts = _parse_counts(args.processes, "--processes")
     workers = _parse_workers(args.workers)[0]
@@ -3582,7 +3587,7 @@ def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) 
 
 
 def _suite_mode(
-    args: argparse.Namespace, settings: Settings, peers: bool, report: dict
+    args: argparse.Namespace, settings: Settings, peers: bool, report: dict[str, Any]
 ) -> tuple[list[Run], bool]:
     """Run and print the targets; return their runs and whether every judged target was met."""
     sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else FULL_SIZES
@@ -3651,7 +3656,7 @@ def _durable_report(results: DurableResults) -> dict[str, Any]:
 
 
 def _concurrency_mode(
-    args: argparse.Namespace, argv: Sequence[str], settings: Settings, report: dict
+    args: argparse.Namespace, argv: Sequence[str], settings: Settings, report: dict[str, Any]
 ) -> list[Run]:
     """Run, print and draw throughput against concurrency; return the runs."""
     given = any(arg == "--workers" or arg.startswith("--workers=") for arg in argv)
@@ -3674,7 +3679,7 @@ def _concurrency_mode(
     return runs
 
 
-def _rate_limit_mode(args: argparse.Namespace, report: dict) -> list[Run]:
+def _rate_limit_mode(args: argparse.Namespace, report: dict[str, Any]) -> list[Run]:
     """Run and print the rate-limit runs; return them."""
     limit = tq._rate_of(args.rate_limit, "--rate-limit")
     tasks = args.tasks or 6 * limit.count
@@ -3698,7 +3703,9 @@ def _rate_limit_mode(args: argparse.Namespace, report: dict) -> list[Run]:
     return runs
 
 
-def _durable_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+def _durable_mode(
+    args: argparse.Namespace, settings: Settings, report: dict[str, Any]
+) -> list[Run]:
     """Run and print the durable comparison; return its runs."""
     with _sigterm_as_interrupt():
         results = run_durable(args.db, args.rabbitmq, args.peers, args.repeat,

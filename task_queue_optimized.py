@@ -86,7 +86,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeGuard, TypeVar, cast, overload
 
 __all__ = [
     "DEFAULT_BASE_DELAY",
@@ -165,6 +165,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")  # the result of a store transaction's body
 
 
 # --- Defaults ------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_NOT_FINISHED = 3  # ``task-queue result``: the key is unknown or has not finished
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 # --- Exceptions ----------------------------------------------------------------------------------
@@ -486,7 +488,7 @@ def _check_queue_name(value: Any, source: str) -> str:
     problem = _queue_problem(value)
     if problem is not None:
         raise ValueError(f"{source} {problem}, not {_shown(value)}")
-    return value
+    return cast(str, value)  # a str: _queue_problem checked it
 
 
 def _storable_text(text: str | None) -> str | None:
@@ -646,6 +648,8 @@ class Task:
 class _TextEnum(str, enum.Enum):
     """An enum whose members are their string values (they compare and print as such)."""
 
+    _value_: str
+
     def __str__(self) -> str:
         return self.value
 
@@ -765,7 +769,7 @@ def _json_tokens(text: str, pattern: re.Pattern[str]) -> Iterator[re.Match[str]]
             position = match.end()
             continue
         try:
-            position = json.decoder.scanstring(text, match.end(), True)[1]
+            position = json.decoder.scanstring(text, match.end(), True)[1]  # type: ignore[attr-defined]  # not in the stubs
         except ValueError:
             return
 
@@ -847,7 +851,7 @@ def _hook_error_position(text: str, reason: str) -> int | None:
     holding a duplicate key (found again with the pure-Python scanner, which shows positions)."""
     if reason.startswith("duplicate object key"):
         decoder = json.JSONDecoder(object_pairs_hook=_unique_object)
-        parse_object = decoder.parse_object
+        parse_object = decoder.parse_object  # type: ignore[attr-defined]  # not in the stubs
 
         def located(s_and_end: tuple[str, int], *rest: Any) -> Any:
             try:
@@ -857,8 +861,8 @@ def _hook_error_position(text: str, reason: str) -> int | None:
             except ValueError:
                 raise _FoundAt(s_and_end[1] - 1) from None
 
-        decoder.parse_object = located
-        decoder.scan_once = json.scanner.py_make_scanner(decoder)
+        decoder.parse_object = located  # type: ignore[attr-defined]  # not in the stubs
+        decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]  # not in the stubs
         try:
             decoder.decode(text)
         except _FoundAt as found:
@@ -1010,7 +1014,7 @@ _JITTER_MODES = ("full", "none")
 _jitter_random = random.SystemRandom()
 
 
-def _is_finite_number(value: Any) -> bool:
+def _is_finite_number(value: Any) -> TypeGuard[float]:
     """Return whether `value` is an int or float (not a bool) that a float can hold, finite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -1400,6 +1404,12 @@ def _check_task_ids(ids: Any, source: str = "ids") -> list[str]:
     return checked
 
 
+@overload
+def _check_operation(ids: None = None, queue: Any = None, limit: Any = ...) -> None: ...
+@overload
+def _check_operation(ids: Sequence[str], queue: Any = None, limit: Any = ...) -> list[str]: ...
+
+
 def _check_operation(
     ids: Any = None, queue: Any = None, limit: Any = DEFAULT_FAILED_LIMIT
 ) -> list[str] | None:
@@ -1453,7 +1463,7 @@ def _stored_text(value: Any, field: str) -> str:
         except UnicodeDecodeError:
             raise TaskFileError(f"field {field!r} is not valid UTF-8 text", field=field) from None
     _check_text_field(value, field)
-    return value
+    return cast(str, value)  # a str: _check_text_field checked it
 
 
 def _stored_task(
@@ -1862,9 +1872,12 @@ class MemoryStore:
         if row["state"] == EntryState.FAILED:
             return True
         due = not scheduled or row["run_at"] is None or row["run_at"] <= now
-        return due and (
-            row["state"] == EntryState.QUEUED
-            or (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now)
+        return bool(
+            due
+            and (
+                row["state"] == EntryState.QUEUED
+                or (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now)
+            )
         )
 
     @staticmethod
@@ -2146,7 +2159,7 @@ class _BufferedCursor:
     __slots__ = ("_rows", "rowcount")
 
     def __init__(self, cursor: Any) -> None:
-        self.rowcount = cursor.rowcount
+        self.rowcount: int = cursor.rowcount
         self._rows = cursor.fetchall() if cursor.description is not None else []
 
     def fetchone(self) -> Any:
@@ -2154,6 +2167,28 @@ class _BufferedCursor:
 
     def fetchall(self) -> list[Any]:
         return self._rows
+
+
+class _Cursor(Protocol):
+    """The result of one statement: a DB-API cursor, or a `_BufferedCursor`."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Execute(Protocol):
+    """A transaction's ``execute(name, params)``: one named statement with one parameter
+    mapping returns its cursor; with a list of mappings, a buffered result for each."""
+
+    @overload
+    def __call__(self, name: str, params: Mapping[str, Any], /) -> _Cursor: ...
+
+    @overload
+    def __call__(self, name: str, params: list[Any], /) -> list[_BufferedCursor]: ...
 
 
 def _lost_claim(fp: str | None, found: Sequence[Any]) -> Claim:
@@ -2567,7 +2602,7 @@ class _SqlStore:
         if self._closed:
             raise TaskQueueError(_STORE_CLOSED)
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _transaction(self, body: Callable[[_Execute], _T], write: bool = True) -> _T:
         """Run ``body(execute)`` in one transaction; ``execute(name, params)`` runs one named
         statement and returns its cursor, or, given a list of parameter mappings, runs the
         statement once per mapping and returns a buffered result for each. ``write=False``
@@ -2602,7 +2637,7 @@ class _SqlStore:
                     Claim(ClaimState.CLAIMED, token=won.fetchone()[0], lease_expires=now + lease)
                 ]
 
-        def claim_all(execute: Callable[..., Any]) -> list[Claim]:
+        def claim_all(execute: _Execute) -> list[Claim]:
             now = time.time()
             # Consecutive tokens, one per key: the start statement finds the keys this
             # transaction won by their range.
@@ -2652,7 +2687,7 @@ class _SqlStore:
             if single is not None:
                 return [single.rowcount]
 
-        def run(execute: Callable[..., Any]) -> list[int]:
+        def run(execute: _Execute) -> list[int]:
             counts = [0] * len(rows)
             for index in _key_order([row[field] for row in rows]):
                 counts[index] = execute(name, rows[index]).rowcount
@@ -2673,7 +2708,7 @@ class _SqlStore:
         if not settle:
             return [count == 1 for count in self._each("complete", rows)]
 
-        def run(execute: Callable[..., Any]) -> list[bool]:
+        def run(execute: _Execute) -> list[bool]:
             written = [False] * len(rows)
             order = _key_order([row["key"] for row in rows])
             for index, result in zip(order, execute("complete", [rows[i] for i in order]),
@@ -2733,7 +2768,7 @@ class _SqlStore:
             return 0
         params = {"cutoff": time.time() - age}
 
-        def purge(execute: Callable[..., Any]) -> int:
+        def purge(execute: _Execute) -> int:
             execute("purge_workers", params)  # heartbeats of workers long gone; not counted
             if self._has_history(execute):
                 execute("purge_history", params)  # charted minutes, not records: not counted
@@ -2763,7 +2798,7 @@ class _SqlStore:
         if not rows:
             return 0
 
-        def enqueue(execute: Callable[..., Any]) -> int:
+        def enqueue(execute: _Execute) -> int:
             added = self._enqueue_chunk(execute, rows)
             if added:
                 self._notify(execute)  # wake idle workers: there is work for them
@@ -2783,7 +2818,7 @@ class _SqlStore:
                 for index, (t, (run_at, rank))
                 in enumerate(zip(tasks, schedules, strict=True))]  # fmt: skip
 
-    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+    def _enqueue_chunk(self, execute: _Execute, rows: list[dict[str, Any]]) -> int:
         """Insert `rows` inside the caller's transaction; return how many were new.
 
         Raises:
@@ -2800,7 +2835,7 @@ class _SqlStore:
         self._advance_places(execute, len(rows))
         return added
 
-    def _advance_places(self, execute: Callable[..., Any], count: int) -> None:
+    def _advance_places(self, execute: _Execute, count: int) -> None:
         """Move the counter of places past the `count` a statement batch took from {place}
         (SqliteStore; on PostgreSQL each statement draws its own from a sequence)."""
 
@@ -2829,7 +2864,7 @@ class _SqlStore:
         items = iter(tasks)
         started = False
 
-        def enqueue(execute: Callable[..., Any]) -> int:
+        def enqueue(execute: _Execute) -> int:
             nonlocal started
             if started:
                 raise TaskQueueError(
@@ -2859,7 +2894,7 @@ class _SqlStore:
         return self._transaction(enqueue)
 
     @staticmethod
-    def _check_same(execute: Callable[..., Any], row: Mapping[str, Any]) -> None:
+    def _check_same(execute: _Execute, row: Mapping[str, Any]) -> None:
         """Refuse a task id stored with another key or payload.
 
         Raises:
@@ -2869,7 +2904,7 @@ class _SqlStore:
         if stored is not None and tuple(stored) != (row["key"], row["payload"], row["queue"]):
             raise TaskConflictError(row["id"])
 
-    def _notify(self, execute: Callable[..., Any]) -> int:
+    def _notify(self, execute: _Execute) -> int:
         return 0  # PostgresStore wakes idle workers here
 
     def take_many(
@@ -2893,7 +2928,7 @@ class _SqlStore:
 
         unreadable: list[tuple[Any, str]] = []  # (id, error) of the rows failed as no task
 
-        def take(execute: Callable[..., Any]) -> list[QueuedTask]:
+        def take(execute: _Execute) -> list[QueuedTask]:
             unreadable.clear()  # a transaction run again starts over
             if max_crashes is not None:
                 execute("fail_crashed" + suffix, {**params, "max_crashes": max_crashes,
@@ -2937,7 +2972,7 @@ class _SqlStore:
                   "priority": rank, "task_group": task.group,
                   "timeout": task.timeout}  # fmt: skip
 
-        def take(execute: Callable[..., Any]) -> Any:
+        def take(execute: _Execute) -> Any:
             row = execute("take_task", params).fetchone()
             if row is None:
                 self._check_same(execute, params)
@@ -2965,7 +3000,7 @@ class _SqlStore:
         params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
                   "info": json.dumps(dict(info or {}))}  # fmt: skip
 
-        def renew(execute: Callable[..., Any]) -> int:
+        def renew(execute: _Execute) -> int:
             execute("heartbeat", params)
             if entries is None:
                 return execute("renew_tasks", params).rowcount
@@ -2980,7 +3015,7 @@ class _SqlStore:
         status = _empty_status()
         now = time.time()
 
-        def read(execute: Callable[..., Any]) -> None:
+        def read(execute: _Execute) -> None:
             # The totals are the sums of the queues': one scan for both (status is polled).
             queues: dict[str, dict[str, Any]] = {}
             for name, state, count in execute("queue_counts", {}).fetchall():
@@ -3041,7 +3076,7 @@ class _SqlStore:
             name = "retry_ids" if queue is None else "retry_ids_in"
             params["ids"] = self._list_param(sorted(set(ids)))
 
-        def retry(execute: Callable[..., Any]) -> int:
+        def retry(execute: _Execute) -> int:
             count = execute(name, params).rowcount
             if count:
                 self._advance_places(execute, count)
@@ -3079,7 +3114,7 @@ class _SqlStore:
                                   "extra": hold + period}  # fmt: skip
         made = (name, count) in self._slot_rows
 
-        def take(execute: Callable[..., Any]) -> tuple[int, float | None, float]:
+        def take(execute: _Execute) -> tuple[int, float | None, float]:
             if not made:
                 execute("slots_init", params)
             # Read once the transaction holds its locks (SQLite's write lock is taken at BEGIN):
@@ -3100,7 +3135,7 @@ class _SqlStore:
 
     # History ------------------------------------------------------------------------------------
 
-    def _has_history(self, execute: Callable[..., Any]) -> bool:
+    def _has_history(self, execute: _Execute) -> bool:
         """Return whether the history table exists: a database opened only to read or purge may
         come from a version without it (only an opener that may create adds it)."""
         return bool(execute("history_exists", {"name": self._names["history"]}).fetchone()[0])
@@ -3112,7 +3147,7 @@ class _SqlStore:
         self._transaction(lambda execute: execute("history_upsert", params))
 
     def history(self, since: float) -> list[dict[str, Any]]:
-        def read(execute: Callable[..., Any]) -> list[Any]:
+        def read(execute: _Execute) -> list[Any]:
             if not self._has_history(execute):
                 return []
             return execute("history", {"since": int(since // 60)}).fetchall()
@@ -3180,7 +3215,7 @@ class SqliteStore(_SqlStore):
         self.url = f"sqlite:///{MEMORY_DATABASE if self.path is None else self.path}"
         if not create and self.path is None:
             raise ConfigError(f"database {MEMORY_DATABASE} is new and empty in every process")
-        if not create and not os.path.exists(self.path):
+        if not create and not os.path.exists(self.path):  # type: ignore[arg-type]  # not None: raised above
             raise ConfigError(f"database {self.path}: does not exist")
         self.durability = durability
         self._create = create
@@ -3402,7 +3437,7 @@ class SqliteStore(_SqlStore):
             f"WHERE NOT EXISTS (SELECT 1 FROM {order})"
         )
 
-    def _advance_places(self, execute: Callable[..., Any], count: int) -> None:
+    def _advance_places(self, execute: _Execute, count: int) -> None:
         execute("advance_places", {"count": count})
 
     def _migrate_keys(self, conn: sqlite3.Connection) -> None:
@@ -3468,7 +3503,7 @@ class SqliteStore(_SqlStore):
         conn.execute("COMMIT")
         logger.info("database tables %s now hold named queues", self._names["tasks"])
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _transaction(self, body: Callable[[_Execute], _T], write: bool = True) -> _T:
         conn = self._conn
         if conn is None:
             raise TaskQueueError(_STORE_CLOSED)
@@ -3482,7 +3517,7 @@ class SqliteStore(_SqlStore):
         # A reader needs no write lock: in WAL mode it never waits for a writer.
         begin = "BEGIN IMMEDIATE" if write else "BEGIN"
 
-        def run() -> Any:
+        def run() -> _T:
             conn.execute(begin)
             try:
                 result = body(execute)
@@ -3520,7 +3555,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _retry_busy(operation: Callable[[], Any]) -> Any:
+def _retry_busy(operation: Callable[[], _T]) -> _T:
     # busy_timeout covers most waits, but a few steps (switching the journal mode, a transaction
     # that met a checkpoint) report SQLITE_BUSY at once. Retry them with backoff up to the timeout.
     deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
@@ -3598,7 +3633,7 @@ def _many_values(sql: str, count: int) -> str | None:
         return None
     row = tail[start : end + 1]
     rows = ", ".join(
-        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)
+        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)  # type: ignore[misc]  # a default argument
         for index in range(count)
     )
     return f"{head}{values} {rows}{tail[end + 1 :]}"
@@ -3989,15 +4024,15 @@ class PostgresStore(_SqlStore):
         if scheduled is None:
             self._read_as_legacy()
 
-    def _statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor:
+    def _statement(self, name: str, params: Mapping[str, Any]) -> _Cursor:
         """Run one statement as its own transaction: BEGIN and COMMIT cost a round trip each, the
         statement one. A lost connection leaves its outcome as unknown as a lost COMMIT would
         (the statement is atomic either way), and it is run again like a transaction."""
         return self._transaction(lambda execute: execute(name, params), alone=True)
 
     def _transaction(
-        self, body: Callable[[Callable[..., Any]], Any], write: bool = True, *, alone: bool = False
-    ) -> Any:
+        self, body: Callable[[_Execute], _T], write: bool = True, *, alone: bool = False
+    ) -> _T:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
@@ -4054,7 +4089,7 @@ class PostgresStore(_SqlStore):
                     if time.monotonic() >= deadline:
                         raise
 
-    def _notify(self, execute: Callable[..., Any]) -> int:
+    def _notify(self, execute: _Execute) -> int:
         execute("notify", {"channel": self._channel})
         return 0
 
@@ -4090,7 +4125,7 @@ class PostgresStore(_SqlStore):
         lost = [i for i in order if keys[i] not in won]
         found: dict[str, Any] = {}
 
-        def settle_lost(execute: Callable[..., Any]) -> tuple[dict[str, int], dict[str, Any]]:
+        def settle_lost(execute: _Execute) -> tuple[dict[str, int], dict[str, Any]]:
             def lookup(indexes: list[int]) -> dict[str, Any]:
                 rows = execute("lookup_set", {"keys": [keys[i] for i in indexes], "ns": namespace})
                 return {row[0]: row[1:] for row in rows.fetchall()}
@@ -4182,7 +4217,7 @@ class PostgresStore(_SqlStore):
         if EntryState.QUEUED.value not in states:
             return self._statement("settle_set", params).rowcount
 
-        def settle(execute: Callable[..., Any]) -> int:
+        def settle(execute: _Execute) -> int:
             count = execute("settle_set", params).rowcount
             self._notify(execute)  # wake idle workers: there is work for them
             return count
@@ -4204,13 +4239,13 @@ class PostgresStore(_SqlStore):
                   "info": json.dumps(dict(info or {})), "ids": [ids[i] for i in order],
                   "tokens": [entries[i][1] for i in order]}  # fmt: skip
 
-        def renew(execute: Callable[..., Any]) -> int:
+        def renew(execute: _Execute) -> int:
             execute("heartbeat", params)
             return execute("renew_entries_set", params).rowcount
 
         return self._transaction(renew)
 
-    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+    def _enqueue_chunk(self, execute: _Execute, rows: list[dict[str, Any]]) -> int:
         # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
         # INSERT with a VALUES tuple for each row, returning the ids it inserted. Only the rows
         # it left alone (stored before, or repeated in the chunk) are checked, one by one.
@@ -4520,7 +4555,7 @@ def open_store(
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
         if not text:
-            raise ConfigError(f"database {_redact(os.fspath(url))}: write sqlite:///PATH")
+            raise ConfigError(f"database {_redact(os.fspath(url))}: write sqlite:///PATH")  # type: ignore[arg-type]  # not None: text came from it
     elif "://" in text:
         raise ConfigError(
             f"database {_redact(text)}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
@@ -4595,14 +4630,14 @@ def _check_key(key: Any) -> str:
     problem = _text_problem(key)
     if problem is not None:
         raise ValueError(f"idempotency key {key!r} {problem}")
-    return key
+    return cast(str, key)  # a str: _text_problem checked it
 
 
 def _check_fingerprint(fp: Any) -> str | None:
     """Return `fp` if it is None or a fingerprint every store can keep; else raise ValueError."""
     if fp is not None and _text_problem(fp) is not None:
         raise ValueError(f"fingerprint {fp!r} {_text_problem(fp)}")
-    return fp
+    return cast("str | None", fp)  # a str or None: _text_problem checked it
 
 
 def _check_token(token: Any) -> int:
@@ -4619,7 +4654,7 @@ def _check_key_namespace(namespace: Any) -> str:
     """Return `namespace` if it is ``""`` (no handler) or text every store can keep."""
     if namespace != "" and _text_problem(namespace) is not None:
         raise ValueError(f"namespace {namespace!r} {_text_problem(namespace)}")
-    return namespace
+    return cast(str, namespace)  # "" or a str _text_problem checked
 
 
 class IdempotencyManager:
@@ -4746,9 +4781,9 @@ class IdempotencyManager:
 
     def complete_many(
         self,
-        items: Iterable[tuple[str, int, str]],
+        items: Iterable[tuple[str, int, str] | tuple[str, int, str, int]],
         *,
-        settle: Sequence[tuple[int, str, int]] | None = None,
+        settle: Sequence[tuple[int, str, int] | tuple[int, str, int, int]] | None = None,
     ) -> list[bool]:
         """Complete many owned keys in one transaction (group commit).
 
@@ -4849,7 +4884,7 @@ class IdempotencyManager:
 
     def get_cached_output(self, key: str) -> Any:
         """Return the output stored for a completed `key`, or None."""
-        return self.lookup(key)["output"] if self.is_processed(key) else None
+        return self.lookup(key)["output"] if self.is_processed(key) else None  # type: ignore[index]  # found: processed
 
     # Housekeeping -------------------------------------------------------------------------------
 
@@ -5537,7 +5572,7 @@ _STOP = object()  # the sentinel that ends one worker loop
 _live_queues: weakref.WeakSet[TaskQueue] = weakref.WeakSet()  # closed at interpreter exit
 
 
-class _WorkQueue(queue.Queue):
+class _WorkQueue(queue.Queue[Any]):
     """A `queue.Queue` with priorities that can also take items past its bound (retries, stop
     sentinels).
 
@@ -6737,7 +6772,7 @@ class _AsyncRunner:
 
 # A submission that joined an in-flight one: its task, its future, when it was submitted and,
 # in a durable pool, the token of its row in the durable queue.
-_Follower = tuple[Task, concurrent.futures.Future, float, "int | None"]
+_Follower = tuple[Task, concurrent.futures.Future[TaskRecord], float, "int | None"]
 
 
 class _Job:
@@ -6753,7 +6788,7 @@ class _Job:
         self,
         task: Task,
         fp: str,
-        future: concurrent.futures.Future,
+        future: concurrent.futures.Future[TaskRecord],
         now: float,
         entry: int | None = None,
         priority: int = 0,
@@ -6824,7 +6859,7 @@ def _each_alone(operation: Callable[[list[Any]], list[Any]], items: list[Any]) -
 
 
 def _resolve_all(
-    resolved: Iterable[tuple[concurrent.futures.Future, TaskRecord]],
+    resolved: Iterable[tuple[concurrent.futures.Future[TaskRecord], TaskRecord]],
 ) -> BaseException | None:
     """Set every future's result; return the first BaseException a done-callback raised.
 
@@ -6841,8 +6876,8 @@ def _resolve_all(
     return escaped
 
 
-def _resolved(record: TaskRecord) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
+def _resolved(record: TaskRecord) -> concurrent.futures.Future[TaskRecord]:
+    future: concurrent.futures.Future[TaskRecord] = concurrent.futures.Future()
     future.set_running_or_notify_cancel()
     future.set_result(record)
     return future
@@ -6885,7 +6920,7 @@ def _check_namespace(namespace: Any, source: str = "namespace") -> str:
         problem = "must be a non-empty printable string"
     if problem is not None:
         raise ValueError(f"{source} {problem}, not {_shown(namespace)}")
-    return namespace
+    return cast(str, namespace)  # a str: _text_problem checked it
 
 
 def _retries(calls: int) -> int:
@@ -7060,7 +7095,10 @@ class WorkerPool:
         # Checked on every submit: a set of thread idents is the cheapest test.
         self._own_threads = frozenset(
             thread.ident
-            for thread in (self._committer.thread, self._runner and self._runner.thread)
+            for thread in (
+                self._committer.thread,
+                None if self._runner is None else self._runner.thread,
+            )
             if thread is not None
         )
         self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
@@ -7108,7 +7146,7 @@ class WorkerPool:
 
     def submit(
         self, task: Task, *, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[TaskRecord]:
         """Accept `task` and return a future that resolves to its `TaskRecord`.
 
         Blocks while the queue is full when ``on_full="block"``; a delayed task takes no queue
@@ -7131,7 +7169,7 @@ class WorkerPool:
 
     def _submit(
         self, task: Task, *, probe: bool = False, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[TaskRecord]:
         """Submit `task`; with `probe`, raise QueueFullError at once instead of waiting for room
         (and count no rejection): `AsyncWorkerPool` then waits for room off its event loop."""
         if not isinstance(task, Task):
@@ -7184,7 +7222,7 @@ class WorkerPool:
         probe: bool = False,
         delay: float = 0.0,
         priority: int = 0,
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[TaskRecord]:
         """Track `task` and put it in the queue, or in the scheduler for `delay` seconds; return
         its future.
 
@@ -7193,7 +7231,7 @@ class WorkerPool:
         """
         if block is None:
             block, timeout = self._block, self._submit_timeout
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future: concurrent.futures.Future[TaskRecord] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # outcomes come from the pool, not from cancel()
         with self._lock:
             closed = self._closed
@@ -7266,9 +7304,9 @@ class WorkerPool:
     ) -> Iterator[TaskRecord]:
         """`iter_results`, submitting the tasks whose id `schedule` holds with its ``(delay,
         priority)`` (a task file's fields)."""
-        done: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
+        done: queue.SimpleQueue[concurrent.futures.Future[TaskRecord]] = queue.SimpleQueue()
         window = self._queue.maxsize + self._workers
-        ours: set[concurrent.futures.Future] = set()  # submitted and not yet yielded
+        ours: set[concurrent.futures.Future[TaskRecord]] = set()  # submitted and not yet yielded
 
         def collect() -> TaskRecord:
             future = done.get()
@@ -7592,7 +7630,7 @@ class WorkerPool:
         if unrecorded:
             # Their handler ran already: only the completion is left to record.
             owned = [job for job in owned if job.unrecorded is None]
-            self._hand_over([(job, *job.unrecorded) for job in unrecorded])
+            self._hand_over([(job, *job.unrecorded) for job in unrecorded])  # type: ignore[misc]  # not None: filtered
         if not owned:
             return
         if self._runner is None:
@@ -7994,7 +8032,7 @@ class WorkerPool:
             self._queue.unhold(held)
 
     def _poll_delay(self, job: _Job, lease_expires: float | None) -> float:
-        delay = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
+        delay: float = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
         job.polls += 1
         if lease_expires is not None:
             # Look again just after the owner's lease ends, to take over a dead owner's key.
@@ -8061,8 +8099,8 @@ class WorkerPool:
                 self._changed.notify_all()
             stop = idle and self._closed
         counted: list[Outcome] = []
-        resolved: list[tuple[concurrent.futures.Future, TaskRecord]] = []
-        settle: list[tuple[str, int | None, TaskStatus, str | None]] = []
+        resolved: list[tuple[concurrent.futures.Future[TaskRecord], TaskRecord]] = []
+        settle: list[tuple[str, int, TaskStatus, str | None, str | None, int]] = []
         for outcome, followers in retired:
             job = outcome.job
             status = outcome.status
@@ -8072,7 +8110,7 @@ class WorkerPool:
                 job.task.id, job.key, status, outcome.output, outcome.error, kind, job.attempts,
                 job.enqueued_at, job.started_at, now,
             )  # fmt: skip
-            service = now - job.started_at if started else None
+            service = now - job.started_at if job.started_at is not None else None
             latency = now - job.enqueued_at
             queued = not job.dequeued and not job.delayed
             counted.append(Outcome(status, kind, latency, service, started, queued))
@@ -8108,7 +8146,9 @@ class WorkerPool:
             enqueued_at, None, now,
         )  # fmt: skip
 
-    def _refuse(self, task: Task, now: float, error: str, kind: str) -> concurrent.futures.Future:
+    def _refuse(
+        self, task: Task, now: float, error: str, kind: str
+    ) -> concurrent.futures.Future[TaskRecord]:
         """Resolve a submission that fails before it is queued (conflict, bad payload)."""
         if self._closed:
             raise PoolClosedError()
@@ -8203,7 +8243,7 @@ class WorkerPool:
         """Return whether the caller is the committer (done-callbacks run there) or the loop."""
         return threading.get_ident() in self._own_threads
 
-    def _cancel_queued(self, futures: set[concurrent.futures.Future]) -> None:
+    def _cancel_queued(self, futures: set[concurrent.futures.Future[TaskRecord]]) -> None:
         """Cancel the jobs behind `futures` that no worker has started (see `iter_results`)."""
 
         def ours(job: _Job) -> bool:
@@ -8320,7 +8360,7 @@ class AsyncWorkerPool:
         """
         pool = self._pool
         window = pool._queue.maxsize + pool._workers
-        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future] = {}
+        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future[TaskRecord]] = {}
         try:
             async for task in _aiterate(tasks):
                 while len(ours) >= window:
@@ -8359,7 +8399,7 @@ class AsyncWorkerPool:
 
     async def _enter(
         self, task: Task, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[TaskRecord]:
         """Submit `task`; wait for room, or for a durable take, on a thread."""
         pool = self._pool
         if not pool._durable:
@@ -8373,7 +8413,7 @@ class AsyncWorkerPool:
 
     @staticmethod
     async def _collect(
-        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future],
+        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future[TaskRecord]],
     ) -> list[TaskRecord]:
         """Wait for at least one of `ours` to finish; remove and return the finished records."""
         done, _ = await asyncio.wait(ours, return_when=asyncio.FIRST_COMPLETED)
@@ -8989,7 +9029,7 @@ def load_config(
             raw, source = environ[setting.env], setting.env
         elif raw is None and setting.env in from_file:
             raw, source = from_file[setting.env], f"{setting.env} (in {dotenv_path})"
-        config[setting.name] = setting.default if raw is None else setting.parse(raw, source)
+        config[setting.name] = setting.default if raw is None else setting.parse(raw, source)  # type: ignore[arg-type]  # raw named by a flag or a variable
     if config["transient_rate"] + config["permanent_rate"] > 1.0:
         raise ConfigError("--transient-rate + --permanent-rate must be at most 1")
     return config
@@ -9579,7 +9619,7 @@ class _DashboardApp:
             return {"cancelled": cancel(ids)}
 
     def _operation(self, name: str) -> Callable[..., int]:
-        operation = getattr(self.store(), name, None)
+        operation: Callable[..., int] | None = getattr(self.store(), name, None)
         if operation is None:
             raise _HttpError(501, f"this store cannot {name.partition('_')[0]} tasks")
         return operation
@@ -9912,7 +9952,7 @@ def serve_dashboard(
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors become `ConfigError`, reported in one line by main."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (see --help)")
 
 
@@ -10048,7 +10088,7 @@ class _Progress:
     """A tqdm bar on stderr when wanted and available; otherwise nothing."""
 
     def __init__(self, total: int, wanted: bool | None) -> None:
-        self._bar = None
+        self._bar: Any = None
         if wanted is False or (wanted is None and not sys.stderr.isatty()):
             return
         try:
@@ -10249,7 +10289,7 @@ def _run_pool(
 
 
 def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
-    name = signal.Signals(outcome.signum).name
+    name = signal.Signals(outcome.signum).name  # type: ignore[arg-type]  # given only after a signal
     cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
     failed = outcome.counts[TaskStatus.FAILED]
     done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
@@ -10496,7 +10536,7 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
         raise ConfigError(
             f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
         )
-    return handler
+    return cast("Callable[[Task], Any]", handler)  # callable: checked above
 
 
 def _serve_metrics(
@@ -10577,7 +10617,9 @@ def _status_backlog(
 ) -> dict[str, tuple[int, float | None]]:
     """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
     been ready), every queue of the store, and the `queues` a worker serves even when empty."""
-    backlog = {name: (0, None) for name in (queues or (DEFAULT_QUEUE,))}
+    backlog: dict[str, tuple[int, float | None]] = {
+        name: (0, None) for name in (queues or (DEFAULT_QUEUE,))
+    }
     for name, entry in status["queues"].items():
         backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
     return backlog
@@ -10971,7 +11013,7 @@ def _cmd_result(argv: list[str]) -> int:
         state = manager.get(args.key, namespace=args.namespace)
     finally:
         manager.store.close()
-    code = {"completed": EXIT_OK, "failed": EXIT_FAILED}.get(state and state.state,
+    code = {"completed": EXIT_OK, "failed": EXIT_FAILED}.get(state and state.state,  # type: ignore[arg-type]  # None: no code
                                                              EXIT_NOT_FINISHED)  # fmt: skip
     if args.json:
         unknown = KeyState(args.key, "unknown", namespace="")
@@ -11053,7 +11095,7 @@ def _cmd_dashboard(argv: list[str]) -> int:
     server = _bind_dashboard(host, port, app, "--host/--port")
     try:
         store = app.store()  # opened now, so a wrong --db is an error at once
-        bound_host, bound_port = server.server_address[:2]
+        bound_host, bound_port = cast("tuple[str, int]", server.server_address[:2])  # AF_INET(6)
         shown_host = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
         print(
             f"dashboard of {_redact(store.url)} at http://{shown_host}:{bound_port}/"
