@@ -1112,7 +1112,7 @@ class Database:
 
 def _redact_url(url: str) -> str:
     """Return `url` with its password and secret query parameters replaced by ``***``."""
-    return tq._redact(url)
+    return tq._redact(url)  # noqa: SLF001  # the module's own redaction
 
 
 def parse_database(text: str) -> Database:
@@ -1504,7 +1504,7 @@ def run_rate_limit(
         database: None keeps the limit in process (``memory://``); a SQLite or PostgreSQL
             database keeps it in the store, as workers sharing it do (a fresh one per run).
     """
-    limit = tq._rate_of(rate, "--rate-limit")
+    limit = tq._rate_of(rate, "--rate-limit")  # noqa: SLF001  # the pool's own parser
     starts: list[float] = []
     lock = threading.Lock()
 
@@ -1697,7 +1697,7 @@ def _noop_throughput(
         schedule = None if priority is None else {task.id: (0.0, priority) for task in tasks}
         began, cpu = time.perf_counter(), time.process_time()
         records = (
-            pool.iter_results(tasks) if schedule is None else pool._iter_results(tasks, schedule)
+            pool.iter_results(tasks) if schedule is None else pool._iter_results(tasks, schedule)  # noqa: SLF001  # the CLI's path for priorities
         )
         for _ in records:
             pass
@@ -3187,7 +3187,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.rate_limit is not None:
         modes.append("rate-limit")
         try:
-            tq._rate_of(args.rate_limit, "--rate-limit")
+            tq._rate_of(args.rate_limit, "--rate-limit")  # noqa: SLF001  # the pool's own parser
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if args.unused_cost is not None:
@@ -3681,7 +3681,7 @@ def _concurrency_mode(
 
 def _rate_limit_mode(args: argparse.Namespace, report: dict[str, Any]) -> list[Run]:
     """Run and print the rate-limit runs; return them."""
-    limit = tq._rate_of(args.rate_limit, "--rate-limit")
+    limit = tq._rate_of(args.rate_limit, "--rate-limit")  # noqa: SLF001  # the pool's own parser
     tasks = args.tasks or 6 * limit.count
     workers = _parse_workers(args.workers)[0]
     databases: list[Database | None] = [None, Database("sqlite", tempfile.gettempdir(), "")]

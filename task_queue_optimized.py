@@ -4610,7 +4610,7 @@ def enqueue(
     store = open_store(db, durability=durability)
     try:
         assert isinstance(store, _SqlStore)  # the in-memory databases are refused above
-        return store._enqueue_stream(tasks, queue, delay, priority)
+        return store._enqueue_stream(tasks, queue, delay, priority)  # noqa: SLF001  # enqueue_tasks is its public face
     finally:
         store.close()
 
@@ -4973,6 +4973,10 @@ class _Histogram:
         buckets = self._buckets
         buckets[index] = buckets.get(index, 0) + 1
 
+    def buckets(self) -> dict[int, int]:
+        """Return a copy of the count in each bucket, by bucket index."""
+        return dict(self._buckets)
+
     def percentile(self, p: float) -> float:
         """Return the nearest-rank `p`-th percentile (0 <= p <= 100), 0.0 when empty."""
         if not self.count:
@@ -5301,7 +5305,7 @@ class MetricsCollector:
                 {name: self._counts[name] for name in _HISTORY_COUNTS},
                 latency.zeros,
                 latency.total,
-                dict(latency._buckets),
+                latency.buckets(),
             )
 
     def percentile(self, p: float, series: str = "latency") -> float:
@@ -6478,10 +6482,22 @@ class _NoHistory:
 
 
 class _LeaseKeeper:
-    """One thread that renews the pool's claims every third of the lease, until stopped."""
+    """One thread that, every `interval` (a third of the lease) until stopped, says the pool is
+    alive, records its history and renews the claims it holds."""
 
-    def __init__(self, pool: WorkerPool, interval: float) -> None:
-        self._pool = pool
+    def __init__(
+        self,
+        interval: float,
+        *,
+        heartbeat: Callable[[], None],
+        record_history: Callable[[], None],
+        held_claims: Callable[[], list[tuple[str, int]]],
+        renew: Callable[[list[tuple[str, int]]], int],
+    ) -> None:
+        self._heartbeat = heartbeat
+        self._record_history = record_history
+        self._held_claims = held_claims
+        self._renew = renew
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="task-queue-leases", daemon=True)
@@ -6494,24 +6510,24 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._pool._heartbeat()
-            self._pool._record_history()
-            held = self._pool._held_claims()
+            self._heartbeat()
+            self._record_history()
+            held = self._held_claims()
             if not held:
                 continue
             try:
-                renewed = self._pool.idempotency.renew_many(held)
+                renewed = self._renew(held)
             except Exception as exc:
                 # An outage is not a bug: one line, and the next round tries again.
                 logger.warning("renewing %d leases failed: %s", len(held), _first_line(exc))
                 continue
             if renewed < len(held):
                 # Claims that finished since the snapshot are not lost: count only those still held.
-                lost = len(set(held) & set(self._pool._held_claims())) - renewed
+                lost = len(set(held) & set(self._held_claims())) - renewed
                 if lost > 0:
                     logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
         # The pool has stopped: its last minute's counts go to the history before the store closes.
-        self._pool._record_history()
+        self._record_history()
 
 
 def _is_async_handler(handler: Callable[..., Any]) -> bool:
@@ -6689,7 +6705,7 @@ class _AsyncRunner:
 
     def free_slots(self) -> int:
         """Return how many more calls could start now (a snapshot)."""
-        return self._slots._value  # read without the lock: a hint for batch sizes
+        return self._slots._value  # noqa: SLF001  # no public count; read without the lock: a hint
 
     @property
     def thread(self) -> threading.Thread:
@@ -7104,11 +7120,17 @@ class WorkerPool:
         self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
         # A durable pool's counts per minute go to the store for the dashboard's charts.
         self._history: _History | _NoHistory = (
-            _History(self._metrics._history_totals, self._store.store, self.worker_name)
+            _History(self._metrics._history_totals, self._store.store, self.worker_name)  # noqa: SLF001  # the history's input, not public API
             if durable
             else _NoHistory()
         )
-        self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
+        self._keeper = _LeaseKeeper(
+            self._store.lease_seconds / 3,
+            heartbeat=self._heartbeat,
+            record_history=self._record_history,
+            held_claims=self._held_claims,
+            renew=self._store.renew_many,
+        )
         _live_pools.add(self)
 
     def _make_flow(self, overall: _Rate | None, groups: Mapping[str, _Rate]) -> _Flow | _NoFlow:
@@ -8359,7 +8381,7 @@ class AsyncWorkerPool:
         early cancels this loop's submissions that are still queued; running ones finish.
         """
         pool = self._pool
-        window = pool._queue.maxsize + pool._workers
+        window = pool._queue.maxsize + pool._workers  # noqa: SLF001  # the WorkerPool it wraps
         ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future[TaskRecord]] = {}
         try:
             async for task in _aiterate(tasks):
@@ -8382,7 +8404,7 @@ class AsyncWorkerPool:
                     yield record
         finally:
             if ours:
-                pool._cancel_queued(set(ours.values()))
+                pool._cancel_queued(set(ours.values()))  # noqa: SLF001  # the WorkerPool it wraps
 
     async def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Shut the pool down as `WorkerPool.shutdown` does, without blocking the loop."""
@@ -8402,11 +8424,11 @@ class AsyncWorkerPool:
     ) -> concurrent.futures.Future[TaskRecord]:
         """Submit `task`; wait for room, or for a durable take, on a thread."""
         pool = self._pool
-        if not pool._durable:
+        if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
             try:
-                return pool._submit(task, probe=True, delay=delay, priority=priority)
+                return pool._submit(task, probe=True, delay=delay, priority=priority)  # noqa: SLF001  # the WorkerPool it wraps
             except QueueFullError:
-                if not pool._block:
+                if not pool._block:  # noqa: SLF001  # the WorkerPool it wraps
                     pool.metrics.record_rejection()
                     raise
         return await asyncio.to_thread(pool.submit, task, delay=delay, priority=priority)
@@ -8438,7 +8460,7 @@ def _shutdown_live_pools() -> None:
 
 
 if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_shutdown_live_pools)
+    threading._register_atexit(_shutdown_live_pools)  # noqa: SLF001  # as concurrent.futures does
 else:  # pragma: no cover - Python builds without the hook
     atexit.register(_shutdown_live_pools)
 
@@ -10148,7 +10170,7 @@ class _Interrupts:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
-            running = len(self._pool._inflight)  # no lock in a signal handler: an estimate
+            running = len(self._pool._inflight)  # noqa: SLF001  # no lock in a signal handler: an estimate
             message = (
                 f"{name} again: exiting now with up to {running} tasks unfinished; their claims "
                 f"expire after {self._lease:g} s, and a rerun then takes them over\n"
@@ -10274,7 +10296,7 @@ def _run_pool(
                 if entry.delay or entry.priority} or None  # fmt: skip
     with _Interrupts(pool, config["lease_seconds"]) as interrupts:
         try:
-            for record in pool._iter_results(tasks, schedule):
+            for record in pool._iter_results(tasks, schedule):  # noqa: SLF001  # with a task file's schedule
                 counts[record.status] += 1
                 if record.status is TaskStatus.FAILED and len(errors) < 5:
                     errors.append(f"{record.task_id}: {record.error}")
