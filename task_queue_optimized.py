@@ -433,6 +433,8 @@ def _text_problem(value: Any, limit: int = MAX_KEY_BYTES) -> str | None:
     At most `limit` bytes of UTF-8, so that PostgreSQL can index it (see `MAX_KEY_BYTES`); the
     same bound holds on every store, so a task accepted by one is accepted by all.
     """
+    if value.__class__ is str and value.isascii() and 0 < len(value) <= limit:
+        return "must not contain a NUL character" if "\x00" in value else None  # the usual case
     if not isinstance(value, str) or not value:
         return "must be a non-empty string"
     if "\x00" in value:
@@ -6559,7 +6561,10 @@ class _ClaimRequest:
         self.outcomes = outcomes  # the worker's list: the committer appends while it waits
         self.owned: list[_Job] = []
         self.error: BaseException | None = None
-        self.ready = threading.Event()
+        # Held until the round that serves the request ends: the worker waits by acquiring it,
+        # the committer releases it once (a bare lock costs a fraction of an Event).
+        self.ready = threading.Lock()
+        self.ready.acquire()
 
 
 class _Committer:
@@ -6602,7 +6607,7 @@ class _Committer:
         """
         request = _ClaimRequest(jobs, outcomes)
         self._requests.put(request)
-        request.ready.wait()
+        request.ready.acquire()
         if request.error is not None:
             raise request.error
         return request.owned
@@ -6657,7 +6662,7 @@ class _Committer:
         except BaseException as exc:
             for request in requests:
                 request.error = exc
-                request.ready.set()
+                request.ready.release()
             return
         if len(requests) == 1:
             requests[0].owned = owned
@@ -6669,7 +6674,7 @@ class _Committer:
             for outcome in outcomes:
                 by_job[id(outcome.job)].outcomes.append(outcome)
         for request in requests:
-            request.ready.set()
+            request.ready.release()
 
 
 class _AsyncRunner:
@@ -6890,6 +6895,77 @@ def _resolve_all(
             if escaped is None:
                 escaped = exc
     return escaped
+
+
+class _Slot:
+    """A submission's place in an `iter_results` window, standing in for its future.
+
+    Resolving it hands ``(slot, record)`` to the window's `put` (a queue the iterating thread
+    reads, or an event loop's inbox): no Condition to build, no waiters to wake, no callbacks to
+    run. The pool treats it as the job's future (`set_result` is all it calls).
+    """
+
+    __slots__ = ("_put",)
+
+    def __init__(self, put: Callable[[tuple[_Slot, TaskRecord]], None]) -> None:
+        self._put = put
+
+    def set_result(self, record: TaskRecord) -> None:
+        self._put((self, record))
+
+
+class _LoopInbox:
+    """Records finished on the pool's threads, delivered to one event loop.
+
+    Any thread may `put`; one wake-up of the loop carries every item put before it ran, so a
+    burst of completions costs the loop one callback instead of one per record. `get_all` runs
+    on the loop. Items put after `close` (a consumer that left) are dropped.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()  # guards the three attributes below
+        self._items: list[Any] = []
+        self._wake_pending = False  # a `_wake` is scheduled on the loop and has not run yet
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None  # the loop thread's alone
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to read it
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._items = []
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get_all(self) -> list[Any]:
+        """Wait until an item is there; remove and return every item there."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items, self._items = self._items, []
+                    return items
+            # Only this loop runs `_wake`, and not before this await: no wake-up is lost.
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
 
 def _resolved(record: TaskRecord) -> concurrent.futures.Future[TaskRecord]:
@@ -7187,13 +7263,26 @@ class WorkerPool:
             PoolClosedError: the pool is shut down.
             TypeError, ValueError: `delay` or `priority` is not a number in range (see above).
         """
-        return self._submit(task, delay=delay, priority=priority)
+        # Without a sink, `_submit` returns a future.
+        return cast(
+            "concurrent.futures.Future[TaskRecord]",
+            self._submit(task, delay=delay, priority=priority),
+        )
 
     def _submit(
-        self, task: Task, *, probe: bool = False, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future[TaskRecord]:
+        self,
+        task: Task,
+        *,
+        probe: bool = False,
+        delay: float = 0.0,
+        priority: int = 0,
+        sink: _Slot | None = None,
+    ) -> Any:
         """Submit `task`; with `probe`, raise QueueFullError at once instead of waiting for room
-        (and count no rejection): `AsyncWorkerPool` then waits for room off its event loop."""
+        (and count no rejection): `AsyncWorkerPool` then waits for room off its event loop.
+
+        With `sink`, the accepted submission resolves that slot instead of a new future, and the
+        slot is returned; a submission refused at once still returns a resolved future."""
         if not isinstance(task, Task):
             raise TypeError(f"submit() takes a Task, not {type(task).__name__}")
         if delay or priority or type(delay) is not float or type(priority) is not int:
@@ -7206,9 +7295,10 @@ class WorkerPool:
         if not self._durable:
             if probe:
                 return self._accept(
-                    task, fp, now, None, block=False, probe=True, delay=delay, priority=priority
-                )
-            return self._accept(task, fp, now, None, delay=delay, priority=priority)
+                    task, fp, now, None, block=False, probe=True, delay=delay, priority=priority,
+                    sink=sink,
+                )  # fmt: skip
+            return self._accept(task, fp, now, None, delay=delay, priority=priority, sink=sink)
         with self._lock:
             if self._closed:
                 raise PoolClosedError()
@@ -7228,7 +7318,7 @@ class WorkerPool:
                 # raises only QueueFullError and PoolClosedError) and may submit again.
                 error = f"the durable queue could not record the task: {_describe(exc)}"
                 return self._refuse(task, now, error, ErrorKind.TRANSIENT.value)
-            return self._accept(task, fp, now, entry, delay=delay, priority=priority)
+            return self._accept(task, fp, now, entry, delay=delay, priority=priority, sink=sink)
         finally:
             self._release_store()
 
@@ -7244,17 +7334,20 @@ class WorkerPool:
         probe: bool = False,
         delay: float = 0.0,
         priority: int = 0,
-    ) -> concurrent.futures.Future[TaskRecord]:
+        sink: _Slot | None = None,
+    ) -> Any:
         """Track `task` and put it in the queue, or in the scheduler for `delay` seconds; return
-        its future.
+        its future (`sink` itself when given).
 
         `block` and `timeout` override the pool's ``on_full`` policy (``serve`` always waits for
         room: the rows it feeds in are leased to this pool already).
         """
         if block is None:
             block, timeout = self._block, self._submit_timeout
-        future: concurrent.futures.Future[TaskRecord] = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()  # outcomes come from the pool, not from cancel()
+        future: Any = sink
+        if future is None:
+            future = concurrent.futures.Future()
+            future.set_running_or_notify_cancel()  # outcomes come from the pool, not cancel()
         with self._lock:
             closed = self._closed
             leader = None if closed else self._inflight.get(task.key)
@@ -7326,27 +7419,29 @@ class WorkerPool:
     ) -> Iterator[TaskRecord]:
         """`iter_results`, submitting the tasks whose id `schedule` holds with its ``(delay,
         priority)`` (a task file's fields)."""
-        done: queue.SimpleQueue[concurrent.futures.Future[TaskRecord]] = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[_Slot, TaskRecord]] = queue.SimpleQueue()
+        put = done.put
         window = self._queue.maxsize + self._workers
-        ours: set[concurrent.futures.Future[TaskRecord]] = set()  # submitted and not yet yielded
+        ours: set[_Slot] = set()  # submitted and not yet yielded
 
         def collect() -> TaskRecord:
-            future = done.get()
-            ours.discard(future)
-            return future.result()
+            slot, record = done.get()
+            ours.discard(slot)
+            return record
 
         closed: PoolClosedError | None = None
         try:
             for task in tasks:
                 while len(ours) >= window or (ours and not done.empty()):
                     yield collect()
+                slot = _Slot(put)
                 while True:
                     try:
                         if schedule is None or task.id not in schedule:
-                            future = self.submit(task)
+                            future = self._submit(task, sink=slot)
                         else:
                             delay, priority = schedule[task.id]
-                            future = self.submit(task, delay=delay, priority=priority)
+                            future = self._submit(task, delay=delay, priority=priority, sink=slot)
                         break
                     except QueueFullError:
                         # With on_full="reject" the queue may be full of this very iteration's
@@ -7360,8 +7455,9 @@ class WorkerPool:
                         break
                 if closed is not None:
                     break
-                ours.add(future)
-                future.add_done_callback(done.put)
+                ours.add(slot)
+                if future is not slot:  # refused at once: its future is resolved already
+                    put((slot, future.result()))
             while ours:
                 yield collect()
         finally:
@@ -8265,8 +8361,9 @@ class WorkerPool:
         """Return whether the caller is the committer (done-callbacks run there) or the loop."""
         return threading.get_ident() in self._own_threads
 
-    def _cancel_queued(self, futures: set[concurrent.futures.Future[TaskRecord]]) -> None:
-        """Cancel the jobs behind `futures` that no worker has started (see `iter_results`)."""
+    def _cancel_queued(self, futures: set[Any]) -> None:
+        """Cancel the jobs behind `futures` (futures or slots) that no worker has started (see
+        `iter_results`)."""
 
         def ours(job: _Job) -> bool:
             # A job that other callers' submissions joined is theirs too: it still runs.
@@ -8382,29 +8479,42 @@ class AsyncWorkerPool:
         """
         pool = self._pool
         window = pool._queue.maxsize + pool._workers  # noqa: SLF001  # the WorkerPool it wraps
-        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future[TaskRecord]] = {}
+        # Records come back through one inbox: a burst of them wakes this loop once.
+        inbox = _LoopInbox(asyncio.get_running_loop())
+        put = inbox.put
+        ours: set[_Slot] = set()  # submitted and not yet yielded
         try:
             async for task in _aiterate(tasks):
                 while len(ours) >= window:
-                    for record in await self._collect(ours):
+                    for record in await self._collect(inbox, ours):
                         yield record
+                slot = _Slot(put)
                 while True:
                     try:
-                        future = await self._enter(task)
+                        future = None
+                        if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
+                            with contextlib.suppress(QueueFullError):
+                                # The usual case first, without a coroutine per task.
+                                future = pool._submit(task, probe=True, sink=slot)  # noqa: SLF001  # the WorkerPool it wraps
+                        if future is None:
+                            future = await self._enter(task, sink=slot)
                         break
                     except QueueFullError:
                         # With on_full="reject" the queue may be full of this loop's own work.
                         if not ours:
                             raise
-                        for record in await self._collect(ours):
+                        for record in await self._collect(inbox, ours):
                             yield record
-                ours[asyncio.wrap_future(future)] = future
+                ours.add(slot)
+                if future is not slot:  # refused at once: its future is resolved already
+                    put((slot, future.result()))
             while ours:
-                for record in await self._collect(ours):
+                for record in await self._collect(inbox, ours):
                     yield record
         finally:
+            inbox.close()
             if ours:
-                pool._cancel_queued(set(ours.values()))  # noqa: SLF001  # the WorkerPool it wraps
+                pool._cancel_queued(ours)  # noqa: SLF001  # the WorkerPool it wraps
 
     async def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Shut the pool down as `WorkerPool.shutdown` does, without blocking the loop."""
@@ -8420,28 +8530,30 @@ class AsyncWorkerPool:
         return f"<AsyncWorkerPool of {self._pool!r}>"
 
     async def _enter(
-        self, task: Task, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future[TaskRecord]:
-        """Submit `task`; wait for room, or for a durable take, on a thread."""
+        self, task: Task, delay: float = 0.0, priority: int = 0, sink: _Slot | None = None
+    ) -> Any:
+        """Submit `task`; wait for room, or for a durable take, on a thread. Returns its future,
+        or `sink` when given and the submission was accepted (see `WorkerPool._submit`)."""
         pool = self._pool
         if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
             try:
-                return pool._submit(task, probe=True, delay=delay, priority=priority)  # noqa: SLF001  # the WorkerPool it wraps
+                return pool._submit(task, probe=True, delay=delay, priority=priority, sink=sink)  # noqa: SLF001  # the WorkerPool it wraps
             except QueueFullError:
                 if not pool._block:  # noqa: SLF001  # the WorkerPool it wraps
                     pool.metrics.record_rejection()
                     raise
-        return await asyncio.to_thread(pool.submit, task, delay=delay, priority=priority)
+        return await asyncio.to_thread(
+            functools.partial(pool._submit, task, delay=delay, priority=priority, sink=sink)  # noqa: SLF001  # the WorkerPool it wraps
+        )
 
     @staticmethod
-    async def _collect(
-        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future[TaskRecord]],
-    ) -> list[TaskRecord]:
+    async def _collect(inbox: _LoopInbox, ours: set[_Slot]) -> list[TaskRecord]:
         """Wait for at least one of `ours` to finish; remove and return the finished records."""
-        done, _ = await asyncio.wait(ours, return_when=asyncio.FIRST_COMPLETED)
-        for future in done:
-            del ours[future]
-        return [future.result() for future in done]
+        records = []
+        for slot, record in await inbox.get_all():
+            ours.discard(slot)
+            records.append(record)
+        return records
 
 
 def _shutdown_live_pools() -> None:
