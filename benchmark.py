@@ -358,12 +358,6 @@ def _rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
-def _sleep_until(deadline: float) -> None:
-    remaining = deadline - time.perf_counter()
-    if remaining > 0:
-        time.sleep(remaining)
-
-
 def _summary_ms(values: Sequence[float]) -> dict[str, float | int]:
     """Return count, mean and nearest-rank percentiles of `values` (seconds) in milliseconds."""
     ordered = sorted(values)
@@ -458,10 +452,6 @@ class Settings:
         return tq.RetryPolicy(max_attempts=self.max_attempts, base_delay=delay)
 
 
-def _is_transient(retry: tq.RetryPolicy, exc: BaseException) -> bool:
-    return isinstance(exc, retry.retry_on) and not isinstance(exc, tq.PermanentError)
-
-
 # --- Systems -------------------------------------------------------------------------------------
 
 
@@ -530,7 +520,7 @@ def _call_with_retries(
                 metrics.record_retry()
                 time.sleep(retry.delay(attempt))
                 continue
-            return None, "transient" if _is_transient(retry, exc) else "permanent"
+            return None, "transient" if retry.is_transient(exc) else "permanent"
         metrics.record_attempt(time.perf_counter() - began)
         return output, None
 
@@ -919,7 +909,7 @@ def run_open_loop(
         start = time.perf_counter() + OPEN_LOOP_LEAD
         for offset, task in zip(offsets, workload.tasks, strict=True):
             intended = start + offset
-            _sleep_until(intended)
+            tq._sleep_until(intended)
             submitted = time.perf_counter()
             arrivals.lag.append(submitted - intended)
             submit(task, intended, submitted)
@@ -1110,11 +1100,6 @@ class Database:
     label: str
 
 
-def _redact_url(url: str) -> str:
-    """Return `url` with its password and secret query parameters replaced by ``***``."""
-    return tq._redact(url)
-
-
 def parse_database(text: str) -> Database:
     """Parse --db: ``postgresql://...`` (or ``postgres://``), ``sqlite:///PATH`` or a plain path.
 
@@ -1126,7 +1111,7 @@ def parse_database(text: str) -> Database:
             share it), or a folder that does not exist.
     """
     if text.startswith(("postgresql://", "postgres://")):
-        return Database("postgresql", text, _redact_url(text))
+        return Database("postgresql", text, tq._redact(text))
     if text in ("memory://", ":memory:", "sqlite:///:memory:"):
         raise UsageError(f"--db {text}: an in-memory database lives in one process; "
                          "--processes needs a SQLite path or a postgresql:// URL")  # fmt: skip
@@ -1135,7 +1120,7 @@ def parse_database(text: str) -> Database:
         if not path:
             raise UsageError(f"--db {text}: write sqlite:///PATH")
     elif "://" in text:
-        raise UsageError(f"--db {_redact_url(text)}: unknown scheme (use a SQLite path, "
+        raise UsageError(f"--db {tq._redact(text)}: unknown scheme (use a SQLite path, "
                          "sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME)")  # fmt: skip
     else:
         path = text
@@ -1386,7 +1371,7 @@ def run_scale_out(
                         f"{now - began:.1f} s; giving up"
                     )
                 next_poll += STATUS_POLL_INTERVAL
-                _sleep_until(next_poll)
+                tq._sleep_until(next_poll)
         finally:
             progress.close()
             exits = fleet.stop()
@@ -1420,7 +1405,7 @@ def run_scale_out(
     after = None
     if ready is not None and now > ready:
         after = (finished - finished_at_ready) / (now - ready) / ceiling
-    command[command.index("--db") + 1] = _redact_url(url)
+    command[command.index("--db") + 1] = tq._redact(url)
     run.extra["scale_out"] = {
         "backend": database.backend,
         "database": database.label,
@@ -1969,7 +1954,7 @@ def _measure_drain(
     next_poll = started
     while True:
         next_poll += PEER_POLL_INTERVAL
-        _sleep_until(next_poll)
+        tq._sleep_until(next_poll)
         finished = done()
         now = time.perf_counter()
         polls += 1
@@ -2044,7 +2029,7 @@ def run_ours_durable(
         handler: "noop" or "sleep_10ms", the function of bench_peers the workers import.
     """
     label = f"ours {handler} x{processes}"
-    database = Database("postgresql", pg_url, _redact_url(pg_url))
+    database = Database("postgresql", pg_url, tq._redact(pg_url))
     with contextlib.ExitStack() as stack:
         url, store = stack.enter_context(fresh_database(database, tq.DEFAULT_DURABILITY))
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ours-"))
@@ -2070,7 +2055,7 @@ def run_ours_durable(
         for index in range(processes):
             with contextlib.suppress(ValueError):
                 calls += int(json.loads(procs.stdout(index)).get("handler_calls", 0))
-    command[command.index("--db") + 1] = _redact_url(url)
+    command[command.index("--db") + 1] = tq._redact(url)
     settings = {"processes": processes, "workers_per_process": workers, "store": "PostgresStore",
                 "command": command, "exit_codes": codes, "handler_calls": calls,
                 "completion": "queue_status(): done + failed"}  # fmt: skip
@@ -2845,13 +2830,25 @@ def write_report(path: str, report: dict[str, Any]) -> None:
         raise
 
 
+def _log2_axes(axes: Sequence[Any], ticks: Sequence[int]) -> None:
+    """Put each axis's x on a log2 scale marked at `ticks`; add a light grid and a legend."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    for axis in axes:
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_locator(FixedLocator(ticks))
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+
+
 def plot(path: str, runs: Sequence[Run], title: str) -> None:
     """Draw throughput and efficiency against workers, and the latency percentiles, to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     fig, (ax_tp, ax_eff, ax_lat) = plt.subplots(1, 3, figsize=(16, 4.8))
     systems: dict[str, list[dict[str, Any]]] = {}
@@ -2875,14 +2872,7 @@ def plot(path: str, runs: Sequence[Run], title: str) -> None:
     ax_eff.set(title="efficiency (vs workers / mean latency)", xlabel="workers", ylim=(0, 1.05))
     ax_lat.set(title="latency: p50 dotted, p95 dashed, p99 solid", xlabel="workers",
                ylabel="ms (submission to finish)", yscale="log")  # fmt: skip
-    ticks = sorted({run.workers for run in runs})
-    for axis in (ax_tp, ax_eff, ax_lat):
-        axis.set_xscale("log", base=2)
-        axis.xaxis.set_major_locator(FixedLocator(ticks))
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_locator(NullLocator())
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small")
+    _log2_axes((ax_tp, ax_eff, ax_lat), sorted({run.workers for run in runs}))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -2940,7 +2930,6 @@ def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     fig, (ax_tp, ax_eff) = plt.subplots(1, 2, figsize=(10, 4))
     levels = sorted({run.workers for run in runs})
@@ -2961,13 +2950,7 @@ def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
               yscale="log")  # fmt: skip
     ax_eff.set(title="efficiency (throughput / ceiling)", xlabel="workers or coroutines in flight",
                ylim=(0, 1.05))  # fmt: skip
-    for axis in (ax_tp, ax_eff):
-        axis.set_xscale("log", base=2)
-        axis.xaxis.set_major_locator(FixedLocator(levels))
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_locator(NullLocator())
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small")
+    _log2_axes((ax_tp, ax_eff), levels)
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -2977,15 +2960,8 @@ def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
 # --- Command line --------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors become `UsageError`, reported in one line by `main`."""
-
-    def error(self, message: str) -> Any:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = tq._Parser(  # its usage errors are reported in one line by `main`
         prog="benchmark.py",
         description="Benchmark task_queue_optimized: baseline, raw executor, pool and peers.",
         epilog="Exit codes: 0 done (with --suite: every target met); 1 a --suite target not "
@@ -3240,8 +3216,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(
                 "--plot needs matplotlib, which is not installed: pip install matplotlib"
             )
-        _check_output(args.plot, "--plot")
-    _check_output(args.report, "--report")
+        tq._check_output_path(args.plot, "--plot")
+    tq._check_output_path(args.report, "--report")
 
 
 def _check_concurrency_args(args: argparse.Namespace) -> None:
@@ -3257,7 +3233,7 @@ def _check_concurrency_args(args: argparse.Namespace) -> None:
         raise UsageError(
             "--concurrency-plot needs matplotlib, which is not installed: pip install matplotlib"
         )
-    _check_output(args.concurrency_plot, "--concurrency-plot")
+    tq._check_output_path(args.concurrency_plot, "--concurrency-plot")
 
 
 def _check_durable_args(args: argparse.Namespace) -> None:
@@ -3295,14 +3271,6 @@ def _check_scale_args(args: argparse.Namespace) -> None:
         raise UsageError("--latency-ms must be > 0 with --processes (the ceiling divides by it)")
     if os.name == "nt":
         raise UsageError("--processes needs POSIX signals: its workers are stopped with SIGTERM")
-
-
-def _check_output(path: str, flag: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -3399,7 +3367,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
             "rate_limit": args.rate_limit,
             "quick": args.quick,
             "peers": args.peers,
-            "db": None if args.db is None else _redact_url(args.db),
+            "db": None if args.db is None else tq._redact(args.db),
             "processes": None if args.processes is None else _parse_counts(args.processes, "-"),
         },
         "definitions": {
