@@ -43,8 +43,8 @@ and ``huey-sqlite`` (Huey with an in-process thread consumer). With ``--processe
 ``ours-postgresql`` (``-x2`` for two processes), ``pgqueuer`` and ``dramatiq-rabbitmq``. The
 suite also runs ``plain-asyncio`` and, where the module has it, ``async-pool``.
 
-Sections: defaults, workloads, measurement helpers, systems, open loop, memory, scale-out, async,
-durable peers, suite, output, command line.
+Sections: defaults, targets and definitions, workloads, measurement helpers, systems, open loop,
+memory, scale-out, async, durable peers, suite, output, command line.
 """
 
 from __future__ import annotations
@@ -285,6 +285,103 @@ def file_workload(
     """
     tasks = tq.load_tasks(path)
     return Workload(os.path.basename(path), tasks, latency_ms, jitter_ms, transient_rate, seed)
+
+
+# --- Targets and definitions ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """One performance target of the suite: what it measures and the bar it must clear.
+
+    `name` and `description` are `str.format` templates, filled from the suite's sizes and
+    workloads (`run_suite`) or from the durable runs' settings (`durable_targets`).
+    """
+
+    number: int
+    name: str
+    metric: str
+    threshold: float | None
+    comparison: str  # ">=", "<=", "<" or "" (reported, no threshold)
+    description: str
+    unit: str = ""
+
+
+# Targets 1 to 9 run in process (`run_suite`); 10 to 13 judge the durable runs (`durable_targets`).
+TARGETS = (
+    TargetSpec(1, "ceiling efficiency", "efficiency", 0.98, ">=",
+               "{ceiling_work}, {workers} workers, file database"),
+    TargetSpec(2, "pure no-op vs raw executor", "vs_raw_executor", 1.0, ">=",
+               "{noop_work} through `lambda task: None`, {workers} workers, file database, "
+               "against a bare ThreadPoolExecutor({workers}) calling the same lambda"),
+    TargetSpec(3, "memory growth", "rss_growth_mb", 20.0, "<",
+               "iter_results over a generator, peak RSS at {memory_mark:,} and {memory_total:,} "
+               "tasks, queue_size {queue_size}, file database", " MB"),
+    TargetSpec(4, "open-loop p99 queue wait", "p99_queue_wait_ms", 1.0, "<=",
+               "{open_loop_tasks:,} Poisson arrivals of {latency_ms:g} ms tasks at {rate:.1f}/s "
+               "({load:.0%} of capacity {capacity:.1f}/s), {workers} workers", " ms"),
+    TargetSpec(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=",
+               "{retry_work}, 3 attempts, {retry_base_delay_ms:g} ms base delay"),
+    TargetSpec(6, "durability full / normal", "full_vs_normal", None, "",
+               "the overhead run ({noop_work}) with durability='full'"),
+    TargetSpec(7, "{wide_workers} workers efficiency", "efficiency", 0.90, ">=",
+               "{wide_work}, {wide_workers} workers, file database"),
+    TargetSpec(8, "efficiency gap to raw executor", "raw_minus_pool_efficiency", 0.005, "<=",
+               "target 1's runs ({ceiling_work}, {workers} workers): a bare "
+               "ThreadPoolExecutor({workers})'s efficiency minus the pool's"),
+    TargetSpec(9, "async {async_in_flight:,} in flight vs asyncio", "vs_plain_asyncio", 0.85, ">=",
+               "{async_tasks:,} asyncio.sleep tasks of {latency_ms:g} ms, {async_in_flight:,} in "
+               "flight: AsyncWorkerPool (file database) over a plain asyncio loop of as many "
+               "coroutines"),
+    TargetSpec(10, "durable no-op vs best peer", "throughput_vs_best_peer", 1.5, ">=",
+               "no-op tasks, one worker process of {peer_workers} workers on PostgreSQL, "
+               "throughput over the best of PGQueuer and Dramatiq on RabbitMQ (same repeat), each "
+               "drained from a queue filled before its worker started: from the worker's ready "
+               "line to all done"),
+    TargetSpec(11, "durable no-op CPU vs best peer", "cpu_per_task_vs_best_peer", 0.7, "<=",
+               "the same runs: whole-machine CPU (/proc/stat, database and broker included) per "
+               "task, over the lowest of the peers'"),
+    TargetSpec(12, "durable 10 ms efficiency", "efficiency", 0.97, ">=",
+               "{sleep_tasks:,} tasks of time.sleep(0.01), one worker process of "
+               "{sleep_concurrency} workers: throughput over {sleep_concurrency} / 10 ms"),
+    TargetSpec(13, "durable 2 processes / 1", "two_vs_one_process", 1.8, ">=",
+               "the 10 ms tasks with two worker processes of {sleep_concurrency} workers "
+               "({two_process_tasks:,} tasks) over one process ({sleep_tasks:,} tasks), same "
+               "repeat"),
+)  # fmt: skip
+
+# What the report's figures mean: the comparison runs, the scale-out runs ("{base}" is the
+# smallest process count) and the durable runs.
+COMPARISON_DEFINITIONS = {
+    "throughput": "finished submissions (duplicates included) per second, first enqueue to last "
+    "finish",
+    "ceiling": "workers / mean configured latency of the tasks that run",
+    "efficiency": "tasks whose handler ran, per second, over the ceiling",
+    "attempt_efficiency": "handler calls (retries included) per second, over the ceiling",
+    "speedup": "throughput over the naive baseline's in the same repeat",
+    "latency": "submission to finish (in a batch every task is submitted at the start)",
+}
+SCALE_DEFINITIONS = {
+    "throughput": "tasks done or failed per second, from starting the worker processes (their "
+    "start-up included) to the first status read that shows all done",
+    "ceiling": "processes x workers per process / task latency",
+    "efficiency": "throughput over the ceiling",
+    "speedup": "throughput over the throughput with {base} process(es), same repeat",
+    "startup_seconds": "from starting the processes to the first status read that lists every "
+    "worker (each registers when it begins serving)",
+    "efficiency_after_startup": "tasks finished after that read, per second, over the ceiling",
+    "worker_cpu_seconds": "user + system CPU time of the worker processes, start-up and drain "
+    "included (the database server's is not counted)",
+    "postgresql_vs_sqlite": "no-op throughput with the PostgreSQL store over the one with the "
+    "SQLite store, same repeat",
+}
+DURABLE_DEFINITIONS = {
+    "window": "from the first read after the worker printed its ready line (tasks done by then "
+    "are not counted) to the first read that shows every task done",
+    "cpu_ms_per_task": "user + nice + system + irq + softirq of all cores (/proc/stat) during the "
+    "window, over the tasks done in it: the database server, the broker and this benchmark's "
+    "reads included",
+}
 
 
 # --- Measurement helpers -------------------------------------------------------------------------
@@ -2287,7 +2384,10 @@ def durable_table(results: DurableResults, ranged: bool) -> str:
 
 @dataclasses.dataclass(slots=True)
 class Target:
-    """One performance target: a ratio, its threshold and the runs that measured it."""
+    """One target of `TARGETS` as measured: its ratio per repeat, what the runs saw, the verdict.
+
+    The first detail is the target's description; the runs add one line each after it.
+    """
 
     number: int
     name: str
@@ -2345,65 +2445,55 @@ class Target:
         }
 
 
+def _targets(numbers: range, context: dict[str, Any]) -> list[Target]:
+    """Return the targets of `TARGETS` numbered in `numbers`, names and descriptions filled in.
+
+    Each target's description becomes its first detail line.
+    """
+    return [
+        Target(spec.number, spec.name.format(**context), spec.metric, spec.threshold,
+               spec.comparison, spec.unit, details=[spec.description.format(**context)])
+        for spec in TARGETS
+        if spec.number in numbers
+    ]  # fmt: skip
+
+
 def run_suite(
     sizes: SuiteSizes, settings: Settings, repeat: int, peers: bool
 ) -> tuple[list[Run], list[Target]]:
     """Run the performance targets 1 to 9 `repeat` times each; return the runs and the targets."""
     workers = SUITE_WORKERS
     runs: list[Run] = []
-    ceiling = Target(1, "ceiling efficiency", "efficiency", 0.98, ">=")
-    overhead = Target(2, "pure no-op vs raw executor", "vs_raw_executor", 1.0, ">=")
-    memory = Target(3, "memory growth", "rss_growth_mb", 20.0, "<", " MB")
-    latency = Target(4, "open-loop p99 queue wait", "p99_queue_wait_ms", 1.0, "<=", " ms")
-    retries = Target(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=")
-    durability = Target(6, "durability full / normal", "full_vs_normal", None, "")
-    wide = Target(7, f"{sizes.wide_workers} workers efficiency", "efficiency", 0.90, ">=")
-    gap = Target(8, "efficiency gap to raw executor", "raw_minus_pool_efficiency", 0.005, "<=")
-    in_flight = sizes.async_in_flight
-    aio = Target(9, f"async {in_flight:,} in flight vs asyncio", "vs_plain_asyncio", 0.85, ">=")
-    targets = [ceiling, overhead, memory, latency, retries, durability, wide, gap, aio]
     # The suite's retry policy is the targets': 3 attempts (target 5 sets its own base delay).
     settings = dataclasses.replace(settings, max_attempts=3, durability=tq.DEFAULT_DURABILITY)
     lat = sizes.latency_ms
-
+    in_flight = sizes.async_in_flight
     work = synthetic_workload(sizes.ceiling_tasks, lat)
-    ceiling.details.append(f"{work.name}, {workers} workers, file database")
     noop = synthetic_workload(sizes.overhead_tasks, 0.0)
-    overhead.details.append(
-        f"{noop.name} through `lambda task: None`, {workers} workers, file database, against a "
-        f"bare ThreadPoolExecutor({workers}) calling the same lambda"
-    )
     wide_work = synthetic_workload(sizes.wide_tasks, lat, prefix="wide")
-    wide.details.append(f"{wide_work.name}, {sizes.wide_workers} workers, file database")
-    gap.details.append(
-        f"target 1's runs ({work.name}, {workers} workers): a bare "
-        f"ThreadPoolExecutor({workers})'s efficiency minus the pool's"
-    )
-    aio.details.append(
-        f"{sizes.async_tasks:,} asyncio.sleep tasks of {lat:g} ms, {in_flight:,} in flight: "
-        "AsyncWorkerPool (file database) over a plain asyncio loop of as many coroutines"
-    )
+    opened = synthetic_workload(sizes.open_loop_tasks, lat, prefix="open")
+    capacity = opened.ceiling(workers) or 0.0
+    rate = sizes.load * capacity
+    faulty = synthetic_workload(sizes.retry_tasks, lat, transient_rate=sizes.transient_rate)
+    context = {
+        **dataclasses.asdict(sizes),
+        "workers": workers,
+        "ceiling_work": work.name,
+        "noop_work": noop.name,
+        "wide_work": wide_work.name,
+        "retry_work": faulty.name,
+        "retry_base_delay_ms": sizes.retry_base_delay * 1000,
+        "queue_size": settings.queue_size,
+        "rate": rate,
+        "capacity": capacity,
+    }
+    targets = _targets(range(1, 10), context)
+    ceiling, overhead, memory, latency, retries, durability, wide, gap, aio = targets
     if not async_pool_available():
         aio.unavailable = (
             "task_queue_optimized has no AsyncWorkerPool (SPEC section 4); only the plain "
             "asyncio side was measured"
         )
-    durability.details.append(f"the overhead run ({noop.name}) with durability='full'")
-    memory.details.append(
-        f"iter_results over a generator, peak RSS at {sizes.memory_mark:,} and "
-        f"{sizes.memory_total:,} tasks, queue_size {settings.queue_size}, file database"
-    )
-    opened = synthetic_workload(sizes.open_loop_tasks, lat, prefix="open")
-    capacity = opened.ceiling(workers) or 0.0
-    rate = sizes.load * capacity
-    latency.details.append(
-        f"{sizes.open_loop_tasks:,} Poisson arrivals of {lat:g} ms tasks at {rate:.1f}/s "
-        f"({sizes.load:.0%} of capacity {capacity:.1f}/s), {workers} workers"
-    )
-    faulty = synthetic_workload(sizes.retry_tasks, lat, transient_rate=sizes.transient_rate)
-    retries.details.append(
-        f"{faulty.name}, 3 attempts, {sizes.retry_base_delay * 1000:g} ms base delay"
-    )
 
     for index in range(repeat):
         run = run_pool(work, workers, settings, index)
@@ -2525,29 +2615,14 @@ def _suite_peers(
 
 def durable_targets(results: DurableResults | None, skipped: str | None) -> list[Target]:
     """Return targets 10 to 13, judged on the durable runs (not run when `results` is None)."""
-    noop = Target(10, "durable no-op vs best peer", "throughput_vs_best_peer", 1.5, ">=")
-    cpu = Target(11, "durable no-op CPU vs best peer", "cpu_per_task_vs_best_peer", 0.7, "<=")
-    sleep = Target(12, "durable 10 ms efficiency", "efficiency", 0.97, ">=")
-    scale = Target(13, "durable 2 processes / 1", "two_vs_one_process", 1.8, ">=")
-    targets = [noop, cpu, sleep, scale]
-    noop.details.append(
-        f"no-op tasks, one worker process of {PEER_WORKERS} workers on PostgreSQL, throughput "
-        "over the best of PGQueuer and Dramatiq on RabbitMQ (same repeat), each drained from a "
-        "queue filled before its worker started: from the worker's ready line to all done"
-    )
-    cpu.details.append(
-        "the same runs: whole-machine CPU (/proc/stat, database and broker included) per task, "
-        "over the lowest of the peers'"
-    )
-    sleep.details.append(
-        f"{PEER_SLEEP_TASKS:,} tasks of time.sleep(0.01), one worker process of "
-        f"{PEER_SLEEP_CONCURRENCY} workers: throughput over {PEER_SLEEP_CONCURRENCY} / 10 ms"
-    )
-    scale.details.append(
-        f"the 10 ms tasks with two worker processes of {PEER_SLEEP_CONCURRENCY} workers "
-        f"({2 * PEER_SLEEP_TASKS:,} tasks) over one process ({PEER_SLEEP_TASKS:,} tasks), same "
-        "repeat"
-    )
+    context = {
+        "peer_workers": PEER_WORKERS,
+        "sleep_tasks": PEER_SLEEP_TASKS,
+        "sleep_concurrency": PEER_SLEEP_CONCURRENCY,
+        "two_process_tasks": 2 * PEER_SLEEP_TASKS,
+    }
+    targets = _targets(range(10, 14), context)
+    noop, cpu, sleep, scale = targets
     if results is None:
         for target in targets:
             target.skipped = skipped
@@ -3370,15 +3445,7 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
             "db": None if args.db is None else tq._redact(args.db),
             "processes": None if args.processes is None else _parse_counts(args.processes, "-"),
         },
-        "definitions": {
-            "throughput": "finished submissions (duplicates included) per second, first "
-            "enqueue to last finish",
-            "ceiling": "workers / mean configured latency of the tasks that run",
-            "efficiency": "tasks whose handler ran, per second, over the ceiling",
-            "attempt_efficiency": "handler calls (retries included) per second, over the ceiling",
-            "speedup": "throughput over the naive baseline's in the same repeat",
-            "latency": "submission to finish (in a batch every task is submitted at the start)",
-        },
+        "definitions": dict(COMPARISON_DEFINITIONS),
     }
 
 
@@ -3530,20 +3597,7 @@ def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) 
             "note": note,
         },
         "definitions": {
-            "throughput": "tasks done or failed per second, from starting the worker processes "
-            "(their start-up included) to the first status read that shows all done",
-            "ceiling": "processes x workers per process / task latency",
-            "efficiency": "throughput over the ceiling",
-            "speedup": f"throughput over the throughput with {min(counts)} process(es), same "
-            "repeat",
-            "startup_seconds": "from starting the processes to the first status read that "
-            "lists every worker (each registers when it begins serving)",
-            "efficiency_after_startup": "tasks finished after that read, per second, over the "
-            "ceiling",
-            "worker_cpu_seconds": "user + system CPU time of the worker processes, start-up "
-            "and drain included (the database server's is not counted)",
-            "postgresql_vs_sqlite": "no-op throughput with the PostgreSQL store over the one "
-            "with the SQLite store, same repeat",
+            name: text.format(base=min(counts)) for name, text in SCALE_DEFINITIONS.items()
         },
     }
     return scale_runs + noop_runs
@@ -3608,13 +3662,7 @@ def _durable_report(results: DurableResults) -> dict[str, Any]:
     return {
         "summary": summary,
         "skipped_peers": results.skipped,
-        "definitions": {
-            "window": "from the first read after the worker printed its ready line (tasks done "
-            "by then are not counted) to the first read that shows every task done",
-            "cpu_ms_per_task": "user + nice + system + irq + softirq of all cores (/proc/stat) "
-            "during the window, over the tasks done in it: the database server, the broker and "
-            "this benchmark's reads included",
-        },
+        "definitions": dict(DURABLE_DEFINITIONS),
     }
 
 
