@@ -196,6 +196,7 @@ _PLACE_BLOCK = 1024  # places in submission order one PostgreSQL statement draws
 BACKLOG_REFRESH_SECONDS = 2.0  # how often a worker copies the store's backlog into its metrics
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
+CLAIM_AHEAD = 4  # jobs of slow calls a worker claims at once: it runs one, others take the rest
 MAX_COMPLETION_BATCH = 512  # most requests the committer takes in one round
 ASYNC_DISPATCHERS = 2  # threads that claim keys and start calls for an async handler
 PREFETCH_BUDGET_SECONDS = 0.05  # handler time a durable worker leases ahead for quick tasks
@@ -3855,6 +3856,21 @@ class PostgresStore(_SqlStore):
             self.close()
             raise
 
+    def sibling(self) -> PostgresStore:
+        """Open another store on this one's database and schema: a connection of its own, so
+        that its statements run beside this store's instead of after them.
+
+        Raises:
+            ConfigError: the database cannot be used now.
+        """
+        return PostgresStore(
+            self._secret_url,
+            lease_seconds=self.lease_seconds,
+            ttl_seconds=self.ttl_seconds,
+            reconnect_seconds=self._reconnect_seconds,
+            create=False,
+        )
+
     def _render_sql(self, missing: Iterable[tuple[str, str]] = ()) -> None:
         super()._render_sql(missing)
         self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
@@ -6576,8 +6592,12 @@ class _Committer:
     another task's bookkeeping, and a store serialised by one connection sees a few transactions
     per round instead of two per task.
 
+    With `claimer_exit`, claims get a thread of their own (the pool claims on a connection of
+    their own): a worker waiting for its claim no longer waits behind a round of completions.
+
     Threads: workers (and an async pool's dispatchers and event loop) put requests; this thread
-    alone takes them. `claim` blocks its caller until the round that served it ends.
+    (and the claimer) alone take them. `claim` blocks its caller until the round that served it
+    ends.
     """
 
     def __init__(
@@ -6585,20 +6605,31 @@ class _Committer:
         claim: Callable[[list[_Job], list[_JobOutcome]], list[_Job]],
         record: Callable[[list[_Finished], list[_Done]], None],
         on_exit: Callable[[], None],
+        claimer_exit: Callable[[], None] | None = None,
     ) -> None:
         self._claim = claim  # the pool's claim of many jobs' keys: one transaction
         self._record = record  # the pool's recording of finished work: one transaction, futures
         self._on_exit = on_exit  # called once as the thread ends
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._claims = self._requests  # where claim requests go: a queue of their own, or not
         self._thread = threading.Thread(target=self._run, name="task-queue-committer", daemon=True)
-        self._thread.start()
+        self._threads = [self._thread]
+        if claimer_exit is not None:
+            self._claims = queue.SimpleQueue()
+            claimer = threading.Thread(
+                target=self._run_claims, args=(claimer_exit,), name="task-queue-claimer",
+                daemon=True,
+            )  # fmt: skip
+            self._threads.append(claimer)
+        for thread in self._threads:
+            thread.start()
 
     @property
-    def thread(self) -> threading.Thread:
-        return self._thread
+    def threads(self) -> list[threading.Thread]:
+        return self._threads
 
     def owns_current_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        return threading.current_thread() in self._threads
 
     def claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in the next round; return the jobs the caller now owns.
@@ -6606,7 +6637,7 @@ class _Committer:
         Jobs answered without a handler call (duplicates, conflicts) are appended to `outcomes`.
         """
         request = _ClaimRequest(jobs, outcomes)
-        self._requests.put(request)
+        self._claims.put(request)
         request.ready.acquire()
         if request.error is not None:
             raise request.error
@@ -6621,15 +6652,34 @@ class _Committer:
         self._requests.put(call)
 
     def stop(self, wait: bool = True) -> None:
-        """End the thread after the requests before this one; nothing may be running."""
+        """End the threads after the requests before this one; nothing may be running."""
+        if self._claims is not self._requests:
+            self._claims.put(_STOP)
         self._requests.put(_STOP)
         if wait:
             self.join()
 
     def join(self) -> None:
-        """Wait until the thread has ended (after `stop`)."""
-        if not self.owns_current_thread():
-            self._thread.join()
+        """Wait until the threads have ended (after `stop`); from one of them, the others."""
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join()
+
+    def _run_claims(self, on_exit: Callable[[], None]) -> None:
+        requests = self._claims
+        try:
+            while True:
+                items = [requests.get()]
+                while not requests.empty() and len(items) < MAX_COMPLETION_BATCH:
+                    items.append(requests.get())
+                claims = [item for item in items if item is not _STOP]
+                if claims:
+                    self._serve_claims(claims)
+                if len(claims) < len(items):
+                    return
+        finally:
+            on_exit()
 
     def _run(self) -> None:
         requests = self._requests
@@ -7020,6 +7070,12 @@ def _retries(calls: int) -> int:
     return max(calls - 1, 0)
 
 
+def _never_called(job: _Job) -> bool:
+    """Whether an owned job has not begun: its handler was never called and no output of it
+    waits to be recorded. Cancellation gives its claim back."""
+    return job.attempts == 0 and job.unrecorded is None
+
+
 def _unstarted(job: _Job) -> bool:
     """Whether a parked job has not begun running: it holds no claim (queued, polling another
     owner's claim), or it waits for a rate limit before its first call. Cancellation takes it."""
@@ -7174,7 +7230,18 @@ class WorkerPool:
                 self._store.close()
             raise
         self._store_users += 1  # the committer writes claims and completions
-        self._committer = _Committer(self._claim, self._record, self._release_store)
+        # On PostgreSQL, claims have a connection (and a thread) of their own: a worker waiting
+        # for its claim does not wait behind a round of completions, and the server runs both.
+        self._claimer = self._store
+        claimer_exit = None
+        store = self._store.store
+        if isinstance(store, PostgresStore):
+            try:
+                self._claimer = IdempotencyManager(store=store.sibling())
+                claimer_exit = self._claimer.store.close
+            except Exception:  # the server just went away: claims share the one connection
+                logger.debug("opening the claims' connection failed", exc_info=True)
+        self._committer = _Committer(self._claim, self._record, self._release_store, claimer_exit)
         if is_async:
             self._runner = _AsyncRunner(
                 self._handler,
@@ -7188,7 +7255,7 @@ class WorkerPool:
         self._own_threads = frozenset(
             thread.ident
             for thread in (
-                self._committer.thread,
+                *self._committer.threads,
                 None if self._runner is None else self._runner.thread,
             )
             if thread is not None
@@ -7685,7 +7752,13 @@ class WorkerPool:
             # A dispatcher takes only what free slots can start now, so that what waits stays in
             # the queue (cancellable, unclaimed) instead of claimed in a dispatcher's hands.
             return max(1, min(MAX_BATCH, self._runner.free_slots()))
-        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_SECONDS / self._per_call)))
+        per_call = self._per_call
+        if per_call > BATCH_BUDGET_SECONDS:
+            # Slow calls: one claim round for a few jobs; the worker runs the first and gives
+            # the others, claimed, back to the front of the queue (see _call_handler), so the
+            # next free workers start them without waiting for a claim of their own.
+            return CLAIM_AHEAD
+        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_SECONDS / per_call)))
 
     def _process_batch(self, jobs: list[_Job]) -> None:
         outcomes: list[_JobOutcome] = []
@@ -7727,16 +7800,23 @@ class WorkerPool:
                 if not job.dequeued:
                     job.dequeued = True
                     fresh += 1
+        withdrawn: list[_Job] = []
         for job in live:
             job.batch = jobs
             if job.token is not None:
-                owned.append(job)  # a retry, or a job handed over by another worker
+                if cancelling and _never_called(job):
+                    withdrawn.append(job)  # claimed ahead by another worker: not started yet
+                else:
+                    owned.append(job)  # a retry, or a job handed over by another worker
             elif cancelling:
                 outcomes.append(_JobOutcome(job, TaskStatus.CANCELLED))
             else:
                 unclaimed.append(job)
         if fresh:
             self._metrics.record_dequeue(fresh)
+        if withdrawn:
+            self._withdraw(withdrawn)
+            outcomes.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in withdrawn)
         if unclaimed:
             # A task waits for its rate limit's slot before its claim: unclaimed, cancellable.
             unclaimed = self._flow.admit_all(unclaimed, self._park_for_rate)
@@ -7826,7 +7906,7 @@ class WorkerPool:
         # transaction (see Store.claim_many); run alone, each item carries its own row.
         try:
             claims = _each_alone(
-                lambda items: self._store.claim_many(
+                lambda items: self._claimer.claim_many(
                     [item for item, _ in items],
                     namespace=namespace,
                     starts=[entry for _, entry in items if entry is not None],
@@ -7927,6 +8007,11 @@ class WorkerPool:
         waits: list[float] = []  # a job starts at its first handler call
         busy = 0.0
         calls = 0
+        if len(jobs) > 1 and self._per_call > BATCH_BUDGET_SECONDS:
+            # Claimed ahead (see _batch_limit): the next free workers start the others now.
+            for rest in reversed(jobs[1:]):
+                self._hand_off(rest, None)
+            jobs = jobs[:1]
         for index, job in enumerate(jobs):
             if busy > BATCH_BUDGET_SECONDS and index:
                 # The handlers turned out slow: other workers take the rest now.
@@ -8082,9 +8167,11 @@ class WorkerPool:
     def _hand_off(self, job: _Job, delay: float | None) -> None:
         """Pass a job on: back to the front of the queue now, or to the scheduler after `delay`."""
         job.batch = None
-        if job.token is None and self._cancelling:
+        if self._cancelling and (job.token is None or _never_called(job)):
             # Cancelled while it was in a worker's or the committer's hands (polling another
-            # owner's claim): it must not sit out that claim's lease first.
+            # owner's claim, or claimed ahead): it must not sit out that claim's lease first,
+            # nor start now.
+            self._withdraw([job])
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED)])
             return
         if delay is None:
@@ -8330,12 +8417,18 @@ class WorkerPool:
         """Cancel the jobs that have not started: queued ones, those polling another owner's
         claim, and those waiting for a rate limit before their first call."""
         cancelled = []
+        withdrawn = []
         for job in self._queue.drain():
             if job.token is None:
                 cancelled.append(_JobOutcome(job, TaskStatus.CANCELLED))
+            elif _never_called(job):
+                withdrawn.append(job)  # claimed ahead by a worker, not started
             else:
                 # Owned: a retry whose backoff ended runs to the end.
                 self._queue.put_ready(job, job.priority)
+        if withdrawn:
+            self._withdraw(withdrawn)
+            cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in withdrawn)
         parked = self._scheduler.remove(_unstarted)
         self._withdraw(parked)
         cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in parked)
