@@ -4856,6 +4856,23 @@ class IdempotencyManager:
             raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
         return self._check_open().release_many([(key, token, error, retries)]) == 1
 
+    def release_many(self, items: Iterable[tuple[str, int, str | None]]) -> int:
+        """Give up many owned keys in one transaction, each ``(key, token, error)`` as `release`
+        gives up one; return how many were released (a stale token releases nothing)."""
+        rows: list[tuple[str, int, str | None, int]] = []
+        for key, token, error in items:
+            _check_key(key)
+            _check_token(token)
+            if error is not None and not isinstance(error, str):
+                raise ValueError(f"error must be a string or None, not {error!r}")
+            rows.append((key, token, error, 0))
+        return self._check_open().release_many(rows) if rows else 0
+
+    def live_claims(self, namespace: str = "") -> list[tuple[int, float]]:
+        """Return ``(token, lease_expires)`` of the live claims of `namespace` (and of keys that
+        belong to no handler)."""
+        return self._check_open().live_claims(_check_key_namespace(namespace))
+
     def lookup(self, key: str, *, namespace: str | None = None) -> dict[str, Any] | None:
         """Return the stored row of `key` as a dict, or None.
 
@@ -6503,11 +6520,122 @@ class _History:
         self._written, self._flushed = row, now
 
 
-class _NoHistory:
-    """The history of a pool that keeps none (not durable)."""
+class _DurableRows:
+    """What a durable pool keeps in the store's durable queue, besides the keys' claims.
 
-    def flush(self) -> None:
+    It persists submissions (`take`), takes rows to run (`take_many`), records how each run
+    ended (`settle`; cancelled runs go back to the queue), gives back rows it will not run,
+    renews its rows' leases with a heartbeat, and writes the per-minute history. `_NoRows` is its
+    do-nothing twin for a plain pool, so that the pool never asks which kind it is to record.
+    The store's own lock makes every method safe from any thread.
+    """
+
+    durable = True
+
+    def __init__(self, store: Store, worker: str, totals: Callable[[], _Totals]) -> None:
+        self._store = store
+        self._worker = worker
+        self._history = _History(totals, store, worker)
+
+    def take(self, task: Task, delay: float, priority: int) -> int | None:
+        """Persist a submission and lease it to this pool (see `Store.take_task`)."""
+        return self._store.take_task(task, self._worker, delay=delay, priority=priority)
+
+    def take_many(
+        self, limit: int, max_crashes: int, queues: Sequence[str] | None
+    ) -> list[QueuedTask]:
+        """Lease up to `limit` rows to run (see `Store.take_many`)."""
+        if queues is None:
+            return self._store.take_many(self._worker, limit, max_crashes)
+        return self._store.take_many(self._worker, limit, max_crashes, queues=queues)
+
+    def wait_for_work(self, seconds: float, stop: threading.Event) -> None:
+        self._store.wait_for_work(seconds, stop)
+
+    def next_run_at(self) -> float | None:
+        return self._store.next_run_at()
+
+    def queue_status(self) -> dict[str, Any]:
+        return self._store.queue_status()
+
+    def settle(self, items: Iterable[tuple[Any, ...]]) -> None:
+        """Record how runs ended (cancelled ones go back to the queue); never raises.
+
+        Each item is ``(task_id, entry, status, error[, error_kind, retries])``: `retries` are the
+        run's handler calls after its first, which its start counted (see `Store`).
+        """
+        rows = [
+            (task_id, entry, _ENTRY_STATE[status], error, *rest)
+            for task_id, entry, status, error, *rest in items
+            if entry is not None
+        ]
+        if not rows:
+            return
+        try:
+            self._store.settle_many(rows)
+        except Exception:
+            # The results are in the idempotency rows already; the queue rows' leases expire and
+            # whoever takes them finds the keys completed.
+            logger.exception("recording %d results in the durable queue failed", len(rows))
+
+    def give_back(self, entries: Iterable[tuple[str, int | None]]) -> None:
+        """Give rows this pool took but will not run back to the queue; never raises."""
+        self.settle([(task_id, entry, TaskStatus.CANCELLED, None) for task_id, entry in entries])
+
+    def heartbeat(self, info: dict[str, Any], entries: list[tuple[str, int]]) -> None:
+        """Say this worker is alive and extend the leases of the rows it holds; never raises."""
+        try:
+            # Only the rows this pool holds: a row taken by a take whose answer was lost (a
+            # dropped connection) is not renewed, and another worker takes it after its lease.
+            self._store.renew_tasks(self._worker, info, entries)
+        except Exception as exc:
+            logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
+
+    def record_history(self) -> None:
+        """Write this minute's counts to the store's history; never raises."""
+        try:
+            self._history.flush()
+        except Exception as exc:
+            # The counts are kept: the next flush writes them, the database back or not.
+            logger.warning("writing the dashboard history failed: %s", _first_line(exc))
+
+
+class _NoRows:
+    """The durable rows of a plain pool: there are none, so each method does nothing."""
+
+    durable = False
+
+    def take(self, task: Task, delay: float, priority: int) -> int | None:
+        raise TaskQueueError("this pool is not durable")
+
+    def take_many(
+        self, limit: int, max_crashes: int, queues: Sequence[str] | None
+    ) -> list[QueuedTask]:
+        raise TaskQueueError("this pool is not durable")
+
+    def wait_for_work(self, seconds: float, stop: threading.Event) -> None:
+        stop.wait(seconds)
+
+    def next_run_at(self) -> float | None:
+        return None
+
+    def queue_status(self) -> dict[str, Any]:
+        return _empty_status()
+
+    def settle(self, items: Iterable[tuple[Any, ...]]) -> None:
         pass
+
+    def give_back(self, entries: Iterable[tuple[str, int | None]]) -> None:
+        pass
+
+    def heartbeat(self, info: dict[str, Any], entries: list[tuple[str, int]]) -> None:
+        pass
+
+    def record_history(self) -> None:
+        pass
+
+
+_NO_ROWS = _NoRows()
 
 
 class _LeaseKeeper:
@@ -7236,13 +7364,24 @@ class WorkerPool:
         self._poll_interval = claim_poll_interval
         self._metrics = metrics if metrics is not None else MetricsCollector(workers, queue_size)
         self._owns_store = idempotency is None
-        self._store = idempotency or IdempotencyManager(
+        self._idempotency = idempotency or IdempotencyManager(
             db_path, lease_seconds=lease_seconds, durability=durability
         )
         self._durable = durable
         self._task_timeout = None if task_timeout is None else float(task_timeout)
         self._flow = self._make_flow(overall_rate, group_rates)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        # The durable queue's rows this pool holds (and its per-minute history for the
+        # dashboard), or their do-nothing twin in a plain pool.
+        self._rows: _DurableRows | _NoRows = (
+            _DurableRows(
+                self._idempotency.store,
+                self.worker_name,
+                self._metrics._history_totals,  # noqa: SLF001  # the history's input, not public API
+            )
+            if durable
+            else _NO_ROWS
+        )
         self._lock = threading.Lock()  # guards the attributes below
         self._changed = threading.Condition(self._lock)  # notified whenever _pending drops
         self._inflight: dict[str, _Job] = {}  # key -> the job that runs it
@@ -7272,14 +7411,14 @@ class WorkerPool:
             )
         except ValueError:
             if self._owns_store:
-                self._store.close()
+                self._idempotency.close()
             raise
         self._store_users += 1  # the committer writes claims and completions
         # On PostgreSQL, claims have a connection (and a thread) of their own: a worker waiting
         # for its claim does not wait behind a round of completions, and the server runs both.
-        self._claimer = self._store
+        self._claimer = self._idempotency
         claimer_exit = None
-        store = self._store.store
+        store = self._idempotency.store
         if isinstance(store, PostgresStore):
             try:
                 self._claimer = IdempotencyManager(store=store.sibling())
@@ -7306,18 +7445,12 @@ class WorkerPool:
             if thread is not None
         )
         self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
-        # A durable pool's counts per minute go to the store for the dashboard's charts.
-        self._history: _History | _NoHistory = (
-            _History(self._metrics._history_totals, self._store.store, self.worker_name)  # noqa: SLF001  # the history's input, not public API
-            if durable
-            else _NoHistory()
-        )
         self._keeper = _LeaseKeeper(
-            self._store.lease_seconds / 3,
+            self._idempotency.lease_seconds / 3,
             heartbeat=self._heartbeat,
-            record_history=self._record_history,
+            record_history=self._rows.record_history,
             held_claims=self._held_claims,
-            renew=self._store.renew_many,
+            renew=self._idempotency.renew_many,
         )
         _live_pools.add(self)
 
@@ -7325,7 +7458,7 @@ class WorkerPool:
         """Build the pool's rate limits: in the store when other processes may share it."""
         if overall is None and not groups:
             return _NO_FLOW
-        store = self._store.store
+        store = self._idempotency.store
         shared = isinstance(store, _SqlStore) and not (
             isinstance(store, SqliteStore) and store.path is None
         )
@@ -7348,7 +7481,7 @@ class WorkerPool:
 
     @property
     def idempotency(self) -> IdempotencyManager:
-        return self._store
+        return self._idempotency
 
     @property
     def closed(self) -> bool:
@@ -7420,9 +7553,7 @@ class WorkerPool:
             # Persisted before submit returns; None when the task is done or another worker has it
             # (the key's claim then decides what this submission reports).
             try:
-                entry = self._store.store.take_task(
-                    task, self.worker_name, delay=delay, priority=priority
-                )
+                entry = self._rows.take(task, delay, priority)
             except TaskConflictError as exc:
                 # The stored task is another one: running either would run what was not asked.
                 return self._refuse(task, now, str(exc), ErrorKind.CONFLICT)
@@ -7473,12 +7604,12 @@ class WorkerPool:
             elif leader.fingerprint == fp:
                 leader.followers.append(_Follower(task, future, now, entry))
         if closed:
-            self._return_entries([(task.id, entry)])
+            self._rows.give_back([(task.id, entry)])
             raise PoolClosedError()
         if leader is not None:
             if leader.fingerprint != fp:
                 error = str(IdempotencyConflictError(task.key))
-                self._settle([(task.id, entry, TaskStatus.FAILED, error, ErrorKind.CONFLICT, 0)])
+                self._rows.settle([(task.id, entry, TaskStatus.FAILED, error, "conflict", 0)])
                 return self._refuse(task, now, error, ErrorKind.CONFLICT)
             self._metrics.record_enqueue(queued=False)
             return future
@@ -7615,7 +7746,7 @@ class WorkerPool:
     def _serve(
         self, stop: threading.Event, prefetch: int | None, poll_interval: float, burst: bool
     ) -> None:
-        store = self._store.store
+        rows = self._rows
         self._heartbeat()
         outage_noticed: float | None = None  # when the last "unavailable" warning was logged
         backoff = 0.05
@@ -7630,12 +7761,7 @@ class WorkerPool:
             if stop.is_set() or self._closed:
                 break
             try:
-                if self.queues is None:
-                    leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
-                else:
-                    leased = store.take_many(
-                        self.worker_name, room, self._retry.max_attempts, queues=self.queues
-                    )
+                leased = rows.take_many(room, self._retry.max_attempts, self.queues)
             except Exception as exc:
                 # The database stayed unreachable past the store's own retries (a server down
                 # longer than its reconnect window, a file locked or gone): a worker keeps
@@ -7653,14 +7779,14 @@ class WorkerPool:
             backoff = 0.05
             if not leased:
                 if burst:
-                    left = self._burst_left(store, stop)
+                    left = self._burst_left(stop)
                     if left == (0, 0):
                         return
                     if left is not None and left[0]:
                         # Ready rows another worker may be taking: look again in a moment.
-                        store.wait_for_work(min(poll_interval, 0.1), stop)
+                        rows.wait_for_work(min(poll_interval, 0.1), stop)
                         continue
-                store.wait_for_work(self._idle_wait(store, poll_interval), stop)
+                rows.wait_for_work(self._idle_wait(rows, poll_interval), stop)
                 continue
             for position, item in enumerate(leased):
                 try:
@@ -7672,12 +7798,12 @@ class WorkerPool:
                 except BaseException as exc:
                     # _accept gave this row back; the rest go back too, for any worker to take.
                     rest = leased[position + 1 :]
-                    self._return_entries([(q.task.id, q.token) for q in rest])
+                    self._rows.give_back([(q.task.id, q.token) for q in rest])
                     if isinstance(exc, PoolClosedError):
                         return
                     raise
 
-    def _burst_left(self, store: Store, stop: threading.Event) -> tuple[int, int] | None:
+    def _burst_left(self, stop: threading.Event) -> tuple[int, int] | None:
         """Wait until this pool has finished what it took; then return the store's count of
         tasks ready to run and running (None when the store cannot say now)."""
         with self._changed:
@@ -7688,7 +7814,7 @@ class WorkerPool:
         if stop.is_set():
             return None
         try:
-            status = store.queue_status()
+            status = self._rows.queue_status()
         except Exception as exc:
             logger.warning("reading the queue failed (%s); trying again", _first_line(exc))
             return None
@@ -7699,41 +7825,17 @@ class WorkerPool:
                 sum(entry[EntryState.RUNNING.value] for entry in mine))  # fmt: skip
 
     @staticmethod
-    def _idle_wait(store: Store, poll_interval: float) -> float:
+    def _idle_wait(rows: _DurableRows | _NoRows, poll_interval: float) -> float:
         """Seconds an idle worker waits for work: `poll_interval`, or until the earliest delayed
         task falls due, whichever comes first (an enqueue may wake it sooner)."""
         try:
-            due = store.next_run_at()
+            due = rows.next_run_at()
         except Exception:
             return poll_interval  # the take that follows reports an outage
         if due is None:
             return poll_interval
         # Just past the due time, so that the take finds the task due by the store's clock.
         return min(poll_interval, max(due - time.time(), 0.0) + 0.001)
-
-    def _return_entries(self, entries: Iterable[tuple[str, int | None]]) -> None:
-        """Give durable-queue rows this pool took but will not run back to the queue."""
-        self._settle([(task_id, entry, TaskStatus.CANCELLED, None) for task_id, entry in entries])
-
-    def _settle(self, items: Iterable[tuple[Any, ...]]) -> None:
-        """Record final states in the durable queue (cancelled ones go back to the queue).
-
-        Each item is ``(task_id, entry, status, error[, error_kind, retries])``: `retries` are the
-        run's handler calls after its first, which its start counted (see `Store`).
-        """
-        rows = [
-            (task_id, entry, _ENTRY_STATE[status], error, *rest)
-            for task_id, entry, status, error, *rest in items
-            if entry is not None
-        ]
-        if not rows:
-            return
-        try:
-            self._store.store.settle_many(rows)
-        except Exception:
-            # The results are in the idempotency rows already; the queue rows' leases expire and
-            # whoever takes them finds the keys completed.
-            logger.exception("recording %d results in the durable queue failed", len(rows))
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Stop accepting tasks, finish the accepted ones and stop the threads.
@@ -7820,7 +7922,7 @@ class WorkerPool:
             held = [(job.key, job.token, error) for job in stranded if job.token is not None]
             if held:
                 try:
-                    self._store.store.release_many(held)  # a later run may take them at once
+                    self._idempotency.release_many(held)  # a later run may take them at once
                 except Exception:
                     logger.exception(
                         "releasing %d claims failed; their leases will expire", len(held)
@@ -8025,7 +8127,7 @@ class WorkerPool:
             self._wait_notice_at = now
             own = {job.token for job in self._inflight.values() if job.token is not None}
         try:
-            claims = self._store.store.live_claims(self.namespace)
+            claims = self._idempotency.live_claims(self.namespace)
         except Exception:
             logger.debug("reading the live claims failed", exc_info=True)
             return
@@ -8119,7 +8221,7 @@ class WorkerPool:
             settle = [(index, task_id, entry, item[3])
                       for index, (item, task_id, entry) in enumerate(batch)
                       if entry is not None]  # fmt: skip
-            return self._store.complete_many([item for item, _, _ in batch], settle=settle)
+            return self._idempotency.complete_many([item for item, _, _ in batch], settle=settle)
 
         try:
             written = _each_alone(complete, items)
@@ -8204,7 +8306,7 @@ class WorkerPool:
         token, job.token = job.token, None
         if token is not None:
             try:
-                self._store.release(job.key, token, error, retries=_retries(job.attempts))
+                self._idempotency.release(job.key, token, error, retries=_retries(job.attempts))
             except Exception:
                 # The failure stands; the claim's lease expires and a rerun takes the key then.
                 logger.exception("releasing the claim on %r failed", job.key)
@@ -8294,14 +8396,12 @@ class WorkerPool:
 
     def _heartbeat(self) -> None:
         """Extend the leases of this pool's durable-queue rows and say it is alive."""
-        if not self._durable:
-            return
         snap = self._metrics.snapshot()
         info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._workers,
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
                 "failed": snap["failed"], "duplicates": snap["duplicates"],
-                "lease_seconds": self._store.lease_seconds,
-                "heartbeat_seconds": round(self._store.lease_seconds / 3, 3),
+                "lease_seconds": self._idempotency.lease_seconds,
+                "heartbeat_seconds": round(self._idempotency.lease_seconds / 3, 3),
                 "queues": None if self.queues is None else list(self.queues)}  # fmt: skip
         with self._lock:
             entries = [(job.task.id, job.entry) for job in self._inflight.values()
@@ -8312,20 +8412,7 @@ class WorkerPool:
                 for follower in job.followers
                 if follower.entry is not None
             ]
-        try:
-            # Only the rows this pool holds: a row taken by a take whose answer was lost (a
-            # dropped connection) is not renewed, and another worker takes it after its lease.
-            self._store.store.renew_tasks(self.worker_name, info, entries)
-        except Exception as exc:
-            logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
-
-    def _record_history(self) -> None:
-        """Write this minute's counts to the store's history (the lease keeper's thread only)."""
-        try:
-            self._history.flush()
-        except Exception as exc:
-            # The counts are kept: the next flush writes them, the database back or not.
-            logger.warning("writing the dashboard history failed: %s", _first_line(exc))
+        self._rows.heartbeat(info, entries)
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -8387,7 +8474,7 @@ class WorkerPool:
                 if follower.entry is not None:
                     settle.append((task.id, follower.entry, shared, outcome.error, text, 0))
         if settle:
-            self._settle(settle)
+            self._rows.settle(settle)
         self._metrics.record_outcomes(counted)
         escaped = _resolve_all(resolved)
         if stop:
@@ -8436,7 +8523,7 @@ class WorkerPool:
         if heir is not None:
             self._metrics.record_queued()
             self._queue.put_overflow(heir, heir.priority)
-            self._return_entries([(job.task.id, job.entry)])
+            self._rows.give_back([(job.task.id, job.entry)])
             return
         now = time.perf_counter()
         kind = ErrorKind.TRANSIENT
@@ -8445,7 +8532,7 @@ class WorkerPool:
             for follower in followers
         )
         # Durable rows stay in the store, back in the queue, for any worker to take.
-        self._return_entries([(job.task.id, job.entry)] + [(f.task.id, f.entry) for f in followers])
+        self._rows.give_back([(job.task.id, job.entry)] + [(f.task.id, f.entry) for f in followers])
         escaped = _resolve_all(
             (follower.future, _task_record(follower.task, TaskStatus.FAILED, now, error=error,
                                            kind=kind, enqueued_at=follower.enqueued_at))
@@ -8489,7 +8576,7 @@ class WorkerPool:
                 job.token = None
         if claims:
             try:
-                self._store.store.release_many(claims)
+                self._idempotency.release_many(claims)
             except Exception:
                 logger.exception("releasing %d claims failed; their leases expire", len(claims))
 
@@ -8545,7 +8632,7 @@ class WorkerPool:
             self._store_users -= 1
             close = self._store_users == 0
         if close and self._owns_store:
-            self._store.close()
+            self._idempotency.close()
 
 
 async def _aiterate(tasks: Iterable[Task] | AsyncIterable[Task]) -> AsyncIterator[Task]:
