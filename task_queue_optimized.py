@@ -10767,17 +10767,17 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
 
 
 def _serve_metrics(
-    metrics: MetricsCollector, host: str, port: int, config: Mapping[str, Any]
+    metrics: MetricsCollector, host: str, port: int, open_store: Callable[[], Store]
 ) -> _DashboardServer:
     """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
 
-    The dashboard reads the queue through a connection of its own, opened on its first request,
-    so that a page left open never waits on (or holds up) the worker's transactions. Off
-    loopback, ``/metrics`` answers every scraper while the page and its API answer only requests
-    that name a loopback address (the worker takes no token; ``task-queue dashboard --host
-    --token`` is the way to show the page to other machines).
+    The dashboard reads the queue through a connection of its own, opened by `open_store` on its
+    first request, so that a page left open never waits on (or holds up) the worker's
+    transactions. Off loopback, ``/metrics`` answers every scraper while the page and its API
+    answer only requests that name a loopback address (the worker takes no token;
+    ``task-queue dashboard --host --token`` is the way to show the page to other machines).
     """
-    app = _DashboardApp(functools.partial(_open_cli_store, config, create=False), metrics=metrics)
+    app = _DashboardApp(open_store, metrics=metrics)
     try:
         server = _DashboardServer(host, port, app)
     except (OSError, OverflowError) as exc:
@@ -10908,7 +10908,8 @@ def _cmd_worker(argv: list[str]) -> int:
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
     server = None
     if port is not None:
-        server = _serve_metrics(metrics, config["metrics_host"], port, config)
+        opener = functools.partial(_open_cli_store, config, create=False)
+        server = _serve_metrics(metrics, config["metrics_host"], port, opener)
     try:
         manager = IdempotencyManager(store=_open_cli_store(config))
     except BaseException:
