@@ -10173,6 +10173,255 @@ def serve_dashboard(
         raise
 
 
+# --- Process control -----------------------------------------------------------------------------
+#
+# What drives a running process rather than reading its arguments: the progress bar, the signal
+# handling of a run or a worker (the first SIGINT/SIGTERM drains, the second exits at once), the
+# worker's metrics server and backlog gauge, and serving a page until a signal.
+
+
+class _Progress:
+    """A tqdm bar on stderr when wanted and available; otherwise nothing."""
+
+    def __init__(self, total: int, wanted: bool | None) -> None:
+        self._bar: Any = None
+        if wanted is False or (wanted is None and not sys.stderr.isatty()):
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            if wanted:
+                raise ConfigError("--progress needs tqdm: pip install tqdm") from None
+            return
+        # delay: no bar at all for runs shorter than a second.
+        self._bar = tqdm(
+            total=total, unit="task", file=sys.stderr, mininterval=0.2, delay=1.0, leave=False
+        )
+
+    def update(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Interrupts:
+    """The CLI's signal handling: the first SIGINT/SIGTERM drains, the second exits at once.
+
+    The handler runs in the main thread between two bytecodes, possibly while that thread holds
+    a lock (the pool's, or an Event's inside `Event.wait`). So it takes no lock itself: it notes
+    the signal, writes to stderr with `os.write`, and hands the signal to a watcher thread through
+    a `queue.SimpleQueue`, whose `put` is safe in a signal handler. The watcher sets `stop` and
+    shuts the pool down.
+    """
+
+    def __init__(
+        self, pool: WorkerPool, lease_seconds: float, stop: threading.Event | None = None
+    ) -> None:
+        self.signum: int | None = None
+        self._stop = stop if stop is not None else threading.Event()
+        self._pool = pool
+        self._lease = lease_seconds
+        self._signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._previous: dict[int, Any] = {}
+        self._watcher = threading.Thread(target=self._watch, name="task-queue-signals", daemon=True)
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in EXIT_SIGNAL:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._signals.put(None)
+        self._watcher.join()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            running = len(self._pool._inflight)  # noqa: SLF001  # no lock in a signal handler: an estimate
+            message = (
+                f"{name} again: exiting now with up to {running} tasks unfinished; their claims "
+                f"expire after {self._lease:g} s, and a rerun then takes them over\n"
+            )
+            os.write(2, message.encode())
+            os._exit(EXIT_SIGNAL[self.signum])
+        self.signum = signum
+        os.write(2, f"{name}: finishing running tasks, cancelling queued ones\n".encode())
+        self._signals.put(signum)
+
+    def _watch(self) -> None:
+        if self._signals.get() is None:
+            return
+        self._stop.set()
+        try:
+            self._pool.shutdown(wait=False, cancel_pending=True)
+        except Exception:
+            logger.exception("graceful shutdown failed; exiting")
+            os._exit(EXIT_SIGNAL[self.signum or signal.SIGTERM])
+
+
+@dataclasses.dataclass(slots=True)
+class _RunOutcome:
+    """What one command-line run did, for the summary and the exit code."""
+
+    total: int
+    counts: dict[TaskStatus, int]
+    errors: list[str]
+    signum: int | None = None
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values()) - self.counts[TaskStatus.CANCELLED]
+
+    @property
+    def unstarted(self) -> int:
+        return self.total - sum(self.counts.values())
+
+
+def _run_pool(
+    pool: WorkerPool,
+    entries: list[_TaskEntry],
+    config: dict[str, Any],
+    progress: _Progress,
+) -> _RunOutcome:
+    counts = dict.fromkeys(TaskStatus, 0)
+    errors: list[str] = []
+    outcome = _RunOutcome(len(entries), counts, errors)
+    tasks = [entry.task for entry in entries]
+    # A task file's delays and priorities; None when it has none (the plain path).
+    schedule = {entry.task.id: (entry.delay, entry.priority) for entry in entries
+                if entry.delay or entry.priority} or None  # fmt: skip
+    with _Interrupts(pool, config["lease_seconds"]) as interrupts:
+        try:
+            for record in pool._iter_results(tasks, schedule):  # noqa: SLF001  # with a task file's schedule
+                counts[record.status] += 1
+                if record.status is TaskStatus.FAILED and len(errors) < 5:
+                    errors.append(f"{record.task_id}: {record.error}")
+                progress.update()
+        except PoolClosedError:
+            pass  # interrupted: every accepted task has been reported
+        finally:
+            progress.close()
+        pool.shutdown(wait=True)
+        outcome.signum = interrupts.signum
+    return outcome
+
+
+def _status_backlog(
+    status: Mapping[str, Any], queues: Iterable[str] | None = None
+) -> dict[str, tuple[int, float | None]]:
+    """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
+    been ready), every queue of the store, and the `queues` a worker serves even when empty."""
+    backlog: dict[str, tuple[int, float | None]] = {
+        name: (0, None) for name in (queues or (DEFAULT_QUEUE,))
+    }
+    for name, entry in status["queues"].items():
+        backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
+    return backlog
+
+
+class _BacklogGauge:
+    """A thread that copies the durable store's backlog into a worker's metrics.
+
+    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
+    waits on the database; `stop` takes one last reading for the final snapshot.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: MetricsCollector,
+        queues: Iterable[str] | None = None,
+        interval: float = BACKLOG_REFRESH_SECONDS,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._queues = None if queues is None else tuple(queues)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            status = self._store.queue_status()
+        except Exception as exc:
+            # The worker's own loop reports an outage; the gauges keep their last reading.
+            logger.debug("reading the backlog failed: %s", _first_line(exc))
+            return
+        self._metrics.record_backlog(_status_backlog(status, self._queues))
+
+    def _run(self) -> None:
+        self.refresh()
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+
+def _serve_metrics(
+    metrics: MetricsCollector, host: str, port: int, open_store: Callable[[], Store]
+) -> _DashboardServer:
+    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
+
+    The dashboard reads the queue through a connection of its own, opened by `open_store` on its
+    first request, so that a page left open never waits on (or holds up) the worker's
+    transactions. Off loopback, ``/metrics`` answers every scraper while the page and its API
+    answer only requests that name a loopback address (the worker takes no token;
+    ``task-queue dashboard --host --token`` is the way to show the page to other machines).
+    """
+    app = _DashboardApp(open_store, metrics=metrics)
+    try:
+        server = _DashboardServer(host, port, app)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
+    threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
+    return server
+
+
+def _serve_until_signal(server: http.server.HTTPServer) -> int:
+    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
+
+    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
+    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
+    that serves.
+    """
+    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    received: list[int] = []
+
+    def watch() -> None:
+        signum = signals.get()
+        if signum is not None:
+            received.append(signum)
+            server.shutdown()
+
+    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
+    watcher.start()
+    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
+                for signum in EXIT_SIGNAL}  # fmt: skip
+    try:
+        server.serve_forever()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signals.put(None)
+        watcher.join()
+    return received[0]
+
+
 # --- Command line --------------------------------------------------------------------------------
 
 
@@ -10311,92 +10560,6 @@ def _configure_logging(level: str) -> None:
     )
 
 
-class _Progress:
-    """A tqdm bar on stderr when wanted and available; otherwise nothing."""
-
-    def __init__(self, total: int, wanted: bool | None) -> None:
-        self._bar: Any = None
-        if wanted is False or (wanted is None and not sys.stderr.isatty()):
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            if wanted:
-                raise ConfigError("--progress needs tqdm: pip install tqdm") from None
-            return
-        # delay: no bar at all for runs shorter than a second.
-        self._bar = tqdm(
-            total=total, unit="task", file=sys.stderr, mininterval=0.2, delay=1.0, leave=False
-        )
-
-    def update(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-class _Interrupts:
-    """The CLI's signal handling: the first SIGINT/SIGTERM drains, the second exits at once.
-
-    The handler runs in the main thread between two bytecodes, possibly while that thread holds
-    a lock (the pool's, or an Event's inside `Event.wait`). So it takes no lock itself: it notes
-    the signal, writes to stderr with `os.write`, and hands the signal to a watcher thread through
-    a `queue.SimpleQueue`, whose `put` is safe in a signal handler. The watcher sets `stop` and
-    shuts the pool down.
-    """
-
-    def __init__(
-        self, pool: WorkerPool, lease_seconds: float, stop: threading.Event | None = None
-    ) -> None:
-        self.signum: int | None = None
-        self._stop = stop if stop is not None else threading.Event()
-        self._pool = pool
-        self._lease = lease_seconds
-        self._signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._previous: dict[int, Any] = {}
-        self._watcher = threading.Thread(target=self._watch, name="task-queue-signals", daemon=True)
-
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for signum in EXIT_SIGNAL:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        self._watcher.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._signals.put(None)
-        self._watcher.join()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            running = len(self._pool._inflight)  # noqa: SLF001  # no lock in a signal handler: an estimate
-            message = (
-                f"{name} again: exiting now with up to {running} tasks unfinished; their claims "
-                f"expire after {self._lease:g} s, and a rerun then takes them over\n"
-            )
-            os.write(2, message.encode())
-            os._exit(EXIT_SIGNAL[self.signum])
-        self.signum = signum
-        os.write(2, f"{name}: finishing running tasks, cancelling queued ones\n".encode())
-        self._signals.put(signum)
-
-    def _watch(self) -> None:
-        if self._signals.get() is None:
-            return
-        self._stop.set()
-        try:
-            self._pool.shutdown(wait=False, cancel_pending=True)
-        except Exception:
-            logger.exception("graceful shutdown failed; exiting")
-            os._exit(EXIT_SIGNAL[self.signum or signal.SIGTERM])
-
-
 def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
     return TaskProcessor(
         latency_ms=config["latency_ms"],
@@ -10466,53 +10629,6 @@ def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
         row("service ms", snapshot["service_ms"]),
     ]
     return "\n".join(lines)
-
-
-@dataclasses.dataclass(slots=True)
-class _RunOutcome:
-    """What one command-line run did, for the summary and the exit code."""
-
-    total: int
-    counts: dict[TaskStatus, int]
-    errors: list[str]
-    signum: int | None = None
-
-    @property
-    def finished(self) -> int:
-        return sum(self.counts.values()) - self.counts[TaskStatus.CANCELLED]
-
-    @property
-    def unstarted(self) -> int:
-        return self.total - sum(self.counts.values())
-
-
-def _run_pool(
-    pool: WorkerPool,
-    entries: list[_TaskEntry],
-    config: dict[str, Any],
-    progress: _Progress,
-) -> _RunOutcome:
-    counts = dict.fromkeys(TaskStatus, 0)
-    errors: list[str] = []
-    outcome = _RunOutcome(len(entries), counts, errors)
-    tasks = [entry.task for entry in entries]
-    # A task file's delays and priorities; None when it has none (the plain path).
-    schedule = {entry.task.id: (entry.delay, entry.priority) for entry in entries
-                if entry.delay or entry.priority} or None  # fmt: skip
-    with _Interrupts(pool, config["lease_seconds"]) as interrupts:
-        try:
-            for record in pool._iter_results(tasks, schedule):  # noqa: SLF001  # with a task file's schedule
-                counts[record.status] += 1
-                if record.status is TaskStatus.FAILED and len(errors) < 5:
-                    errors.append(f"{record.task_id}: {record.error}")
-                progress.update()
-        except PoolClosedError:
-            pass  # interrupted: every accepted task has been reported
-        finally:
-            progress.close()
-        pool.shutdown(wait=True)
-        outcome.signum = interrupts.signum
-    return outcome
 
 
 def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
@@ -10766,90 +10882,11 @@ def _load_handler(spec: str) -> Callable[[Task], Any]:
     return cast("Callable[[Task], Any]", handler)  # callable: checked above
 
 
-def _serve_metrics(
-    metrics: MetricsCollector, host: str, port: int, open_store: Callable[[], Store]
-) -> _DashboardServer:
-    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
-
-    The dashboard reads the queue through a connection of its own, opened by `open_store` on its
-    first request, so that a page left open never waits on (or holds up) the worker's
-    transactions. Off loopback, ``/metrics`` answers every scraper while the page and its API
-    answer only requests that name a loopback address (the worker takes no token;
-    ``task-queue dashboard --host --token`` is the way to show the page to other machines).
-    """
-    app = _DashboardApp(open_store, metrics=metrics)
-    try:
-        server = _DashboardServer(host, port, app)
-    except (OSError, OverflowError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
-    threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
-    return server
-
-
 def _parse_port(raw: str, flag: str = "--metrics-port") -> int:
     port = _parse_int(raw, flag, 0)
     if port > 65535:
         raise ConfigError(f"{flag}: expected a port number up to 65535, got {_shown(raw)}")
     return port
-
-
-class _BacklogGauge:
-    """A thread that copies the durable store's backlog into a worker's metrics.
-
-    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
-    waits on the database; `stop` takes one last reading for the final snapshot.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        metrics: MetricsCollector,
-        queues: Iterable[str] | None = None,
-        interval: float = BACKLOG_REFRESH_SECONDS,
-    ) -> None:
-        self._store = store
-        self._metrics = metrics
-        self._queues = None if queues is None else tuple(queues)
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self.refresh()
-
-    def refresh(self) -> None:
-        try:
-            status = self._store.queue_status()
-        except Exception as exc:
-            # The worker's own loop reports an outage; the gauges keep their last reading.
-            logger.debug("reading the backlog failed: %s", _first_line(exc))
-            return
-        self._metrics.record_backlog(_status_backlog(status, self._queues))
-
-    def _run(self) -> None:
-        self.refresh()
-        while not self._stop.wait(self._interval):
-            self.refresh()
-
-
-def _status_backlog(
-    status: Mapping[str, Any], queues: Iterable[str] | None = None
-) -> dict[str, tuple[int, float | None]]:
-    """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
-    been ready), every queue of the store, and the `queues` a worker serves even when empty."""
-    backlog: dict[str, tuple[int, float | None]] = {
-        name: (0, None) for name in (queues or (DEFAULT_QUEUE,))
-    }
-    for name, entry in status["queues"].items():
-        backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
-    return backlog
 
 
 def _cmd_worker(argv: list[str]) -> int:
@@ -11335,36 +11372,6 @@ def _cmd_dashboard(argv: list[str]) -> int:
     finally:
         server.server_close()
     return EXIT_SIGNAL[signum]
-
-
-def _serve_until_signal(server: http.server.HTTPServer) -> int:
-    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
-
-    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
-    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
-    that serves.
-    """
-    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    received: list[int] = []
-
-    def watch() -> None:
-        signum = signals.get()
-        if signum is not None:
-            received.append(signum)
-            server.shutdown()
-
-    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
-    watcher.start()
-    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
-                for signum in EXIT_SIGNAL}  # fmt: skip
-    try:
-        server.serve_forever()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        signals.put(None)
-        watcher.join()
-    return received[0]
 
 
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
