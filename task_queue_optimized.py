@@ -10560,6 +10560,25 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _prologue(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse `argv`, resolve the configuration and set up logging: every command's first step.
+
+    Returns:
+        The parsed flags and the configuration (`load_config` of the flags, the environment and
+        ./.env).
+
+    Raises:
+        ConfigError: a usage error (before the configuration is read), then an invalid setting
+            (before logging is set up).
+    """
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    return args, config
+
+
 def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
     return TaskProcessor(
         latency_ms=config["latency_ms"],
@@ -10681,10 +10700,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _build_parser().parse_args(argv)
-    flags = vars(args)
-    config = load_config(flags, os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(_build_parser(), argv)
     if not args.benchmark and args.task_file is None:
         raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
     count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
@@ -10700,7 +10716,7 @@ def _main(argv: list[str] | None) -> int:
     with contextlib.ExitStack() as stack:
         if args.benchmark:
             # A benchmark measures real work: a fresh database each run unless --db is explicit.
-            db_label = flags["db_path"]
+            db_label = args.db_path
             db_path = db_label or os.path.join(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
                 "bench.db",
@@ -10809,9 +10825,7 @@ def _cmd_enqueue(argv: list[str]) -> int:
         help=f"queue of the tasks that name none (default {DEFAULT_QUEUE}; a task's own "
         '"queue" field wins)',
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     queue = _cli_queue(args.queue, "--queue")
     entries = _load_task_entries(
         args.task_file, max_bytes=config["max_task_file_bytes"], queue=queue
@@ -10931,9 +10945,7 @@ def _cmd_worker(argv: list[str]) -> int:
         "for): 0 when every task this worker finished succeeded or was a duplicate, 1 when some "
         "failed; with --schedule, only the latest slot of each schedule is enqueued first",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     if args.name is not None and _text_problem(args.name) is not None:
         raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
     queues = _cli_queues(args.queues)
@@ -11012,9 +11024,7 @@ def _cmd_status(argv: list[str]) -> int:
         _STORE_SETTINGS,
     )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     store = _open_cli_store(config, create=False)
     try:
         status = {**store.queue_status(), "keys": store.stats(), "database": _redact(store.url)}
@@ -11069,9 +11079,7 @@ def _cmd_purge(argv: list[str]) -> int:
         default="604800",
         help="age of the records to delete (default 604800, a week)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     age = _parse_nonnegative_float(args.older_than, "--older-than")
     store = _open_cli_store(config, create=False)
     try:
@@ -11137,9 +11145,7 @@ def _cmd_failed(argv: list[str]) -> int:
         help="print a JSON array of objects with the keys id, key, queue, attempts, error_kind, "
         "error and failed_at (seconds since the epoch)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     queue = None if args.queue is None else _cli_queue(args.queue, "--queue")
     limit = _parse_positive_int(args.limit, "--limit")
     store = _open_cli_store(config, create=False)
@@ -11174,9 +11180,7 @@ def _cmd_retry(argv: list[str]) -> int:
     parser.add_argument("--all", action="store_true", help="every failed task")
     parser.add_argument("--queue", metavar="NAME", help="with --all: only the tasks of this queue")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     if args.all and args.ids:
         raise ConfigError("give the ids of failed tasks or --all, not both")
     if not args.all and not args.ids:
@@ -11216,9 +11220,7 @@ def _cmd_cancel(argv: list[str]) -> int:
     )
     parser.add_argument("ids", nargs="+", metavar="ID", help="ids of queued tasks")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     ids = _cli_ids(args.ids)
     store = _open_cli_writer(config)
     try:
@@ -11264,9 +11266,7 @@ def _cmd_result(argv: list[str]) -> int:
         help="print an object with the keys key, state, output, error, attempts, updated_at "
         "and namespace (state 'unknown' for a key no handler has taken)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     try:
         _check_key(args.key)
         if args.namespace is not None:
@@ -11342,9 +11342,7 @@ def _cmd_dashboard(argv: list[str]) -> int:
         f"Bearer), at least {MIN_DASHBOARD_TOKEN_CHARS} printable characters "
         f"[{DASHBOARD_TOKEN_ENV}]",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     port = DEFAULT_DASHBOARD_PORT if args.port is None else _parse_port(args.port, "--port")
     host = DEFAULT_DASHBOARD_HOST if args.host is None else args.host
     if not host.strip():
