@@ -10470,6 +10470,58 @@ def _add_handler_arguments(group: Any, simulator_flags: str = "are ignored") -> 
     )
 
 
+def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
+    return TaskProcessor(
+        latency_ms=config["latency_ms"],
+        jitter_ms=config["jitter_ms"],
+        transient_error_rate=config["transient_rate"],
+        permanent_error_rate=config["permanent_rate"],
+        seed=seed,
+    )
+
+
+def _load_handler(spec: str) -> Callable[[Task], Any]:
+    """Import ``module:function`` from the working directory or the installed packages.
+
+    Raises:
+        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
+            a syntax error, or an exception while it runs), or the attribute is missing or not
+            callable; the one-line message names the spec and the error.
+    """
+    module_name, _, attribute = spec.partition(":")
+    shown = _cut(spec)
+    if not module_name.strip() or not attribute.strip() or ":" in attribute:
+        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
+        # its own, sys.exit) is a user error to name, not a crash to trace back.
+        raise ConfigError(
+            f"--handler {shown}: cannot import module {_shown(module_name)}: "
+            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
+        ) from None
+    try:
+        handler = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(
+            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
+            f"{_shown(attribute)}"
+        ) from None
+    except Exception as exc:  # a module-level __getattr__ is user code too
+        raise ConfigError(
+            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
+            f"{_cut(_first_line(exc), 200)}"
+        ) from None
+    if not callable(handler):
+        raise ConfigError(
+            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
+        )
+    return cast("Callable[[Task], Any]", handler)  # callable: checked above
+
+
 def _cli_handler(
     args: argparse.Namespace,
     config: Mapping[str, Any],
@@ -10505,53 +10557,6 @@ def _cli_handler(
     return handler, namespace
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="task-queue",
-        description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
-        epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
-        "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
-        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
-        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
-        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
-    )
-    mode = parser.add_argument_group("what to run")
-    mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
-    mode.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="run a synthetic workload on a fresh database",
-    )
-    mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
-    mode.add_argument(
-        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
-    )
-    _add_handler_arguments(mode)
-    _add_settings(
-        parser.add_argument_group("configuration"),
-        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
-        notes={
-            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
-            "--benchmark uses a fresh temporary one unless --db is given"
-        },
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--metrics-out",
-        metavar="FILE",
-        default=DEFAULT_METRICS_FILE,
-        help=f"where to write the metrics snapshot (default {DEFAULT_METRICS_FILE})",
-    )
-    output.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    output.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)",
-    )
-    return parser
-
-
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
@@ -10579,16 +10584,6 @@ def _prologue(
     return args, config
 
 
-def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
-    return TaskProcessor(
-        latency_ms=config["latency_ms"],
-        jitter_ms=config["jitter_ms"],
-        transient_error_rate=config["transient_rate"],
-        permanent_error_rate=config["permanent_rate"],
-        seed=seed,
-    )
-
-
 def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
     """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
     overall, groups = config["rate_limit"] or (None, {})
@@ -10602,29 +10597,6 @@ def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
         base_delay=config["base_delay"],
         max_delay=config["max_delay"],
     )
-
-
-def _synthetic_tasks(count: int) -> list[Task]:
-    return [Task(f"bench-{index:06d}") for index in range(1, count + 1)]
-
-
-def _check_output_path(path: str, flag: str) -> None:
-    """Check, before anything runs, that a file can be written at `path`."""
-    if not path.strip():
-        raise ConfigError(f"{flag}: expected a file path, got an empty value")
-    shown = _cut(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {shown}: is a directory")
-    try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
-        ) from None
 
 
 def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
@@ -10648,115 +10620,6 @@ def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
         row("service ms", snapshot["service_ms"]),
     ]
     return "\n".join(lines)
-
-
-def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
-    name = signal.Signals(outcome.signum).name  # type: ignore[arg-type]  # given only after a signal
-    cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
-    failed = outcome.counts[TaskStatus.FAILED]
-    done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
-    text = (
-        f"interrupted by {name}: {outcome.finished} of {outcome.total} tasks finished "
-        f"({done} completed, {failed} failed), {cancelled} cancelled or not started."
-    )
-    if db_label is None:
-        return text + " The benchmark database was temporary: a rerun starts over."
-    if db_label in _MEMORY_DATABASES:
-        return text + f" The database {db_label} kept nothing: a rerun starts over."
-    return (
-        text
-        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
-        f"{cancelled + failed} others."
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code.
-
-    User errors (bad flags, configuration, task files, database paths) print one line that starts
-    with "error:" on stderr and return 2; nothing is written.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv and argv[0] in _SUBCOMMANDS:
-            return _SUBCOMMANDS[argv[0]](argv[1:])
-        return _main(argv)
-    except (ConfigError, TaskFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except _database_errors() as exc:
-        # A database refused a statement (a server error, a full disk): one line, no traceback.
-        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:
-        # The reader of stdout went away (``task-queue status | head``): what ran is recorded,
-        # only the rest of the output is lost. Point stdout at /dev/null so that the flush at
-        # exit does not fail a second time, as the signal module's documentation advises.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        return EXIT_FAILED
-
-
-def _main(argv: list[str] | None) -> int:
-    args, config = _prologue(_build_parser(), argv)
-    if not args.benchmark and args.task_file is None:
-        raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
-    count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
-    seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
-    if args.task_file is not None:
-        entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
-    else:
-        entries = [_TaskEntry(task) for task in _synthetic_tasks(count)]
-    _check_output_path(args.metrics_out, "--metrics-out")
-    handler, namespace = _cli_handler(args, config, seed)
-    retry = _cli_retry(config)
-    progress = _Progress(len(entries), args.progress)
-    with contextlib.ExitStack() as stack:
-        if args.benchmark:
-            # A benchmark measures real work: a fresh database each run unless --db is explicit.
-            db_label = args.db_path
-            db_path = db_label or os.path.join(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
-                "bench.db",
-            )
-        else:
-            db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
-        store = IdempotencyManager(
-            db_path,
-            lease_seconds=config["lease_seconds"],
-            durability=config["durability"],
-        )
-        stack.callback(store.close)
-        pool = WorkerPool(
-            handler,
-            workers=config["workers"],
-            queue_size=config["queue_size"],
-            retry=retry,
-            idempotency=store,
-            namespace=namespace,
-            **_cli_flow(config),
-        )
-        outcome = _run_pool(pool, entries, config, progress)
-    snapshot = pool.metrics.snapshot()
-    try:
-        pool.metrics.export(args.metrics_out)
-    except OSError as exc:
-        raise ConfigError(
-            f"--metrics-out {args.metrics_out}: cannot write: {exc.strerror}"
-        ) from None
-    if args.json:
-        print(json.dumps(snapshot, indent=2, sort_keys=True))
-    else:
-        print(_format_summary(snapshot, len(entries)))
-        print(f"  metrics written to {args.metrics_out}")
-    for line in outcome.errors:
-        print(f"failed: {line}", file=sys.stderr)
-    if outcome.signum is not None:
-        print(_rerun_advice(outcome, db_label), file=sys.stderr)
-        return EXIT_SIGNAL[outcome.signum]
-    return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
 
 
 # Subcommands: the durable queue ------------------------------------------------------------------
@@ -10852,48 +10715,6 @@ def _cmd_enqueue(argv: list[str]) -> int:
         f"{_redact(store.url)}"
     )
     return EXIT_OK
-
-
-def _load_handler(spec: str) -> Callable[[Task], Any]:
-    """Import ``module:function`` from the working directory or the installed packages.
-
-    Raises:
-        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
-            a syntax error, or an exception while it runs), or the attribute is missing or not
-            callable; the one-line message names the spec and the error.
-    """
-    module_name, _, attribute = spec.partition(":")
-    shown = _cut(spec)
-    if not module_name.strip() or not attribute.strip() or ":" in attribute:
-        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:
-        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
-        # its own, sys.exit) is a user error to name, not a crash to trace back.
-        raise ConfigError(
-            f"--handler {shown}: cannot import module {_shown(module_name)}: "
-            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
-        ) from None
-    try:
-        handler = getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(
-            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
-            f"{_shown(attribute)}"
-        ) from None
-    except Exception as exc:  # a module-level __getattr__ is user code too
-        raise ConfigError(
-            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
-            f"{_cut(_first_line(exc), 200)}"
-        ) from None
-    if not callable(handler):
-        raise ConfigError(
-            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
-        )
-    return cast("Callable[[Task], Any]", handler)  # callable: checked above
 
 
 def _parse_port(raw: str, flag: str = "--metrics-port") -> int:
@@ -11015,6 +10836,26 @@ def _cmd_worker(argv: list[str]) -> int:
     return EXIT_FAILED if args.burst and snapshot["failed"] else EXIT_OK
 
 
+_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
+
+
+def _worker_line(worker: Mapping[str, Any]) -> str:
+    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
+    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
+    if worker.get("alive", True):
+        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
+                f"{worker.get('succeeded', '?')}")  # fmt: skip
+    held = worker.get("running", 0)
+    lease = worker.get("lease_seconds")
+    gone = f"{head}: gone (no heartbeat for longer than its lease"
+    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
+    if not held:
+        return f"{gone}; it holds no tasks"
+    tasks = "task returns" if held == 1 else "tasks return"
+    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
+            "for any worker to take")  # fmt: skip
+
+
 def _cmd_status(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "status",
@@ -11047,26 +10888,6 @@ def _cmd_status(argv: list[str]) -> int:
     for worker in status["workers"]:
         print(_worker_line(worker))
     return EXIT_OK
-
-
-_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
-
-
-def _worker_line(worker: Mapping[str, Any]) -> str:
-    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
-    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
-    if worker.get("alive", True):
-        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
-                f"{worker.get('succeeded', '?')}")  # fmt: skip
-    held = worker.get("running", 0)
-    lease = worker.get("lease_seconds")
-    gone = f"{head}: gone (no heartbeat for longer than its lease"
-    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
-    if not held:
-        return f"{gone}; it holds no tasks"
-    tasks = "task returns" if held == 1 else "tasks return"
-    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
-            "for any worker to take")  # fmt: skip
 
 
 def _cmd_purge(argv: list[str]) -> int:
@@ -11372,6 +11193,159 @@ def _cmd_dashboard(argv: list[str]) -> int:
     return EXIT_SIGNAL[signum]
 
 
+# The run command, the subcommand table and main --------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="task-queue",
+        description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
+        epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
+        "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
+        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
+        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
+        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
+    )
+    mode = parser.add_argument_group("what to run")
+    mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
+    mode.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="run a synthetic workload on a fresh database",
+    )
+    mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
+    mode.add_argument(
+        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
+    )
+    _add_handler_arguments(mode)
+    _add_settings(
+        parser.add_argument_group("configuration"),
+        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
+        notes={
+            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
+            "--benchmark uses a fresh temporary one unless --db is given"
+        },
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--metrics-out",
+        metavar="FILE",
+        default=DEFAULT_METRICS_FILE,
+        help=f"where to write the metrics snapshot (default {DEFAULT_METRICS_FILE})",
+    )
+    output.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    output.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)",
+    )
+    return parser
+
+
+def _synthetic_tasks(count: int) -> list[Task]:
+    return [Task(f"bench-{index:06d}") for index in range(1, count + 1)]
+
+
+def _check_output_path(path: str, flag: str) -> None:
+    """Check, before anything runs, that a file can be written at `path`."""
+    if not path.strip():
+        raise ConfigError(f"{flag}: expected a file path, got an empty value")
+    shown = _cut(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {shown}: is a directory")
+    try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
+        ) from None
+
+
+def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
+    name = signal.Signals(outcome.signum).name  # type: ignore[arg-type]  # given only after a signal
+    cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
+    failed = outcome.counts[TaskStatus.FAILED]
+    done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
+    text = (
+        f"interrupted by {name}: {outcome.finished} of {outcome.total} tasks finished "
+        f"({done} completed, {failed} failed), {cancelled} cancelled or not started."
+    )
+    if db_label is None:
+        return text + " The benchmark database was temporary: a rerun starts over."
+    if db_label in _MEMORY_DATABASES:
+        return text + f" The database {db_label} kept nothing: a rerun starts over."
+    return (
+        text
+        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
+        f"{cancelled + failed} others."
+    )
+
+
+def _main(argv: list[str] | None) -> int:
+    args, config = _prologue(_build_parser(), argv)
+    if not args.benchmark and args.task_file is None:
+        raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
+    count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
+    seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
+    if args.task_file is not None:
+        entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
+    else:
+        entries = [_TaskEntry(task) for task in _synthetic_tasks(count)]
+    _check_output_path(args.metrics_out, "--metrics-out")
+    handler, namespace = _cli_handler(args, config, seed)
+    retry = _cli_retry(config)
+    progress = _Progress(len(entries), args.progress)
+    with contextlib.ExitStack() as stack:
+        if args.benchmark:
+            # A benchmark measures real work: a fresh database each run unless --db is explicit.
+            db_label = args.db_path
+            db_path = db_label or os.path.join(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
+                "bench.db",
+            )
+        else:
+            db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
+        store = IdempotencyManager(
+            db_path,
+            lease_seconds=config["lease_seconds"],
+            durability=config["durability"],
+        )
+        stack.callback(store.close)
+        pool = WorkerPool(
+            handler,
+            workers=config["workers"],
+            queue_size=config["queue_size"],
+            retry=retry,
+            idempotency=store,
+            namespace=namespace,
+            **_cli_flow(config),
+        )
+        outcome = _run_pool(pool, entries, config, progress)
+    snapshot = pool.metrics.snapshot()
+    try:
+        pool.metrics.export(args.metrics_out)
+    except OSError as exc:
+        raise ConfigError(
+            f"--metrics-out {args.metrics_out}: cannot write: {exc.strerror}"
+        ) from None
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(_format_summary(snapshot, len(entries)))
+        print(f"  metrics written to {args.metrics_out}")
+    for line in outcome.errors:
+        print(f"failed: {line}", file=sys.stderr)
+    if outcome.signum is not None:
+        print(_rerun_advice(outcome, db_label), file=sys.stderr)
+        return EXIT_SIGNAL[outcome.signum]
+    return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
+
+
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "enqueue": _cmd_enqueue,
     "worker": _cmd_worker,
@@ -11383,6 +11357,35 @@ _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "purge": _cmd_purge,
     "dashboard": _cmd_dashboard,
 }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    User errors (bad flags, configuration, task files, database paths) print one line that starts
+    with "error:" on stderr and return 2; nothing is written.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in _SUBCOMMANDS:
+            return _SUBCOMMANDS[argv[0]](argv[1:])
+        return _main(argv)
+    except (ConfigError, TaskFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _database_errors() as exc:
+        # A database refused a statement (a server error, a full disk): one line, no traceback.
+        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader of stdout went away (``task-queue status | head``): what ran is recorded,
+        # only the rest of the output is lost. Point stdout at /dev/null so that the flush at
+        # exit does not fail a second time, as the signal module's documentation advises.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_FAILED
 
 
 def console_main() -> None:
