@@ -31,7 +31,8 @@ Periodic tasks and scripts::
     enqueue(tasks, db="postgresql://app@db/app")  # all or nothing, from code
 
 Sections: defaults, exceptions, records, task files, retry policy, stores, idempotency,
-metrics, processor, queue, pool, periodic tasks, configuration, dashboard, command line.
+metrics, processor, queue, flow control, pool, periodic tasks, configuration, dashboard,
+process control, command line.
 """
 
 from __future__ import annotations
