@@ -4881,11 +4881,15 @@ class IdempotencyManager:
 
     def is_processed(self, key: str) -> bool:
         """Return whether `key` is completed."""
+        return self._completed_row(key) is not None
+
+    def _completed_row(self, key: str) -> dict[str, Any] | None:
+        """Return the row of `key` if it is completed and not expired, else None (one read)."""
         row = self.lookup(key)
         if row is None or row["state"] != _Row.COMPLETED:
-            return False
+            return None
         ttl = self.store.ttl_seconds
-        return ttl is None or row["updated_at"] > time.time() - ttl
+        return row if ttl is None or row["updated_at"] > time.time() - ttl else None
 
     def mark_processed(self, key: str, output: Any = None, *, namespace: str = "") -> None:
         """Record `key` as completed with `output`, whoever holds it.
@@ -4903,7 +4907,9 @@ class IdempotencyManager:
 
     def get_cached_output(self, key: str) -> Any:
         """Return the output stored for a completed `key`, or None."""
-        return self.lookup(key)["output"] if self.is_processed(key) else None  # type: ignore[index]  # found: processed
+        # One read: a purge between two reads must not turn a completed key into an error.
+        row = self._completed_row(key)
+        return None if row is None else row["output"]
 
     # Housekeeping -------------------------------------------------------------------------------
 
