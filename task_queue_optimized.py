@@ -31,7 +31,8 @@ Periodic tasks and scripts::
     enqueue(tasks, db="postgresql://app@db/app")  # all or nothing, from code
 
 Sections: defaults, exceptions, records, task files, retry policy, stores, idempotency,
-metrics, processor, queue, pool, periodic tasks, configuration, dashboard, command line.
+metrics, processor, queue, flow control, pool, periodic tasks, configuration, dashboard,
+process control, command line.
 """
 
 from __future__ import annotations
@@ -10303,142 +10304,11 @@ def serve_dashboard(
         raise
 
 
-# --- Command line --------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors become `ConfigError`, reported in one line by main."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see --help)")
-
-
-_METAVARS = {"metrics_host": "HOST"}
-
-
-def _add_settings(
-    group: Any, names: Iterable[str] | None = None, notes: Mapping[str, str] | None = None
-) -> None:
-    """Add the flags of `names` (default: all), each help followed by what `notes` adds."""
-    wanted = None if names is None else set(names)
-    for setting in SETTINGS:
-        if setting.flag and (wanted is None or setting.name in wanted):
-            # A default of None is told in the help itself (it depends on the command).
-            default = "" if setting.default is None else f", default {setting.default}"
-            note = (notes or {}).get(setting.name, "")
-            group.add_argument(
-                setting.flag,
-                dest=setting.name,
-                metavar=_METAVARS.get(setting.name, setting.name.upper()),
-                action="append" if setting.repeat else "store",
-                help=f"{setting.help}{note} [{setting.env}{default}]",
-            )
-
-
-def _add_handler_arguments(group: Any, simulator_flags: str = "are ignored") -> None:
-    group.add_argument(
-        "--handler",
-        metavar="MODULE:FUNCTION",
-        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
-        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
-        f"--permanent-rate) {simulator_flags}",
-    )
-    group.add_argument(
-        "--namespace",
-        metavar="NAME",
-        help="scope of the handler's idempotency keys (default: the handler's module-qualified "
-        "name); keeps completed keys when a handler is renamed",
-    )
-
-
-def _cli_handler(
-    args: argparse.Namespace,
-    config: Mapping[str, Any],
-    seed: int | None,
-    refuse_simulator_flags: bool = False,
-) -> Any:
-    """Return the handler and the namespace the command line asks for.
-
-    Raises:
-        ConfigError: the handler cannot be imported, the namespace is empty, or (with
-            `refuse_simulator_flags`) the simulator's flags are given beside a handler, which
-            they would not configure.
-    """
-    if args.handler is not None and refuse_simulator_flags:
-        given = [flag for name, flag in _SIMULATOR_FLAGS.items()
-                 if getattr(args, name, None) is not None]  # fmt: skip
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} the built-in "
-                f"simulator, which --handler {_cut(args.handler)} replaces: drop "
-                f"{'it' if len(given) == 1 else 'them'}"
-            )
-    namespace = args.namespace
-    if namespace is not None:
-        try:
-            _check_namespace(namespace, "--namespace")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    if args.handler is not None:
-        handler = _load_handler(args.handler)
-    else:
-        handler = _cli_processor(config, seed)
-    return handler, namespace
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="task-queue",
-        description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
-        epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
-        "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
-        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
-        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
-        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
-    )
-    mode = parser.add_argument_group("what to run")
-    mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
-    mode.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="run a synthetic workload on a fresh database",
-    )
-    mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
-    mode.add_argument(
-        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
-    )
-    _add_handler_arguments(mode)
-    _add_settings(
-        parser.add_argument_group("configuration"),
-        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
-        notes={
-            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
-            "--benchmark uses a fresh temporary one unless --db is given"
-        },
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--metrics-out",
-        metavar="FILE",
-        default=DEFAULT_METRICS_FILE,
-        help=f"where to write the metrics snapshot (default {DEFAULT_METRICS_FILE})",
-    )
-    output.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    output.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)",
-    )
-    return parser
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+# --- Process control -----------------------------------------------------------------------------
+#
+# What drives a running process rather than reading its arguments: the progress bar, the signal
+# handling of a run or a worker (the first SIGINT/SIGTERM drains, the second exits at once), the
+# worker's metrics server and backlog gauge, and serving a page until a signal.
 
 
 class _Progress:
@@ -10527,77 +10397,6 @@ class _Interrupts:
             os._exit(EXIT_SIGNAL[self.signum or signal.SIGTERM])
 
 
-def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
-    return TaskProcessor(
-        latency_ms=config["latency_ms"],
-        jitter_ms=config["jitter_ms"],
-        transient_error_rate=config["transient_rate"],
-        permanent_error_rate=config["permanent_rate"],
-        seed=seed,
-    )
-
-
-def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
-    overall, groups = config["rate_limit"] or (None, {})
-    return {"rate_limit": overall, "rate_limits": groups or None,
-            "task_timeout": config["task_timeout"]}  # fmt: skip
-
-
-def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
-    return RetryPolicy(
-        max_attempts=config["max_attempts"],
-        base_delay=config["base_delay"],
-        max_delay=config["max_delay"],
-    )
-
-
-def _synthetic_tasks(count: int) -> list[Task]:
-    return [Task(f"bench-{index:06d}") for index in range(1, count + 1)]
-
-
-def _check_output_path(path: str, flag: str) -> None:
-    """Check, before anything runs, that a file can be written at `path`."""
-    if not path.strip():
-        raise ConfigError(f"{flag}: expected a file path, got an empty value")
-    shown = _cut(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {shown}: is a directory")
-    try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
-        ) from None
-
-
-def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
-    def row(label: str, series: Mapping[str, Any]) -> str:
-        cells = "  ".join(f"{name} {series[name]:9.2f}" for name in ("mean", "p50", "p95", "p99"))
-        return f"  {label:<14}{cells}  max {series['max']:9.2f}"
-
-    utilization = snapshot["utilization"]
-    lines = [
-        f"tasks {total}  workers {snapshot['workers']}  queue size {snapshot['queue_size']}  "
-        f"elapsed {snapshot['elapsed_seconds']:.3f} s",
-        f"  succeeded {snapshot['succeeded']}  failed {snapshot['failed']}  duplicates "
-        f"{snapshot['duplicates']}  cancelled {snapshot['cancelled']}  retries "
-        f"{snapshot['retries']}  rejected {snapshot['rejected']}",
-        f"  throughput {snapshot['throughput_per_second']:.1f} tasks/s  utilization "
-        + (f"{utilization * 100:.1f}%" if utilization is not None else "n/a")
-        + f"  success rate {snapshot['success_rate'] * 100:.1f}%  max queue depth "
-        f"{snapshot['max_queue_depth']}",
-        row("latency ms", snapshot["latency_ms"]),
-        row("queue wait ms", snapshot["queue_wait_ms"]),
-        row("service ms", snapshot["service_ms"]),
-    ]
-    return "\n".join(lines)
-
-
 @dataclasses.dataclass(slots=True)
 class _RunOutcome:
     """What one command-line run did, for the summary and the exit code."""
@@ -10645,116 +10444,313 @@ def _run_pool(
     return outcome
 
 
-def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
-    name = signal.Signals(outcome.signum).name  # type: ignore[arg-type]  # given only after a signal
-    cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
-    failed = outcome.counts[TaskStatus.FAILED]
-    done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
-    text = (
-        f"interrupted by {name}: {outcome.finished} of {outcome.total} tasks finished "
-        f"({done} completed, {failed} failed), {cancelled} cancelled or not started."
-    )
-    if db_label is None:
-        return text + " The benchmark database was temporary: a rerun starts over."
-    if db_label in _MEMORY_DATABASES:
-        return text + f" The database {db_label} kept nothing: a rerun starts over."
-    return (
-        text
-        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
-        f"{cancelled + failed} others."
-    )
+def _status_backlog(
+    status: Mapping[str, Any], queues: Iterable[str] | None = None
+) -> dict[str, tuple[int, float | None]]:
+    """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
+    been ready), every queue of the store, and the `queues` a worker serves even when empty."""
+    backlog: dict[str, tuple[int, float | None]] = {
+        name: (0, None) for name in (queues or (DEFAULT_QUEUE,))
+    }
+    for name, entry in status["queues"].items():
+        backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
+    return backlog
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code.
+class _BacklogGauge:
+    """A thread that copies the durable store's backlog into a worker's metrics.
 
-    User errors (bad flags, configuration, task files, database paths) print one line that starts
-    with "error:" on stderr and return 2; nothing is written.
+    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
+    waits on the database; `stop` takes one last reading for the final snapshot.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: MetricsCollector,
+        queues: Iterable[str] | None = None,
+        interval: float = BACKLOG_REFRESH_SECONDS,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._queues = None if queues is None else tuple(queues)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            status = self._store.queue_status()
+        except Exception as exc:
+            # The worker's own loop reports an outage; the gauges keep their last reading.
+            logger.debug("reading the backlog failed: %s", _first_line(exc))
+            return
+        self._metrics.record_backlog(_status_backlog(status, self._queues))
+
+    def _run(self) -> None:
+        self.refresh()
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+
+def _serve_metrics(
+    metrics: MetricsCollector, host: str, port: int, open_store: Callable[[], Store]
+) -> _DashboardServer:
+    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
+
+    The dashboard reads the queue through a connection of its own, opened by `open_store` on its
+    first request, so that a page left open never waits on (or holds up) the worker's
+    transactions. Off loopback, ``/metrics`` answers every scraper while the page and its API
+    answer only requests that name a loopback address (the worker takes no token;
+    ``task-queue dashboard --host --token`` is the way to show the page to other machines).
+    """
+    app = _DashboardApp(open_store, metrics=metrics)
     try:
-        if argv and argv[0] in _SUBCOMMANDS:
-            return _SUBCOMMANDS[argv[0]](argv[1:])
-        return _main(argv)
-    except (ConfigError, TaskFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except _database_errors() as exc:
-        # A database refused a statement (a server error, a full disk): one line, no traceback.
-        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:
-        # The reader of stdout went away (``task-queue status | head``): what ran is recorded,
-        # only the rest of the output is lost. Point stdout at /dev/null so that the flush at
-        # exit does not fail a second time, as the signal module's documentation advises.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        return EXIT_FAILED
+        server = _DashboardServer(host, port, app)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
+    threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
+    return server
 
 
-def _main(argv: list[str] | None) -> int:
-    args = _build_parser().parse_args(argv)
-    flags = vars(args)
-    config = load_config(flags, os.environ, ".env")
-    _configure_logging(config["log_level"])
-    if not args.benchmark and args.task_file is None:
-        raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
-    count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
-    seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
-    if args.task_file is not None:
-        entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
-    else:
-        entries = [_TaskEntry(task) for task in _synthetic_tasks(count)]
-    _check_output_path(args.metrics_out, "--metrics-out")
-    handler, namespace = _cli_handler(args, config, seed)
-    retry = _cli_retry(config)
-    progress = _Progress(len(entries), args.progress)
-    with contextlib.ExitStack() as stack:
-        if args.benchmark:
-            # A benchmark measures real work: a fresh database each run unless --db is explicit.
-            db_label = flags["db_path"]
-            db_path = db_label or os.path.join(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
-                "bench.db",
+def _serve_until_signal(server: http.server.HTTPServer) -> int:
+    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
+
+    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
+    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
+    that serves.
+    """
+    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    received: list[int] = []
+
+    def watch() -> None:
+        signum = signals.get()
+        if signum is not None:
+            received.append(signum)
+            server.shutdown()
+
+    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
+    watcher.start()
+    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
+                for signum in EXIT_SIGNAL}  # fmt: skip
+    try:
+        server.serve_forever()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signals.put(None)
+        watcher.join()
+    return received[0]
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors become `ConfigError`, reported in one line by main."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
+_METAVARS = {"metrics_host": "HOST"}
+
+
+def _add_settings(
+    group: Any, names: Iterable[str] | None = None, notes: Mapping[str, str] | None = None
+) -> None:
+    """Add the flags of `names` (default: all), each help followed by what `notes` adds."""
+    wanted = None if names is None else set(names)
+    for setting in SETTINGS:
+        if setting.flag and (wanted is None or setting.name in wanted):
+            # A default of None is told in the help itself (it depends on the command).
+            default = "" if setting.default is None else f", default {setting.default}"
+            note = (notes or {}).get(setting.name, "")
+            group.add_argument(
+                setting.flag,
+                dest=setting.name,
+                metavar=_METAVARS.get(setting.name, setting.name.upper()),
+                action="append" if setting.repeat else "store",
+                help=f"{setting.help}{note} [{setting.env}{default}]",
             )
-        else:
-            db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
-        store = IdempotencyManager(
-            db_path,
-            lease_seconds=config["lease_seconds"],
-            durability=config["durability"],
-        )
-        stack.callback(store.close)
-        pool = WorkerPool(
-            handler,
-            workers=config["workers"],
-            queue_size=config["queue_size"],
-            retry=retry,
-            idempotency=store,
-            namespace=namespace,
-            **_cli_flow(config),
-        )
-        outcome = _run_pool(pool, entries, config, progress)
-    snapshot = pool.metrics.snapshot()
+
+
+def _add_handler_arguments(group: Any, simulator_flags: str = "are ignored") -> None:
+    group.add_argument(
+        "--handler",
+        metavar="MODULE:FUNCTION",
+        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
+        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
+        f"--permanent-rate) {simulator_flags}",
+    )
+    group.add_argument(
+        "--namespace",
+        metavar="NAME",
+        help="scope of the handler's idempotency keys (default: the handler's module-qualified "
+        "name); keeps completed keys when a handler is renamed",
+    )
+
+
+def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
+    return TaskProcessor(
+        latency_ms=config["latency_ms"],
+        jitter_ms=config["jitter_ms"],
+        transient_error_rate=config["transient_rate"],
+        permanent_error_rate=config["permanent_rate"],
+        seed=seed,
+    )
+
+
+def _load_handler(spec: str) -> Callable[[Task], Any]:
+    """Import ``module:function`` from the working directory or the installed packages.
+
+    Raises:
+        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
+            a syntax error, or an exception while it runs), or the attribute is missing or not
+            callable; the one-line message names the spec and the error.
+    """
+    module_name, _, attribute = spec.partition(":")
+    shown = _cut(spec)
+    if not module_name.strip() or not attribute.strip() or ":" in attribute:
+        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        pool.metrics.export(args.metrics_out)
-    except OSError as exc:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
+        # its own, sys.exit) is a user error to name, not a crash to trace back.
         raise ConfigError(
-            f"--metrics-out {args.metrics_out}: cannot write: {exc.strerror}"
+            f"--handler {shown}: cannot import module {_shown(module_name)}: "
+            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
         ) from None
-    if args.json:
-        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    try:
+        handler = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(
+            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
+            f"{_shown(attribute)}"
+        ) from None
+    except Exception as exc:  # a module-level __getattr__ is user code too
+        raise ConfigError(
+            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
+            f"{_cut(_first_line(exc), 200)}"
+        ) from None
+    if not callable(handler):
+        raise ConfigError(
+            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
+        )
+    return cast("Callable[[Task], Any]", handler)  # callable: checked above
+
+
+def _cli_handler(
+    args: argparse.Namespace,
+    config: Mapping[str, Any],
+    seed: int | None,
+    refuse_simulator_flags: bool = False,
+) -> Any:
+    """Return the handler and the namespace the command line asks for.
+
+    Raises:
+        ConfigError: the handler cannot be imported, the namespace is empty, or (with
+            `refuse_simulator_flags`) the simulator's flags are given beside a handler, which
+            they would not configure.
+    """
+    if args.handler is not None and refuse_simulator_flags:
+        given = [flag for name, flag in _SIMULATOR_FLAGS.items()
+                 if getattr(args, name, None) is not None]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} the built-in "
+                f"simulator, which --handler {_cut(args.handler)} replaces: drop "
+                f"{'it' if len(given) == 1 else 'them'}"
+            )
+    namespace = args.namespace
+    if namespace is not None:
+        try:
+            _check_namespace(namespace, "--namespace")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if args.handler is not None:
+        handler = _load_handler(args.handler)
     else:
-        print(_format_summary(snapshot, len(entries)))
-        print(f"  metrics written to {args.metrics_out}")
-    for line in outcome.errors:
-        print(f"failed: {line}", file=sys.stderr)
-    if outcome.signum is not None:
-        print(_rerun_advice(outcome, db_label), file=sys.stderr)
-        return EXIT_SIGNAL[outcome.signum]
-    return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
+        handler = _cli_processor(config, seed)
+    return handler, namespace
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _prologue(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse `argv`, resolve the configuration and set up logging: every command's first step.
+
+    Returns:
+        The parsed flags and the configuration (`load_config` of the flags, the environment and
+        ./.env).
+
+    Raises:
+        ConfigError: a usage error (before the configuration is read), then an invalid setting
+            (before logging is set up).
+    """
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    return args, config
+
+
+def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
+    overall, groups = config["rate_limit"] or (None, {})
+    return {"rate_limit": overall, "rate_limits": groups or None,
+            "task_timeout": config["task_timeout"]}  # fmt: skip
+
+
+def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=config["max_attempts"],
+        base_delay=config["base_delay"],
+        max_delay=config["max_delay"],
+    )
+
+
+def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
+    def row(label: str, series: Mapping[str, Any]) -> str:
+        cells = "  ".join(f"{name} {series[name]:9.2f}" for name in ("mean", "p50", "p95", "p99"))
+        return f"  {label:<14}{cells}  max {series['max']:9.2f}"
+
+    utilization = snapshot["utilization"]
+    lines = [
+        f"tasks {total}  workers {snapshot['workers']}  queue size {snapshot['queue_size']}  "
+        f"elapsed {snapshot['elapsed_seconds']:.3f} s",
+        f"  succeeded {snapshot['succeeded']}  failed {snapshot['failed']}  duplicates "
+        f"{snapshot['duplicates']}  cancelled {snapshot['cancelled']}  retries "
+        f"{snapshot['retries']}  rejected {snapshot['rejected']}",
+        f"  throughput {snapshot['throughput_per_second']:.1f} tasks/s  utilization "
+        + (f"{utilization * 100:.1f}%" if utilization is not None else "n/a")
+        + f"  success rate {snapshot['success_rate'] * 100:.1f}%  max queue depth "
+        f"{snapshot['max_queue_depth']}",
+        row("latency ms", snapshot["latency_ms"]),
+        row("queue wait ms", snapshot["queue_wait_ms"]),
+        row("service ms", snapshot["service_ms"]),
+    ]
+    return "\n".join(lines)
 
 
 # Subcommands: the durable queue ------------------------------------------------------------------
@@ -10823,9 +10819,7 @@ def _cmd_enqueue(argv: list[str]) -> int:
         help=f"queue of the tasks that name none (default {DEFAULT_QUEUE}; a task's own "
         '"queue" field wins)',
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     queue = _cli_queue(args.queue, "--queue")
     entries = _load_task_entries(
         args.task_file, max_bytes=config["max_task_file_bytes"], queue=queue
@@ -10854,132 +10848,11 @@ def _cmd_enqueue(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _load_handler(spec: str) -> Callable[[Task], Any]:
-    """Import ``module:function`` from the working directory or the installed packages.
-
-    Raises:
-        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
-            a syntax error, or an exception while it runs), or the attribute is missing or not
-            callable; the one-line message names the spec and the error.
-    """
-    module_name, _, attribute = spec.partition(":")
-    shown = _cut(spec)
-    if not module_name.strip() or not attribute.strip() or ":" in attribute:
-        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:
-        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
-        # its own, sys.exit) is a user error to name, not a crash to trace back.
-        raise ConfigError(
-            f"--handler {shown}: cannot import module {_shown(module_name)}: "
-            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
-        ) from None
-    try:
-        handler = getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(
-            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
-            f"{_shown(attribute)}"
-        ) from None
-    except Exception as exc:  # a module-level __getattr__ is user code too
-        raise ConfigError(
-            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
-            f"{_cut(_first_line(exc), 200)}"
-        ) from None
-    if not callable(handler):
-        raise ConfigError(
-            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
-        )
-    return cast("Callable[[Task], Any]", handler)  # callable: checked above
-
-
-def _serve_metrics(
-    metrics: MetricsCollector, host: str, port: int, config: Mapping[str, Any]
-) -> _DashboardServer:
-    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
-
-    The dashboard reads the queue through a connection of its own, opened on its first request,
-    so that a page left open never waits on (or holds up) the worker's transactions. Off
-    loopback, ``/metrics`` answers every scraper while the page and its API answer only requests
-    that name a loopback address (the worker takes no token; ``task-queue dashboard --host
-    --token`` is the way to show the page to other machines).
-    """
-    app = _DashboardApp(functools.partial(_open_cli_store, config, create=False), metrics=metrics)
-    try:
-        server = _DashboardServer(host, port, app)
-    except (OSError, OverflowError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
-    threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
-    return server
-
-
 def _parse_port(raw: str, flag: str = "--metrics-port") -> int:
     port = _parse_int(raw, flag, 0)
     if port > 65535:
         raise ConfigError(f"{flag}: expected a port number up to 65535, got {_shown(raw)}")
     return port
-
-
-class _BacklogGauge:
-    """A thread that copies the durable store's backlog into a worker's metrics.
-
-    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
-    waits on the database; `stop` takes one last reading for the final snapshot.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        metrics: MetricsCollector,
-        queues: Iterable[str] | None = None,
-        interval: float = BACKLOG_REFRESH_SECONDS,
-    ) -> None:
-        self._store = store
-        self._metrics = metrics
-        self._queues = None if queues is None else tuple(queues)
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self.refresh()
-
-    def refresh(self) -> None:
-        try:
-            status = self._store.queue_status()
-        except Exception as exc:
-            # The worker's own loop reports an outage; the gauges keep their last reading.
-            logger.debug("reading the backlog failed: %s", _first_line(exc))
-            return
-        self._metrics.record_backlog(_status_backlog(status, self._queues))
-
-    def _run(self) -> None:
-        self.refresh()
-        while not self._stop.wait(self._interval):
-            self.refresh()
-
-
-def _status_backlog(
-    status: Mapping[str, Any], queues: Iterable[str] | None = None
-) -> dict[str, tuple[int, float | None]]:
-    """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
-    been ready), every queue of the store, and the `queues` a worker serves even when empty."""
-    backlog: dict[str, tuple[int, float | None]] = {
-        name: (0, None) for name in (queues or (DEFAULT_QUEUE,))
-    }
-    for name, entry in status["queues"].items():
-        backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
-    return backlog
 
 
 def _cmd_worker(argv: list[str]) -> int:
@@ -11024,9 +10897,7 @@ def _cmd_worker(argv: list[str]) -> int:
         "for): 0 when every task this worker finished succeeded or was a duplicate, 1 when some "
         "failed; with --schedule, only the latest slot of each schedule is enqueued first",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     if args.name is not None and _text_problem(args.name) is not None:
         raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
     queues = _cli_queues(args.queues)
@@ -11038,7 +10909,8 @@ def _cmd_worker(argv: list[str]) -> int:
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
     server = None
     if port is not None:
-        server = _serve_metrics(metrics, config["metrics_host"], port, config)
+        opener = functools.partial(_open_cli_store, config, create=False)
+        server = _serve_metrics(metrics, config["metrics_host"], port, opener)
     try:
         manager = IdempotencyManager(store=_open_cli_store(config))
     except BaseException:
@@ -11095,6 +10967,26 @@ def _cmd_worker(argv: list[str]) -> int:
     return EXIT_FAILED if args.burst and snapshot["failed"] else EXIT_OK
 
 
+_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
+
+
+def _worker_line(worker: Mapping[str, Any]) -> str:
+    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
+    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
+    if worker.get("alive", True):
+        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
+                f"{worker.get('succeeded', '?')}")  # fmt: skip
+    held = worker.get("running", 0)
+    lease = worker.get("lease_seconds")
+    gone = f"{head}: gone (no heartbeat for longer than its lease"
+    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
+    if not held:
+        return f"{gone}; it holds no tasks"
+    tasks = "task returns" if held == 1 else "tasks return"
+    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
+            "for any worker to take")  # fmt: skip
+
+
 def _cmd_status(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "status",
@@ -11104,9 +10996,7 @@ def _cmd_status(argv: list[str]) -> int:
         _STORE_SETTINGS,
     )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     store = _open_cli_store(config, create=False)
     try:
         status = {**store.queue_status(), "keys": store.stats(), "database": _redact(store.url)}
@@ -11131,26 +11021,6 @@ def _cmd_status(argv: list[str]) -> int:
     return EXIT_OK
 
 
-_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
-
-
-def _worker_line(worker: Mapping[str, Any]) -> str:
-    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
-    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
-    if worker.get("alive", True):
-        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
-                f"{worker.get('succeeded', '?')}")  # fmt: skip
-    held = worker.get("running", 0)
-    lease = worker.get("lease_seconds")
-    gone = f"{head}: gone (no heartbeat for longer than its lease"
-    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
-    if not held:
-        return f"{gone}; it holds no tasks"
-    tasks = "task returns" if held == 1 else "tasks return"
-    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
-            "for any worker to take")  # fmt: skip
-
-
 def _cmd_purge(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "purge", "Delete finished keys and tasks older than --older-than seconds.", _STORE_SETTINGS
@@ -11161,9 +11031,7 @@ def _cmd_purge(argv: list[str]) -> int:
         default="604800",
         help="age of the records to delete (default 604800, a week)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     age = _parse_nonnegative_float(args.older_than, "--older-than")
     store = _open_cli_store(config, create=False)
     try:
@@ -11229,9 +11097,7 @@ def _cmd_failed(argv: list[str]) -> int:
         help="print a JSON array of objects with the keys id, key, queue, attempts, error_kind, "
         "error and failed_at (seconds since the epoch)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     queue = None if args.queue is None else _cli_queue(args.queue, "--queue")
     limit = _parse_positive_int(args.limit, "--limit")
     store = _open_cli_store(config, create=False)
@@ -11266,9 +11132,7 @@ def _cmd_retry(argv: list[str]) -> int:
     parser.add_argument("--all", action="store_true", help="every failed task")
     parser.add_argument("--queue", metavar="NAME", help="with --all: only the tasks of this queue")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     if args.all and args.ids:
         raise ConfigError("give the ids of failed tasks or --all, not both")
     if not args.all and not args.ids:
@@ -11308,9 +11172,7 @@ def _cmd_cancel(argv: list[str]) -> int:
     )
     parser.add_argument("ids", nargs="+", metavar="ID", help="ids of queued tasks")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     ids = _cli_ids(args.ids)
     store = _open_cli_writer(config)
     try:
@@ -11356,9 +11218,7 @@ def _cmd_result(argv: list[str]) -> int:
         help="print an object with the keys key, state, output, error, attempts, updated_at "
         "and namespace (state 'unknown' for a key no handler has taken)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     try:
         _check_key(args.key)
         if args.namespace is not None:
@@ -11434,9 +11294,7 @@ def _cmd_dashboard(argv: list[str]) -> int:
         f"Bearer), at least {MIN_DASHBOARD_TOKEN_CHARS} printable characters "
         f"[{DASHBOARD_TOKEN_ENV}]",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     port = DEFAULT_DASHBOARD_PORT if args.port is None else _parse_port(args.port, "--port")
     host = DEFAULT_DASHBOARD_HOST if args.host is None else args.host
     if not host.strip():
@@ -11466,34 +11324,157 @@ def _cmd_dashboard(argv: list[str]) -> int:
     return EXIT_SIGNAL[signum]
 
 
-def _serve_until_signal(server: http.server.HTTPServer) -> int:
-    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
+# The run command, the subcommand table and main --------------------------------------------------
 
-    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
-    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
-    that serves.
-    """
-    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    received: list[int] = []
 
-    def watch() -> None:
-        signum = signals.get()
-        if signum is not None:
-            received.append(signum)
-            server.shutdown()
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="task-queue",
+        description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
+        epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
+        "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
+        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
+        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
+        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
+    )
+    mode = parser.add_argument_group("what to run")
+    mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
+    mode.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="run a synthetic workload on a fresh database",
+    )
+    mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
+    mode.add_argument(
+        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
+    )
+    _add_handler_arguments(mode)
+    _add_settings(
+        parser.add_argument_group("configuration"),
+        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
+        notes={
+            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
+            "--benchmark uses a fresh temporary one unless --db is given"
+        },
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--metrics-out",
+        metavar="FILE",
+        default=DEFAULT_METRICS_FILE,
+        help=f"where to write the metrics snapshot (default {DEFAULT_METRICS_FILE})",
+    )
+    output.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    output.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)",
+    )
+    return parser
 
-    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
-    watcher.start()
-    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
-                for signum in EXIT_SIGNAL}  # fmt: skip
+
+def _synthetic_tasks(count: int) -> list[Task]:
+    return [Task(f"bench-{index:06d}") for index in range(1, count + 1)]
+
+
+def _check_output_path(path: str, flag: str) -> None:
+    """Check, before anything runs, that a file can be written at `path`."""
+    if not path.strip():
+        raise ConfigError(f"{flag}: expected a file path, got an empty value")
+    shown = _cut(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {shown}: is a directory")
+    try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
+        ) from None
+
+
+def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
+    name = signal.Signals(outcome.signum).name  # type: ignore[arg-type]  # given only after a signal
+    cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
+    failed = outcome.counts[TaskStatus.FAILED]
+    done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
+    text = (
+        f"interrupted by {name}: {outcome.finished} of {outcome.total} tasks finished "
+        f"({done} completed, {failed} failed), {cancelled} cancelled or not started."
+    )
+    if db_label is None:
+        return text + " The benchmark database was temporary: a rerun starts over."
+    if db_label in _MEMORY_DATABASES:
+        return text + f" The database {db_label} kept nothing: a rerun starts over."
+    return (
+        text
+        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
+        f"{cancelled + failed} others."
+    )
+
+
+def _main(argv: list[str] | None) -> int:
+    args, config = _prologue(_build_parser(), argv)
+    if not args.benchmark and args.task_file is None:
+        raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
+    count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
+    seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
+    if args.task_file is not None:
+        entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
+    else:
+        entries = [_TaskEntry(task) for task in _synthetic_tasks(count)]
+    _check_output_path(args.metrics_out, "--metrics-out")
+    handler, namespace = _cli_handler(args, config, seed)
+    retry = _cli_retry(config)
+    progress = _Progress(len(entries), args.progress)
+    with contextlib.ExitStack() as stack:
+        if args.benchmark:
+            # A benchmark measures real work: a fresh database each run unless --db is explicit.
+            db_label = args.db_path
+            db_path = db_label or os.path.join(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
+                "bench.db",
+            )
+        else:
+            db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
+        store = IdempotencyManager(
+            db_path,
+            lease_seconds=config["lease_seconds"],
+            durability=config["durability"],
+        )
+        stack.callback(store.close)
+        pool = WorkerPool(
+            handler,
+            workers=config["workers"],
+            queue_size=config["queue_size"],
+            retry=retry,
+            idempotency=store,
+            namespace=namespace,
+            **_cli_flow(config),
+        )
+        outcome = _run_pool(pool, entries, config, progress)
+    snapshot = pool.metrics.snapshot()
     try:
-        server.serve_forever()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        signals.put(None)
-        watcher.join()
-    return received[0]
+        pool.metrics.export(args.metrics_out)
+    except OSError as exc:
+        raise ConfigError(
+            f"--metrics-out {args.metrics_out}: cannot write: {exc.strerror}"
+        ) from None
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(_format_summary(snapshot, len(entries)))
+        print(f"  metrics written to {args.metrics_out}")
+    for line in outcome.errors:
+        print(f"failed: {line}", file=sys.stderr)
+    if outcome.signum is not None:
+        print(_rerun_advice(outcome, db_label), file=sys.stderr)
+        return EXIT_SIGNAL[outcome.signum]
+    return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
 
 
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
@@ -11507,6 +11488,35 @@ _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "purge": _cmd_purge,
     "dashboard": _cmd_dashboard,
 }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    User errors (bad flags, configuration, task files, database paths) print one line that starts
+    with "error:" on stderr and return 2; nothing is written.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in _SUBCOMMANDS:
+            return _SUBCOMMANDS[argv[0]](argv[1:])
+        return _main(argv)
+    except (ConfigError, TaskFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _database_errors() as exc:
+        # A database refused a statement (a server error, a full disk): one line, no traceback.
+        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader of stdout went away (``task-queue status | head``): what ran is recorded,
+        # only the rest of the output is lost. Point stdout at /dev/null so that the flush at
+        # exit does not fail a second time, as the signal module's documentation advises.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_FAILED
 
 
 def console_main() -> None:
