@@ -685,11 +685,16 @@ class TaskRecord:
     status: TaskStatus
     output: Any = None
     error: str | None = None
-    error_kind: str | None = None
+    error_kind: ErrorKind | None = None  # a str enum: it compares and prints as its text
     attempts: int = 0
     enqueued_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        kind: Any = self.error_kind
+        if kind is not None and kind.__class__ is not ErrorKind:
+            object.__setattr__(self, "error_kind", ErrorKind(kind))  # "transient" and the like
 
     @property
     def queue_wait(self) -> float | None:
@@ -720,7 +725,7 @@ class TaskRecord:
             "status": self.status.value,
             "output": self.output,
             "error": self.error,
-            "error_kind": self.error_kind,
+            "error_kind": None if self.error_kind is None else self.error_kind.value,
             "attempts": self.attempts,
             "queue_wait": self.queue_wait,
             "duration": self.duration,
@@ -7000,7 +7005,14 @@ class _AsyncRunner:
 
 # A submission that joined an in-flight one: its task, its future, when it was submitted and,
 # in a durable pool, the token of its row in the durable queue.
-_Follower = tuple[Task, concurrent.futures.Future[TaskRecord], float, "int | None"]
+@dataclasses.dataclass(slots=True)
+class _Follower:
+    """A submission that joined one of its key in flight: it shares that one's outcome."""
+
+    task: Task
+    future: Any  # its concurrent.futures.Future[TaskRecord], or an iter_results _Slot
+    enqueued_at: float  # when it was submitted
+    entry: int | None  # the token of its durable-queue row, in a durable pool
 
 
 class _Job:
@@ -7102,6 +7114,33 @@ def _resolve_all(
             if escaped is None:
                 escaped = exc
     return escaped
+
+
+def _task_record(
+    task: Task,
+    status: TaskStatus,
+    finished_at: float,
+    *,
+    enqueued_at: float,
+    output: Any = None,
+    error: str | None = None,
+    kind: ErrorKind | None = None,
+    attempts: int = 0,
+    started_at: float | None = None,
+) -> TaskRecord:
+    """Build the record of one submission: the one place the pool makes a `TaskRecord`."""
+    return TaskRecord(
+        task_id=task.id,
+        key=task.key,
+        status=status,
+        output=output,
+        error=error,
+        error_kind=kind,
+        attempts=attempts,
+        enqueued_at=enqueued_at,
+        started_at=started_at,
+        finished_at=finished_at,
+    )
 
 
 class _Slot:
@@ -7515,7 +7554,8 @@ class WorkerPool:
         try:
             fp = fingerprint(task.payload)
         except (TypeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
-            return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
+            error = f"payload is not JSON-serialisable: {exc}"
+            return self._refuse(task, now, error, ErrorKind.PERMANENT)
         if not self._durable:
             if probe:
                 return self._accept(
@@ -7536,12 +7576,12 @@ class WorkerPool:
                 )
             except TaskConflictError as exc:
                 # The stored task is another one: running either would run what was not asked.
-                return self._refuse(task, now, str(exc), ErrorKind.CONFLICT.value)
+                return self._refuse(task, now, str(exc), ErrorKind.CONFLICT)
             except Exception as exc:
                 # Not persisted, so not accepted: the caller learns it from the record (submit
                 # raises only QueueFullError and PoolClosedError) and may submit again.
                 error = f"the durable queue could not record the task: {_describe(exc)}"
-                return self._refuse(task, now, error, ErrorKind.TRANSIENT.value)
+                return self._refuse(task, now, error, ErrorKind.TRANSIENT)
             return self._accept(task, fp, now, entry, delay=delay, priority=priority, sink=sink)
         finally:
             self._release_store()
@@ -7582,7 +7622,7 @@ class WorkerPool:
                 self._inflight[job.key] = job
                 self._pending += 1
             elif leader.fingerprint == fp:
-                leader.followers.append((task, future, now, entry))
+                leader.followers.append(_Follower(task, future, now, entry))
         if closed:
             self._return_entries([(task.id, entry)])
             raise PoolClosedError()
@@ -7590,7 +7630,7 @@ class WorkerPool:
             if leader.fingerprint != fp:
                 error = str(IdempotencyConflictError(task.key))
                 self._settle([(task.id, entry, TaskStatus.FAILED, error, ErrorKind.CONFLICT, 0)])
-                return self._refuse(task, now, error, ErrorKind.CONFLICT.value)
+                return self._refuse(task, now, error, ErrorKind.CONFLICT)
             self._metrics.record_enqueue(queued=False)
             return future
         try:
@@ -8417,8 +8457,12 @@ class WorkerPool:
         with self._lock:
             entries = [(job.task.id, job.entry) for job in self._inflight.values()
                        if job.entry is not None]  # fmt: skip
-            entries += [(task.id, entry) for job in self._inflight.values()
-                        for task, _, _, entry in job.followers if entry is not None]  # fmt: skip
+            entries += [
+                (follower.task.id, follower.entry)
+                for job in self._inflight.values()
+                for follower in job.followers
+                if follower.entry is not None
+            ]
         try:
             # Only the rows this pool holds: a row taken by a take whose answer was lost (a
             # dropped connection) is not renewed, and another worker takes it after its lease.
@@ -8466,27 +8510,33 @@ class WorkerPool:
         for outcome, followers in retired:
             job = outcome.job
             status = outcome.status
-            kind = None if outcome.kind is None else outcome.kind.value
-            started = job.started_at is not None
-            record = TaskRecord(
-                job.task.id, job.key, status, outcome.output, outcome.error, kind, job.attempts,
-                job.enqueued_at, job.started_at, now,
+            kind = outcome.kind
+            text = None if kind is None else kind.value  # what metrics and the store keep
+            record = _task_record(
+                job.task, status, now, output=outcome.output, error=outcome.error, kind=kind,
+                attempts=job.attempts, enqueued_at=job.enqueued_at, started_at=job.started_at,
             )  # fmt: skip
+            started = job.started_at is not None
             service = now - job.started_at if job.started_at is not None else None
             latency = now - job.enqueued_at
             queued = not job.dequeued and not job.delayed
-            counted.append(Outcome(status, kind, latency, service, started, queued))
+            counted.append(Outcome(status, text, latency, service, started, queued))
             resolved.append((job.future, record))
             if job.entry is not None:
-                settle.append((job.task.id, job.entry, status, outcome.error, kind,
+                settle.append((job.task.id, job.entry, status, outcome.error, text,
                                _retries(job.attempts)))  # fmt: skip
-            for task, future, enqueued_at, entry in followers:
-                follower = self._follower_record(record, task, enqueued_at, now)
-                latency = now - enqueued_at
-                counted.append(Outcome(follower.status, kind, latency, None, False, False))
-                resolved.append((future, follower))
-                if entry is not None:
-                    settle.append((task.id, entry, follower.status, follower.error, kind, 0))
+            # A follower shares the outcome; a success it joined is a duplicate to it.
+            shared = TaskStatus.DUPLICATE if status is TaskStatus.SUCCEEDED else status
+            for follower in followers:
+                task = follower.task
+                latency = now - follower.enqueued_at
+                counted.append(Outcome(shared, text, latency, None, False, False))
+                resolved.append((follower.future, _task_record(
+                    task, shared, now, output=outcome.output, error=outcome.error, kind=kind,
+                    enqueued_at=follower.enqueued_at,
+                )))  # fmt: skip
+                if follower.entry is not None:
+                    settle.append((task.id, follower.entry, shared, outcome.error, text, 0))
         if settle:
             self._settle(settle)
         self._metrics.record_outcomes(counted)
@@ -8496,28 +8546,16 @@ class WorkerPool:
         if escaped is not None:
             raise escaped
 
-    @staticmethod
-    def _follower_record(
-        leader: TaskRecord, task: Task, enqueued_at: float, now: float
-    ) -> TaskRecord:
-        status = leader.status
-        if status is TaskStatus.SUCCEEDED:
-            status = TaskStatus.DUPLICATE
-        return TaskRecord(
-            task.id, task.key, status, leader.output, leader.error, leader.error_kind, 0,
-            enqueued_at, None, now,
-        )  # fmt: skip
-
     def _refuse(
-        self, task: Task, now: float, error: str, kind: str
+        self, task: Task, now: float, error: str, kind: ErrorKind
     ) -> concurrent.futures.Future[TaskRecord]:
         """Resolve a submission that fails before it is queued (conflict, bad payload)."""
         if self._closed:
             raise PoolClosedError()
         self._metrics.record_enqueue(queued=False)
-        self._metrics.record_failure(kind, 0.0, started=False)
+        self._metrics.record_failure(kind.value, 0.0, started=False)
         return _resolved(
-            TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0, now, None, now)
+            _task_record(task, TaskStatus.FAILED, now, error=error, kind=kind, enqueued_at=now)
         )
 
     def _abandon(self, job: _Job, error: str) -> None:
@@ -8536,8 +8574,9 @@ class WorkerPool:
                 del self._inflight[job.key]
             followers, job.followers = job.followers, []
             if followers and not self._closed:
-                task, future, enqueued_at, entry = followers.pop(0)
-                heir = _Job(task, job.fingerprint, future, enqueued_at, entry, job.priority)
+                first = followers.pop(0)
+                heir = _Job(first.task, job.fingerprint, first.future, first.enqueued_at,
+                            first.entry, job.priority)  # fmt: skip
                 heir.followers, followers = followers, []
                 self._inflight[heir.key] = heir  # the pending count passes to the heir
             else:
@@ -8551,19 +8590,17 @@ class WorkerPool:
             self._return_entries([(job.task.id, job.entry)])
             return
         now = time.perf_counter()
-        kind = ErrorKind.TRANSIENT.value
+        kind = ErrorKind.TRANSIENT
         self._metrics.record_outcomes(
-            Outcome(TaskStatus.FAILED, kind, now - enqueued_at, None, False, False)
-            for _, _, enqueued_at, _ in followers
+            Outcome(TaskStatus.FAILED, kind.value, now - follower.enqueued_at, None, False, False)
+            for follower in followers
         )
         # Durable rows stay in the store, back in the queue, for any worker to take.
-        self._return_entries(
-            [(job.task.id, job.entry)] + [(task.id, entry) for task, _, _, entry in followers]
-        )
+        self._return_entries([(job.task.id, job.entry)] + [(f.task.id, f.entry) for f in followers])
         escaped = _resolve_all(
-            (future, TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0,
-                                enqueued_at, None, now))
-            for task, future, enqueued_at, _ in followers
+            (follower.future, _task_record(follower.task, TaskStatus.FAILED, now, error=error,
+                                           kind=kind, enqueued_at=follower.enqueued_at))
+            for follower in followers
         )  # fmt: skip
         if stop:
             self._stop_threads(wait=False)
@@ -8617,7 +8654,7 @@ class WorkerPool:
 
         def ours(job: _Job) -> bool:
             # A job that other callers' submissions joined is theirs too: it still runs.
-            return job.future in futures and all(f[1] in futures for f in job.followers)
+            return job.future in futures and all(f.future in futures for f in job.followers)
 
         with self._lock:  # followers join under this lock: none can join between check and take
             jobs = [job for job in self._inflight.values() if not job.dequeued and ours(job)]
