@@ -1607,6 +1607,188 @@ def _empty_status() -> dict[str, Any]:
     }
 
 
+def _public_row(row: dict[str, Any], namespace: str = "") -> dict[str, Any]:
+    output = row.get("output")
+    return {
+        "namespace": namespace,
+        "state": str(row["state"].value if isinstance(row["state"], enum.Enum) else row["state"]),
+        "fingerprint": row.get("fingerprint"),
+        "output": None if output is None else json.loads(output),
+        "error": row.get("error"),
+        "lease_expires": row.get("lease_expires"),
+        "updated_at": row.get("updated_at"),
+        "attempts": row.get("attempts", 0),
+    }
+
+
+# The rows of a MemoryStore: what a table row is to the SQL stores, one mutable record each. Every
+# method that reads or writes one holds the store's lock; a caller sees only the dicts built from
+# them at the boundary (`public`, `failed_entry`).
+
+
+@dataclasses.dataclass(slots=True)
+class _KeyRow:
+    """One idempotency key in one namespace (see `Store`)."""
+
+    state: _Row
+    fingerprint: str | None
+    token: int  # fences the claim that wrote the row
+    output: str | None = None  # a completed key's output, as JSON text
+    error: str | None = None
+    lease_expires: float | None = None  # a time.time() value while in progress, else None
+    updated_at: float = 0.0
+    attempts: int = 0  # handler calls
+
+    def live(self, now: float) -> bool:
+        """Return whether the row is a claim whose lease still runs at `now`."""
+        return (
+            self.state == _Row.IN_PROGRESS
+            and self.lease_expires is not None
+            and self.lease_expires > now
+        )
+
+    def complete(self, output: str, now: float, calls: int = 0) -> None:
+        """Record the key as completed at `now` with `output`, after `calls` more handler calls."""
+        self.state = _Row.COMPLETED
+        self.output = output
+        self.error = None
+        self.lease_expires = None
+        self.updated_at = now
+        self.attempts += calls
+
+    def release(self, error: str | None, now: float, calls: int = 0) -> None:
+        """Record the key as failed at `now` with `error`: claimable again."""
+        self.state = _Row.FAILED
+        self.error = error
+        self.lease_expires = None
+        self.updated_at = now
+        self.attempts += calls
+
+    def lookup_rank(self) -> tuple[bool, float]:
+        # Which row of a key the namespace-free lookup shows: a completed one, else the latest.
+        return self.state == _Row.COMPLETED, self.updated_at
+
+    def public(self, namespace: str) -> dict[str, Any]:
+        """Return the row as `Store.lookup` answers it."""
+        return _public_row(dataclasses.asdict(self), namespace)
+
+
+@dataclasses.dataclass(slots=True)
+class _TaskRow:
+    """One task of the durable queue (see `Store`)."""
+
+    task: Task
+    seq: int  # its place in submission order
+    enqueued_at: float
+    updated_at: float
+    priority: int = 0
+    run_at: float | None = None  # the due time of a delayed task, a time.time() value
+    state: EntryState = EntryState.QUEUED
+    token: int | None = None  # fences the run that holds it
+    worker: str | None = None
+    lease_expires: float | None = None  # a time.time() value while running, else None
+    attempts: int = 0  # handler calls
+    error: str | None = None
+    error_kind: str | None = None
+
+    @property
+    def ready_at(self) -> float:
+        """When the task was ready to run: its due time, else its enqueue time."""
+        return self.enqueued_at if self.run_at is None else self.run_at
+
+    def rank(self) -> tuple[int, float, int]:
+        # Highest priority first; within one, ready longest first, then submission order (see
+        # Store.take_many).
+        return -self.priority, self.ready_at, self.seq
+
+    def stalled(self, now: float) -> bool:
+        """Return whether the task is running on a lease that has run out at `now`."""
+        return (
+            self.state == EntryState.RUNNING
+            and self.lease_expires is not None
+            and self.lease_expires <= now
+        )
+
+    def takeable(self, now: float, scheduled: bool = True) -> bool:
+        """Return whether a take may lease the task; with `scheduled`, only once it is due (a
+        submission's take_task brings its own due time instead)."""
+        if self.state == EntryState.FAILED:
+            return True
+        due = not scheduled or self.run_at is None or self.run_at <= now
+        return due and (self.state == EntryState.QUEUED or self.stalled(now))
+
+    def settle(
+        self, state: EntryState, error: str | None, kind: str | None, now: float, calls: int = 0
+    ) -> None:
+        """Record the end of a run at `now`: `state`, with `error` of `kind` when it failed."""
+        self.state = state
+        self.error = error
+        self.error_kind = kind
+        self.lease_expires = None
+        self.updated_at = now
+        self.attempts += calls
+        if state == EntryState.QUEUED:  # returned to the queue, for any worker
+            self.token = None
+            self.worker = None
+
+    def requeue(self, now: float, seq: int) -> None:
+        """Queue a failed task again at `now`, at place `seq`, with fresh attempts."""
+        self.state = EntryState.QUEUED
+        self.token = None
+        self.worker = None
+        self.attempts = 0
+        self.error = None
+        self.error_kind = None
+        self.enqueued_at = now
+        self.updated_at = now
+        self.run_at = None
+        self.seq = seq
+
+    def failed_entry(self) -> dict[str, Any]:
+        """Return the row as `Store.failed_tasks` lists it."""
+        task = self.task
+        return _failed_entry(
+            task.id,
+            task.key,
+            task.queue,
+            self.attempts,
+            self.error_kind,
+            self.error,
+            self.updated_at,
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class _WorkerRow:
+    """One worker's heartbeat (see `Store.renew_tasks`)."""
+
+    started_at: float
+    seen_at: float
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HistoryRow:
+    """One minute of one worker (see `Store.record_history`); fields in `_history_row`'s order."""
+
+    minute: int
+    worker: str
+    latency: str
+    succeeded: int
+    failed: int
+    duplicates: int
+    retries: int
+
+    @classmethod
+    def of(cls, worker: str, minute: int, counts: Mapping[str, int], latency: str) -> _HistoryRow:
+        """Build the row `record_history` writes (missing counts are 0)."""
+        return cls(**_history_row(worker, minute, counts, latency))
+
+    def public(self) -> dict[str, Any]:
+        """Return the row as `Store.history` lists it."""
+        return dataclasses.asdict(self)
+
+
 class MemoryStore:
     """The contract in process memory: one process, nothing survives it (``memory://``)."""
 
@@ -1621,12 +1803,12 @@ class MemoryStore:
         self.url = "memory://"
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
-        self._lock = threading.Lock()  # guards the three dicts below, _places and _closed
-        self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
-        self._tasks: dict[str, dict[str, Any]] = {}
-        self._workers: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # guards the five dicts below, _places and _closed
+        self._keys: dict[str, dict[str, _KeyRow]] = {}  # key -> namespace -> row
+        self._tasks: dict[str, _TaskRow] = {}  # task id -> row
+        self._workers: dict[str, _WorkerRow] = {}  # worker name -> heartbeat
         self._slots: dict[str, list[float]] = {}  # rate limit -> when each slot is free again
-        self._history: dict[tuple[int, str], dict[str, Any]] = {}  # (minute, worker) -> row
+        self._history: dict[tuple[int, str], _HistoryRow] = {}  # (minute, worker) -> row
         self._places = itertools.count(1)  # a task row's "seq": its place in submission order
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
         self._closed = False
@@ -1645,15 +1827,14 @@ class MemoryStore:
 
     # Idempotency --------------------------------------------------------------------------------
 
-    def _claimable(self, row: dict[str, Any], now: float) -> bool:
-        state = row["state"]
+    def _claimable(self, row: _KeyRow, now: float) -> bool:
         return (
-            state == _Row.FAILED
-            or (state == _Row.IN_PROGRESS and row["lease_expires"] <= now)
+            row.state == _Row.FAILED
+            or (row.state == _Row.IN_PROGRESS and not row.live(now))
             or (
-                state == _Row.COMPLETED
+                row.state == _Row.COMPLETED
                 and self.ttl_seconds is not None
-                and row["updated_at"] <= now - self.ttl_seconds
+                and row.updated_at <= now - self.ttl_seconds
             )
         )
 
@@ -1672,27 +1853,25 @@ class MemoryStore:
                 if namespace not in rows and "" in rows:
                     rows[namespace] = rows.pop("")  # a legacy row: its first handler adopts it
                 row = rows.get(namespace)
-                agrees = fp is None or row is None or row["fingerprint"] in (None, fp)
+                agrees = fp is None or row is None or row.fingerprint in (None, fp)
                 if row is None or (agrees and self._claimable(row, now)):
                     token = _new_token()
-                    rows[namespace] = {
-                        "state": _Row.IN_PROGRESS,
-                        "fingerprint": fp if row is None else (fp or row["fingerprint"]),
-                        "token": token,
-                        "output": None,
-                        "error": None,
-                        "lease_expires": lease,
-                        "updated_at": now,
-                        "attempts": 1 if row is None else row.get("attempts", 0) + 1,
-                    }
+                    rows[namespace] = _KeyRow(
+                        state=_Row.IN_PROGRESS,
+                        fingerprint=fp if row is None else (fp or row.fingerprint),
+                        token=token,
+                        lease_expires=lease,
+                        updated_at=now,
+                        attempts=1 if row is None else row.attempts + 1,
+                    )
                     claims.append(Claim(ClaimState.CLAIMED, token=token, lease_expires=lease))
                 elif not agrees:
                     claims.append(Claim(ClaimState.CONFLICT))
-                elif row["state"] == _Row.COMPLETED:
-                    output = json.loads(row["output"])
+                elif row.state == _Row.COMPLETED:
+                    output = json.loads(cast(str, row.output))  # a completed row holds one
                     claims.append(Claim(ClaimState.COMPLETED, output=output))
                 else:
-                    claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=row["lease_expires"]))
+                    claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=row.lease_expires))
             claimed = {
                 key
                 for (key, _), c in zip(items, claims, strict=True)
@@ -1700,15 +1879,18 @@ class MemoryStore:
             }
             for task_id, entry in starts or ():
                 task_row = self._tasks.get(task_id)
-                if (task_row is not None and task_row["token"] == entry
-                        and task_row["state"] == EntryState.RUNNING
-                        and task_row["task"].key in claimed):  # fmt: skip
-                    task_row["attempts"] += 1
+                if (
+                    task_row is not None
+                    and task_row.token == entry
+                    and task_row.state == EntryState.RUNNING
+                    and task_row.task.key in claimed
+                ):
+                    task_row.attempts += 1
         return claims
 
-    def _owned(self, key: str, token: int) -> dict[str, Any] | None:
+    def _owned(self, key: str, token: int) -> _KeyRow | None:
         for row in self._keys.get(key, {}).values():
-            if row["token"] == token and row["state"] == _Row.IN_PROGRESS:
+            if row.token == token and row.state == _Row.IN_PROGRESS:
                 return row
         return None
 
@@ -1723,21 +1905,17 @@ class MemoryStore:
             for key, token, text, *calls in items:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(state=_Row.COMPLETED, output=text, error=None, lease_expires=None,
-                               updated_at=now,
-                               attempts=row["attempts"] + (calls[0] if calls else 0))  # fmt: skip
+                    row.complete(text, now, calls[0] if calls else 0)
                 results.append(row is not None)
             for index, task_id, entry, *calls in settle or ():
                 task = self._tasks.get(task_id)
                 if (
                     results[index]
                     and task is not None
-                    and task["token"] == entry
-                    and (task["state"] == EntryState.RUNNING)
+                    and task.token == entry
+                    and task.state == EntryState.RUNNING
                 ):
-                    task.update(state=EntryState.DONE, error=None, error_kind=None,
-                                lease_expires=None, updated_at=now,
-                                attempts=task["attempts"] + (calls[0] if calls else 0))  # fmt: skip
+                    task.settle(EntryState.DONE, None, None, now, calls[0] if calls else 0)
         return results
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
@@ -1747,7 +1925,8 @@ class MemoryStore:
             for key, token in claims:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(lease_expires=now + self.lease_seconds, updated_at=now)
+                    row.lease_expires = now + self.lease_seconds
+                    row.updated_at = now
                     count += 1
         return count
 
@@ -1758,9 +1937,7 @@ class MemoryStore:
             for key, token, error, *calls in items:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(state=_Row.FAILED, error=_storable_text(error), lease_expires=None,
-                               updated_at=now,
-                               attempts=row["attempts"] + (calls[0] if calls else 0))  # fmt: skip
+                    row.release(_storable_text(error), now, calls[0] if calls else 0)
                     count += 1
         return count
 
@@ -1769,31 +1946,30 @@ class MemoryStore:
             rows = self._keys.get(key, {})
             if namespace is not None:
                 row = rows.get(namespace)
-                return None if row is None else _public_row(row, namespace)
+                return None if row is None else row.public(namespace)
             if not rows:
                 return None
-            name = max(rows, key=lambda n: _lookup_rank(rows[n]["state"], rows[n]["updated_at"]))
-            return _public_row(rows[name], name)
+            name = max(rows, key=lambda n: rows[n].lookup_rank())
+            return rows[name].public(name)
 
     def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None:
         with self._guard():
             rows = self._keys.setdefault(key, {})
-            row = rows.setdefault(
-                namespace, {"fingerprint": None, "token": _new_token(), "attempts": 0}
-            )
-            row.update(state=_Row.COMPLETED, output=output_json, error=None, lease_expires=None,
-                       updated_at=time.time())  # fmt: skip
+            row = rows.get(namespace)
+            if row is None:
+                rows[namespace] = row = _KeyRow(
+                    state=_Row.COMPLETED, fingerprint=None, token=_new_token()
+                )
+            row.complete(output_json, time.time())
 
     def live_claims(self, namespace: str) -> list[tuple[int, float]]:
         with self._guard():
             now = time.time()
             return [
-                (row["token"], row["lease_expires"])
+                (row.token, row.lease_expires)
                 for rows in self._keys.values()
                 for name, row in rows.items()
-                if name in (namespace, "")
-                and row["state"] == _Row.IN_PROGRESS
-                and row["lease_expires"] > now
+                if name in (namespace, "") and row.lease_expires is not None and row.live(now)
             ]
 
     def purge_expired(self, older_than: float | None = None) -> int:
@@ -1802,20 +1978,24 @@ class MemoryStore:
             return 0
         cutoff = time.time() - age
         with self._guard():
-            old_keys = [(key, name) for key, rows in self._keys.items()
-                        for name, row in rows.items()
-                        if row["state"] != _Row.IN_PROGRESS
-                        and row["updated_at"] <= cutoff]  # fmt: skip
-            old_tasks = [i for i, row in self._tasks.items()
-                         if row["state"] in (EntryState.DONE, EntryState.FAILED)
-                         and row["updated_at"] <= cutoff]  # fmt: skip
+            old_keys = [
+                (key, name)
+                for key, rows in self._keys.items()
+                for name, row in rows.items()
+                if row.state != _Row.IN_PROGRESS and row.updated_at <= cutoff
+            ]
+            old_tasks = [
+                task_id
+                for task_id, row in self._tasks.items()
+                if row.state in (EntryState.DONE, EntryState.FAILED) and row.updated_at <= cutoff
+            ]
             for key, name in old_keys:
                 del self._keys[key][name]
                 if not self._keys[key]:
                     del self._keys[key]
             for task_id in old_tasks:
                 del self._tasks[task_id]
-            for name in [n for n, w in self._workers.items() if w["seen_at"] <= cutoff]:
+            for name in [n for n, w in self._workers.items() if w.seen_at <= cutoff]:
                 del self._workers[name]
             for minute, worker in [k for k in self._history if k[0] * 60 <= cutoff]:
                 del self._history[minute, worker]
@@ -1826,26 +2006,31 @@ class MemoryStore:
         with self._guard():
             for rows in self._keys.values():
                 for row in rows.values():
-                    counts[row["state"].value] += 1
+                    counts[row.state.value] += 1
         counts["total"] = sum(counts.values())
         return counts
 
     # Durable queue ------------------------------------------------------------------------------
 
     def _check_same(self, task: Task, stored: Task) -> None:
-        if (stored.key != task.key or stored.queue != task.queue
-                or _queue_payload(stored) != _queue_payload(task)):  # fmt: skip
+        if (
+            stored.key != task.key
+            or stored.queue != task.queue
+            or _queue_payload(stored) != _queue_payload(task)
+        ):
             raise TaskConflictError(task.id)
 
     def _new_row(
         self, task: Task, now: float, priority: int = 0, run_at: float | None = None
-    ) -> dict[str, Any]:
-        return {
-            "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
-            "lease_expires": None, "attempts": 0, "error": None, "error_kind": None,
-            "enqueued_at": now, "updated_at": now, "priority": priority, "run_at": run_at,
-            "seq": next(self._places),
-        }  # fmt: skip
+    ) -> _TaskRow:
+        return _TaskRow(
+            task=task,
+            seq=next(self._places),
+            enqueued_at=now,
+            updated_at=now,
+            priority=priority,
+            run_at=run_at,
+        )
 
     def enqueue_many(
         self,
@@ -1861,7 +2046,7 @@ class MemoryStore:
             seen: dict[str, Task] = {}
             for task in tasks:
                 row = self._tasks.get(task.id)
-                self._check_same(task, row["task"] if row is not None else seen.get(task.id, task))
+                self._check_same(task, row.task if row is not None else seen.get(task.id, task))
                 seen.setdefault(task.id, task)
             now = time.time()
             for task, (wait, rank) in zip(tasks, schedules, strict=True):
@@ -1875,34 +2060,16 @@ class MemoryStore:
                 self._work.notify_all()
         return added
 
-    def _takeable(self, row: dict[str, Any], now: float, scheduled: bool = True) -> bool:
-        """Return whether a take may lease `row`; with `scheduled`, only once it is due (a
-        submission's take_task brings its own due time instead)."""
-        if row["state"] == EntryState.FAILED:
-            return True
-        due = not scheduled or row["run_at"] is None or row["run_at"] <= now
-        return bool(
-            due
-            and (
-                row["state"] == EntryState.QUEUED
-                or (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now)
-            )
-        )
-
-    @staticmethod
-    def _rank(row: dict[str, Any]) -> tuple[int, float, int]:
-        # Highest priority first; within one, ready longest first, then submission order (see
-        # Store.take_many).
-        run_at = row["run_at"]
-        return -row["priority"], row["enqueued_at"] if run_at is None else run_at, row["seq"]
-
-    def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
+    def _lease(self, row: _TaskRow, worker: str, now: float) -> int:
         token = _new_token()
         # A failed task submitted again starts with fresh attempts; a take itself counts none.
-        attempts = 0 if row["state"] == EntryState.FAILED else row["attempts"]
-        row.update(state=EntryState.RUNNING, token=token, worker=worker,
-                   lease_expires=now + self.lease_seconds, updated_at=now,
-                   attempts=attempts)  # fmt: skip
+        if row.state == EntryState.FAILED:
+            row.attempts = 0
+        row.state = EntryState.RUNNING
+        row.token = token
+        row.worker = worker
+        row.lease_expires = now + self.lease_seconds
+        row.updated_at = now
         return token
 
     def take_many(
@@ -1915,23 +2082,21 @@ class MemoryStore:
         taken = []
         with self._guard():
             now = time.time()
-            rows = [row for row in self._tasks.values()
-                    if queues is None or row["task"].queue in queues]  # fmt: skip
+            rows = [
+                row for row in self._tasks.values() if queues is None or row.task.queue in queues
+            ]
             if max_crashes is not None:
+                crashed = _crash_error(max_crashes)
                 for row in rows:
-                    if (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now
-                            and row["attempts"] >= max_crashes):  # fmt: skip
-                        row.update(state=EntryState.FAILED, error=_crash_error(max_crashes),
-                                   error_kind=ErrorKind.CRASHED.value, lease_expires=None,
-                                   updated_at=now)  # fmt: skip
+                    if row.stalled(now) and row.attempts >= max_crashes:
+                        row.settle(EntryState.FAILED, crashed, ErrorKind.CRASHED.value, now)
             ready = sorted(
-                (row for row in rows
-                 if row["state"] != EntryState.FAILED and self._takeable(row, now)),
-                key=self._rank,
-            )  # fmt: skip
+                (row for row in rows if row.state != EntryState.FAILED and row.takeable(now)),
+                key=_TaskRow.rank,
+            )
             for row in ready[:limit]:
                 lease = self._lease(row, worker, now)
-                taken.append(QueuedTask(row["task"], lease, row["priority"]))
+                taken.append(QueuedTask(row.task, lease, row.priority))
         return taken
 
     def take_task(
@@ -1942,21 +2107,24 @@ class MemoryStore:
             now = time.time()
             row = self._tasks.get(task.id)
             if row is not None:
-                self._check_same(task, row["task"])
+                self._check_same(task, row.task)
             else:
                 self._tasks[task.id] = row = self._new_row(task, now, rank)
             # This submission's schedule replaces the stored one.
-            if not self._takeable(row, now, scheduled=False):
+            if not row.takeable(now, scheduled=False):
                 return None
-            row.update(priority=rank, run_at=None if wait is None else now + wait)
+            row.priority = rank
+            row.run_at = None if wait is None else now + wait
             return self._lease(row, worker, now)
 
     def next_run_at(self) -> float | None:
         with self._guard():
             now = time.time()
-            due = [row["run_at"] for row in self._tasks.values()
-                   if row["state"] == EntryState.QUEUED and row["run_at"] is not None
-                   and row["run_at"] > now]  # fmt: skip
+            due = [
+                row.run_at
+                for row in self._tasks.values()
+                if row.state == EntryState.QUEUED and row.run_at is not None and row.run_at > now
+            ]
         return min(due, default=None)
 
     def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int:
@@ -1965,13 +2133,9 @@ class MemoryStore:
             now = time.time()
             for task_id, token, state, error, kind, calls in map(_settlement, items):
                 row = self._tasks.get(task_id)
-                if row is None or row["token"] != token or row["state"] != EntryState.RUNNING:
+                if row is None or row.token != token or row.state != EntryState.RUNNING:
                     continue
-                row.update(state=state, error=_storable_text(error), error_kind=kind,
-                           lease_expires=None, updated_at=now,
-                           attempts=row["attempts"] + calls)  # fmt: skip
-                if state == EntryState.QUEUED:  # returned to the queue, for any worker
-                    row.update(token=None, worker=None)
+                row.settle(state, _storable_text(error), kind, now, calls)
                 count += 1
             if count:
                 self._work.notify_all()
@@ -1987,16 +2151,23 @@ class MemoryStore:
         with self._guard():
             now = time.time()
             if entries is None:
-                rows = [row for row in self._tasks.values() if row["worker"] == worker]
+                rows = [row for row in self._tasks.values() if row.worker == worker]
             else:
-                rows = [self._tasks[i] for i, token in entries
-                        if i in self._tasks and self._tasks[i]["token"] == token]  # fmt: skip
+                rows = [
+                    self._tasks[i]
+                    for i, token in entries
+                    if i in self._tasks and self._tasks[i].token == token
+                ]
             for row in rows:
-                if row["state"] == EntryState.RUNNING:
-                    row.update(lease_expires=now + self.lease_seconds, updated_at=now)
+                if row.state == EntryState.RUNNING:
+                    row.lease_expires = now + self.lease_seconds
+                    row.updated_at = now
                     count += 1
-            seen = self._workers.setdefault(worker, {"started_at": now})
-            seen.update(seen_at=now, info=dict(info or {}))
+            seen = self._workers.get(worker)
+            if seen is None:
+                self._workers[worker] = seen = _WorkerRow(started_at=now, seen_at=now, info={})
+            seen.seen_at = now
+            seen.info = dict(info or {})
         return count
 
     def queue_status(self) -> dict[str, Any]:
@@ -2004,27 +2175,26 @@ class MemoryStore:
         with self._guard():
             now = time.time()
             queued = []
-            held: dict[str, int] = {}
+            held: dict[str | None, int] = {}  # worker -> the rows it holds
             queues: dict[str, dict[str, Any]] = {}
             for row in self._tasks.values():
-                state = row["state"].value
+                state = row.state.value
                 status["tasks"][state] += 1
-                entry = queues.setdefault(row["task"].queue, _queue_entry())
-                if row["state"] == EntryState.QUEUED and (row["run_at"] or 0) > now:
+                entry = queues.setdefault(row.task.queue, _queue_entry())
+                if row.state == EntryState.QUEUED and (row.run_at or 0) > now:
                     status["delayed"] += 1
                     entry["delayed"] += 1
-                elif row["state"] == EntryState.QUEUED:
-                    ready = row["enqueued_at"] if row["run_at"] is None else row["run_at"]
-                    queued.append(ready)
+                elif row.state == EntryState.QUEUED:
+                    queued.append(row.ready_at)
                     entry["queued"] += 1
                     oldest = entry["oldest_waiting_age"]
-                    age = now - ready
+                    age = now - row.ready_at
                     entry["oldest_waiting_age"] = age if oldest is None else max(oldest, age)
                 else:
                     entry[state] += 1
-                    if row["state"] == EntryState.RUNNING:
-                        held[row["worker"]] = held.get(row["worker"], 0) + 1
-                        if row["lease_expires"] <= now:
+                    if row.state == EntryState.RUNNING:
+                        held[row.worker] = held.get(row.worker, 0) + 1
+                        if row.stalled(now):
                             status["stalled"] += 1
             if queued:
                 status["oldest_queued_seconds"] = round(now - min(queued), 3)
@@ -2034,7 +2204,7 @@ class MemoryStore:
             status["queues"] = dict(sorted(queues.items()))
             lease = self.lease_seconds
             status["workers"] = [
-                _worker_entry(name, w["info"], now - w["seen_at"], held.get(name, 0), lease)
+                _worker_entry(name, w.info, now - w.seen_at, held.get(name, 0), lease)
                 for name, w in sorted(self._workers.items())
             ]
         return status
@@ -2046,14 +2216,13 @@ class MemoryStore:
     ) -> list[dict[str, Any]]:
         _check_operation(queue=queue, limit=limit)
         with self._guard():
-            rows = [row for row in self._tasks.values() if row["state"] == EntryState.FAILED
-                    and (queue is None or row["task"].queue == queue)]  # fmt: skip
-            rows.sort(key=lambda row: (-row["updated_at"], row["task"].id))
-            return [
-                _failed_entry(row["task"].id, row["task"].key, row["task"].queue,
-                              row["attempts"], row["error_kind"], row["error"], row["updated_at"])
-                for row in rows[:limit]
-            ]  # fmt: skip
+            rows = [
+                row
+                for row in self._tasks.values()
+                if row.state == EntryState.FAILED and (queue is None or row.task.queue == queue)
+            ]
+            rows.sort(key=lambda row: (-row.updated_at, row.task.id))
+            return [row.failed_entry() for row in rows[:limit]]
 
     def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
         ids = _check_operation(ids=ids, queue=queue)
@@ -2062,13 +2231,11 @@ class MemoryStore:
             now = time.time()
             rows = self._tasks.values() if ids is None else filter(None, map(self._tasks.get, ids))
             # The retried go to the back, in the order they had among themselves.
-            for row in sorted(rows, key=lambda row: row["seq"]):
-                if row["state"] != EntryState.FAILED:
+            for row in sorted(rows, key=lambda row: row.seq):
+                if row.state != EntryState.FAILED:
                     continue
-                if queue is None or row["task"].queue == queue:
-                    row.update(state=EntryState.QUEUED, token=None, worker=None, attempts=0,
-                               error=None, error_kind=None, enqueued_at=now, updated_at=now,
-                               run_at=None, seq=next(self._places))  # fmt: skip
+                if queue is None or row.task.queue == queue:
+                    row.requeue(now, next(self._places))
                     count += 1
             if count:
                 self._work.notify_all()
@@ -2080,7 +2247,7 @@ class MemoryStore:
         with self._guard():
             for task_id in ids:
                 row = self._tasks.get(task_id)
-                if row is not None and row["state"] == EntryState.QUEUED:
+                if row is not None and row.state == EntryState.QUEUED:
                     del self._tasks[task_id]
                     count += 1
         return count
@@ -2088,8 +2255,11 @@ class MemoryStore:
     def task_states(self, ids: Sequence[str]) -> dict[str, str]:
         ids = _check_operation(ids=ids)
         with self._guard():
-            return {task_id: self._tasks[task_id]["state"].value for task_id in ids
-                    if task_id in self._tasks}  # fmt: skip
+            return {
+                task_id: self._tasks[task_id].state.value
+                for task_id in ids
+                if task_id in self._tasks
+            }
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         deadline = time.monotonic() + timeout
@@ -2123,12 +2293,12 @@ class MemoryStore:
         self, worker: str, minute: int, counts: Mapping[str, int], latency: str
     ) -> None:
         with self._guard():
-            self._history[int(minute), worker] = _history_row(worker, minute, counts, latency)
+            self._history[int(minute), worker] = _HistoryRow.of(worker, minute, counts, latency)
 
     def history(self, since: float) -> list[dict[str, Any]]:
         first = int(since // 60)
         with self._guard():
-            return [dict(row) for key, row in sorted(self._history.items()) if key[0] >= first]
+            return [self._history[key].public() for key in sorted(self._history) if key[0] >= first]
 
     def close(self) -> None:
         """Close the store: its contents are gone, and every later call raises `TaskQueueError`."""
@@ -2140,25 +2310,6 @@ class MemoryStore:
             self._slots.clear()
             self._history.clear()
             self._work.notify_all()
-
-
-def _lookup_rank(state: Any, updated_at: float) -> tuple[bool, float]:
-    # Which row of a key the namespace-free lookup shows: a completed one, else the latest.
-    return (state == _Row.COMPLETED, updated_at)
-
-
-def _public_row(row: dict[str, Any], namespace: str = "") -> dict[str, Any]:
-    output = row.get("output")
-    return {
-        "namespace": namespace,
-        "state": str(row["state"].value if isinstance(row["state"], enum.Enum) else row["state"]),
-        "fingerprint": row.get("fingerprint"),
-        "output": None if output is None else json.loads(output),
-        "error": row.get("error"),
-        "lease_expires": row.get("lease_expires"),
-        "updated_at": row.get("updated_at"),
-        "attempts": row.get("attempts", 0),
-    }
 
 
 class _BufferedCursor:
