@@ -5986,7 +5986,7 @@ class TaskQueue:
         self.maxsize = maxsize
         self.workers = workers
         self._queue = _WorkQueue(maxsize)
-        self._lock = threading.Lock()  # guards self._closed
+        self._lock = threading.Lock()  # guards _closed and _loops_left: a flag flip, a count
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="task-queue-worker"
@@ -6561,7 +6561,9 @@ class _Scheduler:
 
     def __init__(self, callback: Callable[[Any], None], name: str) -> None:
         self._callback = callback
-        self._cond = threading.Condition()  # guards self._heap and self._stopped
+        # Guards _heap and _stopped; notified when an item is scheduled or removed and on stop,
+        # so the thread recomputes its wait. The callback runs without it.
+        self._cond = threading.Condition()
         self._heap: list[tuple[float, int, Any]] = []
         self._seq = itertools.count()
         self._stopped = False
@@ -7145,7 +7147,14 @@ class _Follower:
 
 
 class _Job:
-    """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
+    """One accepted submission as the pool tracks it.
+
+    Its phases: accepted (in `_inflight`, queued or delayed), taken (`dequeued`: a worker's
+    batch holds it; `batch` is that batch), owned (`token` set: its key is claimed), called
+    (`attempts` > 0), parked (in the scheduler for a retry, a poll or a rate limit), and finished
+    (`done`). `done`, `dequeued` and `followers` are guarded by the pool's lock (see
+    `WorkerPool.__init__`); every other field is written only by the thread that holds the job.
+    """
 
     __slots__ = (
         "attempts", "batch", "delayed", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
@@ -7534,21 +7543,40 @@ class WorkerPool:
             if durable
             else _NO_ROWS
         )
-        self._lock = threading.Lock()  # guards the attributes below
-        self._changed = threading.Condition(self._lock)  # notified whenever _pending drops
+        # The lock protocol.
+        #
+        # Threads: submitters (any thread, `submit`), the worker loops of `_queue` (or, for an
+        # async handler, its dispatchers and the `_AsyncRunner`'s event loop), the committer and,
+        # on PostgreSQL, the claimer (`_Committer`), the scheduler (`_Scheduler`: retries,
+        # delays, polls, rate-limit waits), the lease keeper (`_LeaseKeeper`) and `serve` loops.
+        # A job (`_Job`) is held by one of them at a time and handed on through the queue, the
+        # committer's queues, the scheduler or the loop, whose own locks order the writes; the
+        # holder alone writes the job's other fields.
+        #
+        # `_lock` guards `_inflight`, `_pending`, `_closed`, `_cancelling`, `_stopping`,
+        # `_store_users`, the two notice times below, and three fields of every job: `done`,
+        # `dequeued` and `followers` (a submitter appends a follower while a worker holds the
+        # job). It is held for dict and counter updates only, and while a job is taken back out
+        # of the queue or the scheduler (`_cancel_queued`, `_abandon`): it may be taken before
+        # `_queue`'s mutex or the scheduler's condition, never after them, and never around a
+        # store call, a handler or a future's callbacks. `_changed` is notified whenever
+        # `_pending` drops: `shutdown` and `serve` wait on it.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._inflight: dict[str, _Job] = {}  # key -> the job that runs it
         self._pending = 0  # jobs accepted and not finished
         self._closed = False
         self._cancelling = False
         self._stopping = False
-        # Who uses the store now: the worker loops (as one), the completer of an async pool,
-        # serve() loops and durable submits. The last to let go closes an owned store.
+        # Who uses the store now: the worker loops (as one), the committer, serve() loops and
+        # durable submits. The last to let go closes an owned store.
         self._store_users = 1
+        self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
+        self._store_error_notice_at: float | None = None  # when a store error was last reported
+        # Unguarded: written once here, or a hint whose lost update costs nothing.
         self._runner: _AsyncRunner | None = None  # runs an async handler's calls
         # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
         self._per_call = BATCH_BUDGET_SECONDS
-        self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
-        self._store_error_notice_at: float | None = None  # when a store error was last reported
         # An async handler's calls run on an event loop; a few dispatcher threads claim their
         # keys and start them there. A plain handler runs on `workers` threads.
         is_async = _is_async_handler(self._handler)
