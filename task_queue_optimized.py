@@ -5363,6 +5363,20 @@ class MetricsCollector:
                 if depth > counts["max_queue_depth"]:
                     counts["max_queue_depth"] = depth
 
+    def record_enqueues(self, queued: int, joined: int) -> None:
+        """Count `queued` accepted submissions that took a queue slot and `joined` that joined one
+        in flight, as `record_enqueue` counts one."""
+        now = time.perf_counter()
+        with self._lock:
+            counts = self._counts
+            counts["submitted"] += queued + joined
+            if self._first_enqueue is None:
+                self._first_enqueue = now
+            depth = counts["queue_depth"] + queued
+            counts["queue_depth"] = depth
+            if depth > counts["max_queue_depth"]:
+                counts["max_queue_depth"] = depth
+
     def record_queued(self) -> None:
         """Count an accepted submission that took a queue slot after it was counted."""
         with self._lock:
@@ -5827,6 +5841,25 @@ class _WorkQueue(queue.Queue[Any]):
         with self.mutex:
             self.held += 1
 
+    def reserve(self, count: int) -> int:
+        """Hold room for up to `count` items without waiting; return how many rooms it holds.
+
+        `put_reserved` fills them, `unhold` gives back the rooms not used.
+        """
+        with self.mutex:
+            room = self.maxsize - self._qsize() - self.held if self.maxsize > 0 else count
+            taken = max(0, min(count, room))
+            self.held += taken
+            return taken
+
+    def put_reserved(self, items: list[Any]) -> None:
+        """Put `items` (priority 0) at the back, in rooms `reserve` held: one wake-up for all."""
+        with self.not_empty:  # shares self.mutex
+            self.held -= len(items)
+            self.queue.extend(items)
+            self.unfinished_tasks += len(items)
+            self.not_empty.notify(len(items))
+
     def put_held(self, item: Any, priority: int = 0) -> None:
         """Put a held item back at the front of its priority, in the room it kept."""
         with self.not_empty:  # shares self.mutex: the room passes from held to waiting at once
@@ -6028,6 +6061,15 @@ class TaskQueue:
     def take_back(self, item: Any) -> bool:
         """Remove `item` itself if it still waits in the queue; return whether it did."""
         return self._queue.take_back(item)
+
+    def reserve(self, count: int) -> int:
+        """Hold room for up to `count` items without waiting (none once closed); return how
+        many rooms it holds (see `_WorkQueue.reserve`)."""
+        return 0 if self._closed else self._queue.reserve(count)
+
+    def put_reserved(self, items: list[Any]) -> None:
+        """Put `items` in rooms `reserve` held (see `_WorkQueue.put_reserved`)."""
+        self._queue.put_reserved(items)
 
     def put_overflow(self, item: Any, priority: int = 0) -> None:
         """Put `item` at the back of its priority without waiting for room."""
@@ -7166,7 +7208,7 @@ class _Job:
         self,
         task: Task,
         fp: str,
-        future: concurrent.futures.Future[TaskRecord],
+        future: concurrent.futures.Future[TaskRecord] | _Slot,
         now: float,
         entry: int | None = None,
         priority: int = 0,
@@ -7237,7 +7279,7 @@ def _each_alone(operation: Callable[[list[Any]], list[Any]], items: list[Any]) -
 
 
 def _resolve_all(
-    resolved: Iterable[tuple[concurrent.futures.Future[TaskRecord], TaskRecord]],
+    resolved: Iterable[tuple[concurrent.futures.Future[TaskRecord] | _Slot, TaskRecord]],
 ) -> BaseException | None:
     """Set every future's result; return the first BaseException a done-callback raised.
 
@@ -7822,6 +7864,58 @@ class WorkerPool:
         self._metrics.record_enqueue(queued=not delay)
         return future
 
+    def _submit_batch(self, tasks: Sequence[Task], slots: Sequence[_Slot]) -> list[Any]:
+        """Submit tasks of a plain pool as `_submit` would, each resolving its slot, with one
+        pool lock, one queue put and one metrics update for all: a sequence's tasks in
+        `iter_results`. Returns the futures (slots) of the tasks taken, a prefix of `tasks`:
+        it stops at the first task the queue has no room for at once, or that `_submit` alone
+        must answer (not a `Task`, a payload with no fingerprint, a closed pool)."""
+        if self._in_own_thread():
+            return []  # past the bound, one at a time (see _accept)
+        prints: list[str] = []
+        for task in tasks:
+            if task.__class__ is not Task:
+                break
+            try:
+                prints.append(fingerprint(task.payload))
+            except (TypeError, ValueError, RecursionError):
+                break
+        rooms = self._queue.reserve(len(prints))
+        if not rooms:
+            return []
+        now = time.perf_counter()
+        futures: list[Any] = []
+        jobs: list[_Job] = []
+        conflicts: list[tuple[int, Task]] = []  # (place in futures, task)
+        joined = 0
+        with self._lock:
+            if not self._closed:
+                inflight = self._inflight
+                for task, fp, slot in zip(tasks[:rooms], prints, slots, strict=False):
+                    key = task.key
+                    leader = inflight.get(key)
+                    if leader is None:
+                        job = _Job(task, fp, slot, now)
+                        inflight[key] = job
+                        jobs.append(job)
+                    elif leader.fingerprint == fp:
+                        leader.followers.append(_Follower(task, slot, now, None))
+                        joined += 1
+                    else:
+                        conflicts.append((len(futures), task))
+                    futures.append(slot)
+                self._pending += len(jobs)
+        if rooms > len(jobs):
+            self._queue.unhold(rooms - len(jobs))
+        if jobs:
+            self._queue.put_reserved(jobs)
+        if jobs or joined:
+            self._metrics.record_enqueues(len(jobs), joined)
+        for index, task in conflicts:  # rare: the same key with another payload in the window
+            error = str(IdempotencyConflictError(task.key))
+            futures[index] = self._refused(task, now, error, ErrorKind.CONFLICT)
+        return futures
+
     def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
         """Submit every task and return their records in input order."""
         futures = [self.submit(task) for task in tasks]
@@ -7854,10 +7948,29 @@ class WorkerPool:
             return record
 
         closed: PoolClosedError | None = None
+        # A sequence's tasks are all there already: the next ones go in together.
+        batched = schedule is None and not self._durable and isinstance(tasks, Sequence)
+        position = 0  # of `task` in a batched sequence
         try:
-            for task in tasks:
+            iterator = iter(tasks)
+            for task in iterator:
                 while len(ours) >= window or (ours and not done.empty()):
                     yield collect()
+                if batched:
+                    assert isinstance(tasks, Sequence)
+                    chunk = tasks[position : position + min(window - len(ours), MAX_BATCH)]
+                    slots = [_Slot(put) for _ in chunk]
+                    futures = self._submit_batch(chunk, slots)
+                    for slot, future in zip(slots, futures, strict=False):
+                        ours.add(slot)
+                        if future is not slot:  # refused at once: resolved already
+                            put((slot, future.result()))
+                    if futures:
+                        position += len(futures)
+                        for _ in range(len(futures) - 1):
+                            next(iterator)  # submitted with this one
+                        continue
+                    position += 1  # the queue is full, or this task needs the path below
                 slot = _Slot(put)
                 while True:
                     try:
@@ -8621,7 +8734,7 @@ class WorkerPool:
                 self._changed.notify_all()
             stop = idle and self._closed
         counted: list[Outcome] = []
-        resolved: list[tuple[concurrent.futures.Future[TaskRecord], TaskRecord]] = []
+        resolved: list[tuple[concurrent.futures.Future[TaskRecord] | _Slot, TaskRecord]] = []
         settle: list[tuple[str, int, TaskStatus, str | None, str | None, int]] = []
         for outcome, followers in retired:
             job = outcome.job
@@ -8668,6 +8781,12 @@ class WorkerPool:
         """Resolve a submission that fails before it is queued (conflict, bad payload)."""
         if self._closed:
             raise PoolClosedError()
+        return self._refused(task, now, error, kind)
+
+    def _refused(
+        self, task: Task, now: float, error: str, kind: ErrorKind
+    ) -> concurrent.futures.Future[TaskRecord]:
+        """Count and resolve a submission refused at once (see `_refuse`)."""
         self._metrics.record_enqueue(queued=False)
         self._metrics.record_failure(kind.value, 0.0, started=False)
         return _resolved(
@@ -8887,30 +9006,34 @@ class AsyncWorkerPool:
         put = inbox.put
         ours: set[_Slot] = set()  # submitted and not yet yielded
         try:
-            async for task in _aiterate(tasks):
-                while len(ours) >= window:
-                    for record in await self._collect(inbox, ours):
-                        yield record
-                slot = _Slot(put)
-                while True:
-                    try:
-                        future = None
-                        if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
-                            with contextlib.suppress(QueueFullError):
-                                # The usual case first, without a coroutine per task.
-                                future = pool._submit(task, probe=True, sink=slot)  # noqa: SLF001  # the WorkerPool it wraps
-                        if future is None:
-                            future = await self._enter(task, sink=slot)
-                        break
-                    except QueueFullError:
-                        # With on_full="reject" the queue may be full of this loop's own work.
-                        if not ours:
-                            raise
+            if isinstance(tasks, Sequence) and not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
+                # A sequence's tasks are all there already: the next ones go in together.
+                position = 0
+                while position < len(tasks):
+                    while len(ours) >= window:
                         for record in await self._collect(inbox, ours):
                             yield record
-                ours.add(slot)
-                if future is not slot:  # refused at once: its future is resolved already
-                    put((slot, future.result()))
+                    chunk = tasks[position : position + min(window - len(ours), MAX_BATCH)]
+                    slots = [_Slot(put) for _ in chunk]
+                    futures = pool._submit_batch(chunk, slots)  # noqa: SLF001  # the WorkerPool it wraps
+                    for slot, future in zip(slots, futures, strict=False):
+                        ours.add(slot)
+                        if future is not slot:  # refused at once: resolved already
+                            put((slot, future.result()))
+                    if futures:
+                        position += len(futures)
+                        continue
+                    # The queue is full, or this task needs the path below.
+                    async for record in self._submit_one(tasks[position], inbox, ours):
+                        yield record
+                    position += 1
+            else:
+                async for task in _aiterate(tasks):
+                    while len(ours) >= window:
+                        for record in await self._collect(inbox, ours):
+                            yield record
+                    async for record in self._submit_one(task, inbox, ours):
+                        yield record
             while ours:
                 for record in await self._collect(inbox, ours):
                     yield record
@@ -8948,6 +9071,33 @@ class AsyncWorkerPool:
         return await asyncio.to_thread(
             functools.partial(pool._submit, task, delay=delay, priority=priority, sink=sink)  # noqa: SLF001  # the WorkerPool it wraps
         )
+
+    async def _submit_one(
+        self, task: Task, inbox: _LoopInbox, ours: set[_Slot]
+    ) -> AsyncIterator[TaskRecord]:
+        """Submit one task of `iter_results` into `ours`, yielding the records of ours that finish
+        while it waits for room."""
+        pool = self._pool
+        slot = _Slot(inbox.put)
+        while True:
+            try:
+                future = None
+                if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
+                    with contextlib.suppress(QueueFullError):
+                        # The usual case first, without a coroutine per task.
+                        future = pool._submit(task, probe=True, sink=slot)  # noqa: SLF001  # the WorkerPool it wraps
+                if future is None:
+                    future = await self._enter(task, sink=slot)
+                break
+            except QueueFullError:
+                # With on_full="reject" the queue may be full of this loop's own work.
+                if not ours:
+                    raise
+                for record in await self._collect(inbox, ours):
+                    yield record
+        ours.add(slot)
+        if future is not slot:  # refused at once: its future is resolved already
+            inbox.put((slot, future.result()))
 
     @staticmethod
     async def _collect(inbox: _LoopInbox, ours: set[_Slot]) -> list[TaskRecord]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -480,6 +481,67 @@ class TestIterResultsWithReject:
                 tq.Task(f"t{i}") for i in range(500)
             )]  # fmt: skip
         assert sorted(ids) == sorted(f"t{i}" for i in range(500))
+
+
+class TestIterResultsOverASequence:
+    """A list's tasks go in together; each still gets the answer it gets alone."""
+
+    @pytest.mark.timeout(60)
+    @pytest.mark.parametrize("make_pool", [tq.WorkerPool, tq.AsyncWorkerPool])
+    def test_duplicates_conflicts_and_bad_payloads_in_one_window(
+        self, make_pool: Any, tmp_path: Path
+    ) -> None:
+        """Prove iter_results over a list answers duplicates, key conflicts and unserialisable
+        payloads inside one window as submit does, and calls the handler once per key."""
+        gate = threading.Event()
+        calls: Counter[str] = Counter()
+        lock = threading.Lock()
+
+        def handler(task: tq.Task) -> str:
+            with lock:
+                calls[task.key] += 1
+            assert gate.wait(WAIT)
+            return task.key
+
+        tasks = []
+        for i in range(300):
+            tasks.append(tq.Task(f"a{i}", {"n": i % 100}, f"k{i % 100}"))  # each key three times
+        tasks.append(tq.Task("conflict", {"n": -1}, "k5"))  # k5 with another payload
+        tasks.append(tq.Task("unserialisable", {"x": {1, 2}}))
+        gate.set()
+        pool = make_pool(handler, workers=4, queue_size=50, db_path=str(tmp_path / "k.db"))
+        if make_pool is tq.AsyncWorkerPool:
+
+            async def drain() -> list[tq.TaskRecord]:
+                async with pool:
+                    return [record async for record in pool.iter_results(tasks)]
+
+            records = asyncio.run(drain())
+        else:
+            with pool:
+                records = list(pool.iter_results(tasks))
+        by_id = {record.task_id: record for record in records}
+        assert len(records) == len(tasks) == len(by_id)
+        statuses = Counter(by_id[f"a{i}"].status for i in range(300))
+        assert statuses[tq.TaskStatus.SUCCEEDED] == 100
+        assert statuses[tq.TaskStatus.DUPLICATE] == 200
+        assert all(count == 1 for count in calls.values()) and len(calls) == 100
+        # The conflict either met k5 in flight or completed: refused either way, never run.
+        assert by_id["conflict"].status is tq.TaskStatus.FAILED
+        assert by_id["conflict"].error_kind == "conflict"
+        assert by_id["unserialisable"].status is tq.TaskStatus.FAILED
+        assert by_id["unserialisable"].error_kind == "permanent"
+
+    @pytest.mark.timeout(30)
+    def test_an_item_that_is_no_task_raises_after_the_tasks_before_it(self) -> None:
+        """Prove a list holding a non-Task raises TypeError where it stands."""
+        tasks: list[Any] = [tq.Task(f"t{i}") for i in range(10)] + ["not a task"]
+        seen: list[str] = []
+        pool = tq.WorkerPool(lambda task: None, workers=2)
+        with pool, pytest.raises(TypeError, match="Task"):
+            for record in pool.iter_results(tasks):
+                seen.append(record.task_id)
+        assert pool.metrics.snapshot()["submitted"] == 10
 
 
 class TestResourcesAfterShutdown:
