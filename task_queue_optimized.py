@@ -200,6 +200,7 @@ MAX_BATCH = 64  # most jobs one worker takes from the queue at once
 CLAIM_AHEAD = 4  # jobs of slow calls a worker claims at once: it runs one, others take the rest
 MAX_COMPLETION_BATCH = 512  # most requests the committer takes in one round
 ASYNC_DISPATCHERS = 2  # threads that claim keys and start calls for an async handler
+ASYNC_MAX_BATCH = 256  # most jobs a dispatcher claims and starts at once
 PREFETCH_BUDGET_SECONDS = 0.05  # handler time a durable worker leases ahead for quick tasks
 MAX_PREFETCH = 256  # most durable rows a worker leases ahead for quick tasks
 _WAIT_NOTICE_INTERVAL = 60.0  # seconds between two notices of keys held by another owner
@@ -8192,7 +8193,7 @@ class WorkerPool:
         if self._runner is not None:
             # A dispatcher takes only what free slots can start now, so that what waits stays in
             # the queue (cancellable, unclaimed) instead of claimed in a dispatcher's hands.
-            return max(1, min(MAX_BATCH, self._runner.free_slots()))
+            return max(1, min(ASYNC_MAX_BATCH, self._runner.free_slots()))
         per_call = self._per_call
         if per_call > BATCH_BUDGET_SECONDS:
             # Slow calls: one claim round for a few jobs; the worker runs the first and gives
