@@ -26,12 +26,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.cli_helpers import run_cli, tree_bytes, write_tasks
-from tests.conftest import REPO_ROOT, WAIT
-from tests.store_fixtures import Launcher, one_line_error, wait_until
-
-launcher = store_fixtures.launcher
-pg_url = store_fixtures.pg_url
+from tests.store_fixtures import Launcher
+from tests.support import REPO, WAIT, one_line_error, run_cli, tree_bytes, wait_until, write_tasks
 
 FAST_RETRY = tq.RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002)
 
@@ -455,7 +451,7 @@ def test_bad_flags_and_variables_exit_2_and_touch_nothing(
 
 def test_help_lists_the_flow_flags() -> None:
     for command in ([], ["worker"]):
-        proc = run_cli([*command, "--help"], REPO_ROOT)
+        proc = run_cli([*command, "--help"], REPO)
         assert proc.returncode == 0
         text = " ".join(proc.stdout.split())
         assert "--rate-limit RATE_LIMIT" in text and "TQ_RATE_LIMIT" in text
@@ -536,7 +532,7 @@ def test_an_old_postgres_schema_gains_the_new_columns(pg_url: str) -> None:
 
 def readme_client_source() -> str:
     """Return the code block of README's "A rate-limited HTTP client" section, verbatim."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text.split("### A rate-limited HTTP client", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match is not None, "README has no client example"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import task_queue_optimized as tq
-from tests.conftest import WAIT, GatedFactory
+from tests import store_fixtures
+from tests.support import WAIT, GatedFactory, wait_until
 
 PAYLOAD = {"v": 1}
 FP = hashlib.sha256(b'{"v":1}').hexdigest()
@@ -46,16 +47,6 @@ with tq.WorkerPool(handler, workers=4, db_path=sys.argv[1], claim_poll_interval=
     records = pool.run([tq.Task(sys.argv[3] + "-" + k, {"v": 1}, idempotency_key=k) for k in keys])
 print(json.dumps([[r.key, r.status.value, r.attempts, r.output] for r in records]))
 """
-
-
-def _poll(condition: Callable[[], bool], timeout: float = WAIT, interval: float = 0.01) -> bool:
-    """Poll condition until it holds or the deadline passes (only where no event exists)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -147,7 +138,11 @@ class TestLeases:
             assert store.claim("k").state == "in_progress"
             claims: list[tq.Claim] = []
             # A lease lapses by the wall clock: no event to wait on, so poll with a deadline.
-            assert _poll(lambda: claims.append(store.claim("k")) or claims[-1].state == "claimed")
+            wait_until(
+                lambda: claims.append(store.claim("k")) or claims[-1].state == "claimed",
+                "the lease to lapse",
+                interval=0.01,
+            )
             second = claims[-1]
             assert second.token != first.token
             assert store.complete("k", first.token, {"by": "stale"}) is False
@@ -240,7 +235,11 @@ class TestStoreFile:
             store.mark_processed("old", {"x": 1})
             purged: list[int] = []
             # The TTL runs on the wall clock: no event exists, so poll with a deadline.
-            assert _poll(lambda: purged.append(store.purge_expired()) or sum(purged) >= 1)
+            wait_until(
+                lambda: purged.append(store.purge_expired()) or sum(purged) >= 1,
+                "the key to outlive its TTL",
+                interval=0.01,
+            )
             assert sum(purged) == 1
             assert store.is_processed("old") is False
             assert store.claim("old").state == "claimed"
@@ -534,19 +533,13 @@ class Fetcher:
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Yield a store URL for each backend (a fresh PostgreSQL schema, dropped afterwards)."""
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Return a store URL for each backend (a fresh PostgreSQL schema, dropped afterwards)."""
     if request.param == "memory":
-        yield "memory://"
-    elif request.param == "sqlite":
-        yield str(tmp_path / "keys.db")
-    else:
-        from tests import store_fixtures
-
-        store_fixtures.require_postgres()
-        url = store_fixtures.new_schema_url()
-        yield url
-        store_fixtures.drop_schema(url)
+        return "memory://"
+    if request.param == "sqlite":
+        return str(tmp_path / "keys.db")
+    return request.getfixturevalue("pg_url")
 
 
 class TestNamespaces:
@@ -629,7 +622,9 @@ class TestNamespaces:
             )
             serving.start()
             try:
-                assert _poll(lambda: store.queue_status()["tasks"]["done"] == 2)
+                wait_until(
+                    lambda: store.queue_status()["tasks"]["done"] == 2, "both tasks", interval=0.01
+                )
             finally:
                 stop.set()
                 serving.join(WAIT)
@@ -680,27 +675,17 @@ class TestLegacyDatabase:
         conn.close()
         self._check_adoption(tmp_db)
 
-    def test_postgres_schema_is_migrated(self) -> None:
+    def test_postgres_schema_is_migrated(self, pg_url: str) -> None:
         """An old PostgreSQL keys table gets its namespace column and keeps its completed key."""
-        from tests import store_fixtures
-
-        store_fixtures.require_postgres()
-        url = store_fixtures.new_schema_url()
-        schema = store_fixtures.schema_of(url)
-        import psycopg
-
-        with psycopg.connect(store_fixtures.PG_DSN, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-            conn.execute(LEGACY_POSTGRES_KEYS.format(schema=schema))
-            conn.execute(
-                f"INSERT INTO {schema}.idempotency VALUES ('old', 'completed', NULL, 7, "
-                "'{\"v\": 1}', NULL, NULL, 1.0, %s)",
-                (time.time(),),
-            )
-        try:
-            self._check_adoption(url)
-        finally:
-            store_fixtures.drop_schema(url)
+        schema = store_fixtures.schema_of(pg_url)
+        store_fixtures.pg_execute(f"CREATE SCHEMA {schema}")
+        store_fixtures.pg_execute(LEGACY_POSTGRES_KEYS.format(schema=schema))
+        store_fixtures.pg_execute(
+            f"INSERT INTO {schema}.idempotency VALUES ('old', 'completed', NULL, 7, "
+            "'{\"v\": 1}', NULL, NULL, 1.0, %s)",
+            (time.time(),),
+        )
+        self._check_adoption(pg_url)
 
     @staticmethod
     def _check_adoption(url: str) -> None:

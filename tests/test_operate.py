@@ -20,18 +20,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import (
-    Backend,
-    Launcher,
-    one_line_error,
-    wait_until,
-    write_task_file,
-)
-
-# Fixtures shared with the other store tests (pytest finds them by these module names).
-backend = store_fixtures.backend
-launcher = store_fixtures.launcher
-pg_url = store_fixtures.pg_url
+from tests.store_fixtures import Backend, Launcher
+from tests.support import one_line_error, wait_until, write_tasks
 
 DONE, FAILED, QUEUED = tq.EntryState.DONE, tq.EntryState.FAILED, tq.EntryState.QUEUED
 SHORT_LEASE = 0.3  # for the tests that wait for a lease to run out
@@ -410,9 +400,6 @@ def test_an_old_postgres_schema_is_read_as_it_is_and_upgraded_by_a_writer(pg_url
 # --- The command line, on SQLite and on PostgreSQL -----------------------------------------------
 
 
-durable_db = store_fixtures.durable_db
-
-
 def run_json(launcher: Launcher, *args: str) -> tuple[int, Any]:
     proc = launcher.run(*args, "--json")
     try:
@@ -432,9 +419,7 @@ def states(db: str, *task_ids: str) -> dict[str, str]:
 def enqueue(
     launcher: Launcher, db: str, path: Path, tasks: list[dict[str, Any]], *args: str
 ) -> None:
-    proc = launcher.run(
-        "enqueue", "--task-file", str(write_task_file(path, tasks)), "--db", db, *args
-    )
+    proc = launcher.run("enqueue", "--task-file", str(write_tasks(path, tasks)), "--db", db, *args)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -628,7 +613,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(
     launcher: Launcher, tmp_path: Path, argv: list[str], message: str
 ) -> None:
     db = tmp_path / "queue.db"
-    write_task_file(tmp_path / "tasks.json", [{"id": "t-1"}])
+    write_tasks(tmp_path / "tasks.json", [{"id": "t-1"}])
     store = tq.open_store(str(db))
     store.enqueue_many([tq.Task("t-1")])
     store.close()
@@ -684,7 +669,7 @@ def test_operations_by_id_take_any_number_of_ids_in_one_call(backend: Backend) -
 
 
 def test_a_task_file_names_its_queue_and_a_bad_one_is_refused_naming_it(tmp_path: Path) -> None:
-    good = write_task_file(
+    good = write_tasks(
         tmp_path / "good.json",
         [{"id": "a", "queue": "mail"}, {"id": "b"}, {"id": "c", "queue": None}],
     )
@@ -696,7 +681,7 @@ def test_a_task_file_names_its_queue_and_a_bad_one_is_refused_naming_it(tmp_path
         ("x,y", "comma"),
         (7, "string"),
     ]:
-        path = write_task_file(tmp_path / "bad.json", [{"id": "a"}, {"id": "b", "queue": bad}])
+        path = write_tasks(tmp_path / "bad.json", [{"id": "a"}, {"id": "b", "queue": bad}])
         with pytest.raises(tq.TaskFileError, match=problem) as caught:
             tq.load_tasks(path)
         assert caught.value.index == 1 and caught.value.field == "queue"

@@ -16,9 +16,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import Launcher, new_schema_url, pg_rows, wait_until, write_task_file
-
-launcher = store_fixtures.launcher
+from tests.store_fixtures import Launcher, new_schema_url, pg_rows
+from tests.support import one_line_error, wait_until, write_tasks
 
 SECRET = "S3cretPw"
 FORMS = ["userinfo", "query"]
@@ -120,7 +119,7 @@ def test_a_password_holding_a_url_delimiter_is_never_printed(
     parts = urllib.parse.urlsplit(new_schema_url())
     url = parts._replace(netloc=f"postgres:S3cret{delimiter}Pw@{parts.hostname}:{parts.port}")
     url_text = url.geturl()
-    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    file = write_tasks(tmp_path / "tasks.json", tasks(1))
     runs = [
         launcher.run("status", "--db", url_text),
         launcher.run("purge", "--db", url_text),
@@ -129,7 +128,7 @@ def test_a_password_holding_a_url_delimiter_is_never_printed(
         launcher.run("--task-file", str(file), "--db", url_text),
     ]
     for proc in runs:
-        line = store_fixtures.one_line_error(proc)
+        line = one_line_error(proc)
         assert "S3cret" not in line and "Pw" not in line, line
         assert "postgres:***@" in line, line
 
@@ -151,7 +150,7 @@ def test_reprs_and_urls_of_stores_managers_and_pools_hide_the_password(secret_ur
 def test_commands_never_print_the_password(
     secret_url: str, launcher: Launcher, tmp_path: Path
 ) -> None:
-    file = write_task_file(tmp_path / "tasks.json", tasks(3, latency_ms=1))
+    file = write_tasks(tmp_path / "tasks.json", tasks(3, latency_ms=1))
     debug = ("--log-level", "DEBUG")
     outputs = [
         launcher.run("enqueue", "--db", secret_url, "--task-file", str(file), *debug),
@@ -182,7 +181,7 @@ def test_commands_never_print_the_password(
 def test_the_rerun_advice_after_a_signal_hides_the_password(
     secret_url: str, launcher: Launcher, tmp_path: Path
 ) -> None:
-    file = write_task_file(tmp_path / "tasks.json", tasks(3, latency_ms=1500))
+    file = write_tasks(tmp_path / "tasks.json", tasks(3, latency_ms=1500))
     run = launcher.spawn(
         "--task-file", str(file), "--db", secret_url, "--workers", "1", "--log-level", "DEBUG"
     )
@@ -223,7 +222,7 @@ def test_database_errors_never_print_the_password(
         url = url.replace("postgresql://", "mysql://", 1)
     for command in ("status", "purge"):
         proc = launcher.run(command, "--db", url, "--log-level", "DEBUG", timeout=30)
-        line = store_fixtures.one_line_error(proc)
+        line = one_line_error(proc)
         assert_no_secret(line, proc.stdout)
         assert "***" in line, line
 

@@ -23,10 +23,8 @@ from hypothesis import strategies as st
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import Launcher, one_line_error, wait_until
-
-launcher = store_fixtures.launcher
-pg_url = store_fixtures.pg_url
+from tests.store_fixtures import Launcher
+from tests.support import one_line_error, wait_until
 
 UTC = datetime.timezone.utc
 
@@ -454,9 +452,6 @@ def test_the_schedule_thread_sleeps_until_the_next_slot_without_polling(
 
 def slot_calls(launcher: Launcher) -> Counter[str]:
     return Counter(key for key in launcher.calls_by_key().elements() if key.startswith("tick@"))
-
-
-durable_db = store_fixtures.durable_db
 
 
 @pytest.mark.timeout(120)

@@ -21,16 +21,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import (
-    WAIT,
-    Backend,
-    require_psycopg,
-    wait_until,
-)
-
-# Fixtures shared with the other store tests (pytest finds them by these module names).
-backend = store_fixtures.backend
-pg_url = store_fixtures.pg_url
+from tests.store_fixtures import Backend, require_psycopg
+from tests.support import WAIT, wait_until
 
 DONE, FAILED, QUEUED = tq.EntryState.DONE, tq.EntryState.FAILED, tq.EntryState.QUEUED
 CLAIMED, COMPLETED = tq.ClaimState.CLAIMED, tq.ClaimState.COMPLETED

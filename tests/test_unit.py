@@ -18,12 +18,8 @@ from typing import Any
 import pytest
 
 import task_queue_optimized as tq
-from tests import store_fixtures
-from tests.cli_helpers import run_cli
-from tests.conftest import WAIT, GatedFactory
-from tests.store_fixtures import Backend, one_line_error
-
-backend = store_fixtures.backend
+from tests.store_fixtures import Backend
+from tests.support import WAIT, GatedFactory, one_line_error, run_cli
 
 # A sleep of s seconds never returns earlier than s; allow for the clock's resolution only.
 CLOCK_SLACK = 0.0005
