@@ -9,7 +9,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,82 +47,6 @@ with tq.WorkerPool(handler, workers=4, db_path=sys.argv[1], claim_poll_interval=
     records = pool.run([tq.Task(sys.argv[3] + "-" + k, {"v": 1}, idempotency_key=k) for k in keys])
 print(json.dumps([[r.key, r.status.value, r.attempts, r.output] for r in records]))
 """
-
-
-@pytest.fixture(params=["memory", "file"])
-def store(request: pytest.FixtureRequest, tmp_db: str) -> Iterator[tq.IdempotencyManager]:
-    """Yield an IdempotencyManager for each backend: in memory and a SQLite file."""
-    manager = tq.IdempotencyManager(None if request.param == "memory" else tmp_db)
-    yield manager
-    manager.close()
-
-
-class TestStoreContract:
-    """The claim protocol, the same on every backend."""
-
-    def test_claim_complete_then_completed(self, store: tq.IdempotencyManager) -> None:
-        """A claimed key, once completed, answers completed with its output and no token."""
-        claim = store.claim("k", fingerprint=FP)
-        assert claim.state == "claimed"
-        assert claim.token is not None
-        assert store.claim("k", fingerprint=FP).state == "in_progress"
-        assert store.complete("k", claim.token, {"out": 1}) is True
-        again = store.claim("k", fingerprint=FP)
-        assert (again.state, again.token, again.output) == ("completed", None, {"out": 1})
-        assert store.is_processed("k")
-
-    def test_fingerprint_conflict(self, store: tq.IdempotencyManager) -> None:
-        """A key first used with another fingerprint is a conflict; None skips the check."""
-        claim = store.claim("k", fingerprint=FP)
-        store.complete("k", claim.token, {"out": 1})
-        assert store.claim("k", fingerprint="0" * 64).state == "conflict"
-        assert store.claim("k").state == "completed"
-        assert store.get_cached_output("k") == {"out": 1}
-
-    def test_fingerprint_helper(self) -> None:
-        """fingerprint() is the SHA-256 of the canonical JSON, independent of key order."""
-        assert tq.fingerprint({"v": 1}) == FP
-        assert tq.fingerprint({"b": [1, 2], "a": "x"}) == tq.fingerprint({"a": "x", "b": [1, 2]})
-        expected = hashlib.sha256(b'{"a":"x","b":[1,2]}').hexdigest()
-        assert tq.fingerprint({"b": [1, 2], "a": "x"}) == expected
-
-    def test_release_then_claim_again(self, store: tq.IdempotencyManager) -> None:
-        """A released key counts as failed until it is claimed again."""
-        claim = store.claim("k")
-        assert store.release("k", claim.token, error="boom") is True
-        assert store.stats()["failed"] == 1
-        assert store.is_processed("k") is False
-        again = store.claim("k")
-        assert again.state == "claimed"
-        assert again.token != claim.token
-        assert store.stats()["in_progress"] == 1
-        assert store.stats()["failed"] == 0
-
-    def test_wrong_token_is_refused(self, store: tq.IdempotencyManager) -> None:
-        """complete, renew and release with a token that is not the owner's do nothing."""
-        claim = store.claim("k")
-        wrong = claim.token + 1 if isinstance(claim.token, int) else f"{claim.token}x"
-        assert store.renew("k", wrong) is False
-        assert store.release("k", wrong) is False
-        assert store.complete("k", wrong, {"x": 1}) is False
-        assert store.stats()["in_progress"] == 1
-        assert store.get_cached_output("k") is None
-
-    def test_stats_counts(self, store: tq.IdempotencyManager) -> None:
-        """stats() counts in-progress, completed and failed keys as integers."""
-        store.claim("running")
-        for key in ("done-1", "done-2"):
-            store.complete(key, store.claim(key).token, {"k": key})
-        store.release("dropped", store.claim("dropped").token, error="x")
-        stats = store.stats()
-        assert stats == {"in_progress": 1, "completed": 2, "failed": 1, "total": 4}
-        assert all(type(stats[k]) is int for k in ("in_progress", "completed", "failed", "total"))
-
-    def test_renew_many(self, store: tq.IdempotencyManager) -> None:
-        """renew_many renews the claims whose token is current and counts them."""
-        a, b = store.claim("a"), store.claim("b")
-        store.complete("b", b.token, None)
-        assert store.renew_many([("a", a.token), ("b", b.token)]) == 1
 
 
 class TestLeases:

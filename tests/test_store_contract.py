@@ -8,12 +8,14 @@ their expiry with a deadline instead of sleeping a guessed time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1223,6 +1225,85 @@ def test_idempotency_manager_runs_over_the_store(backend: Backend) -> None:
     with pytest.raises(tq.TaskQueueError):
         manager.claim("k")
     assert store.lookup("k")["state"] == "completed"  # the manager did not own the store
+
+
+@pytest.fixture
+def manager(backend: Backend) -> Iterator[tq.IdempotencyManager]:
+    """Yield an IdempotencyManager that opened its own store at the backend's URL."""
+    opened = tq.IdempotencyManager(backend.url)
+    yield opened
+    opened.close()
+
+
+def test_manager_claim_complete_then_completed(manager: tq.IdempotencyManager) -> None:
+    """A claimed key, once completed, answers completed with its output and no token."""
+    claim = manager.claim("k", fingerprint=FP1)
+    assert claim.state == "claimed"
+    assert claim.token is not None
+    assert manager.claim("k", fingerprint=FP1).state == "in_progress"
+    assert manager.complete("k", claim.token, {"out": 1}) is True
+    again = manager.claim("k", fingerprint=FP1)
+    assert (again.state, again.token, again.output) == ("completed", None, {"out": 1})
+    assert manager.is_processed("k")
+
+
+def test_manager_fingerprint_conflict(manager: tq.IdempotencyManager) -> None:
+    """A key first used with another fingerprint is a conflict; None skips the check."""
+    claim = manager.claim("k", fingerprint=FP1)
+    manager.complete("k", claim.token, {"out": 1})
+    assert manager.claim("k", fingerprint="0" * 64).state == "conflict"
+    assert manager.claim("k").state == "completed"
+    assert manager.get_cached_output("k") == {"out": 1}
+
+
+def test_fingerprint_is_the_sha256_of_canonical_json() -> None:
+    """fingerprint() is the SHA-256 of the canonical JSON, independent of key order."""
+    assert tq.fingerprint({"v": 1}) == hashlib.sha256(b'{"v":1}').hexdigest()
+    assert tq.fingerprint({"b": [1, 2], "a": "x"}) == tq.fingerprint({"a": "x", "b": [1, 2]})
+    expected = hashlib.sha256(b'{"a":"x","b":[1,2]}').hexdigest()
+    assert tq.fingerprint({"b": [1, 2], "a": "x"}) == expected
+
+
+def test_manager_release_then_claim_again(manager: tq.IdempotencyManager) -> None:
+    """A released key counts as failed until it is claimed again."""
+    claim = manager.claim("k")
+    assert manager.release("k", claim.token, error="boom") is True
+    assert manager.stats()["failed"] == 1
+    assert manager.is_processed("k") is False
+    again = manager.claim("k")
+    assert again.state == "claimed"
+    assert again.token != claim.token
+    assert manager.stats()["in_progress"] == 1
+    assert manager.stats()["failed"] == 0
+
+
+def test_manager_wrong_token_is_refused(manager: tq.IdempotencyManager) -> None:
+    """complete, renew and release with a token that is not the owner's do nothing."""
+    claim = manager.claim("k")
+    wrong = claim.token + 1 if isinstance(claim.token, int) else f"{claim.token}x"
+    assert manager.renew("k", wrong) is False
+    assert manager.release("k", wrong) is False
+    assert manager.complete("k", wrong, {"x": 1}) is False
+    assert manager.stats()["in_progress"] == 1
+    assert manager.get_cached_output("k") is None
+
+
+def test_manager_stats_counts(manager: tq.IdempotencyManager) -> None:
+    """stats() counts in-progress, completed and failed keys as integers."""
+    manager.claim("running")
+    for key in ("done-1", "done-2"):
+        manager.complete(key, manager.claim(key).token, {"k": key})
+    manager.release("dropped", manager.claim("dropped").token, error="x")
+    stats = manager.stats()
+    assert stats == {"in_progress": 1, "completed": 2, "failed": 1, "total": 4}
+    assert all(type(stats[k]) is int for k in ("in_progress", "completed", "failed", "total"))
+
+
+def test_manager_renew_many(manager: tq.IdempotencyManager) -> None:
+    """renew_many renews the claims whose token is current and counts them."""
+    a, b = manager.claim("a"), manager.claim("b")
+    manager.complete("b", b.token, None)
+    assert manager.renew_many([("a", a.token), ("b", b.token)]) == 1
 
 
 def test_durable_pool_runs_over_the_store(backend: Backend) -> None:
