@@ -493,6 +493,54 @@ def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
     assert tree_bytes(workdir) == before
 
 
+class TestLoadHandler:
+    """``worker --handler MODULE:FUNCTION``: every bad spec is one line and exit code 2."""
+
+    BROKEN_MODULES = {
+        "tq_syntax_error": ("def run(task)\n    return 1\n", "SyntaxError"),
+        "tq_raises_at_import": ("raise RuntimeError('no config here')\n", "no config here"),
+        "tq_exits_at_import": ("import sys\nsys.exit(3)\n", "SystemExit"),
+        "tq_missing_dependency": ("import tq_no_such_dependency\n", "tq_no_such_dependency"),
+        "tq_multiline_error": ("raise ValueError('first\\nsecond')\n", "first"),
+    }
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize("module", sorted(BROKEN_MODULES))
+    def test_a_module_that_fails_to_import_exits_2(self, tmp_path: Path, module: str) -> None:
+        """A module with a syntax error or one that raises or exits at import: one line, exit 2."""
+        source, detail = self.BROKEN_MODULES[module]
+        (tmp_path / f"{module}.py").write_text(source, encoding="utf-8")
+        proc = run_cli(["worker", "--db", "untouched.db", "--handler", f"{module}:run"], tmp_path)
+        line = one_line_error(proc)
+        assert f"{module}:run" in line and "cannot import module" in line, line
+        assert detail in line, line
+        assert not (tmp_path / "untouched.db").exists()
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize(
+        ("spec", "message"),
+        [
+            ("tq_handlers_ok:missing", "has no attribute 'missing'"),
+            ("tq_handlers_ok:VALUE", "not callable"),
+            ("tq_handlers_ok", "expected MODULE:FUNCTION"),
+            (":run", "expected MODULE:FUNCTION"),
+            ("tq_handlers_ok:", "expected MODULE:FUNCTION"),
+            ("tq_handlers_ok:run:extra", "expected MODULE:FUNCTION"),
+            ("", "expected MODULE:FUNCTION"),
+            (".relative:run", "cannot import module"),
+        ],
+    )
+    def test_a_bad_spec_exits_2(self, tmp_path: Path, spec: str, message: str) -> None:
+        """A missing or non-callable attribute and a malformed spec: one line, exit 2."""
+        (tmp_path / "tq_handlers_ok.py").write_text(
+            "VALUE = 42\n\n\ndef run(task):\n    return {}\n", encoding="utf-8"
+        )
+        proc = run_cli(["worker", "--db", "untouched.db", "--handler", spec], tmp_path)
+        line = one_line_error(proc)
+        assert message in line, line
+        assert not (tmp_path / "untouched.db").exists()
+
+
 def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
     """Prove a rerun blocked by a stopped run's live claims says once how many and until when,
     at the default log level."""

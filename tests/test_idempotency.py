@@ -49,6 +49,74 @@ print(json.dumps([[r.key, r.status.value, r.attempts, r.output] for r in records
 """
 
 
+class TestIdempotencyManager:
+    """IdempotencyManager: the simple surface and atomic claims."""
+
+    def test_not_processed_initially(self, tmp_db: str) -> None:
+        """A fresh store, in memory or on disk, knows no key."""
+        for path in (None, tmp_db):
+            with tq.IdempotencyManager(path) as store:
+                assert store.is_processed("k") is False
+                assert store.get_cached_output("k") is None
+                assert store.stats() == {"in_progress": 0, "completed": 0, "failed": 0, "total": 0}
+
+    def test_mark_and_check_processed(self, tmp_db: str) -> None:
+        """mark_processed makes is_processed true for that key only, and it persists."""
+        with tq.IdempotencyManager(tmp_db) as store:
+            store.mark_processed("k", {"ok": True})
+            assert store.is_processed("k") is True
+            assert store.is_processed("other") is False
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.is_processed("k") is True
+
+    def test_get_cached_output(self, tmp_db: str) -> None:
+        """The cached output round-trips JSON values exactly, across reopening the file."""
+        output = {"s": "é", "n": 3, "f": 1.5, "l": [1, None, True], "d": {"x": []}}
+        with tq.IdempotencyManager(tmp_db) as store:
+            store.mark_processed("k", output)
+            assert store.get_cached_output("k") == output
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.get_cached_output("k") == output
+            claim = store.claim("k")
+            assert claim.state == "completed"
+            assert claim.output == output
+            assert claim.token is None
+
+    def test_multiple_keys(self) -> None:
+        """Keys are independent: each keeps its own output."""
+        with tq.IdempotencyManager() as store:
+            for i in range(20):
+                store.mark_processed(f"k{i}", {"i": i})
+            assert [store.get_cached_output(f"k{i}") for i in range(20)] == [
+                {"i": i} for i in range(20)
+            ]
+            assert store.stats()["completed"] == 20
+            assert store.stats()["total"] == 20
+            assert store.is_processed("k20") is False
+
+    @pytest.mark.timeout(20)
+    def test_concurrent_duplicate_handling(self, tmp_db: str) -> None:
+        """Of 16 threads claiming one key at the same moment exactly one wins."""
+        states: list[str] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(16)
+        with tq.IdempotencyManager(tmp_db) as store:
+
+            def claim() -> None:
+                barrier.wait(WAIT)
+                result = store.claim("same")
+                with lock:
+                    states.append(result.state)
+
+            threads = [threading.Thread(target=claim) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT)
+            assert sorted(states) == ["claimed"] + ["in_progress"] * 15
+            assert store.stats()["in_progress"] == 1
+
+
 class TestLeases:
     """Leases expire, stale tokens write nothing, renewals keep claims."""
 

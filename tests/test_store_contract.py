@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import random
+import secrets
 import sqlite3
 import threading
 import time
@@ -1203,6 +1204,86 @@ def test_sqlite_reports_the_error_that_ended_a_transaction(tmp_path: Path, actio
         assert store.enqueue_many([tq.Task("a")]) == 1  # the store is still usable
     finally:
         store.close()
+
+
+class TestStoredErrors:
+    """Error texts are stored by every backend, whatever characters they hold."""
+
+    UNSTORABLE = "refused \x00 at \ud800 here"
+    STORED = "refused \\x00 at \\ud800 here"
+
+    def test_release_and_settle_store_any_error_text(self, backend: Backend) -> None:
+        """A NUL or a lone surrogate in an error is stored escaped, not refused by the database."""
+        store = backend.open()
+        (claim,) = store.claim_many([("k", None)])
+        assert store.release_many([("k", claim.token, self.UNSTORABLE)]) == 1
+        assert store.lookup("k")["error"] == self.STORED
+        store.enqueue_many([tq.Task("t")])
+        (entry,) = store.take_many("w", 1)
+        assert store.settle_many([("t", entry.token, tq.EntryState.FAILED, self.UNSTORABLE)]) == 1
+        assert store.queue_status()["tasks"]["failed"] == 1
+
+    @pytest.mark.timeout(30)
+    def test_a_failure_with_unstorable_text_fails_only_its_own_task(self, backend: Backend) -> None:
+        """A handler error holding NUL and a lone surrogate fails its task alone, durably."""
+
+        def handler(task: tq.Task) -> str:
+            if task.id == "bad":
+                raise tq.PermanentError(self.UNSTORABLE)
+            return task.id
+
+        manager = tq.IdempotencyManager(store=backend.open())
+        batch = [tq.Task(f"t{i}") for i in range(6)] + [tq.Task("bad")]
+        with tq.WorkerPool(handler, workers=2, idempotency=manager, durable=True) as pool:
+            records = {record.task_id: record for record in pool.run(batch)}
+        assert records["bad"].status is tq.TaskStatus.FAILED
+        assert records["bad"].error is not None and "refused" in records["bad"].error
+        assert all(records[f"t{i}"].status is tq.TaskStatus.SUCCEEDED for i in range(6))
+        assert manager.lookup("bad")["error"] is not None
+        assert "\x00" not in manager.lookup("bad")["error"]
+
+    @pytest.mark.timeout(30)
+    def test_the_longest_id_and_key_with_the_longest_namespace_run_on_every_store(
+        self, backend: Backend
+    ) -> None:
+        """Ids and keys of MAX_KEY_BYTES with a namespace of MAX_NAMESPACE_BYTES are enqueued,
+        claimed and completed, also where PostgreSQL indexes them (its btree row limit)."""
+        # Random text: PostgreSQL compresses a long index value only when it shrinks.
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789\u00e9\u20ac\U0001f600"
+
+        def longest(limit: int) -> str:
+            text = ""
+            while len((text + "\U0001f600").encode()) <= limit:
+                text += secrets.choice(alphabet)
+            return text + "z" * (limit - len(text.encode()))
+
+        namespace = longest(tq.MAX_NAMESPACE_BYTES)
+        tasks = [tq.Task(longest(tq.MAX_KEY_BYTES), {"n": n}, longest(tq.MAX_KEY_BYTES))
+                 for n in range(2)]  # fmt: skip
+        assert all(len(t.id.encode()) == len(t.key.encode()) == tq.MAX_KEY_BYTES for t in tasks)
+        assert len(namespace.encode()) == tq.MAX_NAMESPACE_BYTES
+        store = backend.open()
+        # The durable queue: enqueued, taken and settled by id.
+        assert store.enqueue_many([tasks[0]]) == 1
+        (entry,) = store.take_many("w" * tq.MAX_KEY_BYTES, 1)
+        assert entry.task == tasks[0]
+        assert store.settle_many([(tasks[0].id, entry.token, tq.EntryState.DONE, None)]) == 1
+        # A pool: each key claimed in the namespace, run and completed, durably.
+        manager = tq.IdempotencyManager(store=store)
+        with tq.WorkerPool(
+            lambda task: task.payload, workers=2, idempotency=manager, durable=True,
+            namespace=namespace,
+        ) as pool:  # fmt: skip
+            records = pool.run(tasks)
+        assert [r.status for r in records] == [tq.TaskStatus.SUCCEEDED] * 2, records
+        for task in tasks:
+            assert manager.lookup(task.key, namespace=namespace)["state"] == "completed"
+
+    def test_a_worker_name_no_store_can_keep_is_refused(self) -> None:
+        """WorkerPool refuses a worker name with a NUL or a lone surrogate, opening nothing."""
+        for name in ("w\x00", "w\udcff", ""):
+            with pytest.raises(ValueError, match="worker_name"):
+                tq.WorkerPool(lambda task: None, workers=1, durable=True, worker_name=name)
 
 
 # --- Over the contract: the manager and the durable pool ----------------------------------------
