@@ -61,7 +61,7 @@ def wait_until(
     condition: Callable[[], Any],
     what: str,
     timeout: float = WAIT,
-    interval: float = 0.05,
+    interval: float = 0.02,
     procs: Sequence[Watched] = (),
 ) -> Any:
     """Poll `condition` until it returns something true, and return that.

@@ -696,7 +696,7 @@ def test_signal_stops_gracefully_and_rerun_completes(
             stderr=err,
         )
         try:
-            wait_until(lambda: completed_count(db) >= 1, "a first completed key", interval=0.02)
+            wait_until(lambda: completed_count(db) >= 1, "a first completed key")
             proc.send_signal(signum)
             returncode = proc.wait(timeout=15)
         finally:

@@ -278,7 +278,7 @@ import task_queue_optimized as tq
 def handler(task):
     threading.Event().wait()  # never returns: the process is killed while it runs
 
-pool = tq.WorkerPool(handler, workers=1, db_path=sys.argv[1], durable=True, lease_seconds=2.0)
+pool = tq.WorkerPool(handler, workers=1, db_path=sys.argv[1], durable=True, lease_seconds=1.0)
 pool.submit(tq.Task("durable-1", {"sleep_ms": 1}))
 print("submitted", flush=True)
 threading.Event().wait()
@@ -756,13 +756,16 @@ def test_a_delayed_task_survives_a_worker_restart_and_runs_once_due(
     launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
     file = write_tasks(
-        tmp_path / "tasks.json", [{"id": "later", "delay_seconds": 6}, {"id": "now"}]
+        tmp_path / "tasks.json", [{"id": "later", "delay_seconds": 4}, {"id": "now"}]
     )
+    # The first worker is up before the tasks arrive, so the delay covers only the enqueue, the
+    # ready task's run and the kill, not the worker's start.
+    first = launcher.worker(durable_db, handler=store_fixtures.STAMPED_HANDLER)
+    wait_until(lambda: "serving" in first.stderr(), "the first worker to serve", procs=[first])
     enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", durable_db)
     assert enqueued.returncode == 0, enqueued.stderr
     due = next_run_at(durable_db)
     assert due is not None
-    first = launcher.worker(durable_db, handler=store_fixtures.STAMPED_HANDLER)
     wait_until(lambda: status_of(durable_db)["tasks"]["done"] == 1, "the ready task", procs=[first])
     first.kill()  # no drain: whatever it held in memory is gone
     assert time.time() < due, "the first worker outlived the delay: the restart proved nothing"

@@ -416,6 +416,14 @@ def states(db: str, *task_ids: str) -> dict[str, str]:
         store.close()
 
 
+def queue_status(db: str) -> dict[str, Any]:
+    store = tq.open_store(db)
+    try:
+        return store.queue_status()
+    finally:
+        store.close()
+
+
 def enqueue(
     launcher: Launcher, db: str, path: Path, tasks: list[dict[str, Any]], *args: str
 ) -> None:
@@ -480,20 +488,25 @@ def test_a_task_whose_worker_was_killed_is_retried_from_failed_and_completes_onc
     doomed = launcher.worker(durable_db, *flags, "--name", "doomed")
     wait_until(lambda: launcher.calls_by_key()["job"] == 1, "the run to start", procs=[doomed])
     doomed.kill()
-    # status shows the killed worker as gone, and what becomes of its task.
+    # status shows the killed worker as gone, and what becomes of its task. (The store is polled
+    # in process; the command line is run once it answers.)
     wait_until(
-        lambda: not run_json(launcher, "status", "--db", durable_db)[1]["workers"][0]["alive"],
+        lambda: not queue_status(durable_db)["workers"][0]["alive"],
         "the killed worker's heartbeat to outlive its lease",
     )
+    code, report = run_json(launcher, "status", "--db", durable_db)
+    assert code == 0 and not report["workers"][0]["alive"], report
     text = launcher.run("status", "--db", durable_db)
     assert "worker doomed" in text.stdout and "gone" in text.stdout
     assert "its 1 running task returns to the queue when the leases expire" in text.stdout
     survivor = launcher.worker(durable_db, *flags, "--name", "survivor")
-    failed = wait_until(
-        lambda: run_json(launcher, "failed", "--db", durable_db)[1],
+    wait_until(
+        lambda: queue_status(durable_db)["tasks"]["failed"] == 1,
         "the crash to be failed",
         procs=[survivor],
     )
+    code, failed = run_json(launcher, "failed", "--db", durable_db)
+    assert code == 0
     (row,) = failed
     assert set(row) == FAILED_KEYS
     assert row["id"] == "job" and row["key"] == "job" and row["queue"] == "default"
