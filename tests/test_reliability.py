@@ -818,8 +818,9 @@ def test_exit_after_shutdown_without_wait_finishes_waiting_tasks(
 
 # Two running tasks hold their workers until the parent closes stdin; 500 more wait in the queue.
 CHILD_INTERRUPTED_IN_A_WITH_BLOCK = """
-import atexit, sys, threading
+import atexit, faulthandler, signal, sys, threading
 import task_queue_optimized as tq
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # every thread's stack, should it hang
 calls = []
 def handler(task):
     calls.append(task.id)
@@ -837,7 +838,9 @@ with tq.WorkerPool(handler, workers=2, queue_size=1000, db_path=sys.argv[1]) as 
 """
 
 
-@pytest.mark.timeout(60)
+# Seven waits of at most WAIT each: a step that never comes fails with its own message (and the
+# child's stacks) before the timeout could end the test without them.
+@pytest.mark.timeout(WAIT * 7 + 30)
 def test_ctrl_c_in_a_with_block_cancels_queued_tasks_and_a_second_one_stops_waiting(
     tmp_path: Path,
 ) -> None:
@@ -866,8 +869,12 @@ def test_ctrl_c_in_a_with_block_cancels_queued_tasks_and_a_second_one_stops_wait
         proc.wait(timeout=WAIT)
     finally:
         if proc.poll() is None:
+            # Stuck: have the child write every thread's stack to stderr before it is killed.
+            proc.send_signal(signal.SIGUSR1)
+            err.wait_for("most recent call first", timeout=5)
             proc.kill()
             proc.wait()
+            print("the child's stdout:", out.rest(), "its stderr:", err.rest(), sep="\n")
     assert "calls 2" in out.rest(), out.lines
     with tq.IdempotencyManager(db) as manager:
         stats = manager.stats()
