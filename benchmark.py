@@ -43,8 +43,13 @@ and ``huey-sqlite`` (Huey with an in-process thread consumer). With ``--processe
 ``ours-postgresql`` (``-x2`` for two processes), ``pgqueuer`` and ``dramatiq-rabbitmq``. The
 suite also runs ``plain-asyncio`` and, where the module has it, ``async-pool``.
 
-Sections: defaults, workloads, measurement helpers, systems, open loop, memory, scale-out, async,
-durable peers, suite, output, command line.
+The harnesses of the scale-out runs (``bench/scaleout.py``) and of the peers (``bench/peers.py``,
+with the code their worker processes import in ``bench/worker_side.py``) live in the package
+``bench`` beside this file, with the workloads and runs they share (``bench/core.py``); this file
+keeps the in-process systems, the suite, the report and the command line.
+
+Sections: defaults, targets and definitions, measurement helpers, systems, open loop, memory,
+rate limits, async, unused features, suite, output, concurrency, command line.
 """
 
 from __future__ import annotations
@@ -59,14 +64,11 @@ import functools
 import importlib.util
 import itertools
 import json
-import logging
 import math
 import os
 import platform
 import random
-import secrets
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -74,11 +76,49 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import task_queue_optimized as tq
+from bench.core import (
+    DEFAULT_LATENCY_MS,
+    DEFAULT_SEED,
+    Progress,
+    Run,
+    Settings,
+    UsageError,
+    Workload,
+    file_workload,
+    rounded,
+    synthetic_workload,
+)
+from bench.peers import (
+    DEFAULT_RABBITMQ_URL,
+    PEER_POLL_INTERVAL,
+    PEER_SLEEP_CONCURRENCY,
+    PEER_SLEEP_TASKS,
+    PEER_WORKERS,
+    DurableResults,
+    huey_available,
+    run_durable,
+    run_huey,
+)
+from bench.scaleout import (
+    NOOP_TASKS,
+    NOOP_TASKS_PER_TASK,
+    SCALE_LATENCY_MS,
+    SCALE_MIN_TASKS,
+    SCALE_TASKS_PER_THREAD,
+    STATUS_POLL_INTERVAL,
+    Database,
+    fresh_database,
+    noop_tasks,
+    parse_database,
+    run_noop_comparison,
+    run_scale_out,
+    run_scale_series,
+    run_store_noop,
+)
 
 __all__ = [
     "Run",
@@ -100,35 +140,9 @@ __all__ = [
 DEFAULT_REPORT = "benchmark_report.json"
 DEFAULT_WORKERS = "8"
 DEFAULT_TASKS = 500
-DEFAULT_LATENCY_MS = 30.0
-DEFAULT_SEED = 1
-PROGRESS_DELAY = 0.5  # seconds a run must last before its progress bar appears
-PROGRESS_INTERVAL = 0.1  # seconds between two redraws of the bar
 OPEN_LOOP_LEAD = 0.05  # seconds between building the pool and the first intended arrival
 SUITE_WORKERS = 8  # the worker count every performance target is stated for
 EXIT_OK, EXIT_TARGET_MISSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-# Scale-out (--db URL --processes LIST): worker processes drain a durable queue.
-SCALE_LATENCY_MS = 10.0  # the task of the scale-out runs (--latency-ms overrides it)
-SCALE_MIN_TASKS = 2000  # tasks per process count: max(this, SCALE_TASKS_PER_THREAD x P x W)
-SCALE_TASKS_PER_THREAD = 100
-NOOP_TASKS = 20_000  # the no-op store comparison; --tasks N makes it N x NOOP_TASKS_PER_TASK
-NOOP_TASKS_PER_TASK = 10
-STATUS_POLL_INTERVAL = 0.05  # seconds between two queue_status() reads while workers run
-WORKER_LEASE_SECONDS = 30.0  # the workers' --lease-seconds: no lease expires during a run
-WORKER_STOP_TIMEOUT = 30.0  # seconds a worker gets to drain after SIGTERM before SIGKILL
-WORKER_EXIT_ON_SIGTERM = 143  # a worker's exit code after a graceful SIGTERM
-
-# Huey's consumer polls a non-blocking queue, sleeping initial_delay, growing by backoff up to
-# max_delay while the queue stays empty (its -d / -b / -m options). Its defaults (0.1 s, 1.15,
-# 10 s) are tuned for a long-lived service; these keep an idle worker at most 10 ms from a task.
-HUEY_CONSUMER_OPTIONS = {
-    "initial_delay": 0.001,
-    "backoff": 1.15,
-    "max_delay": 0.01,
-    "periodic": False,
-    "check_worker_health": False,
-}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,196 +186,104 @@ CONCURRENCY_MIN_TASKS = 64
 CONCURRENCY_SYSTEMS = ("pool", "raw-executor-bare", "async-pool", "plain-asyncio")
 
 
-class UsageError(Exception):
-    """A bad flag or input: reported in one line on stderr with exit code 2."""
+# --- Targets and definitions ---------------------------------------------------------------------
 
 
-# --- Workloads -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """One performance target of the suite: what it measures and the bar it must clear.
 
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """A list of tasks and the handler settings that run them.
-
-    Attributes:
-        name: a short description for tables and the report.
-        tasks: the tasks, in submission order.
-        latency_ms: the handler's default latency (a task's payload ``latency_ms`` wins).
-        jitter_ms: uniform +- jitter on each attempt's latency.
-        transient_rate: probability of an injected transient fault per attempt.
-        seed: the seed of the handler's fault and jitter draws.
+    `name` and `description` are `str.format` templates, filled from the suite's sizes and
+    workloads (`run_suite`) or from the durable runs' settings (`durable_targets`).
     """
 
+    number: int
     name: str
-    tasks: Sequence[tq.Task]
-    latency_ms: float = DEFAULT_LATENCY_MS
-    jitter_ms: float = 0.0
-    transient_rate: float = 0.0
-    seed: int | None = DEFAULT_SEED
-
-    def processor(self) -> tq.TaskProcessor:
-        """Return a fresh handler: `payload["fail"]` counts attempts per processor."""
-        return tq.TaskProcessor(
-            latency_ms=self.latency_ms,
-            jitter_ms=self.jitter_ms,
-            transient_error_rate=self.transient_rate,
-            seed=self.seed,
-        )
-
-    @functools.cached_property
-    def unique(self) -> list[tq.Task]:
-        """The first task of each idempotency key: the ones that run when deduplicated."""
-        seen: set[str] = set()
-        first = []
-        for task in self.tasks:
-            if task.key not in seen:
-                seen.add(task.key)
-                first.append(task)
-        return first
-
-    @functools.cached_property
-    def mean_latency(self) -> float:
-        """Mean configured latency, in seconds, of the tasks that run (jitter averages out)."""
-        if not self.unique:
-            return 0.0
-        total = sum(self._latency_ms(task) for task in self.unique)
-        return total / len(self.unique) / 1000.0
-
-    def _latency_ms(self, task: tq.Task) -> float:
-        value = task.payload.get("latency_ms", self.latency_ms)
-        # The handler rejects a bad value (the task fails at once): it takes no time.
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-        return float(value) if ok and math.isfinite(value) else 0.0
-
-    def ceiling(self, workers: int) -> float | None:
-        """Return the ceiling ``workers / mean latency`` in tasks per second (None for no-ops)."""
-        return workers / self.mean_latency if self.mean_latency > 0 else None
-
-    def describe(self) -> dict[str, Any]:
-        """Return the workload's settings for the report."""
-        return {
-            "name": self.name,
-            "tasks": len(self.tasks),
-            "unique_keys": len(self.unique),
-            "mean_latency_ms": round(self.mean_latency * 1000, 4),
-            "latency_ms": self.latency_ms,
-            "jitter_ms": self.jitter_ms,
-            "transient_rate": self.transient_rate,
-            "seed": self.seed,
-        }
+    metric: str
+    threshold: float | None
+    comparison: str  # ">=", "<=", "<" or "" (reported, no threshold)
+    description: str
+    unit: str = ""
 
 
-def synthetic_workload(
-    count: int,
-    latency_ms: float,
-    *,
-    jitter_ms: float = 0.0,
-    transient_rate: float = 0.0,
-    seed: int | None = DEFAULT_SEED,
-    prefix: str = "bench",
-) -> Workload:
-    """Return `count` tasks with empty payloads, each taking `latency_ms` (+- jitter)."""
-    tasks = [tq.Task(f"{prefix}-{index:07d}") for index in range(count)]
-    name = f"{count:,} tasks of {latency_ms:g} ms"
-    if jitter_ms:
-        name += f" +- {jitter_ms:g}"
-    if transient_rate:
-        name += f", {transient_rate:.0%} transient faults"
-    return Workload(name, tasks, latency_ms, jitter_ms, transient_rate, seed)
+# Targets 1 to 9 run in process (`run_suite`); 10 to 13 judge the durable runs (`durable_targets`).
+TARGETS = (
+    TargetSpec(1, "ceiling efficiency", "efficiency", 0.98, ">=",
+               "{ceiling_work}, {workers} workers, file database"),
+    TargetSpec(2, "pure no-op vs raw executor", "vs_raw_executor", 1.0, ">=",
+               "{noop_work} through `lambda task: None`, {workers} workers, file database, "
+               "against a bare ThreadPoolExecutor({workers}) calling the same lambda"),
+    TargetSpec(3, "memory growth", "rss_growth_mb", 20.0, "<",
+               "iter_results over a generator, peak RSS at {memory_mark:,} and {memory_total:,} "
+               "tasks, queue_size {queue_size}, file database", " MB"),
+    TargetSpec(4, "open-loop p99 queue wait", "p99_queue_wait_ms", 1.0, "<=",
+               "{open_loop_tasks:,} Poisson arrivals of {latency_ms:g} ms tasks at {rate:.1f}/s "
+               "({load:.0%} of capacity {capacity:.1f}/s), {workers} workers", " ms"),
+    TargetSpec(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=",
+               "{retry_work}, 3 attempts, {retry_base_delay_ms:g} ms base delay"),
+    TargetSpec(6, "durability full / normal", "full_vs_normal", None, "",
+               "the overhead run ({noop_work}) with durability='full'"),
+    TargetSpec(7, "{wide_workers} workers efficiency", "efficiency", 0.90, ">=",
+               "{wide_work}, {wide_workers} workers, file database"),
+    TargetSpec(8, "efficiency gap to raw executor", "raw_minus_pool_efficiency", 0.005, "<=",
+               "target 1's runs ({ceiling_work}, {workers} workers): a bare "
+               "ThreadPoolExecutor({workers})'s efficiency minus the pool's"),
+    TargetSpec(9, "async {async_in_flight:,} in flight vs asyncio", "vs_plain_asyncio", 0.85, ">=",
+               "{async_tasks:,} asyncio.sleep tasks of {latency_ms:g} ms, {async_in_flight:,} in "
+               "flight: AsyncWorkerPool (file database) over a plain asyncio loop of as many "
+               "coroutines"),
+    TargetSpec(10, "durable no-op vs best peer", "throughput_vs_best_peer", 1.5, ">=",
+               "no-op tasks, one worker process of {peer_workers} workers on PostgreSQL, "
+               "throughput over the best of PGQueuer and Dramatiq on RabbitMQ (same repeat), each "
+               "drained from a queue filled before its worker started: from the worker's ready "
+               "line to all done"),
+    TargetSpec(11, "durable no-op CPU vs best peer", "cpu_per_task_vs_best_peer", 0.7, "<=",
+               "the same runs: whole-machine CPU (/proc/stat, database and broker included) per "
+               "task, over the lowest of the peers'"),
+    TargetSpec(12, "durable 10 ms efficiency", "efficiency", 0.97, ">=",
+               "{sleep_tasks:,} tasks of time.sleep(0.01), one worker process of "
+               "{sleep_concurrency} workers: throughput over {sleep_concurrency} / 10 ms"),
+    TargetSpec(13, "durable 2 processes / 1", "two_vs_one_process", 1.8, ">=",
+               "the 10 ms tasks with two worker processes of {sleep_concurrency} workers "
+               "({two_process_tasks:,} tasks) over one process ({sleep_tasks:,} tasks), same "
+               "repeat"),
+)  # fmt: skip
 
-
-def file_workload(
-    path: str,
-    *,
-    latency_ms: float = DEFAULT_LATENCY_MS,
-    jitter_ms: float = 0.0,
-    transient_rate: float = 0.0,
-    seed: int | None = DEFAULT_SEED,
-) -> Workload:
-    """Return the tasks of a task file (a task's payload ``latency_ms`` wins over `latency_ms`).
-
-    Raises:
-        TaskFileError: the file is missing or invalid.
-    """
-    tasks = tq.load_tasks(path)
-    return Workload(os.path.basename(path), tasks, latency_ms, jitter_ms, transient_rate, seed)
+# What the report's figures mean: the comparison runs, the scale-out runs ("{base}" is the
+# smallest process count) and the durable runs.
+COMPARISON_DEFINITIONS = {
+    "throughput": "finished submissions (duplicates included) per second, first enqueue to last "
+    "finish",
+    "ceiling": "workers / mean configured latency of the tasks that run",
+    "efficiency": "tasks whose handler ran, per second, over the ceiling",
+    "attempt_efficiency": "handler calls (retries included) per second, over the ceiling",
+    "speedup": "throughput over the naive baseline's in the same repeat",
+    "latency": "submission to finish (in a batch every task is submitted at the start)",
+}
+SCALE_DEFINITIONS = {
+    "throughput": "tasks done or failed per second, from starting the worker processes (their "
+    "start-up included) to the first status read that shows all done",
+    "ceiling": "processes x workers per process / task latency",
+    "efficiency": "throughput over the ceiling",
+    "speedup": "throughput over the throughput with {base} process(es), same repeat",
+    "startup_seconds": "from starting the processes to the first status read that lists every "
+    "worker (each registers when it begins serving)",
+    "efficiency_after_startup": "tasks finished after that read, per second, over the ceiling",
+    "worker_cpu_seconds": "user + system CPU time of the worker processes, start-up and drain "
+    "included (the database server's is not counted)",
+    "postgresql_vs_sqlite": "no-op throughput with the PostgreSQL store over the one with the "
+    "SQLite store, same repeat",
+}
+DURABLE_DEFINITIONS = {
+    "window": "from the first read after the worker printed its ready line (tasks done by then "
+    "are not counted) to the first read that shows every task done",
+    "cpu_ms_per_task": "user + nice + system + irq + softirq of all cores (/proc/stat) during the "
+    "window, over the tasks done in it: the database server, the broker and this benchmark's "
+    "reads included",
+}
 
 
 # --- Measurement helpers -------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(slots=True)
-class Run:
-    """One measured run of one system on one workload.
-
-    Attributes:
-        system: "naive", "raw-executor", "pool", "huey-memory", ...
-        workers: worker threads.
-        workload: the workload's name.
-        repeat: 0-based index of the repetition.
-        metrics: a `MetricsCollector.snapshot()` (or, for the bare raw executor, its subset).
-        executed: tasks whose handler ran (duplicates excluded), for the efficiency.
-        ceiling: ``workers / mean latency`` in tasks per second; None for no-op tasks.
-        extra: anything else the report should carry (open-loop percentiles, memory samples).
-    """
-
-    system: str
-    workers: int
-    workload: str
-    repeat: int
-    metrics: dict[str, Any]
-    executed: int
-    ceiling: float | None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    speedup: float | None = None
-
-    @property
-    def throughput(self) -> float:
-        """Finished submissions (duplicates included) per second."""
-        return float(self.metrics["throughput_per_second"])
-
-    @property
-    def efficiency(self) -> float | None:
-        """Tasks whose handler ran, per second, over the ceiling."""
-        elapsed = self.metrics["elapsed_seconds"]
-        if not self.ceiling or elapsed <= 0:
-            return None
-        return self.executed / elapsed / self.ceiling
-
-    @property
-    def attempt_efficiency(self) -> float | None:
-        """Handler calls (retries included) per second, over the ceiling."""
-        elapsed = self.metrics["elapsed_seconds"]
-        calls = self.metrics.get("handler_calls")
-        if not self.ceiling or elapsed <= 0 or calls is None:
-            return None
-        return calls / elapsed / self.ceiling
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the run as a JSON-compatible dict for the report."""
-        return {
-            "system": self.system,
-            "workers": self.workers,
-            "workload": self.workload,
-            "repeat": self.repeat,
-            "executed": self.executed,
-            "ceiling_per_second": _rounded(self.ceiling),
-            "efficiency": _rounded(self.efficiency),
-            "attempt_efficiency": _rounded(self.attempt_efficiency),
-            "speedup": _rounded(self.speedup),
-            "metrics": self.metrics,
-            **self.extra,
-        }
-
-
-def _rounded(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None or not math.isfinite(value) else round(value, digits)
-
-
-def _sleep_until(deadline: float) -> None:
-    remaining = deadline - time.perf_counter()
-    if remaining > 0:
-        time.sleep(remaining)
 
 
 def _summary_ms(values: Sequence[float]) -> dict[str, float | int]:
@@ -395,73 +317,6 @@ def _spread(values: Iterable[float | None]) -> dict[str, float] | None:
     }
 
 
-class _Progress:
-    """A one-line progress bar on stderr, drawn only once a run has lasted `PROGRESS_DELAY`.
-
-    Not thread-safe: one thread (the one consuming results) updates it.
-    """
-
-    WIDTH = 28
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self._label = label
-        self._total = max(total, 1)
-        self._enabled = enabled
-        self._count = 0
-        self._start = time.perf_counter()
-        self._next_draw = self._start + PROGRESS_DELAY
-        self._drawn = 0  # width of the last line drawn, for clearing it
-
-    def update(self, count: int = 1) -> None:
-        """Advance by `count` items (redraws at most every `PROGRESS_INTERVAL`)."""
-        self.set(self._count + count)
-
-    def set(self, count: int) -> None:
-        """Set the number of items done."""
-        self._count = count
-        if not self._enabled:
-            return
-        now = time.perf_counter()
-        if now < self._next_draw:
-            return
-        self._next_draw = now + PROGRESS_INTERVAL
-        filled = int(self.WIDTH * min(count / self._total, 1.0))
-        line = (
-            f"{self._label:<26.26} [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
-            f"{count:,}/{self._total:,} {now - self._start:6.1f} s"
-        )
-        sys.stderr.write("\r" + line)
-        sys.stderr.flush()
-        self._drawn = len(line)
-
-    def close(self) -> None:
-        """Erase the bar if it was drawn."""
-        if self._drawn:
-            sys.stderr.write("\r" + " " * self._drawn + "\r")
-            sys.stderr.flush()
-            self._drawn = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Settings:
-    """What every run shares: pool tuning, retries and whether to draw progress bars."""
-
-    queue_size: int = tq.DEFAULT_QUEUE_SIZE
-    max_attempts: int = tq.DEFAULT_MAX_ATTEMPTS
-    base_delay: float = tq.DEFAULT_BASE_DELAY
-    durability: str = tq.DEFAULT_DURABILITY
-    progress: bool = False
-
-    def retry(self, base_delay: float | None = None) -> tq.RetryPolicy:
-        """Return the retry policy (with another base delay if given)."""
-        delay = self.base_delay if base_delay is None else base_delay
-        return tq.RetryPolicy(max_attempts=self.max_attempts, base_delay=delay)
-
-
-def _is_transient(retry: tq.RetryPolicy, exc: BaseException) -> bool:
-    return isinstance(exc, retry.retry_on) and not isinstance(exc, tq.PermanentError)
-
-
 # --- Systems -------------------------------------------------------------------------------------
 
 
@@ -476,7 +331,7 @@ def run_naive(workload: Workload, settings: Settings, repeat: int = 0) -> Run:
     handler = workload.processor()
     retry = settings.retry()
     executed = 0
-    progress = _Progress("naive x1", len(workload.tasks), settings.progress)
+    progress = Progress("naive x1", len(workload.tasks), settings.progress)
     with tempfile.TemporaryDirectory(prefix="bench-naive-") as folder:
         conn = sqlite3.connect(os.path.join(folder, "naive.db"), isolation_level=None)
         try:
@@ -530,7 +385,7 @@ def _call_with_retries(
                 metrics.record_retry()
                 time.sleep(retry.delay(attempt))
                 continue
-            return None, "transient" if _is_transient(retry, exc) else "permanent"
+            return None, "transient" if retry.is_transient(exc) else "permanent"
         metrics.record_attempt(time.perf_counter() - began)
         return output, None
 
@@ -571,7 +426,7 @@ def run_raw_executor(workload: Workload, workers: int, settings: Settings, repea
     metrics = tq.MetricsCollector(workers=workers)
     call = _instrumented(workload.processor(), metrics)
     executed = 0
-    progress = _Progress(f"raw-executor x{workers}", len(workload.tasks), settings.progress)
+    progress = Progress(f"raw-executor x{workers}", len(workload.tasks), settings.progress)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bench-raw") as pool:
         futures = []
         try:
@@ -648,7 +503,7 @@ def run_pool(
     durability = durability or settings.durability
     system = "pool" if durability == tq.DEFAULT_DURABILITY else f"pool-{durability}"
     executed = 0
-    progress = _Progress(f"{system} x{workers}", len(workload.tasks), settings.progress)
+    progress = Progress(f"{system} x{workers}", len(workload.tasks), settings.progress)
     with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
         pool = tq.WorkerPool(
             handler or workload.processor(),
@@ -675,173 +530,6 @@ def run_pool(
     run = Run(system, workers, workload.name, repeat, snapshot, executed, workload.ceiling(workers))
     run.extra["durability"] = durability
     return run
-
-
-def huey_available() -> bool:
-    """Return whether Huey can be imported (it is an optional extra, requirements-bench.txt)."""
-    try:
-        return importlib.util.find_spec("huey") is not None
-    except (ImportError, ValueError):  # a broken install, or huey blocked in sys.modules
-        return False
-
-
-def run_huey(
-    storage: str, workload: Workload, workers: int, settings: Settings, repeat: int = 0
-) -> Run:
-    """Run the workload on Huey (MemoryHuey or SqliteHuey) with an in-process thread consumer.
-
-    Completions are observed through Huey's signals (``complete`` is emitted after the result is
-    stored), so no result is polled. Huey retries any exception, with ``retries =
-    max_attempts - 1`` and ``retry_delay=0``: a non-zero delay goes through Huey's scheduler, which
-    wakes at most once a second. SqliteHuey gets ``fsync=True`` for ``durability="full"``, else
-    ``fsync=False`` (``synchronous=OFF``; the pool's default is ``NORMAL``).
-
-    Args:
-        storage: "memory" or "sqlite".
-    """
-    import huey
-    from huey import signals as huey_signals
-
-    metrics = tq.MetricsCollector(workers=workers)
-    handler = workload.processor()
-    system = f"huey-{storage}"
-    with tempfile.TemporaryDirectory(prefix="bench-huey-") as folder:
-        if storage == "memory":
-            queue = huey.MemoryHuey("bench", utc=True)
-        else:
-            queue = huey.SqliteHuey(
-                "bench",
-                filename=os.path.join(folder, "huey.db"),
-                fsync=settings.durability == "full",
-                utc=True,
-            )
-
-        def bench_task(task_id: str, payload: dict[str, Any], key: str | None) -> Any:
-            began = time.perf_counter()
-            try:
-                return handler(tq.Task(task_id, payload, key))
-            finally:
-                metrics.record_attempt(time.perf_counter() - began)
-
-        task_wrapper = queue.task(retries=settings.max_attempts - 1, retry_delay=0)(bench_task)
-        tracker = _HueyTracker(metrics, len(workload.tasks))
-        queue.signal(huey_signals.SIGNAL_EXECUTING)(tracker.on_executing)
-        queue.signal(huey_signals.SIGNAL_COMPLETE)(tracker.on_complete)
-        queue.signal(huey_signals.SIGNAL_ERROR)(tracker.on_error)
-        queue.signal(huey_signals.SIGNAL_RETRYING)(tracker.on_retrying)
-        progress = _Progress(f"{system} x{workers}", len(workload.tasks), settings.progress)
-        consumer = queue.create_consumer(
-            workers=workers, worker_type="thread", **HUEY_CONSUMER_OPTIONS
-        )
-        with _quiet_huey():
-            with _kept_signal_handlers():
-                consumer.start()
-            try:
-                for task in workload.tasks:
-                    message = task_wrapper.s(task.id, task.payload, task.idempotency_key)
-                    tracker.enqueued(message.id)
-                    queue.enqueue(message)
-                while not tracker.done.wait(PROGRESS_INTERVAL):
-                    progress.set(tracker.finished)
-            finally:
-                progress.close()
-                consumer.stop(graceful=True)
-                if storage == "sqlite":
-                    queue.storage.close()
-    run = Run(system, workers, workload.name, repeat, metrics.snapshot(), tracker.finished,
-              workload.ceiling(workers))  # fmt: skip
-    run.extra["peer_settings"] = {
-        "consumer": {"workers": workers, "worker_type": "thread", **HUEY_CONSUMER_OPTIONS},
-        "retries": settings.max_attempts - 1,
-        "retry_delay": 0,
-        "fsync": settings.durability == "full" if storage == "sqlite" else None,
-        "deduplication": "none (Huey has no idempotency keys)",
-    }
-    return run
-
-
-class _HueyTracker:
-    """Turns Huey's signals (sent from its worker threads) into `MetricsCollector` calls."""
-
-    def __init__(self, metrics: tq.MetricsCollector, total: int) -> None:
-        self._metrics = metrics
-        self._total = total
-        self._lock = threading.Lock()  # guards _times and finished
-        self._times: dict[str, list[float | None]] = {}  # huey id -> [enqueued, started]
-        self.finished = 0
-        self.done = threading.Event()
-        if total == 0:
-            self.done.set()
-
-    def enqueued(self, task_id: str) -> None:
-        with self._lock:
-            self._times[task_id] = [time.perf_counter(), None]
-        self._metrics.record_enqueue()
-
-    def on_executing(self, signal_name: str, task: Any) -> None:
-        now = time.perf_counter()
-        with self._lock:
-            times = self._times[task.id]
-            first = times[1] is None
-            if first:
-                times[1] = now
-        if first:
-            self._metrics.record_start(now - times[0])
-
-    def on_retrying(self, signal_name: str, task: Any) -> None:
-        self._metrics.record_retry()
-
-    def on_complete(self, signal_name: str, task: Any) -> None:
-        enqueued, started = self._finish(task.id)
-        now = time.perf_counter()
-        self._metrics.record_success(now - enqueued, now - (started or enqueued))
-
-    def on_error(self, signal_name: str, task: Any, exc: BaseException | None = None) -> None:
-        if task.retries:
-            return  # Huey retries it: "retrying" follows
-        enqueued, started = self._finish(task.id)
-        now = time.perf_counter()
-        kind = "transient" if isinstance(exc, tq.TransientError) else "permanent"
-        self._metrics.record_failure(kind, now - enqueued, now - (started or enqueued))
-
-    def _finish(self, task_id: str) -> tuple[float, float | None]:
-        with self._lock:
-            enqueued, started = self._times.pop(task_id)
-            self.finished += 1
-            if self.finished >= self._total:
-                self.done.set()
-        assert enqueued is not None
-        return enqueued, started
-
-
-@contextlib.contextmanager
-def _quiet_huey() -> Iterator[None]:
-    """Silence Huey's logger: it logs a traceback for every injected fault."""
-    logger = logging.getLogger("huey")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _kept_signal_handlers() -> Iterator[None]:
-    """Restore the signal handlers that Huey's `Consumer.start` replaces.
-
-    Its handlers only set a flag for `Consumer.run`, which an in-process consumer does not use:
-    left in place, they would swallow Ctrl-C.
-    """
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
-    signums = [getattr(signal, name) for name in names if hasattr(signal, name)]
-    in_main = threading.current_thread() is threading.main_thread()
-    saved = {signum: signal.getsignal(signum) for signum in signums} if in_main else {}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
 
 
 # --- Open loop -----------------------------------------------------------------------------------
@@ -912,14 +600,14 @@ def run_open_loop(
     rng = random.Random(seed)
     offsets = list(itertools.accumulate(rng.expovariate(rate) for _ in workload.tasks))
     arrivals = _Arrivals(len(workload.tasks))
-    progress = _Progress(f"open loop {system} x{workers}", len(offsets), settings.progress)
+    progress = Progress(f"open loop {system} x{workers}", len(offsets), settings.progress)
     with contextlib.ExitStack() as stack:
         stack.callback(progress.close)
         submit, metrics = _open_loop_target(stack, system, workload, workers, settings, arrivals)
         start = time.perf_counter() + OPEN_LOOP_LEAD
         for offset, task in zip(offsets, workload.tasks, strict=True):
             intended = start + offset
-            _sleep_until(intended)
+            tq._sleep_until(intended)  # noqa: SLF001  # the module's own pacing
             submitted = time.perf_counter()
             arrivals.lag.append(submitted - intended)
             submit(task, intended, submitted)
@@ -930,8 +618,8 @@ def run_open_loop(
               len(arrivals.latency), capacity)  # fmt: skip
     run.extra["open_loop"] = {
         "rate_per_second": round(rate, 4),
-        "capacity_per_second": _rounded(capacity),
-        "load": _rounded(rate / capacity if capacity else None),
+        "capacity_per_second": rounded(capacity),
+        "load": rounded(rate / capacity if capacity else None),
         "arrivals": len(workload.tasks),
         "seed": seed,
         **arrivals.summary(),
@@ -1045,7 +733,7 @@ def memory_child(total: int, mark: int, workers: int, settings: Settings) -> dic
         samples[f"rss_kb_at_{name}"] = _proc_status_kb("VmRSS")
 
     count = 0
-    progress = _Progress(f"memory x{workers}", total, settings.progress)
+    progress = Progress(f"memory x{workers}", total, settings.progress)
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as folder:
         pool = tq.WorkerPool(
             workload.processor(),
@@ -1088,404 +776,8 @@ def run_memory(total: int, mark: int, workers: int, settings: Settings, repeat: 
     growth = None if at_mark is None or at_end is None else (at_end - at_mark) / 1024
     run = Run("pool", workers, f"{total:,} no-op tasks (generator)", repeat, result.pop("metrics"),
               result["tasks"], None)  # fmt: skip
-    run.extra["memory"] = {"total": total, **result, "growth_mb": _rounded(growth)}
+    run.extra["memory"] = {"total": total, **result, "growth_mb": rounded(growth)}
     return run
-
-
-# --- Scale-out -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Database:
-    """Where scale-out runs keep their queue: a PostgreSQL server, or a folder for SQLite files.
-
-    Attributes:
-        backend: "postgresql" or "sqlite".
-        location: the PostgreSQL URL as given, or the folder that gets each run's SQLite file.
-        label: the URL or path for tables and the report, without a password.
-    """
-
-    backend: str
-    location: str
-    label: str
-
-
-def _redact_url(url: str) -> str:
-    """Return `url` with its password and secret query parameters replaced by ``***``."""
-    return tq._redact(url)
-
-
-def parse_database(text: str) -> Database:
-    """Parse --db: ``postgresql://...`` (or ``postgres://``), ``sqlite:///PATH`` or a plain path.
-
-    A SQLite path only names the folder (and so the disk) the runs use: each run gets a new file
-    in a temporary folder there, and the file at the path itself is never opened.
-
-    Raises:
-        UsageError: an unknown scheme, an in-memory database (workers in other processes cannot
-            share it), or a folder that does not exist.
-    """
-    if text.startswith(("postgresql://", "postgres://")):
-        return Database("postgresql", text, _redact_url(text))
-    if text in ("memory://", ":memory:", "sqlite:///:memory:"):
-        raise UsageError(f"--db {text}: an in-memory database lives in one process; "
-                         "--processes needs a SQLite path or a postgresql:// URL")  # fmt: skip
-    if text.startswith("sqlite://"):
-        path = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
-        if not path:
-            raise UsageError(f"--db {text}: write sqlite:///PATH")
-    elif "://" in text:
-        raise UsageError(f"--db {_redact_url(text)}: unknown scheme (use a SQLite path, "
-                         "sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME)")  # fmt: skip
-    else:
-        path = text
-    if os.path.isdir(path):
-        raise UsageError(f"--db {text}: is a directory (give a file path; its folder is used)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--db {text}: folder {folder} does not exist")
-    return Database("sqlite", folder, path)
-
-
-def _with_schema(url: str, schema: str) -> str:
-    """Return a PostgreSQL URL whose ``?schema=`` is `schema` (other query parameters kept)."""
-    parts = urllib.parse.urlsplit(url)
-    query = [(name, value)
-             for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-             if name != "schema"]  # fmt: skip
-    query.append(("schema", schema))
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-@contextlib.contextmanager
-def fresh_database(database: Database, durability: str) -> Iterator[tuple[str, tq.Store]]:
-    """Yield the URL of an empty database of `database`'s kind and a store open on it.
-
-    PostgreSQL: a new schema ``bench_<hex>`` on the server, dropped afterwards. SQLite: a new file
-    in a temporary folder inside `database.location`, deleted afterwards.
-
-    Raises:
-        ConfigError: the database cannot be used (no server answers, psycopg is missing, ...).
-    """
-    if database.backend == "postgresql":
-        url = _with_schema(database.location, f"bench_{secrets.token_hex(6)}")
-        store = tq.PostgresStore(url, lease_seconds=WORKER_LEASE_SECONDS)  # creates the schema
-        try:
-            yield url, store
-        finally:
-            try:
-                store.drop_schema()
-            except Exception as exc:  # the server went away: say so, keep the measurement
-                print(f"warning: could not drop schema {store.schema}: {exc}", file=sys.stderr)
-            finally:
-                store.close()
-        return
-    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=database.location) as folder:
-        path = os.path.join(folder, "queue.db")
-        sqlite_store = tq.SqliteStore(
-            path, lease_seconds=WORKER_LEASE_SECONDS, durability=durability
-        )
-        try:
-            yield path, sqlite_store
-        finally:
-            sqlite_store.close()
-
-
-@dataclasses.dataclass(slots=True)
-class _WorkerExit:
-    """How one worker process ended: its exit code, its JSON snapshot, its last stderr line."""
-
-    returncode: int | None
-    snapshot: dict[str, Any] | None
-    last_error_line: str
-
-
-class _WorkerFleet:
-    """`count` ``task_queue_optimized.py worker`` processes, their output kept in files.
-
-    Files rather than pipes: a worker that logs a lot can never block on a full pipe.
-    """
-
-    def __init__(self, command: Sequence[str], count: int, folder: str) -> None:
-        self._command = list(command)
-        self._count = count
-        self._folder = folder
-        self._procs: list[subprocess.Popen[bytes]] = []
-        # The workers read TQ_* variables and ./.env: run them without either, so the report's
-        # flags are all their configuration.
-        self._env = {name: value for name, value in os.environ.items()
-                     if not name.startswith("TQ_")}  # fmt: skip
-
-    def _path(self, index: int, stream: str) -> str:
-        return os.path.join(self._folder, f"worker-{index}.{stream}")
-
-    def start(self) -> None:
-        for index in range(self._count):
-            with open(self._path(index, "out"), "wb") as out, \
-                    open(self._path(index, "err"), "wb") as err:  # fmt: skip
-                self._procs.append(subprocess.Popen(
-                    self._command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                    cwd=self._folder, env=self._env,
-                ))  # fmt: skip
-
-    def check(self) -> None:
-        """Raise if a worker has exited while tasks remain.
-
-        Raises:
-            RuntimeError: a worker exited (a crash, a bad flag, a lost database).
-        """
-        for index, proc in enumerate(self._procs):
-            code = proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"worker process {index + 1} of {self._count} exited early with code {code}: "
-                    f"{self._last_error_line(index) or 'no message'}"
-                )
-
-    def stop(self) -> list[_WorkerExit]:
-        """SIGTERM every worker (they drain and print their snapshot), SIGKILL the stragglers."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + WORKER_STOP_TIMEOUT
-        exits = []
-        for index, proc in enumerate(self._procs):
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.0))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            exits.append(_WorkerExit(proc.returncode, self._snapshot(index),
-                                     self._last_error_line(index)))  # fmt: skip
-        return exits
-
-    def _snapshot(self, index: int) -> dict[str, Any] | None:
-        try:
-            with open(self._path(index, "out"), encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            return None
-
-    def _last_error_line(self, index: int) -> str:
-        try:
-            with open(self._path(index, "err"), encoding="utf-8", errors="replace") as handle:
-                lines = [line.strip() for line in handle if line.strip()]
-        except OSError:
-            return ""
-        return lines[-1] if lines else ""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Make SIGTERM raise KeyboardInterrupt meanwhile, so the cleanup of a run still happens.
-
-    Killed without it, the benchmark would leave its worker processes serving forever and its
-    PostgreSQL schema behind.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _children_cpu_seconds() -> float | None:
-    """Return the user + system CPU time of this process's reaped children (None on Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def scale_tasks(processes: int, workers: int, tasks: int | None) -> int:
-    """Return how many tasks a scale-out run with `processes` x `workers` threads gets."""
-    if tasks is not None:
-        return tasks
-    return max(SCALE_MIN_TASKS, SCALE_TASKS_PER_THREAD * processes * workers)
-
-
-def run_scale_out(
-    database: Database,
-    processes: int,
-    workers: int,
-    tasks: int,
-    settings: Settings,
-    repeat: int = 0,
-    *,
-    latency_ms: float = SCALE_LATENCY_MS,
-) -> Run:
-    """Drain `tasks` durable tasks of `latency_ms` with `processes` worker processes.
-
-    In a fresh database (see `fresh_database`) it enqueues the tasks, starts the processes
-    (``task_queue_optimized.py worker --workers W --jitter-ms 0 --lease-seconds 30 --json``) and
-    reads ``queue_status()`` every `STATUS_POLL_INTERVAL` until every task is done or failed:
-    the elapsed time runs from starting the processes (their start-up included) to that read.
-    Then each worker gets SIGTERM, drains, and prints its metrics snapshot (exit code 143).
-
-    Raises:
-        RuntimeError: a worker exited early, or the tasks did not finish in time.
-        ConfigError: the database cannot be used.
-    """
-    work = Workload(
-        f"{tasks:,} tasks of {latency_ms:g} ms",
-        [tq.Task(f"scale-{index:07d}", {"latency_ms": latency_ms}) for index in range(tasks)],
-        latency_ms,
-    )
-    threads = processes * workers
-    ceiling = work.ceiling(threads)
-    assert ceiling is not None  # the latency is > 0 (checked with the flags)
-    label = f"{database.backend} x{processes} processes"
-    progress = _Progress(label, tasks, settings.progress)
-    ready: float | None = None  # when every worker had registered in the queue's status
-    finished_at_ready = 0
-    polls = 0
-    with contextlib.ExitStack() as stack:
-        url, store = stack.enter_context(fresh_database(database, settings.durability))
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-workers-"))
-        for start in range(0, tasks, 1000):
-            store.enqueue_many(work.tasks[start : start + 1000])
-        command = [
-            sys.executable, os.path.abspath(tq.__file__), "worker", "--db", url,
-            "--workers", str(workers), "--jitter-ms", "0",
-            "--lease-seconds", f"{WORKER_LEASE_SECONDS:g}", "--durability", settings.durability,
-            "--json",
-        ]  # fmt: skip
-        fleet = _WorkerFleet(command, processes, folder)
-        cpu_before = _children_cpu_seconds()
-        began = time.perf_counter()
-        deadline = began + max(60.0, 20 * tasks / ceiling)
-        try:
-            fleet.start()
-            next_poll = began
-            while True:
-                status = store.queue_status()
-                now = time.perf_counter()
-                polls += 1
-                finished = status["tasks"]["done"] + status["tasks"]["failed"]
-                if ready is None and len(status["workers"]) >= processes:
-                    ready, finished_at_ready = now, finished
-                progress.set(finished)
-                # Stop only workers that have registered: one that has not yet set up its
-                # signal handling would die of the SIGTERM instead of draining.
-                if finished >= tasks and ready is not None:
-                    break
-                fleet.check()
-                if now > deadline:
-                    raise RuntimeError(
-                        f"{label}: {finished:,} of {tasks:,} tasks finished after "
-                        f"{now - began:.1f} s; giving up"
-                    )
-                next_poll += STATUS_POLL_INTERVAL
-                _sleep_until(next_poll)
-        finally:
-            progress.close()
-            exits = fleet.stop()
-    elapsed = now - began
-    cpu_after = _children_cpu_seconds()
-    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    for index, ended in enumerate(exits):
-        if ended.returncode != WORKER_EXIT_ON_SIGTERM or ended.snapshot is None:
-            print(f"warning: {label}: worker process {index + 1} exited with code "
-                  f"{ended.returncode} (expected {WORKER_EXIT_ON_SIGTERM})"
-                  f"{'' if ended.snapshot else ' and printed no snapshot'}: "
-                  f"{ended.last_error_line or 'no message'}", file=sys.stderr)  # fmt: skip
-    snapshots = [ended.snapshot for ended in exits if ended.snapshot is not None]
-
-    def total(name: str) -> int:
-        return sum(int(snapshot.get(name, 0)) for snapshot in snapshots)
-
-    metrics = {
-        "submitted": tasks,
-        "succeeded": status["tasks"]["done"],
-        "failed": status["tasks"]["failed"],
-        "duplicates": total("duplicates"),
-        "handler_calls": total("handler_calls"),
-        "retries": total("retries"),
-        "workers": threads,
-        "elapsed_seconds": round(elapsed, 6),
-        "throughput_per_second": round(finished / elapsed, 3),
-    }
-    run = Run(f"processes-{database.backend}", threads, work.name, repeat, metrics, finished,
-              ceiling)  # fmt: skip
-    after = None
-    if ready is not None and now > ready:
-        after = (finished - finished_at_ready) / (now - ready) / ceiling
-    command[command.index("--db") + 1] = _redact_url(url)
-    run.extra["scale_out"] = {
-        "backend": database.backend,
-        "database": database.label,
-        "processes": processes,
-        "workers_per_process": workers,
-        "tasks": tasks,
-        "latency_ms": latency_ms,
-        "startup_seconds": _rounded(None if ready is None else ready - began),
-        "finished_at_startup": finished_at_ready if ready is not None else None,
-        "efficiency_after_startup": _rounded(after),
-        "status_polls": polls,
-        "poll_interval_seconds": STATUS_POLL_INTERVAL,
-        "worker_cpu_seconds": _rounded(cpu),
-        "exit_codes": [ended.returncode for ended in exits],
-        "command": command,
-        "worker_snapshots": snapshots,
-    }
-    return run
-
-
-def run_store_noop(
-    database: Database, count: int, workers: int, settings: Settings, repeat: int = 0
-) -> Run:
-    """Run `count` no-op tasks through an in-process pool on a fresh database of `database`'s kind.
-
-    ``WorkerPool(lambda task: None, workers=W, db_path=URL, durable=False)`` fed by
-    `iter_results`: every task costs its claim and completion in the idempotency store and
-    nothing else, so the throughput is the store's per-task overhead (with the pool's own).
-    """
-    system = f"pool-{database.backend}"
-    executed = 0
-    progress = _Progress(f"{system} no-op x{workers}", count, settings.progress)
-    tasks = (tq.Task(f"noop-{index:07d}") for index in range(count))
-    with fresh_database(database, settings.durability) as (url, _store):
-        pool = tq.WorkerPool(
-            lambda task: None,
-            workers=workers,
-            queue_size=settings.queue_size,
-            db_path=url,
-            retry=settings.retry(),
-            durability=settings.durability,
-            durable=False,
-        )
-        interrupted = True
-        try:
-            for record in pool.iter_results(tasks):
-                if record.attempts and record.status is tq.TaskStatus.SUCCEEDED:
-                    executed += 1
-                progress.update()
-            interrupted = False
-        finally:
-            progress.close()
-            pool.shutdown(wait=True, cancel_pending=interrupted)
-    run = Run(system, workers, f"{count:,} no-op tasks (a handler returning None)", repeat,
-              pool.metrics.snapshot(), executed, None)  # fmt: skip
-    run.extra["store_noop"] = {
-        "backend": database.backend,
-        "database": database.label,
-        "durable": False,
-        "handler": "lambda task: None",
-    }
-    return run
-
-
-# --- Async ---------------------------------------------------------------------------------------
 
 
 # --- Rate limits ---------------------------------------------------------------------------------
@@ -1504,7 +796,7 @@ def run_rate_limit(
         database: None keeps the limit in process (``memory://``); a SQLite or PostgreSQL
             database keeps it in the store, as workers sharing it do (a fresh one per run).
     """
-    limit = tq._rate_of(rate, "--rate-limit")
+    limit = tq._rate_of(rate, "--rate-limit")  # noqa: SLF001  # the pool's own parser
     starts: list[float] = []
     lock = threading.Lock()
 
@@ -1542,9 +834,9 @@ def run_rate_limit(
         "calls": len(starts),
         "busiest_window": busiest,
         "busiest_over_limit": busiest / limit.count,
-        "steady_rate": _rounded(steady),
+        "steady_rate": rounded(steady),
         "target_rate": target,
-        "steady_over_target": _rounded(None if steady is None else steady / target),
+        "steady_over_target": rounded(None if steady is None else steady / target),
     }
     return run
 
@@ -1565,6 +857,9 @@ def rate_limit_table(runs: Sequence[Run], ranged: bool) -> str:
     headers = ["system", "limit", "calls", "busiest window", "/ limit", "steady calls/s",
                "/ target"]  # fmt: skip
     return _table(headers, rows)
+
+
+# --- Async ---------------------------------------------------------------------------------------
 
 
 def async_pool_available() -> bool:
@@ -1628,8 +923,7 @@ def run_async_pool(count: int, in_flight: int, latency_ms: float, repeat: int = 
     async def drain(path: str) -> tuple[float, int, dict[str, Any]]:
         tasks = [tq.Task(f"async-{index:07d}") for index in range(count)]
         succeeded = 0
-        pool_class: Any = tq.AsyncWorkerPool  # type: ignore[attr-defined]
-        async with pool_class(handler, workers=in_flight, db_path=path) as pool:
+        async with tq.AsyncWorkerPool(handler, workers=in_flight, db_path=path) as pool:
             began = time.perf_counter()
             async for record in pool.iter_results(tasks):
                 if record.status is tq.TaskStatus.SUCCEEDED:
@@ -1698,7 +992,7 @@ def _noop_throughput(
         schedule = None if priority is None else {task.id: (0.0, priority) for task in tasks}
         began, cpu = time.perf_counter(), time.process_time()
         records = (
-            pool.iter_results(tasks) if schedule is None else pool._iter_results(tasks, schedule)
+            pool.iter_results(tasks) if schedule is None else pool._iter_results(tasks, schedule)  # noqa: SLF001  # the CLI's path for priorities
         )
         for _ in records:
             pass
@@ -1770,539 +1064,15 @@ def _unused_cost_mode(args: argparse.Namespace, report: dict[str, Any]) -> None:
     report["unused_cost"] = result
 
 
-# --- Durable peers -------------------------------------------------------------------------------
-
-# The durable comparison (--db postgresql://... without --processes): each contender drains a
-# queue that the producer filled before its worker process started, on its own local server, with
-# persistence on and an ack after the handler ran.
-#   ours: ``task_queue_optimized.py worker --handler bench_peers:noop|sleep_10ms --workers N`` on
-#     a PostgresStore in a new schema (dropped after); tasks enqueued with ``enqueue_many``.
-#   pgqueuer: ``pgqueuer.run`` (what ``pgq run`` calls, on uvloop) with one asyncpg connection,
-#     ``max_concurrent_tasks=N`` and ``batch_size=N/2`` (it requires max >= 2 x batch), tables
-#     installed with durability "durable" (all logged) in a new database (dropped after); a job
-#     counts as done once PGQueuer has deleted it from its queue table (its completion log flushes
-#     in batches); jobs enqueued in batches of 1000 with ``Queries.enqueue``.
-#   dramatiq: ``dramatiq bench_peers:dramatiq_broker --processes 1 --threads N`` on RabbitMQ,
-#     durable queue, persistent messages (delivery_mode=2), publisher confirms on the producer,
-#     ack after the actor returned, default middleware and prefetch (2 x threads); a task counts
-#     once its ack is sent.
-# The 10 ms task is ``time.sleep(0.01)`` for ours and Dramatiq (thread workers) and
-# ``await asyncio.sleep(0.01)`` for PGQueuer, which takes async entrypoints only.
-PEER_NOOP_TASKS = 5000
-PEER_SLEEP_TASKS = 2000  # per process: two processes drain twice as many
-PEER_WORKERS = 8  # the no-op runs' concurrency
-PEER_SLEEP_CONCURRENCY = 16  # the 10 ms runs' concurrency
-PEER_SLEEP_MS = 10.0
-PEER_POLL_INTERVAL = 0.02  # seconds between two reads of a contender's done count
-PEER_MIN_TIMEOUT = 120.0  # seconds a drain may last before the run gives up
-PEER_STOP_TIMEOUT = 30.0
-PEER_ATTEMPTS = 3  # a run that fails (a server restarted under it) is run again, at most this often
-PEER_RETRY_PAUSE = 5.0  # seconds before running it again
-OUTAGE_LINE = "database connection lost"  # what our worker logs when the server drops it
-DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-OURS_READY = "serving"  # the worker's stderr line once it serves
-DRAMATIQ_READY = "is ready for action"
-PEERS_MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_peers.py")
-PEER_REQUIREMENTS = {
-    "pgqueuer": ("pgqueuer", "asyncpg", "psycopg"),
-    "dramatiq": ("dramatiq", "pika"),
-}
-
-
-def _machine_cpu_seconds() -> float | None:
-    """Return the CPU seconds all cores have spent busy since boot (None without /proc/stat).
-
-    user + nice + system + irq + softirq of the ``cpu`` line: every process counts, the database
-    server and the broker included.
-    """
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = handle.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = sum(int(fields[index]) for index in (1, 2, 3, 6, 7))
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _server_problem(url: str, default_port: int) -> str | None:
-    """Return why no server answers at `url`'s host and port within 3 s (None when one does)."""
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            return None
-    except OSError as exc:
-        return f"no server answers at {host}:{port} ({exc.strerror or exc})"
-
-
-def peer_problem(peer: str, pg_url: str, rabbitmq_url: str) -> str | None:
-    """Return why `peer` ("pgqueuer" or "dramatiq") cannot run here, or None when it can."""
-    missing = [name for name in PEER_REQUIREMENTS[peer] if importlib.util.find_spec(name) is None]
-    if missing:
-        return (f"{', '.join(missing)} not installed "
-                "(pip install -r requirements-bench.txt)")  # fmt: skip
-    if peer == "pgqueuer":
-        return _server_problem(pg_url, 5432)
-    return _server_problem(rabbitmq_url, 5672)
-
-
-class _DrainProcesses:
-    """Worker processes whose stderr a thread copies to a file, noting each one's ready line."""
-
-    def __init__(
-        self, commands: Sequence[Sequence[str]], env: dict[str, str], folder: str, marker: str
-    ) -> None:
-        self._commands = [list(command) for command in commands]
-        self._env = env
-        self._folder = folder
-        self._marker = marker
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()  # guards _ready_count
-        self._ready_count = 0
-        self.ready = threading.Event()  # set once every process printed its ready line
-
-    def start(self) -> None:
-        for index, command in enumerate(self._commands):
-            with open(os.path.join(self._folder, f"proc-{index}.out"), "wb") as out:
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, cwd=self._folder,
-                                        env=self._env, start_new_session=True)  # fmt: skip
-            self._procs.append(proc)
-            thread = threading.Thread(target=self._copy, args=(index, proc), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _copy(self, index: int, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        seen = False
-        with open(os.path.join(self._folder, f"proc-{index}.err"), "wb") as err:
-            for line in proc.stderr:
-                err.write(line)
-                if not seen and self._marker.encode() in line:
-                    seen = True
-                    with self._lock:
-                        self._ready_count += 1
-                        if self._ready_count == len(self._commands):
-                            self.ready.set()
-
-    def check(self, label: str) -> None:
-        """Raise if a process has exited while tasks remain.
-
-        Raises:
-            RuntimeError: naming the process and its last stderr line.
-        """
-        for index, proc in enumerate(self._procs):
-            if proc.poll() is not None:
-                last = self.last_line(index) or "no message"
-                raise RuntimeError(f"{label}: worker process {index + 1} exited early with code "
-                                   f"{proc.returncode}: {last}")  # fmt: skip
-
-    def last_line(self, index: int) -> str:
-        try:
-            with open(os.path.join(self._folder, f"proc-{index}.err"), "rb") as handle:
-                lines = [
-                    line.strip() for line in handle.read().decode(errors="replace").splitlines()
-                ]
-        except OSError:
-            return ""
-        lines = [line for line in lines if line]
-        return lines[-1] if lines else ""
-
-    def stderr_has(self, text: str) -> bool:
-        """Return whether any process wrote `text` on stderr."""
-        for index in range(len(self._procs)):
-            path = os.path.join(self._folder, f"proc-{index}.err")
-            with contextlib.suppress(OSError), open(path, "rb") as handle:
-                if text.encode() in handle.read():
-                    return True
-        return False
-
-    def stdout(self, index: int) -> str:
-        with open(os.path.join(self._folder, f"proc-{index}.out"), "rb") as handle:
-            return handle.read().decode(errors="replace")
-
-    def stop(self) -> list[int | None]:
-        """SIGTERM every process (each drains), SIGKILL its group after `PEER_STOP_TIMEOUT`."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + PEER_STOP_TIMEOUT
-        for proc in self._procs:
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.0))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for thread in self._threads:
-            thread.join(5.0)
-        return [proc.returncode for proc in self._procs]
-
-
-def _measure_drain(
-    procs: _DrainProcesses, done: Callable[[], int], total: int, label: str, ceiling: float | None
-) -> dict[str, Any]:
-    """Start `procs`, wait for their ready lines, then read `done()` until it reaches `total`.
-
-    The window runs from the first read after every process said it was ready (its count is
-    subtracted) to the first read that shows every task done; the machine's CPU is read at both
-    ends.
-
-    Raises:
-        RuntimeError: a process exited early, or the tasks did not finish in time.
-    """
-    limit = max(PEER_MIN_TIMEOUT, 20 * total / ceiling if ceiling else PEER_MIN_TIMEOUT)
-    began = time.perf_counter()
-    procs.start()
-    while not procs.ready.wait(PEER_POLL_INTERVAL):
-        procs.check(label)
-        if time.perf_counter() - began > limit:
-            raise RuntimeError(f"{label}: the workers never said they were ready")
-    started = time.perf_counter()
-    cpu_start = _machine_cpu_seconds()
-    done_at_start = done()
-    polls = 1
-    next_poll = started
-    while True:
-        next_poll += PEER_POLL_INTERVAL
-        _sleep_until(next_poll)
-        finished = done()
-        now = time.perf_counter()
-        polls += 1
-        if finished >= total:
-            break
-        procs.check(label)
-        if now - started > limit:
-            raise RuntimeError(f"{label}: {finished:,} of {total:,} tasks done after "
-                               f"{now - started:.1f} s; giving up")  # fmt: skip
-    cpu_end = _machine_cpu_seconds()
-    window_tasks = finished - done_at_start
-    elapsed = now - started
-    cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
-    return {
-        "startup_seconds": round(started - began, 4),
-        "done_at_start": done_at_start,
-        "window_tasks": window_tasks,
-        "elapsed_seconds": round(elapsed, 6),
-        "throughput_per_second": round(window_tasks / elapsed, 3) if elapsed > 0 else 0.0,
-        "machine_cpu_seconds": _rounded(cpu),
-        "cpu_ms_per_task": _rounded(cpu / window_tasks * 1000 if cpu and window_tasks else None),
-        "polls": polls,
-    }
-
-
-def _durable_run(
-    system: str,
-    workload: str,
-    concurrency: int,
-    tasks: int,
-    latency_ms: float,
-    window: dict[str, Any],
-    repeat: int,
-    settings: dict[str, Any],
-) -> Run:
-    ceiling = concurrency / (latency_ms / 1000.0) if latency_ms > 0 else None
-    metrics = {
-        "submitted": tasks,
-        "succeeded": window["done_at_start"] + window["window_tasks"],
-        "workers": concurrency,
-        "elapsed_seconds": window["elapsed_seconds"],
-        "throughput_per_second": window["throughput_per_second"],
-    }
-    run = Run(system, concurrency, workload, repeat, metrics, window["window_tasks"], ceiling)
-    run.extra["durable"] = {**window, "tasks": tasks, "latency_ms": latency_ms,
-                            "settings": settings}  # fmt: skip
-    return run
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    """The environment of a worker process: no TQ_* variables, this folder on PYTHONPATH."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("TQ_")}
-    here = os.path.dirname(PEERS_MODULE)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def run_ours_durable(
-    pg_url: str,
-    handler: str,
-    workers: int,
-    tasks: int,
-    latency_ms: float,
-    repeat: int = 0,
-    *,
-    processes: int = 1,
-) -> Run:
-    """Drain `tasks` with `processes` ``task_queue_optimized.py worker`` processes on PostgreSQL.
-
-    Args:
-        handler: "noop" or "sleep_10ms", the function of bench_peers the workers import.
-    """
-    label = f"ours {handler} x{processes}"
-    database = Database("postgresql", pg_url, _redact_url(pg_url))
-    with contextlib.ExitStack() as stack:
-        url, store = stack.enter_context(fresh_database(database, tq.DEFAULT_DURABILITY))
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ours-"))
-        work = [tq.Task(f"durable-{index:07d}") for index in range(tasks)]
-        for start in range(0, tasks, 1000):
-            store.enqueue_many(work[start : start + 1000])
-        command = [sys.executable, os.path.abspath(tq.__file__), "worker", "--db", url,
-                   "--handler", f"bench_peers:{handler}", "--workers", str(workers),
-                   "--lease-seconds", f"{WORKER_LEASE_SECONDS:g}", "--json"]  # fmt: skip
-        procs = _DrainProcesses([command] * processes, _child_env(), folder, OURS_READY)
-
-        def done() -> int:
-            counts = store.queue_status()["tasks"]
-            return int(counts["done"] + counts["failed"])
-
-        try:
-            window = _measure_drain(procs, done, tasks, label, workers * processes / 0.01)
-        finally:
-            codes = procs.stop()
-        if procs.stderr_has(OUTAGE_LINE):
-            raise RuntimeError(f"{label}: the database dropped the workers' connections")
-        calls = 0
-        for index in range(processes):
-            with contextlib.suppress(ValueError):
-                calls += int(json.loads(procs.stdout(index)).get("handler_calls", 0))
-    command[command.index("--db") + 1] = _redact_url(url)
-    settings = {"processes": processes, "workers_per_process": workers, "store": "PostgresStore",
-                "command": command, "exit_codes": codes, "handler_calls": calls,
-                "completion": "queue_status(): done + failed"}  # fmt: skip
-    system = "ours-postgresql" if processes == 1 else f"ours-postgresql-x{processes}"
-    return _durable_run(system, f"{tasks:,} {handler}", workers * processes, tasks, latency_ms,
-                        window, repeat, settings)  # fmt: skip
-
-
-def run_pgqueuer(
-    pg_url: str, entrypoint: str, concurrency: int, tasks: int, latency_ms: float, repeat: int = 0
-) -> Run:
-    """Drain `tasks` PGQueuer jobs with one PGQueuer worker process (see the settings above)."""
-    import psycopg
-
-    label = f"pgqueuer {entrypoint}"
-    name = f"bench_pgq_{secrets.token_hex(6)}"
-    base = urllib.parse.urlsplit(pg_url)
-    dsn = urllib.parse.urlunsplit(base._replace(path=f"/{name}", query=""))
-    admin = urllib.parse.urlunsplit(base._replace(query=""))
-    batch = max(concurrency // 2, 1)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        asyncio.run(_peers_module().pgqueuer_install_and_enqueue(dsn, entrypoint, tasks))
-        with tempfile.TemporaryDirectory(prefix="bench-pgq-") as folder, \
-                psycopg.connect(dsn, autocommit=True) as conn:  # fmt: skip
-            command = [sys.executable, PEERS_MODULE, "pgqueuer-worker", str(batch),
-                       str(concurrency)]  # fmt: skip
-            procs = _DrainProcesses([command], _child_env(BENCH_PGQ_DSN=dsn), folder,
-                                    "bench-peers: ready")  # fmt: skip
-
-            def done() -> int:
-                left = conn.execute("SELECT count(*) FROM pgqueuer").fetchone()
-                return tasks - int(left[0] if left else 0)
-
-            try:
-                window = _measure_drain(procs, done, tasks, label, concurrency / 0.01)
-            finally:
-                codes = procs.stop()
-    finally:
-        try:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        except Exception as exc:  # the server went away: say so, keep the error that matters
-            print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
-    settings = {"worker": "pgqueuer.run (uvloop), one asyncpg connection",
-                "max_concurrent_tasks": concurrency, "batch_size": batch,
-                "durability": "durable (all tables logged)", "database": f"{name} (dropped)",
-                "exit_codes": codes,
-                "completion": "the job's row deleted from the queue table"}  # fmt: skip
-    return _durable_run("pgqueuer", f"{tasks:,} {entrypoint}", concurrency, tasks, latency_ms,
-                        window, repeat, settings)  # fmt: skip
-
-
-def run_dramatiq(
-    rabbitmq_url: str, actor: str, threads: int, tasks: int, latency_ms: float, repeat: int = 0
-) -> Run:
-    """Drain `tasks` Dramatiq messages with one Dramatiq worker (see the settings above)."""
-    import pika
-
-    peers = _peers_module()
-    label = f"dramatiq {actor}"
-    queue = f"bench_{secrets.token_hex(6)}"
-    try:
-        broker, actors = peers.dramatiq_setup(rabbitmq_url, queue)
-        try:
-            for index in range(tasks):
-                actors[actor].send(index)
-        finally:
-            broker.close()
-        with tempfile.TemporaryDirectory(prefix="bench-dramatiq-") as folder:
-            counter_path = os.path.join(folder, "acks")
-            counter = peers.AckCounter(counter_path, create=True)
-            command = [sys.executable, "-m", "dramatiq", "bench_peers:dramatiq_broker",
-                       "--processes", "1", "--threads", str(threads)]  # fmt: skip
-            env = _child_env(BENCH_RABBITMQ_URL=rabbitmq_url, BENCH_DRAMATIQ_QUEUE=queue,
-                             BENCH_ACK_FILE=counter_path)  # fmt: skip
-            procs = _DrainProcesses([command], env, folder, DRAMATIQ_READY)
-            try:
-                window = _measure_drain(procs, counter.read, tasks, label, threads / 0.01)
-            finally:
-                codes = procs.stop()
-                counter.close()
-    finally:
-        with contextlib.suppress(Exception):
-            connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
-            channel = connection.channel()
-            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-                channel.queue_delete(name)
-            connection.close()
-    settings = {"worker": f"dramatiq --processes 1 --threads {threads}",
-                "broker": "RabbitmqBroker(confirm_delivery=True): durable queue, persistent "
-                "messages, ack after the actor returned", "prefetch": 2 * threads,
-                "exit_codes": codes, "completion": "Dramatiq's after_ack hook"}  # fmt: skip
-    return _durable_run("dramatiq-rabbitmq", f"{tasks:,} {actor}", threads, tasks, latency_ms,
-                        window, repeat, settings)  # fmt: skip
-
-
-def _peers_module() -> Any:
-    """Import bench_peers from beside this file."""
-    folder = os.path.dirname(PEERS_MODULE)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    import bench_peers
-
-    return bench_peers
-
-
-@dataclasses.dataclass(slots=True)
-class DurableResults:
-    """The durable runs of every repeat, and why a peer did not run."""
-
-    runs: list[Run] = dataclasses.field(default_factory=list)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def of(self, system: str, workload: str) -> list[Run]:
-        return [
-            run
-            for run in self.runs
-            if run.system == system and run.extra["durable"]["handler"] == workload
-        ]
-
-
-def run_durable(
-    pg_url: str,
-    rabbitmq_url: str,
-    peers: bool,
-    repeat: int,
-    *,
-    noop_tasks: int = PEER_NOOP_TASKS,
-    sleep_tasks: int = PEER_SLEEP_TASKS,
-    progress: bool = False,
-) -> DurableResults:
-    """Run ours (1 and 2 processes) and, with `peers`, PGQueuer and Dramatiq, `repeat` times.
-
-    No-op: `PEER_WORKERS` concurrent tasks; 10 ms: `PEER_SLEEP_CONCURRENCY`. A peer that is
-    not installed or whose server does not answer is skipped with one line on stderr.
-    """
-    results = DurableResults()
-    available = []
-    for peer in ("pgqueuer", "dramatiq") if peers else ():
-        problem = peer_problem(peer, pg_url, rabbitmq_url)
-        if problem is None:
-            available.append(peer)
-        else:
-            results.skipped[peer] = problem
-            print(f"peers: skipping {peer}: {problem}", file=sys.stderr)
-    sleep = PEER_SLEEP_MS
-    conc = PEER_SLEEP_CONCURRENCY
-    plan: list[tuple[str, str, Callable[[int], Run]]] = [
-        ("noop", "ours", lambda i: run_ours_durable(pg_url, "noop", PEER_WORKERS, noop_tasks,
-                                                    0.0, i)),
-        ("noop", "pgqueuer", lambda i: run_pgqueuer(pg_url, "noop", PEER_WORKERS, noop_tasks,
-                                                    0.0, i)),
-        ("noop", "dramatiq", lambda i: run_dramatiq(rabbitmq_url, "noop", PEER_WORKERS,
-                                                    noop_tasks, 0.0, i)),
-        ("sleep_10ms", "ours", lambda i: run_ours_durable(pg_url, "sleep_10ms", conc,
-                                                          sleep_tasks, sleep, i)),
-        ("sleep_10ms", "ours", lambda i: run_ours_durable(pg_url, "sleep_10ms", conc,
-                                                          2 * sleep_tasks, sleep, i,
-                                                          processes=2)),
-        ("sleep_10ms", "pgqueuer", lambda i: run_pgqueuer(pg_url, "sleep_10ms", conc,
-                                                          sleep_tasks, sleep, i)),
-        ("sleep_10ms", "dramatiq", lambda i: run_dramatiq(rabbitmq_url, "sleep_10ms", conc,
-                                                          sleep_tasks, sleep, i)),
-    ]  # fmt: skip
-    for index in range(repeat):
-        for handler, who, run_one in plan:
-            if who != "ours" and who not in available:
-                continue
-            run = _run_again_on_failure(run_one, index, f"{who} {handler}")
-            run.extra["durable"]["handler"] = handler
-            results.runs.append(run)
-        if progress:
-            print(f"durable runs: repeat {index + 1} of {repeat} done", file=sys.stderr)
-    return results
-
-
-def _run_again_on_failure(run_one: Callable[[int], Run], index: int, label: str) -> Run:
-    """Return `run_one(index)`, run again up to `PEER_ATTEMPTS` times when it fails.
-
-    A shared machine's database server may be restarted under a run: the failed attempt is
-    reported on stderr and in the run (``failed_attempts``), never folded into its numbers.
-    """
-    failures: list[str] = []
-    while True:
-        try:
-            run = run_one(index)
-        except Exception as exc:
-            failures.append(f"{type(exc).__name__}: {_first_line(exc)}")
-            if len(failures) >= PEER_ATTEMPTS:
-                raise
-            print(f"warning: {label}: {failures[-1]}; running it again in "
-                  f"{PEER_RETRY_PAUSE:g} s", file=sys.stderr)  # fmt: skip
-            time.sleep(PEER_RETRY_PAUSE)
-            continue
-        run.extra["durable"]["failed_attempts"] = failures
-        return run
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def durable_table(results: DurableResults, ranged: bool) -> str:
-    """Return the table of the durable runs: throughput and machine CPU per task (medians)."""
-    headers = ["workload", "system", "concurrency", "tasks", "throughput/s", "efficiency",
-               "CPU ms/task", "startup s"]  # fmt: skip
-    groups: dict[tuple[str, str], list[Run]] = {}
-    for run in results.runs:
-        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
-    rows = []
-    for (handler, system), group in groups.items():
-        durable = [run.extra["durable"] for run in group]
-        rows.append([
-            "no-op" if handler == "noop" else "10 ms", system, str(group[0].workers),
-            f"{durable[0]['tasks']:,}",
-            _cell([r.throughput for r in group], ",.1f", ranged),
-            _cell([r.efficiency for r in group], ".3f", ranged),
-            _cell([d["cpu_ms_per_task"] for d in durable], ".3f", ranged),
-            _cell([d["startup_seconds"] for d in durable], ".2f", False),
-        ])  # fmt: skip
-    return _table(headers, rows, left=2)
-
-
 # --- Suite ---------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(slots=True)
 class Target:
-    """One performance target: a ratio, its threshold and the runs that measured it."""
+    """One target of `TARGETS` as measured: its ratio per repeat, what the runs saw, the verdict.
+
+    The first detail is the target's description; the runs add one line each after it.
+    """
 
     number: int
     name: str
@@ -2348,7 +1118,7 @@ class Target:
             "value": None if spread is None else spread["median"],
             "min": None if spread is None else spread["min"],
             "max": None if spread is None else spread["max"],
-            "values": [_rounded(v, 6) for v in self.values],
+            "values": [rounded(v, 6) for v in self.values],
             "threshold": self.threshold,
             "comparison": self.comparison or None,
             "unit": self.unit or None,
@@ -2360,65 +1130,55 @@ class Target:
         }
 
 
+def _targets(numbers: range, context: dict[str, Any]) -> list[Target]:
+    """Return the targets of `TARGETS` numbered in `numbers`, names and descriptions filled in.
+
+    Each target's description becomes its first detail line.
+    """
+    return [
+        Target(spec.number, spec.name.format(**context), spec.metric, spec.threshold,
+               spec.comparison, spec.unit, details=[spec.description.format(**context)])
+        for spec in TARGETS
+        if spec.number in numbers
+    ]  # fmt: skip
+
+
 def run_suite(
     sizes: SuiteSizes, settings: Settings, repeat: int, peers: bool
 ) -> tuple[list[Run], list[Target]]:
     """Run the performance targets 1 to 9 `repeat` times each; return the runs and the targets."""
     workers = SUITE_WORKERS
     runs: list[Run] = []
-    ceiling = Target(1, "ceiling efficiency", "efficiency", 0.98, ">=")
-    overhead = Target(2, "pure no-op vs raw executor", "vs_raw_executor", 1.0, ">=")
-    memory = Target(3, "memory growth", "rss_growth_mb", 20.0, "<", " MB")
-    latency = Target(4, "open-loop p99 queue wait", "p99_queue_wait_ms", 1.0, "<=", " ms")
-    retries = Target(5, "efficiency over attempts", "attempt_efficiency", 0.95, ">=")
-    durability = Target(6, "durability full / normal", "full_vs_normal", None, "")
-    wide = Target(7, f"{sizes.wide_workers} workers efficiency", "efficiency", 0.90, ">=")
-    gap = Target(8, "efficiency gap to raw executor", "raw_minus_pool_efficiency", 0.005, "<=")
-    in_flight = sizes.async_in_flight
-    aio = Target(9, f"async {in_flight:,} in flight vs asyncio", "vs_plain_asyncio", 0.85, ">=")
-    targets = [ceiling, overhead, memory, latency, retries, durability, wide, gap, aio]
     # The suite's retry policy is the targets': 3 attempts (target 5 sets its own base delay).
     settings = dataclasses.replace(settings, max_attempts=3, durability=tq.DEFAULT_DURABILITY)
     lat = sizes.latency_ms
-
+    in_flight = sizes.async_in_flight
     work = synthetic_workload(sizes.ceiling_tasks, lat)
-    ceiling.details.append(f"{work.name}, {workers} workers, file database")
     noop = synthetic_workload(sizes.overhead_tasks, 0.0)
-    overhead.details.append(
-        f"{noop.name} through `lambda task: None`, {workers} workers, file database, against a "
-        f"bare ThreadPoolExecutor({workers}) calling the same lambda"
-    )
     wide_work = synthetic_workload(sizes.wide_tasks, lat, prefix="wide")
-    wide.details.append(f"{wide_work.name}, {sizes.wide_workers} workers, file database")
-    gap.details.append(
-        f"target 1's runs ({work.name}, {workers} workers): a bare "
-        f"ThreadPoolExecutor({workers})'s efficiency minus the pool's"
-    )
-    aio.details.append(
-        f"{sizes.async_tasks:,} asyncio.sleep tasks of {lat:g} ms, {in_flight:,} in flight: "
-        "AsyncWorkerPool (file database) over a plain asyncio loop of as many coroutines"
-    )
+    opened = synthetic_workload(sizes.open_loop_tasks, lat, prefix="open")
+    capacity = opened.ceiling(workers) or 0.0
+    rate = sizes.load * capacity
+    faulty = synthetic_workload(sizes.retry_tasks, lat, transient_rate=sizes.transient_rate)
+    context = {
+        **dataclasses.asdict(sizes),
+        "workers": workers,
+        "ceiling_work": work.name,
+        "noop_work": noop.name,
+        "wide_work": wide_work.name,
+        "retry_work": faulty.name,
+        "retry_base_delay_ms": sizes.retry_base_delay * 1000,
+        "queue_size": settings.queue_size,
+        "rate": rate,
+        "capacity": capacity,
+    }
+    targets = _targets(range(1, 10), context)
+    ceiling, overhead, memory, latency, retries, durability, wide, gap, aio = targets
     if not async_pool_available():
         aio.unavailable = (
             "task_queue_optimized has no AsyncWorkerPool (SPEC section 4); only the plain "
             "asyncio side was measured"
         )
-    durability.details.append(f"the overhead run ({noop.name}) with durability='full'")
-    memory.details.append(
-        f"iter_results over a generator, peak RSS at {sizes.memory_mark:,} and "
-        f"{sizes.memory_total:,} tasks, queue_size {settings.queue_size}, file database"
-    )
-    opened = synthetic_workload(sizes.open_loop_tasks, lat, prefix="open")
-    capacity = opened.ceiling(workers) or 0.0
-    rate = sizes.load * capacity
-    latency.details.append(
-        f"{sizes.open_loop_tasks:,} Poisson arrivals of {lat:g} ms tasks at {rate:.1f}/s "
-        f"({sizes.load:.0%} of capacity {capacity:.1f}/s), {workers} workers"
-    )
-    faulty = synthetic_workload(sizes.retry_tasks, lat, transient_rate=sizes.transient_rate)
-    retries.details.append(
-        f"{faulty.name}, 3 attempts, {sizes.retry_base_delay * 1000:g} ms base delay"
-    )
 
     for index in range(repeat):
         run = run_pool(work, workers, settings, index)
@@ -2540,29 +1300,14 @@ def _suite_peers(
 
 def durable_targets(results: DurableResults | None, skipped: str | None) -> list[Target]:
     """Return targets 10 to 13, judged on the durable runs (not run when `results` is None)."""
-    noop = Target(10, "durable no-op vs best peer", "throughput_vs_best_peer", 1.5, ">=")
-    cpu = Target(11, "durable no-op CPU vs best peer", "cpu_per_task_vs_best_peer", 0.7, "<=")
-    sleep = Target(12, "durable 10 ms efficiency", "efficiency", 0.97, ">=")
-    scale = Target(13, "durable 2 processes / 1", "two_vs_one_process", 1.8, ">=")
-    targets = [noop, cpu, sleep, scale]
-    noop.details.append(
-        f"no-op tasks, one worker process of {PEER_WORKERS} workers on PostgreSQL, throughput "
-        "over the best of PGQueuer and Dramatiq on RabbitMQ (same repeat), each drained from a "
-        "queue filled before its worker started: from the worker's ready line to all done"
-    )
-    cpu.details.append(
-        "the same runs: whole-machine CPU (/proc/stat, database and broker included) per task, "
-        "over the lowest of the peers'"
-    )
-    sleep.details.append(
-        f"{PEER_SLEEP_TASKS:,} tasks of time.sleep(0.01), one worker process of "
-        f"{PEER_SLEEP_CONCURRENCY} workers: throughput over {PEER_SLEEP_CONCURRENCY} / 10 ms"
-    )
-    scale.details.append(
-        f"the 10 ms tasks with two worker processes of {PEER_SLEEP_CONCURRENCY} workers "
-        f"({2 * PEER_SLEEP_TASKS:,} tasks) over one process ({PEER_SLEEP_TASKS:,} tasks), same "
-        "repeat"
-    )
+    context = {
+        "peer_workers": PEER_WORKERS,
+        "sleep_tasks": PEER_SLEEP_TASKS,
+        "sleep_concurrency": PEER_SLEEP_CONCURRENCY,
+        "two_process_tasks": 2 * PEER_SLEEP_TASKS,
+    }
+    targets = _targets(range(10, 14), context)
+    noop, cpu, sleep, scale = targets
     if results is None:
         for target in targets:
             target.skipped = skipped
@@ -2814,10 +1559,64 @@ def noop_table(runs: Sequence[Run], ranged: bool) -> str:
     return _table(headers, rows)
 
 
+def _durable_header(repeat: int) -> str:
+    text = ("durable: each contender drains a queue filled before its worker started; throughput "
+            "from the worker's ready line to all tasks done (read every "
+            f"{PEER_POLL_INTERVAL * 1000:g} ms), CPU of the whole machine per task")  # fmt: skip
+    if repeat > 1:
+        text += f"; {repeat} repeats: median (min-max)"
+    return text
+
+
+def _durable_report(results: DurableResults) -> dict[str, Any]:
+    summary = []
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in results.runs:
+        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
+    for (handler, system), group in groups.items():
+        summary.append({
+            "workload": handler,
+            "system": system,
+            "concurrency": group[0].workers,
+            "tasks": group[0].extra["durable"]["tasks"],
+            "runs": len(group),
+            "throughput_per_second": _spread(r.throughput for r in group),
+            "efficiency": _spread(r.efficiency for r in group),
+            "cpu_ms_per_task": _spread(r.extra["durable"]["cpu_ms_per_task"] for r in group),
+            "settings": group[0].extra["durable"]["settings"],
+        })  # fmt: skip
+    return {
+        "summary": summary,
+        "skipped_peers": results.skipped,
+        "definitions": dict(DURABLE_DEFINITIONS),
+    }
+
+
+def durable_table(results: DurableResults, ranged: bool) -> str:
+    """Return the table of the durable runs: throughput and machine CPU per task (medians)."""
+    headers = ["workload", "system", "concurrency", "tasks", "throughput/s", "efficiency",
+               "CPU ms/task", "startup s"]  # fmt: skip
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in results.runs:
+        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
+    rows = []
+    for (handler, system), group in groups.items():
+        durable = [run.extra["durable"] for run in group]
+        rows.append([
+            "no-op" if handler == "noop" else "10 ms", system, str(group[0].workers),
+            f"{durable[0]['tasks']:,}",
+            _cell([r.throughput for r in group], ",.1f", ranged),
+            _cell([r.efficiency for r in group], ".3f", ranged),
+            _cell([d["cpu_ms_per_task"] for d in durable], ".3f", ranged),
+            _cell([d["startup_seconds"] for d in durable], ".2f", False),
+        ])  # fmt: skip
+    return _table(headers, rows, left=2)
+
+
 def machine_info() -> dict[str, Any]:
     """Return the cores, platform and Python that the report records."""
     try:
-        usable = len(os.sched_getaffinity(0))
+        usable: int | None = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
     return {
@@ -2845,13 +1644,25 @@ def write_report(path: str, report: dict[str, Any]) -> None:
         raise
 
 
+def _log2_axes(axes: Sequence[Any], ticks: Sequence[int]) -> None:
+    """Put each axis's x on a log2 scale marked at `ticks`; add a light grid and a legend."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    for axis in axes:
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_locator(FixedLocator(ticks))
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+
+
 def plot(path: str, runs: Sequence[Run], title: str) -> None:
     """Draw throughput and efficiency against workers, and the latency percentiles, to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     fig, (ax_tp, ax_eff, ax_lat) = plt.subplots(1, 3, figsize=(16, 4.8))
     systems: dict[str, list[dict[str, Any]]] = {}
@@ -2875,18 +1686,14 @@ def plot(path: str, runs: Sequence[Run], title: str) -> None:
     ax_eff.set(title="efficiency (vs workers / mean latency)", xlabel="workers", ylim=(0, 1.05))
     ax_lat.set(title="latency: p50 dotted, p95 dashed, p99 solid", xlabel="workers",
                ylabel="ms (submission to finish)", yscale="log")  # fmt: skip
-    ticks = sorted({run.workers for run in runs})
-    for axis in (ax_tp, ax_eff, ax_lat):
-        axis.set_xscale("log", base=2)
-        axis.xaxis.set_major_locator(FixedLocator(ticks))
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_locator(NullLocator())
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small")
+    _log2_axes((ax_tp, ax_eff, ax_lat), sorted({run.workers for run in runs}))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- Concurrency ---------------------------------------------------------------------------------
 
 
 def concurrency_tasks(level: int, tasks: int | None) -> int:
@@ -2940,7 +1747,6 @@ def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     fig, (ax_tp, ax_eff) = plt.subplots(1, 2, figsize=(10, 4))
     levels = sorted({run.workers for run in runs})
@@ -2961,13 +1767,7 @@ def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
               yscale="log")  # fmt: skip
     ax_eff.set(title="efficiency (throughput / ceiling)", xlabel="workers or coroutines in flight",
                ylim=(0, 1.05))  # fmt: skip
-    for axis in (ax_tp, ax_eff):
-        axis.set_xscale("log", base=2)
-        axis.xaxis.set_major_locator(FixedLocator(levels))
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_locator(NullLocator())
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small")
+    _log2_axes((ax_tp, ax_eff), levels)
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -2977,15 +1777,8 @@ def plot_concurrency(path: str, runs: Sequence[Run], title: str) -> None:
 # --- Command line --------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors become `UsageError`, reported in one line by `main`."""
-
-    def error(self, message: str) -> Any:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = tq._Parser(  # noqa: SLF001  # the module's parser: usage errors in one line
         prog="benchmark.py",
         description="Benchmark task_queue_optimized: baseline, raw executor, pool and peers.",
         epilog="Exit codes: 0 done (with --suite: every target met); 1 a --suite target not "
@@ -3188,7 +1981,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.rate_limit is not None:
         modes.append("rate-limit")
         try:
-            tq._rate_of(args.rate_limit, "--rate-limit")
+            tq._rate_of(args.rate_limit, "--rate-limit")  # noqa: SLF001  # the pool's own parser
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if args.unused_cost is not None:
@@ -3240,8 +2033,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(
                 "--plot needs matplotlib, which is not installed: pip install matplotlib"
             )
-        _check_output(args.plot, "--plot")
-    _check_output(args.report, "--report")
+        tq._check_output_path(args.plot, "--plot")  # noqa: SLF001  # the module's own check of an output path
+    tq._check_output_path(args.report, "--report")  # noqa: SLF001  # the module's own check of an output path
 
 
 def _check_concurrency_args(args: argparse.Namespace) -> None:
@@ -3257,7 +2050,7 @@ def _check_concurrency_args(args: argparse.Namespace) -> None:
         raise UsageError(
             "--concurrency-plot needs matplotlib, which is not installed: pip install matplotlib"
         )
-    _check_output(args.concurrency_plot, "--concurrency-plot")
+    tq._check_output_path(args.concurrency_plot, "--concurrency-plot")  # noqa: SLF001  # the module's own check of an output path
 
 
 def _check_durable_args(args: argparse.Namespace) -> None:
@@ -3295,14 +2088,6 @@ def _check_scale_args(args: argparse.Namespace) -> None:
         raise UsageError("--latency-ms must be > 0 with --processes (the ceiling divides by it)")
     if os.name == "nt":
         raise UsageError("--processes needs POSIX signals: its workers are stopped with SIGTERM")
-
-
-def _check_output(path: str, flag: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -3399,18 +2184,10 @@ def _report(args: argparse.Namespace, argv: Sequence[str], mode: str) -> dict[st
             "rate_limit": args.rate_limit,
             "quick": args.quick,
             "peers": args.peers,
-            "db": None if args.db is None else _redact_url(args.db),
+            "db": None if args.db is None else tq._redact(args.db),  # noqa: SLF001  # the module's own redaction
             "processes": None if args.processes is None else _parse_counts(args.processes, "-"),
         },
-        "definitions": {
-            "throughput": "finished submissions (duplicates included) per second, first "
-            "enqueue to last finish",
-            "ceiling": "workers / mean configured latency of the tasks that run",
-            "efficiency": "tasks whose handler ran, per second, over the ceiling",
-            "attempt_efficiency": "handler calls (retries included) per second, over the ceiling",
-            "speedup": "throughput over the naive baseline's in the same repeat",
-            "latency": "submission to finish (in a batch every task is submitted at the start)",
-        },
+        "definitions": dict(COMPARISON_DEFINITIONS),
     }
 
 
@@ -3433,7 +2210,11 @@ def _mode(args: argparse.Namespace) -> str:
 
 
 def _compare_mode(
-    args: argparse.Namespace, workload: Workload, settings: Settings, peers: bool, report: dict
+    args: argparse.Namespace,
+    workload: Workload,
+    settings: Settings,
+    peers: bool,
+    report: dict[str, Any],
 ) -> list[Run]:
     """Run and print the comparison; return its runs."""
     workers = _parse_workers(args.workers)
@@ -3448,7 +2229,7 @@ def _compare_mode(
 
 
 def _open_loop_mode(
-    args: argparse.Namespace, workload: Workload, settings: Settings, report: dict
+    args: argparse.Namespace, workload: Workload, settings: Settings, report: dict[str, Any]
 ) -> list[Run]:
     """Run and print the open-loop runs; return them."""
     report["workload"] = workload.describe()
@@ -3463,30 +2244,42 @@ def _open_loop_mode(
     return runs
 
 
-def _scale_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM raise KeyboardInterrupt meanwhile, so the cleanup of a run still happens.
+
+    Killed without it, the benchmark would leave its worker processes serving forever and its
+    PostgreSQL schema behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _scale_mode(args: argparse.Namespace, settings: Settings, report: dict[str, Any]) -> list[Run]:
     """Run and print the scale-out runs, then the no-op store comparison; return their runs."""
     with _sigterm_as_interrupt():
         return _run_scale_mode(args, settings, report)
 
 
-def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+def _run_scale_mode(
+    args: argparse.Namespace, settings: Settings, report: dict[str, Any]
+) -> list[Run]:
     database = parse_database(args.db)
     counts = _parse_counts(args.processes, "--processes")
     workers = _parse_workers(args.workers)[0]
     latency = args.latency_ms
-    scale_runs: list[Run] = []
-    for index in range(args.repeat):
-        batch = []
-        for count in counts:
-            tasks = scale_tasks(count, workers, args.tasks)
-            batch.append(
-                run_scale_out(database, count, workers, tasks, settings, index, latency_ms=latency)
-            )
-        base = min(batch, key=lambda run: run.extra["scale_out"]["processes"])
-        for run in batch:
-            if base.throughput:
-                run.speedup = run.throughput / base.throughput
-        scale_runs += batch
+    scale_runs = run_scale_series(database, counts, workers, args.tasks, settings, args.repeat,
+                                  latency_ms=latency)  # fmt: skip
     text = f"scale-out on {database.backend} {database.label}"
     if database.backend == "sqlite":
         text += " (a new file beside it for each run)"
@@ -3501,26 +2294,13 @@ def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) 
     print(scale_table(scale_runs, ranged=args.repeat > 1))
     print()
 
-    noop_count = NOOP_TASKS if args.tasks is None else NOOP_TASKS_PER_TASK * args.tasks
-    if database.backend == "sqlite":
-        sqlite = database
-    else:
-        sqlite = Database("sqlite", tempfile.gettempdir(), "a temporary SQLite file")
-    postgres = database if database.backend == "postgresql" else None
-    noop_runs: list[Run] = []
-    ratios: list[float | None] = []
-    for index in range(args.repeat):
-        pg = None if postgres is None else run_store_noop(postgres, noop_count, workers,
-                                                          settings, index)  # fmt: skip
-        lite = run_store_noop(sqlite, noop_count, workers, settings, index)
-        noop_runs += [run for run in (pg, lite) if run is not None]
-        if pg is not None:
-            ratios.append(pg.throughput / lite.throughput if lite.throughput else None)
+    noop_count = noop_tasks(args.tasks)
+    noop_runs, ratios = run_noop_comparison(database, noop_count, workers, settings, args.repeat)
     print(f"no-op store overhead: {noop_count:,} no-op tasks through an in-process "
           f"WorkerPool(durable=False), {workers} workers, a fresh database each")  # fmt: skip
     print(noop_table(noop_runs, ranged=args.repeat > 1))
     note = None
-    if postgres is None:
+    if database.backend != "postgresql":
         note = ("PostgreSQL not measured: --db is a SQLite path; the comparison needs "
                 "--db postgresql://USER@HOST:PORT/DBNAME")  # fmt: skip
         print(note)
@@ -3534,7 +2314,7 @@ def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) 
             "threads": group[0].workers,
             "tasks": scale[0]["tasks"],
             "runs": len(group),
-            "ceiling_per_second": _rounded(group[0].ceiling),
+            "ceiling_per_second": rounded(group[0].ceiling),
             "throughput_per_second": _spread(r.throughput for r in group),
             "efficiency": _spread(r.efficiency for r in group),
             "speedup": _spread(r.speedup for r in group),
@@ -3562,27 +2342,14 @@ def _run_scale_mode(args: argparse.Namespace, settings: Settings, report: dict) 
             "note": note,
         },
         "definitions": {
-            "throughput": "tasks done or failed per second, from starting the worker processes "
-            "(their start-up included) to the first status read that shows all done",
-            "ceiling": "processes x workers per process / task latency",
-            "efficiency": "throughput over the ceiling",
-            "speedup": f"throughput over the throughput with {min(counts)} process(es), same "
-            "repeat",
-            "startup_seconds": "from starting the processes to the first status read that "
-            "lists every worker (each registers when it begins serving)",
-            "efficiency_after_startup": "tasks finished after that read, per second, over the "
-            "ceiling",
-            "worker_cpu_seconds": "user + system CPU time of the worker processes, start-up "
-            "and drain included (the database server's is not counted)",
-            "postgresql_vs_sqlite": "no-op throughput with the PostgreSQL store over the one "
-            "with the SQLite store, same repeat",
+            name: text.format(base=min(counts)) for name, text in SCALE_DEFINITIONS.items()
         },
     }
     return scale_runs + noop_runs
 
 
 def _suite_mode(
-    args: argparse.Namespace, settings: Settings, peers: bool, report: dict
+    args: argparse.Namespace, settings: Settings, peers: bool, report: dict[str, Any]
 ) -> tuple[list[Run], bool]:
     """Run and print the targets; return their runs and whether every judged target was met."""
     sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else FULL_SIZES
@@ -3611,47 +2378,8 @@ def _suite_mode(
     return runs, all(target.met(sizes.thresholds) is not False for target in targets)
 
 
-def _durable_header(repeat: int) -> str:
-    text = ("durable: each contender drains a queue filled before its worker started; throughput "
-            "from the worker's ready line to all tasks done (read every "
-            f"{PEER_POLL_INTERVAL * 1000:g} ms), CPU of the whole machine per task")  # fmt: skip
-    if repeat > 1:
-        text += f"; {repeat} repeats: median (min-max)"
-    return text
-
-
-def _durable_report(results: DurableResults) -> dict[str, Any]:
-    summary = []
-    groups: dict[tuple[str, str], list[Run]] = {}
-    for run in results.runs:
-        groups.setdefault((run.extra["durable"]["handler"], run.system), []).append(run)
-    for (handler, system), group in groups.items():
-        summary.append({
-            "workload": handler,
-            "system": system,
-            "concurrency": group[0].workers,
-            "tasks": group[0].extra["durable"]["tasks"],
-            "runs": len(group),
-            "throughput_per_second": _spread(r.throughput for r in group),
-            "efficiency": _spread(r.efficiency for r in group),
-            "cpu_ms_per_task": _spread(r.extra["durable"]["cpu_ms_per_task"] for r in group),
-            "settings": group[0].extra["durable"]["settings"],
-        })  # fmt: skip
-    return {
-        "summary": summary,
-        "skipped_peers": results.skipped,
-        "definitions": {
-            "window": "from the first read after the worker printed its ready line (tasks done "
-            "by then are not counted) to the first read that shows every task done",
-            "cpu_ms_per_task": "user + nice + system + irq + softirq of all cores (/proc/stat) "
-            "during the window, over the tasks done in it: the database server, the broker and "
-            "this benchmark's reads included",
-        },
-    }
-
-
 def _concurrency_mode(
-    args: argparse.Namespace, argv: Sequence[str], settings: Settings, report: dict
+    args: argparse.Namespace, argv: Sequence[str], settings: Settings, report: dict[str, Any]
 ) -> list[Run]:
     """Run, print and draw throughput against concurrency; return the runs."""
     given = any(arg == "--workers" or arg.startswith("--workers=") for arg in argv)
@@ -3674,9 +2402,9 @@ def _concurrency_mode(
     return runs
 
 
-def _rate_limit_mode(args: argparse.Namespace, report: dict) -> list[Run]:
+def _rate_limit_mode(args: argparse.Namespace, report: dict[str, Any]) -> list[Run]:
     """Run and print the rate-limit runs; return them."""
-    limit = tq._rate_of(args.rate_limit, "--rate-limit")
+    limit = tq._rate_of(args.rate_limit, "--rate-limit")  # noqa: SLF001  # the pool's own parser
     tasks = args.tasks or 6 * limit.count
     workers = _parse_workers(args.workers)[0]
     databases: list[Database | None] = [None, Database("sqlite", tempfile.gettempdir(), "")]
@@ -3698,7 +2426,9 @@ def _rate_limit_mode(args: argparse.Namespace, report: dict) -> list[Run]:
     return runs
 
 
-def _durable_mode(args: argparse.Namespace, settings: Settings, report: dict) -> list[Run]:
+def _durable_mode(
+    args: argparse.Namespace, settings: Settings, report: dict[str, Any]
+) -> list[Run]:
     """Run and print the durable comparison; return its runs."""
     with _sigterm_as_interrupt():
         results = run_durable(args.db, args.rabbitmq, args.peers, args.repeat,

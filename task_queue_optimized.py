@@ -31,7 +31,8 @@ Periodic tasks and scripts::
     enqueue(tasks, db="postgresql://app@db/app")  # all or nothing, from code
 
 Sections: defaults, exceptions, records, task files, retry policy, stores, idempotency,
-metrics, processor, queue, pool, periodic tasks, configuration, dashboard, command line.
+metrics, processor, queue, flow control, pool, periodic tasks, configuration, dashboard,
+process control, command line.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeGuard, TypeVar, cast, overload
 
 __all__ = [
     "DEFAULT_BASE_DELAY",
@@ -166,6 +167,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")  # the result of a store transaction's body
+
 
 # --- Defaults ------------------------------------------------------------------------------------
 
@@ -194,6 +197,7 @@ _PLACE_BLOCK = 1024  # places in submission order one PostgreSQL statement draws
 BACKLOG_REFRESH_SECONDS = 2.0  # how often a worker copies the store's backlog into its metrics
 BATCH_BUDGET_SECONDS = 0.001  # handler time one worker batch aims for
 MAX_BATCH = 64  # most jobs one worker takes from the queue at once
+CLAIM_AHEAD = 4  # jobs of slow calls a worker claims at once: it runs one, others take the rest
 MAX_COMPLETION_BATCH = 512  # most requests the committer takes in one round
 ASYNC_DISPATCHERS = 2  # threads that claim keys and start calls for an async handler
 PREFETCH_BUDGET_SECONDS = 0.05  # handler time a durable worker leases ahead for quick tasks
@@ -246,7 +250,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 MEMORY_DATABASE = ":memory:"  # SQLite's name for a private in-memory database, never a file
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_NOT_FINISHED = 3  # ``task-queue result``: the key is unknown or has not finished
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 # --- Exceptions ----------------------------------------------------------------------------------
@@ -431,6 +435,8 @@ def _text_problem(value: Any, limit: int = MAX_KEY_BYTES) -> str | None:
     At most `limit` bytes of UTF-8, so that PostgreSQL can index it (see `MAX_KEY_BYTES`); the
     same bound holds on every store, so a task accepted by one is accepted by all.
     """
+    if value.__class__ is str and value.isascii() and 0 < len(value) <= limit:
+        return "must not contain a NUL character" if "\x00" in value else None  # the usual case
     if not isinstance(value, str) or not value:
         return "must be a non-empty string"
     if "\x00" in value:
@@ -486,7 +492,7 @@ def _check_queue_name(value: Any, source: str) -> str:
     problem = _queue_problem(value)
     if problem is not None:
         raise ValueError(f"{source} {problem}, not {_shown(value)}")
-    return value
+    return cast(str, value)  # a str: _queue_problem checked it
 
 
 def _storable_text(text: str | None) -> str | None:
@@ -646,6 +652,8 @@ class Task:
 class _TextEnum(str, enum.Enum):
     """An enum whose members are their string values (they compare and print as such)."""
 
+    _value_: str
+
     def __str__(self) -> str:
         return self.value
 
@@ -678,11 +686,16 @@ class TaskRecord:
     status: TaskStatus
     output: Any = None
     error: str | None = None
-    error_kind: str | None = None
+    error_kind: ErrorKind | None = None  # a str enum: it compares and prints as its text
     attempts: int = 0
     enqueued_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        kind: Any = self.error_kind
+        if kind is not None and kind.__class__ is not ErrorKind:
+            object.__setattr__(self, "error_kind", ErrorKind(kind))  # "transient" and the like
 
     @property
     def queue_wait(self) -> float | None:
@@ -713,7 +726,7 @@ class TaskRecord:
             "status": self.status.value,
             "output": self.output,
             "error": self.error,
-            "error_kind": self.error_kind,
+            "error_kind": None if self.error_kind is None else self.error_kind.value,
             "attempts": self.attempts,
             "queue_wait": self.queue_wait,
             "duration": self.duration,
@@ -765,7 +778,7 @@ def _json_tokens(text: str, pattern: re.Pattern[str]) -> Iterator[re.Match[str]]
             position = match.end()
             continue
         try:
-            position = json.decoder.scanstring(text, match.end(), True)[1]
+            position = json.decoder.scanstring(text, match.end(), True)[1]  # type: ignore[attr-defined]  # not in the stubs
         except ValueError:
             return
 
@@ -847,7 +860,7 @@ def _hook_error_position(text: str, reason: str) -> int | None:
     holding a duplicate key (found again with the pure-Python scanner, which shows positions)."""
     if reason.startswith("duplicate object key"):
         decoder = json.JSONDecoder(object_pairs_hook=_unique_object)
-        parse_object = decoder.parse_object
+        parse_object = decoder.parse_object  # type: ignore[attr-defined]  # not in the stubs
 
         def located(s_and_end: tuple[str, int], *rest: Any) -> Any:
             try:
@@ -857,8 +870,8 @@ def _hook_error_position(text: str, reason: str) -> int | None:
             except ValueError:
                 raise _FoundAt(s_and_end[1] - 1) from None
 
-        decoder.parse_object = located
-        decoder.scan_once = json.scanner.py_make_scanner(decoder)
+        decoder.parse_object = located  # type: ignore[attr-defined]  # not in the stubs
+        decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]  # not in the stubs
         try:
             decoder.decode(text)
         except _FoundAt as found:
@@ -1010,7 +1023,7 @@ _JITTER_MODES = ("full", "none")
 _jitter_random = random.SystemRandom()
 
 
-def _is_finite_number(value: Any) -> bool:
+def _is_finite_number(value: Any) -> TypeGuard[float]:
     """Return whether `value` is an int or float (not a bool) that a float can hold, finite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -1400,6 +1413,12 @@ def _check_task_ids(ids: Any, source: str = "ids") -> list[str]:
     return checked
 
 
+@overload
+def _check_operation(ids: None = None, queue: Any = None, limit: Any = ...) -> None: ...
+@overload
+def _check_operation(ids: Sequence[str], queue: Any = None, limit: Any = ...) -> list[str]: ...
+
+
 def _check_operation(
     ids: Any = None, queue: Any = None, limit: Any = DEFAULT_FAILED_LIMIT
 ) -> list[str] | None:
@@ -1453,7 +1472,7 @@ def _stored_text(value: Any, field: str) -> str:
         except UnicodeDecodeError:
             raise TaskFileError(f"field {field!r} is not valid UTF-8 text", field=field) from None
     _check_text_field(value, field)
-    return value
+    return cast(str, value)  # a str: _check_text_field checked it
 
 
 def _stored_task(
@@ -1588,6 +1607,188 @@ def _empty_status() -> dict[str, Any]:
     }
 
 
+def _public_row(row: dict[str, Any], namespace: str = "") -> dict[str, Any]:
+    output = row.get("output")
+    return {
+        "namespace": namespace,
+        "state": str(row["state"].value if isinstance(row["state"], enum.Enum) else row["state"]),
+        "fingerprint": row.get("fingerprint"),
+        "output": None if output is None else json.loads(output),
+        "error": row.get("error"),
+        "lease_expires": row.get("lease_expires"),
+        "updated_at": row.get("updated_at"),
+        "attempts": row.get("attempts", 0),
+    }
+
+
+# The rows of a MemoryStore: what a table row is to the SQL stores, one mutable record each. Every
+# method that reads or writes one holds the store's lock; a caller sees only the dicts built from
+# them at the boundary (`public`, `failed_entry`).
+
+
+@dataclasses.dataclass(slots=True)
+class _KeyRow:
+    """One idempotency key in one namespace (see `Store`)."""
+
+    state: _Row
+    fingerprint: str | None
+    token: int  # fences the claim that wrote the row
+    output: str | None = None  # a completed key's output, as JSON text
+    error: str | None = None
+    lease_expires: float | None = None  # a time.time() value while in progress, else None
+    updated_at: float = 0.0
+    attempts: int = 0  # handler calls
+
+    def live(self, now: float) -> bool:
+        """Return whether the row is a claim whose lease still runs at `now`."""
+        return (
+            self.state == _Row.IN_PROGRESS
+            and self.lease_expires is not None
+            and self.lease_expires > now
+        )
+
+    def complete(self, output: str, now: float, calls: int = 0) -> None:
+        """Record the key as completed at `now` with `output`, after `calls` more handler calls."""
+        self.state = _Row.COMPLETED
+        self.output = output
+        self.error = None
+        self.lease_expires = None
+        self.updated_at = now
+        self.attempts += calls
+
+    def release(self, error: str | None, now: float, calls: int = 0) -> None:
+        """Record the key as failed at `now` with `error`: claimable again."""
+        self.state = _Row.FAILED
+        self.error = error
+        self.lease_expires = None
+        self.updated_at = now
+        self.attempts += calls
+
+    def lookup_rank(self) -> tuple[bool, float]:
+        # Which row of a key the namespace-free lookup shows: a completed one, else the latest.
+        return self.state == _Row.COMPLETED, self.updated_at
+
+    def public(self, namespace: str) -> dict[str, Any]:
+        """Return the row as `Store.lookup` answers it."""
+        return _public_row(dataclasses.asdict(self), namespace)
+
+
+@dataclasses.dataclass(slots=True)
+class _TaskRow:
+    """One task of the durable queue (see `Store`)."""
+
+    task: Task
+    seq: int  # its place in submission order
+    enqueued_at: float
+    updated_at: float
+    priority: int = 0
+    run_at: float | None = None  # the due time of a delayed task, a time.time() value
+    state: EntryState = EntryState.QUEUED
+    token: int | None = None  # fences the run that holds it
+    worker: str | None = None
+    lease_expires: float | None = None  # a time.time() value while running, else None
+    attempts: int = 0  # handler calls
+    error: str | None = None
+    error_kind: str | None = None
+
+    @property
+    def ready_at(self) -> float:
+        """When the task was ready to run: its due time, else its enqueue time."""
+        return self.enqueued_at if self.run_at is None else self.run_at
+
+    def rank(self) -> tuple[int, float, int]:
+        # Highest priority first; within one, ready longest first, then submission order (see
+        # Store.take_many).
+        return -self.priority, self.ready_at, self.seq
+
+    def stalled(self, now: float) -> bool:
+        """Return whether the task is running on a lease that has run out at `now`."""
+        return (
+            self.state == EntryState.RUNNING
+            and self.lease_expires is not None
+            and self.lease_expires <= now
+        )
+
+    def takeable(self, now: float, scheduled: bool = True) -> bool:
+        """Return whether a take may lease the task; with `scheduled`, only once it is due (a
+        submission's take_task brings its own due time instead)."""
+        if self.state == EntryState.FAILED:
+            return True
+        due = not scheduled or self.run_at is None or self.run_at <= now
+        return due and (self.state == EntryState.QUEUED or self.stalled(now))
+
+    def settle(
+        self, state: EntryState, error: str | None, kind: str | None, now: float, calls: int = 0
+    ) -> None:
+        """Record the end of a run at `now`: `state`, with `error` of `kind` when it failed."""
+        self.state = state
+        self.error = error
+        self.error_kind = kind
+        self.lease_expires = None
+        self.updated_at = now
+        self.attempts += calls
+        if state == EntryState.QUEUED:  # returned to the queue, for any worker
+            self.token = None
+            self.worker = None
+
+    def requeue(self, now: float, seq: int) -> None:
+        """Queue a failed task again at `now`, at place `seq`, with fresh attempts."""
+        self.state = EntryState.QUEUED
+        self.token = None
+        self.worker = None
+        self.attempts = 0
+        self.error = None
+        self.error_kind = None
+        self.enqueued_at = now
+        self.updated_at = now
+        self.run_at = None
+        self.seq = seq
+
+    def failed_entry(self) -> dict[str, Any]:
+        """Return the row as `Store.failed_tasks` lists it."""
+        task = self.task
+        return _failed_entry(
+            task.id,
+            task.key,
+            task.queue,
+            self.attempts,
+            self.error_kind,
+            self.error,
+            self.updated_at,
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class _WorkerRow:
+    """One worker's heartbeat (see `Store.renew_tasks`)."""
+
+    started_at: float
+    seen_at: float
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HistoryRow:
+    """One minute of one worker (see `Store.record_history`); fields in `_history_row`'s order."""
+
+    minute: int
+    worker: str
+    latency: str
+    succeeded: int
+    failed: int
+    duplicates: int
+    retries: int
+
+    @classmethod
+    def of(cls, worker: str, minute: int, counts: Mapping[str, int], latency: str) -> _HistoryRow:
+        """Build the row `record_history` writes (missing counts are 0)."""
+        return cls(**_history_row(worker, minute, counts, latency))
+
+    def public(self) -> dict[str, Any]:
+        """Return the row as `Store.history` lists it."""
+        return dataclasses.asdict(self)
+
+
 class MemoryStore:
     """The contract in process memory: one process, nothing survives it (``memory://``)."""
 
@@ -1602,12 +1803,12 @@ class MemoryStore:
         self.url = "memory://"
         self.lease_seconds = float(lease_seconds)
         self.ttl_seconds = ttl_seconds
-        self._lock = threading.Lock()  # guards the three dicts below, _places and _closed
-        self._keys: dict[str, dict[str, dict[str, Any]]] = {}  # key -> namespace -> row
-        self._tasks: dict[str, dict[str, Any]] = {}
-        self._workers: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # guards the five dicts below, _places and _closed
+        self._keys: dict[str, dict[str, _KeyRow]] = {}  # key -> namespace -> row
+        self._tasks: dict[str, _TaskRow] = {}  # task id -> row
+        self._workers: dict[str, _WorkerRow] = {}  # worker name -> heartbeat
         self._slots: dict[str, list[float]] = {}  # rate limit -> when each slot is free again
-        self._history: dict[tuple[int, str], dict[str, Any]] = {}  # (minute, worker) -> row
+        self._history: dict[tuple[int, str], _HistoryRow] = {}  # (minute, worker) -> row
         self._places = itertools.count(1)  # a task row's "seq": its place in submission order
         self._work = threading.Condition(self._lock)  # notified on enqueue and on close
         self._closed = False
@@ -1626,15 +1827,14 @@ class MemoryStore:
 
     # Idempotency --------------------------------------------------------------------------------
 
-    def _claimable(self, row: dict[str, Any], now: float) -> bool:
-        state = row["state"]
+    def _claimable(self, row: _KeyRow, now: float) -> bool:
         return (
-            state == _Row.FAILED
-            or (state == _Row.IN_PROGRESS and row["lease_expires"] <= now)
+            row.state == _Row.FAILED
+            or (row.state == _Row.IN_PROGRESS and not row.live(now))
             or (
-                state == _Row.COMPLETED
+                row.state == _Row.COMPLETED
                 and self.ttl_seconds is not None
-                and row["updated_at"] <= now - self.ttl_seconds
+                and row.updated_at <= now - self.ttl_seconds
             )
         )
 
@@ -1653,27 +1853,25 @@ class MemoryStore:
                 if namespace not in rows and "" in rows:
                     rows[namespace] = rows.pop("")  # a legacy row: its first handler adopts it
                 row = rows.get(namespace)
-                agrees = fp is None or row is None or row["fingerprint"] in (None, fp)
+                agrees = fp is None or row is None or row.fingerprint in (None, fp)
                 if row is None or (agrees and self._claimable(row, now)):
                     token = _new_token()
-                    rows[namespace] = {
-                        "state": _Row.IN_PROGRESS,
-                        "fingerprint": fp if row is None else (fp or row["fingerprint"]),
-                        "token": token,
-                        "output": None,
-                        "error": None,
-                        "lease_expires": lease,
-                        "updated_at": now,
-                        "attempts": 1 if row is None else row.get("attempts", 0) + 1,
-                    }
+                    rows[namespace] = _KeyRow(
+                        state=_Row.IN_PROGRESS,
+                        fingerprint=fp if row is None else (fp or row.fingerprint),
+                        token=token,
+                        lease_expires=lease,
+                        updated_at=now,
+                        attempts=1 if row is None else row.attempts + 1,
+                    )
                     claims.append(Claim(ClaimState.CLAIMED, token=token, lease_expires=lease))
                 elif not agrees:
                     claims.append(Claim(ClaimState.CONFLICT))
-                elif row["state"] == _Row.COMPLETED:
-                    output = json.loads(row["output"])
+                elif row.state == _Row.COMPLETED:
+                    output = json.loads(cast(str, row.output))  # a completed row holds one
                     claims.append(Claim(ClaimState.COMPLETED, output=output))
                 else:
-                    claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=row["lease_expires"]))
+                    claims.append(Claim(ClaimState.IN_PROGRESS, lease_expires=row.lease_expires))
             claimed = {
                 key
                 for (key, _), c in zip(items, claims, strict=True)
@@ -1681,15 +1879,18 @@ class MemoryStore:
             }
             for task_id, entry in starts or ():
                 task_row = self._tasks.get(task_id)
-                if (task_row is not None and task_row["token"] == entry
-                        and task_row["state"] == EntryState.RUNNING
-                        and task_row["task"].key in claimed):  # fmt: skip
-                    task_row["attempts"] += 1
+                if (
+                    task_row is not None
+                    and task_row.token == entry
+                    and task_row.state == EntryState.RUNNING
+                    and task_row.task.key in claimed
+                ):
+                    task_row.attempts += 1
         return claims
 
-    def _owned(self, key: str, token: int) -> dict[str, Any] | None:
+    def _owned(self, key: str, token: int) -> _KeyRow | None:
         for row in self._keys.get(key, {}).values():
-            if row["token"] == token and row["state"] == _Row.IN_PROGRESS:
+            if row.token == token and row.state == _Row.IN_PROGRESS:
                 return row
         return None
 
@@ -1704,21 +1905,17 @@ class MemoryStore:
             for key, token, text, *calls in items:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(state=_Row.COMPLETED, output=text, error=None, lease_expires=None,
-                               updated_at=now,
-                               attempts=row["attempts"] + (calls[0] if calls else 0))  # fmt: skip
+                    row.complete(text, now, calls[0] if calls else 0)
                 results.append(row is not None)
             for index, task_id, entry, *calls in settle or ():
                 task = self._tasks.get(task_id)
                 if (
                     results[index]
                     and task is not None
-                    and task["token"] == entry
-                    and (task["state"] == EntryState.RUNNING)
+                    and task.token == entry
+                    and task.state == EntryState.RUNNING
                 ):
-                    task.update(state=EntryState.DONE, error=None, error_kind=None,
-                                lease_expires=None, updated_at=now,
-                                attempts=task["attempts"] + (calls[0] if calls else 0))  # fmt: skip
+                    task.settle(EntryState.DONE, None, None, now, calls[0] if calls else 0)
         return results
 
     def renew_many(self, claims: Sequence[tuple[str, int]]) -> int:
@@ -1728,7 +1925,8 @@ class MemoryStore:
             for key, token in claims:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(lease_expires=now + self.lease_seconds, updated_at=now)
+                    row.lease_expires = now + self.lease_seconds
+                    row.updated_at = now
                     count += 1
         return count
 
@@ -1739,9 +1937,7 @@ class MemoryStore:
             for key, token, error, *calls in items:
                 row = self._owned(key, token)
                 if row is not None:
-                    row.update(state=_Row.FAILED, error=_storable_text(error), lease_expires=None,
-                               updated_at=now,
-                               attempts=row["attempts"] + (calls[0] if calls else 0))  # fmt: skip
+                    row.release(_storable_text(error), now, calls[0] if calls else 0)
                     count += 1
         return count
 
@@ -1750,31 +1946,30 @@ class MemoryStore:
             rows = self._keys.get(key, {})
             if namespace is not None:
                 row = rows.get(namespace)
-                return None if row is None else _public_row(row, namespace)
+                return None if row is None else row.public(namespace)
             if not rows:
                 return None
-            name = max(rows, key=lambda n: _lookup_rank(rows[n]["state"], rows[n]["updated_at"]))
-            return _public_row(rows[name], name)
+            name = max(rows, key=lambda n: rows[n].lookup_rank())
+            return rows[name].public(name)
 
     def mark_processed(self, key: str, output_json: str, namespace: str = "") -> None:
         with self._guard():
             rows = self._keys.setdefault(key, {})
-            row = rows.setdefault(
-                namespace, {"fingerprint": None, "token": _new_token(), "attempts": 0}
-            )
-            row.update(state=_Row.COMPLETED, output=output_json, error=None, lease_expires=None,
-                       updated_at=time.time())  # fmt: skip
+            row = rows.get(namespace)
+            if row is None:
+                rows[namespace] = row = _KeyRow(
+                    state=_Row.COMPLETED, fingerprint=None, token=_new_token()
+                )
+            row.complete(output_json, time.time())
 
     def live_claims(self, namespace: str) -> list[tuple[int, float]]:
         with self._guard():
             now = time.time()
             return [
-                (row["token"], row["lease_expires"])
+                (row.token, row.lease_expires)
                 for rows in self._keys.values()
                 for name, row in rows.items()
-                if name in (namespace, "")
-                and row["state"] == _Row.IN_PROGRESS
-                and row["lease_expires"] > now
+                if name in (namespace, "") and row.lease_expires is not None and row.live(now)
             ]
 
     def purge_expired(self, older_than: float | None = None) -> int:
@@ -1783,20 +1978,24 @@ class MemoryStore:
             return 0
         cutoff = time.time() - age
         with self._guard():
-            old_keys = [(key, name) for key, rows in self._keys.items()
-                        for name, row in rows.items()
-                        if row["state"] != _Row.IN_PROGRESS
-                        and row["updated_at"] <= cutoff]  # fmt: skip
-            old_tasks = [i for i, row in self._tasks.items()
-                         if row["state"] in (EntryState.DONE, EntryState.FAILED)
-                         and row["updated_at"] <= cutoff]  # fmt: skip
+            old_keys = [
+                (key, name)
+                for key, rows in self._keys.items()
+                for name, row in rows.items()
+                if row.state != _Row.IN_PROGRESS and row.updated_at <= cutoff
+            ]
+            old_tasks = [
+                task_id
+                for task_id, row in self._tasks.items()
+                if row.state in (EntryState.DONE, EntryState.FAILED) and row.updated_at <= cutoff
+            ]
             for key, name in old_keys:
                 del self._keys[key][name]
                 if not self._keys[key]:
                     del self._keys[key]
             for task_id in old_tasks:
                 del self._tasks[task_id]
-            for name in [n for n, w in self._workers.items() if w["seen_at"] <= cutoff]:
+            for name in [n for n, w in self._workers.items() if w.seen_at <= cutoff]:
                 del self._workers[name]
             for minute, worker in [k for k in self._history if k[0] * 60 <= cutoff]:
                 del self._history[minute, worker]
@@ -1807,26 +2006,31 @@ class MemoryStore:
         with self._guard():
             for rows in self._keys.values():
                 for row in rows.values():
-                    counts[row["state"].value] += 1
+                    counts[row.state.value] += 1
         counts["total"] = sum(counts.values())
         return counts
 
     # Durable queue ------------------------------------------------------------------------------
 
     def _check_same(self, task: Task, stored: Task) -> None:
-        if (stored.key != task.key or stored.queue != task.queue
-                or _queue_payload(stored) != _queue_payload(task)):  # fmt: skip
+        if (
+            stored.key != task.key
+            or stored.queue != task.queue
+            or _queue_payload(stored) != _queue_payload(task)
+        ):
             raise TaskConflictError(task.id)
 
     def _new_row(
         self, task: Task, now: float, priority: int = 0, run_at: float | None = None
-    ) -> dict[str, Any]:
-        return {
-            "task": task, "state": EntryState.QUEUED, "token": None, "worker": None,
-            "lease_expires": None, "attempts": 0, "error": None, "error_kind": None,
-            "enqueued_at": now, "updated_at": now, "priority": priority, "run_at": run_at,
-            "seq": next(self._places),
-        }  # fmt: skip
+    ) -> _TaskRow:
+        return _TaskRow(
+            task=task,
+            seq=next(self._places),
+            enqueued_at=now,
+            updated_at=now,
+            priority=priority,
+            run_at=run_at,
+        )
 
     def enqueue_many(
         self,
@@ -1842,7 +2046,7 @@ class MemoryStore:
             seen: dict[str, Task] = {}
             for task in tasks:
                 row = self._tasks.get(task.id)
-                self._check_same(task, row["task"] if row is not None else seen.get(task.id, task))
+                self._check_same(task, row.task if row is not None else seen.get(task.id, task))
                 seen.setdefault(task.id, task)
             now = time.time()
             for task, (wait, rank) in zip(tasks, schedules, strict=True):
@@ -1856,31 +2060,16 @@ class MemoryStore:
                 self._work.notify_all()
         return added
 
-    def _takeable(self, row: dict[str, Any], now: float, scheduled: bool = True) -> bool:
-        """Return whether a take may lease `row`; with `scheduled`, only once it is due (a
-        submission's take_task brings its own due time instead)."""
-        if row["state"] == EntryState.FAILED:
-            return True
-        due = not scheduled or row["run_at"] is None or row["run_at"] <= now
-        return due and (
-            row["state"] == EntryState.QUEUED
-            or (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now)
-        )
-
-    @staticmethod
-    def _rank(row: dict[str, Any]) -> tuple[int, float, int]:
-        # Highest priority first; within one, ready longest first, then submission order (see
-        # Store.take_many).
-        run_at = row["run_at"]
-        return -row["priority"], row["enqueued_at"] if run_at is None else run_at, row["seq"]
-
-    def _lease(self, row: dict[str, Any], worker: str, now: float) -> int:
+    def _lease(self, row: _TaskRow, worker: str, now: float) -> int:
         token = _new_token()
         # A failed task submitted again starts with fresh attempts; a take itself counts none.
-        attempts = 0 if row["state"] == EntryState.FAILED else row["attempts"]
-        row.update(state=EntryState.RUNNING, token=token, worker=worker,
-                   lease_expires=now + self.lease_seconds, updated_at=now,
-                   attempts=attempts)  # fmt: skip
+        if row.state == EntryState.FAILED:
+            row.attempts = 0
+        row.state = EntryState.RUNNING
+        row.token = token
+        row.worker = worker
+        row.lease_expires = now + self.lease_seconds
+        row.updated_at = now
         return token
 
     def take_many(
@@ -1893,23 +2082,21 @@ class MemoryStore:
         taken = []
         with self._guard():
             now = time.time()
-            rows = [row for row in self._tasks.values()
-                    if queues is None or row["task"].queue in queues]  # fmt: skip
+            rows = [
+                row for row in self._tasks.values() if queues is None or row.task.queue in queues
+            ]
             if max_crashes is not None:
+                crashed = _crash_error(max_crashes)
                 for row in rows:
-                    if (row["state"] == EntryState.RUNNING and row["lease_expires"] <= now
-                            and row["attempts"] >= max_crashes):  # fmt: skip
-                        row.update(state=EntryState.FAILED, error=_crash_error(max_crashes),
-                                   error_kind=ErrorKind.CRASHED.value, lease_expires=None,
-                                   updated_at=now)  # fmt: skip
+                    if row.stalled(now) and row.attempts >= max_crashes:
+                        row.settle(EntryState.FAILED, crashed, ErrorKind.CRASHED.value, now)
             ready = sorted(
-                (row for row in rows
-                 if row["state"] != EntryState.FAILED and self._takeable(row, now)),
-                key=self._rank,
-            )  # fmt: skip
+                (row for row in rows if row.state != EntryState.FAILED and row.takeable(now)),
+                key=_TaskRow.rank,
+            )
             for row in ready[:limit]:
                 lease = self._lease(row, worker, now)
-                taken.append(QueuedTask(row["task"], lease, row["priority"]))
+                taken.append(QueuedTask(row.task, lease, row.priority))
         return taken
 
     def take_task(
@@ -1920,21 +2107,24 @@ class MemoryStore:
             now = time.time()
             row = self._tasks.get(task.id)
             if row is not None:
-                self._check_same(task, row["task"])
+                self._check_same(task, row.task)
             else:
                 self._tasks[task.id] = row = self._new_row(task, now, rank)
             # This submission's schedule replaces the stored one.
-            if not self._takeable(row, now, scheduled=False):
+            if not row.takeable(now, scheduled=False):
                 return None
-            row.update(priority=rank, run_at=None if wait is None else now + wait)
+            row.priority = rank
+            row.run_at = None if wait is None else now + wait
             return self._lease(row, worker, now)
 
     def next_run_at(self) -> float | None:
         with self._guard():
             now = time.time()
-            due = [row["run_at"] for row in self._tasks.values()
-                   if row["state"] == EntryState.QUEUED and row["run_at"] is not None
-                   and row["run_at"] > now]  # fmt: skip
+            due = [
+                row.run_at
+                for row in self._tasks.values()
+                if row.state == EntryState.QUEUED and row.run_at is not None and row.run_at > now
+            ]
         return min(due, default=None)
 
     def settle_many(self, items: Sequence[tuple[Any, ...]]) -> int:
@@ -1943,13 +2133,9 @@ class MemoryStore:
             now = time.time()
             for task_id, token, state, error, kind, calls in map(_settlement, items):
                 row = self._tasks.get(task_id)
-                if row is None or row["token"] != token or row["state"] != EntryState.RUNNING:
+                if row is None or row.token != token or row.state != EntryState.RUNNING:
                     continue
-                row.update(state=state, error=_storable_text(error), error_kind=kind,
-                           lease_expires=None, updated_at=now,
-                           attempts=row["attempts"] + calls)  # fmt: skip
-                if state == EntryState.QUEUED:  # returned to the queue, for any worker
-                    row.update(token=None, worker=None)
+                row.settle(state, _storable_text(error), kind, now, calls)
                 count += 1
             if count:
                 self._work.notify_all()
@@ -1965,16 +2151,23 @@ class MemoryStore:
         with self._guard():
             now = time.time()
             if entries is None:
-                rows = [row for row in self._tasks.values() if row["worker"] == worker]
+                rows = [row for row in self._tasks.values() if row.worker == worker]
             else:
-                rows = [self._tasks[i] for i, token in entries
-                        if i in self._tasks and self._tasks[i]["token"] == token]  # fmt: skip
+                rows = [
+                    self._tasks[i]
+                    for i, token in entries
+                    if i in self._tasks and self._tasks[i].token == token
+                ]
             for row in rows:
-                if row["state"] == EntryState.RUNNING:
-                    row.update(lease_expires=now + self.lease_seconds, updated_at=now)
+                if row.state == EntryState.RUNNING:
+                    row.lease_expires = now + self.lease_seconds
+                    row.updated_at = now
                     count += 1
-            seen = self._workers.setdefault(worker, {"started_at": now})
-            seen.update(seen_at=now, info=dict(info or {}))
+            seen = self._workers.get(worker)
+            if seen is None:
+                self._workers[worker] = seen = _WorkerRow(started_at=now, seen_at=now, info={})
+            seen.seen_at = now
+            seen.info = dict(info or {})
         return count
 
     def queue_status(self) -> dict[str, Any]:
@@ -1982,27 +2175,26 @@ class MemoryStore:
         with self._guard():
             now = time.time()
             queued = []
-            held: dict[str, int] = {}
+            held: dict[str | None, int] = {}  # worker -> the rows it holds
             queues: dict[str, dict[str, Any]] = {}
             for row in self._tasks.values():
-                state = row["state"].value
+                state = row.state.value
                 status["tasks"][state] += 1
-                entry = queues.setdefault(row["task"].queue, _queue_entry())
-                if row["state"] == EntryState.QUEUED and (row["run_at"] or 0) > now:
+                entry = queues.setdefault(row.task.queue, _queue_entry())
+                if row.state == EntryState.QUEUED and (row.run_at or 0) > now:
                     status["delayed"] += 1
                     entry["delayed"] += 1
-                elif row["state"] == EntryState.QUEUED:
-                    ready = row["enqueued_at"] if row["run_at"] is None else row["run_at"]
-                    queued.append(ready)
+                elif row.state == EntryState.QUEUED:
+                    queued.append(row.ready_at)
                     entry["queued"] += 1
                     oldest = entry["oldest_waiting_age"]
-                    age = now - ready
+                    age = now - row.ready_at
                     entry["oldest_waiting_age"] = age if oldest is None else max(oldest, age)
                 else:
                     entry[state] += 1
-                    if row["state"] == EntryState.RUNNING:
-                        held[row["worker"]] = held.get(row["worker"], 0) + 1
-                        if row["lease_expires"] <= now:
+                    if row.state == EntryState.RUNNING:
+                        held[row.worker] = held.get(row.worker, 0) + 1
+                        if row.stalled(now):
                             status["stalled"] += 1
             if queued:
                 status["oldest_queued_seconds"] = round(now - min(queued), 3)
@@ -2012,7 +2204,7 @@ class MemoryStore:
             status["queues"] = dict(sorted(queues.items()))
             lease = self.lease_seconds
             status["workers"] = [
-                _worker_entry(name, w["info"], now - w["seen_at"], held.get(name, 0), lease)
+                _worker_entry(name, w.info, now - w.seen_at, held.get(name, 0), lease)
                 for name, w in sorted(self._workers.items())
             ]
         return status
@@ -2024,14 +2216,13 @@ class MemoryStore:
     ) -> list[dict[str, Any]]:
         _check_operation(queue=queue, limit=limit)
         with self._guard():
-            rows = [row for row in self._tasks.values() if row["state"] == EntryState.FAILED
-                    and (queue is None or row["task"].queue == queue)]  # fmt: skip
-            rows.sort(key=lambda row: (-row["updated_at"], row["task"].id))
-            return [
-                _failed_entry(row["task"].id, row["task"].key, row["task"].queue,
-                              row["attempts"], row["error_kind"], row["error"], row["updated_at"])
-                for row in rows[:limit]
-            ]  # fmt: skip
+            rows = [
+                row
+                for row in self._tasks.values()
+                if row.state == EntryState.FAILED and (queue is None or row.task.queue == queue)
+            ]
+            rows.sort(key=lambda row: (-row.updated_at, row.task.id))
+            return [row.failed_entry() for row in rows[:limit]]
 
     def retry_tasks(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
         ids = _check_operation(ids=ids, queue=queue)
@@ -2040,13 +2231,11 @@ class MemoryStore:
             now = time.time()
             rows = self._tasks.values() if ids is None else filter(None, map(self._tasks.get, ids))
             # The retried go to the back, in the order they had among themselves.
-            for row in sorted(rows, key=lambda row: row["seq"]):
-                if row["state"] != EntryState.FAILED:
+            for row in sorted(rows, key=lambda row: row.seq):
+                if row.state != EntryState.FAILED:
                     continue
-                if queue is None or row["task"].queue == queue:
-                    row.update(state=EntryState.QUEUED, token=None, worker=None, attempts=0,
-                               error=None, error_kind=None, enqueued_at=now, updated_at=now,
-                               run_at=None, seq=next(self._places))  # fmt: skip
+                if queue is None or row.task.queue == queue:
+                    row.requeue(now, next(self._places))
                     count += 1
             if count:
                 self._work.notify_all()
@@ -2058,7 +2247,7 @@ class MemoryStore:
         with self._guard():
             for task_id in ids:
                 row = self._tasks.get(task_id)
-                if row is not None and row["state"] == EntryState.QUEUED:
+                if row is not None and row.state == EntryState.QUEUED:
                     del self._tasks[task_id]
                     count += 1
         return count
@@ -2066,8 +2255,11 @@ class MemoryStore:
     def task_states(self, ids: Sequence[str]) -> dict[str, str]:
         ids = _check_operation(ids=ids)
         with self._guard():
-            return {task_id: self._tasks[task_id]["state"].value for task_id in ids
-                    if task_id in self._tasks}  # fmt: skip
+            return {
+                task_id: self._tasks[task_id].state.value
+                for task_id in ids
+                if task_id in self._tasks
+            }
 
     def wait_for_work(self, timeout: float, stop: threading.Event) -> None:
         deadline = time.monotonic() + timeout
@@ -2101,12 +2293,12 @@ class MemoryStore:
         self, worker: str, minute: int, counts: Mapping[str, int], latency: str
     ) -> None:
         with self._guard():
-            self._history[int(minute), worker] = _history_row(worker, minute, counts, latency)
+            self._history[int(minute), worker] = _HistoryRow.of(worker, minute, counts, latency)
 
     def history(self, since: float) -> list[dict[str, Any]]:
         first = int(since // 60)
         with self._guard():
-            return [dict(row) for key, row in sorted(self._history.items()) if key[0] >= first]
+            return [self._history[key].public() for key in sorted(self._history) if key[0] >= first]
 
     def close(self) -> None:
         """Close the store: its contents are gone, and every later call raises `TaskQueueError`."""
@@ -2120,25 +2312,6 @@ class MemoryStore:
             self._work.notify_all()
 
 
-def _lookup_rank(state: Any, updated_at: float) -> tuple[bool, float]:
-    # Which row of a key the namespace-free lookup shows: a completed one, else the latest.
-    return (state == _Row.COMPLETED, updated_at)
-
-
-def _public_row(row: dict[str, Any], namespace: str = "") -> dict[str, Any]:
-    output = row.get("output")
-    return {
-        "namespace": namespace,
-        "state": str(row["state"].value if isinstance(row["state"], enum.Enum) else row["state"]),
-        "fingerprint": row.get("fingerprint"),
-        "output": None if output is None else json.loads(output),
-        "error": row.get("error"),
-        "lease_expires": row.get("lease_expires"),
-        "updated_at": row.get("updated_at"),
-        "attempts": row.get("attempts", 0),
-    }
-
-
 class _BufferedCursor:
     """A cursor's result read at once: the statement is finished (and, alone, committed), and the
     next statement can reuse the cursor."""
@@ -2146,7 +2319,7 @@ class _BufferedCursor:
     __slots__ = ("_rows", "rowcount")
 
     def __init__(self, cursor: Any) -> None:
-        self.rowcount = cursor.rowcount
+        self.rowcount: int = cursor.rowcount
         self._rows = cursor.fetchall() if cursor.description is not None else []
 
     def fetchone(self) -> Any:
@@ -2154,6 +2327,28 @@ class _BufferedCursor:
 
     def fetchall(self) -> list[Any]:
         return self._rows
+
+
+class _Cursor(Protocol):
+    """The result of one statement: a DB-API cursor, or a `_BufferedCursor`."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Execute(Protocol):
+    """A transaction's ``execute(name, params)``: one named statement with one parameter
+    mapping returns its cursor; with a list of mappings, a buffered result for each."""
+
+    @overload
+    def __call__(self, name: str, params: Mapping[str, Any], /) -> _Cursor: ...
+
+    @overload
+    def __call__(self, name: str, params: list[Any], /) -> list[_BufferedCursor]: ...
 
 
 def _lost_claim(fp: str | None, found: Sequence[Any]) -> Claim:
@@ -2567,7 +2762,7 @@ class _SqlStore:
         if self._closed:
             raise TaskQueueError(_STORE_CLOSED)
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _transaction(self, body: Callable[[_Execute], _T], write: bool = True) -> _T:
         """Run ``body(execute)`` in one transaction; ``execute(name, params)`` runs one named
         statement and returns its cursor, or, given a list of parameter mappings, runs the
         statement once per mapping and returns a buffered result for each. ``write=False``
@@ -2602,7 +2797,7 @@ class _SqlStore:
                     Claim(ClaimState.CLAIMED, token=won.fetchone()[0], lease_expires=now + lease)
                 ]
 
-        def claim_all(execute: Callable[..., Any]) -> list[Claim]:
+        def claim_all(execute: _Execute) -> list[Claim]:
             now = time.time()
             # Consecutive tokens, one per key: the start statement finds the keys this
             # transaction won by their range.
@@ -2652,7 +2847,7 @@ class _SqlStore:
             if single is not None:
                 return [single.rowcount]
 
-        def run(execute: Callable[..., Any]) -> list[int]:
+        def run(execute: _Execute) -> list[int]:
             counts = [0] * len(rows)
             for index in _key_order([row[field] for row in rows]):
                 counts[index] = execute(name, rows[index]).rowcount
@@ -2673,7 +2868,7 @@ class _SqlStore:
         if not settle:
             return [count == 1 for count in self._each("complete", rows)]
 
-        def run(execute: Callable[..., Any]) -> list[bool]:
+        def run(execute: _Execute) -> list[bool]:
             written = [False] * len(rows)
             order = _key_order([row["key"] for row in rows])
             for index, result in zip(order, execute("complete", [rows[i] for i in order]),
@@ -2733,7 +2928,7 @@ class _SqlStore:
             return 0
         params = {"cutoff": time.time() - age}
 
-        def purge(execute: Callable[..., Any]) -> int:
+        def purge(execute: _Execute) -> int:
             execute("purge_workers", params)  # heartbeats of workers long gone; not counted
             if self._has_history(execute):
                 execute("purge_history", params)  # charted minutes, not records: not counted
@@ -2763,7 +2958,7 @@ class _SqlStore:
         if not rows:
             return 0
 
-        def enqueue(execute: Callable[..., Any]) -> int:
+        def enqueue(execute: _Execute) -> int:
             added = self._enqueue_chunk(execute, rows)
             if added:
                 self._notify(execute)  # wake idle workers: there is work for them
@@ -2783,7 +2978,7 @@ class _SqlStore:
                 for index, (t, (run_at, rank))
                 in enumerate(zip(tasks, schedules, strict=True))]  # fmt: skip
 
-    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+    def _enqueue_chunk(self, execute: _Execute, rows: list[dict[str, Any]]) -> int:
         """Insert `rows` inside the caller's transaction; return how many were new.
 
         Raises:
@@ -2800,7 +2995,7 @@ class _SqlStore:
         self._advance_places(execute, len(rows))
         return added
 
-    def _advance_places(self, execute: Callable[..., Any], count: int) -> None:
+    def _advance_places(self, execute: _Execute, count: int) -> None:
         """Move the counter of places past the `count` a statement batch took from {place}
         (SqliteStore; on PostgreSQL each statement draws its own from a sequence)."""
 
@@ -2829,7 +3024,7 @@ class _SqlStore:
         items = iter(tasks)
         started = False
 
-        def enqueue(execute: Callable[..., Any]) -> int:
+        def enqueue(execute: _Execute) -> int:
             nonlocal started
             if started:
                 raise TaskQueueError(
@@ -2859,7 +3054,7 @@ class _SqlStore:
         return self._transaction(enqueue)
 
     @staticmethod
-    def _check_same(execute: Callable[..., Any], row: Mapping[str, Any]) -> None:
+    def _check_same(execute: _Execute, row: Mapping[str, Any]) -> None:
         """Refuse a task id stored with another key or payload.
 
         Raises:
@@ -2869,7 +3064,7 @@ class _SqlStore:
         if stored is not None and tuple(stored) != (row["key"], row["payload"], row["queue"]):
             raise TaskConflictError(row["id"])
 
-    def _notify(self, execute: Callable[..., Any]) -> int:
+    def _notify(self, execute: _Execute) -> int:
         return 0  # PostgresStore wakes idle workers here
 
     def take_many(
@@ -2893,7 +3088,7 @@ class _SqlStore:
 
         unreadable: list[tuple[Any, str]] = []  # (id, error) of the rows failed as no task
 
-        def take(execute: Callable[..., Any]) -> list[QueuedTask]:
+        def take(execute: _Execute) -> list[QueuedTask]:
             unreadable.clear()  # a transaction run again starts over
             if max_crashes is not None:
                 execute("fail_crashed" + suffix, {**params, "max_crashes": max_crashes,
@@ -2937,7 +3132,7 @@ class _SqlStore:
                   "priority": rank, "task_group": task.group,
                   "timeout": task.timeout}  # fmt: skip
 
-        def take(execute: Callable[..., Any]) -> Any:
+        def take(execute: _Execute) -> Any:
             row = execute("take_task", params).fetchone()
             if row is None:
                 self._check_same(execute, params)
@@ -2965,7 +3160,7 @@ class _SqlStore:
         params = {"worker": worker, "lease": now + self.lease_seconds, "now": now,
                   "info": json.dumps(dict(info or {}))}  # fmt: skip
 
-        def renew(execute: Callable[..., Any]) -> int:
+        def renew(execute: _Execute) -> int:
             execute("heartbeat", params)
             if entries is None:
                 return execute("renew_tasks", params).rowcount
@@ -2980,7 +3175,7 @@ class _SqlStore:
         status = _empty_status()
         now = time.time()
 
-        def read(execute: Callable[..., Any]) -> None:
+        def read(execute: _Execute) -> None:
             # The totals are the sums of the queues': one scan for both (status is polled).
             queues: dict[str, dict[str, Any]] = {}
             for name, state, count in execute("queue_counts", {}).fetchall():
@@ -3041,7 +3236,7 @@ class _SqlStore:
             name = "retry_ids" if queue is None else "retry_ids_in"
             params["ids"] = self._list_param(sorted(set(ids)))
 
-        def retry(execute: Callable[..., Any]) -> int:
+        def retry(execute: _Execute) -> int:
             count = execute(name, params).rowcount
             if count:
                 self._advance_places(execute, count)
@@ -3079,7 +3274,7 @@ class _SqlStore:
                                   "extra": hold + period}  # fmt: skip
         made = (name, count) in self._slot_rows
 
-        def take(execute: Callable[..., Any]) -> tuple[int, float | None, float]:
+        def take(execute: _Execute) -> tuple[int, float | None, float]:
             if not made:
                 execute("slots_init", params)
             # Read once the transaction holds its locks (SQLite's write lock is taken at BEGIN):
@@ -3100,7 +3295,7 @@ class _SqlStore:
 
     # History ------------------------------------------------------------------------------------
 
-    def _has_history(self, execute: Callable[..., Any]) -> bool:
+    def _has_history(self, execute: _Execute) -> bool:
         """Return whether the history table exists: a database opened only to read or purge may
         come from a version without it (only an opener that may create adds it)."""
         return bool(execute("history_exists", {"name": self._names["history"]}).fetchone()[0])
@@ -3112,7 +3307,7 @@ class _SqlStore:
         self._transaction(lambda execute: execute("history_upsert", params))
 
     def history(self, since: float) -> list[dict[str, Any]]:
-        def read(execute: Callable[..., Any]) -> list[Any]:
+        def read(execute: _Execute) -> list[Any]:
             if not self._has_history(execute):
                 return []
             return execute("history", {"since": int(since // 60)}).fetchall()
@@ -3180,7 +3375,7 @@ class SqliteStore(_SqlStore):
         self.url = f"sqlite:///{MEMORY_DATABASE if self.path is None else self.path}"
         if not create and self.path is None:
             raise ConfigError(f"database {MEMORY_DATABASE} is new and empty in every process")
-        if not create and not os.path.exists(self.path):
+        if not create and not os.path.exists(self.path):  # type: ignore[arg-type]  # not None: raised above
             raise ConfigError(f"database {self.path}: does not exist")
         self.durability = durability
         self._create = create
@@ -3402,7 +3597,7 @@ class SqliteStore(_SqlStore):
             f"WHERE NOT EXISTS (SELECT 1 FROM {order})"
         )
 
-    def _advance_places(self, execute: Callable[..., Any], count: int) -> None:
+    def _advance_places(self, execute: _Execute, count: int) -> None:
         execute("advance_places", {"count": count})
 
     def _migrate_keys(self, conn: sqlite3.Connection) -> None:
@@ -3468,7 +3663,7 @@ class SqliteStore(_SqlStore):
         conn.execute("COMMIT")
         logger.info("database tables %s now hold named queues", self._names["tasks"])
 
-    def _transaction(self, body: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+    def _transaction(self, body: Callable[[_Execute], _T], write: bool = True) -> _T:
         conn = self._conn
         if conn is None:
             raise TaskQueueError(_STORE_CLOSED)
@@ -3482,7 +3677,7 @@ class SqliteStore(_SqlStore):
         # A reader needs no write lock: in WAL mode it never waits for a writer.
         begin = "BEGIN IMMEDIATE" if write else "BEGIN"
 
-        def run() -> Any:
+        def run() -> _T:
             conn.execute(begin)
             try:
                 result = body(execute)
@@ -3520,7 +3715,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _retry_busy(operation: Callable[[], Any]) -> Any:
+def _retry_busy(operation: Callable[[], _T]) -> _T:
     # busy_timeout covers most waits, but a few steps (switching the journal mode, a transaction
     # that met a checkpoint) report SQLITE_BUSY at once. Retry them with backoff up to the timeout.
     deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
@@ -3598,7 +3793,7 @@ def _many_values(sql: str, count: int) -> str | None:
         return None
     row = tail[start : end + 1]
     rows = ", ".join(
-        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)
+        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)  # type: ignore[misc]  # a default argument
         for index in range(count)
     )
     return f"{head}{values} {rows}{tail[end + 1 :]}"
@@ -3818,6 +4013,21 @@ class PostgresStore(_SqlStore):
             self.close()
             raise
 
+    def sibling(self) -> PostgresStore:
+        """Open another store on this one's database and schema: a connection of its own, so
+        that its statements run beside this store's instead of after them.
+
+        Raises:
+            ConfigError: the database cannot be used now.
+        """
+        return PostgresStore(
+            self._secret_url,
+            lease_seconds=self.lease_seconds,
+            ttl_seconds=self.ttl_seconds,
+            reconnect_seconds=self._reconnect_seconds,
+            create=False,
+        )
+
     def _render_sql(self, missing: Iterable[tuple[str, str]] = ()) -> None:
         super()._render_sql(missing)
         self._sql["notify"] = "SELECT pg_notify(%(channel)s, '')"
@@ -3989,15 +4199,15 @@ class PostgresStore(_SqlStore):
         if scheduled is None:
             self._read_as_legacy()
 
-    def _statement(self, name: str, params: Mapping[str, Any]) -> _BufferedCursor:
+    def _statement(self, name: str, params: Mapping[str, Any]) -> _Cursor:
         """Run one statement as its own transaction: BEGIN and COMMIT cost a round trip each, the
         statement one. A lost connection leaves its outcome as unknown as a lost COMMIT would
         (the statement is atomic either way), and it is run again like a transaction."""
         return self._transaction(lambda execute: execute(name, params), alone=True)
 
     def _transaction(
-        self, body: Callable[[Callable[..., Any]], Any], write: bool = True, *, alone: bool = False
-    ) -> Any:
+        self, body: Callable[[_Execute], _T], write: bool = True, *, alone: bool = False
+    ) -> _T:
         psycopg = self._psycopg
         sql = self._sql
         deadline = time.monotonic() + self._reconnect_seconds
@@ -4054,7 +4264,7 @@ class PostgresStore(_SqlStore):
                     if time.monotonic() >= deadline:
                         raise
 
-    def _notify(self, execute: Callable[..., Any]) -> int:
+    def _notify(self, execute: _Execute) -> int:
         execute("notify", {"channel": self._channel})
         return 0
 
@@ -4090,7 +4300,7 @@ class PostgresStore(_SqlStore):
         lost = [i for i in order if keys[i] not in won]
         found: dict[str, Any] = {}
 
-        def settle_lost(execute: Callable[..., Any]) -> tuple[dict[str, int], dict[str, Any]]:
+        def settle_lost(execute: _Execute) -> tuple[dict[str, int], dict[str, Any]]:
             def lookup(indexes: list[int]) -> dict[str, Any]:
                 rows = execute("lookup_set", {"keys": [keys[i] for i in indexes], "ns": namespace})
                 return {row[0]: row[1:] for row in rows.fetchall()}
@@ -4182,7 +4392,7 @@ class PostgresStore(_SqlStore):
         if EntryState.QUEUED.value not in states:
             return self._statement("settle_set", params).rowcount
 
-        def settle(execute: Callable[..., Any]) -> int:
+        def settle(execute: _Execute) -> int:
             count = execute("settle_set", params).rowcount
             self._notify(execute)  # wake idle workers: there is work for them
             return count
@@ -4204,13 +4414,13 @@ class PostgresStore(_SqlStore):
                   "info": json.dumps(dict(info or {})), "ids": [ids[i] for i in order],
                   "tokens": [entries[i][1] for i in order]}  # fmt: skip
 
-        def renew(execute: Callable[..., Any]) -> int:
+        def renew(execute: _Execute) -> int:
             execute("heartbeat", params)
             return execute("renew_entries_set", params).rowcount
 
         return self._transaction(renew)
 
-    def _enqueue_chunk(self, execute: Callable[..., Any], rows: list[dict[str, Any]]) -> int:
+    def _enqueue_chunk(self, execute: _Execute, rows: list[dict[str, Any]]) -> int:
         # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
         # INSERT with a VALUES tuple for each row, returning the ids it inserted. Only the rows
         # it left alone (stored before, or repeated in the chunk) are checked, one by one.
@@ -4520,7 +4730,7 @@ def open_store(
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else ""
         if not text:
-            raise ConfigError(f"database {_redact(os.fspath(url))}: write sqlite:///PATH")
+            raise ConfigError(f"database {_redact(os.fspath(url))}: write sqlite:///PATH")  # type: ignore[arg-type]  # not None: text came from it
     elif "://" in text:
         raise ConfigError(
             f"database {_redact(text)}: unknown scheme (use a path, sqlite:///PATH, memory:// or "
@@ -4575,7 +4785,7 @@ def enqueue(
     store = open_store(db, durability=durability)
     try:
         assert isinstance(store, _SqlStore)  # the in-memory databases are refused above
-        return store._enqueue_stream(tasks, queue, delay, priority)
+        return store._enqueue_stream(tasks, queue, delay, priority)  # noqa: SLF001  # enqueue_tasks is its public face
     finally:
         store.close()
 
@@ -4595,14 +4805,14 @@ def _check_key(key: Any) -> str:
     problem = _text_problem(key)
     if problem is not None:
         raise ValueError(f"idempotency key {key!r} {problem}")
-    return key
+    return cast(str, key)  # a str: _text_problem checked it
 
 
 def _check_fingerprint(fp: Any) -> str | None:
     """Return `fp` if it is None or a fingerprint every store can keep; else raise ValueError."""
     if fp is not None and _text_problem(fp) is not None:
         raise ValueError(f"fingerprint {fp!r} {_text_problem(fp)}")
-    return fp
+    return cast("str | None", fp)  # a str or None: _text_problem checked it
 
 
 def _check_token(token: Any) -> int:
@@ -4619,7 +4829,7 @@ def _check_key_namespace(namespace: Any) -> str:
     """Return `namespace` if it is ``""`` (no handler) or text every store can keep."""
     if namespace != "" and _text_problem(namespace) is not None:
         raise ValueError(f"namespace {namespace!r} {_text_problem(namespace)}")
-    return namespace
+    return cast(str, namespace)  # "" or a str _text_problem checked
 
 
 class IdempotencyManager:
@@ -4746,9 +4956,9 @@ class IdempotencyManager:
 
     def complete_many(
         self,
-        items: Iterable[tuple[str, int, str]],
+        items: Iterable[tuple[str, int, str] | tuple[str, int, str, int]],
         *,
-        settle: Sequence[tuple[int, str, int]] | None = None,
+        settle: Sequence[tuple[int, str, int] | tuple[int, str, int, int]] | None = None,
     ) -> list[bool]:
         """Complete many owned keys in one transaction (group commit).
 
@@ -4798,6 +5008,23 @@ class IdempotencyManager:
             raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
         return self._check_open().release_many([(key, token, error, retries)]) == 1
 
+    def release_many(self, items: Iterable[tuple[str, int, str | None]]) -> int:
+        """Give up many owned keys in one transaction, each ``(key, token, error)`` as `release`
+        gives up one; return how many were released (a stale token releases nothing)."""
+        rows: list[tuple[str, int, str | None, int]] = []
+        for key, token, error in items:
+            _check_key(key)
+            _check_token(token)
+            if error is not None and not isinstance(error, str):
+                raise ValueError(f"error must be a string or None, not {error!r}")
+            rows.append((key, token, error, 0))
+        return self._check_open().release_many(rows) if rows else 0
+
+    def live_claims(self, namespace: str = "") -> list[tuple[int, float]]:
+        """Return ``(token, lease_expires)`` of the live claims of `namespace` (and of keys that
+        belong to no handler)."""
+        return self._check_open().live_claims(_check_key_namespace(namespace))
+
     def lookup(self, key: str, *, namespace: str | None = None) -> dict[str, Any] | None:
         """Return the stored row of `key` as a dict, or None.
 
@@ -4827,11 +5054,15 @@ class IdempotencyManager:
 
     def is_processed(self, key: str) -> bool:
         """Return whether `key` is completed."""
+        return self._completed_row(key) is not None
+
+    def _completed_row(self, key: str) -> dict[str, Any] | None:
+        """Return the row of `key` if it is completed and not expired, else None (one read)."""
         row = self.lookup(key)
         if row is None or row["state"] != _Row.COMPLETED:
-            return False
+            return None
         ttl = self.store.ttl_seconds
-        return ttl is None or row["updated_at"] > time.time() - ttl
+        return row if ttl is None or row["updated_at"] > time.time() - ttl else None
 
     def mark_processed(self, key: str, output: Any = None, *, namespace: str = "") -> None:
         """Record `key` as completed with `output`, whoever holds it.
@@ -4849,7 +5080,9 @@ class IdempotencyManager:
 
     def get_cached_output(self, key: str) -> Any:
         """Return the output stored for a completed `key`, or None."""
-        return self.lookup(key)["output"] if self.is_processed(key) else None
+        # One read: a purge between two reads must not turn a completed key into an error.
+        row = self._completed_row(key)
+        return None if row is None else row["output"]
 
     # Housekeeping -------------------------------------------------------------------------------
 
@@ -4937,6 +5170,10 @@ class _Histogram:
         index = _ceil(_log(value) / self._log_gamma)
         buckets = self._buckets
         buckets[index] = buckets.get(index, 0) + 1
+
+    def buckets(self) -> dict[int, int]:
+        """Return a copy of the count in each bucket, by bucket index."""
+        return dict(self._buckets)
 
     def percentile(self, p: float) -> float:
         """Return the nearest-rank `p`-th percentile (0 <= p <= 100), 0.0 when empty."""
@@ -5266,7 +5503,7 @@ class MetricsCollector:
                 {name: self._counts[name] for name in _HISTORY_COUNTS},
                 latency.zeros,
                 latency.total,
-                dict(latency._buckets),
+                latency.buckets(),
             )
 
     def percentile(self, p: float, series: str = "latency") -> float:
@@ -5537,7 +5774,7 @@ _STOP = object()  # the sentinel that ends one worker loop
 _live_queues: weakref.WeakSet[TaskQueue] = weakref.WeakSet()  # closed at interpreter exit
 
 
-class _WorkQueue(queue.Queue):
+class _WorkQueue(queue.Queue[Any]):
     """A `queue.Queue` with priorities that can also take items past its bound (retries, stop
     sentinels).
 
@@ -5749,7 +5986,7 @@ class TaskQueue:
         self.maxsize = maxsize
         self.workers = workers
         self._queue = _WorkQueue(maxsize)
-        self._lock = threading.Lock()  # guards self._closed
+        self._lock = threading.Lock()  # guards _closed and _loops_left: a flag flip, a count
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="task-queue-worker"
@@ -6324,7 +6561,9 @@ class _Scheduler:
 
     def __init__(self, callback: Callable[[Any], None], name: str) -> None:
         self._callback = callback
-        self._cond = threading.Condition()  # guards self._heap and self._stopped
+        # Guards _heap and _stopped; notified when an item is scheduled or removed and on stop,
+        # so the thread recomputes its wait. The callback runs without it.
+        self._cond = threading.Condition()
         self._heap: list[tuple[float, int, Any]] = []
         self._seq = itertools.count()
         self._stopped = False
@@ -6435,18 +6674,141 @@ class _History:
         self._written, self._flushed = row, now
 
 
-class _NoHistory:
-    """The history of a pool that keeps none (not durable)."""
+class _DurableRows:
+    """What a durable pool keeps in the store's durable queue, besides the keys' claims.
 
-    def flush(self) -> None:
+    It persists submissions (`take`), takes rows to run (`take_many`), records how each run
+    ended (`settle`; cancelled runs go back to the queue), gives back rows it will not run,
+    renews its rows' leases with a heartbeat, and writes the per-minute history. `_NoRows` is its
+    do-nothing twin for a plain pool, so that the pool never asks which kind it is to record.
+    The store's own lock makes every method safe from any thread.
+    """
+
+    durable = True
+
+    def __init__(self, store: Store, worker: str, totals: Callable[[], _Totals]) -> None:
+        self._store = store
+        self._worker = worker
+        self._history = _History(totals, store, worker)
+
+    def take(self, task: Task, delay: float, priority: int) -> int | None:
+        """Persist a submission and lease it to this pool (see `Store.take_task`)."""
+        return self._store.take_task(task, self._worker, delay=delay, priority=priority)
+
+    def take_many(
+        self, limit: int, max_crashes: int, queues: Sequence[str] | None
+    ) -> list[QueuedTask]:
+        """Lease up to `limit` rows to run (see `Store.take_many`)."""
+        if queues is None:
+            return self._store.take_many(self._worker, limit, max_crashes)
+        return self._store.take_many(self._worker, limit, max_crashes, queues=queues)
+
+    def wait_for_work(self, seconds: float, stop: threading.Event) -> None:
+        self._store.wait_for_work(seconds, stop)
+
+    def next_run_at(self) -> float | None:
+        return self._store.next_run_at()
+
+    def queue_status(self) -> dict[str, Any]:
+        return self._store.queue_status()
+
+    def settle(self, items: Iterable[tuple[Any, ...]]) -> None:
+        """Record how runs ended (cancelled ones go back to the queue); never raises.
+
+        Each item is ``(task_id, entry, status, error[, error_kind, retries])``: `retries` are the
+        run's handler calls after its first, which its start counted (see `Store`).
+        """
+        rows = [
+            (task_id, entry, _ENTRY_STATE[status], error, *rest)
+            for task_id, entry, status, error, *rest in items
+            if entry is not None
+        ]
+        if not rows:
+            return
+        try:
+            self._store.settle_many(rows)
+        except Exception:
+            # The results are in the idempotency rows already; the queue rows' leases expire and
+            # whoever takes them finds the keys completed.
+            logger.exception("recording %d results in the durable queue failed", len(rows))
+
+    def give_back(self, entries: Iterable[tuple[str, int | None]]) -> None:
+        """Give rows this pool took but will not run back to the queue; never raises."""
+        self.settle([(task_id, entry, TaskStatus.CANCELLED, None) for task_id, entry in entries])
+
+    def heartbeat(self, info: dict[str, Any], entries: list[tuple[str, int]]) -> None:
+        """Say this worker is alive and extend the leases of the rows it holds; never raises."""
+        try:
+            # Only the rows this pool holds: a row taken by a take whose answer was lost (a
+            # dropped connection) is not renewed, and another worker takes it after its lease.
+            self._store.renew_tasks(self._worker, info, entries)
+        except Exception as exc:
+            logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
+
+    def record_history(self) -> None:
+        """Write this minute's counts to the store's history; never raises."""
+        try:
+            self._history.flush()
+        except Exception as exc:
+            # The counts are kept: the next flush writes them, the database back or not.
+            logger.warning("writing the dashboard history failed: %s", _first_line(exc))
+
+
+class _NoRows:
+    """The durable rows of a plain pool: there are none, so each method does nothing."""
+
+    durable = False
+
+    def take(self, task: Task, delay: float, priority: int) -> int | None:
+        raise TaskQueueError("this pool is not durable")
+
+    def take_many(
+        self, limit: int, max_crashes: int, queues: Sequence[str] | None
+    ) -> list[QueuedTask]:
+        raise TaskQueueError("this pool is not durable")
+
+    def wait_for_work(self, seconds: float, stop: threading.Event) -> None:
+        stop.wait(seconds)
+
+    def next_run_at(self) -> float | None:
+        return None
+
+    def queue_status(self) -> dict[str, Any]:
+        return _empty_status()
+
+    def settle(self, items: Iterable[tuple[Any, ...]]) -> None:
+        pass
+
+    def give_back(self, entries: Iterable[tuple[str, int | None]]) -> None:
+        pass
+
+    def heartbeat(self, info: dict[str, Any], entries: list[tuple[str, int]]) -> None:
+        pass
+
+    def record_history(self) -> None:
         pass
 
 
-class _LeaseKeeper:
-    """One thread that renews the pool's claims every third of the lease, until stopped."""
+_NO_ROWS = _NoRows()
 
-    def __init__(self, pool: WorkerPool, interval: float) -> None:
-        self._pool = pool
+
+class _LeaseKeeper:
+    """One thread that, every `interval` (a third of the lease) until stopped, says the pool is
+    alive, records its history and renews the claims it holds."""
+
+    def __init__(
+        self,
+        interval: float,
+        *,
+        heartbeat: Callable[[], None],
+        record_history: Callable[[], None],
+        held_claims: Callable[[], list[tuple[str, int]]],
+        renew: Callable[[list[tuple[str, int]]], int],
+    ) -> None:
+        self._heartbeat = heartbeat
+        self._record_history = record_history
+        self._held_claims = held_claims
+        self._renew = renew
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="task-queue-leases", daemon=True)
@@ -6459,24 +6821,24 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._pool._heartbeat()
-            self._pool._record_history()
-            held = self._pool._held_claims()
+            self._heartbeat()
+            self._record_history()
+            held = self._held_claims()
             if not held:
                 continue
             try:
-                renewed = self._pool.idempotency.renew_many(held)
+                renewed = self._renew(held)
             except Exception as exc:
                 # An outage is not a bug: one line, and the next round tries again.
                 logger.warning("renewing %d leases failed: %s", len(held), _first_line(exc))
                 continue
             if renewed < len(held):
                 # Claims that finished since the snapshot are not lost: count only those still held.
-                lost = len(set(held) & set(self._pool._held_claims())) - renewed
+                lost = len(set(held) & set(self._held_claims())) - renewed
                 if lost > 0:
                     logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
         # The pool has stopped: its last minute's counts go to the history before the store closes.
-        self._pool._record_history()
+        self._record_history()
 
 
 def _is_async_handler(handler: Callable[..., Any]) -> bool:
@@ -6508,7 +6870,10 @@ class _ClaimRequest:
         self.outcomes = outcomes  # the worker's list: the committer appends while it waits
         self.owned: list[_Job] = []
         self.error: BaseException | None = None
-        self.ready = threading.Event()
+        # Held until the round that serves the request ends: the worker waits by acquiring it,
+        # the committer releases it once (a bare lock costs a fraction of an Event).
+        self.ready = threading.Lock()
+        self.ready.acquire()
 
 
 class _Committer:
@@ -6520,8 +6885,12 @@ class _Committer:
     another task's bookkeeping, and a store serialised by one connection sees a few transactions
     per round instead of two per task.
 
+    With `claimer_exit`, claims get a thread of their own (the pool claims on a connection of
+    their own): a worker waiting for its claim no longer waits behind a round of completions.
+
     Threads: workers (and an async pool's dispatchers and event loop) put requests; this thread
-    alone takes them. `claim` blocks its caller until the round that served it ends.
+    (and the claimer) alone take them. `claim` blocks its caller until the round that served it
+    ends.
     """
 
     def __init__(
@@ -6529,20 +6898,31 @@ class _Committer:
         claim: Callable[[list[_Job], list[_JobOutcome]], list[_Job]],
         record: Callable[[list[_Finished], list[_Done]], None],
         on_exit: Callable[[], None],
+        claimer_exit: Callable[[], None] | None = None,
     ) -> None:
         self._claim = claim  # the pool's claim of many jobs' keys: one transaction
         self._record = record  # the pool's recording of finished work: one transaction, futures
         self._on_exit = on_exit  # called once as the thread ends
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._claims = self._requests  # where claim requests go: a queue of their own, or not
         self._thread = threading.Thread(target=self._run, name="task-queue-committer", daemon=True)
-        self._thread.start()
+        self._threads = [self._thread]
+        if claimer_exit is not None:
+            self._claims = queue.SimpleQueue()
+            claimer = threading.Thread(
+                target=self._run_claims, args=(claimer_exit,), name="task-queue-claimer",
+                daemon=True,
+            )  # fmt: skip
+            self._threads.append(claimer)
+        for thread in self._threads:
+            thread.start()
 
     @property
-    def thread(self) -> threading.Thread:
-        return self._thread
+    def threads(self) -> list[threading.Thread]:
+        return self._threads
 
     def owns_current_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        return threading.current_thread() in self._threads
 
     def claim(self, jobs: list[_Job], outcomes: list[_JobOutcome]) -> list[_Job]:
         """Claim the jobs' keys in the next round; return the jobs the caller now owns.
@@ -6550,8 +6930,8 @@ class _Committer:
         Jobs answered without a handler call (duplicates, conflicts) are appended to `outcomes`.
         """
         request = _ClaimRequest(jobs, outcomes)
-        self._requests.put(request)
-        request.ready.wait()
+        self._claims.put(request)
+        request.ready.acquire()
         if request.error is not None:
             raise request.error
         return request.owned
@@ -6565,15 +6945,34 @@ class _Committer:
         self._requests.put(call)
 
     def stop(self, wait: bool = True) -> None:
-        """End the thread after the requests before this one; nothing may be running."""
+        """End the threads after the requests before this one; nothing may be running."""
+        if self._claims is not self._requests:
+            self._claims.put(_STOP)
         self._requests.put(_STOP)
         if wait:
             self.join()
 
     def join(self) -> None:
-        """Wait until the thread has ended (after `stop`)."""
-        if not self.owns_current_thread():
-            self._thread.join()
+        """Wait until the threads have ended (after `stop`); from one of them, the others."""
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join()
+
+    def _run_claims(self, on_exit: Callable[[], None]) -> None:
+        requests = self._claims
+        try:
+            while True:
+                items = [requests.get()]
+                while not requests.empty() and len(items) < MAX_COMPLETION_BATCH:
+                    items.append(requests.get())
+                claims = [item for item in items if item is not _STOP]
+                if claims:
+                    self._serve_claims(claims)
+                if len(claims) < len(items):
+                    return
+        finally:
+            on_exit()
 
     def _run(self) -> None:
         requests = self._requests
@@ -6606,7 +7005,7 @@ class _Committer:
         except BaseException as exc:
             for request in requests:
                 request.error = exc
-                request.ready.set()
+                request.ready.release()
             return
         if len(requests) == 1:
             requests[0].owned = owned
@@ -6618,7 +7017,7 @@ class _Committer:
             for outcome in outcomes:
                 by_job[id(outcome.job)].outcomes.append(outcome)
         for request in requests:
-            request.ready.set()
+            request.ready.release()
 
 
 class _AsyncRunner:
@@ -6654,7 +7053,7 @@ class _AsyncRunner:
 
     def free_slots(self) -> int:
         """Return how many more calls could start now (a snapshot)."""
-        return self._slots._value  # read without the lock: a hint for batch sizes
+        return self._slots._value  # noqa: SLF001  # no public count; read without the lock: a hint
 
     @property
     def thread(self) -> threading.Thread:
@@ -6737,11 +7136,25 @@ class _AsyncRunner:
 
 # A submission that joined an in-flight one: its task, its future, when it was submitted and,
 # in a durable pool, the token of its row in the durable queue.
-_Follower = tuple[Task, concurrent.futures.Future, float, "int | None"]
+@dataclasses.dataclass(slots=True)
+class _Follower:
+    """A submission that joined one of its key in flight: it shares that one's outcome."""
+
+    task: Task
+    future: Any  # its concurrent.futures.Future[TaskRecord], or an iter_results _Slot
+    enqueued_at: float  # when it was submitted
+    entry: int | None  # the token of its durable-queue row, in a durable pool
 
 
 class _Job:
-    """One accepted submission as the pool tracks it; mutated only by the thread that holds it."""
+    """One accepted submission as the pool tracks it.
+
+    Its phases: accepted (in `_inflight`, queued or delayed), taken (`dequeued`: a worker's
+    batch holds it; `batch` is that batch), owned (`token` set: its key is claimed), called
+    (`attempts` > 0), parked (in the scheduler for a retry, a poll or a rate limit), and finished
+    (`done`). `done`, `dequeued` and `followers` are guarded by the pool's lock (see
+    `WorkerPool.__init__`); every other field is written only by the thread that holds the job.
+    """
 
     __slots__ = (
         "attempts", "batch", "delayed", "dequeued", "done", "enqueued_at", "entry", "fingerprint",
@@ -6753,7 +7166,7 @@ class _Job:
         self,
         task: Task,
         fp: str,
-        future: concurrent.futures.Future,
+        future: concurrent.futures.Future[TaskRecord],
         now: float,
         entry: int | None = None,
         priority: int = 0,
@@ -6824,7 +7237,7 @@ def _each_alone(operation: Callable[[list[Any]], list[Any]], items: list[Any]) -
 
 
 def _resolve_all(
-    resolved: Iterable[tuple[concurrent.futures.Future, TaskRecord]],
+    resolved: Iterable[tuple[concurrent.futures.Future[TaskRecord], TaskRecord]],
 ) -> BaseException | None:
     """Set every future's result; return the first BaseException a done-callback raised.
 
@@ -6841,8 +7254,106 @@ def _resolve_all(
     return escaped
 
 
-def _resolved(record: TaskRecord) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
+def _task_record(
+    task: Task,
+    status: TaskStatus,
+    finished_at: float,
+    *,
+    enqueued_at: float,
+    output: Any = None,
+    error: str | None = None,
+    kind: ErrorKind | None = None,
+    attempts: int = 0,
+    started_at: float | None = None,
+) -> TaskRecord:
+    """Build the record of one submission: the one place the pool makes a `TaskRecord`."""
+    return TaskRecord(
+        task_id=task.id,
+        key=task.key,
+        status=status,
+        output=output,
+        error=error,
+        error_kind=kind,
+        attempts=attempts,
+        enqueued_at=enqueued_at,
+        started_at=started_at,
+        finished_at=finished_at,
+    )
+
+
+class _Slot:
+    """A submission's place in an `iter_results` window, standing in for its future.
+
+    Resolving it hands ``(slot, record)`` to the window's `put` (a queue the iterating thread
+    reads, or an event loop's inbox): no Condition to build, no waiters to wake, no callbacks to
+    run. The pool treats it as the job's future (`set_result` is all it calls).
+    """
+
+    __slots__ = ("_put",)
+
+    def __init__(self, put: Callable[[tuple[_Slot, TaskRecord]], None]) -> None:
+        self._put = put
+
+    def set_result(self, record: TaskRecord) -> None:
+        self._put((self, record))
+
+
+class _LoopInbox:
+    """Records finished on the pool's threads, delivered to one event loop.
+
+    Any thread may `put`; one wake-up of the loop carries every item put before it ran, so a
+    burst of completions costs the loop one callback instead of one per record. `get_all` runs
+    on the loop. Items put after `close` (a consumer that left) are dropped.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()  # guards the three attributes below
+        self._items: list[Any] = []
+        self._wake_pending = False  # a `_wake` is scheduled on the loop and has not run yet
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None  # the loop thread's alone
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to read it
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._items = []
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get_all(self) -> list[Any]:
+        """Wait until an item is there; remove and return every item there."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items, self._items = self._items, []
+                    return items
+            # Only this loop runs `_wake`, and not before this await: no wake-up is lost.
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
+def _resolved(record: TaskRecord) -> concurrent.futures.Future[TaskRecord]:
+    future: concurrent.futures.Future[TaskRecord] = concurrent.futures.Future()
     future.set_running_or_notify_cancel()
     future.set_result(record)
     return future
@@ -6885,12 +7396,18 @@ def _check_namespace(namespace: Any, source: str = "namespace") -> str:
         problem = "must be a non-empty printable string"
     if problem is not None:
         raise ValueError(f"{source} {problem}, not {_shown(namespace)}")
-    return namespace
+    return cast(str, namespace)  # a str: _text_problem checked it
 
 
 def _retries(calls: int) -> int:
     """The handler calls of a run after its first: the first was counted when the run started."""
     return max(calls - 1, 0)
+
+
+def _never_called(job: _Job) -> bool:
+    """Whether an owned job has not begun: its handler was never called and no output of it
+    waits to be recorded. Cancellation gives its claim back."""
+    return job.attempts == 0 and job.unrecorded is None
 
 
 def _unstarted(job: _Job) -> bool:
@@ -7008,28 +7525,58 @@ class WorkerPool:
         self._poll_interval = claim_poll_interval
         self._metrics = metrics if metrics is not None else MetricsCollector(workers, queue_size)
         self._owns_store = idempotency is None
-        self._store = idempotency or IdempotencyManager(
+        self._idempotency = idempotency or IdempotencyManager(
             db_path, lease_seconds=lease_seconds, durability=durability
         )
         self._durable = durable
         self._task_timeout = None if task_timeout is None else float(task_timeout)
         self._flow = self._make_flow(overall_rate, group_rates)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._lock = threading.Lock()  # guards the attributes below
-        self._changed = threading.Condition(self._lock)  # notified whenever _pending drops
+        # The durable queue's rows this pool holds (and its per-minute history for the
+        # dashboard), or their do-nothing twin in a plain pool.
+        self._rows: _DurableRows | _NoRows = (
+            _DurableRows(
+                self._idempotency.store,
+                self.worker_name,
+                self._metrics._history_totals,  # noqa: SLF001  # the history's input, not public API
+            )
+            if durable
+            else _NO_ROWS
+        )
+        # The lock protocol.
+        #
+        # Threads: submitters (any thread, `submit`), the worker loops of `_queue` (or, for an
+        # async handler, its dispatchers and the `_AsyncRunner`'s event loop), the committer and,
+        # on PostgreSQL, the claimer (`_Committer`), the scheduler (`_Scheduler`: retries,
+        # delays, polls, rate-limit waits), the lease keeper (`_LeaseKeeper`) and `serve` loops.
+        # A job (`_Job`) is held by one of them at a time and handed on through the queue, the
+        # committer's queues, the scheduler or the loop, whose own locks order the writes; the
+        # holder alone writes the job's other fields.
+        #
+        # `_lock` guards `_inflight`, `_pending`, `_closed`, `_cancelling`, `_stopping`,
+        # `_store_users`, the two notice times below, and three fields of every job: `done`,
+        # `dequeued` and `followers` (a submitter appends a follower while a worker holds the
+        # job). It is held for dict and counter updates only, and while a job is taken back out
+        # of the queue or the scheduler (`_cancel_queued`, `_abandon`): it may be taken before
+        # `_queue`'s mutex or the scheduler's condition, never after them, and never around a
+        # store call, a handler or a future's callbacks. `_changed` is notified whenever
+        # `_pending` drops: `shutdown` and `serve` wait on it.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._inflight: dict[str, _Job] = {}  # key -> the job that runs it
         self._pending = 0  # jobs accepted and not finished
         self._closed = False
         self._cancelling = False
         self._stopping = False
-        # Who uses the store now: the worker loops (as one), the completer of an async pool,
-        # serve() loops and durable submits. The last to let go closes an owned store.
+        # Who uses the store now: the worker loops (as one), the committer, serve() loops and
+        # durable submits. The last to let go closes an owned store.
         self._store_users = 1
+        self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
+        self._store_error_notice_at: float | None = None  # when a store error was last reported
+        # Unguarded: written once here, or a hint whose lost update costs nothing.
         self._runner: _AsyncRunner | None = None  # runs an async handler's calls
         # Seconds per handler call, smoothed: it sizes the batches a worker takes (see _run_batch).
         self._per_call = BATCH_BUDGET_SECONDS
-        self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
-        self._store_error_notice_at: float | None = None  # when a store error was last reported
         # An async handler's calls run on an event loop; a few dispatcher threads claim their
         # keys and start them there. A plain handler runs on `workers` threads.
         is_async = _is_async_handler(self._handler)
@@ -7044,10 +7591,21 @@ class WorkerPool:
             )
         except ValueError:
             if self._owns_store:
-                self._store.close()
+                self._idempotency.close()
             raise
         self._store_users += 1  # the committer writes claims and completions
-        self._committer = _Committer(self._claim, self._record, self._release_store)
+        # On PostgreSQL, claims have a connection (and a thread) of their own: a worker waiting
+        # for its claim does not wait behind a round of completions, and the server runs both.
+        self._claimer = self._idempotency
+        claimer_exit = None
+        store = self._idempotency.store
+        if isinstance(store, PostgresStore):
+            try:
+                self._claimer = IdempotencyManager(store=store.sibling())
+                claimer_exit = self._claimer.store.close
+            except Exception:  # the server just went away: claims share the one connection
+                logger.debug("opening the claims' connection failed", exc_info=True)
+        self._committer = _Committer(self._claim, self._record, self._release_store, claimer_exit)
         if is_async:
             self._runner = _AsyncRunner(
                 self._handler,
@@ -7060,24 +7618,27 @@ class WorkerPool:
         # Checked on every submit: a set of thread idents is the cheapest test.
         self._own_threads = frozenset(
             thread.ident
-            for thread in (self._committer.thread, self._runner and self._runner.thread)
+            for thread in (
+                *self._committer.threads,
+                None if self._runner is None else self._runner.thread,
+            )
             if thread is not None
         )
         self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
-        # A durable pool's counts per minute go to the store for the dashboard's charts.
-        self._history: _History | _NoHistory = (
-            _History(self._metrics._history_totals, self._store.store, self.worker_name)
-            if durable
-            else _NoHistory()
+        self._keeper = _LeaseKeeper(
+            self._idempotency.lease_seconds / 3,
+            heartbeat=self._heartbeat,
+            record_history=self._rows.record_history,
+            held_claims=self._held_claims,
+            renew=self._idempotency.renew_many,
         )
-        self._keeper = _LeaseKeeper(self, self._store.lease_seconds / 3)
         _live_pools.add(self)
 
     def _make_flow(self, overall: _Rate | None, groups: Mapping[str, _Rate]) -> _Flow | _NoFlow:
         """Build the pool's rate limits: in the store when other processes may share it."""
         if overall is None and not groups:
             return _NO_FLOW
-        store = self._store.store
+        store = self._idempotency.store
         shared = isinstance(store, _SqlStore) and not (
             isinstance(store, SqliteStore) and store.path is None
         )
@@ -7100,7 +7661,7 @@ class WorkerPool:
 
     @property
     def idempotency(self) -> IdempotencyManager:
-        return self._store
+        return self._idempotency
 
     @property
     def closed(self) -> bool:
@@ -7108,7 +7669,7 @@ class WorkerPool:
 
     def submit(
         self, task: Task, *, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future:
+    ) -> concurrent.futures.Future[TaskRecord]:
         """Accept `task` and return a future that resolves to its `TaskRecord`.
 
         Blocks while the queue is full when ``on_full="block"``; a delayed task takes no queue
@@ -7127,13 +7688,26 @@ class WorkerPool:
             PoolClosedError: the pool is shut down.
             TypeError, ValueError: `delay` or `priority` is not a number in range (see above).
         """
-        return self._submit(task, delay=delay, priority=priority)
+        # Without a sink, `_submit` returns a future.
+        return cast(
+            "concurrent.futures.Future[TaskRecord]",
+            self._submit(task, delay=delay, priority=priority),
+        )
 
     def _submit(
-        self, task: Task, *, probe: bool = False, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future:
+        self,
+        task: Task,
+        *,
+        probe: bool = False,
+        delay: float = 0.0,
+        priority: int = 0,
+        sink: _Slot | None = None,
+    ) -> Any:
         """Submit `task`; with `probe`, raise QueueFullError at once instead of waiting for room
-        (and count no rejection): `AsyncWorkerPool` then waits for room off its event loop."""
+        (and count no rejection): `AsyncWorkerPool` then waits for room off its event loop.
+
+        With `sink`, the accepted submission resolves that slot instead of a new future, and the
+        slot is returned; a submission refused at once still returns a resolved future."""
         if not isinstance(task, Task):
             raise TypeError(f"submit() takes a Task, not {type(task).__name__}")
         if delay or priority or type(delay) is not float or type(priority) is not int:
@@ -7142,13 +7716,15 @@ class WorkerPool:
         try:
             fp = fingerprint(task.payload)
         except (TypeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
-            return self._refuse(task, now, f"payload is not JSON-serialisable: {exc}", "permanent")
+            error = f"payload is not JSON-serialisable: {exc}"
+            return self._refuse(task, now, error, ErrorKind.PERMANENT)
         if not self._durable:
             if probe:
                 return self._accept(
-                    task, fp, now, None, block=False, probe=True, delay=delay, priority=priority
-                )
-            return self._accept(task, fp, now, None, delay=delay, priority=priority)
+                    task, fp, now, None, block=False, probe=True, delay=delay, priority=priority,
+                    sink=sink,
+                )  # fmt: skip
+            return self._accept(task, fp, now, None, delay=delay, priority=priority, sink=sink)
         with self._lock:
             if self._closed:
                 raise PoolClosedError()
@@ -7157,18 +7733,16 @@ class WorkerPool:
             # Persisted before submit returns; None when the task is done or another worker has it
             # (the key's claim then decides what this submission reports).
             try:
-                entry = self._store.store.take_task(
-                    task, self.worker_name, delay=delay, priority=priority
-                )
+                entry = self._rows.take(task, delay, priority)
             except TaskConflictError as exc:
                 # The stored task is another one: running either would run what was not asked.
-                return self._refuse(task, now, str(exc), ErrorKind.CONFLICT.value)
+                return self._refuse(task, now, str(exc), ErrorKind.CONFLICT)
             except Exception as exc:
                 # Not persisted, so not accepted: the caller learns it from the record (submit
                 # raises only QueueFullError and PoolClosedError) and may submit again.
                 error = f"the durable queue could not record the task: {_describe(exc)}"
-                return self._refuse(task, now, error, ErrorKind.TRANSIENT.value)
-            return self._accept(task, fp, now, entry, delay=delay, priority=priority)
+                return self._refuse(task, now, error, ErrorKind.TRANSIENT)
+            return self._accept(task, fp, now, entry, delay=delay, priority=priority, sink=sink)
         finally:
             self._release_store()
 
@@ -7184,17 +7758,20 @@ class WorkerPool:
         probe: bool = False,
         delay: float = 0.0,
         priority: int = 0,
-    ) -> concurrent.futures.Future:
+        sink: _Slot | None = None,
+    ) -> Any:
         """Track `task` and put it in the queue, or in the scheduler for `delay` seconds; return
-        its future.
+        its future (`sink` itself when given).
 
         `block` and `timeout` override the pool's ``on_full`` policy (``serve`` always waits for
         room: the rows it feeds in are leased to this pool already).
         """
         if block is None:
             block, timeout = self._block, self._submit_timeout
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()  # outcomes come from the pool, not from cancel()
+        future: Any = sink
+        if future is None:
+            future = concurrent.futures.Future()
+            future.set_running_or_notify_cancel()  # outcomes come from the pool, not cancel()
         with self._lock:
             closed = self._closed
             leader = None if closed else self._inflight.get(task.key)
@@ -7205,15 +7782,15 @@ class WorkerPool:
                 self._inflight[job.key] = job
                 self._pending += 1
             elif leader.fingerprint == fp:
-                leader.followers.append((task, future, now, entry))
+                leader.followers.append(_Follower(task, future, now, entry))
         if closed:
-            self._return_entries([(task.id, entry)])
+            self._rows.give_back([(task.id, entry)])
             raise PoolClosedError()
         if leader is not None:
             if leader.fingerprint != fp:
                 error = str(IdempotencyConflictError(task.key))
-                self._settle([(task.id, entry, TaskStatus.FAILED, error, ErrorKind.CONFLICT, 0)])
-                return self._refuse(task, now, error, ErrorKind.CONFLICT.value)
+                self._rows.settle([(task.id, entry, TaskStatus.FAILED, error, "conflict", 0)])
+                return self._refuse(task, now, error, ErrorKind.CONFLICT)
             self._metrics.record_enqueue(queued=False)
             return future
         try:
@@ -7266,27 +7843,29 @@ class WorkerPool:
     ) -> Iterator[TaskRecord]:
         """`iter_results`, submitting the tasks whose id `schedule` holds with its ``(delay,
         priority)`` (a task file's fields)."""
-        done: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[_Slot, TaskRecord]] = queue.SimpleQueue()
+        put = done.put
         window = self._queue.maxsize + self._workers
-        ours: set[concurrent.futures.Future] = set()  # submitted and not yet yielded
+        ours: set[_Slot] = set()  # submitted and not yet yielded
 
         def collect() -> TaskRecord:
-            future = done.get()
-            ours.discard(future)
-            return future.result()
+            slot, record = done.get()
+            ours.discard(slot)
+            return record
 
         closed: PoolClosedError | None = None
         try:
             for task in tasks:
                 while len(ours) >= window or (ours and not done.empty()):
                     yield collect()
+                slot = _Slot(put)
                 while True:
                     try:
                         if schedule is None or task.id not in schedule:
-                            future = self.submit(task)
+                            future = self._submit(task, sink=slot)
                         else:
                             delay, priority = schedule[task.id]
-                            future = self.submit(task, delay=delay, priority=priority)
+                            future = self._submit(task, delay=delay, priority=priority, sink=slot)
                         break
                     except QueueFullError:
                         # With on_full="reject" the queue may be full of this very iteration's
@@ -7300,8 +7879,9 @@ class WorkerPool:
                         break
                 if closed is not None:
                     break
-                ours.add(future)
-                future.add_done_callback(done.put)
+                ours.add(slot)
+                if future is not slot:  # refused at once: its future is resolved already
+                    put((slot, future.result()))
             while ours:
                 yield collect()
         finally:
@@ -7346,7 +7926,7 @@ class WorkerPool:
     def _serve(
         self, stop: threading.Event, prefetch: int | None, poll_interval: float, burst: bool
     ) -> None:
-        store = self._store.store
+        rows = self._rows
         self._heartbeat()
         outage_noticed: float | None = None  # when the last "unavailable" warning was logged
         backoff = 0.05
@@ -7361,12 +7941,7 @@ class WorkerPool:
             if stop.is_set() or self._closed:
                 break
             try:
-                if self.queues is None:
-                    leased = store.take_many(self.worker_name, room, self._retry.max_attempts)
-                else:
-                    leased = store.take_many(
-                        self.worker_name, room, self._retry.max_attempts, queues=self.queues
-                    )
+                leased = rows.take_many(room, self._retry.max_attempts, self.queues)
             except Exception as exc:
                 # The database stayed unreachable past the store's own retries (a server down
                 # longer than its reconnect window, a file locked or gone): a worker keeps
@@ -7384,14 +7959,14 @@ class WorkerPool:
             backoff = 0.05
             if not leased:
                 if burst:
-                    left = self._burst_left(store, stop)
+                    left = self._burst_left(stop)
                     if left == (0, 0):
                         return
                     if left is not None and left[0]:
                         # Ready rows another worker may be taking: look again in a moment.
-                        store.wait_for_work(min(poll_interval, 0.1), stop)
+                        rows.wait_for_work(min(poll_interval, 0.1), stop)
                         continue
-                store.wait_for_work(self._idle_wait(store, poll_interval), stop)
+                rows.wait_for_work(self._idle_wait(rows, poll_interval), stop)
                 continue
             for position, item in enumerate(leased):
                 try:
@@ -7403,12 +7978,12 @@ class WorkerPool:
                 except BaseException as exc:
                     # _accept gave this row back; the rest go back too, for any worker to take.
                     rest = leased[position + 1 :]
-                    self._return_entries([(q.task.id, q.token) for q in rest])
+                    self._rows.give_back([(q.task.id, q.token) for q in rest])
                     if isinstance(exc, PoolClosedError):
                         return
                     raise
 
-    def _burst_left(self, store: Store, stop: threading.Event) -> tuple[int, int] | None:
+    def _burst_left(self, stop: threading.Event) -> tuple[int, int] | None:
         """Wait until this pool has finished what it took; then return the store's count of
         tasks ready to run and running (None when the store cannot say now)."""
         with self._changed:
@@ -7419,7 +7994,7 @@ class WorkerPool:
         if stop.is_set():
             return None
         try:
-            status = store.queue_status()
+            status = self._rows.queue_status()
         except Exception as exc:
             logger.warning("reading the queue failed (%s); trying again", _first_line(exc))
             return None
@@ -7430,41 +8005,17 @@ class WorkerPool:
                 sum(entry[EntryState.RUNNING.value] for entry in mine))  # fmt: skip
 
     @staticmethod
-    def _idle_wait(store: Store, poll_interval: float) -> float:
+    def _idle_wait(rows: _DurableRows | _NoRows, poll_interval: float) -> float:
         """Seconds an idle worker waits for work: `poll_interval`, or until the earliest delayed
         task falls due, whichever comes first (an enqueue may wake it sooner)."""
         try:
-            due = store.next_run_at()
+            due = rows.next_run_at()
         except Exception:
             return poll_interval  # the take that follows reports an outage
         if due is None:
             return poll_interval
         # Just past the due time, so that the take finds the task due by the store's clock.
         return min(poll_interval, max(due - time.time(), 0.0) + 0.001)
-
-    def _return_entries(self, entries: Iterable[tuple[str, int | None]]) -> None:
-        """Give durable-queue rows this pool took but will not run back to the queue."""
-        self._settle([(task_id, entry, TaskStatus.CANCELLED, None) for task_id, entry in entries])
-
-    def _settle(self, items: Iterable[tuple[Any, ...]]) -> None:
-        """Record final states in the durable queue (cancelled ones go back to the queue).
-
-        Each item is ``(task_id, entry, status, error[, error_kind, retries])``: `retries` are the
-        run's handler calls after its first, which its start counted (see `Store`).
-        """
-        rows = [
-            (task_id, entry, _ENTRY_STATE[status], error, *rest)
-            for task_id, entry, status, error, *rest in items
-            if entry is not None
-        ]
-        if not rows:
-            return
-        try:
-            self._store.store.settle_many(rows)
-        except Exception:
-            # The results are in the idempotency rows already; the queue rows' leases expire and
-            # whoever takes them finds the keys completed.
-            logger.exception("recording %d results in the durable queue failed", len(rows))
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Stop accepting tasks, finish the accepted ones and stop the threads.
@@ -7529,7 +8080,13 @@ class WorkerPool:
             # A dispatcher takes only what free slots can start now, so that what waits stays in
             # the queue (cancellable, unclaimed) instead of claimed in a dispatcher's hands.
             return max(1, min(MAX_BATCH, self._runner.free_slots()))
-        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_SECONDS / self._per_call)))
+        per_call = self._per_call
+        if per_call > BATCH_BUDGET_SECONDS:
+            # Slow calls: one claim round for a few jobs; the worker runs the first and gives
+            # the others, claimed, back to the front of the queue (see _call_handler), so the
+            # next free workers start them without waiting for a claim of their own.
+            return CLAIM_AHEAD
+        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_SECONDS / per_call)))
 
     def _process_batch(self, jobs: list[_Job]) -> None:
         outcomes: list[_JobOutcome] = []
@@ -7545,7 +8102,7 @@ class WorkerPool:
             held = [(job.key, job.token, error) for job in stranded if job.token is not None]
             if held:
                 try:
-                    self._store.store.release_many(held)  # a later run may take them at once
+                    self._idempotency.release_many(held)  # a later run may take them at once
                 except Exception:
                     logger.exception(
                         "releasing %d claims failed; their leases will expire", len(held)
@@ -7571,16 +8128,23 @@ class WorkerPool:
                 if not job.dequeued:
                     job.dequeued = True
                     fresh += 1
+        withdrawn: list[_Job] = []
         for job in live:
             job.batch = jobs
             if job.token is not None:
-                owned.append(job)  # a retry, or a job handed over by another worker
+                if cancelling and _never_called(job):
+                    withdrawn.append(job)  # claimed ahead by another worker: not started yet
+                else:
+                    owned.append(job)  # a retry, or a job handed over by another worker
             elif cancelling:
                 outcomes.append(_JobOutcome(job, TaskStatus.CANCELLED))
             else:
                 unclaimed.append(job)
         if fresh:
             self._metrics.record_dequeue(fresh)
+        if withdrawn:
+            self._withdraw(withdrawn)
+            outcomes.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in withdrawn)
         if unclaimed:
             # A task waits for its rate limit's slot before its claim: unclaimed, cancellable.
             unclaimed = self._flow.admit_all(unclaimed, self._park_for_rate)
@@ -7592,7 +8156,7 @@ class WorkerPool:
         if unrecorded:
             # Their handler ran already: only the completion is left to record.
             owned = [job for job in owned if job.unrecorded is None]
-            self._hand_over([(job, *job.unrecorded) for job in unrecorded])
+            self._hand_over([(job, *job.unrecorded) for job in unrecorded])  # type: ignore[misc]  # not None: filtered
         if not owned:
             return
         if self._runner is None:
@@ -7670,7 +8234,7 @@ class WorkerPool:
         # transaction (see Store.claim_many); run alone, each item carries its own row.
         try:
             claims = _each_alone(
-                lambda items: self._store.claim_many(
+                lambda items: self._claimer.claim_many(
                     [item for item, _ in items],
                     namespace=namespace,
                     starts=[entry for _, entry in items if entry is not None],
@@ -7743,7 +8307,7 @@ class WorkerPool:
             self._wait_notice_at = now
             own = {job.token for job in self._inflight.values() if job.token is not None}
         try:
-            claims = self._store.store.live_claims(self.namespace)
+            claims = self._idempotency.live_claims(self.namespace)
         except Exception:
             logger.debug("reading the live claims failed", exc_info=True)
             return
@@ -7771,6 +8335,11 @@ class WorkerPool:
         waits: list[float] = []  # a job starts at its first handler call
         busy = 0.0
         calls = 0
+        if len(jobs) > 1 and self._per_call > BATCH_BUDGET_SECONDS:
+            # Claimed ahead (see _batch_limit): the next free workers start the others now.
+            for rest in reversed(jobs[1:]):
+                self._hand_off(rest, None)
+            jobs = jobs[:1]
         for index, job in enumerate(jobs):
             if busy > BATCH_BUDGET_SECONDS and index:
                 # The handlers turned out slow: other workers take the rest now.
@@ -7832,7 +8401,7 @@ class WorkerPool:
             settle = [(index, task_id, entry, item[3])
                       for index, (item, task_id, entry) in enumerate(batch)
                       if entry is not None]  # fmt: skip
-            return self._store.complete_many([item for item, _, _ in batch], settle=settle)
+            return self._idempotency.complete_many([item for item, _, _ in batch], settle=settle)
 
         try:
             written = _each_alone(complete, items)
@@ -7917,7 +8486,7 @@ class WorkerPool:
         token, job.token = job.token, None
         if token is not None:
             try:
-                self._store.release(job.key, token, error, retries=_retries(job.attempts))
+                self._idempotency.release(job.key, token, error, retries=_retries(job.attempts))
             except Exception:
                 # The failure stands; the claim's lease expires and a rerun takes the key then.
                 logger.exception("releasing the claim on %r failed", job.key)
@@ -7926,9 +8495,11 @@ class WorkerPool:
     def _hand_off(self, job: _Job, delay: float | None) -> None:
         """Pass a job on: back to the front of the queue now, or to the scheduler after `delay`."""
         job.batch = None
-        if job.token is None and self._cancelling:
+        if self._cancelling and (job.token is None or _never_called(job)):
             # Cancelled while it was in a worker's or the committer's hands (polling another
-            # owner's claim): it must not sit out that claim's lease first.
+            # owner's claim, or claimed ahead): it must not sit out that claim's lease first,
+            # nor start now.
+            self._withdraw([job])
             self._finish_many([_JobOutcome(job, TaskStatus.CANCELLED)])
             return
         if delay is None:
@@ -7994,7 +8565,7 @@ class WorkerPool:
             self._queue.unhold(held)
 
     def _poll_delay(self, job: _Job, lease_expires: float | None) -> float:
-        delay = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
+        delay: float = min(self._poll_interval * 2 ** min(job.polls, 10), 1.0)
         job.polls += 1
         if lease_expires is not None:
             # Look again just after the owner's lease ends, to take over a dead owner's key.
@@ -8005,34 +8576,23 @@ class WorkerPool:
 
     def _heartbeat(self) -> None:
         """Extend the leases of this pool's durable-queue rows and say it is alive."""
-        if not self._durable:
-            return
         snap = self._metrics.snapshot()
         info = {"host": socket.gethostname(), "pid": os.getpid(), "workers": self._workers,
                 "in_flight": snap["in_flight"], "succeeded": snap["succeeded"],
                 "failed": snap["failed"], "duplicates": snap["duplicates"],
-                "lease_seconds": self._store.lease_seconds,
-                "heartbeat_seconds": round(self._store.lease_seconds / 3, 3),
+                "lease_seconds": self._idempotency.lease_seconds,
+                "heartbeat_seconds": round(self._idempotency.lease_seconds / 3, 3),
                 "queues": None if self.queues is None else list(self.queues)}  # fmt: skip
         with self._lock:
             entries = [(job.task.id, job.entry) for job in self._inflight.values()
                        if job.entry is not None]  # fmt: skip
-            entries += [(task.id, entry) for job in self._inflight.values()
-                        for task, _, _, entry in job.followers if entry is not None]  # fmt: skip
-        try:
-            # Only the rows this pool holds: a row taken by a take whose answer was lost (a
-            # dropped connection) is not renewed, and another worker takes it after its lease.
-            self._store.store.renew_tasks(self.worker_name, info, entries)
-        except Exception as exc:
-            logger.warning("renewing the durable queue's leases failed: %s", _first_line(exc))
-
-    def _record_history(self) -> None:
-        """Write this minute's counts to the store's history (the lease keeper's thread only)."""
-        try:
-            self._history.flush()
-        except Exception as exc:
-            # The counts are kept: the next flush writes them, the database back or not.
-            logger.warning("writing the dashboard history failed: %s", _first_line(exc))
+            entries += [
+                (follower.task.id, follower.entry)
+                for job in self._inflight.values()
+                for follower in job.followers
+                if follower.entry is not None
+            ]
+        self._rows.heartbeat(info, entries)
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -8061,34 +8621,40 @@ class WorkerPool:
                 self._changed.notify_all()
             stop = idle and self._closed
         counted: list[Outcome] = []
-        resolved: list[tuple[concurrent.futures.Future, TaskRecord]] = []
-        settle: list[tuple[str, int | None, TaskStatus, str | None]] = []
+        resolved: list[tuple[concurrent.futures.Future[TaskRecord], TaskRecord]] = []
+        settle: list[tuple[str, int, TaskStatus, str | None, str | None, int]] = []
         for outcome, followers in retired:
             job = outcome.job
             status = outcome.status
-            kind = None if outcome.kind is None else outcome.kind.value
-            started = job.started_at is not None
-            record = TaskRecord(
-                job.task.id, job.key, status, outcome.output, outcome.error, kind, job.attempts,
-                job.enqueued_at, job.started_at, now,
+            kind = outcome.kind
+            text = None if kind is None else kind.value  # what metrics and the store keep
+            record = _task_record(
+                job.task, status, now, output=outcome.output, error=outcome.error, kind=kind,
+                attempts=job.attempts, enqueued_at=job.enqueued_at, started_at=job.started_at,
             )  # fmt: skip
-            service = now - job.started_at if started else None
+            started = job.started_at is not None
+            service = now - job.started_at if job.started_at is not None else None
             latency = now - job.enqueued_at
             queued = not job.dequeued and not job.delayed
-            counted.append(Outcome(status, kind, latency, service, started, queued))
+            counted.append(Outcome(status, text, latency, service, started, queued))
             resolved.append((job.future, record))
             if job.entry is not None:
-                settle.append((job.task.id, job.entry, status, outcome.error, kind,
+                settle.append((job.task.id, job.entry, status, outcome.error, text,
                                _retries(job.attempts)))  # fmt: skip
-            for task, future, enqueued_at, entry in followers:
-                follower = self._follower_record(record, task, enqueued_at, now)
-                latency = now - enqueued_at
-                counted.append(Outcome(follower.status, kind, latency, None, False, False))
-                resolved.append((future, follower))
-                if entry is not None:
-                    settle.append((task.id, entry, follower.status, follower.error, kind, 0))
+            # A follower shares the outcome; a success it joined is a duplicate to it.
+            shared = TaskStatus.DUPLICATE if status is TaskStatus.SUCCEEDED else status
+            for follower in followers:
+                task = follower.task
+                latency = now - follower.enqueued_at
+                counted.append(Outcome(shared, text, latency, None, False, False))
+                resolved.append((follower.future, _task_record(
+                    task, shared, now, output=outcome.output, error=outcome.error, kind=kind,
+                    enqueued_at=follower.enqueued_at,
+                )))  # fmt: skip
+                if follower.entry is not None:
+                    settle.append((task.id, follower.entry, shared, outcome.error, text, 0))
         if settle:
-            self._settle(settle)
+            self._rows.settle(settle)
         self._metrics.record_outcomes(counted)
         escaped = _resolve_all(resolved)
         if stop:
@@ -8096,26 +8662,16 @@ class WorkerPool:
         if escaped is not None:
             raise escaped
 
-    @staticmethod
-    def _follower_record(
-        leader: TaskRecord, task: Task, enqueued_at: float, now: float
-    ) -> TaskRecord:
-        status = leader.status
-        if status is TaskStatus.SUCCEEDED:
-            status = TaskStatus.DUPLICATE
-        return TaskRecord(
-            task.id, task.key, status, leader.output, leader.error, leader.error_kind, 0,
-            enqueued_at, None, now,
-        )  # fmt: skip
-
-    def _refuse(self, task: Task, now: float, error: str, kind: str) -> concurrent.futures.Future:
+    def _refuse(
+        self, task: Task, now: float, error: str, kind: ErrorKind
+    ) -> concurrent.futures.Future[TaskRecord]:
         """Resolve a submission that fails before it is queued (conflict, bad payload)."""
         if self._closed:
             raise PoolClosedError()
         self._metrics.record_enqueue(queued=False)
-        self._metrics.record_failure(kind, 0.0, started=False)
+        self._metrics.record_failure(kind.value, 0.0, started=False)
         return _resolved(
-            TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0, now, None, now)
+            _task_record(task, TaskStatus.FAILED, now, error=error, kind=kind, enqueued_at=now)
         )
 
     def _abandon(self, job: _Job, error: str) -> None:
@@ -8134,8 +8690,9 @@ class WorkerPool:
                 del self._inflight[job.key]
             followers, job.followers = job.followers, []
             if followers and not self._closed:
-                task, future, enqueued_at, entry = followers.pop(0)
-                heir = _Job(task, job.fingerprint, future, enqueued_at, entry, job.priority)
+                first = followers.pop(0)
+                heir = _Job(first.task, job.fingerprint, first.future, first.enqueued_at,
+                            first.entry, job.priority)  # fmt: skip
                 heir.followers, followers = followers, []
                 self._inflight[heir.key] = heir  # the pending count passes to the heir
             else:
@@ -8146,22 +8703,20 @@ class WorkerPool:
         if heir is not None:
             self._metrics.record_queued()
             self._queue.put_overflow(heir, heir.priority)
-            self._return_entries([(job.task.id, job.entry)])
+            self._rows.give_back([(job.task.id, job.entry)])
             return
         now = time.perf_counter()
-        kind = ErrorKind.TRANSIENT.value
+        kind = ErrorKind.TRANSIENT
         self._metrics.record_outcomes(
-            Outcome(TaskStatus.FAILED, kind, now - enqueued_at, None, False, False)
-            for _, _, enqueued_at, _ in followers
+            Outcome(TaskStatus.FAILED, kind.value, now - follower.enqueued_at, None, False, False)
+            for follower in followers
         )
         # Durable rows stay in the store, back in the queue, for any worker to take.
-        self._return_entries(
-            [(job.task.id, job.entry)] + [(task.id, entry) for task, _, _, entry in followers]
-        )
+        self._rows.give_back([(job.task.id, job.entry)] + [(f.task.id, f.entry) for f in followers])
         escaped = _resolve_all(
-            (future, TaskRecord(task.id, task.key, TaskStatus.FAILED, None, error, kind, 0,
-                                enqueued_at, None, now))
-            for task, future, enqueued_at, _ in followers
+            (follower.future, _task_record(follower.task, TaskStatus.FAILED, now, error=error,
+                                           kind=kind, enqueued_at=follower.enqueued_at))
+            for follower in followers
         )  # fmt: skip
         if stop:
             self._stop_threads(wait=False)
@@ -8172,12 +8727,18 @@ class WorkerPool:
         """Cancel the jobs that have not started: queued ones, those polling another owner's
         claim, and those waiting for a rate limit before their first call."""
         cancelled = []
+        withdrawn = []
         for job in self._queue.drain():
             if job.token is None:
                 cancelled.append(_JobOutcome(job, TaskStatus.CANCELLED))
+            elif _never_called(job):
+                withdrawn.append(job)  # claimed ahead by a worker, not started
             else:
                 # Owned: a retry whose backoff ended runs to the end.
                 self._queue.put_ready(job, job.priority)
+        if withdrawn:
+            self._withdraw(withdrawn)
+            cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in withdrawn)
         parked = self._scheduler.remove(_unstarted)
         self._withdraw(parked)
         cancelled.extend(_JobOutcome(job, TaskStatus.CANCELLED) for job in parked)
@@ -8195,7 +8756,7 @@ class WorkerPool:
                 job.token = None
         if claims:
             try:
-                self._store.store.release_many(claims)
+                self._idempotency.release_many(claims)
             except Exception:
                 logger.exception("releasing %d claims failed; their leases expire", len(claims))
 
@@ -8203,12 +8764,13 @@ class WorkerPool:
         """Return whether the caller is the committer (done-callbacks run there) or the loop."""
         return threading.get_ident() in self._own_threads
 
-    def _cancel_queued(self, futures: set[concurrent.futures.Future]) -> None:
-        """Cancel the jobs behind `futures` that no worker has started (see `iter_results`)."""
+    def _cancel_queued(self, futures: set[Any]) -> None:
+        """Cancel the jobs behind `futures` (futures or slots) that no worker has started (see
+        `iter_results`)."""
 
         def ours(job: _Job) -> bool:
             # A job that other callers' submissions joined is theirs too: it still runs.
-            return job.future in futures and all(f[1] in futures for f in job.followers)
+            return job.future in futures and all(f.future in futures for f in job.followers)
 
         with self._lock:  # followers join under this lock: none can join between check and take
             jobs = [job for job in self._inflight.values() if not job.dequeued and ours(job)]
@@ -8250,7 +8812,7 @@ class WorkerPool:
             self._store_users -= 1
             close = self._store_users == 0
         if close and self._owns_store:
-            self._store.close()
+            self._idempotency.close()
 
 
 async def _aiterate(tasks: Iterable[Task] | AsyncIterable[Task]) -> AsyncIterator[Task]:
@@ -8319,30 +8881,43 @@ class AsyncWorkerPool:
         early cancels this loop's submissions that are still queued; running ones finish.
         """
         pool = self._pool
-        window = pool._queue.maxsize + pool._workers
-        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future] = {}
+        window = pool._queue.maxsize + pool._workers  # noqa: SLF001  # the WorkerPool it wraps
+        # Records come back through one inbox: a burst of them wakes this loop once.
+        inbox = _LoopInbox(asyncio.get_running_loop())
+        put = inbox.put
+        ours: set[_Slot] = set()  # submitted and not yet yielded
         try:
             async for task in _aiterate(tasks):
                 while len(ours) >= window:
-                    for record in await self._collect(ours):
+                    for record in await self._collect(inbox, ours):
                         yield record
+                slot = _Slot(put)
                 while True:
                     try:
-                        future = await self._enter(task)
+                        future = None
+                        if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
+                            with contextlib.suppress(QueueFullError):
+                                # The usual case first, without a coroutine per task.
+                                future = pool._submit(task, probe=True, sink=slot)  # noqa: SLF001  # the WorkerPool it wraps
+                        if future is None:
+                            future = await self._enter(task, sink=slot)
                         break
                     except QueueFullError:
                         # With on_full="reject" the queue may be full of this loop's own work.
                         if not ours:
                             raise
-                        for record in await self._collect(ours):
+                        for record in await self._collect(inbox, ours):
                             yield record
-                ours[asyncio.wrap_future(future)] = future
+                ours.add(slot)
+                if future is not slot:  # refused at once: its future is resolved already
+                    put((slot, future.result()))
             while ours:
-                for record in await self._collect(ours):
+                for record in await self._collect(inbox, ours):
                     yield record
         finally:
+            inbox.close()
             if ours:
-                pool._cancel_queued(set(ours.values()))
+                pool._cancel_queued(ours)  # noqa: SLF001  # the WorkerPool it wraps
 
     async def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Shut the pool down as `WorkerPool.shutdown` does, without blocking the loop."""
@@ -8358,28 +8933,30 @@ class AsyncWorkerPool:
         return f"<AsyncWorkerPool of {self._pool!r}>"
 
     async def _enter(
-        self, task: Task, delay: float = 0.0, priority: int = 0
-    ) -> concurrent.futures.Future:
-        """Submit `task`; wait for room, or for a durable take, on a thread."""
+        self, task: Task, delay: float = 0.0, priority: int = 0, sink: _Slot | None = None
+    ) -> Any:
+        """Submit `task`; wait for room, or for a durable take, on a thread. Returns its future,
+        or `sink` when given and the submission was accepted (see `WorkerPool._submit`)."""
         pool = self._pool
-        if not pool._durable:
+        if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
             try:
-                return pool._submit(task, probe=True, delay=delay, priority=priority)
+                return pool._submit(task, probe=True, delay=delay, priority=priority, sink=sink)  # noqa: SLF001  # the WorkerPool it wraps
             except QueueFullError:
-                if not pool._block:
+                if not pool._block:  # noqa: SLF001  # the WorkerPool it wraps
                     pool.metrics.record_rejection()
                     raise
-        return await asyncio.to_thread(pool.submit, task, delay=delay, priority=priority)
+        return await asyncio.to_thread(
+            functools.partial(pool._submit, task, delay=delay, priority=priority, sink=sink)  # noqa: SLF001  # the WorkerPool it wraps
+        )
 
     @staticmethod
-    async def _collect(
-        ours: dict[asyncio.Future[TaskRecord], concurrent.futures.Future],
-    ) -> list[TaskRecord]:
+    async def _collect(inbox: _LoopInbox, ours: set[_Slot]) -> list[TaskRecord]:
         """Wait for at least one of `ours` to finish; remove and return the finished records."""
-        done, _ = await asyncio.wait(ours, return_when=asyncio.FIRST_COMPLETED)
-        for future in done:
-            del ours[future]
-        return [future.result() for future in done]
+        records = []
+        for slot, record in await inbox.get_all():
+            ours.discard(slot)
+            records.append(record)
+        return records
 
 
 def _shutdown_live_pools() -> None:
@@ -8398,7 +8975,7 @@ def _shutdown_live_pools() -> None:
 
 
 if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_shutdown_live_pools)
+    threading._register_atexit(_shutdown_live_pools)  # noqa: SLF001  # as concurrent.futures does
 else:  # pragma: no cover - Python builds without the hook
     atexit.register(_shutdown_live_pools)
 
@@ -8989,7 +9566,7 @@ def load_config(
             raw, source = environ[setting.env], setting.env
         elif raw is None and setting.env in from_file:
             raw, source = from_file[setting.env], f"{setting.env} (in {dotenv_path})"
-        config[setting.name] = setting.default if raw is None else setting.parse(raw, source)
+        config[setting.name] = setting.default if raw is None else setting.parse(raw, source)  # type: ignore[arg-type]  # raw named by a flag or a variable
     if config["transient_rate"] + config["permanent_rate"] > 1.0:
         raise ConfigError("--transient-rate + --permanent-rate must be at most 1")
     return config
@@ -9579,7 +10156,7 @@ class _DashboardApp:
             return {"cancelled": cancel(ids)}
 
     def _operation(self, name: str) -> Callable[..., int]:
-        operation = getattr(self.store(), name, None)
+        operation: Callable[..., int] | None = getattr(self.store(), name, None)
         if operation is None:
             raise _HttpError(501, f"this store cannot {name.partition('_')[0]} tasks")
         return operation
@@ -9906,149 +10483,18 @@ def serve_dashboard(
         raise
 
 
-# --- Command line --------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors become `ConfigError`, reported in one line by main."""
-
-    def error(self, message: str) -> Any:  # type: ignore[override]
-        raise ConfigError(f"{message} (see --help)")
-
-
-_METAVARS = {"metrics_host": "HOST"}
-
-
-def _add_settings(
-    group: Any, names: Iterable[str] | None = None, notes: Mapping[str, str] | None = None
-) -> None:
-    """Add the flags of `names` (default: all), each help followed by what `notes` adds."""
-    wanted = None if names is None else set(names)
-    for setting in SETTINGS:
-        if setting.flag and (wanted is None or setting.name in wanted):
-            # A default of None is told in the help itself (it depends on the command).
-            default = "" if setting.default is None else f", default {setting.default}"
-            note = (notes or {}).get(setting.name, "")
-            group.add_argument(
-                setting.flag,
-                dest=setting.name,
-                metavar=_METAVARS.get(setting.name, setting.name.upper()),
-                action="append" if setting.repeat else "store",
-                help=f"{setting.help}{note} [{setting.env}{default}]",
-            )
-
-
-def _add_handler_arguments(group: Any, simulator_flags: str = "are ignored") -> None:
-    group.add_argument(
-        "--handler",
-        metavar="MODULE:FUNCTION",
-        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
-        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
-        f"--permanent-rate) {simulator_flags}",
-    )
-    group.add_argument(
-        "--namespace",
-        metavar="NAME",
-        help="scope of the handler's idempotency keys (default: the handler's module-qualified "
-        "name); keeps completed keys when a handler is renamed",
-    )
-
-
-def _cli_handler(
-    args: argparse.Namespace,
-    config: Mapping[str, Any],
-    seed: int | None,
-    refuse_simulator_flags: bool = False,
-) -> Any:
-    """Return the handler and the namespace the command line asks for.
-
-    Raises:
-        ConfigError: the handler cannot be imported, the namespace is empty, or (with
-            `refuse_simulator_flags`) the simulator's flags are given beside a handler, which
-            they would not configure.
-    """
-    if args.handler is not None and refuse_simulator_flags:
-        given = [flag for name, flag in _SIMULATOR_FLAGS.items()
-                 if getattr(args, name, None) is not None]  # fmt: skip
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} the built-in "
-                f"simulator, which --handler {_cut(args.handler)} replaces: drop "
-                f"{'it' if len(given) == 1 else 'them'}"
-            )
-    namespace = args.namespace
-    if namespace is not None:
-        try:
-            _check_namespace(namespace, "--namespace")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    if args.handler is not None:
-        handler = _load_handler(args.handler)
-    else:
-        handler = _cli_processor(config, seed)
-    return handler, namespace
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="task-queue",
-        description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
-        epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
-        "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
-        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
-        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
-        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
-    )
-    mode = parser.add_argument_group("what to run")
-    mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
-    mode.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="run a synthetic workload on a fresh database",
-    )
-    mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
-    mode.add_argument(
-        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
-    )
-    _add_handler_arguments(mode)
-    _add_settings(
-        parser.add_argument_group("configuration"),
-        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
-        notes={
-            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
-            "--benchmark uses a fresh temporary one unless --db is given"
-        },
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--metrics-out",
-        metavar="FILE",
-        default=DEFAULT_METRICS_FILE,
-        help=f"where to write the metrics snapshot (default {DEFAULT_METRICS_FILE})",
-    )
-    output.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    output.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)",
-    )
-    return parser
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+# --- Process control -----------------------------------------------------------------------------
+#
+# What drives a running process rather than reading its arguments: the progress bar, the signal
+# handling of a run or a worker (the first SIGINT/SIGTERM drains, the second exits at once), the
+# worker's metrics server and backlog gauge, and serving a page until a signal.
 
 
 class _Progress:
     """A tqdm bar on stderr when wanted and available; otherwise nothing."""
 
     def __init__(self, total: int, wanted: bool | None) -> None:
-        self._bar = None
+        self._bar: Any = None
         if wanted is False or (wanted is None and not sys.stderr.isatty()):
             return
         try:
@@ -10108,7 +10554,7 @@ class _Interrupts:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
-            running = len(self._pool._inflight)  # no lock in a signal handler: an estimate
+            running = len(self._pool._inflight)  # noqa: SLF001  # no lock in a signal handler: an estimate
             message = (
                 f"{name} again: exiting now with up to {running} tasks unfinished; their claims "
                 f"expire after {self._lease:g} s, and a rerun then takes them over\n"
@@ -10128,77 +10574,6 @@ class _Interrupts:
         except Exception:
             logger.exception("graceful shutdown failed; exiting")
             os._exit(EXIT_SIGNAL[self.signum or signal.SIGTERM])
-
-
-def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
-    return TaskProcessor(
-        latency_ms=config["latency_ms"],
-        jitter_ms=config["jitter_ms"],
-        transient_error_rate=config["transient_rate"],
-        permanent_error_rate=config["permanent_rate"],
-        seed=seed,
-    )
-
-
-def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
-    overall, groups = config["rate_limit"] or (None, {})
-    return {"rate_limit": overall, "rate_limits": groups or None,
-            "task_timeout": config["task_timeout"]}  # fmt: skip
-
-
-def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
-    return RetryPolicy(
-        max_attempts=config["max_attempts"],
-        base_delay=config["base_delay"],
-        max_delay=config["max_delay"],
-    )
-
-
-def _synthetic_tasks(count: int) -> list[Task]:
-    return [Task(f"bench-{index:06d}") for index in range(1, count + 1)]
-
-
-def _check_output_path(path: str, flag: str) -> None:
-    """Check, before anything runs, that a file can be written at `path`."""
-    if not path.strip():
-        raise ConfigError(f"{flag}: expected a file path, got an empty value")
-    shown = _cut(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {shown}: is a directory")
-    try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
-        ) from None
-
-
-def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
-    def row(label: str, series: Mapping[str, Any]) -> str:
-        cells = "  ".join(f"{name} {series[name]:9.2f}" for name in ("mean", "p50", "p95", "p99"))
-        return f"  {label:<14}{cells}  max {series['max']:9.2f}"
-
-    utilization = snapshot["utilization"]
-    lines = [
-        f"tasks {total}  workers {snapshot['workers']}  queue size {snapshot['queue_size']}  "
-        f"elapsed {snapshot['elapsed_seconds']:.3f} s",
-        f"  succeeded {snapshot['succeeded']}  failed {snapshot['failed']}  duplicates "
-        f"{snapshot['duplicates']}  cancelled {snapshot['cancelled']}  retries "
-        f"{snapshot['retries']}  rejected {snapshot['rejected']}",
-        f"  throughput {snapshot['throughput_per_second']:.1f} tasks/s  utilization "
-        + (f"{utilization * 100:.1f}%" if utilization is not None else "n/a")
-        + f"  success rate {snapshot['success_rate'] * 100:.1f}%  max queue depth "
-        f"{snapshot['max_queue_depth']}",
-        row("latency ms", snapshot["latency_ms"]),
-        row("queue wait ms", snapshot["queue_wait_ms"]),
-        row("service ms", snapshot["service_ms"]),
-    ]
-    return "\n".join(lines)
 
 
 @dataclasses.dataclass(slots=True)
@@ -10234,7 +10609,7 @@ def _run_pool(
                 if entry.delay or entry.priority} or None  # fmt: skip
     with _Interrupts(pool, config["lease_seconds"]) as interrupts:
         try:
-            for record in pool._iter_results(tasks, schedule):
+            for record in pool._iter_results(tasks, schedule):  # noqa: SLF001  # with a task file's schedule
                 counts[record.status] += 1
                 if record.status is TaskStatus.FAILED and len(errors) < 5:
                     errors.append(f"{record.task_id}: {record.error}")
@@ -10248,116 +10623,313 @@ def _run_pool(
     return outcome
 
 
-def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
-    name = signal.Signals(outcome.signum).name
-    cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
-    failed = outcome.counts[TaskStatus.FAILED]
-    done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
-    text = (
-        f"interrupted by {name}: {outcome.finished} of {outcome.total} tasks finished "
-        f"({done} completed, {failed} failed), {cancelled} cancelled or not started."
-    )
-    if db_label is None:
-        return text + " The benchmark database was temporary: a rerun starts over."
-    if db_label in _MEMORY_DATABASES:
-        return text + f" The database {db_label} kept nothing: a rerun starts over."
-    return (
-        text
-        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
-        f"{cancelled + failed} others."
-    )
+def _status_backlog(
+    status: Mapping[str, Any], queues: Iterable[str] | None = None
+) -> dict[str, tuple[int, float | None]]:
+    """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
+    been ready), every queue of the store, and the `queues` a worker serves even when empty."""
+    backlog: dict[str, tuple[int, float | None]] = {
+        name: (0, None) for name in (queues or (DEFAULT_QUEUE,))
+    }
+    for name, entry in status["queues"].items():
+        backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
+    return backlog
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code.
+class _BacklogGauge:
+    """A thread that copies the durable store's backlog into a worker's metrics.
 
-    User errors (bad flags, configuration, task files, database paths) print one line that starts
-    with "error:" on stderr and return 2; nothing is written.
+    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
+    waits on the database; `stop` takes one last reading for the final snapshot.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: MetricsCollector,
+        queues: Iterable[str] | None = None,
+        interval: float = BACKLOG_REFRESH_SECONDS,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._queues = None if queues is None else tuple(queues)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            status = self._store.queue_status()
+        except Exception as exc:
+            # The worker's own loop reports an outage; the gauges keep their last reading.
+            logger.debug("reading the backlog failed: %s", _first_line(exc))
+            return
+        self._metrics.record_backlog(_status_backlog(status, self._queues))
+
+    def _run(self) -> None:
+        self.refresh()
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+
+def _serve_metrics(
+    metrics: MetricsCollector, host: str, port: int, open_store: Callable[[], Store]
+) -> _DashboardServer:
+    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
+
+    The dashboard reads the queue through a connection of its own, opened by `open_store` on its
+    first request, so that a page left open never waits on (or holds up) the worker's
+    transactions. Off loopback, ``/metrics`` answers every scraper while the page and its API
+    answer only requests that name a loopback address (the worker takes no token;
+    ``task-queue dashboard --host --token`` is the way to show the page to other machines).
+    """
+    app = _DashboardApp(open_store, metrics=metrics)
     try:
-        if argv and argv[0] in _SUBCOMMANDS:
-            return _SUBCOMMANDS[argv[0]](argv[1:])
-        return _main(argv)
-    except (ConfigError, TaskFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except _database_errors() as exc:
-        # A database refused a statement (a server error, a full disk): one line, no traceback.
-        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:
-        # The reader of stdout went away (``task-queue status | head``): what ran is recorded,
-        # only the rest of the output is lost. Point stdout at /dev/null so that the flush at
-        # exit does not fail a second time, as the signal module's documentation advises.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        return EXIT_FAILED
+        server = _DashboardServer(host, port, app)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
+    threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
+    return server
 
 
-def _main(argv: list[str] | None) -> int:
-    args = _build_parser().parse_args(argv)
-    flags = vars(args)
-    config = load_config(flags, os.environ, ".env")
-    _configure_logging(config["log_level"])
-    if not args.benchmark and args.task_file is None:
-        raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
-    count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
-    seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
-    if args.task_file is not None:
-        entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
-    else:
-        entries = [_TaskEntry(task) for task in _synthetic_tasks(count)]
-    _check_output_path(args.metrics_out, "--metrics-out")
-    handler, namespace = _cli_handler(args, config, seed)
-    retry = _cli_retry(config)
-    progress = _Progress(len(entries), args.progress)
-    with contextlib.ExitStack() as stack:
-        if args.benchmark:
-            # A benchmark measures real work: a fresh database each run unless --db is explicit.
-            db_label = flags["db_path"]
-            db_path = db_label or os.path.join(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
-                "bench.db",
+def _serve_until_signal(server: http.server.HTTPServer) -> int:
+    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
+
+    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
+    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
+    that serves.
+    """
+    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    received: list[int] = []
+
+    def watch() -> None:
+        signum = signals.get()
+        if signum is not None:
+            received.append(signum)
+            server.shutdown()
+
+    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
+    watcher.start()
+    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
+                for signum in EXIT_SIGNAL}  # fmt: skip
+    try:
+        server.serve_forever()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signals.put(None)
+        watcher.join()
+    return received[0]
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors become `ConfigError`, reported in one line by main."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
+_METAVARS = {"metrics_host": "HOST"}
+
+
+def _add_settings(
+    group: Any, names: Iterable[str] | None = None, notes: Mapping[str, str] | None = None
+) -> None:
+    """Add the flags of `names` (default: all), each help followed by what `notes` adds."""
+    wanted = None if names is None else set(names)
+    for setting in SETTINGS:
+        if setting.flag and (wanted is None or setting.name in wanted):
+            # A default of None is told in the help itself (it depends on the command).
+            default = "" if setting.default is None else f", default {setting.default}"
+            note = (notes or {}).get(setting.name, "")
+            group.add_argument(
+                setting.flag,
+                dest=setting.name,
+                metavar=_METAVARS.get(setting.name, setting.name.upper()),
+                action="append" if setting.repeat else "store",
+                help=f"{setting.help}{note} [{setting.env}{default}]",
             )
-        else:
-            db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
-        store = IdempotencyManager(
-            db_path,
-            lease_seconds=config["lease_seconds"],
-            durability=config["durability"],
-        )
-        stack.callback(store.close)
-        pool = WorkerPool(
-            handler,
-            workers=config["workers"],
-            queue_size=config["queue_size"],
-            retry=retry,
-            idempotency=store,
-            namespace=namespace,
-            **_cli_flow(config),
-        )
-        outcome = _run_pool(pool, entries, config, progress)
-    snapshot = pool.metrics.snapshot()
+
+
+def _add_handler_arguments(group: Any, simulator_flags: str = "are ignored") -> None:
+    group.add_argument(
+        "--handler",
+        metavar="MODULE:FUNCTION",
+        help="handler to import (default: the built-in simulator, TaskProcessor); with a "
+        "handler, the simulator's flags (--latency-ms, --jitter-ms, --transient-rate, "
+        f"--permanent-rate) {simulator_flags}",
+    )
+    group.add_argument(
+        "--namespace",
+        metavar="NAME",
+        help="scope of the handler's idempotency keys (default: the handler's module-qualified "
+        "name); keeps completed keys when a handler is renamed",
+    )
+
+
+def _cli_processor(config: Mapping[str, Any], seed: int | None) -> TaskProcessor:
+    return TaskProcessor(
+        latency_ms=config["latency_ms"],
+        jitter_ms=config["jitter_ms"],
+        transient_error_rate=config["transient_rate"],
+        permanent_error_rate=config["permanent_rate"],
+        seed=seed,
+    )
+
+
+def _load_handler(spec: str) -> Callable[[Task], Any]:
+    """Import ``module:function`` from the working directory or the installed packages.
+
+    Raises:
+        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
+            a syntax error, or an exception while it runs), or the attribute is missing or not
+            callable; the one-line message names the spec and the error.
+    """
+    module_name, _, attribute = spec.partition(":")
+    shown = _cut(spec)
+    if not module_name.strip() or not attribute.strip() or ":" in attribute:
+        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        pool.metrics.export(args.metrics_out)
-    except OSError as exc:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
+        # its own, sys.exit) is a user error to name, not a crash to trace back.
         raise ConfigError(
-            f"--metrics-out {args.metrics_out}: cannot write: {exc.strerror}"
+            f"--handler {shown}: cannot import module {_shown(module_name)}: "
+            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
         ) from None
-    if args.json:
-        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    try:
+        handler = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(
+            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
+            f"{_shown(attribute)}"
+        ) from None
+    except Exception as exc:  # a module-level __getattr__ is user code too
+        raise ConfigError(
+            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
+            f"{_cut(_first_line(exc), 200)}"
+        ) from None
+    if not callable(handler):
+        raise ConfigError(
+            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
+        )
+    return cast("Callable[[Task], Any]", handler)  # callable: checked above
+
+
+def _cli_handler(
+    args: argparse.Namespace,
+    config: Mapping[str, Any],
+    seed: int | None,
+    refuse_simulator_flags: bool = False,
+) -> Any:
+    """Return the handler and the namespace the command line asks for.
+
+    Raises:
+        ConfigError: the handler cannot be imported, the namespace is empty, or (with
+            `refuse_simulator_flags`) the simulator's flags are given beside a handler, which
+            they would not configure.
+    """
+    if args.handler is not None and refuse_simulator_flags:
+        given = [flag for name, flag in _SIMULATOR_FLAGS.items()
+                 if getattr(args, name, None) is not None]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} configure{'s' if len(given) == 1 else ''} the built-in "
+                f"simulator, which --handler {_cut(args.handler)} replaces: drop "
+                f"{'it' if len(given) == 1 else 'them'}"
+            )
+    namespace = args.namespace
+    if namespace is not None:
+        try:
+            _check_namespace(namespace, "--namespace")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if args.handler is not None:
+        handler = _load_handler(args.handler)
     else:
-        print(_format_summary(snapshot, len(entries)))
-        print(f"  metrics written to {args.metrics_out}")
-    for line in outcome.errors:
-        print(f"failed: {line}", file=sys.stderr)
-    if outcome.signum is not None:
-        print(_rerun_advice(outcome, db_label), file=sys.stderr)
-        return EXIT_SIGNAL[outcome.signum]
-    return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
+        handler = _cli_processor(config, seed)
+    return handler, namespace
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _prologue(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse `argv`, resolve the configuration and set up logging: every command's first step.
+
+    Returns:
+        The parsed flags and the configuration (`load_config` of the flags, the environment and
+        ./.env).
+
+    Raises:
+        ConfigError: a usage error (before the configuration is read), then an invalid setting
+            (before logging is set up).
+    """
+    args = parser.parse_args(argv)
+    config = load_config(vars(args), os.environ, ".env")
+    _configure_logging(config["log_level"])
+    return args, config
+
+
+def _cli_flow(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pool's rate limits and attempt timeout from the configuration, as keyword arguments."""
+    overall, groups = config["rate_limit"] or (None, {})
+    return {"rate_limit": overall, "rate_limits": groups or None,
+            "task_timeout": config["task_timeout"]}  # fmt: skip
+
+
+def _cli_retry(config: Mapping[str, Any]) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=config["max_attempts"],
+        base_delay=config["base_delay"],
+        max_delay=config["max_delay"],
+    )
+
+
+def _format_summary(snapshot: Mapping[str, Any], total: int) -> str:
+    def row(label: str, series: Mapping[str, Any]) -> str:
+        cells = "  ".join(f"{name} {series[name]:9.2f}" for name in ("mean", "p50", "p95", "p99"))
+        return f"  {label:<14}{cells}  max {series['max']:9.2f}"
+
+    utilization = snapshot["utilization"]
+    lines = [
+        f"tasks {total}  workers {snapshot['workers']}  queue size {snapshot['queue_size']}  "
+        f"elapsed {snapshot['elapsed_seconds']:.3f} s",
+        f"  succeeded {snapshot['succeeded']}  failed {snapshot['failed']}  duplicates "
+        f"{snapshot['duplicates']}  cancelled {snapshot['cancelled']}  retries "
+        f"{snapshot['retries']}  rejected {snapshot['rejected']}",
+        f"  throughput {snapshot['throughput_per_second']:.1f} tasks/s  utilization "
+        + (f"{utilization * 100:.1f}%" if utilization is not None else "n/a")
+        + f"  success rate {snapshot['success_rate'] * 100:.1f}%  max queue depth "
+        f"{snapshot['max_queue_depth']}",
+        row("latency ms", snapshot["latency_ms"]),
+        row("queue wait ms", snapshot["queue_wait_ms"]),
+        row("service ms", snapshot["service_ms"]),
+    ]
+    return "\n".join(lines)
 
 
 # Subcommands: the durable queue ------------------------------------------------------------------
@@ -10426,9 +10998,7 @@ def _cmd_enqueue(argv: list[str]) -> int:
         help=f"queue of the tasks that name none (default {DEFAULT_QUEUE}; a task's own "
         '"queue" field wins)',
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     queue = _cli_queue(args.queue, "--queue")
     entries = _load_task_entries(
         args.task_file, max_bytes=config["max_task_file_bytes"], queue=queue
@@ -10457,130 +11027,11 @@ def _cmd_enqueue(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _load_handler(spec: str) -> Callable[[Task], Any]:
-    """Import ``module:function`` from the working directory or the installed packages.
-
-    Raises:
-        ConfigError: the spec is not ``MODULE:FUNCTION``, the module cannot be imported (missing,
-            a syntax error, or an exception while it runs), or the attribute is missing or not
-            callable; the one-line message names the spec and the error.
-    """
-    module_name, _, attribute = spec.partition(":")
-    shown = _cut(spec)
-    if not module_name.strip() or not attribute.strip() or ":" in attribute:
-        raise ConfigError(f"--handler {shown}: expected MODULE:FUNCTION")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:
-        # The module is user code: whatever it raises at import (SyntaxError, an ImportError of
-        # its own, sys.exit) is a user error to name, not a crash to trace back.
-        raise ConfigError(
-            f"--handler {shown}: cannot import module {_shown(module_name)}: "
-            f"{type(exc).__name__}: {_cut(_first_line(exc), 200)}"
-        ) from None
-    try:
-        handler = getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(
-            f"--handler {shown}: cannot import it: module {_shown(module_name)} has no attribute "
-            f"{_shown(attribute)}"
-        ) from None
-    except Exception as exc:  # a module-level __getattr__ is user code too
-        raise ConfigError(
-            f"--handler {shown}: cannot import it: {type(exc).__name__}: "
-            f"{_cut(_first_line(exc), 200)}"
-        ) from None
-    if not callable(handler):
-        raise ConfigError(
-            f"--handler {shown}: not callable ({_shown(attribute)} is {type(handler).__name__})"
-        )
-    return handler
-
-
-def _serve_metrics(
-    metrics: MetricsCollector, host: str, port: int, config: Mapping[str, Any]
-) -> _DashboardServer:
-    """Serve ``GET /metrics`` (Prometheus text format) and the dashboard on `host`:`port`.
-
-    The dashboard reads the queue through a connection of its own, opened on its first request,
-    so that a page left open never waits on (or holds up) the worker's transactions. Off
-    loopback, ``/metrics`` answers every scraper while the page and its API answer only requests
-    that name a loopback address (the worker takes no token; ``task-queue dashboard --host
-    --token`` is the way to show the page to other machines).
-    """
-    app = _DashboardApp(functools.partial(_open_cli_store, config, create=False), metrics=metrics)
-    try:
-        server = _DashboardServer(host, port, app)
-    except (OSError, OverflowError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise ConfigError(f"--metrics-host {_cut(host)} --metrics-port {port}: {reason}") from None
-    threading.Thread(target=server.serve_forever, name="task-queue-metrics", daemon=True).start()
-    return server
-
-
 def _parse_port(raw: str, flag: str = "--metrics-port") -> int:
     port = _parse_int(raw, flag, 0)
     if port > 65535:
         raise ConfigError(f"{flag}: expected a port number up to 65535, got {_shown(raw)}")
     return port
-
-
-class _BacklogGauge:
-    """A thread that copies the durable store's backlog into a worker's metrics.
-
-    It reads `queue_status` every `interval` seconds, so that a scrape of ``/metrics`` never
-    waits on the database; `stop` takes one last reading for the final snapshot.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        metrics: MetricsCollector,
-        queues: Iterable[str] | None = None,
-        interval: float = BACKLOG_REFRESH_SECONDS,
-    ) -> None:
-        self._store = store
-        self._metrics = metrics
-        self._queues = None if queues is None else tuple(queues)
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="task-queue-backlog", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self.refresh()
-
-    def refresh(self) -> None:
-        try:
-            status = self._store.queue_status()
-        except Exception as exc:
-            # The worker's own loop reports an outage; the gauges keep their last reading.
-            logger.debug("reading the backlog failed: %s", _first_line(exc))
-            return
-        self._metrics.record_backlog(_status_backlog(status, self._queues))
-
-    def _run(self) -> None:
-        self.refresh()
-        while not self._stop.wait(self._interval):
-            self.refresh()
-
-
-def _status_backlog(
-    status: Mapping[str, Any], queues: Iterable[str] | None = None
-) -> dict[str, tuple[int, float | None]]:
-    """The backlog per queue in a `queue_status` answer: (ready tasks, how long the oldest has
-    been ready), every queue of the store, and the `queues` a worker serves even when empty."""
-    backlog = {name: (0, None) for name in (queues or (DEFAULT_QUEUE,))}
-    for name, entry in status["queues"].items():
-        backlog[name] = (entry[EntryState.QUEUED.value], entry["oldest_waiting_age"])
-    return backlog
 
 
 def _cmd_worker(argv: list[str]) -> int:
@@ -10625,9 +11076,7 @@ def _cmd_worker(argv: list[str]) -> int:
         "for): 0 when every task this worker finished succeeded or was a duplicate, 1 when some "
         "failed; with --schedule, only the latest slot of each schedule is enqueued first",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     if args.name is not None and _text_problem(args.name) is not None:
         raise ConfigError(f"--name {_shown(args.name)}: {_text_problem(args.name)}")
     queues = _cli_queues(args.queues)
@@ -10639,7 +11088,8 @@ def _cmd_worker(argv: list[str]) -> int:
     # Bind before the database is opened: a port in use is a user error that must touch nothing.
     server = None
     if port is not None:
-        server = _serve_metrics(metrics, config["metrics_host"], port, config)
+        opener = functools.partial(_open_cli_store, config, create=False)
+        server = _serve_metrics(metrics, config["metrics_host"], port, opener)
     try:
         manager = IdempotencyManager(store=_open_cli_store(config))
     except BaseException:
@@ -10696,6 +11146,26 @@ def _cmd_worker(argv: list[str]) -> int:
     return EXIT_FAILED if args.burst and snapshot["failed"] else EXIT_OK
 
 
+_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
+
+
+def _worker_line(worker: Mapping[str, Any]) -> str:
+    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
+    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
+    if worker.get("alive", True):
+        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
+                f"{worker.get('succeeded', '?')}")  # fmt: skip
+    held = worker.get("running", 0)
+    lease = worker.get("lease_seconds")
+    gone = f"{head}: gone (no heartbeat for longer than its lease"
+    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
+    if not held:
+        return f"{gone}; it holds no tasks"
+    tasks = "task returns" if held == 1 else "tasks return"
+    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
+            "for any worker to take")  # fmt: skip
+
+
 def _cmd_status(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "status",
@@ -10705,9 +11175,7 @@ def _cmd_status(argv: list[str]) -> int:
         _STORE_SETTINGS,
     )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     store = _open_cli_store(config, create=False)
     try:
         status = {**store.queue_status(), "keys": store.stats(), "database": _redact(store.url)}
@@ -10732,26 +11200,6 @@ def _cmd_status(argv: list[str]) -> int:
     return EXIT_OK
 
 
-_QUEUE_STATES = ("queued", "delayed", "running", "failed", "done")
-
-
-def _worker_line(worker: Mapping[str, Any]) -> str:
-    """One worker of the status text: a live one's counters, or a gone one and its rows' fate."""
-    head = f"  worker {worker['name']}  last seen {worker['seen_seconds_ago']:.1f} s ago"
-    if worker.get("alive", True):
-        return (f"{head}  in flight {worker.get('in_flight', '?')}  succeeded "
-                f"{worker.get('succeeded', '?')}")  # fmt: skip
-    held = worker.get("running", 0)
-    lease = worker.get("lease_seconds")
-    gone = f"{head}: gone (no heartbeat for longer than its lease"
-    gone += f" of {lease:g} s)" if isinstance(lease, (int, float)) else ")"
-    if not held:
-        return f"{gone}; it holds no tasks"
-    tasks = "task returns" if held == 1 else "tasks return"
-    return (f"{gone}; its {held} running {tasks} to the queue when the leases expire, "
-            "for any worker to take")  # fmt: skip
-
-
 def _cmd_purge(argv: list[str]) -> int:
     parser = _subcommand_parser(
         "purge", "Delete finished keys and tasks older than --older-than seconds.", _STORE_SETTINGS
@@ -10762,9 +11210,7 @@ def _cmd_purge(argv: list[str]) -> int:
         default="604800",
         help="age of the records to delete (default 604800, a week)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     age = _parse_nonnegative_float(args.older_than, "--older-than")
     store = _open_cli_store(config, create=False)
     try:
@@ -10830,9 +11276,7 @@ def _cmd_failed(argv: list[str]) -> int:
         help="print a JSON array of objects with the keys id, key, queue, attempts, error_kind, "
         "error and failed_at (seconds since the epoch)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     queue = None if args.queue is None else _cli_queue(args.queue, "--queue")
     limit = _parse_positive_int(args.limit, "--limit")
     store = _open_cli_store(config, create=False)
@@ -10867,9 +11311,7 @@ def _cmd_retry(argv: list[str]) -> int:
     parser.add_argument("--all", action="store_true", help="every failed task")
     parser.add_argument("--queue", metavar="NAME", help="with --all: only the tasks of this queue")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     if args.all and args.ids:
         raise ConfigError("give the ids of failed tasks or --all, not both")
     if not args.all and not args.ids:
@@ -10909,9 +11351,7 @@ def _cmd_cancel(argv: list[str]) -> int:
     )
     parser.add_argument("ids", nargs="+", metavar="ID", help="ids of queued tasks")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     ids = _cli_ids(args.ids)
     store = _open_cli_writer(config)
     try:
@@ -10957,9 +11397,7 @@ def _cmd_result(argv: list[str]) -> int:
         help="print an object with the keys key, state, output, error, attempts, updated_at "
         "and namespace (state 'unknown' for a key no handler has taken)",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     try:
         _check_key(args.key)
         if args.namespace is not None:
@@ -10971,7 +11409,7 @@ def _cmd_result(argv: list[str]) -> int:
         state = manager.get(args.key, namespace=args.namespace)
     finally:
         manager.store.close()
-    code = {"completed": EXIT_OK, "failed": EXIT_FAILED}.get(state and state.state,
+    code = {"completed": EXIT_OK, "failed": EXIT_FAILED}.get(state and state.state,  # type: ignore[arg-type]  # None: no code
                                                              EXIT_NOT_FINISHED)  # fmt: skip
     if args.json:
         unknown = KeyState(args.key, "unknown", namespace="")
@@ -11035,9 +11473,7 @@ def _cmd_dashboard(argv: list[str]) -> int:
         f"Bearer), at least {MIN_DASHBOARD_TOKEN_CHARS} printable characters "
         f"[{DASHBOARD_TOKEN_ENV}]",
     )
-    args = parser.parse_args(argv)
-    config = load_config(vars(args), os.environ, ".env")
-    _configure_logging(config["log_level"])
+    args, config = _prologue(parser, argv)
     port = DEFAULT_DASHBOARD_PORT if args.port is None else _parse_port(args.port, "--port")
     host = DEFAULT_DASHBOARD_HOST if args.host is None else args.host
     if not host.strip():
@@ -11053,7 +11489,7 @@ def _cmd_dashboard(argv: list[str]) -> int:
     server = _bind_dashboard(host, port, app, "--host/--port")
     try:
         store = app.store()  # opened now, so a wrong --db is an error at once
-        bound_host, bound_port = server.server_address[:2]
+        bound_host, bound_port = cast("tuple[str, int]", server.server_address[:2])  # AF_INET(6)
         shown_host = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
         print(
             f"dashboard of {_redact(store.url)} at http://{shown_host}:{bound_port}/"
@@ -11067,34 +11503,157 @@ def _cmd_dashboard(argv: list[str]) -> int:
     return EXIT_SIGNAL[signum]
 
 
-def _serve_until_signal(server: http.server.HTTPServer) -> int:
-    """Serve in this (the main) thread until SIGINT or SIGTERM; return the signal's number.
+# The run command, the subcommand table and main --------------------------------------------------
 
-    The handler only hands the signal to a watcher thread through a `queue.SimpleQueue` (safe in
-    a signal handler); the watcher stops the server, which `shutdown` cannot do from the thread
-    that serves.
-    """
-    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    received: list[int] = []
 
-    def watch() -> None:
-        signum = signals.get()
-        if signum is not None:
-            received.append(signum)
-            server.shutdown()
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="task-queue",
+        description="Run I/O-bound tasks on a bounded, idempotent, crash-safe thread pool.",
+        epilog="Exit codes: 0 all tasks succeeded or were duplicates; 1 some failed; 2 usage, "
+        "configuration or input error; 130/143 interrupted by SIGINT/SIGTERM. Every flag "
+        "above that names a TQ_ variable can also be set in the environment or in ./.env. "
+        "The durable queue has subcommands: enqueue, worker, status, failed, retry, cancel, "
+        "result, purge and dashboard (task-queue SUBCOMMAND --help).",
+    )
+    mode = parser.add_argument_group("what to run")
+    mode.add_argument("--task-file", metavar="FILE", help="JSON task file to process (resumable)")
+    mode.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="run a synthetic workload on a fresh database",
+    )
+    mode.add_argument("--tasks", metavar="N", help=f"benchmark tasks (default {DEFAULT_TASKS})")
+    mode.add_argument(
+        "--seed", metavar="N", help="seed of the simulator's fault injection and jitter"
+    )
+    _add_handler_arguments(mode)
+    _add_settings(
+        parser.add_argument_group("configuration"),
+        [setting.name for setting in SETTINGS if setting.name not in _WORKER_ONLY_SETTINGS],
+        notes={
+            "db_path": "; also :memory: or memory://, which keep nothing after the run; "
+            "--benchmark uses a fresh temporary one unless --db is given"
+        },
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--metrics-out",
+        metavar="FILE",
+        default=DEFAULT_METRICS_FILE,
+        help=f"where to write the metrics snapshot (default {DEFAULT_METRICS_FILE})",
+    )
+    output.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    output.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)",
+    )
+    return parser
 
-    watcher = threading.Thread(target=watch, name="task-queue-dashboard-signals", daemon=True)
-    watcher.start()
-    previous = {signum: signal.signal(signum, lambda signum, frame: signals.put(signum))
-                for signum in EXIT_SIGNAL}  # fmt: skip
+
+def _synthetic_tasks(count: int) -> list[Task]:
+    return [Task(f"bench-{index:06d}") for index in range(1, count + 1)]
+
+
+def _check_output_path(path: str, flag: str) -> None:
+    """Check, before anything runs, that a file can be written at `path`."""
+    if not path.strip():
+        raise ConfigError(f"{flag}: expected a file path, got an empty value")
+    shown = _cut(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {shown}: folder {_cut(folder)} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {shown}: is a directory")
+    try:  # the real test of a writable folder (permissions, read-only mounts, /proc)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".task-queue-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{flag} {shown}: cannot write in {_cut(folder)}: {exc.strerror}"
+        ) from None
+
+
+def _rerun_advice(outcome: _RunOutcome, db_label: str | None) -> str:
+    name = signal.Signals(outcome.signum).name  # type: ignore[arg-type]  # given only after a signal
+    cancelled = outcome.counts[TaskStatus.CANCELLED] + outcome.unstarted
+    failed = outcome.counts[TaskStatus.FAILED]
+    done = outcome.counts[TaskStatus.SUCCEEDED] + outcome.counts[TaskStatus.DUPLICATE]
+    text = (
+        f"interrupted by {name}: {outcome.finished} of {outcome.total} tasks finished "
+        f"({done} completed, {failed} failed), {cancelled} cancelled or not started."
+    )
+    if db_label is None:
+        return text + " The benchmark database was temporary: a rerun starts over."
+    if db_label in _MEMORY_DATABASES:
+        return text + f" The database {db_label} kept nothing: a rerun starts over."
+    return (
+        text
+        + f" A rerun with --db {_redact(db_label)} skips the {done} completed tasks and runs the "
+        f"{cancelled + failed} others."
+    )
+
+
+def _main(argv: list[str] | None) -> int:
+    args, config = _prologue(_build_parser(), argv)
+    if not args.benchmark and args.task_file is None:
+        raise ConfigError("nothing to do: give --task-file FILE or --benchmark (see --help)")
+    count = _parse_positive_int(args.tasks, "--tasks") if args.tasks is not None else DEFAULT_TASKS
+    seed = _parse_seed(args.seed, "--seed") if args.seed is not None else None
+    if args.task_file is not None:
+        entries = _load_task_entries(args.task_file, max_bytes=config["max_task_file_bytes"])
+    else:
+        entries = [_TaskEntry(task) for task in _synthetic_tasks(count)]
+    _check_output_path(args.metrics_out, "--metrics-out")
+    handler, namespace = _cli_handler(args, config, seed)
+    retry = _cli_retry(config)
+    progress = _Progress(len(entries), args.progress)
+    with contextlib.ExitStack() as stack:
+        if args.benchmark:
+            # A benchmark measures real work: a fresh database each run unless --db is explicit.
+            db_label = args.db_path
+            db_path = db_label or os.path.join(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="task-queue-")),
+                "bench.db",
+            )
+        else:
+            db_label = db_path = config["db_path"] or DEFAULT_DB_FILE
+        store = IdempotencyManager(
+            db_path,
+            lease_seconds=config["lease_seconds"],
+            durability=config["durability"],
+        )
+        stack.callback(store.close)
+        pool = WorkerPool(
+            handler,
+            workers=config["workers"],
+            queue_size=config["queue_size"],
+            retry=retry,
+            idempotency=store,
+            namespace=namespace,
+            **_cli_flow(config),
+        )
+        outcome = _run_pool(pool, entries, config, progress)
+    snapshot = pool.metrics.snapshot()
     try:
-        server.serve_forever()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        signals.put(None)
-        watcher.join()
-    return received[0]
+        pool.metrics.export(args.metrics_out)
+    except OSError as exc:
+        raise ConfigError(
+            f"--metrics-out {args.metrics_out}: cannot write: {exc.strerror}"
+        ) from None
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(_format_summary(snapshot, len(entries)))
+        print(f"  metrics written to {args.metrics_out}")
+    for line in outcome.errors:
+        print(f"failed: {line}", file=sys.stderr)
+    if outcome.signum is not None:
+        print(_rerun_advice(outcome, db_label), file=sys.stderr)
+        return EXIT_SIGNAL[outcome.signum]
+    return EXIT_FAILED if outcome.counts[TaskStatus.FAILED] else EXIT_OK
 
 
 _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
@@ -11108,6 +11667,35 @@ _SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "purge": _cmd_purge,
     "dashboard": _cmd_dashboard,
 }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    User errors (bad flags, configuration, task files, database paths) print one line that starts
+    with "error:" on stderr and return 2; nothing is written.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in _SUBCOMMANDS:
+            return _SUBCOMMANDS[argv[0]](argv[1:])
+        return _main(argv)
+    except (ConfigError, TaskFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _database_errors() as exc:
+        # A database refused a statement (a server error, a full disk): one line, no traceback.
+        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader of stdout went away (``task-queue status | head``): what ran is recorded,
+        # only the rest of the output is lost. Point stdout at /dev/null so that the flush at
+        # exit does not fail a second time, as the signal module's documentation advises.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_FAILED
 
 
 def console_main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -421,6 +422,41 @@ def test_leaving_async_iteration_early_cancels_its_queued_tasks() -> None:
     assert snapshot["cancelled"] >= 17
     assert snapshot["succeeded"] + snapshot["cancelled"] == 20
     assert sum(calls.values()) == snapshot["succeeded"]
+
+
+def test_records_of_a_loop_that_has_ended_are_dropped_and_their_work_still_finishes(
+    tmp_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tasks still running when the consumer's loop ends finish and are recorded; their records,
+    which nobody can read any more, are dropped without an error in the pool's threads."""
+    release = threading.Event()
+    started = threading.Barrier(4, timeout=WAIT)  # "first" returns once all four calls run
+
+    def handler(task: tq.Task) -> str:
+        started.wait()
+        if task.id != "first":
+            assert release.wait(WAIT)
+        return task.id
+
+    tasks = [tq.Task("first")] + [tq.Task(f"late-{i}") for i in range(3)]
+    box: dict[str, tq.AsyncWorkerPool] = {}
+
+    async def main() -> None:
+        pool = box["pool"] = tq.AsyncWorkerPool(handler, workers=4, db_path=tmp_db)
+        async for record in pool.iter_results(tasks):
+            assert record.task_id == "first"
+            break  # the generator is closed as the loop shuts down; three calls still run
+
+    try:
+        asyncio.run(main())  # its loop is closed when this returns
+    finally:
+        release.set()
+    pool = box["pool"]._pool
+    pool.shutdown(wait=True)
+    assert pool.metrics.snapshot()["succeeded"] == 4
+    with tq.IdempotencyManager(tmp_db) as manager:
+        assert all(manager.is_processed(task.key) for task in tasks)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 # --- Command line --------------------------------------------------------------------------------

@@ -777,3 +777,30 @@ class TestKeyValidation:
             with pytest.raises(ValueError, match=r"^fingerprint "):
                 manager.claim("k", namespace)  # type: ignore[arg-type]
             assert manager.stats()["total"] == 0
+
+
+def test_cached_output_is_one_read_so_a_racing_purge_cannot_break_it(
+    tmp_path: Path,
+) -> None:
+    """get_cached_output answers from one read of the key: a purge (or expiry) racing with it
+    gives None or the output, never an error."""
+    manager = tq.IdempotencyManager(tmp_path / "keys.db")
+    manager.mark_processed("k", {"v": 1})
+    store = manager.store
+    reads: list[str] = []
+    lookup = store.lookup
+
+    def lookup_then_purge(key: str, namespace: str | None = None) -> dict[str, object] | None:
+        row = lookup(key, namespace)
+        reads.append(key)
+        with sqlite3.connect(tmp_path / "keys.db") as other:  # a purge by another process
+            other.execute("DELETE FROM idempotency")
+        return row
+
+    store.lookup = lookup_then_purge  # type: ignore[method-assign]
+    try:
+        assert manager.get_cached_output("k") == {"v": 1}
+        assert reads == ["k"]
+        assert manager.get_cached_output("k") is None
+    finally:
+        manager.close()

@@ -1,13 +1,13 @@
 """The worker-side code of benchmark.py's durable runs: handlers, PGQueuer and Dramatiq setups.
 
 Each contender runs the same two tasks: a no-op, and a 10 ms wait. This module is imported by
-the worker processes (``task_queue_optimized.py worker --handler bench_peers:noop``, ``python -m
-pgqueuer run bench_peers:pgqueuer_factory``, ``dramatiq bench_peers:dramatiq_broker``), so it
-imports nothing outside the standard library until a peer's function is called. The worker
-processes read their settings from ``BENCH_*`` environment variables, set by benchmark.py.
+the worker processes (``task_queue_optimized.py worker --handler bench.worker_side:noop``,
+``python -m bench.worker_side pgqueuer-worker``, ``dramatiq bench.worker_side:dramatiq_broker``),
+so it imports nothing outside the standard library until a peer's function is called. The worker
+processes read their settings from ``BENCH_*`` environment variables, set by `bench.peers`.
 
 Completion counters: Dramatiq's worker counts its acks in a shared file (``BENCH_ACK_FILE``, an
-8-byte counter in a memory map) that benchmark.py reads, because RabbitMQ's AMQP interface does not
+8-byte counter in a memory map) that `bench.peers` reads, because RabbitMQ's AMQP interface does not
 report unacknowledged messages. The count is written after Dramatiq has handed the ack to its
 connection, so a task counts once it ran and was acknowledged.
 """
@@ -89,8 +89,9 @@ async def _pgq_sleep_10ms(job: Any) -> None:
 async def pgqueuer_factory() -> AsyncIterator[Any]:
     """Yield a PGQueuer QueueManager on ``BENCH_PGQ_DSN`` (one asyncpg connection).
 
-    The factory of ``python -m pgqueuer run bench_peers:pgqueuer_factory``; it registers the two
-    entrypoints and prints `READY_LINE` on stderr just before the worker starts dequeuing.
+    The factory of ``python -m pgqueuer run bench.worker_side:pgqueuer_factory``; it registers
+    the two entrypoints and prints `READY_LINE` on stderr just before the worker starts
+    dequeuing.
     """
     import asyncpg
     from pgqueuer import AsyncpgDriver, QueueManager
@@ -127,7 +128,9 @@ async def pgqueuer_install_and_enqueue(dsn: str, entrypoint: str, count: int) ->
 # --- Dramatiq ------------------------------------------------------------------------------------
 
 
-def dramatiq_setup(url: str, queue: str, counter_path: str | None = None) -> tuple[Any, dict]:
+def dramatiq_setup(
+    url: str, queue: str, counter_path: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Return a RabbitmqBroker on `url` and the two actors on `queue`, by name.
 
     ``confirm_delivery=True``: a send returns once RabbitMQ has taken the message (the producer
@@ -152,7 +155,7 @@ def dramatiq_setup(url: str, queue: str, counter_path: str | None = None) -> tup
 def _ack_middleware(path: str) -> Any:
     from dramatiq.middleware import Middleware
 
-    class CountAcks(Middleware):
+    class CountAcks(Middleware):  # type: ignore[misc]  # Any: an optional extra
         def __init__(self) -> None:
             self.counter: AckCounter | None = None
 
@@ -168,8 +171,8 @@ def _ack_middleware(path: str) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    # ``dramatiq bench_peers:dramatiq_broker`` builds the worker's broker from BENCH_* variables
-    # only when it asks for it, so the other workers never import Dramatiq.
+    # ``dramatiq bench.worker_side:dramatiq_broker`` builds the worker's broker from BENCH_*
+    # variables only when it asks for it, so the other workers never import Dramatiq.
     if name == "dramatiq_broker":
         broker, _actors = dramatiq_setup(
             os.environ["BENCH_RABBITMQ_URL"],
@@ -200,7 +203,8 @@ def pgqueuer_worker(batch_size: int, max_concurrent_tasks: int) -> None:
 
 
 if __name__ == "__main__":
-    # python bench_peers.py pgqueuer-worker BATCH_SIZE MAX_CONCURRENT_TASKS
+    # python -m bench.worker_side pgqueuer-worker BATCH_SIZE MAX_CONCURRENT_TASKS
     if len(sys.argv) != 4 or sys.argv[1] != "pgqueuer-worker":
-        sys.exit("usage: bench_peers.py pgqueuer-worker BATCH_SIZE MAX_CONCURRENT_TASKS")
+        sys.exit("usage: python -m bench.worker_side pgqueuer-worker BATCH_SIZE "
+                 "MAX_CONCURRENT_TASKS")  # fmt: skip
     pgqueuer_worker(int(sys.argv[2]), int(sys.argv[3]))
