@@ -1,12 +1,12 @@
-"""Shared fixtures for the task_queue_optimized test suite."""
+"""The fixtures of the task_queue_optimized test suite, shared by every test module.
+
+Helpers that are not fixtures live in tests/support.py (and, for one area, beside its tests).
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,65 +14,10 @@ from typing import Any
 import pytest
 
 import task_queue_optimized as tq
+from tests import store_fixtures
+from tests.support import REPO, WAIT, GatedFactory, child_env
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# Longest time a gated handler waits for its gate before failing the task: a safety net so that a
-# broken test never hangs a worker thread for the full pytest timeout.
-GATE_TIMEOUT = 15.0
-
-# Longest time a test waits for a future or an event that the code under test should deliver.
-WAIT = 10.0
-
-
-class GatedHandler:
-    """A handler that counts its calls per key and can hold workers busy until a gate opens."""
-
-    def __init__(
-        self,
-        *,
-        gated: bool = True,
-        error: BaseException | None = None,
-        output: Callable[[tq.Task], Any] | None = None,
-    ) -> None:
-        self.gate = threading.Event()
-        if not gated:
-            self.gate.set()
-        self.started = threading.Event()
-        self._error = error
-        self._output = output
-        self._lock = threading.Lock()  # guards calls and _started_by_id
-        self.calls: Counter[str] = Counter()
-        self._started_by_id: dict[str, threading.Event] = {}
-
-    def started_event(self, task_id: str) -> threading.Event:
-        """Return the event set when the handler starts on task_id."""
-        with self._lock:
-            return self._started_by_id.setdefault(task_id, threading.Event())
-
-    def wait_started(self, task_id: str, timeout: float = WAIT) -> bool:
-        """Wait until the handler has started on task_id."""
-        return self.started_event(task_id).wait(timeout)
-
-    @property
-    def total_calls(self) -> int:
-        """Return the number of handler calls over all keys."""
-        with self._lock:
-            return sum(self.calls.values())
-
-    def __call__(self, task: tq.Task) -> Any:
-        with self._lock:
-            self.calls[task.key] += 1
-            event = self._started_by_id.setdefault(task.id, threading.Event())
-        event.set()
-        self.started.set()
-        if not self.gate.wait(GATE_TIMEOUT):
-            raise RuntimeError("test gate never opened")
-        if self._error is not None:
-            raise self._error
-        if self._output is not None:
-            return self._output(task)
-        return {"task_id": task.id, "payload": task.payload}
+# --- Pools, handlers and tasks -------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -104,23 +49,6 @@ def make_tasks() -> Callable[..., list[tq.Task]]:
     return factory
 
 
-class GatedFactory:
-    """Build GatedHandler instances and remember them so that teardown can open every gate."""
-
-    def __init__(self) -> None:
-        self.handlers: list[GatedHandler] = []
-
-    def __call__(self, **kwargs: Any) -> GatedHandler:
-        handler = GatedHandler(**kwargs)
-        self.handlers.append(handler)
-        return handler
-
-    def release_all(self) -> None:
-        """Open every gate handed out so far."""
-        for handler in self.handlers:
-            handler.gate.set()
-
-
 @pytest.fixture
 def gated() -> Iterator[GatedFactory]:
     """Return a GatedHandler factory; every gate is opened at teardown so no worker stays stuck."""
@@ -145,11 +73,7 @@ def make_pool(gated: GatedFactory) -> Iterator[Callable[..., tq.WorkerPool]]:
         pool.shutdown(wait=True, cancel_pending=True)
 
 
-def python_env() -> dict[str, str]:
-    """Return an environment in which a child interpreter imports the module under test."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
+# --- Python children -----------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -159,8 +83,8 @@ def run_python() -> Callable[..., subprocess.CompletedProcess[str]]:
     def run(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-c", code, *args],
-            cwd=REPO_ROOT,
-            env=python_env(),
+            cwd=REPO,
+            env=child_env(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -178,8 +102,8 @@ def spawn_python() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     def spawn(code: str, *args: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-c", code, *args],
-            cwd=REPO_ROOT,
-            env=python_env(),
+            cwd=REPO,
+            env=child_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -193,3 +117,46 @@ def spawn_python() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=WAIT)
+
+
+# --- Stores and worker processes (see tests/store_fixtures.py) -----------------------------------
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """Return the URL of a fresh schema on the test server; drop the schema at teardown."""
+    store_fixtures.require_postgres()
+    url = store_fixtures.new_schema_url()
+    yield url
+    store_fixtures.drop_schema(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Return the --db of a durable queue: a SQLite file, then a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return str(tmp_path / "queue.db")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[store_fixtures.Backend]:
+    """Yield each backend in turn: memory://, a SQLite file, a fresh PostgreSQL schema."""
+    name = request.param
+    if name == "postgres":
+        url = request.getfixturevalue("pg_url")
+    elif name == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        url = "memory://"
+    chosen = store_fixtures.Backend(name, url)
+    yield chosen
+    chosen.close_all()
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[store_fixtures.Launcher]:
+    """Return a `Launcher` working in tmp_path, with the test handler module written there."""
+    started = store_fixtures.Launcher(tmp_path)
+    yield started
+    started.teardown()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import task_queue_optimized as tq
-from tests.store_fixtures import WAIT, wait_until
+from tests.support import WAIT, wait_until
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 

@@ -21,24 +21,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "task_queue_optimized.py"
+from tests.support import SCRIPT, child_env
+
 HELPERS = Path(__file__).resolve()
 
 # Seconds a finished run, or a process that was just killed, may take before the loop gives up.
 RUN_TIMEOUT = 60.0
-
-
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Return the environment without TQ_* variables, with the repository on PYTHONPATH."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("TQ_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
 
 
 # --- Tasks and databases -------------------------------------------------------------------------

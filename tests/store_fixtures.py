@@ -1,12 +1,8 @@
-"""Fixtures and helpers shared by the store, durable-queue and PostgreSQL tests.
+"""Helpers of the store, durable-queue and PostgreSQL tests (their fixtures are in conftest.py).
 
 Everything here drives real things: real SQLite files, a real PostgreSQL server (one fresh schema
 per test, dropped at teardown), real worker processes started with the command line, real
-signals. A test module makes a fixture visible to pytest by binding it to a module name::
-
-    from tests import store_fixtures
-
-    backend = store_fixtures.backend
+signals.
 
 PostgreSQL: the DSN comes from ``TQ_TEST_POSTGRES_DSN`` (default: the local server). Where psycopg
 is missing or no server answers, the tests that need it skip with the reason, unless
@@ -23,26 +19,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import task_queue_optimized as tq
-
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "task_queue_optimized.py"
+from tests.support import SCRIPT, child_env, run_cli
 
 PG_DSN = os.environ.get("TQ_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("TQ_REQUIRE_POSTGRES") == "1"
-
-# The longest a test waits for something the code under test should deliver soon (a worker to
-# start, a task to be picked up); long runs pass their own deadline.
-WAIT = 20.0
 
 # The module a worker process imports with --handler: every call appends "task_id key" to a file
 # named after the process id, with one O_APPEND write (atomic, unbuffered: it survives SIGKILL
@@ -195,27 +184,6 @@ def restart_postgres() -> None:
     )
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """Return the URL of a fresh schema on the test server; drop the schema at teardown."""
-    require_postgres()
-    url = new_schema_url()
-    yield url
-    drop_schema(url)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def durable_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Yield the --db of a durable queue: a SQLite file, then a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "queue.db")
-        return
-    require_postgres()
-    url = new_schema_url()
-    yield url
-    drop_schema(url)
-
-
 # --- The contract's backends ---------------------------------------------------------------------
 
 
@@ -251,66 +219,7 @@ class Backend:
         self._opened.clear()
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """Yield each backend in turn: memory://, a SQLite file, a fresh PostgreSQL schema."""
-    name = request.param
-    if name == "postgres":
-        require_postgres()
-        url = new_schema_url()
-    elif name == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-    else:
-        url = "memory://"
-    chosen = Backend(name, url)
-    yield chosen
-    chosen.close_all()
-    if name == "postgres":
-        drop_schema(url)
-
-
-# --- Waiting -------------------------------------------------------------------------------------
-
-
-def wait_until(
-    condition: Callable[[], Any],
-    what: str,
-    timeout: float = WAIT,
-    interval: float = 0.05,
-    procs: Sequence[CliProcess] = (),
-) -> Any:
-    """Poll `condition` until it returns something true, and return that.
-
-    Raises:
-        AssertionError: the deadline passed first, or one of `procs` exited meanwhile.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        for proc in procs:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"waiting for {what}: {proc.label} exited with {proc.returncode}; stderr:\n"
-                    f"{proc.stderr()[-3000:]}"
-                )
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 # --- Processes -----------------------------------------------------------------------------------
-
-
-def child_env(log_dir: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Return the environment without TQ_* variables, the repository importable, plus extras."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("TQ_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if log_dir is not None:
-        env["HANDLER_LOG_DIR"] = str(log_dir)
-    env.update(extra or {})
-    return env
 
 
 class CliProcess:
@@ -380,7 +289,16 @@ class Launcher:
         (root / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE, encoding="utf-8")
         self.procs: list[CliProcess] = []
 
-    def _start(self, argv: list[str], label: str, stdin: Any = subprocess.DEVNULL) -> CliProcess:
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return child_env({"HANDLER_LOG_DIR": str(self.logs), **(extra or {})})
+
+    def _start(
+        self,
+        argv: list[str],
+        label: str,
+        stdin: Any = subprocess.DEVNULL,
+        env: Mapping[str, str] | None = None,
+    ) -> CliProcess:
         index = len(self.procs)
         out = self.root / f"proc-{index}.out"
         err = self.root / f"proc-{index}.err"
@@ -388,7 +306,7 @@ class Launcher:
             popen = subprocess.Popen(
                 argv,
                 cwd=self.root,
-                env=child_env(self.logs),
+                env=self._env(env),
                 stdin=stdin,
                 stdout=out_file,
                 stderr=err_file,
@@ -397,9 +315,10 @@ class Launcher:
         self.procs.append(proc)
         return proc
 
-    def spawn(self, *args: str) -> CliProcess:
-        """Start ``python task_queue_optimized.py ARGS`` in the background."""
-        return self._start([sys.executable, str(SCRIPT), *args], " ".join(args[:1]) or "cli")
+    def spawn(self, *args: str, env: Mapping[str, str] | None = None) -> CliProcess:
+        """Start ``python task_queue_optimized.py ARGS`` in the background, ``env`` added."""
+        argv = [sys.executable, str(SCRIPT), *args]
+        return self._start(argv, " ".join(args[:1]) or "cli", env=env)
 
     def spawn_python(self, code: str, *args: str, label: str = "python -c") -> CliProcess:
         """Start ``python -c CODE ARGS`` with a pipe on stdin."""
@@ -407,15 +326,7 @@ class Launcher:
 
     def run(self, *args: str, timeout: float = 60.0, **env: str) -> subprocess.CompletedProcess:
         """Run ``python task_queue_optimized.py ARGS`` to completion and return it."""
-        return subprocess.run(
-            [sys.executable, str(SCRIPT), *args],
-            cwd=self.root,
-            env=child_env(self.logs, env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return run_cli(args, self.root, {"HANDLER_LOG_DIR": str(self.logs), **env}, timeout)
 
     def worker(self, db: str, *args: str, handler: str = RECORD_HANDLER) -> CliProcess:
         """Start ``task-queue worker --db DB --handler HANDLER --json ARGS``."""
@@ -446,27 +357,3 @@ class Launcher:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    """Return a `Launcher` working in tmp_path, with the test handler module written there."""
-    started = Launcher(tmp_path)
-    yield started
-    started.teardown()
-
-
-def write_task_file(path: Path, tasks: list[dict[str, Any]]) -> Path:
-    """Write `tasks` as a JSON task file and return its path."""
-    path.write_text(json.dumps(tasks), encoding="utf-8")
-    return path
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """Assert that `proc` failed with exit code 2 and one ``error:`` line; return that line."""
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]

@@ -24,9 +24,16 @@ from typing import Any
 import pytest
 
 import task_queue_optimized as tq
-from tests.cli_helpers import SCRIPT, clean_env, run_json, state_counts, write_tasks
-from tests.conftest import REPO_ROOT, WAIT
-from tests.store_fixtures import wait_until
+from tests.support import (
+    REPO,
+    SCRIPT,
+    WAIT,
+    child_env,
+    run_json,
+    state_counts,
+    wait_until,
+    write_tasks,
+)
 
 FAST_RETRY = tq.RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002)
 
@@ -186,9 +193,8 @@ def test_full_queue_rejects_and_shutdown_cancels_queued_work() -> None:
     pool = tq.WorkerPool(handler, workers=2, queue_size=3, on_full="reject")
     try:
         running = [pool.submit(tq.Task(f"r{i}")) for i in range(2)]
-        deadline = time.monotonic() + WAIT
-        while handler.in_flight < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)  # the two calls start on the loop
+        # The two calls start on the loop.
+        wait_until(lambda: handler.in_flight >= 2, "both calls to start", interval=0.001)
         assert handler.in_flight == 2
         # The dispatchers may hold one claimed batch each waiting for a slot; then the queue.
         queued = []
@@ -497,7 +503,7 @@ def test_cli_interrupted_with_an_async_handler_resumes(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), *args, "--workers", "5", "--json"],
         cwd=tmp_path,
-        env=clean_env({**env, "PYTHONPATH": f"{tmp_path}:{REPO_ROOT}"}),
+        env=child_env({**env, "PYTHONPATH": f"{tmp_path}:{REPO}"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

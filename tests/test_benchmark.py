@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import urllib.parse
@@ -21,14 +20,14 @@ import pytest
 
 import benchmark
 from bench import peers
-from tests.cli_helpers import REPO, SAMPLE_FILE, clean_env
+from tests import store_fixtures
+from tests.support import REPO, SAMPLE_FILE, child_env, one_line_error
 
 BENCHMARK = REPO / "benchmark.py"
 SMOKE_TIMEOUT = 120.0
 SHORT_TIMEOUT = 60.0
 SNAPSHOT_SERIES = ("latency_ms", "queue_wait_ms", "service_ms")
 SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
-DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 SCALE_TASKS = 200
 WORKER_EXIT_ON_SIGTERM = 143
 
@@ -42,7 +41,7 @@ def run_benchmark(
     return subprocess.run(
         [sys.executable, str(BENCHMARK), *args],
         cwd=cwd,
-        env=clean_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -53,17 +52,6 @@ def run_benchmark(
 def is_finite_number(value: Any) -> bool:
     """Return whether ``value`` is a finite int or float (and not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
-    """Check exit 2 and exactly one "error:" line on stderr that contains ``words``."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), lines
-    for word in words:
-        assert word in lines[0], lines
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +269,7 @@ def test_rate_limit_mode_judges_the_limit_by_its_calls(tmp_path: Path) -> None:
     """Prove --rate-limit runs the limit in process and in a SQLite file, never over it."""
     report = tmp_path / "r.json"
     proc = run_benchmark(
-        ["--rate-limit", "20/s", "--tasks", "45", "--workers", "4", "--report", str(report)],
+        ["--rate-limit", "20/s", "--tasks", "25", "--workers", "4", "--report", str(report)],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -290,10 +278,10 @@ def test_rate_limit_mode_judges_the_limit_by_its_calls(tmp_path: Path) -> None:
     assert sorted(run["system"] for run in data["runs"]) == ["pool-rate-memory", "pool-rate-sqlite"]
     for run in data["runs"]:
         limit = run["rate_limit"]
-        assert limit["calls"] == 45 and limit["limit"] == "20/s"
+        assert limit["calls"] == 25 and limit["limit"] == "20/s"
         assert limit["busiest_window"] <= 20  # the limit held
         assert is_finite_number(limit["steady_rate"]) and limit["target_rate"] == 20
-    assert_user_error(run_benchmark(["--rate-limit", "fast"], tmp_path), "--rate-limit")
+    one_line_error(run_benchmark(["--rate-limit", "fast"], tmp_path), "--rate-limit")
 
 
 def test_peers_without_huey_print_one_line_and_go_on(tmp_path: Path) -> None:
@@ -312,26 +300,6 @@ def test_peers_without_huey_print_one_line_and_go_on(tmp_path: Path) -> None:
 
 
 # --- Scale-out -----------------------------------------------------------------------------------
-
-
-def postgres_dsn() -> str:
-    """Return the test server's URL (TQ_TEST_POSTGRES_DSN overrides the default).
-
-    Skips when psycopg is missing or the server does not answer within 3 s; with
-    TQ_REQUIRE_POSTGRES=1 that fails instead.
-    """
-    dsn = os.environ.get("TQ_TEST_POSTGRES_DSN") or DEFAULT_POSTGRES_DSN
-    try:
-        import psycopg
-
-        with psycopg.connect(dsn, connect_timeout=3):
-            pass
-    except Exception as exc:  # ImportError, or any psycopg.Error
-        message = f"no PostgreSQL server answers at {dsn}: {type(exc).__name__}: {exc}"
-        if os.environ.get("TQ_REQUIRE_POSTGRES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return dsn
 
 
 def run_scale_out(db: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
@@ -406,8 +374,8 @@ def test_scale_out_on_sqlite_leaves_the_given_file_alone(tmp_path: Path) -> None
 
 def test_scale_out_on_postgres_drops_its_schemas(tmp_path: Path) -> None:
     """Prove --db postgresql://... --processes 1,2 reports the no-op ratio and drops its schemas."""
-    dsn = postgres_dsn()
-    proc, data = run_scale_out(dsn, tmp_path)
+    store_fixtures.require_postgres()
+    proc, data = run_scale_out(store_fixtures.PG_DSN, tmp_path)
     runs = check_scale_report(proc, data, "postgresql")
     overhead = data["scale_out"]["noop_overhead"]
     assert is_finite_number(overhead["postgresql_throughput_per_second"]["median"])
@@ -419,12 +387,9 @@ def test_scale_out_on_postgres_drops_its_schemas(tmp_path: Path) -> None:
         query = urllib.parse.urlsplit(command[command.index("--db") + 1]).query
         schemas.append(dict(urllib.parse.parse_qsl(query))["schema"])
     assert len(set(schemas)) == 2 and all(name.startswith("bench_") for name in schemas)
-    import psycopg
-
-    with psycopg.connect(dsn, connect_timeout=3) as conn:
-        rows = conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,)
-        ).fetchall()
+    rows = store_fixtures.pg_rows(
+        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,)
+    )
     assert rows == []
     assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
 
@@ -473,7 +438,7 @@ def test_user_error_exits_2_with_one_line(
 ) -> None:
     """Prove a bad flag or input exits 2 with one line on stderr, before running anything."""
     proc = run_benchmark(args, tmp_path)
-    assert_user_error(proc, *words)
+    one_line_error(proc, *words)
     assert proc.stdout == ""
     assert list(tmp_path.iterdir()) == []
 
@@ -501,7 +466,7 @@ def test_plot_without_matplotlib_is_a_clear_user_error(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         pytest.skip("matplotlib is installed")
     proc = run_benchmark(["--plot", str(tmp_path / "b.png")], tmp_path)
-    assert_user_error(proc, "matplotlib")
+    one_line_error(proc, "matplotlib")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -510,7 +475,7 @@ def test_concurrency_plot_without_matplotlib_is_a_clear_user_error(tmp_path: Pat
     if importlib.util.find_spec("matplotlib") is not None:
         pytest.skip("matplotlib is installed")
     proc = run_benchmark(["--concurrency-plot", str(tmp_path / "c.png")], tmp_path)
-    assert_user_error(proc, "matplotlib")
+    one_line_error(proc, "matplotlib")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,23 +16,23 @@ from pathlib import Path
 import pytest
 
 from tests import store_fixtures
-from tests.cli_helpers import (
+from tests.spec import SNAPSHOT_KEYS
+from tests.support import (
     SAMPLE_FILE,
     SCRIPT,
-    clean_env,
-    make_tasks,
+    child_env,
+    completed_count,
+    one_line_error,
     run_cli,
     run_json,
     state_counts,
+    task_dicts,
     tree_bytes,
-    wait_for_completed,
+    wait_until,
     write_tasks,
 )
-from tests.spec import SNAPSHOT_KEYS
 
 pytestmark = pytest.mark.timeout(30)
-pg_url = store_fixtures.pg_url
-launcher = store_fixtures.launcher
 
 SERIES_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 FAST = ["--latency-ms", "0", "--jitter-ms", "0"]
@@ -40,19 +40,15 @@ FAST = ["--latency-ms", "0", "--jitter-ms", "0"]
 
 def _assert_user_error(proc: subprocess.CompletedProcess[str], names: Sequence[str]) -> None:
     """Check exit 2 and one 'error:' line on stderr that names one of ``names``."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert any(name in lines[0] for name in names), (names, lines[0])
+    line = one_line_error(proc)
+    assert any(name in line for name in names), (names, line)
 
 
 @pytest.fixture(scope="module")
 def progress_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real progress database left by a successful task-file run."""
     root = tmp_path_factory.mktemp("progress")
-    write_tasks(root / "tasks.json", make_tasks(3))
+    write_tasks(root / "tasks.json", task_dicts(3))
     proc = run_cli(["--task-file", "tasks.json", "--db", "progress.db", *FAST], root)
     assert proc.returncode == 0, proc.stderr
     return root / "progress.db"
@@ -62,7 +58,7 @@ def progress_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def workdir(tmp_path: Path, progress_db: Path) -> Path:
     """A working directory with an existing database, a good task file and bad ones."""
     shutil.copyfile(progress_db, tmp_path / "progress.db")
-    write_tasks(tmp_path / "good.json", make_tasks(3))
+    write_tasks(tmp_path / "good.json", task_dicts(3))
     (tmp_path / "bad.json").write_text('[{"id": "a"},]', encoding="utf-8")
     write_tasks(tmp_path / "dup.json", [{"id": "a"}, {"id": "a"}])
     write_tasks(tmp_path / "field.json", [{"id": "a", "colour": "red"}])
@@ -322,7 +318,7 @@ def test_exit_1_when_benchmark_tasks_fail(tmp_path: Path) -> None:
 
 def test_exit_1_when_a_file_task_fails_permanently(tmp_path: Path) -> None:
     """Prove one permanently failing task in a file makes the run exit 1."""
-    tasks = [*make_tasks(3), {"id": "boom", "payload": {"fail": "permanent", "latency_ms": 0}}]
+    tasks = [*task_dicts(3), {"id": "boom", "payload": {"fail": "permanent", "latency_ms": 0}}]
     write_tasks(tmp_path / "tasks.json", tasks)
     proc, snapshot = run_json(["--task-file", "tasks.json", "--db", "progress.db", *FAST], tmp_path)
     assert proc.returncode == 1, proc.stderr
@@ -378,7 +374,7 @@ def test_dotenv_in_a_parent_folder_is_ignored(tmp_path: Path) -> None:
 
 def test_rerun_with_same_db_is_all_duplicates(tmp_path: Path) -> None:
     """Prove a second run of a file on the same --db executes nothing."""
-    write_tasks(tmp_path / "tasks.json", make_tasks(10))
+    write_tasks(tmp_path / "tasks.json", task_dicts(10))
     args = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]
     first_proc, first = run_json(args, tmp_path)
     assert first_proc.returncode == 0, first_proc.stderr
@@ -404,7 +400,7 @@ fetch_v2 = fetch
 def test_handler_keys_are_not_answered_by_the_simulator(tmp_path: Path) -> None:
     """Prove --handler runs tasks the simulator completed, and --namespace survives a rename."""
     (tmp_path / "mine.py").write_text(HANDLER_MODULE, encoding="utf-8")
-    write_tasks(tmp_path / "tasks.json", make_tasks(4))
+    write_tasks(tmp_path / "tasks.json", task_dicts(4))
     base = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]
     proc, simulated = run_json(base, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -486,7 +482,7 @@ def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
     workdir: Path, args: list[str], names: list[str]
 ) -> None:
     """Prove a bad --handler or --namespace is a one-line error before any database exists."""
-    write_tasks(workdir / "tasks.json", make_tasks(1))
+    write_tasks(workdir / "tasks.json", task_dicts(1))
     before = tree_bytes(workdir)
     if args[0] == "worker":
         argv = [*args, "--db", "progress.db"]
@@ -497,22 +493,70 @@ def test_bad_handler_or_namespace_exits_2_and_touches_nothing(
     assert tree_bytes(workdir) == before
 
 
+class TestLoadHandler:
+    """``worker --handler MODULE:FUNCTION``: every bad spec is one line and exit code 2."""
+
+    BROKEN_MODULES = {
+        "tq_syntax_error": ("def run(task)\n    return 1\n", "SyntaxError"),
+        "tq_raises_at_import": ("raise RuntimeError('no config here')\n", "no config here"),
+        "tq_exits_at_import": ("import sys\nsys.exit(3)\n", "SystemExit"),
+        "tq_missing_dependency": ("import tq_no_such_dependency\n", "tq_no_such_dependency"),
+        "tq_multiline_error": ("raise ValueError('first\\nsecond')\n", "first"),
+    }
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize("module", sorted(BROKEN_MODULES))
+    def test_a_module_that_fails_to_import_exits_2(self, tmp_path: Path, module: str) -> None:
+        """A module with a syntax error or one that raises or exits at import: one line, exit 2."""
+        source, detail = self.BROKEN_MODULES[module]
+        (tmp_path / f"{module}.py").write_text(source, encoding="utf-8")
+        proc = run_cli(["worker", "--db", "untouched.db", "--handler", f"{module}:run"], tmp_path)
+        line = one_line_error(proc)
+        assert f"{module}:run" in line and "cannot import module" in line, line
+        assert detail in line, line
+        assert not (tmp_path / "untouched.db").exists()
+
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize(
+        ("spec", "message"),
+        [
+            ("tq_handlers_ok:missing", "has no attribute 'missing'"),
+            ("tq_handlers_ok:VALUE", "not callable"),
+            ("tq_handlers_ok", "expected MODULE:FUNCTION"),
+            (":run", "expected MODULE:FUNCTION"),
+            ("tq_handlers_ok:", "expected MODULE:FUNCTION"),
+            ("tq_handlers_ok:run:extra", "expected MODULE:FUNCTION"),
+            ("", "expected MODULE:FUNCTION"),
+            (".relative:run", "cannot import module"),
+        ],
+    )
+    def test_a_bad_spec_exits_2(self, tmp_path: Path, spec: str, message: str) -> None:
+        """A missing or non-callable attribute and a malformed spec: one line, exit 2."""
+        (tmp_path / "tq_handlers_ok.py").write_text(
+            "VALUE = 42\n\n\ndef run(task):\n    return {}\n", encoding="utf-8"
+        )
+        proc = run_cli(["worker", "--db", "untouched.db", "--handler", spec], tmp_path)
+        line = one_line_error(proc)
+        assert message in line, line
+        assert not (tmp_path / "untouched.db").exists()
+
+
 def test_rerun_says_what_it_waits_for(tmp_path: Path) -> None:
     """Prove a rerun blocked by a stopped run's live claims says once how many and until when,
     at the default log level."""
     import task_queue_optimized as tq
 
-    write_tasks(tmp_path / "tasks.json", make_tasks(3))
+    write_tasks(tmp_path / "tasks.json", task_dicts(3))
     db = tmp_path / "progress.db"
     with tq.IdempotencyManager(str(db), lease_seconds=30.0) as crashed:
-        for task in make_tasks(3):
+        for task in task_dicts(3):
             claim = crashed.claim(task["id"], namespace="task_queue_optimized.TaskProcessor")
             assert claim.state == "claimed"
     args = ["--task-file", "tasks.json", "--db", "progress.db", *FAST]  # the default log level
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), *args],
         cwd=tmp_path,
-        env=clean_env(),
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -589,7 +633,7 @@ def test_an_interrupted_run_in_memory_says_a_rerun_starts_over(
         "--task-file", "tasks.json", "--db", ":memory:", "--workers", "1",
         "--handler", store_fixtures.RECORD_HANDLER,
     )  # fmt: skip
-    store_fixtures.wait_until(lambda: launcher.executions(), "t0 to start", procs=[run])
+    wait_until(lambda: launcher.executions(), "t0 to start", procs=[run])
     run.signal(signal.SIGINT)
     gate.touch()
     assert run.wait() == 130
@@ -618,7 +662,7 @@ def test_task_file_database_location(
     tmp_path: Path, env: dict[str, str], flags: list[str], expected: str, absent: list[str]
 ) -> None:
     """Prove the database is --db, else TQ_DB_PATH, else ./task_queue.db, created 0600."""
-    write_tasks(tmp_path / "tasks.json", make_tasks(2))
+    write_tasks(tmp_path / "tasks.json", task_dicts(2))
     proc = run_cli(["--task-file", "tasks.json", *FAST, *flags], tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     db = tmp_path / expected
@@ -639,7 +683,7 @@ def test_signal_stops_gracefully_and_rerun_completes(
     tmp_path: Path, signum: signal.Signals, code: int
 ) -> None:
     """Prove a signal cancels the rest, leaves no claim in progress, and a rerun finishes."""
-    write_tasks(tmp_path / "tasks.json", make_tasks(200, latency_ms=50))
+    write_tasks(tmp_path / "tasks.json", task_dicts(200, latency_ms=50))
     db = tmp_path / "progress.db"
     args = ["--task-file", "tasks.json", "--db", "progress.db", "--jitter-ms", "0"]
     err_path = tmp_path / "stderr.txt"
@@ -647,12 +691,12 @@ def test_signal_stops_gracefully_and_rerun_completes(
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), *args, "--workers", "2"],
             cwd=tmp_path,
-            env=clean_env(),
+            env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
         try:
-            wait_for_completed(db, at_least=1)
+            wait_until(lambda: completed_count(db) >= 1, "a first completed key")
             proc.send_signal(signum)
             returncode = proc.wait(timeout=15)
         finally:
@@ -689,7 +733,7 @@ def test_a_reader_that_went_away_ends_the_output_without_a_traceback(tmp_path: P
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
-            env=clean_env(),
+            env=child_env(),
             timeout=30,
         )
     finally:

@@ -11,8 +11,6 @@ import json
 import re
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,11 +21,7 @@ import pytest
 import task_queue_optimized as tq
 from tests import store_fixtures
 from tests.dashboard_support import HOSTILE, Dashboard, drain, make_tasks, serving
-from tests.store_fixtures import WAIT, one_line_error, wait_until, write_task_file
-
-backend = store_fixtures.backend
-launcher = store_fixtures.launcher
-pg_url = store_fixtures.pg_url
+from tests.support import WAIT, one_line_error, wait_until, write_tasks
 
 TOKEN = "a-token-of-twenty-four-ch"
 
@@ -452,7 +446,7 @@ def test_dashboard_command_serves_the_page_and_stops_on_a_signal(
     launcher: store_fixtures.Launcher, tmp_path: Path
 ) -> None:
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", [{"id": "t-1"}, {"id": "t-2"}])
+    file = write_tasks(tmp_path / "tasks.json", [{"id": "t-1"}, {"id": "t-2"}])
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
     proc = launcher.spawn("dashboard", "--db", str(db), "--port", "0")
     client = client_for(dashboard_url(proc))
@@ -464,25 +458,6 @@ def test_dashboard_command_serves_the_page_and_stops_on_a_signal(
     assert "Traceback" not in proc.stderr()
 
 
-def spawn_cli(
-    launcher: store_fixtures.Launcher, args: list[str], env: dict[str, str]
-) -> store_fixtures.CliProcess:
-    """Start ``task_queue_optimized.py ARGS`` with `env` added; the launcher kills it at the end."""
-    index = len(launcher.procs)
-    out, err = launcher.root / f"cli-{index}.out", launcher.root / f"cli-{index}.err"
-    with out.open("wb") as out_file, err.open("wb") as err_file:
-        popen = subprocess.Popen(
-            [sys.executable, str(store_fixtures.SCRIPT), *args],
-            cwd=launcher.root,
-            env=store_fixtures.child_env(extra=env),
-            stdout=out_file,
-            stderr=err_file,
-        )
-    proc = store_fixtures.CliProcess(popen, f"{args[0]} (pid {popen.pid})", out, err)
-    launcher.procs.append(proc)
-    return proc
-
-
 def test_dashboard_command_needs_a_token_off_loopback(
     launcher: store_fixtures.Launcher, tmp_path: Path
 ) -> None:
@@ -491,7 +466,7 @@ def test_dashboard_command_needs_a_token_off_loopback(
     line = one_line_error(launcher.run("dashboard", "--db", str(db), "--host", "0.0.0.0"))
     assert "--host '0.0.0.0' is not a loopback address" in line
     args = ["dashboard", "--db", str(db), "--host", "0.0.0.0", "--port", "0"]
-    proc = spawn_cli(launcher, args, {"TQ_DASHBOARD_TOKEN": TOKEN})
+    proc = launcher.spawn(*args, env={"TQ_DASHBOARD_TOKEN": TOKEN})
     url = dashboard_url(proc)
     assert url.startswith("http://0.0.0.0:")
     client = client_for(url.replace("0.0.0.0", "127.0.0.1"))
@@ -552,7 +527,7 @@ def test_worker_metrics_port_serves_the_dashboard_beside_metrics(
     launcher: store_fixtures.Launcher, tmp_path: Path
 ) -> None:
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", [{"id": f"t-{i}"} for i in range(5)])
+    file = write_tasks(tmp_path / "tasks.json", [{"id": f"t-{i}"} for i in range(5)])
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ import pytest
 
 import task_queue_optimized as tq
 from tests.dashboard_support import HOSTILE, Dashboard, drain, make_tasks, serving
-from tests.store_fixtures import WAIT, wait_until
+from tests.support import WAIT, wait_until
 
 REQUIRE_BROWSER = bool(os.environ.get("TQ_REQUIRE_BROWSER"))
 LIVE_WORKER = "<b>worker-b</b>"

@@ -24,17 +24,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import (
-    WAIT,
-    Launcher,
-    one_line_error,
-    wait_until,
-    write_task_file,
-)
-
-# Fixtures shared with the other store tests (pytest finds them by these module names).
-launcher = store_fixtures.launcher
-backend = store_fixtures.backend
+from tests.store_fixtures import Launcher
+from tests.support import WAIT, one_line_error, wait_until, write_tasks
 
 
 def status_of(db: Path | str) -> dict[str, Any]:
@@ -65,7 +56,7 @@ def free_port() -> int:
 
 def test_enqueue_twice_is_idempotent(launcher: Launcher, tmp_path: Path) -> None:
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", tasks(5))
+    file = write_tasks(tmp_path / "tasks.json", tasks(5))
     first = launcher.run("enqueue", "--task-file", str(file), "--db", str(db))
     assert first.returncode == 0, first.stderr
     assert "enqueued 5 new tasks (0 were already there)" in first.stdout
@@ -73,7 +64,7 @@ def test_enqueue_twice_is_idempotent(launcher: Launcher, tmp_path: Path) -> None
     assert again.returncode == 0, again.stderr
     assert "enqueued 0 new tasks (5 were already there)" in again.stdout
     assert status_of(db)["tasks"] == {"queued": 5, "running": 0, "done": 0, "failed": 0}
-    more = write_task_file(tmp_path / "more.json", tasks(7))
+    more = write_tasks(tmp_path / "more.json", tasks(7))
     second = launcher.run("enqueue", "--task-file", str(more), "--db", str(db))
     assert second.returncode == 0, second.stderr
     assert "enqueued 2 new tasks (5 were already there)" in second.stdout
@@ -86,7 +77,7 @@ def test_enqueue_reads_the_database_url_from_tq_db_path(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "env.db"
-    file = write_task_file(tmp_path / "tasks.json", tasks(3))
+    file = write_tasks(tmp_path / "tasks.json", tasks(3))
     proc = launcher.run("enqueue", "--task-file", str(file), TQ_DB_PATH=f"sqlite:///{db}")
     assert proc.returncode == 0, proc.stderr
     status = launcher.run("status", "--db", str(db), "--json")
@@ -111,7 +102,7 @@ def test_enqueue_is_all_or_nothing_when_the_database_refuses_a_task(
 ) -> None:
     db = tmp_path / "queue.db"
     reject_insert_of(db, "t-1500")
-    file = write_task_file(tmp_path / "tasks.json", tasks(1600))
+    file = write_tasks(tmp_path / "tasks.json", tasks(1600))
     line = one_line_error(launcher.run("enqueue", "--task-file", str(file), "--db", str(db)))
     assert "refused by trigger" in line and "nothing was enqueued" in line
     assert status_of(db)["tasks"]["queued"] == 0
@@ -122,11 +113,11 @@ def test_enqueue_of_a_known_id_with_another_payload_exits_2_and_writes_nothing(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "queue.db"
-    first = write_task_file(tmp_path / "first.json", [{"id": "t-1200", "payload": {"v": 1}}])
+    first = write_tasks(tmp_path / "first.json", [{"id": "t-1200", "payload": {"v": 1}}])
     assert launcher.run("enqueue", "--task-file", str(first), "--db", str(db)).returncode == 0
     batch = tasks(1500, v=1)
     batch[1200]["payload"] = {"v": 2}
-    file = write_task_file(tmp_path / "tasks.json", batch)
+    file = write_tasks(tmp_path / "tasks.json", batch)
     line = one_line_error(launcher.run("enqueue", "--task-file", str(file), "--db", str(db)))
     assert "'t-1200'" in line and "different payload" in line
     assert status_of(db)["tasks"]["queued"] == 1
@@ -178,7 +169,7 @@ def test_queue_commands_refuse_an_in_memory_database_and_create_no_file(
     launcher: Launcher,
     tmp_path: Path,
 ) -> None:
-    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    file = write_tasks(tmp_path / "tasks.json", tasks(1))
     extra = ["--task-file", str(file)] if command == "enqueue" else []
     proc = launcher.run(command, "--db", db, *extra, timeout=30)
     line = one_line_error(proc)
@@ -192,7 +183,7 @@ def test_a_plain_run_and_a_pool_use_memory_for_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    file = write_task_file(tmp_path / "tasks.json", tasks(3, latency_ms=0))
+    file = write_tasks(tmp_path / "tasks.json", tasks(3, latency_ms=0))
     proc = launcher.run("--task-file", str(file), "--db", ":memory:", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["succeeded"] == 3
@@ -212,7 +203,7 @@ def test_file_uris_are_refused_and_create_no_file(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(tq.ConfigError, match="file: URIs"):
         tq.WorkerPool(lambda task: None, db_path="file:queue.db?mode=rwc")
-    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    file = write_tasks(tmp_path / "tasks.json", tasks(1))
     line = one_line_error(launcher.run("--task-file", str(file), "--db", "file:queue.db"))
     assert "file: URIs" in line
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("file")) == []
@@ -226,7 +217,7 @@ def test_worker_drains_the_queue_and_exits_143_on_sigterm(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", tasks(40))
+    file = write_tasks(tmp_path / "tasks.json", tasks(40))
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
     worker = launcher.worker(str(db), "--name", "w1", "--workers", "4", "--lease-seconds", "3")
     wait_until(lambda: done_count(db) == 40, "40 tasks done", procs=[worker])
@@ -257,7 +248,7 @@ def test_sigterm_mid_run_returns_held_tasks_and_a_second_worker_finishes(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", tasks(30, sleep_ms=200))
+    file = write_tasks(tmp_path / "tasks.json", tasks(30, sleep_ms=200))
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
     first = launcher.worker(str(db), "--name", "first", "--workers", "2", "--prefetch", "6")
     wait_until(
@@ -287,7 +278,7 @@ import task_queue_optimized as tq
 def handler(task):
     threading.Event().wait()  # never returns: the process is killed while it runs
 
-pool = tq.WorkerPool(handler, workers=1, db_path=sys.argv[1], durable=True, lease_seconds=2.0)
+pool = tq.WorkerPool(handler, workers=1, db_path=sys.argv[1], durable=True, lease_seconds=1.0)
 pool.submit(tq.Task("durable-1", {"sleep_ms": 1}))
 print("submitted", flush=True)
 threading.Event().wait()
@@ -318,7 +309,7 @@ def test_a_task_that_kills_its_worker_twice_is_failed_as_crashed(
 ) -> None:
     db = tmp_path / "queue.db"
     never = str(tmp_path / "never-opened")  # the handler waits on this gate: it never returns
-    file = write_task_file(
+    file = write_tasks(
         tmp_path / "tasks.json", [{"id": "deadly", "payload": {"gate": never}}, {"id": "fine"}]
     )
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
@@ -360,7 +351,7 @@ def test_tasks_a_killed_worker_prefetched_but_never_started_are_not_crashed(
     """Only the task running when the worker died counts a crash; its prefetched ones run."""
     db = tmp_path / "queue.db"
     gate = tmp_path / "gate"  # every call waits for it: the first one holds the only worker
-    file = write_task_file(tmp_path / "tasks.json", tasks(4, gate=str(gate)))
+    file = write_tasks(tmp_path / "tasks.json", tasks(4, gate=str(gate)))
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
     flags = ("--workers", "1", "--prefetch", "4", "--max-attempts", "1", "--lease-seconds", "1")
     worker = launcher.worker(str(db), *flags)
@@ -389,7 +380,7 @@ def test_a_row_that_holds_no_task_fails_alone_and_the_worker_runs_the_rest(
     """A row with a NUL in its id (older versions stored such ids) or a broken payload fails on
     its own; the good tasks run, and the worker reports no outage."""
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", tasks(4, "good"))
+    file = write_tasks(tmp_path / "tasks.json", tasks(4, "good"))
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.executemany(
@@ -559,7 +550,7 @@ def test_purge_deletes_finished_records_only(launcher: Launcher, tmp_path: Path)
 
 def test_worker_serves_prometheus_metrics(launcher: Launcher, tmp_path: Path) -> None:
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", tasks(5))
+    file = write_tasks(tmp_path / "tasks.json", tasks(5))
     assert launcher.run("enqueue", "--task-file", str(file), "--db", str(db)).returncode == 0
     port = free_port()
     worker = launcher.worker(str(db), "--metrics-port", str(port))
@@ -631,7 +622,7 @@ def test_a_bad_db_scheme_exits_2_with_one_line(
     launcher: Launcher,
     tmp_path: Path,
 ) -> None:
-    file = write_task_file(tmp_path / "tasks.json", tasks(1))
+    file = write_tasks(tmp_path / "tasks.json", tasks(1))
     extra = ["--task-file", str(file)] if command == "enqueue" else []
     proc = launcher.run(command, "--db", "redis://localhost:6379/0", *extra, timeout=30)
     line = one_line_error(proc)
@@ -752,9 +743,6 @@ def test_serve_runs_what_others_enqueue_until_stopped(tmp_path: Path) -> None:
 # --- Delays and priorities -----------------------------------------------------------------------
 
 
-durable_db = store_fixtures.durable_db
-
-
 def next_run_at(url: str) -> float | None:
     store = tq.open_store(url)
     try:
@@ -767,14 +755,17 @@ def next_run_at(url: str) -> float | None:
 def test_a_delayed_task_survives_a_worker_restart_and_runs_once_due(
     launcher: Launcher, tmp_path: Path, durable_db: str
 ) -> None:
-    file = write_task_file(
-        tmp_path / "tasks.json", [{"id": "later", "delay_seconds": 6}, {"id": "now"}]
+    file = write_tasks(
+        tmp_path / "tasks.json", [{"id": "later", "delay_seconds": 4}, {"id": "now"}]
     )
+    # The first worker is up before the tasks arrive, so the delay covers only the enqueue, the
+    # ready task's run and the kill, not the worker's start.
+    first = launcher.worker(durable_db, handler=store_fixtures.STAMPED_HANDLER)
+    wait_until(lambda: "serving" in first.stderr(), "the first worker to serve", procs=[first])
     enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", durable_db)
     assert enqueued.returncode == 0, enqueued.stderr
     due = next_run_at(durable_db)
     assert due is not None
-    first = launcher.worker(durable_db, handler=store_fixtures.STAMPED_HANDLER)
     wait_until(lambda: status_of(durable_db)["tasks"]["done"] == 1, "the ready task", procs=[first])
     first.kill()  # no drain: whatever it held in memory is gone
     assert time.time() < due, "the first worker outlived the delay: the restart proved nothing"
@@ -796,7 +787,7 @@ def test_a_worker_runs_the_queue_highest_priority_first(
 ) -> None:
     priorities = [0, 5, -3, 1000, 5, -1000, 1, 0]
     rows = [{"id": f"t{i}", "priority": p} for i, p in enumerate(priorities)]
-    file = write_task_file(tmp_path / "tasks.json", rows)
+    file = write_tasks(tmp_path / "tasks.json", rows)
     enqueued = launcher.run("enqueue", "--task-file", str(file), "--db", durable_db)
     assert enqueued.returncode == 0, enqueued.stderr
     worker = launcher.worker(durable_db, "--workers", "1")
@@ -821,7 +812,7 @@ def test_enqueue_of_a_bad_delay_or_priority_exits_2_and_creates_no_database(
     launcher: Launcher, tmp_path: Path, field: str, value: Any
 ) -> None:
     db = tmp_path / "queue.db"
-    file = write_task_file(tmp_path / "tasks.json", [{"id": "ok"}, {"id": "bad", field: value}])
+    file = write_tasks(tmp_path / "tasks.json", [{"id": "ok"}, {"id": "bad", field: value}])
     line = one_line_error(launcher.run("enqueue", "--task-file", str(file), "--db", str(db)))
     assert f"task 1: field '{field}' must be " in line
     assert not db.exists()
@@ -882,12 +873,12 @@ def test_a_delayed_durable_submission_cancelled_at_shutdown_keeps_its_due_time(
         durable=True,
     )
     before = time.time()
-    future = pool.submit(tq.Task("later"), delay=2.0, priority=4)
-    pool.shutdown(wait=True, cancel_pending=True)  # at once, not in two seconds
+    future = pool.submit(tq.Task("later"), delay=1.0, priority=4)
+    pool.shutdown(wait=True, cancel_pending=True)  # at once, not in a second
     assert future.result(0).status is tq.TaskStatus.CANCELLED
     assert calls == []
     due = other.next_run_at()
-    assert due is not None and due >= before + 2.0
+    assert due is not None and due >= before + 1.0
     if time.time() < due:
         assert other.queue_status()["delayed"] == 1
         assert other.take_many("other", 5) == []

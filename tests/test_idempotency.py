@@ -9,13 +9,14 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import task_queue_optimized as tq
-from tests.conftest import WAIT, GatedFactory
+from tests import store_fixtures
+from tests.support import WAIT, GatedFactory, wait_until
 
 PAYLOAD = {"v": 1}
 FP = hashlib.sha256(b'{"v":1}').hexdigest()
@@ -48,90 +49,72 @@ print(json.dumps([[r.key, r.status.value, r.attempts, r.output] for r in records
 """
 
 
-def _poll(condition: Callable[[], bool], timeout: float = WAIT, interval: float = 0.01) -> bool:
-    """Poll condition until it holds or the deadline passes (only where no event exists)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
+class TestIdempotencyManager:
+    """IdempotencyManager: the simple surface and atomic claims."""
 
+    def test_not_processed_initially(self, tmp_db: str) -> None:
+        """A fresh store, in memory or on disk, knows no key."""
+        for path in (None, tmp_db):
+            with tq.IdempotencyManager(path) as store:
+                assert store.is_processed("k") is False
+                assert store.get_cached_output("k") is None
+                assert store.stats() == {"in_progress": 0, "completed": 0, "failed": 0, "total": 0}
 
-@pytest.fixture(params=["memory", "file"])
-def store(request: pytest.FixtureRequest, tmp_db: str) -> Iterator[tq.IdempotencyManager]:
-    """Yield an IdempotencyManager for each backend: in memory and a SQLite file."""
-    manager = tq.IdempotencyManager(None if request.param == "memory" else tmp_db)
-    yield manager
-    manager.close()
+    def test_mark_and_check_processed(self, tmp_db: str) -> None:
+        """mark_processed makes is_processed true for that key only, and it persists."""
+        with tq.IdempotencyManager(tmp_db) as store:
+            store.mark_processed("k", {"ok": True})
+            assert store.is_processed("k") is True
+            assert store.is_processed("other") is False
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.is_processed("k") is True
 
+    def test_get_cached_output(self, tmp_db: str) -> None:
+        """The cached output round-trips JSON values exactly, across reopening the file."""
+        output = {"s": "é", "n": 3, "f": 1.5, "l": [1, None, True], "d": {"x": []}}
+        with tq.IdempotencyManager(tmp_db) as store:
+            store.mark_processed("k", output)
+            assert store.get_cached_output("k") == output
+        with tq.IdempotencyManager(tmp_db) as store:
+            assert store.get_cached_output("k") == output
+            claim = store.claim("k")
+            assert claim.state == "completed"
+            assert claim.output == output
+            assert claim.token is None
 
-class TestStoreContract:
-    """The claim protocol, the same on every backend."""
+    def test_multiple_keys(self) -> None:
+        """Keys are independent: each keeps its own output."""
+        with tq.IdempotencyManager() as store:
+            for i in range(20):
+                store.mark_processed(f"k{i}", {"i": i})
+            assert [store.get_cached_output(f"k{i}") for i in range(20)] == [
+                {"i": i} for i in range(20)
+            ]
+            assert store.stats()["completed"] == 20
+            assert store.stats()["total"] == 20
+            assert store.is_processed("k20") is False
 
-    def test_claim_complete_then_completed(self, store: tq.IdempotencyManager) -> None:
-        """A claimed key, once completed, answers completed with its output and no token."""
-        claim = store.claim("k", fingerprint=FP)
-        assert claim.state == "claimed"
-        assert claim.token is not None
-        assert store.claim("k", fingerprint=FP).state == "in_progress"
-        assert store.complete("k", claim.token, {"out": 1}) is True
-        again = store.claim("k", fingerprint=FP)
-        assert (again.state, again.token, again.output) == ("completed", None, {"out": 1})
-        assert store.is_processed("k")
+    @pytest.mark.timeout(20)
+    def test_concurrent_duplicate_handling(self, tmp_db: str) -> None:
+        """Of 16 threads claiming one key at the same moment exactly one wins."""
+        states: list[str] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(16)
+        with tq.IdempotencyManager(tmp_db) as store:
 
-    def test_fingerprint_conflict(self, store: tq.IdempotencyManager) -> None:
-        """A key first used with another fingerprint is a conflict; None skips the check."""
-        claim = store.claim("k", fingerprint=FP)
-        store.complete("k", claim.token, {"out": 1})
-        assert store.claim("k", fingerprint="0" * 64).state == "conflict"
-        assert store.claim("k").state == "completed"
-        assert store.get_cached_output("k") == {"out": 1}
+            def claim() -> None:
+                barrier.wait(WAIT)
+                result = store.claim("same")
+                with lock:
+                    states.append(result.state)
 
-    def test_fingerprint_helper(self) -> None:
-        """fingerprint() is the SHA-256 of the canonical JSON, independent of key order."""
-        assert tq.fingerprint({"v": 1}) == FP
-        assert tq.fingerprint({"b": [1, 2], "a": "x"}) == tq.fingerprint({"a": "x", "b": [1, 2]})
-        expected = hashlib.sha256(b'{"a":"x","b":[1,2]}').hexdigest()
-        assert tq.fingerprint({"b": [1, 2], "a": "x"}) == expected
-
-    def test_release_then_claim_again(self, store: tq.IdempotencyManager) -> None:
-        """A released key counts as failed until it is claimed again."""
-        claim = store.claim("k")
-        assert store.release("k", claim.token, error="boom") is True
-        assert store.stats()["failed"] == 1
-        assert store.is_processed("k") is False
-        again = store.claim("k")
-        assert again.state == "claimed"
-        assert again.token != claim.token
-        assert store.stats()["in_progress"] == 1
-        assert store.stats()["failed"] == 0
-
-    def test_wrong_token_is_refused(self, store: tq.IdempotencyManager) -> None:
-        """complete, renew and release with a token that is not the owner's do nothing."""
-        claim = store.claim("k")
-        wrong = claim.token + 1 if isinstance(claim.token, int) else f"{claim.token}x"
-        assert store.renew("k", wrong) is False
-        assert store.release("k", wrong) is False
-        assert store.complete("k", wrong, {"x": 1}) is False
-        assert store.stats()["in_progress"] == 1
-        assert store.get_cached_output("k") is None
-
-    def test_stats_counts(self, store: tq.IdempotencyManager) -> None:
-        """stats() counts in-progress, completed and failed keys as integers."""
-        store.claim("running")
-        for key in ("done-1", "done-2"):
-            store.complete(key, store.claim(key).token, {"k": key})
-        store.release("dropped", store.claim("dropped").token, error="x")
-        stats = store.stats()
-        assert stats == {"in_progress": 1, "completed": 2, "failed": 1, "total": 4}
-        assert all(type(stats[k]) is int for k in ("in_progress", "completed", "failed", "total"))
-
-    def test_renew_many(self, store: tq.IdempotencyManager) -> None:
-        """renew_many renews the claims whose token is current and counts them."""
-        a, b = store.claim("a"), store.claim("b")
-        store.complete("b", b.token, None)
-        assert store.renew_many([("a", a.token), ("b", b.token)]) == 1
+            threads = [threading.Thread(target=claim) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT)
+            assert sorted(states) == ["claimed"] + ["in_progress"] * 15
+            assert store.stats()["in_progress"] == 1
 
 
 class TestLeases:
@@ -147,7 +130,11 @@ class TestLeases:
             assert store.claim("k").state == "in_progress"
             claims: list[tq.Claim] = []
             # A lease lapses by the wall clock: no event to wait on, so poll with a deadline.
-            assert _poll(lambda: claims.append(store.claim("k")) or claims[-1].state == "claimed")
+            wait_until(
+                lambda: claims.append(store.claim("k")) or claims[-1].state == "claimed",
+                "the lease to lapse",
+                interval=0.01,
+            )
             second = claims[-1]
             assert second.token != first.token
             assert store.complete("k", first.token, {"by": "stale"}) is False
@@ -240,7 +227,11 @@ class TestStoreFile:
             store.mark_processed("old", {"x": 1})
             purged: list[int] = []
             # The TTL runs on the wall clock: no event exists, so poll with a deadline.
-            assert _poll(lambda: purged.append(store.purge_expired()) or sum(purged) >= 1)
+            wait_until(
+                lambda: purged.append(store.purge_expired()) or sum(purged) >= 1,
+                "the key to outlive its TTL",
+                interval=0.01,
+            )
             assert sum(purged) == 1
             assert store.is_processed("old") is False
             assert store.claim("old").state == "claimed"
@@ -534,19 +525,13 @@ class Fetcher:
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Yield a store URL for each backend (a fresh PostgreSQL schema, dropped afterwards)."""
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Return a store URL for each backend (a fresh PostgreSQL schema, dropped afterwards)."""
     if request.param == "memory":
-        yield "memory://"
-    elif request.param == "sqlite":
-        yield str(tmp_path / "keys.db")
-    else:
-        from tests import store_fixtures
-
-        store_fixtures.require_postgres()
-        url = store_fixtures.new_schema_url()
-        yield url
-        store_fixtures.drop_schema(url)
+        return "memory://"
+    if request.param == "sqlite":
+        return str(tmp_path / "keys.db")
+    return request.getfixturevalue("pg_url")
 
 
 class TestNamespaces:
@@ -629,7 +614,9 @@ class TestNamespaces:
             )
             serving.start()
             try:
-                assert _poll(lambda: store.queue_status()["tasks"]["done"] == 2)
+                wait_until(
+                    lambda: store.queue_status()["tasks"]["done"] == 2, "both tasks", interval=0.01
+                )
             finally:
                 stop.set()
                 serving.join(WAIT)
@@ -680,27 +667,17 @@ class TestLegacyDatabase:
         conn.close()
         self._check_adoption(tmp_db)
 
-    def test_postgres_schema_is_migrated(self) -> None:
+    def test_postgres_schema_is_migrated(self, pg_url: str) -> None:
         """An old PostgreSQL keys table gets its namespace column and keeps its completed key."""
-        from tests import store_fixtures
-
-        store_fixtures.require_postgres()
-        url = store_fixtures.new_schema_url()
-        schema = store_fixtures.schema_of(url)
-        import psycopg
-
-        with psycopg.connect(store_fixtures.PG_DSN, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-            conn.execute(LEGACY_POSTGRES_KEYS.format(schema=schema))
-            conn.execute(
-                f"INSERT INTO {schema}.idempotency VALUES ('old', 'completed', NULL, 7, "
-                "'{\"v\": 1}', NULL, NULL, 1.0, %s)",
-                (time.time(),),
-            )
-        try:
-            self._check_adoption(url)
-        finally:
-            store_fixtures.drop_schema(url)
+        schema = store_fixtures.schema_of(pg_url)
+        store_fixtures.pg_execute(f"CREATE SCHEMA {schema}")
+        store_fixtures.pg_execute(LEGACY_POSTGRES_KEYS.format(schema=schema))
+        store_fixtures.pg_execute(
+            f"INSERT INTO {schema}.idempotency VALUES ('old', 'completed', NULL, 7, "
+            "'{\"v\": 1}', NULL, NULL, 1.0, %s)",
+            (time.time(),),
+        )
+        self._check_adoption(pg_url)
 
     @staticmethod
     def _check_adoption(url: str) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -9,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 import task_queue_optimized as tq
-from tests.conftest import WAIT, GatedFactory
+from tests.support import WAIT, GatedFactory, child_env, wait_until
 
 FAST_RETRY = tq.RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.005)
 
@@ -212,16 +216,9 @@ raise SystemExit(tq.main(sys.argv[1:]))
 @pytest.mark.timeout(60)
 def test_worker_outlives_a_database_outage(tmp_path) -> None:
     """A worker whose SQLite file stays locked past its timeouts warns once, then serves on."""
-    import signal
-    import sqlite3
-    import subprocess
-    import sys
-
-    from tests.cli_helpers import REPO, clean_env
-
     db = tmp_path / "queue.db"
     tq.open_store(str(db)).close()
-    env = clean_env({"PYTHONPATH": str(REPO)})
+    env = child_env()
     worker = subprocess.Popen(
         [sys.executable, "-c", WORKER_WITH_SHORT_TIMEOUTS, "worker", "--db", str(db),
          "--workers", "2", "--latency-ms", "0", "--jitter-ms", "0"],
@@ -240,10 +237,7 @@ def test_worker_outlives_a_database_outage(tmp_path) -> None:
         store = tq.open_store(str(db))
         try:
             store.enqueue_many([tq.Task("after")])
-            deadline = time.monotonic() + WAIT
-            while store.queue_status()["tasks"]["done"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert store.queue_status()["tasks"]["done"] == 1
+            wait_until(lambda: store.queue_status()["tasks"]["done"] == 1, "the task after")
         finally:
             store.close()
         assert worker.poll() is None

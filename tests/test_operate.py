@@ -20,18 +20,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import (
-    Backend,
-    Launcher,
-    one_line_error,
-    wait_until,
-    write_task_file,
-)
-
-# Fixtures shared with the other store tests (pytest finds them by these module names).
-backend = store_fixtures.backend
-launcher = store_fixtures.launcher
-pg_url = store_fixtures.pg_url
+from tests.store_fixtures import Backend, Launcher
+from tests.support import one_line_error, wait_until, write_tasks
 
 DONE, FAILED, QUEUED = tq.EntryState.DONE, tq.EntryState.FAILED, tq.EntryState.QUEUED
 SHORT_LEASE = 0.3  # for the tests that wait for a lease to run out
@@ -410,9 +400,6 @@ def test_an_old_postgres_schema_is_read_as_it_is_and_upgraded_by_a_writer(pg_url
 # --- The command line, on SQLite and on PostgreSQL -----------------------------------------------
 
 
-durable_db = store_fixtures.durable_db
-
-
 def run_json(launcher: Launcher, *args: str) -> tuple[int, Any]:
     proc = launcher.run(*args, "--json")
     try:
@@ -429,12 +416,18 @@ def states(db: str, *task_ids: str) -> dict[str, str]:
         store.close()
 
 
+def queue_status(db: str) -> dict[str, Any]:
+    store = tq.open_store(db)
+    try:
+        return store.queue_status()
+    finally:
+        store.close()
+
+
 def enqueue(
     launcher: Launcher, db: str, path: Path, tasks: list[dict[str, Any]], *args: str
 ) -> None:
-    proc = launcher.run(
-        "enqueue", "--task-file", str(write_task_file(path, tasks)), "--db", db, *args
-    )
+    proc = launcher.run("enqueue", "--task-file", str(write_tasks(path, tasks)), "--db", db, *args)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -495,20 +488,25 @@ def test_a_task_whose_worker_was_killed_is_retried_from_failed_and_completes_onc
     doomed = launcher.worker(durable_db, *flags, "--name", "doomed")
     wait_until(lambda: launcher.calls_by_key()["job"] == 1, "the run to start", procs=[doomed])
     doomed.kill()
-    # status shows the killed worker as gone, and what becomes of its task.
+    # status shows the killed worker as gone, and what becomes of its task. (The store is polled
+    # in process; the command line is run once it answers.)
     wait_until(
-        lambda: not run_json(launcher, "status", "--db", durable_db)[1]["workers"][0]["alive"],
+        lambda: not queue_status(durable_db)["workers"][0]["alive"],
         "the killed worker's heartbeat to outlive its lease",
     )
+    code, report = run_json(launcher, "status", "--db", durable_db)
+    assert code == 0 and not report["workers"][0]["alive"], report
     text = launcher.run("status", "--db", durable_db)
     assert "worker doomed" in text.stdout and "gone" in text.stdout
     assert "its 1 running task returns to the queue when the leases expire" in text.stdout
     survivor = launcher.worker(durable_db, *flags, "--name", "survivor")
-    failed = wait_until(
-        lambda: run_json(launcher, "failed", "--db", durable_db)[1],
+    wait_until(
+        lambda: queue_status(durable_db)["tasks"]["failed"] == 1,
         "the crash to be failed",
         procs=[survivor],
     )
+    code, failed = run_json(launcher, "failed", "--db", durable_db)
+    assert code == 0
     (row,) = failed
     assert set(row) == FAILED_KEYS
     assert row["id"] == "job" and row["key"] == "job" and row["queue"] == "default"
@@ -628,7 +626,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(
     launcher: Launcher, tmp_path: Path, argv: list[str], message: str
 ) -> None:
     db = tmp_path / "queue.db"
-    write_task_file(tmp_path / "tasks.json", [{"id": "t-1"}])
+    write_tasks(tmp_path / "tasks.json", [{"id": "t-1"}])
     store = tq.open_store(str(db))
     store.enqueue_many([tq.Task("t-1")])
     store.close()
@@ -684,7 +682,7 @@ def test_operations_by_id_take_any_number_of_ids_in_one_call(backend: Backend) -
 
 
 def test_a_task_file_names_its_queue_and_a_bad_one_is_refused_naming_it(tmp_path: Path) -> None:
-    good = write_task_file(
+    good = write_tasks(
         tmp_path / "good.json",
         [{"id": "a", "queue": "mail"}, {"id": "b"}, {"id": "c", "queue": None}],
     )
@@ -696,7 +694,7 @@ def test_a_task_file_names_its_queue_and_a_bad_one_is_refused_naming_it(tmp_path
         ("x,y", "comma"),
         (7, "string"),
     ]:
-        path = write_task_file(tmp_path / "bad.json", [{"id": "a"}, {"id": "b", "queue": bad}])
+        path = write_tasks(tmp_path / "bad.json", [{"id": "a"}, {"id": "b", "queue": bad}])
         with pytest.raises(tq.TaskFileError, match=problem) as caught:
             tq.load_tasks(path)
         assert caught.value.index == 1 and caught.value.field == "queue"

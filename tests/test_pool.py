@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 
 import task_queue_optimized as tq
-from tests.conftest import WAIT, GatedFactory
 from tests.spec import SNAPSHOT_KEYS
-from tests.store_fixtures import wait_until
+from tests.support import WAIT, GatedFactory, wait_until
 
 FAST_RETRY = tq.RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.002)
 
@@ -201,10 +200,7 @@ class TestShutdown:
         closer = threading.Thread(target=pool.shutdown)
         closer.start()
         # No event marks shutdown's start; poll the public flag with a deadline.
-        deadline = time.monotonic() + WAIT
-        while not pool.closed and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert pool.closed
+        wait_until(lambda: pool.closed, "shutdown to close the pool", interval=0.005)
         with pytest.raises(tq.PoolClosedError):
             pool.submit(tq.Task("late"))
         handler.gate.set()
@@ -554,13 +550,16 @@ class TestResourcesAfterShutdown:
         futures = [pool.submit(tq.Task(f"t{i}")) for i in range(20)]
         pool.shutdown(wait=False)
         assert all(future.result().status == tq.TaskStatus.SUCCEEDED for future in futures)
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:  # the last worker loop closes it as it ends
+
+        def store_closed() -> bool:
             try:
                 pool.idempotency.stats()
             except tq.TaskQueueError:
-                break
-            time.sleep(0.01)
+                return True
+            return False
+
+        # The last worker loop closes it as it ends.
+        wait_until(store_closed, "the pool's store to close", interval=0.01)
         with pytest.raises(tq.TaskQueueError):
             pool.idempotency.store.stats()
 

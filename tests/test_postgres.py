@@ -23,20 +23,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import (
-    WAIT,
-    Launcher,
-    listening,
-    pg_rows,
-    restart_postgres,
-    schema_of,
-    wait_until,
-    write_task_file,
-)
-
-# Fixtures shared with the other store tests (pytest finds them by these module names).
-launcher = store_fixtures.launcher
-pg_url = store_fixtures.pg_url
+from tests.store_fixtures import Launcher, listening, pg_rows, restart_postgres, schema_of
+from tests.support import REPO, WAIT, one_line_error, wait_until, write_tasks
 
 
 class Probe:
@@ -53,7 +41,7 @@ class Probe:
 
 
 def enqueue(launcher: Launcher, url: str, path: Path, tasks: list[dict[str, Any]]) -> None:
-    proc = launcher.run("enqueue", "--task-file", str(write_task_file(path, tasks)), "--db", url)
+    proc = launcher.run("enqueue", "--task-file", str(write_tasks(path, tasks)), "--db", url)
     assert proc.returncode == 0, proc.stderr
     assert f"enqueued {len(tasks)} new tasks" in proc.stdout
 
@@ -232,7 +220,7 @@ def test_one_key_enqueued_from_two_processes_at_once_runs_once(
                 }
                 for i in range(count)
             ]
-            file = write_task_file(tmp_path / f"{tag}.json", same_keys)
+            file = write_tasks(tmp_path / f"{tag}.json", same_keys)
             producers.append(launcher.spawn("enqueue", "--task-file", str(file), "--db", pg_url))
         assert [producer.wait() for producer in producers] == [0, 0]
         wait_until(lambda: probe.done() == 2 * count, "both files done", 60, 0.2, workers)
@@ -348,10 +336,10 @@ def test_serve_is_woken_by_notify_long_before_its_poll_interval(pg_url: str) -> 
 
 def test_the_postgres_extra_and_the_requirements_need_psycopg_3_2() -> None:
     # wait_for_work calls Connection.notifies(timeout=, stop_after=), which psycopg 3.2 added.
-    pyproject = (store_fixtures.REPO / "pyproject.toml").read_text(encoding="utf-8")
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     assert '"psycopg[binary]>=3.2"' in pyproject
     for name in ("requirements-dev.txt", "requirements.txt", "requirements-bench.txt"):
-        text = (store_fixtures.REPO / name).read_text(encoding="utf-8")
+        text = (REPO / name).read_text(encoding="utf-8")
         pins = re.findall(r"^psycopg\S*", text, flags=re.MULTILINE)
         for pin in pins:
             # ">=3.2", or an exact version of 3.2 or later (the benchmark pins its peers).
@@ -386,7 +374,7 @@ def test_reading_commands_refuse_a_missing_schema_and_create_nothing(
     store_fixtures.require_postgres()
     url = store_fixtures.new_schema_url()
     try:
-        line = store_fixtures.one_line_error(launcher.run(command, "--db", url, timeout=30))
+        line = one_line_error(launcher.run(command, "--db", url, timeout=30))
         assert schema_of(url) in line and "holds no task queue" in line
         assert not schema_exists(schema_of(url))
     finally:
@@ -425,8 +413,8 @@ def test_enqueue_of_a_task_postgresql_cannot_store_exits_2_and_writes_nothing(
 ) -> None:
     batch = [{"id": f"t-{i:04d}"} for i in range(1500)]
     batch[1200]["id"] = "t-\u0000-nul"
-    file = write_task_file(launcher.root / "tasks.json", batch)
-    line = store_fixtures.one_line_error(
+    file = write_tasks(launcher.root / "tasks.json", batch)
+    line = one_line_error(
         launcher.run("enqueue", "--task-file", str(file), "--db", pg_url, timeout=60)
     )
     assert "NUL" in line or "\\u0000" in line or "0x00" in line
@@ -440,8 +428,8 @@ def test_enqueue_is_one_transaction_when_a_constraint_refuses_a_task(
     store_fixtures.pg_execute(
         f"ALTER TABLE {schema_of(pg_url)}.tasks ADD CONSTRAINT refuse CHECK (id <> 't-1200')"
     )
-    file = write_task_file(launcher.root / "tasks.json", [{"id": f"t-{i}"} for i in range(1500)])
-    line = store_fixtures.one_line_error(
+    file = write_tasks(launcher.root / "tasks.json", [{"id": f"t-{i}"} for i in range(1500)])
+    line = one_line_error(
         launcher.run("enqueue", "--task-file", str(file), "--db", pg_url, timeout=60)
     )
     assert "refuse" in line and "nothing was enqueued" in line

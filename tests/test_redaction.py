@@ -7,6 +7,7 @@ password is carried everywhere and checked nowhere), at ``--log-level DEBUG``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import urllib.parse
 from collections.abc import Iterator
@@ -16,9 +17,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import Launcher, new_schema_url, pg_rows, wait_until, write_task_file
-
-launcher = store_fixtures.launcher
+from tests.store_fixtures import Launcher, new_schema_url, pg_rows
+from tests.support import one_line_error, wait_until, write_tasks
 
 SECRET = "S3cretPw"
 FORMS = ["userinfo", "query"]
@@ -120,16 +120,19 @@ def test_a_password_holding_a_url_delimiter_is_never_printed(
     parts = urllib.parse.urlsplit(new_schema_url())
     url = parts._replace(netloc=f"postgres:S3cret{delimiter}Pw@{parts.hostname}:{parts.port}")
     url_text = url.geturl()
-    file = write_task_file(tmp_path / "tasks.json", tasks(1))
-    runs = [
-        launcher.run("status", "--db", url_text),
-        launcher.run("purge", "--db", url_text),
-        launcher.run("enqueue", "--db", url_text, "--task-file", str(file)),
-        launcher.run("worker", "--db", url_text),
-        launcher.run("--task-file", str(file), "--db", url_text),
+    file = write_tasks(tmp_path / "tasks.json", tasks(1))
+    commands = [
+        ("status", "--db", url_text),
+        ("purge", "--db", url_text),
+        ("enqueue", "--db", url_text, "--task-file", str(file)),
+        ("worker", "--db", url_text),
+        ("--task-file", str(file), "--db", url_text),
     ]
+    # Each is refused by the server on its own: they run side by side.
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as executor:
+        runs = list(executor.map(lambda args: launcher.run(*args), commands))
     for proc in runs:
-        line = store_fixtures.one_line_error(proc)
+        line = one_line_error(proc)
         assert "S3cret" not in line and "Pw" not in line, line
         assert "postgres:***@" in line, line
 
@@ -151,7 +154,7 @@ def test_reprs_and_urls_of_stores_managers_and_pools_hide_the_password(secret_ur
 def test_commands_never_print_the_password(
     secret_url: str, launcher: Launcher, tmp_path: Path
 ) -> None:
-    file = write_task_file(tmp_path / "tasks.json", tasks(3, latency_ms=1))
+    file = write_tasks(tmp_path / "tasks.json", tasks(3, latency_ms=1))
     debug = ("--log-level", "DEBUG")
     outputs = [
         launcher.run("enqueue", "--db", secret_url, "--task-file", str(file), *debug),
@@ -182,7 +185,8 @@ def test_commands_never_print_the_password(
 def test_the_rerun_advice_after_a_signal_hides_the_password(
     secret_url: str, launcher: Launcher, tmp_path: Path
 ) -> None:
-    file = write_task_file(tmp_path / "tasks.json", tasks(3, latency_ms=1500))
+    # One worker, 0.5 s a task: when the signal comes, one runs and the others wait (cancelled).
+    file = write_tasks(tmp_path / "tasks.json", tasks(3, latency_ms=500))
     run = launcher.spawn(
         "--task-file", str(file), "--db", secret_url, "--workers", "1", "--log-level", "DEBUG"
     )
@@ -223,7 +227,7 @@ def test_database_errors_never_print_the_password(
         url = url.replace("postgresql://", "mysql://", 1)
     for command in ("status", "purge"):
         proc = launcher.run(command, "--db", url, "--log-level", "DEBUG", timeout=30)
-        line = store_fixtures.one_line_error(proc)
+        line = one_line_error(proc)
         assert_no_secret(line, proc.stdout)
         assert "***" in line, line
 

@@ -25,18 +25,27 @@ from typing import Any
 import pytest
 
 import task_queue_optimized as tq
-from tests.cli_helpers import run_cli, run_json, state_counts, tree_bytes, write_tasks
-from tests.conftest import WAIT, GatedFactory
 from tests.reliability_helpers import (
-    REPO,
-    SCRIPT,
-    child_env,
     cli_kill_loop,
     inspect_db,
     pool_kill_loop,
     read_results,
     read_timed_calls,
     worker_args,
+)
+from tests.support import (
+    REPO,
+    SCRIPT,
+    WAIT,
+    GatedFactory,
+    child_env,
+    one_line_error,
+    run_cli,
+    run_json,
+    state_counts,
+    tree_bytes,
+    wait_until,
+    write_tasks,
 )
 
 PAYLOAD = {"v": 1}
@@ -47,16 +56,6 @@ DROP_DAC = [
     "--inh-caps=-dac_override,-dac_read_search",
     "--bounding-set=-dac_override,-dac_read_search",
 ]
-
-
-def _poll(condition: Callable[[], bool], timeout: float = WAIT, interval: float = 0.01) -> bool:
-    """Poll condition until it holds or the deadline passes (only where no event exists)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def _row(db: str | Path, key: str) -> dict[str, Any] | None:
@@ -96,19 +95,6 @@ def as_user(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
             "CAP_DAC_OVERRIDE here, so a permission error cannot be reproduced"
         )
     return DROP_DAC
-
-
-def _run_cli_as(prefix: list[str], args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the command line under ``prefix`` (see `as_user`) and return the finished process."""
-    return subprocess.run(
-        [*prefix, sys.executable, str(SCRIPT), *args],
-        cwd=cwd,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 class _LineReader:
@@ -238,14 +224,14 @@ print(json.dumps([record.status.value, record.attempts, record.output, calls]), 
 """
 
 
-def _wait_stopped(pid: int) -> bool:
-    """Return once /proc says ``pid`` is stopped (state T), or False at the deadline."""
+def _wait_stopped(pid: int) -> None:
+    """Return once /proc says ``pid`` is stopped (state T)."""
 
     def stopped() -> bool:
         text = Path(f"/proc/{pid}/stat").read_text()
         return text.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
-    return _poll(stopped)
+    wait_until(stopped, f"process {pid} to stop", interval=0.01)
 
 
 def _freeze_outside_a_write(pid: int, db: str, tries: int = 50) -> bool:
@@ -256,8 +242,7 @@ def _freeze_outside_a_write(pid: int, db: str, tries: int = 50) -> bool:
     """
     for _ in range(tries):
         os.kill(pid, signal.SIGSTOP)
-        if not _wait_stopped(pid):
-            return False
+        _wait_stopped(pid)
         conn = sqlite3.connect(db, timeout=0.05, isolation_level=None)
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -344,7 +329,11 @@ def test_long_handler_keeps_its_claim_against_another_process(
     # Wait, by the stored lease rather than by a clock, until it was renewed past two leases.
     rows: list[dict[str, Any] | None] = []
     target = first["lease_expires"] + 2 * lease
-    assert _poll(lambda: rows.append(_row(tmp_db, "k")) or rows[-1]["lease_expires"] >= target)
+    wait_until(
+        lambda: rows.append(_row(tmp_db, "k")) or rows[-1]["lease_expires"] >= target,
+        "two renewals",
+        interval=0.01,
+    )
     owners = {(row["state"], row["token"]) for row in rows if row}
     assert owners == {("in_progress", first["token"])}
     assert child.poll() is None  # the other pool is still waiting
@@ -387,7 +376,7 @@ def test_second_signal_exits_at_once_and_rerun_completes_after_the_lease(
     )
     reader = _LineReader(proc.stderr)
     try:
-        assert _poll(lambda: _in_progress(db) >= running), "the run never claimed its tasks"
+        wait_until(lambda: _in_progress(db) >= running, "the run to claim its tasks", interval=0.01)
         proc.send_signal(signum)
         # The first signal is acknowledged on stderr at once; only then is the second one sent.
         assert reader.wait_for(signum.name), reader.rest(0)
@@ -501,18 +490,6 @@ def hostile_dir(tmp_path: Path, existing_db: bytes) -> Path:
     return tmp_path
 
 
-def _assert_one_line_error(proc: subprocess.CompletedProcess[str], *names: str) -> str:
-    """Check exit 2, no traceback and one 'error:' line naming every one of ``names``."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
-
-
 def _deep(depth: int) -> str:
     """Return a one-task file whose deepest container sits at ``depth``."""
     return '[{"id": "a", "payload": {"x": ' + "[" * (depth - 3) + "]" * (depth - 3) + "}}]"
@@ -566,7 +543,7 @@ def test_bad_task_file_exits_2_and_leaves_the_database(
     (hostile_dir / name).write_bytes(content)
     before = tree_bytes(hostile_dir)
     proc = run_cli(["--task-file", name, "--db", "progress.db"], hostile_dir)
-    _assert_one_line_error(proc, *names)
+    one_line_error(proc, *names)
     assert tree_bytes(hostile_dir) == before
 
 
@@ -575,7 +552,7 @@ def test_task_file_that_is_a_directory_exits_2(hostile_dir: Path) -> None:
     (hostile_dir / "folder.json").mkdir()
     before = tree_bytes(hostile_dir)
     proc = run_cli(["--task-file", "folder.json", "--db", "progress.db"], hostile_dir)
-    _assert_one_line_error(proc, "folder.json")
+    one_line_error(proc, "folder.json")
     assert tree_bytes(hostile_dir) == before
 
 
@@ -585,8 +562,10 @@ def test_unreadable_task_file_exits_2(hostile_dir: Path, as_user: list[str]) -> 
     write_tasks(path, [{"id": "a"}])
     path.chmod(0)
     before = tree_bytes(hostile_dir)
-    proc = _run_cli_as(as_user, ["--task-file", "secret.json", "--db", "progress.db"], hostile_dir)
-    _assert_one_line_error(proc, "secret.json")
+    proc = run_cli(
+        ["--task-file", "secret.json", "--db", "progress.db"], hostile_dir, prefix=as_user
+    )
+    one_line_error(proc, "secret.json")
     assert tree_bytes(hostile_dir) == before
 
 
@@ -597,7 +576,7 @@ def test_oversized_task_file_is_refused_before_it_is_read(hostile_dir: Path) -> 
         handle.truncate(64 * 1024 * 1024 + 1)  # sparse: no disk used; a parser would see NULs
     db_before = (hostile_dir / "progress.db").read_bytes()
     proc = run_cli(["--task-file", "huge.json", "--db", "progress.db"], hostile_dir)
-    line = _assert_one_line_error(proc, "huge.json")
+    line = one_line_error(proc, "huge.json")
     assert re.search(r"\b67108865\b|limit|bytes", line), line
     assert (hostile_dir / "progress.db").read_bytes() == db_before
     names = sorted(path.name for path in hostile_dir.iterdir())
@@ -628,7 +607,7 @@ def test_bad_flag_or_variable_exits_2_and_leaves_the_database(
     """Prove each bad value exits 2 with one line naming its flag or variable, nothing written."""
     before = tree_bytes(hostile_dir)
     proc = run_cli(["--task-file", "good.json", "--db", "progress.db", *flags], hostile_dir, env)
-    _assert_one_line_error(proc, name)
+    one_line_error(proc, name)
     assert tree_bytes(hostile_dir) == before
 
 
@@ -646,7 +625,7 @@ def test_db_path_that_cannot_hold_a_database_exits_2(
     """Prove a --db or TQ_DB_PATH that cannot be created exits 2 naming it, creating nothing."""
     before = tree_bytes(hostile_dir)
     proc = run_cli(["--task-file", "good.json", *flags], hostile_dir, env)
-    _assert_one_line_error(proc, name)
+    one_line_error(proc, name)
     assert tree_bytes(hostile_dir) == before
 
 
@@ -654,8 +633,8 @@ def test_read_only_database_exits_2_unchanged(hostile_dir: Path, as_user: list[s
     """Prove a read-only database file exits 2 naming it and keeps its bytes."""
     (hostile_dir / "progress.db").chmod(0o400)
     before = tree_bytes(hostile_dir)
-    proc = _run_cli_as(as_user, ["--task-file", "good.json", "--db", "progress.db"], hostile_dir)
-    _assert_one_line_error(proc, "progress.db")
+    proc = run_cli(["--task-file", "good.json", "--db", "progress.db"], hostile_dir, prefix=as_user)
+    one_line_error(proc, "progress.db")
     assert tree_bytes(hostile_dir) == before
 
 
@@ -666,8 +645,8 @@ def test_database_in_read_only_folder_exits_2(hostile_dir: Path, as_user: list[s
     folder.chmod(0o500)
     try:
         args = ["--task-file", "good.json", "--db", "locked/new.db"]
-        proc = _run_cli_as(as_user, args, hostile_dir)
-        _assert_one_line_error(proc, "new.db")
+        proc = run_cli(args, hostile_dir, prefix=as_user)
+        one_line_error(proc, "new.db")
         assert list(folder.iterdir()) == []
     finally:
         folder.chmod(0o700)
@@ -839,8 +818,9 @@ def test_exit_after_shutdown_without_wait_finishes_waiting_tasks(
 
 # Two running tasks hold their workers until the parent closes stdin; 500 more wait in the queue.
 CHILD_INTERRUPTED_IN_A_WITH_BLOCK = """
-import atexit, sys, threading
+import atexit, faulthandler, signal, sys, threading
 import task_queue_optimized as tq
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # every thread's stack, should it hang
 calls = []
 def handler(task):
     calls.append(task.id)
@@ -858,7 +838,9 @@ with tq.WorkerPool(handler, workers=2, queue_size=1000, db_path=sys.argv[1]) as 
 """
 
 
-@pytest.mark.timeout(60)
+# Seven waits of at most WAIT each: a step that never comes fails with its own message (and the
+# child's stacks) before the timeout could end the test without them.
+@pytest.mark.timeout(WAIT * 7 + 30)
 def test_ctrl_c_in_a_with_block_cancels_queued_tasks_and_a_second_one_stops_waiting(
     tmp_path: Path,
 ) -> None:
@@ -887,8 +869,12 @@ def test_ctrl_c_in_a_with_block_cancels_queued_tasks_and_a_second_one_stops_wait
         proc.wait(timeout=WAIT)
     finally:
         if proc.poll() is None:
+            # Stuck: have the child write every thread's stack to stderr before it is killed.
+            proc.send_signal(signal.SIGUSR1)
+            err.wait_for("most recent call first", timeout=5)
             proc.kill()
             proc.wait()
+            print("the child's stdout:", out.rest(), "its stderr:", err.rest(), sep="\n")
     assert "calls 2" in out.rest(), out.lines
     with tq.IdempotencyManager(db) as manager:
         stats = manager.stats()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from task_queue_optimized import Task, load_tasks
-from tests.cli_helpers import SAMPLE_FILE, run_json
 from tests.make_sample_tasks import build_tasks, render
+from tests.support import SAMPLE_FILE, run_json
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import Launcher, one_line_error, pg_execute, wait_until
-
-launcher = store_fixtures.launcher
-pg_url = store_fixtures.pg_url
-backend = store_fixtures.backend
+from tests.store_fixtures import Launcher, pg_execute
+from tests.support import one_line_error, wait_until
 
 # A handler that fails the tasks whose payload says so, and otherwise logs like `record`.
 FAILING_HANDLER = """\
@@ -36,9 +33,6 @@ def run(task):
         raise tq.PermanentError("asked to fail")
     return tq_test_handlers.record(task)
 """
-
-
-durable_db = store_fixtures.durable_db
 
 
 def status_of(db: str) -> dict[str, Any]:

@@ -8,12 +8,15 @@ their expiry with a deadline instead of sleeping a guessed time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
+import secrets
 import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +24,8 @@ import pytest
 
 import task_queue_optimized as tq
 from tests import store_fixtures
-from tests.store_fixtures import (
-    WAIT,
-    Backend,
-    require_psycopg,
-    wait_until,
-)
-
-# Fixtures shared with the other store tests (pytest finds them by these module names).
-backend = store_fixtures.backend
-pg_url = store_fixtures.pg_url
+from tests.store_fixtures import Backend, require_psycopg
+from tests.support import WAIT, wait_until
 
 DONE, FAILED, QUEUED = tq.EntryState.DONE, tq.EntryState.FAILED, tq.EntryState.QUEUED
 CLAIMED, COMPLETED = tq.ClaimState.CLAIMED, tq.ClaimState.COMPLETED
@@ -1211,6 +1206,86 @@ def test_sqlite_reports_the_error_that_ended_a_transaction(tmp_path: Path, actio
         store.close()
 
 
+class TestStoredErrors:
+    """Error texts are stored by every backend, whatever characters they hold."""
+
+    UNSTORABLE = "refused \x00 at \ud800 here"
+    STORED = "refused \\x00 at \\ud800 here"
+
+    def test_release_and_settle_store_any_error_text(self, backend: Backend) -> None:
+        """A NUL or a lone surrogate in an error is stored escaped, not refused by the database."""
+        store = backend.open()
+        (claim,) = store.claim_many([("k", None)])
+        assert store.release_many([("k", claim.token, self.UNSTORABLE)]) == 1
+        assert store.lookup("k")["error"] == self.STORED
+        store.enqueue_many([tq.Task("t")])
+        (entry,) = store.take_many("w", 1)
+        assert store.settle_many([("t", entry.token, tq.EntryState.FAILED, self.UNSTORABLE)]) == 1
+        assert store.queue_status()["tasks"]["failed"] == 1
+
+    @pytest.mark.timeout(30)
+    def test_a_failure_with_unstorable_text_fails_only_its_own_task(self, backend: Backend) -> None:
+        """A handler error holding NUL and a lone surrogate fails its task alone, durably."""
+
+        def handler(task: tq.Task) -> str:
+            if task.id == "bad":
+                raise tq.PermanentError(self.UNSTORABLE)
+            return task.id
+
+        manager = tq.IdempotencyManager(store=backend.open())
+        batch = [tq.Task(f"t{i}") for i in range(6)] + [tq.Task("bad")]
+        with tq.WorkerPool(handler, workers=2, idempotency=manager, durable=True) as pool:
+            records = {record.task_id: record for record in pool.run(batch)}
+        assert records["bad"].status is tq.TaskStatus.FAILED
+        assert records["bad"].error is not None and "refused" in records["bad"].error
+        assert all(records[f"t{i}"].status is tq.TaskStatus.SUCCEEDED for i in range(6))
+        assert manager.lookup("bad")["error"] is not None
+        assert "\x00" not in manager.lookup("bad")["error"]
+
+    @pytest.mark.timeout(30)
+    def test_the_longest_id_and_key_with_the_longest_namespace_run_on_every_store(
+        self, backend: Backend
+    ) -> None:
+        """Ids and keys of MAX_KEY_BYTES with a namespace of MAX_NAMESPACE_BYTES are enqueued,
+        claimed and completed, also where PostgreSQL indexes them (its btree row limit)."""
+        # Random text: PostgreSQL compresses a long index value only when it shrinks.
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789\u00e9\u20ac\U0001f600"
+
+        def longest(limit: int) -> str:
+            text = ""
+            while len((text + "\U0001f600").encode()) <= limit:
+                text += secrets.choice(alphabet)
+            return text + "z" * (limit - len(text.encode()))
+
+        namespace = longest(tq.MAX_NAMESPACE_BYTES)
+        tasks = [tq.Task(longest(tq.MAX_KEY_BYTES), {"n": n}, longest(tq.MAX_KEY_BYTES))
+                 for n in range(2)]  # fmt: skip
+        assert all(len(t.id.encode()) == len(t.key.encode()) == tq.MAX_KEY_BYTES for t in tasks)
+        assert len(namespace.encode()) == tq.MAX_NAMESPACE_BYTES
+        store = backend.open()
+        # The durable queue: enqueued, taken and settled by id.
+        assert store.enqueue_many([tasks[0]]) == 1
+        (entry,) = store.take_many("w" * tq.MAX_KEY_BYTES, 1)
+        assert entry.task == tasks[0]
+        assert store.settle_many([(tasks[0].id, entry.token, tq.EntryState.DONE, None)]) == 1
+        # A pool: each key claimed in the namespace, run and completed, durably.
+        manager = tq.IdempotencyManager(store=store)
+        with tq.WorkerPool(
+            lambda task: task.payload, workers=2, idempotency=manager, durable=True,
+            namespace=namespace,
+        ) as pool:  # fmt: skip
+            records = pool.run(tasks)
+        assert [r.status for r in records] == [tq.TaskStatus.SUCCEEDED] * 2, records
+        for task in tasks:
+            assert manager.lookup(task.key, namespace=namespace)["state"] == "completed"
+
+    def test_a_worker_name_no_store_can_keep_is_refused(self) -> None:
+        """WorkerPool refuses a worker name with a NUL or a lone surrogate, opening nothing."""
+        for name in ("w\x00", "w\udcff", ""):
+            with pytest.raises(ValueError, match="worker_name"):
+                tq.WorkerPool(lambda task: None, workers=1, durable=True, worker_name=name)
+
+
 # --- Over the contract: the manager and the durable pool ----------------------------------------
 
 
@@ -1231,6 +1306,85 @@ def test_idempotency_manager_runs_over_the_store(backend: Backend) -> None:
     with pytest.raises(tq.TaskQueueError):
         manager.claim("k")
     assert store.lookup("k")["state"] == "completed"  # the manager did not own the store
+
+
+@pytest.fixture
+def manager(backend: Backend) -> Iterator[tq.IdempotencyManager]:
+    """Yield an IdempotencyManager that opened its own store at the backend's URL."""
+    opened = tq.IdempotencyManager(backend.url)
+    yield opened
+    opened.close()
+
+
+def test_manager_claim_complete_then_completed(manager: tq.IdempotencyManager) -> None:
+    """A claimed key, once completed, answers completed with its output and no token."""
+    claim = manager.claim("k", fingerprint=FP1)
+    assert claim.state == "claimed"
+    assert claim.token is not None
+    assert manager.claim("k", fingerprint=FP1).state == "in_progress"
+    assert manager.complete("k", claim.token, {"out": 1}) is True
+    again = manager.claim("k", fingerprint=FP1)
+    assert (again.state, again.token, again.output) == ("completed", None, {"out": 1})
+    assert manager.is_processed("k")
+
+
+def test_manager_fingerprint_conflict(manager: tq.IdempotencyManager) -> None:
+    """A key first used with another fingerprint is a conflict; None skips the check."""
+    claim = manager.claim("k", fingerprint=FP1)
+    manager.complete("k", claim.token, {"out": 1})
+    assert manager.claim("k", fingerprint="0" * 64).state == "conflict"
+    assert manager.claim("k").state == "completed"
+    assert manager.get_cached_output("k") == {"out": 1}
+
+
+def test_fingerprint_is_the_sha256_of_canonical_json() -> None:
+    """fingerprint() is the SHA-256 of the canonical JSON, independent of key order."""
+    assert tq.fingerprint({"v": 1}) == hashlib.sha256(b'{"v":1}').hexdigest()
+    assert tq.fingerprint({"b": [1, 2], "a": "x"}) == tq.fingerprint({"a": "x", "b": [1, 2]})
+    expected = hashlib.sha256(b'{"a":"x","b":[1,2]}').hexdigest()
+    assert tq.fingerprint({"b": [1, 2], "a": "x"}) == expected
+
+
+def test_manager_release_then_claim_again(manager: tq.IdempotencyManager) -> None:
+    """A released key counts as failed until it is claimed again."""
+    claim = manager.claim("k")
+    assert manager.release("k", claim.token, error="boom") is True
+    assert manager.stats()["failed"] == 1
+    assert manager.is_processed("k") is False
+    again = manager.claim("k")
+    assert again.state == "claimed"
+    assert again.token != claim.token
+    assert manager.stats()["in_progress"] == 1
+    assert manager.stats()["failed"] == 0
+
+
+def test_manager_wrong_token_is_refused(manager: tq.IdempotencyManager) -> None:
+    """complete, renew and release with a token that is not the owner's do nothing."""
+    claim = manager.claim("k")
+    wrong = claim.token + 1 if isinstance(claim.token, int) else f"{claim.token}x"
+    assert manager.renew("k", wrong) is False
+    assert manager.release("k", wrong) is False
+    assert manager.complete("k", wrong, {"x": 1}) is False
+    assert manager.stats()["in_progress"] == 1
+    assert manager.get_cached_output("k") is None
+
+
+def test_manager_stats_counts(manager: tq.IdempotencyManager) -> None:
+    """stats() counts in-progress, completed and failed keys as integers."""
+    manager.claim("running")
+    for key in ("done-1", "done-2"):
+        manager.complete(key, manager.claim(key).token, {"k": key})
+    manager.release("dropped", manager.claim("dropped").token, error="x")
+    stats = manager.stats()
+    assert stats == {"in_progress": 1, "completed": 2, "failed": 1, "total": 4}
+    assert all(type(stats[k]) is int for k in ("in_progress", "completed", "failed", "total"))
+
+
+def test_manager_renew_many(manager: tq.IdempotencyManager) -> None:
+    """renew_many renews the claims whose token is current and counts them."""
+    a, b = manager.claim("a"), manager.claim("b")
+    manager.complete("b", b.token, None)
+    assert manager.renew_many([("a", a.token), ("b", b.token)]) == 1
 
 
 def test_durable_pool_runs_over_the_store(backend: Backend) -> None:
