@@ -6836,22 +6836,12 @@ _NO_ROWS = _NoRows()
 
 
 class _LeaseKeeper:
-    """One thread that, every `interval` (a third of the lease) until stopped, says the pool is
-    alive, records its history and renews the claims it holds."""
+    """One thread that calls `keep` every `interval` (a third of the lease) until stopped, and
+    `last` once as it stops: the pool says it is alive, renews what it holds, writes history."""
 
-    def __init__(
-        self,
-        interval: float,
-        *,
-        heartbeat: Callable[[], None],
-        record_history: Callable[[], None],
-        held_claims: Callable[[], list[tuple[str, int]]],
-        renew: Callable[[list[tuple[str, int]]], int],
-    ) -> None:
-        self._heartbeat = heartbeat
-        self._record_history = record_history
-        self._held_claims = held_claims
-        self._renew = renew
+    def __init__(self, interval: float, keep: Callable[[], None], last: Callable[[], None]) -> None:
+        self._keep = keep
+        self._last = last
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="task-queue-leases", daemon=True)
@@ -6864,24 +6854,8 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._heartbeat()
-            self._record_history()
-            held = self._held_claims()
-            if not held:
-                continue
-            try:
-                renewed = self._renew(held)
-            except Exception as exc:
-                # An outage is not a bug: one line, and the next round tries again.
-                logger.warning("renewing %d leases failed: %s", len(held), _first_line(exc))
-                continue
-            if renewed < len(held):
-                # Claims that finished since the snapshot are not lost: count only those still held.
-                lost = len(set(held) & set(self._held_claims())) - renewed
-                if lost > 0:
-                    logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
-        # The pool has stopped: its last minute's counts go to the history before the store closes.
-        self._record_history()
+            self._keep()
+        self._last()
 
 
 def _is_async_handler(handler: Callable[..., Any]) -> bool:
@@ -7668,12 +7642,10 @@ class WorkerPool:
             if thread is not None
         )
         self._scheduler = _Scheduler(self._due, "task-queue-scheduler")
+        # The pool has stopped when the keeper's last call comes: its last minute's counts go
+        # to the history before the store closes.
         self._keeper = _LeaseKeeper(
-            self._idempotency.lease_seconds / 3,
-            heartbeat=self._heartbeat,
-            record_history=self._rows.record_history,
-            held_claims=self._held_claims,
-            renew=self._idempotency.renew_many,
+            self._idempotency.lease_seconds / 3, self._keep_leases, self._rows.record_history
         )
         _live_pools.add(self)
 
@@ -8707,6 +8679,26 @@ class WorkerPool:
                 if follower.entry is not None
             ]
         self._rows.heartbeat(info, entries)
+
+    def _keep_leases(self) -> None:
+        """Say this pool is alive, write its history and renew the claims it holds (the lease
+        keeper's thread, every third of a lease)."""
+        self._heartbeat()
+        self._rows.record_history()
+        held = self._held_claims()
+        if not held:
+            return
+        try:
+            renewed = self._idempotency.renew_many(held)
+        except Exception as exc:
+            # An outage is not a bug: one line, and the next round tries again.
+            logger.warning("renewing %d leases failed: %s", len(held), _first_line(exc))
+            return
+        if renewed < len(held):
+            # Claims that finished since the snapshot are not lost: count only those still held.
+            lost = len(set(held) & set(self._held_claims())) - renewed
+            if lost > 0:
+                logger.warning("%d of %d claims were lost to lease expiry", lost, len(held))
 
     def _held_claims(self) -> list[tuple[str, int]]:
         with self._lock:
