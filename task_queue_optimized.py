@@ -6106,6 +6106,10 @@ class TaskQueue:
     def closed(self) -> bool:
         return self._closed
 
+    def wait_stopped(self) -> None:
+        """Wait until every worker loop has ended (after `close`); not from a worker loop."""
+        self._executor.shutdown(wait=True)
+
     def in_worker(self) -> bool:
         """Return whether the calling thread is one of this queue's worker loops."""
         return threading.get_ident() in self._worker_idents
@@ -7585,8 +7589,9 @@ class WorkerPool:
         self._closed = False
         self._cancelling = False
         self._stopping = False
-        # Who uses the store now: the worker loops (as one), the committer, serve() loops and
-        # durable submits. The last to let go closes an owned store.
+        # Who uses the store now: the committer (for itself and the worker loops, which end
+        # before it lets go: see _committer_done), serve() loops and durable submits. The last
+        # to let go closes an owned store.
         self._store_users = 1
         self._wait_notice_at: float | None = None  # when keys held elsewhere were last reported
         self._store_error_notice_at: float | None = None  # when a store error was last reported
@@ -7604,13 +7609,11 @@ class WorkerPool:
                 workers=min(workers, ASYNC_DISPATCHERS) if is_async else workers,
                 process_many=self._process_batch,
                 batch_limit=self._batch_limit,
-                on_stop=self._release_store,
             )
         except ValueError:
             if self._owns_store:
                 self._idempotency.close()
             raise
-        self._store_users += 1  # the committer writes claims and completions
         # On PostgreSQL, claims have a connection (and a thread) of their own: a worker waiting
         # for its claim does not wait behind a round of completions, and the server runs both.
         self._claimer = self._idempotency
@@ -7622,7 +7625,7 @@ class WorkerPool:
                 claimer_exit = self._claimer.store.close
             except Exception:  # the server just went away: claims share the one connection
                 logger.debug("opening the claims' connection failed", exc_info=True)
-        self._committer = _Committer(self._claim, self._record, self._release_store, claimer_exit)
+        self._committer = _Committer(self._claim, self._record, self._committer_done, claimer_exit)
         if is_async:
             self._runner = _AsyncRunner(
                 self._handler,
@@ -8917,6 +8920,12 @@ class WorkerPool:
             self._committer.join()
             if self._runner is not None:
                 self._runner.join()
+
+    def _committer_done(self) -> None:
+        """The committer's last act: once the worker loops have ended too (they are stopped
+        first, and none waits for the committer by then), let go of the store for both."""
+        self._queue.wait_stopped()
+        self._release_store()
 
     def _release_store(self) -> None:
         """End one use of the store (see ``_store_users``); the last one closes an owned store."""

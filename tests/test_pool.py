@@ -558,10 +558,43 @@ class TestResourcesAfterShutdown:
                 return True
             return False
 
-        # The last worker loop closes it as it ends.
+        # The committer closes it once the worker loops have ended.
         wait_until(store_closed, "the pool's store to close", interval=0.01)
         with pytest.raises(tq.TaskQueueError):
             pool.idempotency.store.stats()
+
+    @pytest.mark.timeout(30)
+    def test_a_handler_shutting_its_pool_down_leaves_no_thread_and_no_store_open(
+        self, tmp_db: str
+    ) -> None:
+        """Prove a shutdown from inside a handler (a worker loop) ends every thread of the pool
+        and closes the store it opened: the pool closes it, after its worker loops."""
+        box: dict[str, tq.WorkerPool] = {}
+        called = threading.Event()
+
+        def handler(task: tq.Task) -> str:
+            box["pool"].shutdown(wait=True)  # from a worker: cannot wait for itself
+            called.set()
+            return task.id
+
+        before = set(threading.enumerate())
+        pool = box["pool"] = tq.WorkerPool(handler, workers=3, db_path=tmp_db)
+        record = pool.submit(tq.Task("only")).result(timeout=WAIT)
+        assert record.status is tq.TaskStatus.SUCCEEDED and called.is_set()
+
+        def closed() -> bool:
+            try:
+                pool.idempotency.stats()
+            except tq.TaskQueueError:
+                return True
+            return False
+
+        wait_until(closed, "the pool's store to close", interval=0.01)
+        wait_until(
+            lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
+            "the pool's threads to end",
+            interval=0.01,
+        )
 
     @pytest.mark.timeout(30)
     def test_unclosed_task_queue_is_drained_at_exit(self, run_python: Callable) -> None:
