@@ -3776,30 +3776,6 @@ def _prepare_database_file(path: str) -> None:
         raise ConfigError(f"database {path}: cannot be written")
 
 
-@functools.lru_cache(maxsize=4)
-def _many_values(sql: str, count: int) -> str | None:
-    """Rewrite a one-row ``INSERT ... VALUES (%(a)s, ...)`` into `count` rows, whose parameters
-    are suffixed ``_0`` ... ``_{count - 1}``; None when `sql` has no such VALUES tuple."""
-    head, values, tail = sql.partition("VALUES")
-    start = tail.find("(")
-    if not values or start < 0:
-        return None
-    depth, end = 0, -1
-    for index, char in enumerate(tail[start:], start):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth == 0:
-            end = index
-            break
-    if end < 0:
-        return None
-    row = tail[start : end + 1]
-    rows = ", ".join(
-        re.sub(r"%\((\w+)\)s", lambda match, i=index: f"%({match[1]}_{i})s", row)  # type: ignore[misc]  # a default argument
-        for index in range(count)
-    )
-    return f"{head}{values} {rows}{tail[end + 1 :]}"
-
-
 class PostgresStore(_SqlStore):
     """The contract in PostgreSQL: workers on many machines share one database.
 
@@ -3881,6 +3857,22 @@ class PostgresStore(_SqlStore):
     # statements for a batch that names a key or task twice, whose rows must act one after the
     # other. Arrays come in key order, and an insert takes its row locks in its input order.
     _SET_SQL = {
+        # A chunk of an enqueue: its rows as parallel arrays, in id order (see claim_many), each
+        # taking the statement's first place plus its index in submission order.
+        "enqueue_set": """
+            WITH base AS (SELECT nextval('{order}') AS seq)
+            INSERT INTO {tasks} (id, key, payload, queue, state, attempts, enqueued_at,
+                updated_at, priority, run_at, task_group, timeout_seconds, seq)
+            SELECT v.id, v.key, v.payload, v.queue, 'queued', 0, v.now, v.now, v.priority,
+                v.run_at, v.task_group, v.timeout, (SELECT seq FROM base) + v.seq
+            FROM unnest(%(ids)s::text[], %(keys)s::text[], %(payloads)s::text[],
+                        %(queues)s::text[], %(nows)s::float8[], %(priorities)s::int[],
+                        %(run_ats)s::float8[], %(groups)s::text[], %(timeouts)s::float8[],
+                        %(seqs)s::bigint[])
+                AS v(id, key, payload, queue, now, priority, run_at, task_group, timeout, seq)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id
+        """,
         # The claims, and the started runs of the durable rows whose keys they win (see "start":
         # `won` holds exactly the keys this statement claimed, in this namespace).
         "claim_set": """
@@ -4422,9 +4414,9 @@ class PostgresStore(_SqlStore):
         return self._transaction(renew)
 
     def _enqueue_chunk(self, execute: _Execute, rows: list[dict[str, Any]]) -> int:
-        # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the per-row
-        # INSERT with a VALUES tuple for each row, returning the ids it inserted. Only the rows
-        # it left alone (stored before, or repeated in the chunk) are checked, one by one.
+        # One statement per ENQUEUE_CHUNK rows instead of one round trip per row: the rows as
+        # arrays (`enqueue_set`), returning the ids it inserted. Only the rows it left alone
+        # (stored before, or repeated in the chunk) are checked, one by one.
         # The chunks follow the submission order, so each one's block of places comes after
         # the previous one's; within a chunk, rows are inserted in id order (see claim_many)
         # and each takes its place by its index in the submission order.
@@ -4434,18 +4426,20 @@ class PostgresStore(_SqlStore):
             part = rows[start : start + size]
             chunk = [{**part[index], "seq": index}
                      for index in _key_order([row["id"] for row in part])]  # fmt: skip
-            sql = _many_values(self._sql["enqueue"], len(chunk)) if len(chunk) > 1 else None
-            if sql is None:
+            if len(chunk) == 1:
                 added += super()._enqueue_chunk(execute, chunk)
                 continue
-            # The lock is held: one entry serves every size (a full chunk's is kept in turn).
-            self._sql["enqueue_rows"] = sql + " RETURNING id"
+            # One fixed statement whatever the chunk's size: psycopg parses it once, where a
+            # VALUES tuple per row made it parse thousands of placeholders per chunk.
             params = {
-                f"{field}_{index}": value
-                for index, row in enumerate(chunk)
-                for field, value in row.items()
-            }
-            inserted = {row[0] for row in execute("enqueue_rows", params).fetchall()}
+                name: [row[field] for row in chunk]
+                for name, field in (
+                    ("ids", "id"), ("keys", "key"), ("payloads", "payload"), ("queues", "queue"),
+                    ("nows", "now"), ("priorities", "priority"), ("run_ats", "run_at"),
+                    ("groups", "task_group"), ("timeouts", "timeout"), ("seqs", "seq"),
+                )
+            }  # fmt: skip
+            inserted = {row[0] for row in execute("enqueue_set", params).fetchall()}
             for row in chunk:
                 if row["id"] in inserted:
                     inserted.discard(row["id"])  # a repeat of the id later on is checked
