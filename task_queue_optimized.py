@@ -9150,9 +9150,12 @@ _CRON_MACROS = {
     "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }  # fmt: skip
-# Days a search for the next or latest slot may look through: a valid expression matches at
-# least once in eight years (February 29th skips 2100), so this bound is never the answer.
-_CRON_SEARCH_DAYS = 366 * 9
+# Days a search for the next or latest slot may look through: the Gregorian calendar repeats
+# after 400 years (146,097 days), so an expression that matches at all matches within them. A
+# search skips the months an expression leaves out, so it visits few of these days. (A star-led
+# day of month with a day of week must match both: ``*/7`` of January on a Sunday comes round
+# 6 to 11 years apart.)
+_CRON_SEARCH_DAYS = 146_097 + 1
 _RETRY_ENQUEUE_SECONDS = 5.0  # wait before enqueueing a slot again after the database refused
 _LONGEST_NAP = 60.0  # a periodic thread rereads the clock at least this often (clock changes)
 
@@ -9262,8 +9265,13 @@ class _Cron:
             day <= _MONTH_DAYS[month - 1] for day in days for month in months
         ):
             raise ValueError("the day of month never occurs in those months")
-        return cls(expression, tuple(sorted(minutes)), tuple(sorted(hours)), days, months,
+        cron = cls(expression, tuple(sorted(minutes)), tuple(sorted(hours)), days, months,
                    weekdays, either_day)  # fmt: skip
+        try:
+            cron.next_after(0.0)  # a whole calendar cycle: it matches somewhere or never
+        except ValueError:
+            raise ValueError("the day of month never falls on those days of the week") from None
+        return cron
 
     def _day_matches(self, day: datetime.date) -> bool:
         if day.month not in self.months:
@@ -9278,30 +9286,44 @@ class _Cron:
             (math.floor(moment / 60) + 1) * 60, datetime.timezone.utc
         )
         day, hour, minute = start.date(), start.hour, start.minute
-        for _ in range(_CRON_SEARCH_DAYS):
-            if self._day_matches(day):
-                for h in self.hours:
-                    for m in self.minutes:
-                        if (h, m) >= (hour, minute):
-                            return _utc_seconds(day, h, m)
-            day += datetime.timedelta(days=1)
-            hour = minute = 0
+        end = day.toordinal() + _CRON_SEARCH_DAYS
+        try:
+            while day.toordinal() <= end:
+                if day.month not in self.months:  # on to the first day of the next month
+                    day = (day.replace(day=1) + datetime.timedelta(days=32)).replace(day=1)
+                    hour = minute = 0
+                    continue
+                if self._day_matches(day):
+                    for h in self.hours:
+                        for m in self.minutes:
+                            if (h, m) >= (hour, minute):
+                                return _utc_seconds(day, h, m)
+                day += datetime.timedelta(days=1)
+                hour = minute = 0
+        except OverflowError:  # past the year 9999
+            pass
         raise ValueError(f"cron {self.expression!r} matches no time")  # excluded by parse
 
     def latest(self, moment: float) -> float | None:
         """Return the last matching minute at or before `moment` (Unix seconds)."""
         start = datetime.datetime.fromtimestamp(math.floor(moment / 60) * 60, datetime.timezone.utc)
         day, hour, minute = start.date(), start.hour, start.minute
-        for _ in range(_CRON_SEARCH_DAYS):
-            if self._day_matches(day):
-                for h in reversed(self.hours):
-                    for m in reversed(self.minutes):
-                        if (h, m) <= (hour, minute):
-                            return _utc_seconds(day, h, m)
-            if day == datetime.date.min:
-                break
-            day -= datetime.timedelta(days=1)
-            hour, minute = 23, 59
+        end = day.toordinal() - _CRON_SEARCH_DAYS
+        try:
+            while day.toordinal() >= end:
+                if day.month not in self.months:  # back to the last day of the month before
+                    day = day.replace(day=1) - datetime.timedelta(days=1)
+                    hour, minute = 23, 59
+                    continue
+                if self._day_matches(day):
+                    for h in reversed(self.hours):
+                        for m in reversed(self.minutes):
+                            if (h, m) <= (hour, minute):
+                                return _utc_seconds(day, h, m)
+                day -= datetime.timedelta(days=1)
+                hour, minute = 23, 59
+        except OverflowError:  # before the year 1
+            pass
         return None
 
 
