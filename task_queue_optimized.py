@@ -693,11 +693,6 @@ class TaskRecord:
     started_at: float | None = None
     finished_at: float | None = None
 
-    def __post_init__(self) -> None:
-        kind: Any = self.error_kind
-        if kind is not None and kind.__class__ is not ErrorKind:
-            object.__setattr__(self, "error_kind", ErrorKind(kind))  # "transient" and the like
-
     @property
     def queue_wait(self) -> float | None:
         """Seconds from enqueue to first start, or None if it never started."""
@@ -727,7 +722,7 @@ class TaskRecord:
             "status": self.status.value,
             "output": self.output,
             "error": self.error,
-            "error_kind": None if self.error_kind is None else self.error_kind.value,
+            "error_kind": None if self.error_kind is None else str(self.error_kind),
             "attempts": self.attempts,
             "queue_wait": self.queue_wait,
             "duration": self.duration,
@@ -7786,15 +7781,8 @@ class WorkerPool:
             future.set_running_or_notify_cancel()  # outcomes come from the pool, not cancel()
         with self._lock:
             closed = self._closed
-            leader = None if closed else self._inflight.get(task.key)
-            if closed:
-                pass
-            elif leader is None:
-                job = _Job(task, fp, future, now, entry, priority)
-                self._inflight[job.key] = job
-                self._pending += 1
-            elif leader.fingerprint == fp:
-                leader.followers.append(_Follower(task, future, now, entry))
+            if not closed:
+                job, leader = self._track(task, fp, future, now, entry, priority)
         if closed:
             self._rows.give_back([(task.id, entry)])
             raise PoolClosedError()
@@ -7805,6 +7793,7 @@ class WorkerPool:
                 return self._refuse(task, now, error, ErrorKind.CONFLICT)
             self._metrics.record_enqueue(queued=False)
             return future
+        assert job is not None  # no leader: a new job
         try:
             if delay:
                 # It takes a queue slot when it falls due (see _due), never blocking then.
@@ -7834,6 +7823,42 @@ class WorkerPool:
         self._metrics.record_enqueue(queued=not delay)
         return future
 
+    def _track(
+        self, task: Task, fp: str, future: Any, now: float, entry: int | None, priority: int
+    ) -> tuple[_Job | None, _Job | None]:
+        """Track a submission (the pool lock held): a new job for its key, or a follower of the
+        job in flight with the same fingerprint. Returns ``(new job, None)``, or ``(None,
+        leader)`` where the leader's fingerprint tells a follower from a conflict."""
+        leader = self._inflight.get(task.key)
+        if leader is None:
+            job = _Job(task, fp, future, now, entry, priority)
+            self._inflight[job.key] = job
+            self._pending += 1
+            return job, None
+        if leader.fingerprint == fp:
+            leader.followers.append(_Follower(task, future, now, entry))
+        return None, leader
+
+    def _submit_chunk(
+        self,
+        tasks: Sequence[Task],
+        start: int,
+        room: int,
+        put: Callable[[tuple[_Slot, TaskRecord]], None],
+        ours: set[_Slot],
+    ) -> int:
+        """Submit the tasks of `tasks` from `start` (at most `room`, and `MAX_BATCH`) into an
+        `iter_results` window: each resolves a slot added to `ours` by calling `put`. Returns how
+        many went in; 0 when the next one needs `_submit` alone (see `_submit_batch`)."""
+        chunk = tasks[start : start + min(room, MAX_BATCH)]
+        slots = [_Slot(put) for _ in chunk]
+        futures = self._submit_batch(chunk, slots)
+        for slot, future in zip(slots, futures, strict=False):
+            ours.add(slot)
+            if future is not slot:  # refused at once: resolved already
+                put((slot, future.result()))
+        return len(futures)
+
     def _submit_batch(self, tasks: Sequence[Task], slots: Sequence[_Slot]) -> list[Any]:
         """Submit tasks of a plain pool as `_submit` would, each resolving its slot, with one
         pool lock, one queue put and one metrics update for all: a sequence's tasks in
@@ -7860,21 +7885,16 @@ class WorkerPool:
         joined = 0
         with self._lock:
             if not self._closed:
-                inflight = self._inflight
+                track = self._track
                 for task, fp, slot in zip(tasks[:rooms], prints, slots, strict=False):
-                    key = task.key
-                    leader = inflight.get(key)
-                    if leader is None:
-                        job = _Job(task, fp, slot, now)
-                        inflight[key] = job
+                    job, leader = track(task, fp, slot, now, None, 0)
+                    if job is not None:
                         jobs.append(job)
-                    elif leader.fingerprint == fp:
-                        leader.followers.append(_Follower(task, slot, now, None))
+                    elif leader is not None and leader.fingerprint == fp:
                         joined += 1
                     else:
                         conflicts.append((len(futures), task))
                     futures.append(slot)
-                self._pending += len(jobs)
         if rooms > len(jobs):
             self._queue.unhold(rooms - len(jobs))
         if jobs:
@@ -7927,17 +7947,12 @@ class WorkerPool:
                 while len(ours) >= window or (ours and not done.empty()):
                     yield collect()
                 if batched:
-                    assert isinstance(tasks, Sequence)
-                    chunk = tasks[position : position + min(window - len(ours), MAX_BATCH)]
-                    slots = [_Slot(put) for _ in chunk]
-                    futures = self._submit_batch(chunk, slots)
-                    for slot, future in zip(slots, futures, strict=False):
-                        ours.add(slot)
-                        if future is not slot:  # refused at once: resolved already
-                            put((slot, future.result()))
-                    if futures:
-                        position += len(futures)
-                        for _ in range(len(futures) - 1):
+                    taken = self._submit_chunk(
+                        cast(Sequence[Task], tasks), position, window - len(ours), put, ours
+                    )
+                    if taken:
+                        position += taken
+                        for _ in range(taken - 1):
                             next(iterator)  # submitted with this one
                         continue
                     position += 1  # the queue is full, or this task needs the path below
@@ -9009,15 +9024,10 @@ class AsyncWorkerPool:
                     while len(ours) >= window:
                         for record in await self._collect(inbox, ours):
                             yield record
-                    chunk = tasks[position : position + min(window - len(ours), MAX_BATCH)]
-                    slots = [_Slot(put) for _ in chunk]
-                    futures = pool._submit_batch(chunk, slots)  # noqa: SLF001  # the WorkerPool it wraps
-                    for slot, future in zip(slots, futures, strict=False):
-                        ours.add(slot)
-                        if future is not slot:  # refused at once: resolved already
-                            put((slot, future.result()))
-                    if futures:
-                        position += len(futures)
+                    room = window - len(ours)
+                    taken = pool._submit_chunk(tasks, position, room, put, ours)  # noqa: SLF001  # the WorkerPool it wraps
+                    if taken:
+                        position += taken
                         continue
                     # The queue is full, or this task needs the path below.
                     async for record in self._submit_one(tasks[position], inbox, ours):
@@ -9073,17 +9083,10 @@ class AsyncWorkerPool:
     ) -> AsyncIterator[TaskRecord]:
         """Submit one task of `iter_results` into `ours`, yielding the records of ours that finish
         while it waits for room."""
-        pool = self._pool
         slot = _Slot(inbox.put)
         while True:
             try:
-                future = None
-                if not pool._durable:  # noqa: SLF001  # the WorkerPool it wraps
-                    with contextlib.suppress(QueueFullError):
-                        # The usual case first, without a coroutine per task.
-                        future = pool._submit(task, probe=True, sink=slot)  # noqa: SLF001  # the WorkerPool it wraps
-                if future is None:
-                    future = await self._enter(task, sink=slot)
+                future = await self._enter(task, sink=slot)
                 break
             except QueueFullError:
                 # With on_full="reject" the queue may be full of this loop's own work.
